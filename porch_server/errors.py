@@ -1,0 +1,50 @@
+"""porch's own exceptions, raised by every layer below the transport.
+
+    PorchError
+    ├── InvalidArgument      the request itself is wrong
+    ├── NotFound             a named pipeline, task or token does not exist
+    ├── AlreadyExists        a pipeline name is taken
+    ├── FailedPrecondition   the state of a task forbids the change
+    ├── OutOfRange           a cursor older than the events kept
+    ├── Unauthenticated      missing, unknown, malformed or revoked token
+    ├── PermissionDenied     a valid token without the right
+    └── Unavailable          the database cannot be reached
+
+``service`` maps each to its gRPC status code in one table.
+"""
+
+
+class PorchError(Exception):
+    """Base of porch's errors; the message is meant for the person calling."""
+
+
+class InvalidArgument(PorchError):
+    """The request is malformed or a value is out of bounds."""
+
+
+class NotFound(PorchError):
+    """A named pipeline, task or token does not exist."""
+
+
+class AlreadyExists(PorchError):
+    """The thing to create exists already."""
+
+
+class FailedPrecondition(PorchError):
+    """The current state forbids the change (e.g. an illegal transition)."""
+
+
+class OutOfRange(PorchError):
+    """A cursor points before the oldest event kept."""
+
+
+class Unauthenticated(PorchError):
+    """No valid token was presented."""
+
+
+class PermissionDenied(PorchError):
+    """The token is valid but lacks the right for this call."""
+
+
+class Unavailable(PorchError):
+    """The database cannot be reached; the call may be retried."""
