@@ -2,6 +2,11 @@
 
 Usage: python scripts/generate_stubs.py [--check]
 
+Beside the modules, each target gets `<name>.binpb`: a FileDescriptorSet of
+the .proto file with its source info, from which the gateway takes the
+comments that document its OpenAPI description (the generated modules drop
+them).
+
 With --check nothing is written; the exit status is 1 when the checked-in
 code differs from a fresh generation.
 """
@@ -11,7 +16,6 @@ from __future__ import annotations
 import argparse
 import filecmp
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -49,13 +53,20 @@ def generate(include: Path, proto: str, prefix: str, package: str, out_dir: Path
             f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
             f"--mypy_out={tmp}",
             f"--mypy_grpc_out={tmp}",
+            f"--descriptor_set_out={Path(tmp) / Path(proto).with_suffix('.binpb')}",
+            "--include_source_info",
             str(include / proto),
         ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {proto}")
         out_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted((Path(tmp) / Path(proto).parent).iterdir()):
-            text = re.sub(rf"\bfrom {re.escape(prefix)} import\b", f"from {package} import", path.read_text())
+            if path.suffix == ".binpb":
+                (out_dir / path.name).write_bytes(path.read_bytes())
+                continue
+            text = re.sub(
+                rf"\bfrom {re.escape(prefix)} import\b", f"from {package} import", path.read_text()
+            )
             (out_dir / path.name).write_text(text)
 
 
@@ -76,7 +87,8 @@ def main() -> int:
             stale += [
                 str(out_dir.relative_to(ROOT) / name)
                 for name in names
-                if not (out_dir / name).exists() or not filecmp.cmp(out_dir / name, Path(tmp) / name, shallow=False)
+                if not (out_dir / name).exists()
+                or not filecmp.cmp(out_dir / name, Path(tmp) / name, shallow=False)
             ]
     if stale:
         print("generated code is out of date; run scripts/generate_stubs.py:", *stale, sep="\n  ")

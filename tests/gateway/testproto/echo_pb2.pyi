@@ -3,8 +3,17 @@
 isort:skip_file
 A test-only service that exercises every HttpRule feature the gateway supports."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf import wrappers_pb2 as _wrappers_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -16,46 +25,476 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Color:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ColorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Color.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    COLOR_UNSPECIFIED: _Color.ValueType  # 0
+    """No colour."""
+    RED: _Color.ValueType  # 1
+    """Red."""
+    GREEN: _Color.ValueType  # 2
+    """Green."""
+    BLUE: _Color.ValueType  # 3
+    """Blue."""
+
+class Color(_Color, metaclass=_ColorEnumTypeWrapper):
+    """A colour."""
+
+COLOR_UNSPECIFIED: Color.ValueType  # 0
+"""No colour."""
+RED: Color.ValueType  # 1
+"""Red."""
+GREEN: Color.ValueType  # 2
+"""Green."""
+BLUE: Color.ValueType  # 3
+"""Blue."""
+Global___Color: _TypeAlias = Color  # noqa: Y015
+
 @_typing.final
-class EchoRequest(_message.Message):
-    """Request of Echo."""
+class Inner(_message.Message):
+    """A nested message, to bind nested fields."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    LABEL_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    COLOR_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """A label."""
+    count: _builtins.int
+    """A count."""
+    color: Global___Color.ValueType
+    """A colour."""
+    @_builtins.property
+    def child(self) -> Global___Inner:
+        """A child, for deeper nesting."""
+
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        count: _builtins.int = ...,
+        color: Global___Color.ValueType = ...,
+        child: Global___Inner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["child", b"child"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["child", b"child", "color", b"color", "count", b"count", "label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Inner: _TypeAlias = Inner  # noqa: Y015
+
+@_typing.final
+class EchoMessage(_message.Message):
+    """Every kind of field a request can carry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     TEXT_FIELD_NUMBER: _builtins.int
+    INT32_VALUE_FIELD_NUMBER: _builtins.int
+    INT64_VALUE_FIELD_NUMBER: _builtins.int
+    UINT32_VALUE_FIELD_NUMBER: _builtins.int
+    UINT64_VALUE_FIELD_NUMBER: _builtins.int
+    DOUBLE_VALUE_FIELD_NUMBER: _builtins.int
+    FLOAT_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    BYTES_VALUE_FIELD_NUMBER: _builtins.int
+    COLOR_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    COLORS_FIELD_NUMBER: _builtins.int
+    NUMBERS_FIELD_NUMBER: _builtins.int
+    INNER_FIELD_NUMBER: _builtins.int
+    MAYBE_FIELD_NUMBER: _builtins.int
+    WHEN_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    WRAPPED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text to echo."""
+    int32_value: _builtins.int
+    """A 32-bit integer."""
+    int64_value: _builtins.int
+    """A 64-bit integer."""
+    uint32_value: _builtins.int
+    """An unsigned 32-bit integer."""
+    uint64_value: _builtins.int
+    """An unsigned 64-bit integer."""
+    double_value: _builtins.float
+    """A double."""
+    float_value: _builtins.float
+    """A float."""
+    bool_value: _builtins.bool
+    """A boolean."""
+    bytes_value: _builtins.bytes
+    """Some bytes."""
+    color: Global___Color.ValueType
+    """A colour."""
+    maybe: _builtins.int
+    """An integer with presence."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags."""
+
+    @_builtins.property
+    def colors(self) -> _containers.RepeatedScalarFieldContainer[Global___Color.ValueType]:
+        """Colours."""
+
+    @_builtins.property
+    def numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Numbers."""
+
+    @_builtins.property
+    def inner(self) -> Global___Inner:
+        """A nested message."""
+
+    @_builtins.property
+    def when(self) -> _timestamp_pb2.Timestamp:
+        """A time."""
+
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """A duration."""
+
+    @_builtins.property
+    def data(self) -> _struct_pb2.Struct:
+        """Free-form JSON."""
+
+    @_builtins.property
+    def wrapped(self) -> _wrappers_pb2.Int32Value:
+        """A wrapped integer."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels."""
+
+    @_builtins.property
+    def mask(self) -> _field_mask_pb2.FieldMask:
+        """A field mask."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The call's metadata as the server received it."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
+        int32_value: _builtins.int = ...,
+        int64_value: _builtins.int = ...,
+        uint32_value: _builtins.int = ...,
+        uint64_value: _builtins.int = ...,
+        double_value: _builtins.float = ...,
+        float_value: _builtins.float = ...,
+        bool_value: _builtins.bool = ...,
+        bytes_value: _builtins.bytes = ...,
+        color: Global___Color.ValueType = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        colors: _abc.Iterable[Global___Color.ValueType] | None = ...,
+        numbers: _abc.Iterable[_builtins.int] | None = ...,
+        inner: Global___Inner | None = ...,
+        maybe: _builtins.int | None = ...,
+        when: _timestamp_pb2.Timestamp | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
+        data: _struct_pb2.Struct | None = ...,
+        wrapped: _wrappers_pb2.Int32Value | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        mask: _field_mask_pb2.FieldMask | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "data", b"data", "inner", b"inner", "mask", b"mask", "maybe", b"maybe", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "bool_value", b"bool_value", "bytes_value", b"bytes_value", "color", b"color", "colors", b"colors", "data", b"data", "double_value", b"double_value", "float_value", b"float_value", "inner", b"inner", "int32_value", b"int32_value", "int64_value", b"int64_value", "labels", b"labels", "mask", b"mask", "maybe", b"maybe", "metadata", b"metadata", "numbers", b"numbers", "tags", b"tags", "text", b"text", "uint32_value", b"uint32_value", "uint64_value", b"uint64_value", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__maybe: _TypeAlias = _typing.Literal["maybe"]  # noqa: Y015
+    _WhichOneofArgType__maybe: _TypeAlias = _typing.Literal["_maybe", b"_maybe"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maybe) -> _WhichOneofReturnType__maybe | None: ...
 
-Global___EchoRequest: _TypeAlias = EchoRequest  # noqa: Y015
+Global___EchoMessage: _TypeAlias = EchoMessage  # noqa: Y015
 
 @_typing.final
-class EchoResponse(_message.Message):
-    """Response of Echo."""
+class Thing(_message.Message):
+    """A thing with a unique name."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    TEXT_FIELD_NUMBER: _builtins.int
-    text: _builtins.str
-    """The echoed text."""
+    NAME_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The thing's unique name."""
+    serial: _builtins.int
+    """The thing's server-assigned serial number."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the thing was created."""
+
     def __init__(
         self,
         *,
-        text: _builtins.str = ...,
+        name: _builtins.str = ...,
+        serial: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "serial", b"serial"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EchoResponse: _TypeAlias = EchoResponse  # noqa: Y015
+Global___Thing: _TypeAlias = Thing  # noqa: Y015
+
+@_typing.final
+class CreateThingRequest(_message.Message):
+    """Request of CreateThing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thing(self) -> Global___Thing:
+        """The thing to create."""
+
+    def __init__(
+        self,
+        *,
+        thing: Global___Thing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thing", b"thing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thing", b"thing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateThingRequest: _TypeAlias = CreateThingRequest  # noqa: Y015
+
+@_typing.final
+class Item(_message.Message):
+    """One listed item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The item's position, from 0."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Item: _TypeAlias = Item  # noqa: Y015
+
+@_typing.final
+class ListItemsRequest(_message.Message):
+    """Request of ListItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """How many items there are in all, at most 1000."""
+    page_size: _builtins.int
+    """The most items per page: default 3."""
+    page_token: _builtins.str
+    """The `next_page_token` of the previous page; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        total: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemsRequest: _TypeAlias = ListItemsRequest  # noqa: Y015
+
+@_typing.final
+class ListItemsResponse(_message.Message):
+    """Response of ListItems."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` to get the next page; empty on the last page."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """The items of this page."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemsResponse: _TypeAlias = ListItemsResponse  # noqa: Y015
+
+@_typing.final
+class CountRequest(_message.Message):
+    """Request of Count."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    FAIL_AFTER_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many ticks to send, at most 100."""
+    fail_after: _builtins.int
+    """Fail with ABORTED after this many ticks; never when 0."""
+    after: _builtins.str
+    """Start after this cursor."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        fail_after: _builtins.int = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "count", b"count", "fail_after", b"fail_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountRequest: _TypeAlias = CountRequest  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    """Request of Watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    after: _builtins.str
+    """Start after this cursor."""
+    def __init__(
+        self,
+        *,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class Tick(_message.Message):
+    """One tick of a stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The tick's position in the stream, from 1."""
+    cursor: _builtins.str
+    """Where to resume after this tick."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tick: _TypeAlias = Tick  # noqa: Y015
+
+@_typing.final
+class FailRequest(_message.Message):
+    """Request of Fail."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _code_pb2.Code.ValueType
+    """The status code to fail with."""
+    message: _builtins.str
+    """The error message."""
+    def __init__(
+        self,
+        *,
+        code: _code_pb2.Code.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailRequest: _TypeAlias = FailRequest  # noqa: Y015

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from tests.gateway.testproto import echo_pb2 as echo_dot_v1_dot_echo__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,7 +27,7 @@ if _version_not_supported:
 
 
 class EchoServiceStub:
-    """Echoes its input.
+    """Echoes its input, pages through items, streams ticks and fails on demand.
     """
 
     def __init__(self, channel):
@@ -37,17 +38,83 @@ class EchoServiceStub:
         """
         self.Echo = channel.unary_unary(
                 '/echo.v1.EchoService/Echo',
-                request_serializer=echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-                response_deserializer=echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+                request_serializer=echo_dot_v1_dot_echo__pb2.EchoMessage.SerializeToString,
+                response_deserializer=echo_dot_v1_dot_echo__pb2.EchoMessage.FromString,
+                _registered_method=True)
+        self.CreateThing = channel.unary_unary(
+                '/echo.v1.EchoService/CreateThing',
+                request_serializer=echo_dot_v1_dot_echo__pb2.CreateThingRequest.SerializeToString,
+                response_deserializer=echo_dot_v1_dot_echo__pb2.Thing.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/echo.v1.EchoService/ListItems',
+                request_serializer=echo_dot_v1_dot_echo__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=echo_dot_v1_dot_echo__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
+        self.Count = channel.unary_stream(
+                '/echo.v1.EchoService/Count',
+                request_serializer=echo_dot_v1_dot_echo__pb2.CountRequest.SerializeToString,
+                response_deserializer=echo_dot_v1_dot_echo__pb2.Tick.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/echo.v1.EchoService/Watch',
+                request_serializer=echo_dot_v1_dot_echo__pb2.WatchRequest.SerializeToString,
+                response_deserializer=echo_dot_v1_dot_echo__pb2.Tick.FromString,
+                _registered_method=True)
+        self.Fail = channel.unary_unary(
+                '/echo.v1.EchoService/Fail',
+                request_serializer=echo_dot_v1_dot_echo__pb2.FailRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
 
 
 class EchoServiceServicer:
-    """Echoes its input.
+    """Echoes its input, pages through items, streams ticks and fails on demand.
     """
 
     def Echo(self, request, context):
         """Echo a message.
+
+        The answer is the request as the server received it, with `metadata`
+        set to the call's metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateThing(self, request, context):
+        """Create a thing, or return the existing thing of that name.
+
+        Over HTTP the answer is 201 for a new thing and 200 for an existing one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """List items, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Count(self, request, context):
+        """Stream `count` ticks, failing with ABORTED after `fail_after` ticks when
+        that is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Stream a tick every few milliseconds until the caller goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fail(self, request, context):
+        """Fail with the given status code (or succeed, for OK).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -58,8 +125,33 @@ def add_EchoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Echo': grpc.unary_unary_rpc_method_handler(
                     servicer.Echo,
-                    request_deserializer=echo_dot_v1_dot_echo__pb2.EchoRequest.FromString,
-                    response_serializer=echo_dot_v1_dot_echo__pb2.EchoResponse.SerializeToString,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.EchoMessage.FromString,
+                    response_serializer=echo_dot_v1_dot_echo__pb2.EchoMessage.SerializeToString,
+            ),
+            'CreateThing': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateThing,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.CreateThingRequest.FromString,
+                    response_serializer=echo_dot_v1_dot_echo__pb2.Thing.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.ListItemsRequest.FromString,
+                    response_serializer=echo_dot_v1_dot_echo__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'Count': grpc.unary_stream_rpc_method_handler(
+                    servicer.Count,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.CountRequest.FromString,
+                    response_serializer=echo_dot_v1_dot_echo__pb2.Tick.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.WatchRequest.FromString,
+                    response_serializer=echo_dot_v1_dot_echo__pb2.Tick.SerializeToString,
+            ),
+            'Fail': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fail,
+                    request_deserializer=echo_dot_v1_dot_echo__pb2.FailRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -70,7 +162,7 @@ def add_EchoServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EchoService:
-    """Echoes its input.
+    """Echoes its input, pages through items, streams ticks and fails on demand.
     """
 
     @staticmethod
@@ -88,8 +180,143 @@ class EchoService:
             request,
             target,
             '/echo.v1.EchoService/Echo',
-            echo_dot_v1_dot_echo__pb2.EchoRequest.SerializeToString,
-            echo_dot_v1_dot_echo__pb2.EchoResponse.FromString,
+            echo_dot_v1_dot_echo__pb2.EchoMessage.SerializeToString,
+            echo_dot_v1_dot_echo__pb2.EchoMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateThing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/echo.v1.EchoService/CreateThing',
+            echo_dot_v1_dot_echo__pb2.CreateThingRequest.SerializeToString,
+            echo_dot_v1_dot_echo__pb2.Thing.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/echo.v1.EchoService/ListItems',
+            echo_dot_v1_dot_echo__pb2.ListItemsRequest.SerializeToString,
+            echo_dot_v1_dot_echo__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Count(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/echo.v1.EchoService/Count',
+            echo_dot_v1_dot_echo__pb2.CountRequest.SerializeToString,
+            echo_dot_v1_dot_echo__pb2.Tick.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/echo.v1.EchoService/Watch',
+            echo_dot_v1_dot_echo__pb2.WatchRequest.SerializeToString,
+            echo_dot_v1_dot_echo__pb2.Tick.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fail(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/echo.v1.EchoService/Fail',
+            echo_dot_v1_dot_echo__pb2.FailRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ A test-only service that exercises every HttpRule feature the gateway supports."
 
 from collections import abc as _abc
 from tests.gateway.testproto import echo_pb2 as _echo_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -27,32 +28,119 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EchoServiceStub:
-    """Echoes its input."""
+    """Echoes its input, pages through items, streams ticks and fails on demand."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> EchoServiceAsyncStub: ...
-    Echo: _grpc.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]
-    """Echo a message."""
+    Echo: _grpc.UnaryUnaryMultiCallable[_echo_pb2.EchoMessage, _echo_pb2.EchoMessage]
+    """Echo a message.
+
+    The answer is the request as the server received it, with `metadata`
+    set to the call's metadata.
+    """
+    CreateThing: _grpc.UnaryUnaryMultiCallable[_echo_pb2.CreateThingRequest, _echo_pb2.Thing]
+    """Create a thing, or return the existing thing of that name.
+
+    Over HTTP the answer is 201 for a new thing and 200 for an existing one.
+    """
+    ListItems: _grpc.UnaryUnaryMultiCallable[_echo_pb2.ListItemsRequest, _echo_pb2.ListItemsResponse]
+    """List items, a page at a time."""
+    Count: _grpc.UnaryStreamMultiCallable[_echo_pb2.CountRequest, _echo_pb2.Tick]
+    """Stream `count` ticks, failing with ABORTED after `fail_after` ticks when
+    that is set.
+    """
+    Watch: _grpc.UnaryStreamMultiCallable[_echo_pb2.WatchRequest, _echo_pb2.Tick]
+    """Stream a tick every few milliseconds until the caller goes away."""
+    Fail: _grpc.UnaryUnaryMultiCallable[_echo_pb2.FailRequest, _empty_pb2.Empty]
+    """Fail with the given status code (or succeed, for OK)."""
 
 @_typing.type_check_only
 class EchoServiceAsyncStub(EchoServiceStub):
-    """Echoes its input."""
+    """Echoes its input, pages through items, streams ticks and fails on demand."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Echo: _aio.UnaryUnaryMultiCallable[_echo_pb2.EchoRequest, _echo_pb2.EchoResponse]  # type: ignore[assignment]
-    """Echo a message."""
+    Echo: _aio.UnaryUnaryMultiCallable[_echo_pb2.EchoMessage, _echo_pb2.EchoMessage]  # type: ignore[assignment]
+    """Echo a message.
+
+    The answer is the request as the server received it, with `metadata`
+    set to the call's metadata.
+    """
+    CreateThing: _aio.UnaryUnaryMultiCallable[_echo_pb2.CreateThingRequest, _echo_pb2.Thing]  # type: ignore[assignment]
+    """Create a thing, or return the existing thing of that name.
+
+    Over HTTP the answer is 201 for a new thing and 200 for an existing one.
+    """
+    ListItems: _aio.UnaryUnaryMultiCallable[_echo_pb2.ListItemsRequest, _echo_pb2.ListItemsResponse]  # type: ignore[assignment]
+    """List items, a page at a time."""
+    Count: _aio.UnaryStreamMultiCallable[_echo_pb2.CountRequest, _echo_pb2.Tick]  # type: ignore[assignment]
+    """Stream `count` ticks, failing with ABORTED after `fail_after` ticks when
+    that is set.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_echo_pb2.WatchRequest, _echo_pb2.Tick]  # type: ignore[assignment]
+    """Stream a tick every few milliseconds until the caller goes away."""
+    Fail: _aio.UnaryUnaryMultiCallable[_echo_pb2.FailRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Fail with the given status code (or succeed, for OK)."""
 
 class EchoServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Echoes its input."""
+    """Echoes its input, pages through items, streams ticks and fails on demand."""
 
     @_abc_1.abstractmethod
     def Echo(
         self,
-        request: _echo_pb2.EchoRequest,
+        request: _echo_pb2.EchoMessage,
         context: _ServicerContext,
-    ) -> _typing.Union[_echo_pb2.EchoResponse, _abc.Awaitable[_echo_pb2.EchoResponse]]:
-        """Echo a message."""
+    ) -> _typing.Union[_echo_pb2.EchoMessage, _abc.Awaitable[_echo_pb2.EchoMessage]]:
+        """Echo a message.
+
+        The answer is the request as the server received it, with `metadata`
+        set to the call's metadata.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateThing(
+        self,
+        request: _echo_pb2.CreateThingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_echo_pb2.Thing, _abc.Awaitable[_echo_pb2.Thing]]:
+        """Create a thing, or return the existing thing of that name.
+
+        Over HTTP the answer is 201 for a new thing and 200 for an existing one.
+        """
+
+    @_abc_1.abstractmethod
+    def ListItems(
+        self,
+        request: _echo_pb2.ListItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_echo_pb2.ListItemsResponse, _abc.Awaitable[_echo_pb2.ListItemsResponse]]:
+        """List items, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def Count(
+        self,
+        request: _echo_pb2.CountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_echo_pb2.Tick], _abc.AsyncIterator[_echo_pb2.Tick]]:
+        """Stream `count` ticks, failing with ABORTED after `fail_after` ticks when
+        that is set.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _echo_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_echo_pb2.Tick], _abc.AsyncIterator[_echo_pb2.Tick]]:
+        """Stream a tick every few milliseconds until the caller goes away."""
+
+    @_abc_1.abstractmethod
+    def Fail(
+        self,
+        request: _echo_pb2.FailRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Fail with the given status code (or succeed, for OK)."""
 
 def add_EchoServiceServicer_to_server(servicer: EchoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

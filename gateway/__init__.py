@@ -1,0 +1,46 @@
+"""A generic HTTP/JSON gateway to gRPC services, driven by `google.api.http` rules.
+
+Given service descriptors and a gRPC target, `create_app` builds an ASGI
+app that transcodes HTTP/JSON requests into gRPC calls, serves an OpenAPI
+3.1 description generated from the descriptors, interactive docs and a
+health check; `serve` / `HttpServer` run it under uvicorn.
+
+    Exception
+     └── GatewayError   a request the gateway rejects itself (code, message, HTTP status)
+
+It never imports the services' implementation: only their descriptors.
+"""
+
+from gateway.app import Gateway, create_app
+from gateway.errors import HTTP_STATUS, GatewayError
+from gateway.openapi import build_openapi
+from gateway.options import (
+    ClientTLS,
+    DocumentOptions,
+    GatewayOptions,
+    MethodOptions,
+    SchemaAlias,
+)
+from gateway.rules import Binding, PathTemplate, RouteTable, load_bindings, parse_template
+from gateway.server import HttpServer, ServerTLS, serve
+
+__all__ = [
+    "HTTP_STATUS",
+    "Binding",
+    "ClientTLS",
+    "DocumentOptions",
+    "Gateway",
+    "GatewayError",
+    "GatewayOptions",
+    "HttpServer",
+    "MethodOptions",
+    "PathTemplate",
+    "RouteTable",
+    "SchemaAlias",
+    "ServerTLS",
+    "build_openapi",
+    "create_app",
+    "load_bindings",
+    "parse_template",
+    "serve",
+]

@@ -1,0 +1,352 @@
+"""The ASGI application: transcoded routes, errors, streaming, OpenAPI, docs and health."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+import grpc
+from google.protobuf.message import Message
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import GatewayError, rpc_error_json, rpc_error_status, status_json
+from gateway.openapi import EVENT_STREAM, build_openapi
+from gateway.options import GatewayOptions, MethodOptions
+from gateway.rules import (
+    NEXT_PAGE_TOKEN,
+    PAGE_TOKEN,
+    Binding,
+    RouteMatch,
+    RouteTable,
+    load_bindings,
+    resolve_field,
+)
+from gateway.streaming import Call, EventStreamFormat, StreamFormat, StreamResponse
+from gateway.transcode import build_request, encode_json, response_json
+from gateway.upstream import CallOptions, Upstream, call_metadata, call_timeout, response_headers
+
+logger = logging.getLogger(__name__)
+
+JSON = "application/json"
+HTTP_CODE_KEY = "x-http-code"
+# Statuses that cannot carry the JSON body every transcoded answer has.
+_BODILESS = {204, 205, 304}
+
+
+class Gateway:
+    """The state behind the app: routes, the upstream channel, the OpenAPI document."""
+
+    def __init__(self, options: GatewayOptions) -> None:
+        self.options = options
+        bindings = load_bindings(options.services)
+        _check_method_options(bindings, options.methods)
+        self.routes = RouteTable(bindings)
+        self.upstream = Upstream(options.target, options.tls, options.channel_options)
+        document = build_openapi(options.services, options.document, options.methods)
+        self.openapi = encode_json(document)
+        self.closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """End every open stream cleanly (the gateway is going away)."""
+        self.closing.set()
+
+    async def transcode(self, request: Request, match: RouteMatch) -> Response | StreamResponse:
+        """Answer one request bound to a gRPC method."""
+        binding = match.binding
+        options = self.options.methods.get(binding.method.full_name, MethodOptions())
+        try:
+            body = await self._read_body(request)
+            overrides = []
+            last_event_id = request.headers.get("last-event-id")
+            if binding.server_streaming and options.last_event_id_field and last_event_id:
+                overrides.append((options.last_event_id_field, last_event_id))
+            message = build_request(match, request.query_params.multi_items(), body, overrides)
+            metadata = call_metadata(request.headers.items(), self.options.forward_headers)
+            if binding.server_streaming:
+                timeout = call_timeout(request.headers, None)
+                call = self.upstream.stream(binding.method)(
+                    message, metadata=metadata, timeout=timeout
+                )
+                return self._stream_response(request, match, options, call)
+            timeout = call_timeout(request.headers, self.options.default_timeout)
+            return await self._unary(match, message, CallOptions(metadata, timeout))
+        except GatewayError as error:
+            return error_response(error.http_status, error.body())
+        except grpc.aio.AioRpcError as error:
+            return error_response(rpc_error_status(error), rpc_error_json(error))
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.options.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _unary(self, match: RouteMatch, message: Message, options: CallOptions) -> Response:
+        binding = match.binding
+        call = self.upstream.unary(binding.method)(
+            message, metadata=options.metadata, timeout=options.timeout
+        )
+        response = await call
+        initial = await call.initial_metadata()
+        payload = response_json(binding, response)
+        if binding.paginates:
+            payload += await self._later_pages(match, message, response, options)
+        return Response(
+            encode_json(payload),
+            status_code=success_status(initial),
+            media_type=JSON,
+            headers=response_headers(initial, skip=(HTTP_CODE_KEY,)),
+        )
+
+    async def _later_pages(
+        self,
+        match: RouteMatch,
+        message: Message,
+        response: Message,
+        options: CallOptions,
+    ) -> list[Any]:
+        binding = match.binding
+        items: list[Any] = []
+        seen = {getattr(message, PAGE_TOKEN)}
+        token: str = getattr(response, NEXT_PAGE_TOKEN)
+        pages = 1
+        while token:
+            if token in seen or pages >= self.options.max_pages:
+                reason = (
+                    "repeated a page token" if token in seen else f"has more than {pages} pages"
+                )
+                raise GatewayError(grpc.StatusCode.INTERNAL, f"{binding.method.full_name} {reason}")
+            seen.add(token)
+            setattr(message, PAGE_TOKEN, token)
+            response = await self.upstream.unary(binding.method)(
+                message, metadata=options.metadata, timeout=options.timeout
+            )
+            items += response_json(binding, response)
+            token = getattr(response, NEXT_PAGE_TOKEN)
+            pages += 1
+        return items
+
+    def _stream_response(
+        self, request: Request, match: RouteMatch, options: MethodOptions, call: Call
+    ) -> StreamResponse:
+        binding = match.binding
+        accept = request.headers.get("accept", "")
+        stream_format = EventStreamFormat() if EVENT_STREAM in accept else StreamFormat()
+        id_field = options.sse_id_field
+
+        def event_id(message: Message) -> str | None:
+            return str(getattr(message, id_field)) if id_field else None
+
+        return StreamResponse(
+            call,
+            stream_format,
+            lambda message: response_json(binding, message),
+            event_id,
+            success_status,
+            self.closing,
+        )
+
+    async def health(self, request: Request) -> Response:
+        """200 when the gRPC server reports SERVING, else 503."""
+        status = await self.upstream.health(
+            self.options.health_service, self.options.health_timeout
+        )
+        return JSONResponse({"status": status}, status_code=200 if status == "SERVING" else 503)
+
+    async def openapi_document(self, request: Request) -> Response:
+        """The OpenAPI document."""
+        return Response(self.openapi, media_type=JSON)
+
+    async def index(self, request: Request) -> Response:
+        """A small page that links to the docs and names the gRPC server."""
+        root = request.scope.get("root_path", "")
+        links = [(self.options.docs_path, "Interactive API documentation")]
+        links += [(path, "OpenAPI document") for path in self.options.openapi_paths]
+        links.append((self.options.health_path, "Health"))
+        items = "".join(
+            f'<li><a href="{html.escape(root + path)}">{html.escape(text)}</a></li>'
+            for path, text in links
+            if path
+        )
+        title = html.escape(self.options.document.title)
+        target = html.escape(self.options.target)
+        return HTMLResponse(
+            f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title></head>"
+            f"<body><h1>{title}</h1>"
+            f"<p>HTTP/JSON gateway to the gRPC server at <code>{target}</code>.</p>"
+            f"<ul>{items}</ul></body></html>"
+        )
+
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI, from the assets of the swagger-ui-py package."""
+        root = request.scope.get("root_path", "")
+        static = html.escape(f"{root}{self.options.docs_path}/static")
+        spec = encode_json(root + self.options.openapi_paths[0]).decode()
+        title = html.escape(self.options.document.title)
+        return HTMLResponse(
+            f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<link rel="stylesheet" href="{static}/swagger-ui.css">
+<link rel="stylesheet" href="{static}/index.css">
+<link rel="icon" type="image/png" href="{static}/favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{static}/swagger-ui-bundle.js"></script>
+<script src="{static}/swagger-ui-standalone-preset.js"></script>
+<script>
+window.ui = SwaggerUIBundle({{
+  url: {spec},
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+  layout: "StandaloneLayout"
+}});
+</script>
+</body>
+</html>
+"""
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Close the channel when the app shuts down."""
+        try:
+            yield
+        finally:
+            self.close_streams()
+            await self.upstream.close()
+
+
+def _check_method_options(
+    bindings: Sequence[Binding], methods: Mapping[str, MethodOptions]
+) -> None:
+    """Refuse, at start-up, options naming methods or fields that do not exist."""
+    known = {binding.method.full_name: binding.method for binding in bindings}
+    for name, options in methods.items():
+        method = known.get(name)
+        if method is None:
+            raise ValueError(f"options for {name!r}: no such method with an HTTP rule")
+        if options.sse_id_field and options.sse_id_field not in method.output_type.fields_by_name:
+            raise ValueError(
+                f"{name}: sse_id_field {options.sse_id_field!r} is not a response field"
+            )
+        resume = options.last_event_id_field
+        if resume and resolve_field(method.input_type, resume.split(".")) is None:
+            raise ValueError(f"{name}: last_event_id_field {resume!r} is not a request field")
+
+
+def _too_large(limit: int) -> GatewayError:
+    message = f"the request body is larger than {limit} bytes"
+    return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status=413)
+
+
+def success_status(initial_metadata: Sequence[tuple[str, str | bytes]] | Any) -> int:
+    """200, or the status the server chose through `x-http-code` initial metadata."""
+    for key, value in initial_metadata or ():
+        if key != HTTP_CODE_KEY:
+            continue
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        if text.isdigit() and 200 <= int(text) <= 599 and int(text) not in _BODILESS:
+            return int(text)
+        logger.warning("ignoring %s %r: not a status that can carry a body", HTTP_CODE_KEY, text)
+    return 200
+
+
+def error_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response:
+    """An error as `google.rpc.Status` JSON."""
+    return Response(encode_json(body), status_code=status, media_type=JSON, headers=headers)
+
+
+class _TranscodedRoutes(BaseRoute):
+    """Every HTTP binding of the services, as one Starlette route."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] != "http":
+            return Match.NONE, {}
+        raw_path = _raw_path(scope)
+        match = self.gateway.routes.resolve(scope["method"], raw_path)
+        if match is not None:
+            return Match.FULL, {"gateway.match": match}
+        allowed = self.gateway.routes.allowed_methods(raw_path)
+        if allowed:
+            return Match.PARTIAL, {"gateway.allowed": allowed}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = scope.get("gateway.match")
+        if match is None:
+            allowed = ", ".join(scope["gateway.allowed"])
+            message = f"{scope['method']} is not allowed here; allowed: {allowed}"
+            body = status_json(grpc.StatusCode.UNIMPLEMENTED, message)
+            response: Response | StreamResponse = error_response(405, body, {"Allow": allowed})
+        else:
+            response = await self.gateway.transcode(Request(scope, receive), match)
+        await response(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> Any:
+        raise NoMatchFound(name, path_params)
+
+
+def _raw_path(scope: Scope) -> str:
+    raw = scope.get("raw_path")
+    if raw is None:
+        return quote(scope["path"])
+    return bytes(raw).decode("latin-1").split("?", 1)[0]
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(
+        error.status_code, grpc.StatusCode.UNKNOWN
+    )
+    message = "no route for this path" if error.status_code == 404 else error.detail
+    return error_response(error.status_code, status_json(code, message), dict(error.headers or {}))
+
+
+def create_app(options: GatewayOptions) -> Starlette:
+    """The gateway as an ASGI app; `app.state.gateway` is its Gateway."""
+    gateway = Gateway(options)
+    routes: list[BaseRoute] = [
+        Route(path, gateway.openapi_document, methods=["GET"]) for path in options.openapi_paths
+    ]
+    if options.docs_path:
+        routes.append(Route(options.docs_path, gateway.docs, methods=["GET"]))
+        static = StaticFiles(packages=[("swagger_ui", "static")])
+        routes.append(Mount(f"{options.docs_path}/static", app=static))
+    if options.index_path:
+        routes.append(Route(options.index_path, gateway.index, methods=["GET"]))
+    if options.health_path:
+        routes.append(Route(options.health_path, gateway.health, methods=["GET"]))
+    routes.append(_TranscodedRoutes(gateway))
+    app = Starlette(
+        routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=gateway.lifespan
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,432 @@
+"""An OpenAPI 3.1 document generated from service descriptors and their HTTP rules.
+
+Every binding is an operation. Messages and enums become
+`components.schemas` entries named by their full protobuf name; well-known
+types are written inline in their JSON form. The proto comments (from the
+descriptor sets of DocumentOptions) become summaries and descriptions.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from google.api import field_behavior_pb2
+from google.protobuf.descriptor import (
+    Descriptor,
+    EnumDescriptor,
+    FieldDescriptor,
+    ServiceDescriptor,
+)
+from google.rpc import status_pb2
+
+from gateway.comments import Comments
+from gateway.options import DocumentOptions, MethodOptions
+from gateway.rules import Binding, Variable, load_bindings, resolve_field
+
+logger = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
+STATUS_SCHEMA = status_pb2.Status.DESCRIPTOR.full_name
+
+_INT32 = {
+    FieldDescriptor.TYPE_INT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SINT32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_SFIXED32: ("int32", -(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: ("uint32", 0, 2**32 - 1),
+    FieldDescriptor.TYPE_FIXED32: ("uint32", 0, 2**32 - 1),
+}
+_INT64 = {
+    FieldDescriptor.TYPE_INT64: "int64",
+    FieldDescriptor.TYPE_SINT64: "int64",
+    FieldDescriptor.TYPE_SFIXED64: "int64",
+    FieldDescriptor.TYPE_UINT64: "uint64",
+    FieldDescriptor.TYPE_FIXED64: "uint64",
+}
+_NON_FINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
+_WRAPPERS = ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
+_WELL_KNOWN: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$"},
+    "google.protobuf.FieldMask": {"type": "string"},
+    "google.protobuf.Struct": {"type": "object", "additionalProperties": True},
+    "google.protobuf.Value": {},
+    "google.protobuf.ListValue": {"type": "array", "items": {}},
+    "google.protobuf.Empty": {"type": "object"},
+    "google.protobuf.Any": {
+        "type": "object",
+        "properties": {"@type": {"type": "string"}},
+        "required": ["@type"],
+        "additionalProperties": True,
+    },
+}
+# Depth at which query parameters stop descending into nested messages.
+_MAX_QUERY_DEPTH = 5
+
+
+def build_openapi(
+    services: Iterable[ServiceDescriptor],
+    document: DocumentOptions | None = None,
+    methods: Mapping[str, MethodOptions] = MappingProxyType({}),
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the services' `google.api.http` bindings."""
+    services = tuple(services)
+    return _Builder(document or DocumentOptions(), methods).build(services, load_bindings(services))
+
+
+def summary_of(comment: str) -> str:
+    """The first sentence of a comment's first paragraph."""
+    paragraph = " ".join(comment.split("\n\n", 1)[0].split())
+    sentence = re.match(r"(.+?\.)(\s|$)", paragraph)
+    return sentence.group(1) if sentence else paragraph
+
+
+class _Builder:
+    def __init__(self, document: DocumentOptions, methods: Mapping[str, MethodOptions]) -> None:
+        self.document = document
+        self.methods = methods
+        self.comments = Comments(document.descriptor_sets)
+        self.schemas: dict[str, Any] = {}
+        self.enums: dict[str, EnumDescriptor] = {}
+
+    def build(
+        self, services: Sequence[ServiceDescriptor], bindings: Sequence[Binding]
+    ) -> dict[str, Any]:
+        self._message_ref(status_pb2.Status.DESCRIPTOR)
+        self.schemas[STATUS_SCHEMA].setdefault(
+            "description", "An error: a gRPC status code, a message, and optional details."
+        )
+        paths: dict[str, dict[str, Any]] = {}
+        names = _path_names(bindings)
+        for binding in bindings:
+            path = binding.template.with_names(names[binding.template.shape])
+            operations = paths.setdefault(path, {})
+            method = binding.http_method.lower()
+            if method in operations:
+                logger.warning(
+                    "%s %s of %s is not documented: OpenAPI cannot tell it from %s",
+                    binding.http_method,
+                    binding.template.text,
+                    binding.method.full_name,
+                    operations[method]["operationId"],
+                )
+                continue
+            operations[method] = self._operation(binding, names[binding.template.shape])
+        for alias in self.document.aliases:
+            self.schemas[alias.name] = self._alias(alias.full_name, alias.omit_zero_enum_value)
+        document: dict[str, Any] = {
+            "openapi": "3.1.0",
+            "info": self._info(services),
+            "tags": [self._tag(service) for service in services],
+            "paths": paths,
+            "components": {"schemas": dict(sorted(self.schemas.items()))},
+        }
+        if self.document.servers:
+            document["servers"] = [{"url": url} for url in self.document.servers]
+        if self.document.bearer_auth:
+            document["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "A bearer token."}
+            }
+            document["security"] = [{"bearer": []}]
+        return document
+
+    def _info(self, services: Sequence[ServiceDescriptor]) -> dict[str, Any]:
+        description = self.document.description or "\n\n".join(
+            filter(None, (self.comments.get(service.full_name) for service in services))
+        )
+        info = {"title": self.document.title, "version": self.document.version}
+        return {**info, "description": description} if description else info
+
+    def _tag(self, service: ServiceDescriptor) -> dict[str, Any]:
+        tag = {"name": service.name}
+        comment = self.comments.get(service.full_name)
+        return {**tag, "description": comment} if comment else tag
+
+    def _operation(self, binding: Binding, path_names: Sequence[str]) -> dict[str, Any]:
+        comment = self.comments.get(binding.method.full_name)
+        operation: dict[str, Any] = {
+            "operationId": binding.operation_id,
+            "tags": [binding.method.containing_service.name],
+        }
+        if comment:
+            operation["summary"] = summary_of(comment)
+            operation["description"] = comment
+        parameters = self._path_parameters(binding, path_names) + self._query_parameters(binding)
+        options = self.methods.get(binding.method.full_name, MethodOptions())
+        if binding.server_streaming and options.last_event_id_field:
+            parameters.append(self._last_event_id(options.last_event_id_field))
+        if parameters:
+            operation["parameters"] = parameters
+        if binding.body:
+            operation["requestBody"] = self._request_body(binding)
+        operation["responses"] = self._responses(binding, options)
+        return operation
+
+    def _path_parameters(self, binding: Binding, path_names: Sequence[str]) -> list[dict[str, Any]]:
+        request = binding.method.input_type
+        parameters = []
+        for name, variable in zip(path_names, binding.template.variables, strict=True):
+            field = resolve_field(request, variable.field_path)
+            assert field is not None  # checked when the bindings were loaded
+            schema = self._value_schema(field)
+            notes = [self.comments.get(field.full_name)]
+            if name != variable.name:
+                notes.append(f"Sets `{variable.name}`.")
+            if variable.pattern != "*":
+                schema = {**schema, "pattern": _pattern_regex(variable)}
+                notes.append(f"Matches `{variable.pattern}`.")
+            parameters.append(
+                _parameter(name, "path", schema, "\n\n".join(filter(None, notes)), True)
+            )
+        return parameters
+
+    def _query_parameters(self, binding: Binding) -> list[dict[str, Any]]:
+        if binding.body == "*":
+            return []
+        bound = {variable.name for variable in binding.template.variables}
+        skip = bound | ({binding.body} if binding.body else set())
+        return list(self._fields_as_query(binding.method.input_type, "", skip, (), top=True))
+
+    def _fields_as_query(
+        self, message: Descriptor, prefix: str, skip: set[str], seen: tuple[str, ...], top: bool
+    ) -> Iterable[dict[str, Any]]:
+        for field in message.fields:
+            name = prefix + field.name
+            if name in skip or _is_map(field):
+                continue
+            nested = field.message_type
+            if nested is not None and nested.full_name in _WELL_KNOWN:
+                # Only the well-known types written as one string fit in a parameter.
+                if _WELL_KNOWN[nested.full_name].get("type") != "string":
+                    continue
+            elif nested is not None and not _is_wrapper(nested):
+                if _is_repeated(field) or nested.full_name in seen or len(seen) >= _MAX_QUERY_DEPTH:
+                    continue
+                yield from self._fields_as_query(
+                    nested, f"{name}.", skip, (*seen, message.full_name), top=False
+                )
+                continue
+            comment = self.comments.get(field.full_name)
+            schema = self._field_schema(field)
+            required = top and _behaviour(field, field_behavior_pb2.REQUIRED)
+            parameter = _parameter(name, "query", schema, comment, required)
+            if _is_repeated(field):
+                parameter.update(style="form", explode=True)
+            yield parameter
+
+    def _last_event_id(self, field_path: str) -> dict[str, Any]:
+        description = f"Resume a stream after this event id: sets `{field_path}`."
+        return _parameter("Last-Event-ID", "header", {"type": "string"}, description, False)
+
+    def _request_body(self, binding: Binding) -> dict[str, Any]:
+        request = binding.method.input_type
+        if binding.body == "*":
+            schema = self._message_ref(request)
+            bound = {
+                variable.field_path[0]
+                for variable in binding.template.variables
+                if len(variable.field_path) == 1
+            }
+            if bound:
+                schema = self._without(request, bound)
+            required = False
+        else:
+            field = request.fields_by_name[binding.body]
+            schema = self._field_schema(field)
+            required = _behaviour(field, field_behavior_pb2.REQUIRED)
+        return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+    def _without(self, message: Descriptor, fields: set[str]) -> dict[str, Any]:
+        schema = dict(self.schemas[message.full_name])
+        schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in fields}
+        required = [name for name in schema.get("required", []) if name not in fields]
+        schema.pop("required", None)
+        return {**schema, "required": required} if required else schema
+
+    def _responses(self, binding: Binding, options: MethodOptions) -> dict[str, Any]:
+        output = binding.method.output_type
+        if binding.response_body:
+            schema = self._field_schema(output.fields_by_name[binding.response_body])
+        else:
+            schema = self._message_ref(output)
+        if binding.server_streaming:
+            content = _stream_content(schema)
+            description = "A stream of messages."
+        else:
+            content = {"application/json": {"schema": schema}}
+            description = "Success."
+        if binding.paginates:
+            description += " Every page, concatenated."
+        responses: dict[str, Any] = {"200": {"description": description, "content": content}}
+        for status in options.other_success_statuses:
+            responses[str(status)] = {
+                "description": "Success, as the server chose.",
+                "content": content,
+            }
+        error_schema = {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}
+        responses["default"] = {
+            "description": "An error.",
+            "content": {"application/json": {"schema": error_schema}},
+        }
+        return responses
+
+    def _alias(self, full_name: str, omit_zero: bool) -> dict[str, Any]:
+        if full_name not in self.schemas:
+            raise ValueError(
+                f"schema alias of {full_name!r}: no such message or enum in the document"
+            )
+        schema = dict(self.schemas[full_name])
+        if omit_zero and "enum" in schema:
+            schema.update(self._enum_schema(self.enums[full_name], omit_zero=True))
+        return schema
+
+    # Schemas of fields, messages and enums.
+
+    def _field_schema(self, field: FieldDescriptor) -> dict[str, Any]:
+        if field.message_type is not None and _is_map(field):
+            value = field.message_type.fields_by_name["value"]
+            return {"type": "object", "additionalProperties": self._value_schema(value)}
+        schema = self._value_schema(field)
+        return {"type": "array", "items": schema} if _is_repeated(field) else schema
+
+    def _value_schema(self, field: FieldDescriptor) -> dict[str, Any]:
+        if field.message_type is not None:
+            return self._message_ref(field.message_type)
+        if field.enum_type is not None:
+            return self._enum_ref(field.enum_type)
+        return _scalar_schema(field.type)
+
+    def _message_ref(self, message: Descriptor) -> dict[str, Any]:
+        if message.full_name in _WELL_KNOWN:
+            return dict(_WELL_KNOWN[message.full_name])
+        if _is_wrapper(message):
+            return self._value_schema(message.fields_by_name["value"])
+        if message.full_name not in self.schemas:
+            self.schemas[message.full_name] = {}  # placeholder: recursive types end here
+            self.schemas[message.full_name] = self._message_schema(message)
+        return {"$ref": f"#/components/schemas/{message.full_name}"}
+
+    def _message_schema(self, message: Descriptor) -> dict[str, Any]:
+        properties, required = {}, []
+        for field in message.fields:
+            schema = self._field_schema(field)
+            comment = self.comments.get(field.full_name)
+            if comment:
+                schema = {**schema, "description": comment}
+            if _behaviour(field, field_behavior_pb2.OUTPUT_ONLY):
+                schema = {**schema, "readOnly": True}
+            if _behaviour(field, field_behavior_pb2.REQUIRED):
+                required.append(field.name)
+            properties[field.name] = schema
+        result: dict[str, Any] = {"type": "object", "properties": properties}
+        if required:
+            result["required"] = required
+        comment = self.comments.get(message.full_name)
+        return {**result, "description": comment} if comment else result
+
+    def _enum_ref(self, enum: EnumDescriptor) -> dict[str, Any]:
+        if enum.full_name == "google.protobuf.NullValue":
+            return {"type": "null"}
+        if enum.full_name not in self.schemas:
+            self.enums[enum.full_name] = enum
+            self.schemas[enum.full_name] = self._enum_schema(enum, omit_zero=False)
+        return {"$ref": f"#/components/schemas/{enum.full_name}"}
+
+    def _enum_schema(self, enum: EnumDescriptor, omit_zero: bool) -> dict[str, Any]:
+        values = [value for value in enum.values if not (omit_zero and value.number == 0)]
+        lines = [self.comments.get(enum.full_name)]
+        documented = [
+            (value.name, self.comments.get(f"{enum.full_name}.{value.name}")) for value in values
+        ]
+        if any(text for _, text in documented):
+            lines.append(
+                "\n".join(f"- `{name}`: {' '.join(text.split())}" for name, text in documented)
+            )
+        schema: dict[str, Any] = {"type": "string", "enum": [value.name for value in values]}
+        description = "\n\n".join(filter(None, lines))
+        return {**schema, "description": description} if description else schema
+
+
+def _path_names(bindings: Sequence[Binding]) -> dict[str, list[str]]:
+    """Variable names per path shape: OpenAPI forbids one path with two sets of names."""
+    names: dict[str, list[str]] = {}
+    for binding in sorted(
+        bindings, key=lambda each: sum(v.name.count(".") for v in each.template.variables)
+    ):
+        names.setdefault(
+            binding.template.shape, [variable.name for variable in binding.template.variables]
+        )
+    return names
+
+
+def _pattern_regex(variable: Variable) -> str:
+    parts = []
+    for segment in variable.pattern.split("/"):
+        parts.append({"*": "[^/]+", "**": ".+"}.get(segment, re.escape(segment)))
+    return "^" + "/".join(parts) + "$"
+
+
+def _parameter(
+    name: str, where: str, schema: dict[str, Any], description: str, required: bool
+) -> dict[str, Any]:
+    parameter: dict[str, Any] = {"name": name, "in": where, "required": required, "schema": schema}
+    if description:
+        parameter["description"] = description
+    return parameter
+
+
+def _stream_content(schema: dict[str, Any]) -> dict[str, Any]:
+    status = {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}
+    line = {
+        "type": "object",
+        "description": (
+            "One line per message: `result` holds a message; `error` ends the stream on failure."
+        ),
+        "properties": {"result": schema, "error": status},
+    }
+    events = {
+        "type": "string",
+        "description": (
+            "Server-Sent Events: `data:` is the JSON of one message; a failure ends the stream "
+            "with an `error` event whose data is a Status."
+        ),
+    }
+    return {NDJSON: {"schema": line}, EVENT_STREAM: {"schema": events}}
+
+
+def _scalar_schema(kind: int) -> dict[str, Any]:
+    if kind in _INT32:
+        fmt, low, high = _INT32[kind]
+        return {"type": "integer", "format": fmt, "minimum": low, "maximum": high}
+    if kind in _INT64:
+        pattern = r"^[0-9]+$" if _INT64[kind] == "uint64" else r"^-?[0-9]+$"
+        return {"type": "string", "format": _INT64[kind], "pattern": pattern}
+    if kind == FieldDescriptor.TYPE_DOUBLE:
+        return {"anyOf": [{"type": "number", "format": "double"}, _NON_FINITE]}
+    if kind == FieldDescriptor.TYPE_FLOAT:
+        return {"anyOf": [{"type": "number", "format": "float"}, _NON_FINITE]}
+    if kind == FieldDescriptor.TYPE_BOOL:
+        return {"type": "boolean"}
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return {"type": "string", "format": "byte", "contentEncoding": "base64"}
+    return {"type": "string"}
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
+
+
+def _is_wrapper(message: Descriptor) -> bool:
+    return message.full_name in {f"google.protobuf.{name}Value" for name in _WRAPPERS}
+
+
+def _behaviour(field: FieldDescriptor, behaviour: int) -> bool:
+    return behaviour in field.GetOptions().Extensions[field_behavior_pb2.field_behavior]

@@ -1,0 +1,294 @@
+"""HTTP requests to protobuf messages, and protobuf messages to JSON.
+
+A request message is built in three layers, each overriding the one before:
+the body (`body: "*"` or one field), then query parameters (every field the
+path and body leave free), then the path variables.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, cast
+
+import grpc
+from google.protobuf import json_format, message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from gateway.errors import GatewayError, invalid_argument
+from gateway.rules import Binding, RouteMatch
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT_RANGES: dict[int, tuple[int, int]] = {
+    **dict.fromkeys(
+        (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SFIXED32),
+        (-(2**31), 2**31 - 1),
+    ),
+    **dict.fromkeys(
+        (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64),
+        (-(2**63), 2**63 - 1),
+    ),
+    **dict.fromkeys((FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32), (0, 2**32 - 1)),
+    **dict.fromkeys((FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64), (0, 2**64 - 1)),
+}
+_FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+_TRUE, _FALSE = ("true", "1", "t"), ("false", "0", "f")
+# Well-known messages whose JSON form is a single string or scalar, so a
+# query parameter or path variable can carry them.
+_SCALAR_MESSAGES = {
+    "google.protobuf.Timestamp",
+    "google.protobuf.Duration",
+    "google.protobuf.FieldMask",
+    *(
+        f"google.protobuf.{name}Value"
+        for name in (
+            "Double",
+            "Float",
+            "Int64",
+            "UInt64",
+            "Int32",
+            "UInt32",
+            "Bool",
+            "String",
+            "Bytes",
+        )
+    ),
+}
+
+
+def message_class(descriptor: Descriptor) -> type[Message]:
+    """The generated (or dynamically built) class of a message type."""
+    return message_factory.GetMessageClass(descriptor)
+
+
+def build_request(
+    match: RouteMatch,
+    query: Sequence[tuple[str, str]],
+    body: bytes,
+    overrides: Sequence[tuple[str, str]] = (),
+) -> Message:
+    """The request message of a matched route; GatewayError (400) names a bad field.
+
+    `overrides` are (field path, value) pairs applied after the query
+    parameters and before the path, e.g. from the `Last-Event-ID` header.
+    """
+    binding = match.binding
+    request = message_class(binding.method.input_type)()
+    if binding.body and body.strip():
+        _merge_body(binding, request, body)
+    body_field = binding.body if binding.body != "*" else None
+    for key, value in query:
+        if binding.body == "*":
+            raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
+        path = key.split(".")
+        if path[0] == body_field:
+            raise invalid_argument(f"query parameter {key!r} names a field of the request body")
+        set_field(request, path, value, f"query parameter {key!r}")
+    for path_text, value in overrides:
+        set_field(request, path_text.split("."), value, f"{path_text!r}")
+    for name, value in match.variables.items():
+        _clear_leaf(request, name.split("."))
+        set_field(request, name.split("."), value, f"path variable {name!r}")
+    _check_field_masks(request)
+    return request
+
+
+def _check_field_masks(message: Message) -> None:
+    # json_format parses masks it cannot print (e.g. paths with upper case);
+    # refuse them here rather than fail on the way back.
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.full_name == "google.protobuf.FieldMask":
+            for mask in value if field.is_repeated else [value]:
+                try:
+                    mask.ToJsonString()
+                except ValueError as error:
+                    raise invalid_argument(
+                        f"invalid field mask in {field.name!r}: {error}"
+                    ) from None
+        elif field.message_type.GetOptions().map_entry:
+            for item in value.values():
+                if isinstance(item, Message):
+                    _check_field_masks(item)
+        else:
+            for item in value if field.is_repeated else [value]:
+                _check_field_masks(item)
+
+
+def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError as error:
+        raise invalid_argument(f"request body is not UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise invalid_argument(f"malformed JSON in the request body: {error}") from None
+    if binding.body == "*":
+        if not isinstance(data, dict):
+            raise invalid_argument("the request body must be a JSON object")
+    else:
+        data = {binding.body: data}
+    try:
+        json_format.ParseDict(data, request)
+    except json_format.ParseError as error:
+        # The first line names the field; the rest lists every field there is.
+        raise invalid_argument(str(error).splitlines()[0]) from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise invalid_argument(f"invalid request body: {error}") from None
+
+
+def _clear_leaf(request: Message, path: list[str]) -> None:
+    parent = _parent(request, path, "")
+    field = _field(parent, path[-1])
+    if field is not None and not field.is_repeated:
+        parent.ClearField(path[-1])
+
+
+def _field(message: Message, name: str) -> FieldDescriptor | None:
+    return cast(FieldDescriptor | None, message.DESCRIPTOR.fields_by_name.get(name))
+
+
+def set_field(message: Message, path: list[str], text: str, what: str) -> None:
+    """Set (or append to) the field at a dotted path from its text form."""
+    parent = _parent(message, path, what)
+    field = _field(parent, path[-1])
+    if field is None:
+        raise invalid_argument(f"unknown {what}: no such field")
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        raise invalid_argument(f"{what} names a map field, which only the body can set")
+    repeated = bool(field.is_repeated)
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        target = getattr(parent, field.name).add() if repeated else getattr(parent, field.name)
+        _parse_scalar_message(target, text, what)
+        return
+    value = parse_scalar(field, text, what)
+    if repeated:
+        getattr(parent, field.name).append(value)
+    else:
+        setattr(parent, field.name, value)
+
+
+def _parent(message: Message, path: list[str], what: str) -> Message:
+    for name in path[:-1]:
+        field = message.DESCRIPTOR.fields_by_name.get(name)
+        if field is None or field.message_type is None or field.is_repeated:
+            raise invalid_argument(f"unknown {what}: {name!r} is not a singular message field")
+        message = getattr(message, name)
+    return message
+
+
+def _parse_scalar_message(target: Message, text: str, what: str) -> None:
+    full_name = target.DESCRIPTOR.full_name
+    if full_name not in _SCALAR_MESSAGES:
+        raise invalid_argument(f"{what} is a {full_name} message: set its fields one by one")
+    value: Any = text
+    if full_name not in (
+        "google.protobuf.Timestamp",
+        "google.protobuf.Duration",
+        "google.protobuf.FieldMask",
+    ):
+        value_field = _field(target, "value")
+        assert value_field is not None  # every wrapper type has one
+        value = parse_scalar(value_field, text, what)
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode()
+    try:
+        json_format.ParseDict(value, target)
+    except (json_format.ParseError, ValueError, TypeError) as error:
+        raise invalid_argument(f"invalid {what}: {error}") from None
+
+
+def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
+    """The value of a scalar or enum field from its text form."""
+    kind = field.type
+    if kind == FieldDescriptor.TYPE_STRING:
+        return text
+    if kind == FieldDescriptor.TYPE_BYTES:
+        return _parse_bytes(text, what)
+    if kind == FieldDescriptor.TYPE_BOOL:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise invalid_argument(f"invalid {what}: {text!r} is not true or false")
+    if kind == FieldDescriptor.TYPE_ENUM:
+        return _parse_enum(field, text, what)
+    if kind in _FLOATS:
+        try:
+            value = float(text)
+        except ValueError:
+            raise invalid_argument(f"invalid {what}: {text!r} is not a number") from None
+        if (
+            kind == FieldDescriptor.TYPE_FLOAT
+            and math.isfinite(value)
+            and abs(value) > 3.4028234663852886e38
+        ):
+            raise invalid_argument(f"invalid {what}: {text!r} is out of range for a float")
+        return value
+    low, high = _INT_RANGES[kind]
+    if not _INTEGER.fullmatch(text) or not low <= int(text) <= high:
+        raise invalid_argument(f"invalid {what}: {text!r} is not an integer from {low} to {high}")
+    return int(text)
+
+
+def _parse_bytes(text: str, what: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(padded)
+        return base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_argument(f"invalid {what}: {text!r} is not base64") from None
+
+
+def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
+    enum = field.enum_type
+    assert enum is not None
+    value = enum.values_by_name.get(text)
+    if value is not None:
+        return int(value.number)
+    if _INTEGER.fullmatch(text) and int(text) in enum.values_by_number:
+        return int(text)
+    names = ", ".join(each.name for each in enum.values)
+    raise invalid_argument(f"invalid {what}: {text!r} is not one of {names}")
+
+
+def message_json(message: Message) -> Any:
+    """Proto JSON with proto field names, enum names, and every field without presence."""
+    try:
+        return json_format.MessageToDict(
+            message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+        )
+    except (json_format.Error, ValueError) as error:
+        raise GatewayError(
+            grpc.StatusCode.INTERNAL, f"the response has no JSON form: {error}"
+        ) from None
+
+
+def response_json(binding: Binding, message: Message) -> Any:
+    """The JSON answer of a binding: the response, or its `response_body` field."""
+    name = binding.response_body
+    if not name:
+        return message_json(message)
+    field = message.DESCRIPTOR.fields_by_name[name]
+    singular_message = field.message_type is not None and not field.is_repeated
+    if singular_message:
+        return message_json(getattr(message, name))
+    return message_json(message)[name]
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON; GatewayError (500) if a value has no JSON form."""
+    try:
+        return json.dumps(
+            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode()
+    except ValueError as error:
+        raise GatewayError(
+            grpc.StatusCode.INTERNAL, f"the response has no JSON form: {error}"
+        ) from None

@@ -1,0 +1,188 @@
+"""The one grpc.aio channel to the gRPC server, and the calls made on it."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.errors import invalid_argument
+from gateway.options import ClientTLS
+from gateway.transcode import message_class
+
+Metadata = list[tuple[str, str | bytes]]
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """What every call of one HTTP request carries: metadata and a timeout in seconds."""
+
+    metadata: Metadata
+    timeout: float | None
+
+
+METADATA_PREFIX = "grpc-metadata-"
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+# Set by the transport itself; a client must not smuggle them in.
+_RESERVED_KEYS = {"content-type", "te", "user-agent", "host", "connection"}
+_TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class Upstream:
+    """Creates the channel on first use (inside the serving event loop) and closes it."""
+
+    def __init__(
+        self,
+        target: str,
+        tls: ClientTLS | None = None,
+        channel_options: Sequence[tuple[str, str | int]] = (),
+    ) -> None:
+        self.target = target
+        self._tls = tls
+        self._channel_options = tuple(channel_options)
+        self._channel: grpc.aio.Channel | None = None
+        self._callables: dict[str, Any] = {}
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The shared channel, created on first use."""
+        if self._channel is None:
+            if self._tls is None:
+                self._channel = grpc.aio.insecure_channel(
+                    self.target, options=self._channel_options
+                )
+            else:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=self._tls.root_certificates,
+                    private_key=self._tls.private_key,
+                    certificate_chain=self._tls.certificate_chain,
+                )
+                self._channel = grpc.aio.secure_channel(
+                    self.target, credentials, options=self._channel_options
+                )
+        return self._channel
+
+    async def close(self) -> None:
+        """Close the channel, cancelling calls still in flight."""
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            self._callables.clear()
+            await channel.close(None)
+
+    def unary(self, method: MethodDescriptor) -> grpc.aio.UnaryUnaryMultiCallable[Message, Message]:
+        """A callable for a unary method, built from its descriptor."""
+        if method.full_name not in self._callables:
+            self._callables[method.full_name] = self.channel.unary_unary(
+                _method_path(method),
+                request_serializer=_serialize,
+                response_deserializer=message_class(method.output_type).FromString,
+            )
+        callable_: grpc.aio.UnaryUnaryMultiCallable[Message, Message] = self._callables[
+            method.full_name
+        ]
+        return callable_
+
+    def stream(
+        self, method: MethodDescriptor
+    ) -> grpc.aio.UnaryStreamMultiCallable[Message, Message]:
+        """A callable for a server-streaming method, built from its descriptor."""
+        if method.full_name not in self._callables:
+            self._callables[method.full_name] = self.channel.unary_stream(
+                _method_path(method),
+                request_serializer=_serialize,
+                response_deserializer=message_class(method.output_type).FromString,
+            )
+        callable_: grpc.aio.UnaryStreamMultiCallable[Message, Message] = self._callables[
+            method.full_name
+        ]
+        return callable_
+
+    async def health(self, service: str, deadline: float) -> str:
+        """The serving status the health service reports, or the failed call's code name."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=deadline
+            )
+        except grpc.aio.AioRpcError as error:
+            return str(error.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def _method_path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) -> Metadata:
+    """Metadata from HTTP headers: the forwarded ones, and `Grpc-Metadata-<key>` as `<key>`.
+
+    A `-bin` key carries base64 in HTTP and bytes in gRPC. GatewayError (400)
+    for a key or value gRPC cannot carry.
+    """
+    forwarded = {name.lower() for name in forward}
+    metadata: Metadata = []
+    for name, value in headers:
+        name = name.lower()
+        if name.startswith(METADATA_PREFIX):
+            key = name[len(METADATA_PREFIX) :]
+        elif name in forwarded:
+            key = name
+        else:
+            continue
+        metadata.append((key, _metadata_value(key, value)))
+    return metadata
+
+
+def _metadata_value(key: str, value: str) -> str | bytes:
+    if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-") or key in _RESERVED_KEYS:
+        raise invalid_argument(f"header for metadata key {key!r} cannot be forwarded")
+    if key.endswith("-bin"):
+        try:
+            return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_argument(f"metadata {key!r} is not base64") from None
+    if not value.isascii() or not value.isprintable():
+        raise invalid_argument(f"metadata {key!r} has characters gRPC cannot carry")
+    return value
+
+
+def call_timeout(headers: Mapping[str, str], default: float | None) -> float | None:
+    """The deadline from a `Grpc-Timeout` header (e.g. `10S`, `500m`), else the default."""
+    text = headers.get("grpc-timeout")
+    if text is None:
+        return default
+    found = _TIMEOUT.fullmatch(text.strip())
+    if found is None:
+        raise invalid_argument(
+            f"Grpc-Timeout {text!r} is not a number and one of the units H M S m u n"
+        )
+    return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
+
+
+def response_headers(
+    metadata: Iterable[tuple[str, str | bytes]], skip: Iterable[str]
+) -> dict[str, str]:
+    """Initial metadata of a call as `Grpc-Metadata-<key>` response headers."""
+    skipped = set(skip)
+    headers = {}
+    for key, value in metadata:
+        if key in skipped or key.startswith("grpc-"):
+            continue
+        if isinstance(value, bytes):
+            headers[f"Grpc-Metadata-{key}"] = base64.b64encode(value).decode()
+        else:
+            headers[f"Grpc-Metadata-{key}"] = value
+    return headers

@@ -1,0 +1,229 @@
+"""The `porch` command: parses flags, builds a Config, calls in."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import logging.config
+import multiprocessing
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from porch_server import auth, client, server
+from porch_server.config import TLS, Config, db_settings
+from porch_server.db import migrate
+from porch_server.db.engine import make_engine
+from porch_server.errors import PorchError
+from porch_server.models import Role
+from porch_server.store import Store
+
+log = logging.getLogger("porch")
+
+
+def _add_db_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db-url",
+        help="SQLAlchemy URL (default: $PORCH_DB_URL, $DB_URL, or sqlite:///porch.db)",
+    )
+    parser.add_argument(
+        "--db-schema", help="PostgreSQL schema (default: $PORCH_DB_SCHEMA or $DB_SCHEMA)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="porch", description="Run each definition of pipeline work once and only once."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server and the HTTP gateway")
+    _add_db_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    serve.add_argument(
+        "--http-port", type=int, default=8080, help="HTTP gateway port (default 8080)"
+    )
+    serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    serve.add_argument("--anonymous-reads", action="store_true", help="allow reads without a token")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate for both ports")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for both ports")
+    serve.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
+    serve.add_argument("--log-config", type=Path, help="logging dictConfig file (JSON)")
+    serve.add_argument(
+        "--lease-sweep-seconds", type=float, default=5.0, help="how often lapsed leases are freed"
+    )
+
+    db = commands.add_parser("db", help="manage the database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help="create or upgrade the schema")
+    _add_db_flags(upgrade)
+
+    token = commands.add_parser("token", help="manage tokens directly in the database")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser("create", help="create a token; prints only the secret")
+    role = create.add_mutually_exclusive_group(required=True)
+    role.add_argument("--admin", action="store_true", help="an admin token")
+    role.add_argument("--pipeline", metavar="NAME", help="a token for one pipeline's tasks")
+    role.add_argument("--reader", action="store_true", help="a read-only token")
+    create.add_argument("--description", required=True, help="what the token is for")
+    _add_db_flags(create)
+    listing = token_commands.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    _add_db_flags(listing)
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id")
+    _add_db_flags(revoke)
+
+    client.add_commands(commands)
+    return parser
+
+
+def _open_store(args: argparse.Namespace) -> Store:
+    """Open the store named by the flags, refusing a schema that is not up to date."""
+    url, schema = db_settings(args.db_url, args.db_schema)
+    if url.startswith("sqlite"):
+        migrate.upgrade(url, schema)
+    engine = make_engine(url, schema)
+    if not migrate.is_at_head(engine):
+        engine.dispose()
+        raise SystemExit(
+            f"porch: the database schema at {engine.url.render_as_string(hide_password=True)} "
+            "is not at the latest migration; run `porch db upgrade` with the same --db-url"
+        )
+    return Store(engine)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    url, schema = db_settings(args.db_url, args.db_schema)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("porch: --tls-cert and --tls-key go together")
+        tls = TLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.workers < 1 or (args.workers > 1 and args.grpc_port == 0):
+        raise SystemExit("porch: --workers must be at least 1, and needs a fixed --grpc-port")
+    return Config(
+        db_url=url,
+        db_schema=schema,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=None if args.no_http else args.http_port,
+        anonymous_reads=args.anonymous_reads,
+        tls=tls,
+        workers=args.workers,
+        log_config=args.log_config,
+        lease_sweep_seconds=args.lease_sweep_seconds,
+    )
+
+
+def _setup_logging(config: Config) -> None:
+    if config.log_config is not None:
+        logging.config.dictConfig(json.loads(config.log_config.read_text()))
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    config = _config(args)
+    _setup_logging(config)
+    store = _open_store(args)
+    try:
+        if not store.has_admin_token():
+            secret = auth.new_secret()
+            store.create_token(Role.ADMIN, None, "first admin token", auth.hash_secret(secret))
+            print(f"porch: created the first admin token (shown only now): {secret}", flush=True)
+    finally:
+        store.close()
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_run_worker, args=(config,)) for _ in range(config.workers - 1)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        _run_worker(config)
+    finally:
+        for worker in workers:
+            worker.terminate()
+            worker.join()
+
+
+def _run_worker(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT in this process."""
+    if multiprocessing.parent_process() is not None:
+        _setup_logging(config)
+    asyncio.run(_serve_async(config))
+
+
+async def _serve_async(config: Config) -> None:
+    store = Store(make_engine(config.db_url, config.db_schema))
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    running = await server.start(config, store)
+    print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
+    try:
+        await stopping.wait()
+        log.info("shutting down: finishing calls in flight")
+    finally:
+        await server.stop(running, config.grace_seconds)
+        store.close()
+
+
+def _db_upgrade(args: argparse.Namespace) -> None:
+    url, schema = db_settings(args.db_url, args.db_schema)
+    migrate.upgrade(url, schema)
+    print(f"porch: database schema is at {migrate.head_revision()}")
+
+
+def _token(args: argparse.Namespace) -> None:
+    store = _open_store(args)
+    try:
+        if args.token_command == "create":
+            role = Role.ADMIN if args.admin else Role.READER if args.reader else Role.PIPELINE
+            secret = auth.new_secret()
+            store.create_token(role, args.pipeline, args.description, auth.hash_secret(secret))
+            print(secret)
+        elif args.token_command == "list":
+            page_token = ""
+            while True:
+                page = store.list_tokens(None, None, args.all, 1000, page_token)
+                for token in page.items:
+                    revoked = (
+                        f" revoked {token.revoke_time:%Y-%m-%d %H:%M}" if token.revoke_time else ""
+                    )
+                    pipeline = f" pipeline={token.pipeline_name}" if token.pipeline_name else ""
+                    print(f"{token.token_id}\t{token.role}{pipeline}\t{token.description}{revoked}")
+                page_token = page.next_page_token
+                if not page_token:
+                    break
+        else:
+            token = store.revoke_token(args.token_id)
+            print(f"porch: revoked token {token.token_id} ({token.description})")
+    finally:
+        store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the porch command line."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            _serve(args)
+        elif args.command == "db":
+            _db_upgrade(args)
+        elif args.command == "token":
+            _token(args)
+        else:
+            client.run(args)
+    except PorchError as error:
+        print(f"porch: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

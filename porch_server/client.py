@@ -1,0 +1,254 @@
+"""The `porch` command's client side: pipeline and task commands over gRPC.
+
+Each command prints its results as JSON, one object per line, so that shell
+scripts can read them with `jq`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("PORCH_TARGET", "127.0.0.1:50051"),
+        help="porch server address (default: $PORCH_TARGET or 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("PORCH_TOKEN"),
+        help="bearer token (default: $PORCH_TOKEN)",
+    )
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS server with")
+
+
+def add_commands(commands: Any) -> None:
+    """Add the client commands to the `porch` parser's subcommands."""
+    pipeline = commands.add_parser("pipeline", help="create, get and list pipelines")
+    pipeline_commands = pipeline.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = pipeline_commands.add_parser("create", help="register a pipeline (admin)")
+    create.add_argument("name")
+    create.add_argument("--uri", required=True)
+    create.add_argument("--version", required=True)
+    get = pipeline_commands.add_parser("get", help="show one pipeline")
+    get.add_argument("name")
+    listing = pipeline_commands.add_parser("list", help="list pipelines")
+    listing.add_argument("--uri")
+    listing.add_argument("--version")
+    for sub in (create, get, listing):
+        _add_client_flags(sub)
+
+    task = commands.add_parser("task", help="register, claim, update and inspect tasks")
+    task_commands = task.add_subparsers(dest="action", required=True, metavar="ACTION")
+    register = task_commands.add_parser(
+        "register", help="register tasks: JSON objects as arguments, or '-' for JSON lines on stdin"
+    )
+    register.add_argument("--pipeline", required=True)
+    register.add_argument("inputs", nargs="+", metavar="JSON")
+    claim = task_commands.add_parser("claim", help="claim pending tasks")
+    claim.add_argument("--pipeline", required=True)
+    claim.add_argument("-n", "--num-tasks", type=int, default=1)
+    claim.add_argument("--lease", type=float, metavar="SECONDS", help="ask for a lease")
+    update = task_commands.add_parser("update", help="report a task's new status")
+    update.add_argument("--pipeline", required=True)
+    which = update.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", help="the task_input_id")
+    which.add_argument("--input", metavar="JSON", help="the task_input")
+    update.add_argument("--status", required=True, choices=STATES)
+    update.add_argument("--message", default="")
+    show = task_commands.add_parser("get", help="show one task")
+    show.add_argument("--pipeline", required=True)
+    show.add_argument("--id", required=True)
+    tasks = task_commands.add_parser("list", help="list tasks")
+    tasks.add_argument("--pipeline")
+    tasks.add_argument("--status", choices=STATES)
+    events = task_commands.add_parser("events", help="list a task's events")
+    events.add_argument("--pipeline", required=True)
+    events.add_argument("--id", required=True)
+    for sub in (register, claim, update, show, tasks, events):
+        _add_client_flags(sub)
+
+    watch = commands.add_parser("watch", help="print events as they happen")
+    watch.add_argument("--pipeline", help="only events of this pipeline")
+    watch.add_argument("--after", default="", metavar="CURSOR", help="resume after this cursor")
+    watch.add_argument("--json", action="store_true", help="print each event as JSON")
+    watch.add_argument("--bookmarks", action="store_true", help="also print keep-alive bookmarks")
+    _add_client_flags(watch)
+
+
+def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, grpc.Channel]:
+    if args.tls_ca:
+        credentials = grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
+        channel = grpc.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    return porch_pb2_grpc.PorchServiceStub(channel), channel
+
+
+def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {args.token}")] if args.token else []
+
+
+def _print(message: Message) -> None:
+    print(
+        json.dumps(
+            json_format.MessageToDict(message, preserving_proto_field_name=True),
+            ensure_ascii=False,
+        ),
+        flush=True,
+    )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"porch: not JSON: {text!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"porch: a task input must be a JSON object, got {text!r}")
+    return value
+
+
+def _inputs(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    for text in args.inputs:
+        if text == "-":
+            yield from (_json_object(line) for line in sys.stdin if line.strip())
+        else:
+            yield _json_object(text)
+
+
+def _pages(call: Any, request: Any, field: str, metadata: Any) -> Iterator[Message]:
+    """Yield every item of a paged listing."""
+    while True:
+        response = call(request, metadata=metadata)
+        yield from getattr(response, field)
+        if not response.next_page_token:
+            return
+        request.page_token = response.next_page_token
+
+
+def _task(pipeline: str, **fields: Any) -> porch_pb2.Task:
+    task = porch_pb2.Task(pipeline=porch_pb2.Pipeline(name=pipeline), **fields)
+    return task
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run one client command; a failed call exits with its status and message."""
+    stub, channel = _stub(args)
+    try:
+        _dispatch(stub, args, _metadata(args))
+    except grpc.RpcError as error:
+        code = error.code()
+        raise SystemExit(f"porch: {code.name if code else 'error'}: {error.details()}") from None
+    finally:
+        channel.close()
+
+
+def _event_line(event: porch_pb2.Event) -> str:
+    """Return one line of text for an event."""
+    kind = porch_pb2.Event.Kind.Name(event.kind)
+    if event.kind == porch_pb2.Event.BOOKMARK:
+        return f"{event.time.ToJsonString()} {kind} cursor={event.cursor}"
+    old = porch_pb2.Task.State.Name(event.old_status) if event.old_status else "-"
+    new = porch_pb2.Task.State.Name(event.new_status)
+    who = event.token_description or "porch"
+    message = f" {json.dumps(event.message, ensure_ascii=False)}" if event.message else ""
+    return (
+        f"{event.time.ToJsonString()} {event.pipeline_name} {event.task_input_id} "
+        f"{kind} {old}->{new} by {who}{message} cursor={event.cursor}"
+    )
+
+
+def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any) -> None:
+    """Print events until interrupted; reconnect after the last cursor if the server goes away."""
+    last = args.after
+    while True:
+        request = porch_pb2.WatchEventsRequest(pipeline_name=args.pipeline or "", after=last)
+        try:
+            for event in stub.WatchEvents(request, metadata=metadata):
+                last = event.cursor
+                if event.kind == porch_pb2.Event.BOOKMARK and not args.bookmarks:
+                    continue
+                if args.json:
+                    _print(event)
+                else:
+                    print(_event_line(event), flush=True)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        print(f"porch: stream ended; reconnecting after cursor {last!r}", file=sys.stderr)
+        time.sleep(1)
+
+
+def _dispatch(
+    stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any
+) -> None:
+    if args.command == "watch":
+        _watch(stub, args, metadata)
+        return
+    if args.command == "pipeline":
+        if args.action == "create":
+            pipeline = porch_pb2.Pipeline(name=args.name, uri=args.uri, version=args.version)
+            request = porch_pb2.CreatePipelineRequest(pipeline=pipeline)
+            _print(stub.CreatePipeline(request, metadata=metadata))
+        elif args.action == "get":
+            _print(
+                stub.GetPipeline(porch_pb2.GetPipelineRequest(name=args.name), metadata=metadata)
+            )
+        else:
+            listing = porch_pb2.ListPipelinesRequest(uri=args.uri or "", version=args.version or "")
+            for item in _pages(stub.ListPipelines, listing, "pipelines", metadata):
+                _print(item)
+        return
+    if args.action == "register":
+        tasks = []
+        for task_input in _inputs(args):
+            task = _task(args.pipeline)
+            task.task_input.update(task_input)
+            tasks.append(task)
+        batch = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=tasks)
+        for result in stub.RegisterTasks(batch, metadata=metadata).results:
+            _print(result)
+    elif args.action == "claim":
+        claim = porch_pb2.ClaimTasksRequest(
+            pipeline=porch_pb2.Pipeline(name=args.pipeline), num_tasks=args.num_tasks
+        )
+        if args.lease is not None:
+            claim.lease.FromNanoseconds(int(args.lease * 1e9))
+        for task in stub.ClaimTasks(claim, metadata=metadata).tasks:
+            _print(task)
+    elif args.action == "update":
+        task = _task(args.pipeline, task_input_id=args.id or "", status=args.status)
+        if args.input:
+            task.task_input.update(_json_object(args.input))
+        update = porch_pb2.UpdateTaskRequest(task=task, message=args.message)
+        _print(stub.UpdateTask(update, metadata=metadata))
+    elif args.action == "get":
+        get = porch_pb2.GetTaskRequest(pipeline_name=args.pipeline, task_input_id=args.id)
+        _print(stub.GetTask(get, metadata=metadata))
+    elif args.action == "list":
+        task_listing = porch_pb2.ListTasksRequest(
+            pipeline_name=args.pipeline or "", status=args.status
+        )
+        for item in _pages(stub.ListTasks, task_listing, "tasks", metadata):
+            _print(item)
+    else:
+        events = porch_pb2.ListTaskEventsRequest(pipeline_name=args.pipeline, task_input_id=args.id)
+        for item in _pages(stub.ListTaskEvents, events, "events", metadata):
+            _print(item)

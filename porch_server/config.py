@@ -1,0 +1,64 @@
+"""porch's settings: one frozen object, built once by the command line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DB_URL = "sqlite:///porch.db"
+
+
+@dataclass(frozen=True, slots=True)
+class TLS:
+    """A certificate and key to serve with, and optionally a CA to verify clients."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+    def read(self) -> tuple[bytes, bytes, bytes | None]:
+        """Return the certificate, key and client CA as bytes."""
+        client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
+        return self.cert_file.read_bytes(), self.key_file.read_bytes(), client_ca
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything a porch server needs to know, read once in main."""
+
+    db_url: str = DEFAULT_DB_URL
+    db_schema: str | None = None
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int | None = 8080
+    anonymous_reads: bool = False
+    tls: TLS | None = None
+    workers: int = 1
+    log_config: Path | None = None
+    lease_sweep_seconds: float = 5.0
+    grace_seconds: float = 10.0
+    db_pool_size: int = 10
+    watch_poll_seconds: float = 0.5
+    watch_keepalive_seconds: float = 15.0
+    event_retention_days: float | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        """The address a local client reaches the gRPC port at."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = "[::1]" if host == "::" else host
+        return f"{host}:{self.grpc_port}"
+
+
+def db_settings(
+    db_url: str | None, db_schema: str | None, environ: Mapping[str, str] = os.environ
+) -> tuple[str, str | None]:
+    """Resolve the database URL and schema: flags, then PORCH_*, then npg_porch's names."""
+    url = db_url or environ.get("PORCH_DB_URL") or environ.get("DB_URL") or DEFAULT_DB_URL
+    schema = db_schema or environ.get("PORCH_DB_SCHEMA") or environ.get("DB_SCHEMA") or None
+    if url.startswith("postgresql://"):
+        # npg_porch's DB_URL names no driver; psycopg2 is the one porch ships.
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url, schema

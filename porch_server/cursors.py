@@ -1,0 +1,28 @@
+"""Event cursors: opaque strings to clients, (transaction id, event id) to porch.
+
+On PostgreSQL an event id alone is no safe cursor, because ids are handed
+out before their transactions commit, and commits happen out of id order.
+Events are therefore read in (writing transaction id, event id) order and
+only below the oldest transaction still running, where nothing new can
+appear. On SQLite writers are serialised, so the transaction id is 0 and
+the event id alone orders events.
+"""
+
+from __future__ import annotations
+
+from porch_server.errors import InvalidArgument
+
+Key = tuple[int, int]
+
+
+def make_cursor(xid: int, event_id: int) -> str:
+    """Return the cursor of the event event_id written by transaction xid."""
+    return f"{xid}.{event_id}"
+
+
+def cursor_key(cursor: str) -> Key:
+    """Return the (xid, event id) a cursor stands for; InvalidArgument if it is not one."""
+    xid, dot, event_id = cursor.partition(".")
+    if not (dot and (xid + event_id).isascii() and xid.isdigit() and event_id.isdigit()):
+        raise InvalidArgument(f"not an event cursor: {cursor!r}")
+    return int(xid), int(event_id)

@@ -1,0 +1,1 @@
+"""porch's database layer: tables (SQLAlchemy Core), engine set-up and Alembic migrations."""

@@ -1,0 +1,94 @@
+"""Engine set-up for SQLite (the embedded default) and PostgreSQL.
+
+On SQLite, sqlite3's own transaction handling is switched off and porch emits
+BEGIN itself: a plain (deferred) BEGIN for reads and BEGIN IMMEDIATE for
+writes, so a writer takes the database's write lock up front instead of
+failing half-way when it upgrades a read lock. Write transactions run on the
+engine returned by ``writer(engine)``; both share one connection pool.
+
+On PostgreSQL, each connection's ``search_path`` is set to the schema given
+(npg_porch deploys into a non-default one) and its time zone to UTC.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+DEFAULT_URL = "sqlite:///porch.db"
+
+# How long a SQLite writer waits for the write lock before giving up.
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+_WRITE_OPTION = "porch_write"
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
+    """Return an engine for url; schema (PostgreSQL only) holds porch's tables."""
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        if schema is not None:
+            raise ValueError("a schema can only be given for PostgreSQL")
+        return _make_sqlite_engine(url, pool_size)
+    if backend == "postgresql":
+        return _make_postgresql_engine(url, schema, pool_size)
+    raise ValueError(f"unsupported database URL {make_url(url)!r}: use sqlite or postgresql")
+
+
+def writer(engine: Engine) -> Engine:
+    """Return a view of engine whose transactions are write transactions."""
+    return engine.execution_options(**{_WRITE_OPTION: True})
+
+
+def quote_schema(schema: str) -> str:
+    """Return schema as a quoted SQL identifier, refusing anything unusual."""
+    if not _SCHEMA_NAME.fullmatch(schema):
+        raise ValueError(f"invalid schema name {schema!r}: use letters, digits and _")
+    return f'"{schema}"'
+
+
+def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Engine:
+    options = "-c timezone=UTC"
+    if schema is not None:
+        options += f" -c search_path={quote_schema(schema)}"
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        connect_args={"options": options, "application_name": "porch", "connect_timeout": 10},
+    )
+
+
+def _make_sqlite_engine(url: str, pool_size: int) -> Engine:
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+    )
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    # None stops sqlite3 from emitting BEGIN itself; _begin_sqlite_transaction does.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
+    finally:
+        cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Connection) -> None:
+    write = connection.get_execution_options().get(_WRITE_OPTION, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")

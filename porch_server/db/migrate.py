@@ -1,0 +1,71 @@
+"""Run porch's Alembic migrations from Python; they ship inside the package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+
+from porch_server.db.engine import make_engine, quote_schema, writer
+
+_ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
+
+# An arbitrary constant naming porch's advisory lock on PostgreSQL, so that
+# servers started together do not run the same migration twice.
+_MIGRATION_LOCK_KEY = 0x706F726368
+
+
+def upgrade(url: str, schema: str | None = None) -> None:
+    """Create porch's tables in the database at url, or bring them up to date."""
+    engine = make_engine(url, schema, pool_size=1)
+    try:
+        with writer(engine).connect() as connection:
+            create_schema(connection, schema)
+            config = _config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """Return the database's migration revision, None when it has none."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str:
+    """Return the newest migration revision shipped with porch."""
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found beside {_ALEMBIC_INI}")
+    return head
+
+
+def is_at_head(engine: Engine) -> bool:
+    """True when the database has every migration porch ships."""
+    return current_revision(engine) == head_revision()
+
+
+def create_schema(connection: Connection, schema: str | None) -> None:
+    """Create the PostgreSQL schema porch lives in, unless it exists already."""
+    if schema is None or connection.dialect.name != "postgresql":
+        return
+    lock_migrations(connection)  # CREATE SCHEMA IF NOT EXISTS races with itself
+    connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
+    connection.commit()
+
+
+def lock_migrations(connection: Connection) -> None:
+    """Wait until no other process migrates the database, until this transaction ends."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+
+
+def _config() -> Config:
+    return Config(str(_ALEMBIC_INI))

@@ -1,0 +1,288 @@
+"""The watch hub: one reader of new events per server, fanned out to every stream.
+
+However many WatchEvents streams a server has, it reads new events from the
+database once per wake-up and hands each batch to every stream, which then
+applies its own filter. A stream first replays what it missed from the
+database by itself, then follows the hub; one whose backlog grows past a
+bound goes back to replaying, so a slow client costs memory only up to
+that bound.
+
+Wake-ups come from this server's own writes (``wake``), from PostgreSQL's
+LISTEN/NOTIFY when a listener is attached, and from a periodic poll, which
+alone is enough for correctness: notifications only make delivery faster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from porch_server.cursors import cursor_key
+from porch_server.errors import PorchError
+from porch_server.models import Event
+
+log = logging.getLogger("porch.events")
+
+READ_BATCH = 1000
+# Notifications to other servers are sent at most this often.
+NOTIFY_DELAY_SECONDS = 0.005
+# How long to wait before listening again after the listening connection failed.
+RELISTEN_SECONDS = 5.0
+
+
+class Listening(Protocol):
+    """A connection that receives other servers' notifications."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> int: ...
+    def close(self) -> None: ...
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Wait until event is set or seconds pass.
+
+    Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation
+    that arrives as the event is set, and a task would then never stop.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+class Subscription:
+    """The events the hub read since a stream subscribed, up to a bound."""
+
+    def __init__(self, start: str, limit: int) -> None:
+        self.start = start
+        self._limit = limit
+        self._events: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def put(self, events: list[Event]) -> None:
+        """Append events; past the bound, drop them all and mark the overflow."""
+        if self.overflowed:
+            return
+        if len(self._events) + len(events) > self._limit:
+            self._events.clear()
+            self.overflowed = True
+        else:
+            self._events.extend(events)
+        self._ready.set()
+
+    def close(self) -> None:
+        """End the stream: the server is shutting down."""
+        self.closed = True
+        self._ready.set()
+
+    def resume(self) -> None:
+        """Accept events again after a replay caught up."""
+        self.overflowed = False
+
+    async def get(self, wait_seconds: float) -> list[Event]:
+        """Return the events waiting, after at most wait_seconds (maybe none)."""
+        if not self._events and not self.closed and not self.overflowed:
+            await _wait(self._ready, wait_seconds)
+        self._ready.clear()
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+
+class EventHub:
+    """Reads new events once per wake-up and fans them out to subscriptions."""
+
+    def __init__(
+        self,
+        read_events: Callable[[str, int], Awaitable[list[Event]]],
+        start_cursor: Callable[[], Awaitable[str]],
+        poll_seconds: float,
+        backlog_limit: int = 10_000,
+        notify: Callable[[], Awaitable[None]] | None = None,
+        listen: Callable[[], Listening] | None = None,
+    ) -> None:
+        self._read_events = read_events
+        self._start_cursor = start_cursor
+        self._poll_seconds = poll_seconds
+        self._backlog_limit = backlog_limit
+        self._notify = notify
+        self._notify_timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+        self._listen = listen
+        self._listener: Listening | None = None
+        self._listener_fd = -1
+        self._subscriptions: set[Subscription] = set()
+        self._cursor: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reads = 0
+
+    def start(self) -> None:
+        """Start reading, and listening when the database can notify."""
+        self._tasks.append(asyncio.create_task(self._run(), name="porch-event-hub"))
+        if self._listen is not None:
+            self._tasks.append(asyncio.create_task(self._keep_listening(), name="porch-listen"))
+
+    async def stop(self) -> None:
+        """End every subscription, then reading and listening."""
+        self._stopped = True
+        if self._notify_timer is not None:
+            self._notify_timer.cancel()
+        for subscription in self._subscriptions:
+            subscription.close()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._stop_listening()
+
+    def wake(self) -> None:
+        """Read new events now."""
+        self._wake.set()
+
+    def committed(self) -> None:
+        """This server committed events: wake here, and soon every other server too."""
+        self._wake.set()
+        if self._notify is not None and self._notify_timer is None and not self._stopped:
+            loop = asyncio.get_running_loop()
+            self._notify_timer = loop.call_later(NOTIFY_DELAY_SECONDS, self._send_notify)
+
+    def _send_notify(self) -> None:
+        async def send() -> None:
+            assert self._notify is not None
+            try:
+                await self._notify()
+            except PorchError as error:
+                log.warning("notifying other servers failed: %s", error)
+            finally:
+                self._notify_timer = None
+
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.create_task(send()))
+
+    async def _keep_listening(self) -> None:
+        """Hold a listening connection; after a failure, poll until it is back."""
+        assert self._listen is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._listener is None:
+                try:
+                    self._listener = await loop.run_in_executor(None, self._listen)
+                    self._listener_fd = self._listener.fileno()
+                    loop.add_reader(self._listener_fd, self._on_notification)
+                    self.wake()  # anything sent while not listening
+                except Exception as error:  # the driver's own errors; polling goes on
+                    log.warning("cannot listen for events, polling instead: %s", error)
+            await asyncio.sleep(RELISTEN_SECONDS)
+
+    def _on_notification(self) -> None:
+        assert self._listener is not None
+        try:
+            if self._listener.drain():
+                self.wake()
+        except Exception as error:  # a lost connection; _keep_listening reconnects
+            log.warning("lost the listening connection: %s", error)
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._listener_fd)
+            with contextlib.suppress(Exception):
+                self._listener.close()
+            self._listener = None
+
+    @property
+    def watchers(self) -> int:
+        """How many streams follow the hub."""
+        return len(self._subscriptions)
+
+    async def subscribe(self) -> Subscription:
+        """Follow the hub; events it reads from now on reach the subscription."""
+        if self._cursor is None:
+            # Reading must start no later than the new stream's replay ends.
+            self._cursor = await self._start_cursor()
+        subscription = Subscription(self._cursor, self._backlog_limit)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Stop following the hub; with no one left, stop reading."""
+        self._subscriptions.discard(subscription)
+        if not self._subscriptions:
+            self._cursor = None
+
+    async def _run(self) -> None:
+        while True:
+            await _wait(self._wake, self._poll_seconds)
+            self._wake.clear()
+            if self._cursor is None:
+                continue
+            try:
+                await self._read_new()
+            except PorchError as error:
+                log.warning("reading new events failed: %s", error)
+
+    async def _read_new(self) -> None:
+        while self._cursor is not None:
+            cursor = self._cursor
+            events = await self._read_events(cursor, READ_BATCH)
+            self.reads += 1
+            if self._cursor != cursor:  # everyone left (and maybe came back) meanwhile
+                return
+            if events:
+                self._cursor = events[-1].cursor
+                for subscription in self._subscriptions:
+                    subscription.put(events)
+            if len(events) < READ_BATCH:
+                return
+
+
+async def follow(
+    hub: EventHub,
+    after: str,
+    start_cursor: Callable[[], Awaitable[str]],
+    replay: Callable[[str], Awaitable[list[Event]]],
+    matches: Callable[[Event], bool],
+    bookmark: Callable[[str], Any],
+    keepalive_seconds: float,
+) -> AsyncIterator[Any]:
+    """Yield every matching event after the cursor `after` (or from now when it
+    is empty), then new ones as the hub reads them.
+
+    A bookmark(cursor) comes first, so a client has a cursor to resume from
+    at once, and again whenever nothing matched for keepalive_seconds.
+    """
+    subscription = await hub.subscribe()
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    try:
+        # Subscribed first: the hub reads from no later than this start.
+        last = after or await start_cursor()
+        yield bookmark(last)
+        while not subscription.closed:
+            # Accept live events before replaying, so none falls between the two.
+            subscription.resume()
+            while events := await replay(last):
+                for event in events:
+                    yield event
+                    last = event.cursor
+                quiet_since = loop.time()
+            while not (subscription.overflowed or subscription.closed):
+                for event in await subscription.get(keepalive_seconds):
+                    if cursor_key(event.cursor) <= cursor_key(last):
+                        continue
+                    last = event.cursor
+                    if matches(event):
+                        quiet_since = loop.time()
+                        yield event
+                if loop.time() - quiet_since >= keepalive_seconds and not subscription.closed:
+                    quiet_since = loop.time()
+                    yield bookmark(last)
+    finally:
+        hub.unsubscribe(subscription)

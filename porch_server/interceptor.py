@@ -1,0 +1,123 @@
+"""The interceptor every porch call passes: authentication, authorization,
+error mapping and the access log (one line per call, never a secret)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeAlias
+
+import grpc
+
+from porch_server import auth
+from porch_server.errors import PorchError, Unauthenticated
+from porch_server.models import Token
+from porch_server.status import code_of
+from porch_server.store import Store
+
+log = logging.getLogger("porch.access")
+
+SERVICE_PREFIX = "/porch.v1.PorchService/"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates, authorizes and logs every PorchService call."""
+
+    def __init__(self, store: Store, executor: Executor, anonymous_reads: bool) -> None:
+        self._store = store
+        self._executor = executor
+        self._anonymous_reads = anonymous_reads
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        full_method = handler_call_details.method
+        if handler is None or not full_method.startswith(SERVICE_PREFIX):
+            return handler
+        method = full_method.removeprefix(SERVICE_PREFIX)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        authorization = metadata.get("authorization")
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, authorization, handler.unary_unary),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, authorization, handler.unary_stream),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _admit(self, method: str, authorization: Any, request: Any) -> Token | None:
+        """Return the caller's token after checking it may make this call."""
+        is_read = auth.RULES[method].access is auth.Access.READ
+        if not authorization and self._anonymous_reads and is_read:
+            return None
+        if isinstance(authorization, bytes):
+            raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
+        secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._executor, self._store.find_token, secret_hash)
+        token = auth.check_token(found)
+        auth.authorize(method, token, request)
+        return token
+
+    def _unary(
+        self, method: str, authorization: Any, behavior: Callable[[Any, Context], Awaitable[Any]]
+    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        async def serve(request: Any, context: Context) -> Any:
+            start = time.perf_counter()
+            token = None
+            try:
+                token = await self._admit(method, authorization, request)
+                auth.CALLER.set(token)
+                return await behavior(request, context)
+            except PorchError as error:
+                await context.abort(code_of(error), str(error))
+            finally:
+                _log_call(method, context, token, start)
+
+        return serve
+
+    def _stream(
+        self,
+        method: str,
+        authorization: Any,
+        behavior: Callable[[Any, Context], AsyncIterator[Any]],
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        async def serve(request: Any, context: Context) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            token = None
+            try:
+                token = await self._admit(method, authorization, request)
+                auth.CALLER.set(token)
+                async for response in behavior(request, context):
+                    yield response
+            except PorchError as error:
+                await context.abort(code_of(error), str(error))
+            finally:
+                _log_call(method, context, token, start)
+
+        return serve
+
+
+def _log_call(method: str, context: Context, token: Token | None, start: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    code = context.code() or grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    who = f"token {token.token_id} ({token.description})" if token else "anonymous"
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    log.info("%s %s %.1fms %s", method, name, elapsed_ms, who)

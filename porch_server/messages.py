@@ -1,0 +1,97 @@
+"""Conversions between porch's values and porch.v1 protobuf messages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from porch_server import models
+from porch_server.states import State
+from porch_stubs.v1 import porch_pb2
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """Return a Struct as a plain JSON-like dict."""
+    result: dict[str, Any] = json_format.MessageToDict(struct)
+    return result
+
+
+def pipeline_message(pipeline: models.Pipeline) -> porch_pb2.Pipeline:
+    """Return a Pipeline message."""
+    return porch_pb2.Pipeline(name=pipeline.name, uri=pipeline.uri, version=pipeline.version)
+
+
+def task_message(task: models.Task) -> porch_pb2.Task:
+    """Return a Task message."""
+    message = porch_pb2.Task(
+        pipeline=pipeline_message(task.pipeline),
+        task_input_id=task.task_input_id,
+        status=porch_pb2.Task.State.Value(task.status),
+        create_time=_timestamp(task.create_time),
+        update_time=_timestamp(task.update_time),
+        claimed_by_token_id=task.claimed_by_token_id or "",
+    )
+    message.task_input.update(task.task_input)
+    if task.claim_time is not None:
+        message.claim_time.FromDatetime(task.claim_time)
+    if task.lease_expire_time is not None:
+        message.lease_expire_time.FromDatetime(task.lease_expire_time)
+    return message
+
+
+def event_message(event: models.Event) -> porch_pb2.Event:
+    """Return an Event message."""
+    return porch_pb2.Event(
+        cursor=event.cursor,
+        time=_timestamp(event.time),
+        pipeline_name=event.pipeline_name,
+        task_input_id=event.task_input_id,
+        kind=porch_pb2.Event.Kind.Value(event.kind),
+        old_status=_state_value(event.old_status),
+        new_status=_state_value(event.new_status),
+        token_id=event.token_id or "",
+        token_description=event.token_description or "",
+        message=event.message or "",
+    )
+
+
+def _state_value(state: State | None) -> porch_pb2.Task.State.ValueType:
+    return porch_pb2.Task.State.Value(state) if state else porch_pb2.Task.STATE_UNSPECIFIED
+
+
+def token_message(token: models.Token) -> porch_pb2.Token:
+    """Return a Token message (metadata only; there is no secret to give)."""
+    message = porch_pb2.Token(
+        token_id=token.token_id,
+        role=porch_pb2.Token.Role.Value(token.role),
+        pipeline_name=token.pipeline_name or "",
+        description=token.description,
+        create_time=_timestamp(token.create_time),
+    )
+    if token.revoke_time is not None:
+        message.revoke_time.FromDatetime(token.revoke_time)
+    return message
+
+
+def state_of(value: int) -> State | None:
+    """Return the State of a proto enum value; None for STATE_UNSPECIFIED."""
+    return (
+        State(porch_pb2.Task.State.Name(porch_pb2.Task.State.ValueType(value))) if value else None
+    )
+
+
+def role_of(value: int) -> models.Role | None:
+    """Return the Role of a proto enum value; None for ROLE_UNSPECIFIED."""
+    return (
+        models.Role(porch_pb2.Token.Role.Name(porch_pb2.Token.Role.ValueType(value)))
+        if value
+        else None
+    )

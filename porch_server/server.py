@@ -1,0 +1,146 @@
+"""Builds and runs a porch gRPC server: PorchService, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from porch_server.config import Config
+from porch_server.db.listen import Listener
+from porch_server.errors import PorchError
+from porch_server.events import EventHub
+from porch_server.interceptor import PorchInterceptor
+from porch_server.models import Event
+from porch_server.service import PorchService
+from porch_server.store import Store
+from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+log = logging.getLogger("porch.server")
+
+SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+@dataclass
+class Running:
+    """A started server: its bound port and the pieces stop() needs."""
+
+    server: grpc.aio.Server
+    port: int
+    health: HealthServicer
+    executor: ThreadPoolExecutor
+    sweeper: asyncio.Task[None]
+    hub: EventHub
+
+
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    cert, key, client_ca = config.tls.read()
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+async def start(config: Config, store: Store) -> Running:
+    """Start serving PorchService on config's host and gRPC port (0 picks a free one)."""
+    executor = ThreadPoolExecutor(max_workers=config.db_pool_size, thread_name_prefix="porch-db")
+    hub = _make_hub(config, store, executor)
+    server = grpc.aio.server(
+        interceptors=[PorchInterceptor(store, executor, config.anonymous_reads)],
+        options=GRPC_OPTIONS,
+    )
+    service = PorchService(store, executor, hub, config.watch_keepalive_seconds)
+    porch_pb2_grpc.add_PorchServiceServicer_to_server(service, server)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{config.host}:{config.grpc_port}"
+    credentials = _credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    await server.start()
+    hub.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = asyncio.create_task(
+        _sweep_leases(store, executor, health_servicer, config.lease_sweep_seconds)
+    )
+    return Running(server, port, health_servicer, executor, sweeper, hub)
+
+
+async def stop(running: Running, grace: float) -> None:
+    """Stop taking calls, let calls in flight finish for up to grace seconds, then end."""
+    await running.health.enter_graceful_shutdown()
+    await running.hub.stop()  # ends every WatchEvents stream cleanly
+    running.sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running.sweeper
+    await running.server.stop(grace)
+    running.executor.shutdown(wait=True)
+
+
+def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> EventHub:
+    loop = asyncio.get_running_loop()
+
+    async def read_events(cursor: str, limit: int) -> list[Event]:
+        read = functools.partial(store.read_events, cursor, None, limit, check_horizon=False)
+        return await loop.run_in_executor(executor, read)
+
+    async def start_cursor() -> str:
+        return await loop.run_in_executor(executor, store.event_start_cursor)
+
+    async def notify() -> None:
+        await loop.run_in_executor(executor, store.notify_watchers)
+
+    postgresql = store.engine.dialect.name == "postgresql"
+    return EventHub(
+        read_events,
+        start_cursor,
+        config.watch_poll_seconds,
+        notify=notify if postgresql else None,
+        listen=functools.partial(Listener, store.engine) if postgresql else None,
+    )
+
+
+async def _sweep_leases(
+    store: Store,
+    executor: ThreadPoolExecutor,
+    health_servicer: HealthServicer,
+    interval: float,
+) -> None:
+    """Put tasks with lapsed leases back to PENDING; report the database's health."""
+    loop = asyncio.get_running_loop()
+    status = health_pb2.HealthCheckResponse.SERVING
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            expired = await loop.run_in_executor(executor, store.expire_leases)
+            new_status = health_pb2.HealthCheckResponse.SERVING
+            if expired:
+                log.info("%d task lease(s) expired", expired)
+        except PorchError as error:
+            log.warning("lease sweep failed: %s", error)
+            new_status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if new_status != status:
+            status = new_status
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)

@@ -1,0 +1,370 @@
+"""PorchService: porch.v1 requests in, store calls, porch.v1 messages out.
+
+Authentication, authorization and the mapping of porch errors to status
+codes happen in the interceptor; the methods here validate requests and
+raise porch errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from porch_server import auth, messages
+from porch_server.cursors import cursor_key
+from porch_server.digest import canonical_json, task_input_id
+from porch_server.errors import InvalidArgument
+from porch_server.events import EventHub, follow
+from porch_server.models import Event, Pipeline, Role
+from porch_server.store import Store
+from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_NAME = 255
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_TASK_INPUT_BYTES = 1024 * 1024
+MAX_BATCH = 10_000
+MAX_LEASE = timedelta(days=30)
+CREATED = (("x-http-code", "201"),)
+_TASK_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def page_size(requested: int, default: int, maximum: int) -> int:
+    """Apply AIP-158: unset means the default, too large is lowered to the maximum."""
+    if requested < 0:
+        raise InvalidArgument(f"page_size must not be negative, got {requested}")
+    return min(requested or default, maximum)
+
+
+def check_name(field: str, value: str) -> str:
+    """Return value if it is a usable name (1 to 255 characters, no '/')."""
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > MAX_NAME:
+        raise InvalidArgument(f"{field} is longer than {MAX_NAME} characters")
+    if "/" in value or not value.isprintable():
+        raise InvalidArgument(f"{field} must not contain '/' or control characters")
+    return value
+
+
+def check_task_input(field: str, task: porch_pb2.Task) -> dict[str, Any]:
+    """Return the task's input as a dict, checking that it is there and not too large."""
+    if not task.HasField("task_input"):
+        raise InvalidArgument(f"{field}.task_input is required")
+    task_input = messages.to_dict(task.task_input)
+    if len(canonical_json(task_input)) > MAX_TASK_INPUT_BYTES:
+        raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
+    return task_input
+
+
+def check_task_input_id(value: str) -> str:
+    """Return value if it looks like a task_input_id: 64 lowercase hex digits."""
+    if len(value) != 64 or not _TASK_ID_CHARS.issuperset(value):
+        raise InvalidArgument(f"task_input_id must be 64 lowercase hex digits, got {value!r}")
+    return value
+
+
+def check_state(field: str, value: int, *, required: bool) -> Any:
+    """Return the State for a proto enum value; None when unset and not required."""
+    if value not in porch_pb2.Task.State.values():
+        raise InvalidArgument(f"{field} has no such value: {value}")
+    if not value and required:
+        raise InvalidArgument(f"{field} is required")
+    return messages.state_of(value)
+
+
+class PorchService(porch_pb2_grpc.PorchServiceServicer):
+    """The porch.v1 service, over a Store whose calls run on an executor."""
+
+    def __init__(
+        self, store: Store, executor: Executor, hub: EventHub, keepalive_seconds: float
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._hub = hub
+        self._keepalive_seconds = keepalive_seconds
+
+    async def _run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store call off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+    async def CreatePipeline(
+        self, request: porch_pb2.CreatePipelineRequest, context: Context
+    ) -> porch_pb2.Pipeline:
+        given = request.pipeline
+        name = check_name("pipeline.name", given.name)
+        for field in ("uri", "version"):
+            if not getattr(given, field):
+                raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
+        pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
+        created = await self._run(self._store.create_pipeline, pipeline)
+        await context.send_initial_metadata(CREATED)
+        return messages.pipeline_message(created)
+
+    async def GetPipeline(
+        self, request: porch_pb2.GetPipelineRequest, context: Context
+    ) -> porch_pb2.Pipeline:
+        pipeline = await self._run(self._store.get_pipeline, check_name("name", request.name))
+        return messages.pipeline_message(pipeline)
+
+    async def ListPipelines(
+        self, request: porch_pb2.ListPipelinesRequest, context: Context
+    ) -> porch_pb2.ListPipelinesResponse:
+        size = page_size(request.page_size, 100, 1000)
+        page = await self._run(
+            self._store.list_pipelines,
+            request.uri or None,
+            request.version or None,
+            size,
+            request.page_token,
+        )
+        return porch_pb2.ListPipelinesResponse(
+            pipelines=[messages.pipeline_message(p) for p in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def CreateToken(
+        self, request: porch_pb2.CreateTokenRequest, context: Context
+    ) -> porch_pb2.CreateTokenResponse:
+        if request.role not in porch_pb2.Token.Role.values():
+            raise InvalidArgument(f"role has no such value: {request.role}")
+        role = messages.role_of(request.role)
+        pipeline_name = request.pipeline_name or None
+        role = role or (Role.PIPELINE if pipeline_name else None)
+        description = check_description(request.description)
+        check_role_binding(role, pipeline_name)
+        secret = auth.new_secret()
+        token = await self._run(
+            self._store.create_token, role, pipeline_name, description, auth.hash_secret(secret)
+        )
+        await context.send_initial_metadata(CREATED)
+        return porch_pb2.CreateTokenResponse(
+            token=secret,
+            name=token.pipeline_name or "",
+            description=token.description,
+            token_id=token.token_id,
+            role=porch_pb2.Token.Role.Value(token.role),
+        )
+
+    async def ListTokens(
+        self, request: porch_pb2.ListTokensRequest, context: Context
+    ) -> porch_pb2.ListTokensResponse:
+        if request.role not in porch_pb2.Token.Role.values():
+            raise InvalidArgument(f"role has no such value: {request.role}")
+        page = await self._run(
+            self._store.list_tokens,
+            request.pipeline_name or None,
+            messages.role_of(request.role),
+            request.include_revoked,
+            page_size(request.page_size, 100, 1000),
+            request.page_token,
+        )
+        return porch_pb2.ListTokensResponse(
+            tokens=[messages.token_message(t) for t in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RevokeToken(
+        self, request: porch_pb2.RevokeTokenRequest, context: Context
+    ) -> porch_pb2.Token:
+        if not request.token_id:
+            raise InvalidArgument("token_id is required")
+        token = await self._run(self._store.revoke_token, request.token_id)
+        return messages.token_message(token)
+
+    async def RegisterTask(
+        self, request: porch_pb2.RegisterTaskRequest, context: Context
+    ) -> porch_pb2.RegisterTaskResponse:
+        name = check_name("task.pipeline.name", request.task.pipeline.name)
+        task_input = check_task_input("task", request.task)
+        [result] = await self._run(
+            self._store.register_tasks, name, [task_input], auth.caller_actor()
+        )
+        if result.created:
+            self._hub.committed()
+        if result.created:
+            await context.send_initial_metadata(CREATED)
+        return porch_pb2.RegisterTaskResponse(
+            task=messages.task_message(result.task), created=result.created
+        )
+
+    async def RegisterTasks(
+        self, request: porch_pb2.RegisterTasksRequest, context: Context
+    ) -> porch_pb2.RegisterTasksResponse:
+        if not request.tasks:
+            raise InvalidArgument("tasks is required: give at least one task")
+        if len(request.tasks) > MAX_BATCH:
+            raise InvalidArgument(f"at most {MAX_BATCH} tasks per call, got {len(request.tasks)}")
+        name = request.pipeline_name or request.tasks[0].pipeline.name
+        check_name("pipeline_name", name)
+        task_inputs = []
+        for index, task in enumerate(request.tasks):
+            if task.pipeline.name not in ("", name):
+                raise InvalidArgument(
+                    f"tasks[{index}] is of pipeline '{task.pipeline.name}', not '{name}'"
+                )
+            task_inputs.append(check_task_input(f"tasks[{index}]", task))
+        results = await self._run(
+            self._store.register_tasks, name, task_inputs, auth.caller_actor()
+        )
+        if any(r.created for r in results):
+            self._hub.committed()
+        return porch_pb2.RegisterTasksResponse(
+            results=[
+                porch_pb2.RegisterTaskResponse(
+                    task=messages.task_message(r.task), created=r.created
+                )
+                for r in results
+            ]
+        )
+
+    async def GetTask(self, request: porch_pb2.GetTaskRequest, context: Context) -> porch_pb2.Task:
+        name = check_name("pipeline_name", request.pipeline_name)
+        task = await self._run(
+            self._store.get_task, name, check_task_input_id(request.task_input_id)
+        )
+        return messages.task_message(task)
+
+    async def ListTasks(
+        self, request: porch_pb2.ListTasksRequest, context: Context
+    ) -> porch_pb2.ListTasksResponse:
+        name = check_name("pipeline_name", request.pipeline_name) if request.pipeline_name else None
+        page = await self._run(
+            self._store.list_tasks,
+            name,
+            check_state("status", request.status, required=False),
+            page_size(request.page_size, 1000, 10_000),
+            request.page_token,
+        )
+        return porch_pb2.ListTasksResponse(
+            tasks=[messages.task_message(t) for t in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ClaimTasks(
+        self, request: porch_pb2.ClaimTasksRequest, context: Context
+    ) -> porch_pb2.ClaimTasksResponse:
+        name = check_name("pipeline.name", request.pipeline.name)
+        num_tasks = request.num_tasks if request.HasField("num_tasks") else 1
+        if not 1 <= num_tasks <= MAX_BATCH:
+            raise InvalidArgument(f"num_tasks must be from 1 to {MAX_BATCH}, got {num_tasks}")
+        lease = None
+        if request.HasField("lease"):
+            lease = request.lease.ToTimedelta()
+            if not timedelta(0) < lease <= MAX_LEASE:
+                raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
+        tasks = await self._run(
+            self._store.claim_tasks, name, num_tasks, lease, auth.caller_actor()
+        )
+        self._hub.committed()  # lapsed leases may have been freed even when none was claimed
+        return porch_pb2.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks])
+
+    async def UpdateTask(
+        self, request: porch_pb2.UpdateTaskRequest, context: Context
+    ) -> porch_pb2.Task:
+        given = request.task
+        name = check_name("task.pipeline.name", given.pipeline.name)
+        status = check_state("task.status", given.status, required=True)
+        if given.HasField("task_input"):
+            # A task_input_id sent beside the input is ignored, as npg_porch did.
+            task_id = task_input_id(check_task_input("task", given))
+        elif given.task_input_id:
+            task_id = check_task_input_id(given.task_input_id)
+        else:
+            raise InvalidArgument("name the task with task.task_input or task.task_input_id")
+        if len(request.message.encode()) > MAX_MESSAGE_BYTES:
+            raise InvalidArgument(f"message is longer than {MAX_MESSAGE_BYTES} bytes")
+        task = await self._run(
+            self._store.update_task,
+            name,
+            task_id,
+            status,
+            request.message or None,
+            auth.caller_actor(),
+        )
+        self._hub.committed()
+        return messages.task_message(task)
+
+    async def ListTaskEvents(
+        self, request: porch_pb2.ListTaskEventsRequest, context: Context
+    ) -> porch_pb2.ListTaskEventsResponse:
+        page = await self._run(
+            self._store.list_task_events,
+            check_name("pipeline_name", request.pipeline_name),
+            check_task_input_id(request.task_input_id),
+            page_size(request.page_size, 100, 1000),
+            request.page_token,
+        )
+        return porch_pb2.ListTaskEventsResponse(
+            events=[messages.event_message(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def WatchEvents(
+        self, request: porch_pb2.WatchEventsRequest, context: Context
+    ) -> AsyncIterator[porch_pb2.Event]:
+        pipeline_name = request.pipeline_name or None
+        if pipeline_name is not None:
+            await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
+        if request.after:
+            cursor_key(request.after)
+
+        async def replay(after: str) -> list[Event]:
+            return await self._run(self._store.read_events, after, pipeline_name, 500)
+
+        def matches(event: Event) -> bool:
+            return pipeline_name is None or event.pipeline_name == pipeline_name
+
+        async def start_cursor() -> str:
+            return await self._run(self._store.event_start_cursor)
+
+        stream = follow(
+            self._hub,
+            request.after,
+            start_cursor,
+            replay,
+            matches,
+            bookmark_message,
+            self._keepalive_seconds,
+        )
+        async for item in stream:
+            yield item if isinstance(item, porch_pb2.Event) else messages.event_message(item)
+
+
+def bookmark_message(cursor: str) -> porch_pb2.Event:
+    """Return a BOOKMARK event: no change, only a cursor to resume from."""
+    event = porch_pb2.Event(cursor=cursor, kind=porch_pb2.Event.BOOKMARK)
+    event.time.GetCurrentTime()
+    return event
+
+
+def check_description(value: str) -> str:
+    """Return a token description if it is 1 to 255 characters."""
+    if not value.strip():
+        raise InvalidArgument("description is required")
+    if len(value) > MAX_NAME:
+        raise InvalidArgument(f"description is longer than {MAX_NAME} characters")
+    return value
+
+
+def check_role_binding(role: Role | None, pipeline_name: str | None) -> None:
+    """Check that a PIPELINE token names a pipeline and other roles do not."""
+    if role is None:
+        raise InvalidArgument("role is required when pipeline_name is empty")
+    if role is Role.PIPELINE and not pipeline_name:
+        raise InvalidArgument("a PIPELINE token needs pipeline_name")
+    if role is not Role.PIPELINE and pipeline_name:
+        raise InvalidArgument(
+            f"a {role} token is not bound to a pipeline; leave pipeline_name empty"
+        )
+    if pipeline_name:
+        check_name("pipeline_name", pipeline_name)

@@ -1,0 +1,970 @@
+"""Every query porch makes, behind one class: Store.
+
+Each public method is one transaction and returns the frozen values of
+``porch_server.models``. Exactly-once rests on the database: a unique key
+makes registration idempotent, row locks (PostgreSQL) or the database write
+lock (SQLite, BEGIN IMMEDIATE) make claims and updates safe under any number
+of concurrent callers. On PostgreSQL a claim, an update or a registration is
+one statement that changes the tasks and writes their events together.
+
+Driver errors that mean the database cannot serve (it is down, unreachable,
+locked for too long, or the pool is exhausted) become ``Unavailable`` in
+``_translate_errors``; nothing else here knows about drivers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    CTE,
+    BigInteger,
+    Engine,
+    Integer,
+    Interval,
+    Row,
+    Select,
+    Text,
+    bindparam,
+    exc,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    null,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+
+from porch_server import digest
+from porch_server.cursors import Key, cursor_key, make_cursor
+from porch_server.db.engine import writer
+from porch_server.db.listen import CHANNEL
+from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
+from porch_server.db.tables import pipeline as pipeline_table
+from porch_server.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
+from porch_server.models import (
+    Actor,
+    Event,
+    EventKind,
+    Page,
+    Pipeline,
+    Registration,
+    Role,
+    Task,
+    Token,
+)
+from porch_server.paging import Filters, decode_page_token, encode_page_token
+from porch_server.states import UPDATE_TRANSITIONS, State, check_transition, is_noop
+
+Item = TypeVar("Item")
+
+_MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
+
+# The parameters that many statements share.
+_NOW = bindparam("now", type_=UtcDateTime)
+_PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
+# A literal rather than a parameter: both planners match a partial index's
+# predicate only against the query's own text.
+_PENDING: ColumnElement[str] = literal_column("'PENDING'")
+
+_EVENT_COLUMNS = (
+    "time",
+    "task_id",
+    "pipeline_id",
+    "kind",
+    "old_status",
+    "new_status",
+    "token_id",
+    "token_description",
+    "message",
+)
+
+# PostgreSQL: every transaction with a smaller id has ended, so no event
+# below it can still appear.
+_XMIN = func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(Text).cast(BigInteger)
+
+# The tasks a claim takes: the oldest PENDING ones, skipping rows another
+# claimer holds. Public so that tests can EXPLAIN it.
+claim_candidates = (
+    select(task.c.id)
+    .where(task.c.pipeline_id == _PIPELINE_ID, task.c.status == _PENDING)
+    .order_by(task.c.id)
+    .limit(bindparam("num_tasks", type_=Integer))
+    .with_for_update(skip_locked=True)
+)
+
+_claim = (
+    update(task)
+    .where(task.c.id.in_(select(claim_candidates.cte("candidates").c.id)))
+    .values(
+        status=State.CLAIMED.value,
+        update_time=_NOW,
+        claim_time=_NOW,
+        claimed_by_token_id=bindparam("actor_token_id", type_=Integer),
+        lease_seconds=bindparam("claim_lease_seconds", type_=Integer),
+        lease_expire_time=bindparam("claim_lease_expire_time", type_=UtcDateTime),
+    )
+    .returning(*task.c)
+)
+
+
+class Store:
+    """porch's storage: pipelines, tokens, tasks and their events."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._writer = writer(engine)
+        self._postgresql = engine.dialect.name == "postgresql"
+        # One-statement reads need no BEGIN/COMMIT round trips on PostgreSQL;
+        # on SQLite a read transaction is cheap and keeps the reads consistent.
+        self._reader = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if self._postgresql else engine
+        )
+        # Pipelines are never renamed or deleted, so these never go stale.
+        self._pipeline_ids: dict[str, int] = {}
+        self._pipelines: dict[int, Pipeline] = {}
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the store runs on."""
+        return self._engine
+
+    def close(self) -> None:
+        """Close every pooled database connection."""
+        self._engine.dispose()
+
+    def ping(self) -> None:
+        """Raise Unavailable unless the database answers."""
+        with self._read() as connection:
+            connection.exec_driver_sql("SELECT 1")
+
+    # Pipelines
+
+    def create_pipeline(self, pipeline: Pipeline) -> Pipeline:
+        """Store a new pipeline; AlreadyExists if its name is taken."""
+        statement = (
+            self._insert(pipeline_table)
+            .values(
+                name=pipeline.name, uri=pipeline.uri, version=pipeline.version, create_time=_now()
+            )
+            .on_conflict_do_nothing(index_elements=[pipeline_table.c.name])
+            .returning(*pipeline_table.c)
+        )
+        with self._write() as connection:
+            row = connection.execute(statement).first()
+        if row is None:
+            raise AlreadyExists(f"pipeline '{pipeline.name}' already exists")
+        return self._remember_pipeline(row)
+
+    def get_pipeline(self, name: str) -> Pipeline:
+        """Return the pipeline called name; NotFound if there is none."""
+        with self._read() as connection:
+            return self._pipelines[self._find_pipeline_id(connection, name)]
+
+    def list_pipelines(
+        self, uri: str | None, version: str | None, page_size: int, page_token: str
+    ) -> Page[Pipeline]:
+        """Return a page of pipelines in name order, optionally filtered."""
+        filters: Filters = {"uri": uri, "version": version}
+        after = decode_page_token(page_token, "pipelines", filters, str)
+        query = select(pipeline_table).order_by(pipeline_table.c.name).limit(page_size + 1)
+        if uri is not None:
+            query = query.where(pipeline_table.c.uri == uri)
+        if version is not None:
+            query = query.where(pipeline_table.c.version == version)
+        if after is not None:
+            query = query.where(pipeline_table.c.name > after)
+        with self._read() as connection:
+            rows = connection.execute(query).all()
+        return _page(rows, page_size, "pipelines", filters, "name", self._remember_pipeline)
+
+    # Tokens
+
+    def create_token(
+        self, role: Role, pipeline_name: str | None, description: str, secret_hash: str
+    ) -> Token:
+        """Store a token by the hash of its secret; NotFound for an unknown pipeline."""
+        with self._write() as connection:
+            pipeline_id = self._pipeline_id_or_none(connection, pipeline_name)
+            statement = (
+                self._insert(token)
+                .values(
+                    token_hash=secret_hash,
+                    role=role.value,
+                    pipeline_id=pipeline_id,
+                    description=description,
+                    create_time=_now(),
+                )
+                .on_conflict_do_nothing(index_elements=[token.c.token_hash])
+                .returning(*token.c)
+            )
+            row = connection.execute(statement).first()
+            if row is None:
+                raise AlreadyExists("a token with this secret exists already")
+            self._load_pipelines(connection, [row.pipeline_id])
+        return self._to_token(row)
+
+    def find_token(self, secret_hash: str) -> Token | None:
+        """Return the token whose secret hashes to secret_hash, revoked or not."""
+        with self._read() as connection:
+            row = connection.execute(select(token).where(token.c.token_hash == secret_hash)).first()
+            if row is None:
+                return None
+            self._load_pipelines(connection, [row.pipeline_id])
+        return self._to_token(row)
+
+    def list_tokens(
+        self,
+        pipeline_name: str | None,
+        role: Role | None,
+        include_revoked: bool,
+        page_size: int,
+        page_token: str,
+    ) -> Page[Token]:
+        """Return a page of tokens, oldest first, optionally filtered."""
+        filters: Filters = {
+            "pipeline": pipeline_name,
+            "role": role,
+            "include_revoked": include_revoked,
+        }
+        after = decode_page_token(page_token, "tokens", filters, int)
+        query = select(token).order_by(token.c.id).limit(page_size + 1)
+        if role is not None:
+            query = query.where(token.c.role == role.value)
+        if not include_revoked:
+            query = query.where(token.c.revoke_time.is_(None))
+        if after is not None:
+            query = query.where(token.c.id > after)
+        with self._read() as connection:
+            if pipeline_name is not None:
+                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                query = query.where(token.c.pipeline_id == pipeline_id)
+            rows = connection.execute(query).all()
+            self._load_pipelines(connection, {row.pipeline_id for row in rows})
+        return _page(rows, page_size, "tokens", filters, "id", self._to_token)
+
+    def revoke_token(self, token_id: str) -> Token:
+        """Revoke a token, keeping the first revoke_time; NotFound if there is none."""
+        statement = (
+            update(token)
+            .where(token.c.id == _token_key(token_id))
+            .values(revoke_time=func.coalesce(token.c.revoke_time, _NOW))
+            .returning(*token.c)
+        )
+        with self._write() as connection:
+            row = connection.execute(statement, {"now": _now()}).first()
+            if row is None:
+                raise NotFound(f"token {token_id} not found")
+            self._load_pipelines(connection, [row.pipeline_id])
+        return self._to_token(row)
+
+    def has_admin_token(self) -> bool:
+        """True when some admin token has not been revoked."""
+        query = select(
+            exists().where(token.c.role == Role.ADMIN.value, token.c.revoke_time.is_(None))
+        )
+        with self._read() as connection:
+            return bool(connection.scalar(query))
+
+    # Tasks
+
+    def register_tasks(
+        self, pipeline_name: str, task_inputs: Sequence[dict[str, Any]], actor: Actor
+    ) -> list[Registration]:
+        """Register tasks in one transaction; an input registered before is not created again.
+
+        Results follow the order of task_inputs; of repeated inputs only the
+        first can be created.
+        """
+        texts = [digest.canonical_json(task_input) for task_input in task_inputs]
+        ids = [digest.task_input_id(task_input) for task_input in task_inputs]
+        unique = dict(zip(ids, texts, strict=True))
+        with self._write() as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
+            created = {
+                row.task_input_id: row for row in self._insert_tasks(connection, unique, params)
+            }
+            missing = [task_input_id for task_input_id in unique if task_input_id not in created]
+            existing = {
+                row.task_input_id: row for row in _select_tasks(connection, pipeline_id, missing)
+            }
+        tasks = {key: self._to_task(row) for key, row in (created | existing).items()}
+        registrations = []
+        for task_input_id in ids:
+            registrations.append(Registration(tasks[task_input_id], task_input_id in created))
+            created.pop(task_input_id, None)
+        return registrations
+
+    def get_task(self, pipeline_name: str, task_input_id: str) -> Task:
+        """Return a task; NotFound if the pipeline has no such task."""
+        with self._read() as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            row = connection.execute(_select_task(pipeline_id, task_input_id)).first()
+        if row is None:
+            raise _task_not_found(pipeline_name, task_input_id)
+        return self._to_task(row)
+
+    def list_tasks(
+        self, pipeline_name: str | None, status: State | None, page_size: int, page_token: str
+    ) -> Page[Task]:
+        """Return a page of tasks, oldest first, optionally filtered."""
+        filters: Filters = {"pipeline": pipeline_name, "status": status}
+        after = decode_page_token(page_token, "tasks", filters, int)
+        query = select(task).order_by(task.c.id).limit(page_size + 1)
+        if status is not None:
+            query = query.where(task.c.status == status.value)
+        if after is not None:
+            query = query.where(task.c.id > after)
+        with self._read() as connection:
+            if pipeline_name is not None:
+                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                query = query.where(task.c.pipeline_id == pipeline_id)
+            rows = connection.execute(query).all()
+            self._load_pipelines(connection, {row.pipeline_id for row in rows})
+        return _page(rows, page_size, "tasks", filters, "id", self._to_task)
+
+    def claim_tasks(
+        self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
+    ) -> list[Task]:
+        """Claim up to num_tasks of the oldest PENDING tasks, after expiring lapsed leases."""
+        now = _now()
+        lease_seconds = None if lease is None else max(1, math.ceil(lease.total_seconds()))
+        with self._write() as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            self._expire_leases(connection, now, pipeline_id)
+            params = _event_params(now, actor, None) | {
+                "in_pipeline_id": pipeline_id,
+                "num_tasks": num_tasks,
+                "claim_lease_seconds": lease_seconds,
+                "claim_lease_expire_time": _deadline(now, lease_seconds),
+            }
+            if self._postgresql:
+                rows = connection.execute(_claim_with_events(), params).all()
+            else:
+                rows = sorted(connection.execute(_claim, params), key=lambda row: row.id)
+                self._record_events(
+                    connection, rows, EventKind.CLAIMED, State.PENDING, State.CLAIMED, params
+                )
+        return [self._to_task(row) for row in rows]
+
+    def update_task(
+        self,
+        pipeline_name: str,
+        task_input_id: str,
+        status: State,
+        message: str | None,
+        actor: Actor,
+    ) -> Task:
+        """Move a task to status, recording an event; FailedPrecondition if the move is illegal."""
+        now = _now()
+        with self._write() as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            params = _event_params(now, actor, message) | {
+                "in_pipeline_id": pipeline_id,
+                "in_task_input_id": task_input_id,
+            }
+            if self._postgresql:
+                row = connection.execute(_update_with_event(status), params).first()
+                if row is not None:
+                    return self._to_task(row)
+            current = connection.execute(
+                _select_task(pipeline_id, task_input_id).with_for_update()
+            ).first()
+            if current is None:
+                raise _task_not_found(pipeline_name, task_input_id)
+            old = State(current.status)
+            if is_noop(old, status):
+                return self._to_task(current)
+            check_transition(old, status)
+            if self._postgresql:
+                # The task changed between the two statements and may move now.
+                return self._to_task(connection.execute(_update_with_event(status), params).one())
+            return self._to_task(self._update_sqlite(connection, current, status, params))
+
+    def expire_leases(self) -> int:
+        """Put every task whose lease lapsed back to PENDING; return how many."""
+        with self._write() as connection:
+            return self._expire_leases(connection, _now(), None)
+
+    def list_task_events(
+        self, pipeline_name: str, task_input_id: str, page_size: int, page_token: str
+    ) -> Page[Event]:
+        """Return a page of a task's events, oldest first; NotFound for an unknown task."""
+        filters: Filters = {"pipeline": pipeline_name, "task": task_input_id}
+        after = decode_page_token(page_token, "task_events", filters, int)
+        with self._read() as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            task_id = connection.scalar(
+                select(task.c.id).where(
+                    task.c.pipeline_id == pipeline_id, task.c.task_input_id == task_input_id
+                )
+            )
+            if task_id is None:
+                raise _task_not_found(pipeline_name, task_input_id)
+            query = (select(event).where(event.c.task_id == task_id).order_by(event.c.id)).limit(
+                page_size + 1
+            )
+            if after is not None:
+                query = query.where(event.c.id > after)
+            rows = connection.execute(query).all()
+        return _page(
+            rows,
+            page_size,
+            "task_events",
+            filters,
+            "id",
+            lambda row: _to_event(row, pipeline_name, task_input_id),
+        )
+
+    # The event stream
+
+    def notify_watchers(self) -> None:
+        """Tell every porch server's watch hub that events were committed (PostgreSQL)."""
+        if self._postgresql:
+            with self._read() as connection:
+                connection.execute(select(func.pg_notify(literal(CHANNEL), literal(""))))
+
+    def event_start_cursor(self) -> str:
+        """Return the cursor meaning "from now": events committed later come after it."""
+        with self._read() as connection:
+            if self._postgresql:
+                return make_cursor(connection.scalar(select(_XMIN)) or 0, 0)
+            return make_cursor(0, connection.scalar(select(func.max(event.c.id))) or 0)
+
+    def read_events(
+        self, after: str, pipeline_name: str | None, limit: int, *, check_horizon: bool = True
+    ) -> list[Event]:
+        """Return up to limit events after the cursor, in cursor order.
+
+        On PostgreSQL only events below the oldest running transaction are
+        read, so that no event can later appear before one already returned.
+        OutOfRange when the cursor is older than the oldest event kept.
+        """
+        key = cursor_key(after)
+        with self._read() as connection:
+            if check_horizon:
+                _check_horizon(connection, key)
+            query = select(event, task.c.task_input_id).join(task, task.c.id == event.c.task_id)
+            pipeline_id = self._pipeline_id_or_none(connection, pipeline_name)
+            if pipeline_id is not None:
+                query = query.where(event.c.pipeline_id == pipeline_id)
+            if self._postgresql:
+                query = query.where(
+                    tuple_(event.c.xid, event.c.id) > tuple_(literal(key[0]), literal(key[1])),
+                    event.c.xid < _XMIN,
+                ).order_by(event.c.xid, event.c.id)
+            else:
+                query = query.where(event.c.id > key[1]).order_by(event.c.id)
+            rows = connection.execute(query.limit(limit)).all()
+            self._load_pipelines(connection, {row.pipeline_id for row in rows})
+        return [
+            _to_event(row, self._pipelines[row.pipeline_id].name, row.task_input_id) for row in rows
+        ]
+
+    def prune_events(self, before: datetime) -> int:
+        """Delete the events older than before; cursors older than those kept become
+        OutOfRange. Returns how many were deleted."""
+        order = (event.c.xid, event.c.id) if self._postgresql else (event.c.id,)
+        key = tuple_(*order)
+        with self._write() as connection:
+            first_kept = connection.execute(
+                select(*order).where(event.c.time >= before).order_by(*order).limit(1)
+            ).first()
+            doomed = [event.c.time < before]
+            if first_kept is not None:
+                doomed.append(key < tuple_(*(literal(value) for value in first_kept)))
+            if self._postgresql:
+                doomed.append(event.c.xid < _XMIN)
+            newest = connection.execute(
+                select(event.c.xid, event.c.id)
+                .where(*doomed)
+                .order_by(*(column.desc() for column in order))
+                .limit(1)
+            ).first()
+            if newest is None:
+                return 0
+            deleted = connection.execute(event.delete().where(*doomed)).rowcount
+            horizon = connection.execute(
+                select(event_horizon.c.xid, event_horizon.c.event_id)
+            ).first()
+            new_key = (newest.xid or 0, newest.id)
+            if horizon is None or tuple(horizon) < new_key:
+                connection.execute(event_horizon.delete())
+                connection.execute(
+                    event_horizon.insert().values(id=1, xid=new_key[0], event_id=new_key[1])
+                )
+            return int(deleted)
+
+    # Transactions
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with _translate_errors(), self._reader.connect() as connection:
+            yield connection
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with _translate_errors(), self._writer.begin() as connection:
+            yield connection
+
+    def _insert(self, table: Any) -> postgresql.Insert | sqlite.Insert:
+        return postgresql.insert(table) if self._postgresql else sqlite.insert(table)
+
+    # Statements whose form differs between the databases
+
+    def _insert_tasks(
+        self, connection: Connection, unique: dict[str, str], params: dict[str, Any]
+    ) -> list[Row[Any]]:
+        """Insert the tasks that do not exist yet, each with its CREATED event."""
+        if not unique:
+            return []
+        if self._postgresql:
+            params = params | {
+                "new_task_input_ids": list(unique),
+                "new_task_inputs": list(unique.values()),
+            }
+            return list(connection.execute(_register_with_events(), params))
+        rows = list(
+            connection.execute(
+                _register_sqlite,
+                [
+                    params | {"new_task_input_id": key, "new_task_input": text}
+                    for key, text in unique.items()
+                ],
+            )
+        )
+        self._record_events(connection, rows, EventKind.CREATED, None, State.PENDING, params)
+        return rows
+
+    def _expire_leases(self, connection: Connection, now: datetime, pipeline_id: int | None) -> int:
+        """Put tasks whose lease lapsed back to PENDING, of one pipeline or of all."""
+        params = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
+        if self._postgresql:
+            return int(connection.scalar(_expire_with_events(pipeline_id is not None), params))
+        lapsed = connection.execute(_select_lapsed(pipeline_id is not None), params).all()
+        if not lapsed:
+            return 0
+        # The write lock is held, so this changes exactly the rows just read.
+        connection.execute(
+            update(task)
+            .where(_lapsed(pipeline_id is not None))
+            .values(status=State.PENDING.value, update_time=_NOW, **_clear_claim()),
+            params,
+        )
+        for old in {State(row.status) for row in lapsed}:
+            rows = [row for row in lapsed if row.status == old]
+            self._record_events(
+                connection, rows, EventKind.LEASE_EXPIRED, old, State.PENDING, params
+            )
+        return len(lapsed)
+
+    def _update_sqlite(
+        self, connection: Connection, current: Row[Any], status: State, params: dict[str, Any]
+    ) -> Row[Any]:
+        """Apply an update whose transition was checked; SQLite holds the write lock."""
+        now = params["now"]
+        statement = (
+            update(task)
+            .where(task.c.id == current.id)
+            .values(
+                status=status.value,
+                update_time=now,
+                **_status_effects(status, _deadline(now, current.lease_seconds)),
+            )
+            .returning(*task.c)
+        )
+        row = connection.execute(statement).one()
+        old = State(current.status)
+        self._record_events(connection, [row], EventKind.STATUS_CHANGED, old, status, params)
+        return row
+
+    @staticmethod
+    def _record_events(
+        connection: Connection,
+        rows: Sequence[Row[Any]],
+        kind: EventKind,
+        old: State | None,
+        new: State,
+        params: dict[str, Any],
+    ) -> None:
+        """Write one event per changed task row (SQLite; PostgreSQL does it in-statement)."""
+        if not rows:
+            return
+        common = {
+            "time": params["now"],
+            "kind": kind.value,
+            "old_status": old,
+            "new_status": new.value,
+            "token_id": params["actor_token_id"],
+            "token_description": params["actor_description"],
+            "message": params["event_message"],
+        }
+        connection.execute(
+            insert(event),
+            [common | {"task_id": row.id, "pipeline_id": row.pipeline_id} for row in rows],
+        )
+
+    # Pipelines by name and id, cached
+
+    def _find_pipeline_id(self, connection: Connection, name: str) -> int:
+        """Return the id of the pipeline called name; NotFound if there is none."""
+        pipeline_id = self._pipeline_ids.get(name)
+        if pipeline_id is None:
+            row = connection.execute(
+                select(pipeline_table).where(pipeline_table.c.name == name)
+            ).first()
+            if row is None:
+                raise NotFound(f"pipeline '{name}' not found")
+            self._remember_pipeline(row)
+            pipeline_id = row.id
+        return pipeline_id
+
+    def _pipeline_id_or_none(self, connection: Connection, name: str | None) -> int | None:
+        return None if name is None else self._find_pipeline_id(connection, name)
+
+    def _load_pipelines(self, connection: Connection, pipeline_ids: Iterable[int | None]) -> None:
+        """Make sure the pipelines with these ids are cached."""
+        missing = {key for key in pipeline_ids if key is not None and key not in self._pipelines}
+        if missing:
+            for row in connection.execute(
+                select(pipeline_table).where(pipeline_table.c.id.in_(missing))
+            ):
+                self._remember_pipeline(row)
+
+    def _remember_pipeline(self, row: Row[Any]) -> Pipeline:
+        value = Pipeline(name=row.name, uri=row.uri, version=row.version)
+        self._pipelines[row.id] = value
+        self._pipeline_ids[row.name] = row.id
+        return value
+
+    # Rows to values
+
+    def _to_task(self, row: Row[Any]) -> Task:
+        return Task(
+            pipeline=self._pipelines[row.pipeline_id],
+            task_input_id=row.task_input_id,
+            task_input=json.loads(row.task_input),
+            status=State(row.status),
+            create_time=row.create_time,
+            update_time=row.update_time,
+            claim_time=row.claim_time,
+            claimed_by_token_id=_id_text(row.claimed_by_token_id),
+            lease_expire_time=row.lease_expire_time,
+        )
+
+    def _to_token(self, row: Row[Any]) -> Token:
+        owner = None if row.pipeline_id is None else self._pipelines[row.pipeline_id]
+        return Token(
+            token_id=str(row.id),
+            role=Role(row.role),
+            pipeline_name=None if owner is None else owner.name,
+            description=row.description,
+            create_time=row.create_time,
+            revoke_time=row.revoke_time,
+        )
+
+
+@contextmanager
+def _translate_errors() -> Iterator[None]:
+    """Turn the driver's 'the database cannot serve' errors into Unavailable."""
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as error:
+        raise Unavailable(f"the database is unavailable: {_first_line(error.orig)}") from error
+    except exc.TimeoutError as error:
+        raise Unavailable(f"no database connection is free: {_first_line(error)}") from error
+    except exc.DBAPIError as error:
+        if error.connection_invalidated:
+            raise Unavailable(
+                f"the database connection was lost: {_first_line(error.orig)}"
+            ) from error
+        raise
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().split("\n", 1)[0]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _deadline(now: datetime, lease_seconds: int | None) -> datetime | None:
+    return None if lease_seconds is None else now + timedelta(seconds=lease_seconds)
+
+
+def _token_key(token_id: str) -> int:
+    """Return a token's row id; NotFound for an id that cannot be one."""
+    if not (token_id.isascii() and token_id.isdecimal() and int(token_id) <= _MAX_TOKEN_ID):
+        raise NotFound(f"token {token_id} not found")
+    return int(token_id)
+
+
+def _id_text(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _actor_token_id(actor: Actor | None) -> int | None:
+    if actor is None or actor.token_id is None:
+        return None
+    return int(actor.token_id)
+
+
+def _event_params(now: datetime, actor: Actor | None, message: str | None) -> dict[str, Any]:
+    return {
+        "now": now,
+        "actor_token_id": _actor_token_id(actor),
+        "actor_description": None if actor is None else actor.description,
+        "event_message": message,
+    }
+
+
+def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
+    return NotFound(f"task {task_input_id} of pipeline '{pipeline_name}' not found")
+
+
+def _page(
+    rows: Sequence[Row[Any]],
+    page_size: int,
+    listing: str,
+    filters: Filters,
+    key: str,
+    convert: Callable[[Row[Any]], Item],
+) -> Page[Item]:
+    """Turn rows fetched with one too many into a page and the token for the next."""
+    next_page_token = ""
+    if len(rows) > page_size:
+        rows = rows[:page_size]
+        next_page_token = encode_page_token(listing, filters, getattr(rows[-1], key))
+    return Page([convert(row) for row in rows], next_page_token)
+
+
+def _check_horizon(connection: Connection, key: Key) -> None:
+    """Raise OutOfRange when key is older than the newest event pruned."""
+    horizon = connection.execute(select(event_horizon.c.xid, event_horizon.c.event_id)).first()
+    if horizon is not None and key < (horizon.xid, horizon.event_id):
+        oldest = make_cursor(horizon.xid, horizon.event_id)
+        raise OutOfRange(
+            f"cursor {make_cursor(*key)} is older than the events kept (which start after "
+            f"{oldest}); resume from {oldest!r} or from an empty cursor, accepting the gap"
+        )
+
+
+def _to_event(row: Row[Any], pipeline_name: str, task_input_id: str) -> Event:
+    return Event(
+        cursor=make_cursor(row.xid or 0, row.id),
+        time=row.time,
+        pipeline_name=pipeline_name,
+        task_input_id=task_input_id,
+        kind=EventKind(row.kind),
+        old_status=None if row.old_status is None else State(row.old_status),
+        new_status=None if row.new_status is None else State(row.new_status),
+        token_id=_id_text(row.token_id),
+        token_description=row.token_description,
+        message=row.message,
+    )
+
+
+def _select_task(pipeline_id: int, task_input_id: str) -> Select[Any]:
+    return select(task).where(
+        task.c.pipeline_id == pipeline_id, task.c.task_input_id == task_input_id
+    )
+
+
+def _clear_claim() -> dict[str, Any]:
+    return {
+        "claim_time": None,
+        "claimed_by_token_id": None,
+        "lease_seconds": None,
+        "lease_expire_time": None,
+    }
+
+
+def _status_effects(status: State, renewed_lease: Any) -> dict[str, Any]:
+    """The columns besides status and update_time that moving to status sets."""
+    if status is State.PENDING:
+        return _clear_claim()
+    if status in (State.CLAIMED, State.RUNNING):
+        return {"lease_expire_time": renewed_lease}
+    return {"lease_seconds": None, "lease_expire_time": None}
+
+
+def _events_from(
+    changed: CTE, kind: EventKind, old: ColumnElement[Any], new: ColumnElement[Any]
+) -> CTE:
+    """A data-modifying CTE writing one event per row of changed (PostgreSQL)."""
+    values = select(
+        _NOW,
+        changed.c.id,
+        changed.c.pipeline_id,
+        literal(kind.value),
+        old,
+        new,
+        bindparam("actor_token_id", type_=Integer),
+        bindparam("actor_description", type_=Text),
+        bindparam("event_message", type_=Text),
+    )
+    return insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
+
+
+_register_sqlite = (
+    sqlite.insert(task)
+    .values(
+        pipeline_id=_PIPELINE_ID,
+        task_input_id=bindparam("new_task_input_id"),
+        task_input=bindparam("new_task_input"),
+        status=State.PENDING.value,
+        create_time=_NOW,
+        update_time=_NOW,
+    )
+    .on_conflict_do_nothing(index_elements=[task.c.pipeline_id, task.c.task_input_id])
+    .returning(*task.c)
+)
+
+
+def _select_tasks(connection: Connection, pipeline_id: int, keys: list[str]) -> list[Row[Any]]:
+    """Return the tasks of a pipeline with these task_input_ids, in chunks."""
+    rows: list[Row[Any]] = []
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        query = select(task).where(
+            task.c.pipeline_id == pipeline_id, task.c.task_input_id.in_(chunk)
+        )
+        rows.extend(connection.execute(query))
+    return rows
+
+
+@functools.cache
+def _register_with_events() -> Select[Any]:
+    """INSERT the new tasks ON CONFLICT DO NOTHING with their events (PostgreSQL).
+
+    Ids are drawn in the order given, so a batch is claimed in that order,
+    but rows are inserted in task_input_id order: concurrent registrations
+    then wait for each other's keys in one order and cannot deadlock.
+    """
+    new = (
+        func.unnest(
+            bindparam("new_task_input_ids", type_=postgresql.ARRAY(Text)),
+            bindparam("new_task_inputs", type_=postgresql.ARRAY(Text)),
+        )
+        .table_valued("task_input_id", "task_input", with_ordinality="position")
+        .render_derived(name="new")
+    )
+    sequence = select(func.pg_get_serial_sequence("task", "id")).scalar_subquery()
+    numbered = (
+        select(func.nextval(sequence).label("id"), new.c.task_input_id, new.c.task_input)
+        .order_by(new.c.position)
+        .cte("numbered")
+    )
+    rows = select(
+        numbered.c.id,
+        _PIPELINE_ID,
+        numbered.c.task_input_id,
+        numbered.c.task_input,
+        _PENDING,
+        _NOW,
+        _NOW,
+    ).order_by(numbered.c.task_input_id)
+    inserted = (
+        postgresql.insert(task)
+        .from_select(
+            [
+                "id",
+                "pipeline_id",
+                "task_input_id",
+                "task_input",
+                "status",
+                "create_time",
+                "update_time",
+            ],
+            rows,
+        )
+        .on_conflict_do_nothing(index_elements=[task.c.pipeline_id, task.c.task_input_id])
+        .returning(*task.c)
+        .cte("inserted")
+    )
+    events = _events_from(inserted, EventKind.CREATED, null(), _PENDING)
+    return select(inserted).add_cte(events)
+
+
+@functools.cache
+def _claim_with_events() -> Select[Any]:
+    """The claim and its CLAIMED events in one statement (PostgreSQL)."""
+    claimed = _claim.cte("claimed")
+    events = _events_from(
+        claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
+    )
+    return select(claimed).add_cte(events).order_by(claimed.c.id)
+
+
+@functools.cache
+def _update_with_event(status: State) -> Select[Any]:
+    """Move one task to status if its current state allows it, with the event (PostgreSQL).
+
+    Returns no row when the task is missing or the move is not allowed; the
+    caller then finds out which.
+    """
+    sources = [
+        old for old in State if status in UPDATE_TRANSITIONS[old] and not is_noop(old, status)
+    ]
+    current = (
+        select(task.c.id, task.c.status)
+        .where(
+            task.c.pipeline_id == _PIPELINE_ID,
+            task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
+        )
+        .with_for_update()
+        .cte("current")
+    )
+    renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
+    changed = (
+        update(task)
+        .where(task.c.id == current.c.id, current.c.status.in_([old.value for old in sources]))
+        .values(status=status.value, update_time=_NOW, **_status_effects(status, renewed_lease))
+        .returning(*task.c, current.c.status.label("old_status"))
+        .cte("changed")
+    )
+    events = _events_from(changed, EventKind.STATUS_CHANGED, changed.c.old_status, changed.c.status)
+    return select(changed).add_cte(events)
+
+
+def _lapsed(per_pipeline: bool) -> ColumnElement[bool]:
+    """The condition of tasks whose lease lapsed, of one pipeline or of all."""
+    condition = task.c.lease_expire_time < _NOW
+    return (condition & (task.c.pipeline_id == _PIPELINE_ID)) if per_pipeline else condition
+
+
+def _select_lapsed(per_pipeline: bool) -> Select[Any]:
+    return select(task.c.id, task.c.pipeline_id, task.c.status).where(_lapsed(per_pipeline))
+
+
+@functools.cache
+def _expire_with_events(per_pipeline: bool) -> Select[Any]:
+    """Put lapsed tasks back to PENDING with their events; count them (PostgreSQL).
+
+    Tasks another transaction holds are skipped: it is expiring, claiming
+    or updating them, and a later call sees what it left.
+    """
+    lapsed = _select_lapsed(per_pipeline).with_for_update(skip_locked=True).cte("lapsed")
+    expired = (
+        update(task)
+        .where(task.c.id == lapsed.c.id)
+        .values(status=State.PENDING.value, update_time=_NOW, **_clear_claim())
+        .returning(task.c.id, task.c.pipeline_id, lapsed.c.status.label("old_status"))
+        .cte("expired")
+    )
+    events = _events_from(expired, EventKind.LEASE_EXPIRED, expired.c.old_status, _PENDING)
+    return select(func.count()).select_from(expired).add_cte(events)

@@ -1,0 +1,220 @@
+"""An in-process grpc.aio EchoService and the gateway in front of it.
+
+`client` talks to the app through httpx's ASGI transport; `live` runs it
+under a real uvicorn on port 0 and talks over a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import gateway
+from tests.gateway.testproto import echo_pb2, echo_pb2_grpc
+
+ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["EchoService"]
+DESCRIPTOR_SET = (Path(echo_pb2.__file__).parent / "echo.binpb").read_bytes()
+MAX_BODY = 64 * 1024
+# Metadata the transport adds on its own; not interesting to echo back.
+_TRANSPORT_KEYS = {"user-agent", "grpc-accept-encoding", "grpc-encoding", "x-forwarded-for"}
+
+
+@dataclass
+class EchoState:
+    """What the servicer saw, for tests to inspect."""
+
+    things: dict[str, echo_pb2.Thing] = field(default_factory=dict)
+    watch_started: asyncio.Event = field(default_factory=asyncio.Event)
+    watch_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
+    """The test service behind the gateway."""
+
+    def __init__(self, state: EchoState) -> None:
+        self.state = state
+        self.serials = itertools.count(1)
+
+    async def Echo(
+        self, request: echo_pb2.EchoMessage, context: grpc.aio.ServicerContext
+    ) -> echo_pb2.EchoMessage:  # type: ignore[override]
+        await context.send_initial_metadata((("x-echo", "yes"),))
+        if request.text == "sleep":
+            await asyncio.sleep(min(request.wait.ToTimedelta().total_seconds(), 5))
+        reply = echo_pb2.EchoMessage()
+        reply.CopyFrom(request)
+        for key, value in context.invocation_metadata() or ():
+            if key not in _TRANSPORT_KEYS:
+                reply.metadata[key] = value if isinstance(value, str) else value.hex()
+        return reply
+
+    async def CreateThing(
+        self, request: echo_pb2.CreateThingRequest, context: grpc.aio.ServicerContext
+    ) -> echo_pb2.Thing:  # type: ignore[override]
+        name = request.thing.name
+        if not name:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "thing.name is required")
+        if name not in self.state.things:
+            created = timestamp_pb2.Timestamp()
+            created.GetCurrentTime()
+            self.state.things[name] = echo_pb2.Thing(
+                name=name, serial=next(self.serials), create_time=created
+            )
+            await context.send_initial_metadata((("x-http-code", "201"),))
+        return self.state.things[name]
+
+    async def ListItems(
+        self, request: echo_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> echo_pb2.ListItemsResponse:  # type: ignore[override]
+        if not 0 <= request.total <= 1000 or request.page_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "total must be 0 to 1000")
+        if request.page_token == "loop":
+            return echo_pb2.ListItemsResponse(
+                items=[echo_pb2.Item(index=0)], next_page_token="loop"
+            )
+        if request.page_token and not request.page_token.isdigit():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        start = int(request.page_token or 0)
+        end = min(start + (request.page_size or 3), request.total)
+        items = [echo_pb2.Item(index=index) for index in range(start, end)]
+        return echo_pb2.ListItemsResponse(
+            items=items, next_page_token=str(end) if end < request.total else ""
+        )
+
+    async def Count(
+        self, request: echo_pb2.CountRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[echo_pb2.Tick]:  # type: ignore[override]
+        if not 0 <= request.count <= 100:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "count must be 0 to 100")
+        if request.after and not request.after.isdigit():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after must be a cursor")
+        start = int(request.after or 0)
+        for sent, seq in enumerate(range(start + 1, start + request.count + 1)):
+            if request.fail_after and sent == request.fail_after:
+                await context.abort(grpc.StatusCode.ABORTED, f"failed after {sent} ticks")
+            yield echo_pb2.Tick(seq=seq, cursor=str(seq))
+
+    async def Watch(
+        self, request: echo_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[echo_pb2.Tick]:  # type: ignore[override]
+        self.state.watch_started.set()
+        try:
+            for seq in itertools.count(int(request.after or 0) + 1):
+                yield echo_pb2.Tick(seq=seq, cursor=str(seq))
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            self.state.watch_cancelled.set()
+            raise
+
+    async def Fail(
+        self, request: echo_pb2.FailRequest, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:  # type: ignore[override]
+        if request.code == code_pb2.OK:
+            return empty_pb2.Empty()
+        code = next(each for each in grpc.StatusCode if each.value[0] == request.code)
+        trailing: tuple[tuple[str, bytes], ...] = ()
+        if request.message == "with details":
+            status = status_pb2.Status(code=request.code, message=request.message)
+            status.details.add().Pack(error_details_pb2.ErrorInfo(reason="TEST", domain="echo.v1"))
+            trailing = (("grpc-status-details-bin", status.SerializeToString()),)
+        await context.abort(code, request.message or code.name, trailing_metadata=trailing)
+
+
+def unused_target() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@dataclass
+class Backend:
+    """The running gRPC server."""
+
+    target: str
+    state: EchoState
+    health: health.HealthServicer
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Backend]:
+    """An EchoService (with the health service) on a free port."""
+    server = grpc.aio.server()
+    state = EchoState()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(state), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield Backend(f"127.0.0.1:{port}", state, health_servicer)
+    await server.stop(None)
+
+
+def echo_options(target: str, **changes: object) -> gateway.GatewayOptions:
+    """Gateway options for the echo service, as the tests use them."""
+    options = gateway.GatewayOptions(
+        services=(ECHO_SERVICE,),
+        target=target,
+        document=gateway.DocumentOptions(
+            title="Echo",
+            version="1.0.0",
+            descriptor_sets=(DESCRIPTOR_SET,),
+            aliases=(gateway.SchemaAlias("ColorEnum", "echo.v1.Color", omit_zero_enum_value=True),),
+        ),
+        methods={
+            "echo.v1.EchoService.Count": gateway.MethodOptions(
+                sse_id_field="cursor", last_event_id_field="after"
+            ),
+            "echo.v1.EchoService.Watch": gateway.MethodOptions(sse_id_field="cursor"),
+            "echo.v1.EchoService.CreateThing": gateway.MethodOptions(other_success_statuses=(201,)),
+        },
+        max_body_bytes=MAX_BODY,
+        health_timeout=2.0,
+        forward_headers=("authorization",),
+    )
+    return dataclasses.replace(options, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(backend: Backend) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the gateway app, through the ASGI transport."""
+    app = gateway.create_app(echo_options(backend.target))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        yield http
+    await app.state.gateway.upstream.close()
+
+
+@dataclass
+class Live:
+    """The gateway under uvicorn on a real socket."""
+
+    server: gateway.HttpServer
+    base_url: str
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+async def live(backend: Backend) -> AsyncIterator[Live]:
+    """The gateway served by uvicorn on a free port, and a client for it."""
+    server = gateway.HttpServer(
+        gateway.create_app(echo_options(backend.target)), port=0, grace=2, access_log=False
+    )
+    await server.start()
+    base_url = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
+        yield Live(server, base_url, http)
+    await server.stop()

@@ -1,0 +1,171 @@
+"""The OpenAPI document served by the gateway, generated from the echo descriptors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def document(client: httpx.AsyncClient) -> dict[str, Any]:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def schemas(document: dict[str, Any]) -> dict[str, Any]:
+    result: dict[str, Any] = document["components"]["schemas"]
+    return result
+
+
+async def test_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
+    assert document["openapi"] == "3.1.0"
+    validate(document)
+
+
+async def test_every_binding_is_an_operation_with_a_unique_id(document: dict[str, Any]) -> None:
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids)) == 16
+    assert {
+        "EchoService_Echo",
+        "EchoService_Echo2",
+        "EchoService_Echo9",
+        "EchoService_ListItems2",
+    } <= set(ids)
+
+
+async def test_comments_become_summaries_and_descriptions(document: dict[str, Any]) -> None:
+    echo = document["paths"]["/v1/echo"]["post"]
+    assert echo["summary"] == "Echo a message."
+    assert echo["description"].startswith("Echo a message.\n\nThe answer is the request")
+    assert document["info"]["description"].startswith("Echoes its input")
+    assert document["tags"] == [
+        {"name": "EchoService", "description": document["info"]["description"]}
+    ]
+    message = schemas(document)["echo.v1.EchoMessage"]
+    assert message["description"] == "Every kind of field a request can carry."
+    assert message["properties"]["text"]["description"] == "The text to echo."
+
+
+async def test_field_types(document: dict[str, Any]) -> None:
+    properties = schemas(document)["echo.v1.EchoMessage"]["properties"]
+    assert properties["int32_value"]["type"] == "integer"
+    assert properties["int64_value"]["type"] == "string"
+    assert properties["int64_value"]["format"] == "int64"
+    assert properties["uint64_value"]["format"] == "uint64"
+    assert properties["bool_value"]["type"] == "boolean"
+    assert properties["bytes_value"]["format"] == "byte"
+    assert properties["color"]["$ref"] == "#/components/schemas/echo.v1.Color"
+    assert properties["tags"]["items"] == {"type": "string"}
+    assert properties["inner"]["$ref"] == "#/components/schemas/echo.v1.Inner"
+    assert properties["when"]["format"] == "date-time"
+    assert properties["wait"]["type"] == "string"
+    assert properties["data"]["type"] == "object"
+    assert properties["wrapped"]["type"] == "integer"
+    assert properties["labels"]["additionalProperties"] == {"type": "string"}
+    assert properties["mask"]["type"] == "string"
+
+
+async def test_enums_are_strings_with_documented_values(document: dict[str, Any]) -> None:
+    color = schemas(document)["echo.v1.Color"]
+    assert color["type"] == "string"
+    assert color["enum"] == ["COLOR_UNSPECIFIED", "RED", "GREEN", "BLUE"]
+    assert "- `RED`: Red." in color["description"]
+    alias = schemas(document)["ColorEnum"]
+    assert alias["enum"] == ["RED", "GREEN", "BLUE"]
+    assert "COLOR_UNSPECIFIED" not in alias["description"]
+
+
+async def test_field_behavior_sets_required_and_read_only(document: dict[str, Any]) -> None:
+    message = schemas(document)["echo.v1.EchoMessage"]
+    assert message["required"] == ["text"]
+    assert message["properties"]["metadata"]["readOnly"] is True
+    thing = schemas(document)["echo.v1.Thing"]
+    assert thing["required"] == ["name"]
+    assert thing["properties"]["serial"]["readOnly"] is True
+    assert thing["properties"]["create_time"]["readOnly"] is True
+
+
+async def test_parameters_are_typed(document: dict[str, Any]) -> None:
+    get_echo = document["paths"]["/v1/echo/{text}"]["get"]
+    parameters = {p["name"]: p for p in get_echo["parameters"]}
+    assert parameters["text"]["in"] == "path"
+    assert parameters["text"]["required"] is True
+    assert parameters["int32_value"]["schema"]["format"] == "int32"
+    assert parameters["color"]["schema"] == {"$ref": "#/components/schemas/echo.v1.Color"}
+    assert parameters["tags"]["schema"] == {"type": "array", "items": {"type": "string"}}
+    assert parameters["tags"]["explode"] is True
+    assert parameters["inner.child.label"]["in"] == "query"
+    assert parameters["when"]["schema"]["format"] == "date-time"
+    assert "data" not in parameters
+    assert "labels" not in parameters
+    assert "metadata" not in parameters  # a map
+    fail = document["paths"]["/v1/fail/{code}"]["get"]["parameters"][0]
+    assert fail["schema"] == {"$ref": "#/components/schemas/google.rpc.Code"}
+
+
+async def test_paths_shared_by_bindings_use_one_set_of_names(document: dict[str, Any]) -> None:
+    details = document["paths"]["/v1/echo/{text}/details"]
+    assert set(details) == {"get", "put"}
+    put_path = next(p for p in details["put"]["parameters"] if p["in"] == "path")
+    assert put_path["name"] == "text"
+    assert "Sets `inner.label`." in put_path["description"]
+    assert "/v1/{text}" in document["paths"]
+    pattern = document["paths"]["/v1/{text}"]["get"]["parameters"][0]
+    assert pattern["schema"]["pattern"] == "^texts/[^/]+$"
+
+
+async def test_request_bodies(document: dict[str, Any]) -> None:
+    star = document["paths"]["/v1/echo"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert star == {"$ref": "#/components/schemas/echo.v1.EchoMessage"}
+    shout = document["paths"]["/v1/echo/{text}:shout"]["post"]["requestBody"]["content"]
+    assert "text" not in shout["application/json"]["schema"]["properties"]
+    assert "required" not in shout["application/json"]["schema"]
+    field = document["paths"]["/v1/things"]["post"]["requestBody"]
+    assert field["required"] is True
+    assert field["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/echo.v1.Thing"
+    }
+    assert "requestBody" not in document["paths"]["/v1/echo/{text}"]["get"]
+
+
+async def test_responses(document: dict[str, Any]) -> None:
+    things = document["paths"]["/v1/things"]["post"]["responses"]
+    assert set(things) == {"200", "201", "default"}
+    error = things["default"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/google.rpc.Status"}
+    status = schemas(document)["google.rpc.Status"]
+    assert set(status["properties"]) == {"code", "message", "details"}
+    items = document["paths"]["/items"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"
+    ]
+    assert items == {"type": "array", "items": {"$ref": "#/components/schemas/echo.v1.Item"}}
+
+
+async def test_streams_are_documented_as_ndjson_and_sse(document: dict[str, Any]) -> None:
+    count = document["paths"]["/v1/count"]["get"]
+    content = count["responses"]["200"]["content"]
+    assert set(content) == {"application/x-ndjson", "text/event-stream"}
+    line = content["application/x-ndjson"]["schema"]
+    assert line["properties"]["result"] == {"$ref": "#/components/schemas/echo.v1.Tick"}
+    header = next(p for p in count["parameters"] if p["in"] == "header")
+    assert header["name"] == "Last-Event-ID"
+
+
+async def test_bearer_security_applies_everywhere(document: dict[str, Any]) -> None:
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A bearer token.",
+    }
+    assert document["security"] == [{"bearer": []}]

@@ -1,0 +1,78 @@
+"""The docs page and its offline assets, the index page, and the health check."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2
+
+import gateway
+from tests.gateway.conftest import Backend, Live, echo_options, unused_target
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_docs_page_and_its_assets_are_served_locally(live: Live) -> None:
+    page = await live.client.get("/docs")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'url: "/openapi.json"' in page.text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert {asset.rsplit("/", 1)[1] for asset in assets} >= {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+    }
+    for asset in assets:
+        assert asset.startswith("/docs/static/"), asset
+        response = await live.client.get(asset)
+        assert response.status_code == 200, asset
+        assert len(response.content) > 100
+    bundle = await live.client.get("/docs/static/swagger-ui-bundle.js")
+    assert "javascript" in bundle.headers["content-type"]
+    # Swagger UI 5 is the first with the OpenAPI 3.1 plugin.
+    assert "isOAS31" in bundle.text
+
+
+async def test_index_links_to_docs_and_names_the_target(
+    client: httpx.AsyncClient, backend: Backend
+) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200
+    assert 'href="/docs"' in page.text
+    assert 'href="/openapi.json"' in page.text
+    assert backend.target in page.text
+
+
+async def test_healthz_reports_serving(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz")
+    assert (response.status_code, response.json()) == (200, {"status": "SERVING"})
+
+
+async def test_healthz_is_503_when_not_serving(client: httpx.AsyncClient, backend: Backend) -> None:
+    backend.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    response = await client.get("/healthz")
+    assert (response.status_code, response.json()) == (503, {"status": "NOT_SERVING"})
+
+
+async def test_healthz_is_503_when_the_server_is_down() -> None:
+    app = gateway.create_app(echo_options(unused_target(), health_timeout=1.0))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        response = await http.get("/healthz")
+    await app.state.gateway.upstream.close()
+    assert (response.status_code, response.json()) == (503, {"status": "UNAVAILABLE"})
+
+
+async def test_openapi_served_at_every_configured_path(backend: Backend) -> None:
+    options = echo_options(backend.target, openapi_paths=("/openapi.json", "/api/v1/openapi.json"))
+    app = gateway.create_app(options)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        first = await http.get("/openapi.json")
+        second = await http.get("/api/v1/openapi.json")
+    assert first.json() == second.json()
+    assert first.json()["info"]["title"] == "Echo"

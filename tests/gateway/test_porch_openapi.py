@@ -1,0 +1,71 @@
+"""porch's OpenAPI document, built from its descriptors as the porch server builds it."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import pytest
+from openapi_spec_validator import validate
+
+import gateway
+from porch_stubs.v1 import porch_pb2
+
+STATES = ["PENDING", "CLAIMED", "RUNNING", "DONE", "FAILED", "CANCELLED"]
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    descriptor_set = resources.files("porch_stubs.v1").joinpath("porch.binpb").read_bytes()
+    options = gateway.DocumentOptions(
+        title="porch",
+        version="1",
+        descriptor_sets=(descriptor_set,),
+        # npg_porch_client validates statuses against this list: STATE_UNSPECIFIED
+        # is never stored and no client may send it, so the alias leaves it out.
+        aliases=(
+            gateway.SchemaAlias("TaskStateEnum", "porch.v1.Task.State", omit_zero_enum_value=True),
+        ),
+    )
+    return gateway.build_openapi([porch_pb2.DESCRIPTOR.services_by_name["PorchService"]], options)
+
+
+def test_document_is_valid(document: dict[str, Any]) -> None:
+    validate(document)
+
+
+def test_task_state_enum_for_npg_porch_client(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    assert schemas["TaskStateEnum"]["type"] == "string"
+    assert schemas["TaskStateEnum"]["enum"] == STATES
+    # Responses can still carry the zero value (e.g. an event's old status).
+    assert schemas["porch.v1.Task.State"]["enum"] == ["STATE_UNSPECIFIED", *STATES]
+
+
+def test_npg_porch_routes_are_operations(document: dict[str, Any]) -> None:
+    paths = document["paths"]
+    expected = {
+        "/pipelines": {"get", "post"},
+        "/pipelines/{name}": {"get"},
+        "/pipelines/{pipeline_name}/token/{description}": {"post"},
+        "/tasks": {"get", "post", "put"},
+        "/tasks/claim": {"post"},
+    }
+    for path, methods in expected.items():
+        assert set(paths[path]) == methods, path
+    tasks = paths["/tasks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert tasks == {"type": "array", "items": {"$ref": "#/components/schemas/porch.v1.Task"}}
+    status = next(p for p in paths["/tasks"]["get"]["parameters"] if p["name"] == "status")
+    assert status["schema"] == {"$ref": "#/components/schemas/porch.v1.Task.State"}
+
+
+def test_comments_and_field_behaviour(document: dict[str, Any]) -> None:
+    claim = document["paths"]["/tasks/claim"]["post"]
+    assert claim["summary"] == "Claim up to `num_tasks` PENDING tasks of a pipeline, oldest first."
+    task = document["components"]["schemas"]["porch.v1.Task"]
+    assert task["required"] == ["pipeline"]
+    assert task["properties"]["create_time"]["readOnly"] is True
+    assert task["properties"]["create_time"]["format"] == "date-time"
+    assert "SHA-256" in task["properties"]["task_input_id"]["description"]
+    watch = document["paths"]["/v1/events:watch"]["get"]["responses"]["200"]["content"]
+    assert set(watch) == {"application/x-ndjson", "text/event-stream"}

@@ -1,0 +1,454 @@
+"""HttpRule bindings, request building, JSON output and errors, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+import gateway
+from tests.gateway.conftest import MAX_BODY, Live, echo_options, unused_target
+
+pytestmark = pytest.mark.asyncio
+
+ECHO_DEFAULTS = {
+    "text": "",
+    "int32_value": 0,
+    "int64_value": "0",
+    "uint32_value": 0,
+    "uint64_value": "0",
+    "double_value": 0.0,
+    "float_value": 0.0,
+    "bool_value": False,
+    "bytes_value": "",
+    "color": "COLOR_UNSPECIFIED",
+    "tags": [],
+    "colors": [],
+    "numbers": [],
+    "labels": {},
+    "metadata": {},
+}
+
+
+async def test_body_star_prints_every_field_without_presence(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/echo", json={"text": "hi"})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    # Message fields and `optional` scalars have presence: unset, they stay absent.
+    assert response.json() == {**ECHO_DEFAULTS, "text": "hi"}
+
+
+async def test_body_accepts_snake_and_camel_case_and_prints_int64_as_strings(
+    client: httpx.AsyncClient,
+) -> None:
+    body = {
+        "text": "all",
+        "int32Value": -5,
+        "int64_value": "9007199254740993",
+        "uint64Value": 18446744073709551615,
+        "doubleValue": "NaN",
+        "bool_value": True,
+        "bytes_value": base64.b64encode(b"\x00\xff").decode(),
+        "color": "GREEN",
+        "colors": ["RED", 3],
+        "inner": {"label": "in", "count": 7, "child": {"label": "deeper"}},
+        "maybe": 0,
+        "when": "2024-05-06T07:08:09.5+01:00",
+        "wait": "1.5s",
+        "data": {"k": [1, "two", None, True]},
+        "wrapped": 12,
+        "labels": {"a": "b"},
+        "mask": "inner.label,int32Value",
+    }
+    response = await client.post("/v1/echo", json=body)
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["int32_value"] == -5
+    assert echoed["int64_value"] == "9007199254740993"
+    assert echoed["uint64_value"] == "18446744073709551615"
+    assert echoed["double_value"] == "NaN"
+    assert echoed["bytes_value"] == "AP8="
+    assert echoed["colors"] == ["RED", "BLUE"]
+    assert echoed["inner"] == {
+        "label": "in",
+        "count": "7",
+        "color": "COLOR_UNSPECIFIED",
+        "child": {"label": "deeper", "count": "0", "color": "COLOR_UNSPECIFIED"},
+    }
+    assert echoed["maybe"] == 0
+    assert echoed["when"] == "2024-05-06T06:08:09.500Z"
+    assert echoed["wait"] == "1.500s"
+    assert echoed["data"] == {"k": [1.0, "two", None, True]}
+    assert echoed["wrapped"] == 12
+    assert echoed["labels"] == {"a": "b"}
+    assert echoed["mask"] == "inner.label,int32Value"
+
+
+async def test_query_parameters_are_typed_by_field(client: httpx.AsyncClient) -> None:
+    params = [
+        ("int32_value", "-2"),
+        ("int64_value", "-9007199254740993"),
+        ("uint32_value", "4294967295"),
+        ("uint64_value", "18446744073709551615"),
+        ("double_value", "2.5"),
+        ("float_value", "-0.5"),
+        ("bool_value", "true"),
+        ("bytes_value", "AP8"),
+        ("color", "BLUE"),
+        ("tags", "a"),
+        ("tags", "b"),
+        ("colors", "RED"),
+        ("colors", "2"),
+        ("numbers", "1"),
+        ("numbers", "-1"),
+        ("inner.label", "nested"),
+        ("inner.count", "3"),
+        ("inner.color", "1"),
+        ("inner.child.label", "deep"),
+        ("maybe", "0"),
+        ("when", "2024-01-01T00:00:00Z"),
+        ("wait", "3s"),
+        ("wrapped", "-4"),
+        ("mask", "a,b.c"),
+    ]
+    response = await client.get("/v1/echo/query", params=params)
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["text"] == "query"
+    assert (echoed["int32_value"], echoed["int64_value"]) == (-2, "-9007199254740993")
+    assert (echoed["uint32_value"], echoed["uint64_value"]) == (4294967295, "18446744073709551615")
+    assert (echoed["double_value"], echoed["float_value"], echoed["bool_value"]) == (
+        2.5,
+        -0.5,
+        True,
+    )
+    assert echoed["bytes_value"] == "AP8="
+    assert echoed["color"] == "BLUE"
+    assert (echoed["tags"], echoed["colors"], echoed["numbers"]) == (
+        ["a", "b"],
+        ["RED", "GREEN"],
+        [1, -1],
+    )
+    assert echoed["inner"]["label"] == "nested"
+    assert echoed["inner"]["count"] == "3"
+    assert echoed["inner"]["color"] == "RED"
+    assert echoed["inner"]["child"]["label"] == "deep"
+    assert echoed["maybe"] == 0
+    assert (echoed["when"], echoed["wait"], echoed["wrapped"], echoed["mask"]) == (
+        "2024-01-01T00:00:00Z",
+        "3s",
+        -4,
+        "a,b.c",
+    )
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "named"),
+    [
+        ("int32_value", "1.5", "int32_value"),
+        ("int32_value", "2147483648", "int32_value"),
+        ("uint32_value", "-1", "uint32_value"),
+        ("bool_value", "yes", "bool_value"),
+        ("color", "PURPLE", "color"),
+        ("color", "9", "color"),
+        ("double_value", "many", "double_value"),
+        ("bytes_value", "!!", "bytes_value"),
+        ("when", "yesterday", "when"),
+        ("nope", "1", "nope"),
+        ("inner.nope", "1", "inner.nope"),
+        ("text.deeper", "1", "text.deeper"),
+        ("inner", "x", "inner"),
+        ("labels", "x", "labels"),
+    ],
+)
+async def test_bad_query_parameter_is_400_naming_it(
+    client: httpx.AsyncClient, param: str, value: str, named: str
+) -> None:
+    response = await client.get("/v1/echo/x", params={param: value})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["code"] == 3
+    assert named in body["message"]
+    assert body["details"] == []
+
+
+async def test_path_variable_is_percent_decoded(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/echo/a%2Fb%20c%3Ad")
+    assert response.json()["text"] == "a/b c:d"
+
+
+async def test_verb_and_path_overrides_body(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/echo/from-path:shout", json={"text": "from-body", "int32_value": 3}
+    )
+    assert response.status_code == 200
+    assert (response.json()["text"], response.json()["int32_value"]) == ("from-path", 3)
+
+
+async def test_body_field_with_nested_path_variable(client: httpx.AsyncClient) -> None:
+    response = await client.put(
+        "/v1/echo/from-path/details",
+        json={"label": "from-body", "count": "5"},
+        params={"text": "t"},
+    )
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert echoed["inner"]["label"] == "from-path"
+    assert echoed["inner"]["count"] == "5"
+    assert echoed["text"] == "t"
+
+
+async def test_query_parameter_cannot_set_a_body_field(client: httpx.AsyncClient) -> None:
+    response = await client.put("/v1/echo/x/details", json={}, params={"inner.count": "1"})
+    assert response.status_code == 400
+    assert "inner.count" in response.json()["message"]
+
+
+async def test_response_body_selects_a_message_field(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/echo/x/details", params={"inner.label": "y"})
+    assert response.json() == {"label": "y", "count": "0", "color": "COLOR_UNSPECIFIED"}
+
+
+async def test_repeated_body_field_and_repeated_response_body(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/echo/x/tags", json=["a", "b"])
+    assert response.status_code == 200
+    assert response.json() == ["a", "b"]
+
+
+async def test_pattern_variables(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/texts/abc")).json()["text"] == "texts/abc"
+    assert (await client.get("/v1/files/a/b/c.txt:read")).json()["text"] == "a/b/c.txt"
+    # A multi-segment value keeps an encoded slash encoded.
+    assert (await client.get("/v1/files/a%2Fb/c:read")).json()["text"] == "a%2Fb/c"
+    assert (await client.get("/v1/others/abc")).status_code == 404
+    assert (await client.get("/v1/texts/a/b")).status_code == 404
+
+
+async def test_nested_path_variables_are_typed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/deep/leaf/42")
+    assert response.json()["inner"]["child"]["label"] == "leaf"
+    assert response.json()["inner"]["count"] == "42"
+    response = await client.get("/v1/deep/leaf/many")
+    assert response.status_code == 400
+    assert "inner.count" in response.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/echo/x/", "/v1/texts/abc/", "/v1/files/a:read/", "/items/"])
+async def test_trailing_slash_is_tolerated(client: httpx.AsyncClient, path: str) -> None:
+    assert (await client.get(path)).status_code == 200
+
+
+async def test_x_http_code_metadata_sets_the_status(client: httpx.AsyncClient) -> None:
+    first = await client.post("/v1/things", json={"name": "a"})
+    assert first.status_code == 201
+    assert first.json()["serial"] == "1"
+    assert first.json()["create_time"].endswith("Z")
+    again = await client.post("/v1/things/", json={"name": "a"})
+    assert again.status_code == 200
+    assert again.json() == first.json()
+
+
+async def test_initial_metadata_becomes_response_headers(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/echo/x")
+    assert response.headers["grpc-metadata-x-echo"] == "yes"
+    created = await client.post("/v1/things", json={"name": "b"})
+    assert "grpc-metadata-x-http-code" not in created.headers
+
+
+async def test_object_answer_keeps_the_page_token(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/items", params={"total": 7})
+    assert response.json() == {
+        "items": [{"index": 0}, {"index": 1}, {"index": 2}],
+        "next_page_token": "3",
+    }
+
+
+@pytest.mark.parametrize(("total", "page_size"), [(0, 0), (2, 0), (7, 0), (7, 2), (100, 7)])
+async def test_bare_array_answer_concatenates_every_page(
+    client: httpx.AsyncClient, total: int, page_size: int
+) -> None:
+    response = await client.get("/items", params={"total": total, "page_size": page_size})
+    assert response.status_code == 200
+    assert response.json() == [{"index": index} for index in range(total)]
+
+
+async def test_pagination_stops_on_a_repeated_token(client: httpx.AsyncClient) -> None:
+    response = await client.get("/items", params={"page_token": "loop"})
+    assert response.status_code == 500
+    assert "repeated a page token" in response.json()["message"]
+
+
+async def test_error_on_a_later_page_is_the_answer(client: httpx.AsyncClient) -> None:
+    response = await client.get("/items", params={"total": 2000})
+    assert response.status_code == 400
+
+
+STATUS_MAP = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+
+
+@pytest.mark.parametrize(("number", "name"), list(enumerate(STATUS_MAP)))
+async def test_grpc_codes_map_to_http_statuses(
+    client: httpx.AsyncClient, number: int, name: str
+) -> None:
+    by_name = await client.get(f"/v1/fail/{name}", params={"message": f"it is {name}"})
+    by_number = await client.get(f"/v1/fail/{number}")
+    assert by_name.status_code == by_number.status_code == STATUS_MAP[name]
+    if name == "OK":
+        assert by_name.json() == {}
+        return
+    assert by_name.json() == {"code": number, "message": f"it is {name}", "details": []}
+    assert by_number.json()["message"] == name
+
+
+async def test_error_details_are_rendered(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/fail/NOT_FOUND", params={"message": "with details"})
+    assert response.status_code == 404
+    assert response.json()["details"] == [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "TEST", "domain": "echo.v1"}
+    ]
+
+
+async def test_unknown_path_is_404_status_json(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v2/nothing")
+    assert response.status_code == 404
+    assert response.json() == {"code": 5, "message": "no route for this path", "details": []}
+
+
+async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/v1/echo/x/details")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, PUT"
+    assert response.json()["code"] == 12
+    fixed = await client.post("/healthz")
+    assert fixed.status_code == 405
+    assert set(fixed.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert fixed.json()["code"] == 12
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"{", "malformed JSON"),
+        (b"[1]", "JSON object"),
+        (b'{"int32_value": "x"}', "int32_value"),
+        (b'{"int32_value": 1e20}', "int32_value"),
+        (b'{"nope": 1}', "nope"),
+        (b'{"inner": {"nope": 1}}', "nope"),
+        (b'{"color": "PURPLE"}', "color"),
+        (b'{"when": "noon"}', "when"),
+        (b"\xff", "UTF-8"),
+    ],
+)
+async def test_bad_body_is_400_naming_the_problem(
+    client: httpx.AsyncClient, body: bytes, named: str
+) -> None:
+    response = await client.post(
+        "/v1/echo", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert named in response.json()["message"]
+
+
+async def test_empty_body_is_an_empty_message(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/echo")
+    assert response.status_code == 200
+    assert response.json()["text"] == ""
+
+
+async def test_body_star_takes_no_query_parameters(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/echo", json={}, params={"text": "x"})
+    assert response.status_code == 400
+    assert "'text'" in response.json()["message"]
+
+
+async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
+    too_big = b'{"text": "' + b"x" * MAX_BODY + b'"}'
+    response = await client.post("/v1/echo", content=too_big)
+    assert response.status_code == 413
+    assert response.json()["code"] == 8
+
+
+async def test_streamed_body_over_the_limit_is_413_without_content_length(live: Live) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(MAX_BODY // 1024 + 1):
+            yield b"x" * 1024
+        yield b'"}'
+
+    response = await live.client.post("/v1/echo", content=chunks())
+    assert response.status_code == 413
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+
+
+async def test_headers_are_forwarded_as_metadata(client: httpx.AsyncClient) -> None:
+    headers = {
+        "Authorization": "Bearer secret",
+        "Grpc-Metadata-X-Trace": "t-1",
+        "Grpc-Metadata-Blob-Bin": base64.b64encode(b"\x01\x02").decode(),
+        "X-Not-Forwarded": "no",
+    }
+    response = await client.get("/v1/echo/x", headers=headers)
+    assert response.json()["metadata"] == {
+        "authorization": "Bearer secret",
+        "x-trace": "t-1",
+        "blob-bin": "0102",
+    }
+
+
+async def test_reserved_metadata_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/echo/x", headers={"Grpc-Metadata-Grpc-Timeout": "1S"})
+    assert response.status_code == 400
+
+
+async def test_grpc_timeout_header_sets_the_deadline(client: httpx.AsyncClient) -> None:
+    slow = await client.get(
+        "/v1/echo/sleep", params={"wait": "2s"}, headers={"Grpc-Timeout": "50m"}
+    )
+    assert slow.status_code == 504
+    assert slow.json()["code"] == 4
+    fast = await client.get("/v1/echo/sleep", params={"wait": "0s"}, headers={"Grpc-Timeout": "5S"})
+    assert fast.status_code == 200
+    bad = await client.get("/v1/echo/x", headers={"Grpc-Timeout": "soon"})
+    assert bad.status_code == 400
+
+
+async def test_unavailable_backend_is_503() -> None:
+    app = gateway.create_app(echo_options(unused_target()))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        response = await http.get("/v1/echo/x")
+    await app.state.gateway.upstream.close()
+    assert response.status_code == 503
+    assert response.json()["code"] == 14
+
+
+async def test_over_a_real_socket(live: Live) -> None:
+    response = await live.client.get("/v1/echo/over-tcp", params={"int64_value": "5"})
+    assert response.status_code == 200
+    assert response.json()["int64_value"] == "5"
+    created = await live.client.post("/v1/things", json={"name": "tcp"})
+    assert created.status_code == 201
+    assert (await live.client.get("/items", params={"total": 5})).json() == [
+        {"index": i} for i in range(5)
+    ]

@@ -1,0 +1,506 @@
+"""Every PorchService method through a real gRPC server, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from porch_server.digest import task_input_id
+from porch_server.models import Role
+from porch_stubs.v1 import porch_pb2 as pb
+
+from .conftest import Porch, start_porch
+
+State = pb.Task.State
+Code = grpc.StatusCode
+
+
+def fails(code: grpc.StatusCode, call: Any, request: Any, match: str = "") -> str:
+    """Call and assert it fails with code; return the error's message."""
+    with pytest.raises(grpc.RpcError) as raised:
+        call(request)
+    error: Any = raised.value
+    assert error.code() == code, error.details()
+    assert match in error.details()
+    return str(error.details())
+
+
+def pipeline_request(name: str, uri: str = "u", version: str = "1") -> pb.CreatePipelineRequest:
+    return pb.CreatePipelineRequest(pipeline=pb.Pipeline(name=name, uri=uri, version=version))
+
+
+def register(pipeline: str, **task_input: Any) -> pb.RegisterTaskRequest:
+    task = pb.Task(pipeline=pb.Pipeline(name=pipeline))
+    task.task_input.update(task_input)
+    return pb.RegisterTaskRequest(task=task)
+
+
+def claim(pipeline: str, num_tasks: int | None = None, **kwargs: Any) -> pb.ClaimTasksRequest:
+    return pb.ClaimTasksRequest(pipeline=pb.Pipeline(name=pipeline), num_tasks=num_tasks, **kwargs)
+
+
+def update(pipeline: str, task_id: str, status: int, message: str = "") -> pb.UpdateTaskRequest:
+    task = pb.Task(pipeline=pb.Pipeline(name=pipeline), task_input_id=task_id, status=status)
+    return pb.UpdateTaskRequest(task=task, message=message)
+
+
+# -- pipelines ---------------------------------------------------------------
+
+
+def test_create_get_and_list_pipelines(porch: Porch) -> None:
+    admin = porch.stub(porch.admin)
+    created, call = admin.CreatePipeline.with_call(pipeline_request("p1", "https://x/p1", "2.0"))
+    assert (created.name, created.uri, created.version) == ("p1", "https://x/p1", "2.0")
+    assert ("x-http-code", "201") in call.initial_metadata()
+    admin.CreatePipeline(pipeline_request("p2", "https://x/p2", "1.0"))
+    admin.CreatePipeline(pipeline_request("p3", "https://x/p1", "1.0"))
+    assert admin.GetPipeline(pb.GetPipelineRequest(name="p2")).uri == "https://x/p2"
+
+    def names(**filters: str) -> list[str]:
+        return [p.name for p in admin.ListPipelines(pb.ListPipelinesRequest(**filters)).pipelines]
+
+    assert names() == ["p1", "p2", "p3"]
+    assert names(uri="https://x/p1") == ["p1", "p3"]
+    assert names(uri="https://x/p1", version="1.0") == ["p3"]
+    first = admin.ListPipelines(pb.ListPipelinesRequest(page_size=2))
+    assert [p.name for p in first.pipelines] == ["p1", "p2"] and first.next_page_token
+    rest = admin.ListPipelines(
+        pb.ListPipelinesRequest(page_size=2, page_token=first.next_page_token)
+    )
+    assert [p.name for p in rest.pipelines] == ["p3"] and not rest.next_page_token
+
+
+def test_pipeline_errors(porch: Porch) -> None:
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p1"))
+    fails(Code.ALREADY_EXISTS, admin.CreatePipeline, pipeline_request("p1"), "'p1' already exists")
+    fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request("p2", uri=""), "uri")
+    fails(
+        Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request("p2", version=""), "version"
+    )
+    fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(""), "name is required")
+    fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request("x" * 256), "255")
+    fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name="nope"), "'nope' not found")
+    fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(page_size=-1))
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.ListPipelines,
+        pb.ListPipelinesRequest(page_token="garbage"),
+        "page_token",
+    )
+    assert admin.GetPipeline(pb.GetPipelineRequest(name="p1")).uri == "u"
+
+
+# -- tokens ------------------------------------------------------------------
+
+
+def test_token_lifecycle(porch: Porch) -> None:
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p1"))
+    made, call = admin.CreateToken.with_call(
+        pb.CreateTokenRequest(pipeline_name="p1", description="wrapper on host a")
+    )
+    assert ("x-http-code", "201") in call.initial_metadata()
+    assert made.role == pb.Token.PIPELINE and made.name == "p1"
+    assert len(made.token) >= 32 and made.token_id
+    reader = admin.CreateToken(pb.CreateTokenRequest(description="dashboard", role=pb.Token.READER))
+    assert reader.role == pb.Token.READER and reader.name == ""
+    listed = admin.ListTokens(pb.ListTokensRequest()).tokens
+    assert made.token_id in {t.token_id for t in listed}
+    assert all(made.token not in str(t) for t in listed)
+    only = admin.ListTokens(pb.ListTokensRequest(pipeline_name="p1")).tokens
+    assert [t.description for t in only] == ["wrapper on host a"]
+    readers = admin.ListTokens(pb.ListTokensRequest(role=pb.Token.READER)).tokens
+    assert [t.token_id for t in readers] == [reader.token_id]
+
+    wrapper = porch.stub(made.token)
+    assert wrapper.RegisterTask(register("p1", x=1)).created
+    revoked = admin.RevokeToken(pb.RevokeTokenRequest(token_id=made.token_id))
+    assert revoked.HasField("revoke_time")
+    fails(Code.UNAUTHENTICATED, wrapper.RegisterTask, register("p1", x=2), "revoked")
+    fails(Code.UNAUTHENTICATED, wrapper.GetPipeline, pb.GetPipelineRequest(name="p1"), "revoked")
+    active = {t.token_id for t in admin.ListTokens(pb.ListTokensRequest()).tokens}
+    assert made.token_id not in active
+    every = admin.ListTokens(pb.ListTokensRequest(include_revoked=True)).tokens
+    assert made.token_id in {t.token_id for t in every}
+
+
+def test_token_errors(porch: Porch) -> None:
+    admin = porch.stub(porch.admin)
+    fails(
+        Code.NOT_FOUND,
+        admin.CreateToken,
+        pb.CreateTokenRequest(pipeline_name="nope", description="d"),
+        "'nope'",
+    )
+    fails(Code.INVALID_ARGUMENT, admin.CreateToken, pb.CreateTokenRequest(description="d"), "role")
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.CreateToken,
+        pb.CreateTokenRequest(pipeline_name="p", description="d", role=pb.Token.READER),
+        "pipeline_name",
+    )
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.CreateToken,
+        pb.CreateTokenRequest(description="d", role=pb.Token.PIPELINE),
+        "pipeline_name",
+    )
+    fails(Code.INVALID_ARGUMENT, admin.CreateToken, pb.CreateTokenRequest(role=pb.Token.READER))
+    fails(Code.NOT_FOUND, admin.RevokeToken, pb.RevokeTokenRequest(token_id="999999"))
+    fails(Code.INVALID_ARGUMENT, admin.RevokeToken, pb.RevokeTokenRequest())
+
+
+def test_authentication_failures(porch: Porch) -> None:
+    request = pb.GetPipelineRequest(name="p1")
+    fails(Code.UNAUTHENTICATED, porch.stub().GetPipeline, request, "no token")
+    fails(Code.UNAUTHENTICATED, porch.stub("A" * 43).GetPipeline, request, "unknown token")
+    fails(Code.UNAUTHENTICATED, porch.stub("short").GetPipeline, request, "malformed")
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    raw = channel.unary_unary(
+        "/porch.v1.PorchService/GetPipeline",
+        request_serializer=pb.GetPipelineRequest.SerializeToString,
+        response_deserializer=pb.Pipeline.FromString,
+    )
+    fails(
+        Code.UNAUTHENTICATED,
+        lambda r: raw(r, metadata=[("authorization", f"Basic {porch.admin}")]),
+        request,
+        "Bearer",
+    )
+
+
+def test_npg_porch_style_token_works(porch: Porch) -> None:
+    porch.stub(porch.admin).CreatePipeline(pipeline_request("p1"))
+    imported = "0123456789abcdef0123456789abcdef"
+    from porch_server import auth
+
+    porch.server.store.create_token(Role.PIPELINE, "p1", "imported", auth.hash_secret(imported))
+    assert porch.stub(imported).RegisterTask(register("p1", run=1)).created
+
+
+def test_role_matrix(porch: Porch) -> None:
+    """Each role calling each method: PERMISSION_DENIED exactly where the spec says."""
+    wrapper = porch.pipeline("p1")
+    porch.pipeline("p2")
+    tokens = {
+        "admin": porch.admin,
+        "reader": porch.token(Role.READER),
+        "p1": wrapper,
+        "p2": porch.token(Role.PIPELINE, "p2"),
+    }
+    task_id = porch.stub(wrapper).RegisterTask(register("p1", n=0)).task.task_input_id
+    requests: dict[str, Any] = {
+        "CreatePipeline": lambda i: pipeline_request(f"new{i}"),
+        "GetPipeline": lambda i: pb.GetPipelineRequest(name="p1"),
+        "ListPipelines": lambda i: pb.ListPipelinesRequest(),
+        "CreateToken": lambda i: pb.CreateTokenRequest(pipeline_name="p1", description="d"),
+        "ListTokens": lambda i: pb.ListTokensRequest(),
+        "RevokeToken": lambda i: pb.RevokeTokenRequest(token_id="999999"),
+        "RegisterTask": lambda i: register("p1", n=i),
+        "RegisterTasks": lambda i: pb.RegisterTasksRequest(
+            pipeline_name="p1", tasks=[register("p1", m=i).task]
+        ),
+        "GetTask": lambda i: pb.GetTaskRequest(pipeline_name="p1", task_input_id=task_id),
+        "ListTasks": lambda i: pb.ListTasksRequest(pipeline_name="p1"),
+        "ClaimTasks": lambda i: claim("p1"),
+        "UpdateTask": lambda i: update("p1", task_id, State.PENDING),
+        "ListTaskEvents": lambda i: pb.ListTaskEventsRequest(
+            pipeline_name="p1", task_input_id=task_id
+        ),
+    }
+    allowed = {
+        "admin": {"CreatePipeline", "CreateToken", "ListTokens", "RevokeToken"},
+        "reader": set(),
+        "p1": {"RegisterTask", "RegisterTasks", "ClaimTasks", "UpdateTask"},
+        "p2": set(),
+    }
+    reads = {"GetPipeline", "ListPipelines", "GetTask", "ListTasks", "ListTaskEvents"}
+    for index, (who, secret) in enumerate(tokens.items()):
+        client = porch.stub(secret)
+        for method, make in requests.items():
+            call = getattr(client, method)
+            if method in reads or method in allowed[who]:
+                try:
+                    call(make(index))
+                except grpc.RpcError as error:
+                    # RevokeToken of an unknown id gets past authorization to NOT_FOUND
+                    assert error.code() == Code.NOT_FOUND, (who, method, error)
+            else:
+                message = fails(Code.PERMISSION_DENIED, call, make(index))
+                if who == "p2":
+                    assert "'p1'" in message or "admin" in message, message
+
+
+def test_anonymous_reads_only_when_allowed(db_url: str) -> None:
+    porch = start_porch(db_url, anonymous_reads=True)
+    try:
+        porch.stub(porch.admin).CreatePipeline(pipeline_request("p1"))
+        anonymous = porch.stub()
+        assert anonymous.GetPipeline(pb.GetPipelineRequest(name="p1")).name == "p1"
+        assert len(anonymous.ListTasks(pb.ListTasksRequest()).tasks) == 0
+        fails(Code.UNAUTHENTICATED, anonymous.CreatePipeline, pipeline_request("p2"))
+        fails(Code.UNAUTHENTICATED, anonymous.ClaimTasks, claim("p1"))
+    finally:
+        porch.server.stop()
+
+
+# -- tasks -------------------------------------------------------------------
+
+
+def test_register_is_idempotent(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    first, call = wrapper.RegisterTask.with_call(register("p1", study_id=100, id_run=45925))
+    assert first.created and ("x-http-code", "201") in call.initial_metadata()
+    task = first.task
+    assert task.task_input_id == "ea058ea93114d621c1897f1e47cad245ba2a5b04edbd23a1d61ef502d5d5b76e"
+    assert task.status == State.PENDING and task.pipeline.uri == "https://example.org/p"
+    assert dict(task.task_input) == {"study_id": 100, "id_run": 45925}
+    again, call = wrapper.RegisterTask.with_call(register("p1", id_run=45925.0, study_id=100.0))
+    assert not again.created and ("x-http-code", "201") not in call.initial_metadata()
+    assert again.task.task_input_id == task.task_input_id
+    assert again.task.create_time == task.create_time
+
+
+def test_register_ignores_a_given_status(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    request = register("p1", a=1)
+    request.task.status = State.DONE
+    request.task.task_input_id = "whatever"
+    task = wrapper.RegisterTask(request).task
+    assert task.status == State.PENDING and task.task_input_id == task_input_id({"a": 1})
+
+
+def test_register_errors(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    no_input = pb.RegisterTaskRequest(task=pb.Task(pipeline=pb.Pipeline(name="p1")))
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, no_input, "task.task_input is required")
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, register("", a=1), "pipeline.name")
+    other = porch.stub(porch.pipeline("p2"))
+    fails(Code.PERMISSION_DENIED, other.RegisterTask, register("p1", a=1), "'p1'")
+    ghost = porch.stub(porch.token(Role.PIPELINE, "p2"))
+    assert ghost.RegisterTask(register("p2", a=1)).created
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, register("p1", big="x" * (1024 * 1024)))
+
+
+def test_register_tasks_in_one_call(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    wrapper.RegisterTask(register("p1", n=2))
+    inputs = [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 1}]
+    tasks = []
+    for item in inputs:
+        task = pb.Task()
+        task.task_input.update(item)
+        tasks.append(task)
+    results = wrapper.RegisterTasks(
+        pb.RegisterTasksRequest(pipeline_name="p1", tasks=tasks)
+    ).results
+    assert [r.created for r in results] == [True, False, True, False]
+    assert [r.task.task_input_id for r in results] == [task_input_id(i) for i in inputs]
+    mixed = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[register("p2", n=1).task])
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, mixed, "tasks[0] is of pipeline 'p2'")
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, pb.RegisterTasksRequest(pipeline_name="p1"))
+    named = pb.RegisterTasksRequest(tasks=[register("p1", n=9).task])
+    assert wrapper.RegisterTasks(named).results[0].created
+
+
+def test_get_task(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task = wrapper.RegisterTask(register("p1", a="/x/é")).task
+    got = wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=task.task_input_id))
+    assert got == task
+    missing = pb.GetTaskRequest(pipeline_name="p1", task_input_id="0" * 64)
+    fails(Code.NOT_FOUND, wrapper.GetTask, missing, "not found")
+    fails(
+        Code.INVALID_ARGUMENT,
+        wrapper.GetTask,
+        pb.GetTaskRequest(pipeline_name="p1", task_input_id="xyz"),
+        "64",
+    )
+
+
+def test_list_tasks_walks_250_without_gaps_or_repeats(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    batch = []
+    for n in range(250):
+        task = pb.Task()
+        task.task_input.update({"n": n})
+        batch.append(task)
+    wrapper.RegisterTasks(pb.RegisterTasksRequest(pipeline_name="p1", tasks=batch))
+    seen: list[int] = []
+    request = pb.ListTasksRequest(pipeline_name="p1", page_size=7)
+    pages = 0
+    while True:
+        response = wrapper.ListTasks(request)
+        pages += 1
+        seen += [int(t.task_input["n"]) for t in response.tasks]
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    assert seen == list(range(250)) and pages == 36
+    changed = pb.ListTasksRequest(
+        pipeline_name="p1", status=State.DONE, page_token=response.next_page_token or "x"
+    )
+    fails(Code.INVALID_ARGUMENT, wrapper.ListTasks, changed, "page_token")
+    assert len(wrapper.ListTasks(pb.ListTasksRequest()).tasks) == 250
+
+
+def test_list_tasks_filters(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    other = porch.stub(porch.pipeline("p2"))
+    for n in range(3):
+        wrapper.RegisterTask(register("p1", n=n))
+    other.RegisterTask(register("p2", n=0))
+    wrapper.ClaimTasks(claim("p1"))
+    listing = lambda **f: wrapper.ListTasks(pb.ListTasksRequest(**f)).tasks  # noqa: E731
+    assert len(listing(pipeline_name="p1")) == 3
+    assert len(listing(status=State.PENDING)) == 3
+    assert [t.task_input["n"] for t in listing(pipeline_name="p1", status=State.CLAIMED)] == [0]
+    fails(Code.NOT_FOUND, wrapper.ListTasks, pb.ListTasksRequest(pipeline_name="nope"), "'nope'")
+    fails(Code.INVALID_ARGUMENT, wrapper.ListTasks, pb.ListTasksRequest(status=99), "status")
+
+
+def test_claim(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    assert list(wrapper.ClaimTasks(claim("p1")).tasks) == []
+    for n in range(5):
+        wrapper.RegisterTask(register("p1", n=n))
+    one = wrapper.ClaimTasks(claim("p1")).tasks
+    assert [t.task_input["n"] for t in one] == [0]
+    assert one[0].status == State.CLAIMED and one[0].HasField("claim_time")
+    assert one[0].claimed_by_token_id and not one[0].HasField("lease_expire_time")
+    three = wrapper.ClaimTasks(claim("p1", 3)).tasks
+    assert [t.task_input["n"] for t in three] == [1, 2, 3]
+    rest = wrapper.ClaimTasks(claim("p1", 10)).tasks
+    assert [t.task_input["n"] for t in rest] == [4]
+    for bad in (0, -1, 10_001):
+        fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", bad), "num_tasks")
+    for lease in (duration_pb2.Duration(seconds=-1), duration_pb2.Duration(seconds=0)):
+        fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", lease=lease), "lease")
+    fails(Code.PERMISSION_DENIED, wrapper.ClaimTasks, claim("p1x"), "'p1', not 'p1x'")
+
+
+def test_update_lifecycle_and_events(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task = wrapper.RegisterTask(register("p1", id_run=1)).task
+    task_id = task.task_input_id
+    wrapper.ClaimTasks(claim("p1"))
+    running = wrapper.UpdateTask(update("p1", task_id, State.RUNNING, "on host a"))
+    assert (
+        running.status == State.RUNNING
+        and running.update_time.ToDatetime() >= task.update_time.ToDatetime()
+    )
+    by_input = pb.Task(pipeline=pb.Pipeline(name="p1"), status=State.DONE, task_input_id="ignored")
+    by_input.task_input.update({"id_run": 1})
+    done = wrapper.UpdateTask(pb.UpdateTaskRequest(task=by_input, message="all good"))
+    assert done.status == State.DONE
+    events = wrapper.ListTaskEvents(
+        pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
+    ).events
+    kinds = [(e.kind, e.old_status, e.new_status, e.message) for e in events]
+    assert kinds == [
+        (pb.Event.CREATED, 0, State.PENDING, ""),
+        (pb.Event.CLAIMED, State.PENDING, State.CLAIMED, ""),
+        (pb.Event.STATUS_CHANGED, State.CLAIMED, State.RUNNING, "on host a"),
+        (pb.Event.STATUS_CHANGED, State.RUNNING, State.DONE, "all good"),
+    ]
+    assert {e.token_description for e in events} == {"p1 wrapper"}
+    assert all(e.cursor and e.pipeline_name == "p1" and e.task_input_id == task_id for e in events)
+    paged = wrapper.ListTaskEvents(
+        pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id, page_size=3)
+    )
+    assert len(paged.events) == 3 and paged.next_page_token
+
+
+def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task = wrapper.RegisterTask(register("p1", a=1)).task
+    task_id = task.task_input_id
+    message = fails(Code.FAILED_PRECONDITION, wrapper.UpdateTask, update("p1", task_id, State.DONE))
+    assert "PENDING" in message and "DONE" in message
+    fails(
+        Code.FAILED_PRECONDITION,
+        wrapper.UpdateTask,
+        update("p1", task_id, State.CLAIMED),
+        "ClaimTasks",
+    )
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, update("p1", task_id, 0), "task.status")
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, update("p1", "", State.DONE), "task_input")
+    fails(Code.NOT_FOUND, wrapper.UpdateTask, update("p1", "f" * 64, State.CANCELLED), "not found")
+    fails(
+        Code.INVALID_ARGUMENT,
+        wrapper.UpdateTask,
+        update("p1", task_id, State.CANCELLED, "x" * (64 * 1024 + 1)),
+        "65536 bytes",
+    )
+    assert wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=task_id)) == task
+    events = wrapper.ListTaskEvents(
+        pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
+    )
+    assert len(events.events) == 1
+    # the largest allowed message is kept whole
+    wrapper.UpdateTask(update("p1", task_id, State.CANCELLED, "é" * (32 * 1024)))
+    events = wrapper.ListTaskEvents(
+        pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
+    )
+    assert events.events[-1].message == "é" * (32 * 1024)
+
+
+def test_rerun_release_and_retry(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task_id = wrapper.RegisterTask(register("p1", a=1)).task.task_input_id
+    wrapper.ClaimTasks(claim("p1"))
+    released = wrapper.UpdateTask(update("p1", task_id, State.PENDING, "node drained"))
+    assert released.status == State.PENDING and not released.claimed_by_token_id
+    assert wrapper.ClaimTasks(claim("p1")).tasks[0].task_input_id == task_id
+    wrapper.UpdateTask(update("p1", task_id, State.FAILED, "exit 1"))
+    wrapper.UpdateTask(update("p1", task_id, State.PENDING, "retry"))
+    assert wrapper.ClaimTasks(claim("p1")).tasks[0].task_input_id == task_id
+
+
+def test_lease_expires_unless_renewed(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    lapsing = wrapper.RegisterTask(register("p1", n=1)).task.task_input_id
+    renewed = wrapper.RegisterTask(register("p1", n=2)).task.task_input_id
+    lease = duration_pb2.Duration(seconds=1)
+    claimed = wrapper.ClaimTasks(claim("p1", 2, lease=lease)).tasks
+    assert all(t.HasField("lease_expire_time") for t in claimed)
+    for _ in range(4):
+        time.sleep(0.4)
+        wrapper.UpdateTask(update("p1", renewed, State.RUNNING, "heartbeat"))
+    again = wrapper.ClaimTasks(claim("p1", 5)).tasks
+    assert [t.task_input_id for t in again] == [lapsing]
+    events = wrapper.ListTaskEvents(
+        pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=lapsing)
+    ).events
+    assert [e.kind for e in events] == [
+        pb.Event.CREATED,
+        pb.Event.CLAIMED,
+        pb.Event.LEASE_EXPIRED,
+        pb.Event.CLAIMED,
+    ]
+    assert events[2].new_status == State.PENDING and events[2].token_id == ""
+    kept = wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=renewed))
+    assert kept.status == State.RUNNING
+
+
+def test_health_and_reflection(porch: Porch) -> None:
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "porch.v1.PorchService"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = reflect.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "porch.v1.PorchService" in names and "grpc.health.v1.Health" in names

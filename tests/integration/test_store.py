@@ -1,0 +1,502 @@
+"""The store against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from porch_server import digest
+from porch_server.cursors import cursor_key
+from porch_server.db import migrate
+from porch_server.db.engine import make_engine
+from porch_server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from porch_server.models import SYSTEM, Actor, EventKind, Pipeline, Role, Task, Token
+from porch_server.states import UPDATE_TRANSITIONS, State
+from porch_server.store import Store
+from tests.conftest import PostgresServer, SchemaDatabase
+
+HASH = "a" * 64
+
+
+def add_pipeline(store: Store, name: str = "p1") -> Pipeline:
+    return store.create_pipeline(
+        Pipeline(name=name, uri=f"https://example.org/{name}", version="1")
+    )
+
+
+def add_actor(store: Store, pipeline: str = "p1", description: str = "wrapper") -> Actor:
+    secret_hash = digest.task_input_id({"token": pipeline, "d": description})
+    found = store.find_token(secret_hash)
+    if found is None:
+        found = store.create_token(Role.PIPELINE, pipeline, description, secret_hash)
+    return Actor(token_id=found.token_id, description=found.description)
+
+
+def task_in(store: Store, pipeline: str, state: State, actor: Actor) -> Task:
+    """Register a task in a pipeline of its own and drive it into state."""
+    (registration,) = store.register_tasks(pipeline, [{"state": state.value}], actor)
+    key = registration.task.task_input_id
+    if state is State.PENDING:
+        return registration.task
+    (claimed,) = store.claim_tasks(pipeline, 1, None, actor)
+    assert claimed.task_input_id == key
+    if state is State.CLAIMED:
+        return claimed
+    if state is not State.RUNNING:
+        store.update_task(pipeline, key, State.RUNNING, None, actor)
+    return store.update_task(pipeline, key, state, None, actor)
+
+
+# Pipelines
+
+
+def test_create_get_and_list_pipelines(store: Store) -> None:
+    created = add_pipeline(store, "p1")
+    add_pipeline(store, "p0")
+    store.create_pipeline(Pipeline(name="p2", uri="https://example.org/p1", version="2"))
+    assert store.get_pipeline("p1") == created
+    assert [p.name for p in store.list_pipelines(None, None, 10, "").items] == ["p0", "p1", "p2"]
+    by_uri = store.list_pipelines("https://example.org/p1", None, 10, "").items
+    assert [p.name for p in by_uri] == ["p1", "p2"]
+    assert [p.name for p in store.list_pipelines(None, "2", 10, "").items] == ["p2"]
+
+
+def test_pipeline_errors(store: Store) -> None:
+    add_pipeline(store, "p1")
+    with pytest.raises(AlreadyExists, match="pipeline 'p1' already exists"):
+        add_pipeline(store, "p1")
+    with pytest.raises(NotFound, match="pipeline 'nope' not found"):
+        store.get_pipeline("nope")
+
+
+def test_pipeline_created_by_another_store_is_found(store: Store, db_url: str) -> None:
+    other = Store(make_engine(db_url))
+    try:
+        assert other.list_pipelines(None, None, 10, "").items == []
+        add_pipeline(store, "p1")
+        assert other.get_pipeline("p1").name == "p1"
+    finally:
+        other.close()
+
+
+# Tokens
+
+
+def test_token_lifecycle(store: Store) -> None:
+    add_pipeline(store)
+    admin = store.create_token(Role.ADMIN, None, "the admin", "1" * 64)
+    assert store.has_admin_token()
+    wrapper = store.create_token(Role.PIPELINE, "p1", "wrapper", "2" * 64)
+    assert (wrapper.role, wrapper.pipeline_name, wrapper.revoke_time) == (Role.PIPELINE, "p1", None)
+    assert wrapper.create_time.tzinfo is UTC
+    assert store.find_token("2" * 64) == wrapper
+    assert store.find_token("3" * 64) is None
+
+    revoked = store.revoke_token(admin.token_id)
+    assert revoked.revoke_time is not None
+    assert store.revoke_token(admin.token_id).revoke_time == revoked.revoke_time
+    assert store.find_token("1" * 64) == revoked
+    assert not store.has_admin_token()
+
+
+def test_token_errors(store: Store) -> None:
+    assert not store.has_admin_token()
+    with pytest.raises(NotFound, match="pipeline 'nope' not found"):
+        store.create_token(Role.PIPELINE, "nope", "x", HASH)
+    store.create_token(Role.READER, None, "reader", HASH)
+    with pytest.raises(AlreadyExists):
+        store.create_token(Role.READER, None, "again", HASH)
+    for unknown in ("999", "x1", "", "-1", "99999999999999999999", "\u0661"):
+        with pytest.raises(NotFound, match="not found"):
+            store.revoke_token(unknown)
+
+
+def test_list_tokens_filters_and_pages(store: Store) -> None:
+    add_pipeline(store, "p1")
+    add_pipeline(store, "p2")
+    tokens = [
+        store.create_token(Role.ADMIN, None, "admin", "0" * 64),
+        store.create_token(Role.PIPELINE, "p1", "w1", "1" * 64),
+        store.create_token(Role.PIPELINE, "p2", "w2", "2" * 64),
+        store.create_token(Role.READER, None, "reader", "3" * 64),
+    ]
+    store.revoke_token(tokens[3].token_id)
+
+    def listed(pipeline: str | None, role: Role | None, include_revoked: bool) -> list[str]:
+        page = store.list_tokens(pipeline, role, include_revoked, 10, "")
+        return [token.description for token in page.items]
+
+    assert listed(None, None, False) == ["admin", "w1", "w2"]
+    assert listed(None, None, True) == ["admin", "w1", "w2", "reader"]
+    assert listed("p2", None, True) == ["w2"]
+    assert listed(None, Role.PIPELINE, False) == ["w1", "w2"]
+    with pytest.raises(NotFound):
+        store.list_tokens("nope", None, False, 10, "")
+
+    seen: list[Token] = []
+    page_token = ""
+    while True:
+        page = store.list_tokens(None, None, True, 3, page_token)
+        seen += page.items
+        if not (page_token := page.next_page_token):
+            break
+    assert [token.token_id for token in seen] == [token.token_id for token in tokens]
+
+
+# Registration
+
+
+def test_register_is_idempotent_also_within_a_batch(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    first = store.register_tasks("p1", [{"n": 1}, {"n": 2}, {"n": 1.0}, {"n": 1}], actor)
+    assert [r.created for r in first] == [True, True, False, False]
+    assert first[0].task == first[2].task == first[3].task
+    assert first[0].task.task_input_id == digest.task_input_id({"n": 1})
+    assert first[0].task.task_input == {"n": 1}
+    assert first[0].task.status is State.PENDING
+
+    again = store.register_tasks("p1", [{"n": 3}, {"n": 2}], actor)
+    assert [r.created for r in again] == [True, False]
+    assert again[1].task == first[1].task
+    assert len(store.list_tasks("p1", None, 100, "").items) == 3
+    assert store.register_tasks("p1", [], actor) == []
+
+    events = store.list_task_events("p1", first[0].task.task_input_id, 10, "").items
+    assert [(e.kind, e.old_status, e.new_status) for e in events] == [
+        (EventKind.CREATED, None, State.PENDING)
+    ]
+    assert (events[0].token_id, events[0].token_description) == (actor.token_id, "wrapper")
+
+
+def test_same_input_in_two_pipelines_is_two_tasks(store: Store) -> None:
+    add_pipeline(store, "p1")
+    add_pipeline(store, "p2")
+    assert store.register_tasks("p1", [{"a": "/x"}], SYSTEM)[0].created
+    assert store.register_tasks("p2", [{"a": "/x"}], SYSTEM)[0].created
+
+
+def test_register_errors(store: Store) -> None:
+    with pytest.raises(NotFound, match="pipeline 'nope' not found"):
+        store.register_tasks("nope", [{"a": 1}], SYSTEM)
+    add_pipeline(store)
+    with pytest.raises(InvalidArgument):
+        store.register_tasks("p1", [{"a": float("nan")}], SYSTEM)
+
+
+def test_get_task(store: Store) -> None:
+    add_pipeline(store)
+    registered = store.register_tasks("p1", [{"path": "/seq/1", "name": "é"}], SYSTEM)[0].task
+    assert store.get_task("p1", registered.task_input_id) == registered
+    assert registered.create_time.tzinfo is UTC
+    assert registered.pipeline.name == "p1"
+    with pytest.raises(NotFound, match=f"task {'0' * 64} of pipeline 'p1' not found"):
+        store.get_task("p1", "0" * 64)
+    with pytest.raises(NotFound, match="pipeline 'nope' not found"):
+        store.get_task("nope", registered.task_input_id)
+
+
+# Listing
+
+
+def test_list_tasks_walks_250_without_gaps_or_repeats(store: Store) -> None:
+    add_pipeline(store, "p1")
+    add_pipeline(store, "p2")
+    inputs = [{"i": i} for i in range(250)]
+    registered = [r.task.task_input_id for r in store.register_tasks("p1", inputs, SYSTEM)]
+    store.register_tasks("p2", [{"i": -1}], SYSTEM)
+    walked: list[str] = []
+    page_token = ""
+    while True:
+        page = store.list_tasks("p1", State.PENDING, 40, page_token)
+        assert len(page.items) <= 40
+        walked += [task.task_input_id for task in page.items]
+        if not (page_token := page.next_page_token):
+            break
+    assert walked == sorted(registered, key=registered.index)
+    assert len(store.list_tasks(None, None, 1000, "").items) == 251
+    assert store.list_tasks("p1", State.DONE, 10, "").items == []
+    with pytest.raises(NotFound):
+        store.list_tasks("nope", None, 10, "")
+
+
+def test_list_tasks_is_oldest_first_across_pipelines(store: Store) -> None:
+    for name in ("b", "a"):
+        add_pipeline(store, name)
+        store.register_tasks(name, [{"in": name}], SYSTEM)
+    assert [t.pipeline.name for t in store.list_tasks(None, None, 10, "").items] == ["b", "a"]
+
+
+def test_page_tokens_only_continue_their_own_listing(store: Store) -> None:
+    add_pipeline(store, "p1")
+    add_pipeline(store, "p2")
+    store.register_tasks("p1", [{"i": i} for i in range(5)], SYSTEM)
+    page_token = store.list_tasks("p1", None, 2, "").next_page_token
+    assert page_token
+    assert len(store.list_tasks("p1", None, 2, page_token).items) == 2
+    invalid = "page_token is invalid or does not match the filters"
+    with pytest.raises(InvalidArgument, match=invalid):
+        store.list_tasks("p1", State.PENDING, 2, page_token)
+    with pytest.raises(InvalidArgument, match=invalid):
+        store.list_tasks("p2", None, 2, page_token)
+    with pytest.raises(InvalidArgument, match=invalid):
+        store.list_pipelines(None, None, 2, page_token)
+    with pytest.raises(InvalidArgument, match=invalid):
+        store.list_tasks("p1", None, 2, "garbage!")
+    pipelines_token = store.list_pipelines(None, None, 1, "").next_page_token
+    assert [p.name for p in store.list_pipelines(None, None, 1, pipelines_token).items] == ["p2"]
+    with pytest.raises(InvalidArgument, match=invalid):
+        store.list_pipelines("https://example.org/p1", None, 1, pipelines_token)
+
+
+# Claims
+
+
+def test_claim_oldest_first_with_events(store: Store) -> None:
+    add_pipeline(store, "p1")
+    add_pipeline(store, "p2")
+    actor = add_actor(store)
+    registered = store.register_tasks("p1", [{"i": i} for i in range(5)], actor)
+    store.register_tasks("p2", [{"i": 0}], actor)
+    before = datetime.now(UTC)
+    claimed = store.claim_tasks("p1", 3, None, actor)
+    assert [t.task_input_id for t in claimed] == [r.task.task_input_id for r in registered[:3]]
+    for task in claimed:
+        assert task.status is State.CLAIMED
+        assert task.claimed_by_token_id == actor.token_id
+        assert task.claim_time is not None and task.claim_time >= before
+        assert task.lease_expire_time is None
+    events = store.list_task_events("p1", claimed[0].task_input_id, 10, "").items
+    assert [(e.kind, e.old_status, e.new_status, e.token_id) for e in events[1:]] == [
+        (EventKind.CLAIMED, State.PENDING, State.CLAIMED, actor.token_id)
+    ]
+    rest = store.claim_tasks("p1", 10, None, actor)
+    assert [t.task_input_id for t in rest] == [r.task.task_input_id for r in registered[3:]]
+    assert store.claim_tasks("p1", 10, None, actor) == []
+    with pytest.raises(NotFound):
+        store.claim_tasks("nope", 1, None, actor)
+
+
+def test_claim_with_lease_sets_the_expiry(store: Store) -> None:
+    add_pipeline(store)
+    store.register_tasks("p1", [{"i": 0}], SYSTEM)
+    (task,) = store.claim_tasks("p1", 1, timedelta(minutes=5), add_actor(store))
+    assert task.claim_time is not None and task.lease_expire_time is not None
+    assert task.lease_expire_time - task.claim_time == timedelta(minutes=5)
+
+
+def test_lapsed_leases_go_back_to_pending(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    store.register_tasks("p1", [{"i": 0}, {"i": 1}], actor)
+    lapsing, renewed = store.claim_tasks("p1", 2, timedelta(seconds=1), actor)
+    assert store.expire_leases() == 0
+    time.sleep(0.5)
+    running = store.update_task("p1", renewed.task_input_id, State.RUNNING, "started", actor)
+    assert running.lease_expire_time is not None and renewed.lease_expire_time is not None
+    assert running.lease_expire_time > renewed.lease_expire_time
+    time.sleep(0.6)
+
+    assert store.expire_leases() == 1
+    expired = store.get_task("p1", lapsing.task_input_id)
+    assert expired.status is State.PENDING
+    assert (expired.claim_time, expired.claimed_by_token_id, expired.lease_expire_time) == (
+        None,
+        None,
+        None,
+    )
+    last = store.list_task_events("p1", lapsing.task_input_id, 10, "").items[-1]
+    assert (last.kind, last.old_status, last.new_status) == (
+        EventKind.LEASE_EXPIRED,
+        State.CLAIMED,
+        State.PENDING,
+    )
+    assert (last.token_id, last.token_description) == (None, None)
+    assert store.get_task("p1", renewed.task_input_id).status is State.RUNNING
+
+    # The renewed lease lapses too; the next claim takes both back, oldest first.
+    time.sleep(0.6)
+    again = store.claim_tasks("p1", 5, None, actor)
+    assert [t.task_input_id for t in again] == [lapsing.task_input_id, renewed.task_input_id]
+    kinds = [e.kind for e in store.list_task_events("p1", renewed.task_input_id, 10, "").items]
+    assert kinds[-2:] == [EventKind.LEASE_EXPIRED, EventKind.CLAIMED]
+    assert store.expire_leases() == 0
+
+
+def test_finishing_clears_the_lease(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    store.register_tasks("p1", [{"i": 0}], actor)
+    (task,) = store.claim_tasks("p1", 1, timedelta(seconds=1), actor)
+    done = store.update_task("p1", task.task_input_id, State.DONE, None, actor)
+    assert done.lease_expire_time is None
+    assert done.claimed_by_token_id == actor.token_id
+    time.sleep(1.1)
+    assert store.expire_leases() == 0
+
+
+# Updates
+
+
+def test_every_transition_through_update_task(store: Store) -> None:
+    actor = add_actor(store, "p0") if add_pipeline(store, "p0") else SYSTEM
+    for old, new in itertools.product(State, State):
+        pipeline = f"{old}-{new}"
+        add_pipeline(store, pipeline)
+        before = task_in(store, pipeline, old, actor)
+        events_before = store.list_task_events(pipeline, before.task_input_id, 100, "").items
+        if new not in UPDATE_TRANSITIONS[old]:
+            with pytest.raises(FailedPrecondition, match=f"from {old} to {new}"):
+                store.update_task(pipeline, before.task_input_id, new, "no", actor)
+            assert store.get_task(pipeline, before.task_input_id) == before
+            continue
+        after = store.update_task(pipeline, before.task_input_id, new, f"{old}>{new}", actor)
+        assert after.status is new
+        assert store.get_task(pipeline, before.task_input_id) == after
+        events = store.list_task_events(pipeline, before.task_input_id, 100, "").items
+        if old is new is State.PENDING:
+            assert after == before
+            assert events == events_before
+            continue
+        assert after.update_time >= before.update_time
+        assert len(events) == len(events_before) + 1
+        last = events[-1]
+        assert (last.kind, last.old_status, last.new_status, last.message) == (
+            EventKind.STATUS_CHANGED,
+            old,
+            new,
+            f"{old}>{new}",
+        )
+        assert (last.token_id, last.token_description) == (actor.token_id, "wrapper")
+        if new is State.PENDING:
+            assert (after.claim_time, after.claimed_by_token_id) == (None, None)
+
+
+def test_pending_task_goes_back_into_the_claim_queue(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    store.register_tasks("p1", [{"i": 0}, {"i": 1}], actor)
+    first, _ = store.claim_tasks("p1", 2, None, actor)
+    store.update_task("p1", first.task_input_id, State.FAILED, "boom", actor)
+    store.update_task("p1", first.task_input_id, State.PENDING, "retry", actor)
+    (again,) = store.claim_tasks("p1", 5, None, actor)
+    assert again.task_input_id == first.task_input_id
+
+
+def test_update_errors(store: Store) -> None:
+    add_pipeline(store)
+    with pytest.raises(NotFound, match=f"task {'0' * 64} of pipeline 'p1' not found"):
+        store.update_task("p1", "0" * 64, State.DONE, None, SYSTEM)
+    with pytest.raises(NotFound, match="pipeline 'nope' not found"):
+        store.update_task("nope", "0" * 64, State.DONE, None, SYSTEM)
+
+
+def test_list_task_events_pages_oldest_first(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    key = store.register_tasks("p1", [{"i": 0}], actor)[0].task.task_input_id
+    store.claim_tasks("p1", 1, None, actor)
+    for heartbeat in range(5):
+        store.update_task("p1", key, State.RUNNING, f"beat {heartbeat}", actor)
+    first = store.list_task_events("p1", key, 4, "")
+    second = store.list_task_events("p1", key, 4, first.next_page_token)
+    assert second.next_page_token == ""
+    events = first.items + second.items
+    assert [e.kind for e in events[:2]] == [EventKind.CREATED, EventKind.CLAIMED]
+    assert [e.message for e in events[2:]] == [f"beat {n}" for n in range(5)]
+    keys = [cursor_key(e.cursor) for e in events]
+    assert keys == sorted(set(keys))
+    assert all(e.pipeline_name == "p1" and e.task_input_id == key for e in events)
+    with pytest.raises(NotFound, match="not found"):
+        store.list_task_events("p1", "0" * 64, 4, "")
+    with pytest.raises(InvalidArgument):
+        store.list_task_events("p1", "1" * 64, 4, first.next_page_token)
+
+
+# The database itself
+
+
+def test_ping_and_unavailable_database(store: Store, tmp_path: Path) -> None:
+    store.ping()
+    for url in (
+        f"sqlite:///{tmp_path}/missing/dir/porch.db",
+        "postgresql+psycopg2://postgres@127.0.0.1:1/porch",
+    ):
+        down = Store(make_engine(url))
+        with pytest.raises(Unavailable, match="the database is unavailable"):
+            down.ping()
+        with pytest.raises(Unavailable):
+            down.get_pipeline("p1")
+        down.close()
+
+
+def test_upgrade_is_idempotent(db_url: str) -> None:
+    migrate.upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        assert migrate.current_revision(engine) == migrate.head_revision()
+        assert migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+
+
+def test_empty_databases_are_not_at_head(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path}/empty.db")
+    try:
+        assert migrate.current_revision(engine) is None
+        assert not migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_empty_postgresql_database_is_not_at_head(postgres_server: PostgresServer) -> None:
+    url = postgres_server.create_database()
+    engine = make_engine(url)
+    try:
+        assert not migrate.is_at_head(engine)
+        migrate.upgrade(url)
+        assert migrate.is_at_head(engine)
+    finally:
+        engine.dispose()
+        postgres_server.drop_database(url)
+
+
+@pytest.mark.postgres
+def test_schema_option_keeps_everything_in_the_schema(pg_schema_db: SchemaDatabase) -> None:
+    migrate.upgrade(pg_schema_db.url, pg_schema_db.schema)
+    engine = make_engine(pg_schema_db.url, pg_schema_db.schema)
+    plain = make_engine(pg_schema_db.url)
+    try:
+        assert migrate.is_at_head(engine)
+        assert not migrate.is_at_head(plain)
+        tables = set(inspect(plain).get_table_names(schema=pg_schema_db.schema))
+        assert tables == {"alembic_version", "pipeline", "token", "task", "event", "event_horizon"}
+        assert inspect(plain).get_table_names(schema="public") == []
+        store = Store(engine)
+        add_pipeline(store)
+        store.register_tasks("p1", [{"i": 0}], SYSTEM)
+        assert len(store.claim_tasks("p1", 1, None, SYSTEM)) == 1
+    finally:
+        plain.dispose()
+        engine.dispose()
+
+
+def test_schema_is_refused_for_sqlite_and_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="PostgreSQL"):
+        make_engine(f"sqlite:///{tmp_path}/x.db", "porch")
+    with pytest.raises(ValueError, match="invalid schema name"):
+        make_engine("postgresql+psycopg2://postgres@127.0.0.1/x", 'a"; DROP')
+    with pytest.raises(ValueError, match="unsupported database URL"):
+        make_engine("mysql://localhost/x")

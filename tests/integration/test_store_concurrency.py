@@ -1,0 +1,150 @@
+"""Exactly-once under concurrency: many OS processes against one PostgreSQL database."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from porch_server import digest
+from porch_server.db.engine import make_engine
+from porch_server.models import SYSTEM, Actor, Pipeline
+from porch_server.states import State
+from porch_server.store import Store, claim_candidates
+
+pytestmark = pytest.mark.postgres
+
+PROCESSES = 16
+INPUTS = [{"id_run": n, "path": f"/seq/{n}"} for n in range(1000)]
+
+
+def register_worker(url: str, barrier: Barrier, actor: Actor) -> list[tuple[str, bool]]:
+    """Register INPUTS, shuffled, in batches of 100, starting with every other worker."""
+    inputs = list(INPUTS)
+    random.Random(actor.description).shuffle(inputs)
+    store = Store(make_engine(url, pool_size=1))
+    try:
+        store.ping()
+        barrier.wait(timeout=60)
+        results: list[tuple[str, bool]] = []
+        for start in range(0, len(inputs), 100):
+            registrations = store.register_tasks("p1", inputs[start : start + 100], actor)
+            results += [(r.task.task_input_id, r.created) for r in registrations]
+        return results
+    finally:
+        store.close()
+
+
+def claim_worker(url: str, barrier: Barrier, actor: Actor) -> list[str]:
+    """Claim batches until none are left; return the task_input_ids claimed."""
+    store = Store(make_engine(url, pool_size=1))
+    try:
+        store.ping()
+        barrier.wait(timeout=60)
+        claimed: list[str] = []
+        while batch := store.claim_tasks("p1", 25, None, actor):
+            claimed += [task.task_input_id for task in batch]
+        return claimed
+    finally:
+        store.close()
+
+
+def _child(
+    worker: Callable[[str, Barrier, Actor], Any],
+    url: str,
+    barrier: Barrier,
+    results: multiprocessing.Queue[tuple[bool, Any]],
+    number: int,
+) -> None:
+    try:
+        results.put((True, worker(url, barrier, Actor(token_id=None, description=f"w{number}"))))
+    except BaseException as error:
+        barrier.abort()
+        results.put((False, repr(error)))
+
+
+def run_processes(worker: Callable[[str, Barrier, Actor], Any], url: str) -> list[Any]:
+    """Run worker in PROCESSES fresh interpreters at once; return their results."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(PROCESSES)
+    results: multiprocessing.Queue[tuple[bool, Any]] = context.Queue()
+    processes = [
+        context.Process(target=_child, args=(worker, url, barrier, results, number))
+        for number in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    failures = [value for ok, value in outcomes if not ok]
+    assert not failures, failures
+    return [value for _, value in outcomes]
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[Store]:
+    """A Store on a fresh database holding the pipeline p1."""
+    store = Store(make_engine(pg_url))
+    store.create_pipeline(Pipeline(name="p1", uri="u", version="1"))
+    yield store
+    store.close()
+
+
+def test_concurrent_registrations_create_each_task_once(store: Store, pg_url: str) -> None:
+    outcomes = run_processes(register_worker, pg_url)
+    created = Counter(key for outcome in outcomes for key, was_created in outcome if was_created)
+    keys = sorted(digest.task_input_id(task_input) for task_input in INPUTS)
+    assert all(sorted(key for key, _ in outcome) == keys for outcome in outcomes)
+    assert created == Counter(keys)
+    listed = store.list_tasks("p1", None, 5000, "").items
+    assert sorted(task.task_input_id for task in listed) == sorted(keys)
+    events = [store.list_task_events("p1", key, 10, "").items for key in keys[:50]]
+    assert all(len(history) == 1 for history in events)
+
+
+def test_concurrent_claimers_take_each_task_exactly_once(store: Store, pg_url: str) -> None:
+    inputs = [{"n": n} for n in range(10_000)]
+    keys = [r.task.task_input_id for r in store.register_tasks("p1", inputs, SYSTEM)]
+    outcomes = run_processes(claim_worker, pg_url)
+    claimed = Counter(key for outcome in outcomes for key in outcome)
+    assert claimed == Counter(keys)
+    position = {key: index for index, key in enumerate(keys)}
+    for outcome in outcomes:
+        assert outcome == sorted(outcome, key=position.__getitem__)
+    assert store.list_tasks("p1", State.PENDING, 1, "").items == []
+
+
+def test_claim_uses_the_partial_index_on_a_large_backlog(store: Store, pg_url: str) -> None:
+    engine = make_engine(pg_url)
+    try:
+        with engine.begin() as connection:
+            pipeline_id = connection.scalar(text("SELECT id FROM pipeline WHERE name = 'p1'"))
+            connection.execute(
+                text(
+                    "INSERT INTO task (pipeline_id, task_input_id, task_input, status,"
+                    " create_time, update_time)"
+                    " SELECT :pipeline_id, md5(n::text) || md5((-n)::text), '{}', 'DONE',"
+                    " now(), now() FROM generate_series(1, 100000) AS n"
+                ),
+                {"pipeline_id": pipeline_id},
+            )
+        store.register_tasks("p1", [{"n": n} for n in range(5)], SYSTEM)
+        with engine.connect() as connection:
+            connection.exec_driver_sql("ANALYZE task")
+            query = str(claim_candidates.compile(dialect=engine.dialect))
+            plan = "\n".join(
+                connection.exec_driver_sql(
+                    f"EXPLAIN {query}", {"in_pipeline_id": pipeline_id, "num_tasks": 10}
+                ).scalars()
+            )
+        assert "ix_task_pending" in plan, plan
+        assert len(store.claim_tasks("p1", 10, None, SYSTEM)) == 5
+    finally:
+        engine.dispose()

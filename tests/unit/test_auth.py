@@ -1,0 +1,94 @@
+"""Token secrets, their hashes, and the role rules as pure functions."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from porch_server import auth
+from porch_server.errors import PermissionDenied, Unauthenticated
+from porch_server.models import Role, Token
+from porch_stubs.v1 import porch_pb2
+
+NOW = datetime.now(UTC)
+
+
+def token(role: Role, pipeline: str | None = None, revoked: bool = False) -> Token:
+    return Token("7", role, pipeline, "test", NOW, NOW if revoked else None)
+
+
+def test_secrets_are_long_random_and_distinct() -> None:
+    secrets = {auth.new_secret() for _ in range(100)}
+    assert len(secrets) == 100
+    assert all(len(s) >= 43 for s in secrets)  # 256 bits in base64url
+
+
+def test_hash_is_sha256_hex_and_not_the_secret() -> None:
+    secret = auth.new_secret()
+    hashed = auth.hash_secret(secret)
+    assert len(hashed) == 64 and secret not in hashed
+    assert hashed == auth.hash_secret(secret)
+    # a 32-hex npg_porch token hashes the same way
+    assert auth.hash_secret("0" * 32) == (
+        "84e0c0eafaa95a34c293f278ac52e45ce537bab5e752a00e6959a13ae103b65a"
+    )
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Basic abc", "Bearer short", "Bearer " + "x" * 31 + "!"]
+)
+def test_bad_authorization_is_unauthenticated(header: str | None) -> None:
+    with pytest.raises(Unauthenticated):
+        auth.bearer_secret(header)
+
+
+def test_bearer_secret_accepts_npg_tokens_and_case() -> None:
+    assert auth.bearer_secret("bearer " + "a1" * 16) == "a1" * 16
+
+
+def test_revoked_and_unknown_tokens_are_unauthenticated() -> None:
+    with pytest.raises(Unauthenticated, match="unknown"):
+        auth.check_token(None)
+    with pytest.raises(Unauthenticated, match="revoked"):
+        auth.check_token(token(Role.ADMIN, revoked=True))
+
+
+def claim(pipeline: str) -> porch_pb2.ClaimTasksRequest:
+    return porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name=pipeline))
+
+
+def test_every_method_has_a_rule() -> None:
+    methods = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].methods_by_name
+    assert set(methods) == set(auth.RULES)
+
+
+def test_role_matrix() -> None:
+    admin, reader = token(Role.ADMIN), token(Role.READER)
+    mine, other = token(Role.PIPELINE, "p1"), token(Role.PIPELINE, "p2")
+    for method, rule in auth.RULES.items():
+        request = (
+            claim("p1")
+            if method == "ClaimTasks"
+            else porch_pb2.RegisterTaskRequest(
+                task=porch_pb2.Task(pipeline=porch_pb2.Pipeline(name="p1"))
+            )
+        )
+        if method == "RegisterTasks":
+            request = porch_pb2.RegisterTasksRequest(pipeline_name="p1")
+        outcomes = {}
+        for name, who in (("admin", admin), ("reader", reader), ("mine", mine), ("other", other)):
+            try:
+                auth.authorize(method, who, request)
+                outcomes[name] = True
+            except PermissionDenied:
+                outcomes[name] = False
+        expected = {
+            auth.Access.READ: {"admin": True, "reader": True, "mine": True, "other": True},
+            auth.Access.ADMIN: {"admin": True, "reader": False, "mine": False, "other": False},
+            auth.Access.WRITE: {"admin": False, "reader": False, "mine": True, "other": False},
+        }[rule.access]
+        assert outcomes == expected, method
+
+
+def test_wrong_pipeline_names_both_pipelines() -> None:
+    with pytest.raises(PermissionDenied, match="'p2', not 'p1'"):
+        auth.authorize("ClaimTasks", token(Role.PIPELINE, "p2"), claim("p1"))
