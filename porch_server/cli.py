@@ -10,10 +10,13 @@ import logging.config
 import multiprocessing
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from porch_server import auth, client, server
+import gateway
+from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
@@ -57,6 +60,32 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--lease-sweep-seconds", type=float, default=5.0, help="how often lapsed leases are freed"
     )
+    serve.add_argument(
+        "--event-retention-days",
+        type=float,
+        help="prune events older than this, hourly (default: keep them forever)",
+    )
+
+    web = commands.add_parser(
+        "gateway", help="run the HTTP/JSON gateway alone, in front of a server"
+    )
+    web.add_argument("--target", required=True, help="the porch gRPC server, HOST:PORT")
+    web.add_argument("--target-tls-ca", type=Path, help="PEM CA to verify a TLS gRPC server with")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    web.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
+    web.add_argument("--workers", type=int, default=1, help="gateway processes (SO_REUSEPORT)")
+    web.add_argument("--tls-cert", type=Path, help="PEM certificate to serve HTTPS with")
+    web.add_argument("--tls-key", type=Path, help="PEM private key to serve HTTPS with")
+    web.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
+    web.add_argument("--log-config", type=Path, help="logging dictConfig file (JSON)")
+
+    commands.add_parser("openapi", help="print the OpenAPI 3.1 document")
+
+    events = commands.add_parser("events", help="manage the event log")
+    event_commands = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
+    prune = event_commands.add_parser("prune", help="delete events older than some days")
+    prune.add_argument("--older-than-days", type=float, required=True, metavar="DAYS")
+    _add_db_flags(prune)
 
     db = commands.add_parser("db", help="manage the database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -118,19 +147,20 @@ def _config(args: argparse.Namespace) -> Config:
         workers=args.workers,
         log_config=args.log_config,
         lease_sweep_seconds=args.lease_sweep_seconds,
+        event_retention_days=args.event_retention_days,
     )
 
 
-def _setup_logging(config: Config) -> None:
-    if config.log_config is not None:
-        logging.config.dictConfig(json.loads(config.log_config.read_text()))
+def _setup_logging(log_config: Path | None) -> None:
+    if log_config is not None:
+        logging.config.dictConfig(json.loads(log_config.read_text()))
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
 def _serve(args: argparse.Namespace) -> None:
     config = _config(args)
-    _setup_logging(config)
+    _setup_logging(config.log_config)
     store = _open_store(args)
     try:
         if not store.has_admin_token():
@@ -156,23 +186,135 @@ def _serve(args: argparse.Namespace) -> None:
 def _run_worker(config: Config) -> None:
     """Serve until SIGTERM or SIGINT in this process."""
     if multiprocessing.parent_process() is not None:
-        _setup_logging(config)
+        _setup_logging(config.log_config)
     asyncio.run(_serve_async(config))
 
 
 async def _serve_async(config: Config) -> None:
-    store = Store(make_engine(config.db_url, config.db_schema))
+    store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
+    stopping = _stop_on_signals()
+    with tempfile.TemporaryDirectory(prefix="porch-") as scratch:
+        local_socket = None if config.http_port is None else f"{scratch}/grpc.sock"
+        running = await server.start(config, store, local_socket)
+        print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
+        http_server = None
+        try:
+            if running.local_target is not None and config.http_port is not None:
+                http_server = _http_server(
+                    web.gateway_options(running.local_target),
+                    config.host,
+                    config.http_port,
+                    config.tls,
+                    config.workers > 1,
+                    config.grace_seconds,
+                )
+                await http_server.start()
+                scheme = "https" if config.tls else "http"
+                address = f"{scheme}://{config.host}:{http_server.port}/"
+                print(f"porch: HTTP gateway on {address}", flush=True)
+            await stopping.wait()
+            log.info("shutting down: finishing calls in flight")
+        finally:
+            if http_server is not None:
+                await http_server.stop()
+            await server.stop(running, config.grace_seconds)
+            store.close()
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Return an event that SIGTERM or SIGINT sets."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    running = await server.start(config, store)
-    print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
+    return stopping
+
+
+def _http_server(
+    options: gateway.GatewayOptions,
+    host: str,
+    port: int,
+    tls: TLS | None,
+    reuse_port: bool,
+    grace: float,
+) -> gateway.HttpServer:
+    server_tls = None
+    if tls is not None:
+        client_ca = str(tls.client_ca_file) if tls.client_ca_file else None
+        server_tls = gateway.ServerTLS(str(tls.cert_file), str(tls.key_file), client_ca)
+    return gateway.HttpServer(
+        gateway.create_app(options),
+        host=host,
+        port=port,
+        tls=server_tls,
+        reuse_port=reuse_port,
+        grace=grace,
+    )
+
+
+def _gateway(args: argparse.Namespace) -> None:
+    _setup_logging(args.log_config)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("porch: --tls-cert and --tls-key go together")
+        tls = TLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+    client_tls = None
+    if args.target_tls_ca:
+        client_tls = gateway.ClientTLS(root_certificates=args.target_tls_ca.read_bytes())
+    options = web.gateway_options(args.target, client_tls)
+    if args.workers < 1:
+        raise SystemExit("porch: --workers must be at least 1")
+    context = multiprocessing.get_context("spawn")
+    run = (options, args.host, args.http_port, tls, args.workers > 1, args.log_config)
+    workers = [context.Process(target=_run_gateway, args=run) for _ in range(args.workers - 1)]
+    for worker in workers:
+        worker.start()
     try:
-        await stopping.wait()
-        log.info("shutting down: finishing calls in flight")
+        _run_gateway(*run)
     finally:
-        await server.stop(running, config.grace_seconds)
+        for worker in workers:
+            worker.terminate()
+            worker.join()
+
+
+def _run_gateway(
+    options: gateway.GatewayOptions,
+    host: str,
+    port: int,
+    tls: TLS | None,
+    reuse_port: bool,
+    log_config: Path | None,
+) -> None:
+    """Serve the gateway until SIGTERM or SIGINT in this process."""
+    if multiprocessing.parent_process() is not None:
+        _setup_logging(log_config)
+
+    async def run() -> None:
+        stopping = _stop_on_signals()
+        web = _http_server(options, host, port, tls, reuse_port, 10.0)
+        await web.start()
+        scheme = "https" if tls else "http"
+        print(
+            f"porch: HTTP gateway on {scheme}://{host}:{web.port}/ for {options.target}", flush=True
+        )
+        try:
+            await stopping.wait()
+        finally:
+            await web.stop()
+
+    asyncio.run(run())
+
+
+def _prune(args: argparse.Namespace) -> None:
+    if args.older_than_days < 0:
+        raise SystemExit("porch: --older-than-days must not be negative")
+    store = _open_store(args)
+    try:
+        cutoff = datetime.now(UTC) - timedelta(days=args.older_than_days)
+        pruned = store.prune_events(cutoff)
+        print(f"porch: deleted {pruned} event(s) older than {cutoff:%Y-%m-%d %H:%M:%S} UTC")
+    finally:
         store.close()
 
 
@@ -220,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             _db_upgrade(args)
         elif args.command == "token":
             _token(args)
+        elif args.command == "gateway":
+            _gateway(args)
+        elif args.command == "openapi":
+            print(json.dumps(web.openapi_document(), indent=2, ensure_ascii=False))
+        elif args.command == "events":
+            _prune(args)
         else:
             client.run(args)
     except PorchError as error:

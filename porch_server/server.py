@@ -8,6 +8,7 @@ import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 log = logging.getLogger("porch.server")
 
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
+PRUNE_INTERVAL_SECONDS = 3600
 GRPC_OPTIONS = [
     ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -45,6 +47,8 @@ class Running:
     executor: ThreadPoolExecutor
     sweeper: asyncio.Task[None]
     hub: EventHub
+    # An insecure Unix socket for a gateway in the same process, or None.
+    local_target: str | None
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -56,8 +60,9 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
-async def start(config: Config, store: Store) -> Running:
-    """Start serving PorchService on config's host and gRPC port (0 picks a free one)."""
+async def start(config: Config, store: Store, local_socket: str | None = None) -> Running:
+    """Start serving PorchService on config's host and gRPC port (0 picks a free one),
+    and on the Unix socket local_socket if given."""
     executor = ThreadPoolExecutor(max_workers=config.db_pool_size, thread_name_prefix="porch-db")
     hub = _make_hub(config, store, executor)
     server = grpc.aio.server(
@@ -77,14 +82,16 @@ async def start(config: Config, store: Store) -> Running:
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, credentials)
+    local_target = None
+    if local_socket is not None:
+        local_target = f"unix:{local_socket}"
+        server.add_insecure_port(local_target)
     await server.start()
     hub.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.create_task(
-        _sweep_leases(store, executor, health_servicer, config.lease_sweep_seconds)
-    )
-    return Running(server, port, health_servicer, executor, sweeper, hub)
+    sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
+    return Running(server, port, health_servicer, executor, sweeper, hub, local_target)
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -121,24 +128,29 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
     )
 
 
-async def _sweep_leases(
-    store: Store,
-    executor: ThreadPoolExecutor,
-    health_servicer: HealthServicer,
-    interval: float,
+async def _sweep(
+    config: Config, store: Store, executor: ThreadPoolExecutor, health_servicer: HealthServicer
 ) -> None:
-    """Put tasks with lapsed leases back to PENDING; report the database's health."""
+    """Free tasks whose lease lapsed, prune events past their retention, and
+    report the database's health."""
     loop = asyncio.get_running_loop()
     status = health_pb2.HealthCheckResponse.SERVING
+    next_prune = loop.time()
     while True:
-        await asyncio.sleep(interval)
+        await asyncio.sleep(config.lease_sweep_seconds)
         try:
             expired = await loop.run_in_executor(executor, store.expire_leases)
-            new_status = health_pb2.HealthCheckResponse.SERVING
             if expired:
                 log.info("%d task lease(s) expired", expired)
+            if config.event_retention_days is not None and loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
+                cutoff = datetime.now(UTC) - timedelta(days=config.event_retention_days)
+                pruned = await loop.run_in_executor(executor, store.prune_events, cutoff)
+                if pruned:
+                    log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
+            new_status = health_pb2.HealthCheckResponse.SERVING
         except PorchError as error:
-            log.warning("lease sweep failed: %s", error)
+            log.warning("database housekeeping failed: %s", error)
             new_status = health_pb2.HealthCheckResponse.NOT_SERVING
         if new_status != status:
             status = new_status
