@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
         "--lease-sweep-seconds", type=float, default=5.0, help="how often lapsed leases are freed"
     )
     serve.add_argument(
+        "--watch-poll-seconds",
+        type=float,
+        default=0.5,
+        help="how often WatchEvents looks for events without a notification (default 0.5)",
+    )
+    serve.add_argument(
+        "--watch-keepalive-seconds",
+        type=float,
+        default=15.0,
+        help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
+    )
+    serve.add_argument(
         "--event-retention-days",
         type=float,
         help="prune events older than this, hourly (default: keep them forever)",
@@ -148,6 +160,8 @@ def _config(args: argparse.Namespace) -> Config:
         log_config=args.log_config,
         lease_sweep_seconds=args.lease_sweep_seconds,
         event_retention_days=args.event_retention_days,
+        watch_poll_seconds=args.watch_poll_seconds,
+        watch_keepalive_seconds=args.watch_keepalive_seconds,
     )
 
 

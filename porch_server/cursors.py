@@ -10,6 +10,8 @@ the event id alone orders events.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from porch_server.errors import InvalidArgument
 
 Key = tuple[int, int]
@@ -26,3 +28,26 @@ def cursor_key(cursor: str) -> Key:
     if not (dot and (xid + event_id).isascii() and xid.isdigit() and event_id.isdigit()):
         raise InvalidArgument(f"not an event cursor: {cursor!r}")
     return int(xid), int(event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Which transactions had committed at one moment (PostgreSQL's snapshot).
+
+    A stream that starts "from now" begins at the snapshot's xmin, and skips
+    the events of transactions that had already committed then.
+    """
+
+    xmin: int
+    xmax: int
+    running: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Snapshot:
+        """Read PostgreSQL's text form of a snapshot, 'xmin:xmax:xip,...'."""
+        xmin, xmax, running = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x))
+
+    def saw(self, xid: int) -> bool:
+        """True when transaction xid had committed (or aborted) at the snapshot."""
+        return xid < self.xmin or (xid < self.xmax and xid not in self.running)

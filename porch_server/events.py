@@ -270,9 +270,10 @@ async def follow(
             subscription.resume()
             while events := await replay(last):
                 for event in events:
-                    yield event
                     last = event.cursor
-                quiet_since = loop.time()
+                    if matches(event):
+                        quiet_since = loop.time()
+                        yield event
             while not (subscription.overflowed or subscription.closed):
                 for event in await subscription.get(keepalive_seconds):
                     if cursor_key(event.cursor) <= cursor_key(last):

@@ -56,7 +56,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, authorization, handler.unary_stream),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_bytes_or(handler.response_serializer),
             )
         return handler
 
@@ -111,6 +111,19 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 _log_call(method, context, token, start)
 
         return serve
+
+
+def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A serializer that passes bytes through: a stream may send a message it
+    serialized once for many streams."""
+
+    def serialize_message(message: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        assert serialize is not None
+        return serialize(message)
+
+    return serialize_message
 
 
 def _log_call(method: str, context: Context, token: Token | None, start: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from datetime import timedelta
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from porch_server import auth, messages
-from porch_server.cursors import cursor_key
+from porch_server.cursors import Snapshot, cursor_key
 from porch_server.digest import canonical_json, task_input_id
 from porch_server.errors import InvalidArgument
 from porch_server.events import EventHub, follow
@@ -34,6 +35,8 @@ MAX_TASK_INPUT_BYTES = 1024 * 1024
 MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
 CREATED = (("x-http-code", "201"),)
+# Serialized events kept for the streams that carry the same events.
+ENCODED_EVENTS_KEPT = 10_000
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
 
 
@@ -91,6 +94,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
+        self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call off the event loop."""
@@ -309,9 +313,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    async def WatchEvents(
+    # Yields serialized Events: the interceptor passes bytes through as they are.
+    async def WatchEvents(  # type: ignore[override]
         self, request: porch_pb2.WatchEventsRequest, context: Context
-    ) -> AsyncIterator[porch_pb2.Event]:
+    ) -> AsyncIterator[bytes]:
         pipeline_name = request.pipeline_name or None
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
@@ -321,11 +326,17 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         async def replay(after: str) -> list[Event]:
             return await self._run(self._store.read_events, after, pipeline_name, 500)
 
+        committed_before: Snapshot | None = None
+
         def matches(event: Event) -> bool:
+            if committed_before and committed_before.saw(cursor_key(event.cursor)[0]):
+                return False  # committed before a "from now" stream started
             return pipeline_name is None or event.pipeline_name == pipeline_name
 
         async def start_cursor() -> str:
-            return await self._run(self._store.event_start_cursor)
+            nonlocal committed_before
+            cursor, committed_before = await self._run(self._store.event_start)
+            return cursor
 
         stream = follow(
             self._hub,
@@ -337,7 +348,19 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             self._keepalive_seconds,
         )
         async for item in stream:
-            yield item if isinstance(item, porch_pb2.Event) else messages.event_message(item)
+            yield self._encoded(item)
+
+    def _encoded(self, item: Event | porch_pb2.Event) -> bytes:
+        """Serialize an event once for every stream that carries it."""
+        if isinstance(item, porch_pb2.Event):
+            return item.SerializeToString()
+        encoded = self._encoded_events.get(item.cursor)
+        if encoded is None:
+            encoded = messages.event_message(item).SerializeToString()
+            self._encoded_events[item.cursor] = encoded
+            if len(self._encoded_events) > ENCODED_EVENTS_KEPT:
+                self._encoded_events.popitem(last=False)
+        return encoded
 
 
 def bookmark_message(cursor: str) -> porch_pb2.Event:

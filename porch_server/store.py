@@ -48,7 +48,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from porch_server import digest
-from porch_server.cursors import Key, cursor_key, make_cursor
+from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
@@ -439,10 +439,19 @@ class Store:
 
     def event_start_cursor(self) -> str:
         """Return the cursor meaning "from now": events committed later come after it."""
+        return self.event_start()[0]
+
+    def event_start(self) -> tuple[str, Snapshot | None]:
+        """Return the cursor meaning "from now" and, on PostgreSQL, the snapshot whose
+        committed transactions' events come after that cursor but are not new."""
         with self._read() as connection:
             if self._postgresql:
-                return make_cursor(connection.scalar(select(_XMIN)) or 0, 0)
-            return make_cursor(0, connection.scalar(select(func.max(event.c.id))) or 0)
+                text = connection.scalar(select(func.pg_current_snapshot().cast(Text)))
+                snapshot = Snapshot.parse(str(text))
+                return make_cursor(snapshot.xmin, 0), snapshot
+            newest = select(func.coalesce(func.max(event.c.id), 0)).scalar_subquery()
+            pruned = select(func.coalesce(func.max(event_horizon.c.event_id), 0)).scalar_subquery()
+            return make_cursor(0, connection.scalar(select(func.max(newest, pruned))) or 0), None
 
     def read_events(
         self, after: str, pipeline_name: str | None, limit: int, *, check_horizon: bool = True

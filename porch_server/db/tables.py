@@ -161,6 +161,8 @@ event = Table(
     Column("xid", BigInteger, server_default=FetchedValue(), nullable=True),
     _one_of("kind", EventKind),
     Index("ix_event_task_id_id", "task_id", "id"),
+    # Event ids are cursors: SQLite must never hand out an id again after pruning.
+    sqlite_autoincrement=True,
 )
 
 # The newest event pruned: cursors at or after it can still resume, older

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -116,3 +119,33 @@ def porch(db_url: str) -> Iterator[Porch]:
     for channel in running.channels:
         channel.close()
     running.server.stop()
+
+
+LISTENING = re.compile(r"gRPC listening on \S+:(\d+)")
+
+
+def start_server(db_url: str, *flags: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `porch serve` on a free port and return it with its address."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "porch_server",
+            "serve",
+            "--db-url",
+            db_url,
+            "--grpc-port",
+            "0",
+            "--no-http",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        found = LISTENING.search(line)
+        if found:
+            return process, f"127.0.0.1:{found.group(1)}"
+    raise AssertionError(f"porch serve exited with {process.wait()} before listening")

@@ -6,9 +6,6 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import random
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -22,35 +19,9 @@ from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
+from .conftest import start_server
+
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-LISTENING = re.compile(r"gRPC listening on \S+:(\d+)")
-
-
-def start_server(db_url: str) -> tuple[subprocess.Popen[str], str]:
-    """Start `porch serve` on a free port and return it with its address."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "porch_server",
-            "serve",
-            "--db-url",
-            db_url,
-            "--grpc-port",
-            "0",
-            "--no-http",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        found = LISTENING.search(line)
-        if found:
-            return process, f"127.0.0.1:{found.group(1)}"
-    raise AssertionError(f"porch serve exited with {process.wait()} before listening")
 
 
 @pytest.fixture

@@ -119,6 +119,8 @@ def upgrade() -> None:
             "kind IN ('CREATED', 'CLAIMED', 'STATUS_CHANGED', 'LEASE_EXPIRED')",
             name=op.f("ck_event_kind_valid"),
         ),
+        # Event ids are cursors: SQLite must never hand out an id again after pruning.
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_event_task_id_id", "event", ["task_id", "id"])
     if postgresql:
