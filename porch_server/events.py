@@ -30,6 +30,8 @@ log = logging.getLogger("porch.events")
 READ_BATCH = 1000
 # Notifications to other servers are sent at most this often.
 NOTIFY_DELAY_SECONDS = 0.005
+# How soon to read again when committed events wait behind an older transaction.
+RECHECK_SECONDS = 0.01
 # How long to wait before listening again after the listening connection failed.
 RELISTEN_SECONDS = 5.0
 
@@ -105,6 +107,7 @@ class EventHub:
         backlog_limit: int = 10_000,
         notify: Callable[[], Awaitable[None]] | None = None,
         listen: Callable[[], Listening] | None = None,
+        has_unread: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self._read_events = read_events
         self._start_cursor = start_cursor
@@ -114,6 +117,7 @@ class EventHub:
         self._notify_timer: asyncio.TimerHandle | None = None
         self._stopped = False
         self._listen = listen
+        self._has_unread = has_unread
         self._listener: Listening | None = None
         self._listener_fd = -1
         self._subscriptions: set[Subscription] = set()
@@ -240,6 +244,9 @@ class EventHub:
                 for subscription in self._subscriptions:
                     subscription.put(events)
             if len(events) < READ_BATCH:
+                if self._has_unread is not None and await self._has_unread(self._cursor):
+                    # Their notification has come and gone: look again soon.
+                    asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._wake.set)
                 return
 
 

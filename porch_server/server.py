@@ -118,6 +118,9 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
     async def notify() -> None:
         await loop.run_in_executor(executor, store.notify_watchers)
 
+    async def has_unread(cursor: str) -> bool:
+        return await loop.run_in_executor(executor, store.has_unread_events, cursor)
+
     postgresql = store.engine.dialect.name == "postgresql"
     return EventHub(
         read_events,
@@ -125,6 +128,7 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
         config.watch_poll_seconds,
         notify=notify if postgresql else None,
         listen=functools.partial(Listener, store.engine) if postgresql else None,
+        has_unread=has_unread if postgresql else None,
     )
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -72,6 +74,13 @@ Item = TypeVar("Item")
 
 _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 
+# How long a server trusts a token it has looked up. A revocation through
+# the same Store (the same server process) takes effect at once; through
+# another server, another process of `--workers` or the command line, within
+# this many seconds.
+TOKEN_CACHE_SECONDS = 1.0
+_TOKEN_CACHE_LIMIT = 10_000
+
 # The parameters that many statements share.
 _NOW = bindparam("now", type_=UtcDateTime)
 _PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
@@ -105,6 +114,8 @@ claim_candidates = (
     .with_for_update(skip_locked=True)
 )
 
+_find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
+
 _claim = (
     update(task)
     .where(task.c.id.in_(select(claim_candidates.cte("candidates").c.id)))
@@ -135,6 +146,12 @@ class Store:
         # Pipelines are never renamed or deleted, so these never go stale.
         self._pipeline_ids: dict[str, int] = {}
         self._pipelines: dict[int, Pipeline] = {}
+        # Unrevoked tokens by secret hash, with the time they were read; the
+        # generation changes with every revocation, so that a lookup that
+        # raced one is not cached.
+        self._tokens: dict[str, tuple[float, Token]] = {}
+        self._token_generation = 0
+        self._token_lock = threading.Lock()
 
     @property
     def engine(self) -> Engine:
@@ -216,14 +233,32 @@ class Store:
             self._load_pipelines(connection, [row.pipeline_id])
         return self._to_token(row)
 
+    def cached_token(self, secret_hash: str) -> Token | None:
+        """Return the unrevoked token find_token read less than TOKEN_CACHE_SECONDS ago, if any.
+
+        Touches no database, so it can run on the event loop.
+        """
+        entry = self._tokens.get(secret_hash)
+        if entry is None or time.monotonic() - entry[0] >= TOKEN_CACHE_SECONDS:
+            return None
+        return entry[1]
+
     def find_token(self, secret_hash: str) -> Token | None:
         """Return the token whose secret hashes to secret_hash, revoked or not."""
+        generation = self._token_generation
+        read_at = time.monotonic()
         with self._read() as connection:
-            row = connection.execute(select(token).where(token.c.token_hash == secret_hash)).first()
+            row = connection.execute(_find_token, {"in_token_hash": secret_hash}).first()
             if row is None:
                 return None
             self._load_pipelines(connection, [row.pipeline_id])
-        return self._to_token(row)
+        found = self._to_token(row)
+        with self._token_lock:
+            if found.revoke_time is None and generation == self._token_generation:
+                if len(self._tokens) >= _TOKEN_CACHE_LIMIT:
+                    self._tokens.clear()
+                self._tokens[secret_hash] = (read_at, found)
+        return found
 
     def list_tokens(
         self,
@@ -268,7 +303,15 @@ class Store:
             if row is None:
                 raise NotFound(f"token {token_id} not found")
             self._load_pipelines(connection, [row.pipeline_id])
-        return self._to_token(row)
+        revoked = self._to_token(row)
+        with self._token_lock:
+            self._token_generation += 1
+            self._tokens = {
+                key: entry
+                for key, entry in self._tokens.items()
+                if entry[1].token_id != revoked.token_id
+            }
+        return revoked
 
     def has_admin_token(self) -> bool:
         """True when some admin token has not been revoked."""
@@ -291,7 +334,7 @@ class Store:
         texts = [digest.canonical_json(task_input) for task_input in task_inputs]
         ids = [digest.task_input_id(task_input) for task_input in task_inputs]
         unique = dict(zip(ids, texts, strict=True))
-        with self._write() as connection:
+        with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
             created = {
@@ -342,7 +385,7 @@ class Store:
         """Claim up to num_tasks of the oldest PENDING tasks, after expiring lapsed leases."""
         now = _now()
         lease_seconds = None if lease is None else max(1, math.ceil(lease.total_seconds()))
-        with self._write() as connection:
+        with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             self._expire_leases(connection, now, pipeline_id)
             params = _event_params(now, actor, None) | {
@@ -369,13 +412,18 @@ class Store:
         actor: Actor,
     ) -> Task:
         """Move a task to status, recording an event; FailedPrecondition if the move is illegal."""
-        now = _now()
+        params = _event_params(_now(), actor, message) | {"in_task_input_id": task_input_id}
+        if self._postgresql:
+            # The move and its event are one statement: run alone, it needs no
+            # BEGIN/COMMIT round trips. Only a refused move needs the transaction.
+            with self._read() as connection:
+                params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
+                row = connection.execute(_update_with_event(status), params).first()
+            if row is not None:
+                return self._to_task(row)
         with self._write() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-            params = _event_params(now, actor, message) | {
-                "in_pipeline_id": pipeline_id,
-                "in_task_input_id": task_input_id,
-            }
+            params["in_pipeline_id"] = pipeline_id
             if self._postgresql:
                 row = connection.execute(_update_with_event(status), params).first()
                 if row is not None:
@@ -483,6 +531,19 @@ class Store:
             _to_event(row, self._pipelines[row.pipeline_id].name, row.task_input_id) for row in rows
         ]
 
+    def has_unread_events(self, after: str) -> bool:
+        """True when events after the cursor have committed but wait for an older
+        transaction to end before read_events may return them (PostgreSQL)."""
+        if not self._postgresql:
+            return False
+        key = cursor_key(after)
+        waiting = exists().where(
+            tuple_(event.c.xid, event.c.id) > tuple_(literal(key[0]), literal(key[1])),
+            event.c.xid >= _XMIN,
+        )
+        with self._read() as connection:
+            return bool(connection.scalar(select(waiting)))
+
     def prune_events(self, before: datetime) -> int:
         """Delete the events older than before; cursors older than those kept become
         OutOfRange. Returns how many were deleted."""
@@ -528,6 +589,18 @@ class Store:
     def _write(self) -> Iterator[Connection]:
         with _translate_errors(), self._writer.begin() as connection:
             yield connection
+
+    @contextmanager
+    def _statements(self) -> Iterator[Connection]:
+        """A connection for writes each of which is one atomic statement: on
+        PostgreSQL autocommit (no BEGIN/COMMIT round trips), on SQLite a write
+        transaction."""
+        if self._postgresql:
+            with self._read() as connection:
+                yield connection
+        else:
+            with self._write() as connection:
+                yield connection
 
     def _insert(self, table: Any) -> postgresql.Insert | sqlite.Insert:
         return postgresql.insert(table) if self._postgresql else sqlite.insert(table)
