@@ -1,0 +1,204 @@
+"""The `porch` command as an operator uses it: set-up, tokens, serve, TLS,
+workers, the gateway alone, and a database that goes away."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import trustme
+
+from porch_server.db import migrate
+from porch_server.db.engine import make_engine
+from porch_stubs.v1 import porch_pb2 as pb
+from porch_stubs.v1 import porch_pb2_grpc
+
+from .conftest import start_porch, start_server
+
+PORCH = [sys.executable, "-m", "porch_server"]
+
+
+def porch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
+    done = subprocess.run(
+        [*PORCH, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
+    secret = porch("token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url)
+    assert len(secret.strip()) >= 43 and "\n" not in secret.strip()
+    porch("token", "create", "--reader", "--description", "dash", "--db-url", sqlite_url)
+    listing = porch("token", "list", "--db-url", sqlite_url)
+    assert "ADMIN\tops" in listing and "READER\tdash" in listing
+    assert secret.strip() not in listing
+    token_id = listing.splitlines()[0].split("\t")[0]
+    assert "revoked" in porch("token", "revoke", token_id, "--db-url", sqlite_url)
+    assert "ops" not in porch("token", "list", "--db-url", sqlite_url)
+    assert "revoked" in porch("token", "list", "--all", "--db-url", sqlite_url)
+    failed = subprocess.run(
+        [
+            *PORCH,
+            "token",
+            "create",
+            "--pipeline",
+            "nope",
+            "--description",
+            "d",
+            "--db-url",
+            sqlite_url,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1 and "pipeline 'nope' not found" in failed.stderr
+
+
+def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
+    env = {**os.environ, "DB_URL": f"sqlite:///{tmp_path / 'npg.db'}"}
+    env.pop("PORCH_DB_URL", None)
+    porch("token", "create", "--admin", "--description", "ops", env=env, cwd=tmp_path)
+    assert (tmp_path / "npg.db").exists() and not (tmp_path / "porch.db").exists()
+
+
+def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) -> None:
+    url = postgres_server.create_database()
+    try:
+        done = subprocess.run(
+            [*PORCH, "serve", "--db-url", url, "--grpc-port", "0", "--no-http"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0
+        assert "not at the latest migration" in done.stderr and "porch db upgrade" in done.stderr
+        assert migrate.head_revision() in porch("db", "upgrade", "--db-url", url)
+        engine = make_engine(url)
+        assert migrate.is_at_head(engine)
+        engine.dispose()
+    finally:
+        postgres_server.drop_database(url)
+
+
+def test_serve_prints_the_first_admin_token_once_and_stops_on_sigterm(tmp_path: Path) -> None:
+    process, target = start_server(f"sqlite:///{tmp_path / 'p.db'}")
+    try:
+        with grpc.insecure_channel(target) as channel:
+            health = channel.unary_unary("/grpc.health.v1.Health/Check")
+            assert health(b"", timeout=10) is not None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert process.stdout is not None
+        process.stdout.close()
+    again, _ = start_server(f"sqlite:///{tmp_path / 'p.db'}")
+    again.terminate()
+    assert again.stdout is not None
+    rest = again.stdout.read()
+    again.wait(timeout=30)
+    again.stdout.close()
+    assert "first admin token" not in rest
+
+
+def test_tls_on_the_grpc_port(sqlite_url: str, tmp_path: Path) -> None:
+    from porch_server.config import TLS
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(tmp_path / "server.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    porch_server = start_porch(sqlite_url, tls=TLS(tmp_path / "cert.pem", tmp_path / "key.pem"))
+    try:
+        credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
+        with grpc.secure_channel(
+            porch_server.target.replace("127.0.0.1", "localhost"), credentials
+        ) as channel:
+            client = porch_pb2_grpc.PorchServiceStub(channel)
+            listed = client.ListPipelines(
+                pb.ListPipelinesRequest(),
+                metadata=[("authorization", f"Bearer {porch_server.admin}")],
+            )
+            assert list(listed.pipelines) == []
+        with grpc.insecure_channel(porch_server.target) as plain, pytest.raises(grpc.RpcError):
+            porch_pb2_grpc.PorchServiceStub(plain).ListPipelines(
+                pb.ListPipelinesRequest(), timeout=3
+            )
+    finally:
+        porch_server.server.stop()
+
+
+def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
+    admin = porch("token", "create", "--admin", "--description", "ops", "--db-url", pg_url).strip()
+    port = _free_port()
+    process, target = start_server(pg_url, "--workers", "2", "--grpc-port", str(port))
+    gateway = None
+    try:
+        metadata = [("authorization", f"Bearer {admin}")]
+        with grpc.insecure_channel(target) as channel:
+            client = porch_pb2_grpc.PorchServiceStub(channel)
+            request = pb.CreatePipelineRequest(pipeline=pb.Pipeline(name="w", uri="u", version="1"))
+            client.CreatePipeline(request, metadata=metadata)
+        http_port = _free_port()
+        gateway = subprocess.Popen(
+            [*PORCH, "gateway", "--target", target, "--http-port", str(http_port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert gateway.stdout is not None
+        assert "HTTP gateway on" in gateway.stdout.readline()
+        answer = httpx.get(
+            f"http://127.0.0.1:{http_port}/pipelines/w",
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert answer.status_code == 200 and answer.json()["uri"] == "u"
+        assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").json() == {"status": "SERVING"}
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+            assert gateway.stdout is not None
+            gateway.stdout.close()
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_openapi_command_prints_the_document() -> None:
+    document = json.loads(porch("openapi"))
+    assert document["openapi"].startswith("3.1")
+    assert "TaskStateEnum" in document["components"]["schemas"]
+
+
+def test_a_vanished_database_is_unavailable(postgres_server: Any, pg_template: str) -> None:
+    url = postgres_server.create_database(template=pg_template)
+    running = start_porch(url)
+    try:
+        admin = running.stub(running.admin)
+        admin.ListPipelines(pb.ListPipelinesRequest())
+        postgres_server.drop_database(url)
+        with pytest.raises(grpc.RpcError) as raised:
+            admin.GetPipeline(pb.GetPipelineRequest(name="p"))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert "database" in raised.value.details()  # type: ignore[attr-defined]
+    finally:
+        running.server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
