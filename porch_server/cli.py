@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import sqlalchemy.exc
+
 import gateway
 from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings
@@ -22,6 +24,7 @@ from porch_server.db import migrate
 from porch_server.db.engine import make_engine
 from porch_server.errors import PorchError
 from porch_server.models import Role
+from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
 
 log = logging.getLogger("porch")
@@ -343,6 +346,8 @@ def _token(args: argparse.Namespace) -> None:
     try:
         if args.token_command == "create":
             role = Role.ADMIN if args.admin else Role.READER if args.reader else Role.PIPELINE
+            check_description(args.description)
+            check_role_binding(role, args.pipeline)
             secret = auth.new_secret()
             store.create_token(role, args.pipeline, args.description, auth.hash_secret(secret))
             print(secret)
@@ -387,5 +392,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except PorchError as error:
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
+        first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        print(f"porch: cannot use the database: {first_line}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:  # a database URL or schema name porch cannot use
+        print(f"porch: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
