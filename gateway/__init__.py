@@ -23,6 +23,7 @@ from gateway.options import (
 )
 from gateway.rules import Binding, PathTemplate, RouteTable, load_bindings, parse_template
 from gateway.server import HttpServer, ServerTLS, serve
+from gateway.transcode import integral_numbers, message_to_dict
 
 __all__ = [
     "HTTP_STATUS",
@@ -40,7 +41,9 @@ __all__ = [
     "ServerTLS",
     "build_openapi",
     "create_app",
+    "integral_numbers",
     "load_bindings",
+    "message_to_dict",
     "parse_template",
     "serve",
 ]

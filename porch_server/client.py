@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from gateway import message_to_dict
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -106,13 +106,7 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _print(message: Message) -> None:
-    print(
-        json.dumps(
-            json_format.MessageToDict(message, preserving_proto_field_name=True),
-            ensure_ascii=False,
-        ),
-        flush=True,
-    )
+    print(json.dumps(message_to_dict(message), ensure_ascii=False), flush=True)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -165,13 +159,14 @@ def _event_line(event: porch_pb2.Event) -> str:
     kind = porch_pb2.Event.Kind.Name(event.kind)
     if event.kind == porch_pb2.Event.BOOKMARK:
         return f"{event.time.ToJsonString()} {kind} cursor={event.cursor}"
-    old = porch_pb2.Task.State.Name(event.old_status) if event.old_status else "-"
-    new = porch_pb2.Task.State.Name(event.new_status)
+    change = porch_pb2.Task.State.Name(event.new_status)
+    if event.old_status:
+        change = f"{porch_pb2.Task.State.Name(event.old_status)}->{change}"
     who = event.token_description or "porch"
     message = f" {json.dumps(event.message, ensure_ascii=False)}" if event.message else ""
     return (
         f"{event.time.ToJsonString()} {event.pipeline_name} {event.task_input_id} "
-        f"{kind} {old}->{new} by {who}{message} cursor={event.cursor}"
+        f"{kind} {change} by {who}{message} cursor={event.cursor}"
     )
 
 

@@ -1,7 +1,9 @@
-"""An in-process grpc.aio EchoService and the gateway in front of it.
+"""An in-process grpc.aio EchoService and the gateway in front of it; porch behind it too.
 
 `client` talks to the app through httpx's ASGI transport; `live` runs it
-under a real uvicorn on port 0 and talks over a socket.
+under a real uvicorn on port 0 and talks over a socket. `porch_http` is a
+real porch gRPC server (on this test's database, SQLite and PostgreSQL)
+behind porch's gateway under uvicorn, with an admin token.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import gateway
+from porch_server import web
+from porch_server.models import Role
 from tests.gateway.testproto import echo_pb2, echo_pb2_grpc
+from tests.integration.conftest import Porch, start_porch
 
 ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["EchoService"]
 DESCRIPTOR_SET = (Path(echo_pb2.__file__).parent / "echo.binpb").read_bytes()
@@ -218,3 +223,62 @@ async def live(backend: Backend) -> AsyncIterator[Live]:
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
         yield Live(server, base_url, http)
     await server.stop()
+
+
+@dataclass
+class PorchHttp:
+    """porch's gRPC server and its gateway on real sockets, and an HTTP client for it."""
+
+    porch: Porch
+    server: gateway.HttpServer
+    base_url: str
+    client: httpx.AsyncClient
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """Headers that carry the admin token."""
+        return bearer(self.porch.admin)
+
+    def token(self, role: Role, pipeline: str | None = None, description: str = "test") -> str:
+        """A new token's secret, made directly in the database."""
+        return self.porch.token(role, pipeline, description)
+
+    async def pipeline(self, name: str = "p1") -> dict[str, str]:
+        """Create a pipeline over HTTP; the headers of a token for it."""
+        body = {"name": name, "uri": "https://example.org/p", "version": "1"}
+        created = await self.client.post("/v1/pipelines", json=body, headers=self.admin)
+        assert created.status_code == 201, created.text
+        return bearer(self.token(Role.PIPELINE, name, f"{name} wrapper"))
+
+
+def bearer(secret: str) -> dict[str, str]:
+    """The Authorization header of a token."""
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def start_porch_http(db_url: str) -> PorchHttp:
+    """Start porch (in a thread) and its gateway (in this event loop) on free ports."""
+    porch = await asyncio.to_thread(start_porch, db_url)
+    app = gateway.create_app(web.gateway_options(porch.target))
+    server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
+    await server.start()
+    base_url = f"http://127.0.0.1:{server.port}"
+    client = httpx.AsyncClient(base_url=base_url, timeout=30)
+    return PorchHttp(porch, server, base_url, client)
+
+
+async def stop_porch_http(running: PorchHttp) -> None:
+    """Stop the gateway, then porch."""
+    await running.client.aclose()
+    await running.server.stop()
+    for channel in running.porch.channels:
+        channel.close()
+    await asyncio.to_thread(running.porch.server.stop)
+
+
+@pytest.fixture
+async def porch_http(db_url: str) -> AsyncIterator[PorchHttp]:
+    """porch on this test's database (SQLite, then PostgreSQL) behind its gateway."""
+    running = await start_porch_http(db_url)
+    yield running
+    await stop_porch_http(running)

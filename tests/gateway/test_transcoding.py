@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import statistics
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -452,3 +454,16 @@ async def test_over_a_real_socket(live: Live) -> None:
     assert (await live.client.get("/items", params={"total": 5})).json() == [
         {"index": i} for i in range(5)
     ]
+
+
+async def test_responses_are_not_held_back_by_nagles_algorithm(live: Live) -> None:
+    # The head and the body of a response are written apart; with Nagle's
+    # algorithm on, each response waited out the client's delayed ACK (~40 ms).
+    await live.client.get("/v1/echo/warm-up")
+    elapsed = []
+    for _ in range(15):
+        start = time.perf_counter()
+        response = await live.client.get("/v1/echo/quick")
+        elapsed.append(time.perf_counter() - start)
+        assert response.status_code == 200
+    assert statistics.median(elapsed) < 0.02

@@ -1,0 +1,105 @@
+"""JSON numbers: a `google.protobuf.Value` number that holds an integer is written as one.
+
+protobuf keeps every Struct number as a double and its JSON printer writes
+`1.0`; JSON has one number type, and clients expect back the `1` they sent.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+from google.protobuf import struct_pb2
+
+from gateway import integral_numbers, message_to_dict
+from porch_server import client as porch_client
+from porch_stubs.v1 import porch_pb2
+from tests.gateway.testproto import echo_pb2
+
+EXACT = 2**53
+
+
+def task(task_input: dict[str, Any]) -> porch_pb2.Task:
+    message = porch_pb2.Task(pipeline=porch_pb2.Pipeline(name="p"))
+    message.task_input.update(task_input)
+    return message
+
+
+@pytest.mark.parametrize(
+    ("number", "written"),
+    [
+        (1, "1"),
+        (1.0, "1"),
+        (-7.0, "-7"),
+        (0.0, "0"),
+        (-0.0, "0"),
+        (EXACT, str(EXACT)),
+        (-EXACT, str(-EXACT)),
+        (1.5, "1.5"),
+        (0.1, "0.1"),
+        (float(EXACT * 2), "1.8014398509481984e+16"),
+        (1e300, "1e+300"),
+    ],
+)
+def test_integral_numbers_within_2_to_the_53_are_integers(number: float, written: str) -> None:
+    rendered = message_to_dict(task({"n": number}))["task_input"]["n"]
+    assert json.dumps(rendered) == written
+
+
+def test_nested_lists_and_objects_and_every_kind_of_field() -> None:
+    registered = porch_pb2.RegisterTasksResponse(
+        results=[
+            porch_pb2.RegisterTaskResponse(
+                task=task({"id_run": 45925, "tags": [1, 2.5, {"x": 3}]})
+            ),
+            porch_pb2.RegisterTaskResponse(task=task({"flag": True, "none": None, "s": "4"})),
+        ]
+    )
+    results = message_to_dict(registered)["results"]
+    assert json.dumps(results[0]["task"]["task_input"], sort_keys=True) == (
+        '{"id_run": 45925, "tags": [1, 2.5, {"x": 3}]}'
+    )
+    assert results[1]["task"]["task_input"] == {"flag": True, "none": None, "s": "4"}
+
+
+def test_well_known_json_types_at_the_top() -> None:
+    assert json.dumps(message_to_dict(struct_pb2.Value(number_value=3))) == "3"
+    values = struct_pb2.ListValue()
+    values.extend([1, 2.25])
+    assert json.dumps(message_to_dict(values)) == "[1, 2.25]"
+
+
+def test_other_numbers_keep_their_proto_json_form() -> None:
+    echoed = echo_pb2.EchoMessage(double_value=2.0, float_value=3.0, int64_value=5)
+    echoed.data.update({"n": 2})
+    rendered = message_to_dict(echoed)
+    assert (rendered["double_value"], rendered["float_value"]) == (2.0, 3.0)
+    assert isinstance(rendered["double_value"], float)
+    assert rendered["int64_value"] == "5"
+    assert json.dumps(rendered["data"]) == '{"n": 2}'
+
+
+def test_plain_values_pass_through() -> None:
+    data = {"a": [1.0, "b", None, False, {"c": 2.0}], "d": 0.5}
+    assert integral_numbers(data) == {"a": [1, "b", None, False, {"c": 2}], "d": 0.5}
+    assert json.dumps(data) == '{"a": [1, "b", null, false, {"c": 2}], "d": 0.5}'
+
+
+async def test_the_gateway_answers_integers(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/echo", json={"text": "n", "data": {"id_run": 1, "ratio": 0.5, "ids": [7, 8.0]}}
+    )
+    assert response.status_code == 200
+    # Decimal for every number written with a fraction or exponent: only 0.5 is.
+    data = json.loads(response.text, parse_float=Decimal)["data"]
+    assert data == {"id_run": 1, "ratio": Decimal("0.5"), "ids": [7, 8]}
+    assert [type(each) for each in (data["id_run"], *data["ids"])] == [int, int, int]
+
+
+def test_the_porch_command_prints_integers(capsys: pytest.CaptureFixture[str]) -> None:
+    porch_client._print(task({"id_run": 1, "study_id": 100.0}))
+    printed = json.loads(capsys.readouterr().out)
+    assert json.dumps(printed["task_input"], sort_keys=True) == '{"id_run": 1, "study_id": 100}'

@@ -1,0 +1,407 @@
+"""porch's v1 HTTP routes end to end: HTTP → gateway → gRPC server → database.
+
+Every test runs against a real porch gRPC server and its gateway under
+uvicorn, on real sockets, once on SQLite and once on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from porch_server.models import Role
+from tests.gateway.conftest import PorchHttp, bearer
+
+pytestmark = pytest.mark.asyncio
+
+PIPELINE = {"name": "p1", "uri": "https://example.org/p", "version": "1"}
+SSE = {"accept": "text/event-stream"}
+STREAM_TIMEOUT = 15
+
+
+async def register(http: PorchHttp, headers: dict[str, str], *inputs: dict[str, Any]) -> list[str]:
+    """Register tasks of p1 in one batch; their task_input_ids, in order."""
+    response = await http.client.post(
+        "/v1/pipelines/p1/tasks:batchRegister",
+        json={"tasks": [{"task_input": each} for each in inputs]},
+        headers=headers,
+    )
+    assert response.status_code == 200, response.text
+    return [result["task"]["task_input_id"] for result in response.json()["results"]]
+
+
+async def update(
+    http: PorchHttp, headers: dict[str, str], task_id: str, status: str, message: str = ""
+) -> httpx.Response:
+    body = {"task": {"status": status}, "message": message}
+    return await http.client.patch(f"/v1/pipelines/p1/tasks/{task_id}", json=body, headers=headers)
+
+
+def assert_error(response: httpx.Response, status: int, code: int, *words: str) -> None:
+    """An error answer: this HTTP status, google.rpc.Status JSON with this code and words."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert (body["code"], body["details"]) == (code, [])
+    for word in words:
+        assert word in body["message"], body["message"]
+
+
+# Pipelines and tokens.
+
+
+async def test_create_get_and_list_pipelines_with_paging(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    for index in range(5):
+        body = {**PIPELINE, "name": f"p{index}", "version": str(index % 2)}
+        created = await client.post("/v1/pipelines", json=body, headers=admin)
+        assert created.status_code == 201
+        assert created.json() == body
+    got = await client.get("/v1/pipelines/p3", headers=admin)
+    assert got.json() == {**PIPELINE, "name": "p3", "version": "1"}
+    names, token, pages = [], "", 0
+    while True:
+        page = await client.get(
+            "/v1/pipelines", params={"page_size": 2, "page_token": token}, headers=admin
+        )
+        names += [each["name"] for each in page.json()["pipelines"]]
+        token, pages = page.json()["next_page_token"], pages + 1
+        if not token:
+            break
+    assert (names, pages) == (["p0", "p1", "p2", "p3", "p4"], 3)
+    filtered = await client.get(
+        "/v1/pipelines", params={"version": "1", "uri": PIPELINE["uri"]}, headers=admin
+    )
+    assert [each["name"] for each in filtered.json()["pipelines"]] == ["p1", "p3"]
+
+
+async def test_tokens_are_created_listed_and_revoked(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    await porch_http.pipeline()
+    created = await client.post(
+        "/v1/tokens", json={"pipeline_name": "p1", "description": "wrapper"}, headers=admin
+    )
+    assert created.status_code == 201
+    token = created.json()
+    assert (token["name"], token["description"], token["role"]) == ("p1", "wrapper", "PIPELINE")
+    reader = await client.post(
+        "/v1/tokens", json={"description": "dashboard", "role": "READER"}, headers=admin
+    )
+    assert (reader.status_code, reader.json()["name"]) == (201, "")
+    listed = await client.get("/v1/tokens", params={"pipeline_name": "p1"}, headers=admin)
+    descriptions = [each["description"] for each in listed.json()["tokens"]]
+    assert "wrapper" in descriptions
+    assert token["token"] not in listed.text
+    before = await client.get("/v1/pipelines/p1", headers=bearer(token["token"]))
+    assert before.status_code == 200
+    revoked = await client.post(f"/v1/tokens/{token['token_id']}:revoke", json={}, headers=admin)
+    assert revoked.status_code == 200
+    assert revoked.json()["revoke_time"]
+    after = await client.get("/v1/pipelines/p1", headers=bearer(token["token"]))
+    assert_error(after, 401, 16, "revoked")
+
+
+# Tasks.
+
+
+async def test_register_is_201_then_200_and_batches_keep_their_order(
+    porch_http: PorchHttp,
+) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    url = "/v1/pipelines/p1/tasks"
+    first = await client.post(url, json={"task_input": {"id_run": 1}}, headers=wrapper)
+    again = await client.post(url, json={"task_input": {"id_run": 1.0}}, headers=wrapper)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert (first.json()["created"], again.json()["created"]) == (True, False)
+    task = first.json()["task"]
+    assert again.json()["task"] == task
+    assert task["status"] == "PENDING"
+    assert task["pipeline"] == PIPELINE
+    assert '"task_input":{"id_run":1}' in first.text
+    batch = await client.post(
+        "/v1/pipelines/p1/tasks:batchRegister",
+        json={"tasks": [{"task_input": {"id_run": n}} for n in (3, 1, 2)]},
+        headers=wrapper,
+    )
+    results = batch.json()["results"]
+    assert [each["task"]["task_input"]["id_run"] for each in results] == [3, 1, 2]
+    assert [each["created"] for each in results] == [True, False, True]
+
+
+async def test_get_and_list_tasks_with_filters_and_paging(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    ids = await register(porch_http, wrapper, *({"n": n} for n in range(5)))
+    got = await client.get(f"/v1/pipelines/p1/tasks/{ids[2]}", headers=wrapper)
+    assert (got.status_code, got.json()["task_input"]) == (200, {"n": 2})
+    claimed = await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=wrapper)
+    assert [each["task_input_id"] for each in claimed.json()["tasks"]] == ids[:1]
+    seen, token = [], ""
+    while True:
+        page = await client.get(
+            "/v1/pipelines/p1/tasks",
+            params={"status": "PENDING", "page_size": 3, "page_token": token},
+            headers=wrapper,
+        )
+        assert page.status_code == 200
+        seen += [each["task_input_id"] for each in page.json()["tasks"]]
+        token = page.json()["next_page_token"]
+        if not token:
+            break
+    assert seen == ids[1:]
+    everything = await client.get("/v1/tasks", params={"pipeline_name": "p1"}, headers=wrapper)
+    assert [each["task_input_id"] for each in everything.json()["tasks"]] == ids
+    assert everything.json()["next_page_token"] == ""
+
+
+async def test_claim_with_num_tasks_and_a_lease(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    ids = await register(porch_http, wrapper, *({"n": n} for n in range(5)))
+    plain = await client.post(
+        "/v1/pipelines/p1/tasks:claim", json={"num_tasks": 2}, headers=wrapper
+    )
+    tasks = plain.json()["tasks"]
+    assert [each["task_input_id"] for each in tasks] == ids[:2]
+    assert {each["status"] for each in tasks} == {"CLAIMED"}
+    assert all("lease_expire_time" not in each for each in tasks)
+    leased = await client.post(
+        "/v1/pipelines/p1/tasks:claim", json={"num_tasks": 2, "lease": "60s"}, headers=wrapper
+    )
+    [one, two] = leased.json()["tasks"]
+    assert [one["task_input_id"], two["task_input_id"]] == ids[2:4]
+    lease = datetime.fromisoformat(one["lease_expire_time"]) - datetime.fromisoformat(
+        one["claim_time"]
+    )
+    assert lease.total_seconds() == pytest.approx(60, abs=1)
+    # Typed query parameters on the npg_porch route: an integer and a Duration.
+    by_query = await client.post(
+        "/tasks/claim", params={"num_tasks": "3", "lease": "30s"}, json=PIPELINE, headers=wrapper
+    )
+    assert [each["task_input_id"] for each in by_query.json()] == ids[4:]
+    assert by_query.json()[0]["lease_expire_time"]
+    empty = await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=wrapper)
+    assert (empty.status_code, empty.json()) == (200, {"tasks": []})
+
+
+async def test_update_with_a_message_and_list_the_events(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    [task_id] = await register(porch_http, wrapper, {"id_run": 45925})
+    await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=wrapper)
+    running = await update(porch_http, wrapper, task_id, "RUNNING")
+    assert (running.status_code, running.json()["status"]) == (200, "RUNNING")
+    done = await update(porch_http, wrapper, task_id, "DONE", "finished in 3h; café ☕")
+    assert done.json()["status"] == "DONE"
+    events = await client.get(f"/v1/pipelines/p1/tasks/{task_id}/events", headers=wrapper)
+    listed = events.json()["events"]
+    assert [(e["kind"], e["old_status"], e["new_status"]) for e in listed] == [
+        ("CREATED", "STATE_UNSPECIFIED", "PENDING"),
+        ("CLAIMED", "PENDING", "CLAIMED"),
+        ("STATUS_CHANGED", "CLAIMED", "RUNNING"),
+        ("STATUS_CHANGED", "RUNNING", "DONE"),
+    ]
+    assert listed[-1]["message"] == "finished in 3h; café ☕"
+    assert {e["token_description"] for e in listed} == {"p1 wrapper"}
+    paged = await client.get(
+        f"/v1/pipelines/p1/tasks/{task_id}/events", params={"page_size": 3}, headers=wrapper
+    )
+    assert len(paged.json()["events"]) == 3
+    rest = await client.get(
+        f"/v1/pipelines/p1/tasks/{task_id}/events",
+        params={"page_token": paged.json()["next_page_token"]},
+        headers=wrapper,
+    )
+    assert rest.json()["events"] == listed[3:]
+
+
+# Watching.
+
+
+async def results(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+    """The events of an NDJSON stream, without bookmarks."""
+    async for line in lines:
+        event = json.loads(line)["result"]
+        if event["kind"] != "BOOKMARK":
+            yield event
+
+
+async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(id, event) of a Server-Sent Events stream, without bookmarks."""
+    fields: dict[str, str] = {}
+    async for line in lines:
+        if line:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+            continue
+        event = json.loads(fields["data"])
+        if event["kind"] != "BOOKMARK":
+            yield fields["id"], event
+        fields = {}
+
+
+async def test_watch_as_ndjson_from_now_on(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    [old] = await register(porch_http, wrapper, {"before": "the watch"})
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        client.stream("GET", "/v1/pipelines/p1/events:watch", headers=wrapper) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = response.aiter_lines()
+        first = json.loads(await anext(lines))["result"]
+        assert first["kind"] == "BOOKMARK" and first["cursor"]
+        [new] = await register(porch_http, wrapper, {"after": "the watch"})
+        await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=wrapper)
+        seen = []
+        async for event in results(lines):
+            seen.append((event["kind"], event["task_input_id"]))
+            if event["kind"] == "CLAIMED":
+                break
+    # From now on: the task registered before the watch shows up claimed, not created.
+    # (On PostgreSQL "now" is the oldest transaction running anywhere on the server,
+    # so an event committed just before may be replayed too: never one missed.)
+    if seen[0] == ("CREATED", old):
+        seen = seen[1:]
+    assert seen == [("CREATED", new), ("CLAIMED", old)]
+
+
+async def test_watch_as_sse_resumes_after_last_event_id(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        client.stream("GET", "/v1/events:watch", headers={**wrapper, **SSE}) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("id: ")
+        ids = await register(porch_http, wrapper, {"n": 1}, {"n": 2}, {"n": 3})
+        events = sse_events(lines)
+        seen = [await anext(events) for _ in ids]
+    # One transaction: its events come in the order porch wrote the rows.
+    assert sorted(event["task_input_id"] for _, event in seen) == sorted(ids)
+    assert [event_id for event_id, event in seen] == [event["cursor"] for _, event in seen]
+    # A reconnecting EventSource sends the id of the last event it saw.
+    resume = {**wrapper, **SSE, "Last-Event-ID": seen[0][0]}
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        client.stream("GET", "/v1/events:watch", headers=resume) as response,
+    ):
+        events = sse_events(response.aiter_lines())
+        replayed = [await anext(events), await anext(events)]
+    assert replayed == seen[1:]
+
+
+async def test_watch_errors_before_the_stream_are_http_errors(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    unknown = await client.get("/v1/pipelines/nope/events:watch", headers=wrapper)
+    assert_error(unknown, 404, 5, "nope")
+    bad_cursor = await client.get(
+        "/v1/events:watch", params={"after": "x"}, headers={**wrapper, **SSE}
+    )
+    assert_error(bad_cursor, 400, 3, "cursor")
+    anonymous = await client.get("/v1/events:watch")
+    assert_error(anonymous, 401, 16, "token")
+
+
+# Errors.
+
+
+async def test_bad_tokens_are_401_and_tokens_without_the_right_403(porch_http: PorchHttp) -> None:
+    client = porch_http.client
+    assert_error(await client.get("/v1/pipelines"), 401, 16, "no token")
+    malformed = await client.get("/v1/pipelines", headers={"Authorization": "Basic abc"})
+    assert_error(malformed, 401, 16, "malformed")
+    unknown = await client.get("/v1/pipelines", headers=bearer("x" * 43))
+    assert_error(unknown, 401, 16, "unknown token")
+    # Valid tokens without the right: 403, naming the pipeline.
+    wrapper = await porch_http.pipeline("p1")
+    await porch_http.pipeline("p2")
+    wrong = await client.post(
+        "/v1/pipelines/p2/tasks", json={"task_input": {"a": 1}}, headers=wrapper
+    )
+    assert_error(wrong, 403, 7, "'p1'", "'p2'")
+    claim = await client.post("/tasks/claim", json={"name": "p2"}, headers=wrapper)
+    assert_error(claim, 403, 7, "'p2'")
+    not_admin = await client.post("/v1/pipelines", json={**PIPELINE, "name": "p3"}, headers=wrapper)
+    assert_error(not_admin, 403, 7, "admin")
+    reader = bearer(porch_http.token(Role.READER))
+    assert (await client.get("/v1/tasks", headers=reader)).status_code == 200
+    as_reader = await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=reader)
+    assert_error(as_reader, 403, 7, "READER")
+
+
+async def test_unknown_things_are_404_and_a_taken_name_409(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    wrapper = await porch_http.pipeline()
+    assert_error(await client.get("/v1/pipelines/nope", headers=admin), 404, 5, "'nope'")
+    missing = await client.get(f"/v1/pipelines/p1/tasks/{'0' * 64}", headers=admin)
+    assert_error(missing, 404, 5, "0" * 64)
+    unknown_pipeline = await client.post(
+        "/v1/tokens", json={"pipeline_name": "nope", "description": "d"}, headers=admin
+    )
+    assert_error(unknown_pipeline, 404, 5, "'nope'")
+    assert_error(await client.get("/v1/nowhere", headers=admin), 404, 5, "no route")
+    update_missing = await update(porch_http, wrapper, "a" * 64, "RUNNING")
+    assert_error(update_missing, 404, 5)
+    taken = await client.post("/v1/pipelines", json=PIPELINE, headers=admin)
+    assert_error(taken, 409, 6, "'p1'", "exists")
+
+
+async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    wrapper = await porch_http.pipeline()
+    no_uri = await client.post("/v1/pipelines", json={"name": "p9"}, headers=admin)
+    assert_error(no_uri, 400, 3, "pipeline.uri")
+    unknown_field = await client.post(
+        "/v1/pipelines/p1/tasks", json={"task_input": {}, "colour": "red"}, headers=wrapper
+    )
+    assert_error(unknown_field, 400, 3, "colour")
+    no_input = await client.post("/v1/pipelines/p1/tasks", json={}, headers=wrapper)
+    assert_error(no_input, 400, 3, "task.task_input")
+    bad_status = await client.get("/v1/tasks", params={"status": "LOST"}, headers=admin)
+    assert_error(bad_status, 400, 3, "status", "LOST")
+    bad_size = await client.get("/v1/tasks", params={"page_size": "many"}, headers=admin)
+    assert_error(bad_size, 400, 3, "page_size")
+    negative = await client.get("/v1/tasks", params={"page_size": "-1"}, headers=admin)
+    assert_error(negative, 400, 3, "page_size")
+    zero = await client.post("/v1/pipelines/p1/tasks:claim", json={"num_tasks": 0}, headers=wrapper)
+    assert_error(zero, 400, 3, "num_tasks")
+    bad_lease = await client.post(
+        "/v1/pipelines/p1/tasks:claim", json={"lease": "soon"}, headers=wrapper
+    )
+    assert_error(bad_lease, 400, 3, "lease")
+    bad_id = await client.get("/v1/pipelines/p1/tasks/XYZ", headers=admin)
+    assert_error(bad_id, 400, 3, "task_input_id")
+    not_json = await client.post(
+        "/v1/pipelines", content=b"{", headers={**admin, "content-type": "application/json"}
+    )
+    assert_error(not_json, 400, 3, "JSON")
+    [task_id] = await register(porch_http, wrapper, {"n": 1})
+    illegal = await update(porch_http, wrapper, task_id, "DONE")
+    assert_error(illegal, 400, 9, "PENDING", "DONE")
+    got = await client.get(f"/v1/pipelines/p1/tasks/{task_id}", headers=wrapper)
+    assert got.json()["status"] == "PENDING"
+
+
+async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    wrong = await client.delete("/v1/pipelines", headers=admin)
+    assert_error(wrong, 405, 12, "DELETE")
+    assert wrong.headers["allow"] == "GET, POST"
+    claim = await client.get("/v1/pipelines/p1/tasks:claim", headers=admin)
+    assert (claim.status_code, claim.headers["allow"]) == (405, "POST")
+    huge = {"task_input": {"blob": "x" * (5 * 1024 * 1024)}}
+    too_large = await client.post("/v1/pipelines/p1/tasks", json=huge, headers=admin)
+    assert_error(too_large, 413, 8, "larger than")
+    health = await client.get("/healthz")
+    assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
+    for path in ("/openapi.json", "/api/v1/openapi.json"):
+        document = await client.get(path)
+        assert document.json()["info"]["title"] == "porch"
+    assert (await client.get("/docs")).status_code == 200
