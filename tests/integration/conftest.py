@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -149,3 +150,24 @@ def start_server(db_url: str, *flags: str) -> tuple[subprocess.Popen[str], str]:
         if found:
             return process, f"127.0.0.1:{found.group(1)}"
     raise AssertionError(f"porch serve exited with {process.wait()} before listening")
+
+
+def stop_server(process: subprocess.Popen[str]) -> None:
+    """SIGTERM a `porch serve` process and check it shut down cleanly."""
+    process.terminate()
+    assert process.wait(timeout=30) == 0
+    assert process.stdout is not None
+    process.stdout.close()
+
+
+@contextlib.contextmanager
+def server_processes(db_url: str, count: int) -> Iterator[tuple[Store, list[str]]]:
+    """`count` porch servers on one database, and a store on it for set-up and checks."""
+    store = Store(make_engine(db_url))
+    started = [start_server(db_url) for _ in range(count)]
+    try:
+        yield store, [target for _, target in started]
+    finally:
+        for process, _ in started:
+            stop_server(process)
+        store.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from porch_server.db.engine import make_engine
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
-from .conftest import start_porch, start_server
+from .conftest import start_porch, start_server, stop_server
 
 PORCH = [sys.executable, "-m", "porch_server"]
 
@@ -96,10 +95,7 @@ def test_serve_prints_the_first_admin_token_once_and_stops_on_sigterm(tmp_path: 
             health = channel.unary_unary("/grpc.health.v1.Health/Check")
             assert health(b"", timeout=10) is not None
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
-        assert process.stdout is not None
-        process.stdout.close()
+        stop_server(process)
     again, _ = start_server(f"sqlite:///{tmp_path / 'p.db'}")
     again.terminate()
     assert again.stdout is not None
@@ -169,10 +165,7 @@ def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
             gateway.wait(timeout=30)
             assert gateway.stdout is not None
             gateway.stdout.close()
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-        assert process.stdout is not None
-        process.stdout.close()
+        stop_server(process)
 
 
 def test_openapi_command_prints_the_document() -> None:

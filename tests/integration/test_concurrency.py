@@ -13,28 +13,20 @@ import grpc
 import pytest
 
 from porch_server import auth
-from porch_server.db.engine import make_engine
 from porch_server.models import SYSTEM, Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
-from .conftest import start_server
+from .conftest import server_processes
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 @pytest.fixture
 def two_servers(pg_url: str) -> Iterator[tuple[Store, list[str]]]:
-    store = Store(make_engine(pg_url))
-    started = [start_server(pg_url) for _ in range(2)]
-    yield store, [target for _, target in started]
-    for process, _ in started:
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-        assert process.stdout is not None
-        process.stdout.close()
-    store.close()
+    with server_processes(pg_url, 2) as servers:
+        yield servers
 
 
 def setup_pipeline(store: Store) -> str:

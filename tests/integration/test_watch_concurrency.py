@@ -15,13 +15,12 @@ from sqlalchemy import text
 
 from porch_server import auth
 from porch_server.cursors import make_cursor
-from porch_server.db.engine import make_engine
 from porch_server.models import SYSTEM, Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
-from .conftest import start_server
+from .conftest import server_processes
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -56,15 +55,8 @@ def run_lifecycles(target: str, tokens: dict[str, str], seed: int) -> int:
 
 @pytest.fixture
 def servers(pg_url: str) -> Iterator[tuple[Store, list[str]]]:
-    store = Store(make_engine(pg_url))
-    started = [start_server(pg_url) for _ in range(3)]
-    yield store, [target for _, target in started]
-    for process, _ in started:
-        process.terminate()
-        process.wait(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
-    store.close()
+    with server_processes(pg_url, 3) as started:
+        yield started
 
 
 def test_watcher_reconnecting_at_random_sees_every_event_once(
