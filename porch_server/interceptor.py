@@ -68,8 +68,10 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if isinstance(authorization, bytes):
             raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
         secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
-        loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._executor, self._store.find_token, secret_hash)
+        found = self._store.cached_token(secret_hash)
+        if found is None:
+            loop = asyncio.get_running_loop()
+            found = await loop.run_in_executor(self._executor, self._store.find_token, secret_hash)
         token = auth.check_token(found)
         auth.authorize(method, token, request)
         return token

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import inspect
 
 from porch_server import digest
+from porch_server import store as store_module
 from porch_server.cursors import cursor_key
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
@@ -108,6 +109,34 @@ def test_token_lifecycle(store: Store) -> None:
     assert store.revoke_token(admin.token_id).revoke_time == revoked.revoke_time
     assert store.find_token("1" * 64) == revoked
     assert not store.has_admin_token()
+
+
+def test_revocation_reaches_cached_tokens(
+    store: Store, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_pipeline(store)
+    wrapper = store.create_token(Role.PIPELINE, "p1", "wrapper", "2" * 64)
+    assert store.cached_token("2" * 64) is None
+    assert store.find_token("2" * 64) == wrapper
+    assert store.cached_token("2" * 64) == wrapper
+    other = Store(make_engine(db_url))
+    try:
+        # Through another server, the revocation shows once the cache entry lapses.
+        other.revoke_token(wrapper.token_id)
+        assert store.cached_token("2" * 64) == wrapper
+        later = time.monotonic() + store_module.TOKEN_CACHE_SECONDS
+        monkeypatch.setattr(store_module.time, "monotonic", lambda: later)
+        assert store.cached_token("2" * 64) is None
+        assert store.find_token("2" * 64).revoke_time is not None  # type: ignore[union-attr]
+        assert store.cached_token("2" * 64) is None
+        monkeypatch.undo()
+        # Through the same server, at once.
+        reader = store.create_token(Role.READER, None, "reader", "3" * 64)
+        assert store.find_token("3" * 64) == store.cached_token("3" * 64) == reader
+        store.revoke_token(reader.token_id)
+        assert store.cached_token("3" * 64) is None
+    finally:
+        other.close()
 
 
 def test_token_errors(store: Store) -> None:

@@ -1,0 +1,137 @@
+"""Run every benchmark in sequence and print each target beside what was measured.
+
+Each script runs as its own process and hands its figures back through
+``--json``; bench/gateway.py is included when it exists. The targets are
+ratios against limits measured in the same run (see bench/README.md).
+
+    python bench/all.py [--db-url URL] [--clients W] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import DEFAULT_DB_URL, print_table
+
+HERE = Path(__file__).parent
+CALLS_PER_TASK = 2.1  # a claim of 10, then RUNNING and DONE: 1/10 + 2
+NPG_PORCH_LIFECYCLE = 31.0  # tasks/s, the best npg_porch figure (1-8 HTTP clients)
+NPG_PORCH_CPU_MS = 17.0
+
+
+def run(name: str, args: list[str], scratch: Path) -> dict[str, float]:
+    """Run bench/NAME.py with args; return the figures it wrote."""
+    output = scratch / f"{name}-{len(list(scratch.iterdir()))}.json"
+    command = [sys.executable, str(HERE / f"{name}.py"), *args, "--json", str(output)]
+    print(f"\n$ {' '.join(command[1:])}", flush=True)
+    started = time.monotonic()
+    done = subprocess.run(command, check=False)
+    print(f"({time.monotonic() - started:.0f} s)", flush=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: {name}.py failed with exit status {done.returncode}")
+    figures: dict[str, float] = json.loads(output.read_text())
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks; print the targets table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, a rougher picture")
+    args = parser.parse_args(argv)
+    db = ["--db-url", args.db_url]
+    clients = ["--clients", str(args.clients)]
+    tasks = "3000" if args.quick else "10000"
+    with tempfile.TemporaryDirectory() as directory:
+        scratch = Path(directory)
+        echo = run("ceiling", [*clients, "--seconds", "4" if args.quick else "10"], scratch)
+        raw = run("raw_sql", [*db, "--tasks", tasks, "--clients", str(args.clients)], scratch)
+        grpc = run("lifecycle", [*db, *clients, "--tasks", tasks], scratch)
+        two = run("lifecycle", [*db, *clients, "--tasks", tasks, "--workers", "2"], scratch)
+        register = run(
+            "register",
+            [*db, *clients, "--tasks", tasks, "--batch-tasks", "20000" if args.quick else "100000"],
+            scratch,
+        )
+        scale = run(
+            "claim_scale",
+            [
+                *db,
+                "--levels",
+                "0",
+                "100000",
+                "1000000",
+                "--pending",
+                "1000" if args.quick else "2000",
+            ],
+            scratch,
+        )
+        sqlite = run("lifecycle", ["--sqlite", *clients, "--tasks", tasks], scratch)
+        gateway = None
+        if (HERE / "gateway.py").exists():
+            gateway = run("gateway", [*db, *clients], scratch)
+    print_targets(echo, raw, grpc, two, register, scale, sqlite, gateway, args.clients)
+
+
+def print_targets(
+    echo: dict[str, float],
+    raw: dict[str, float],
+    grpc: dict[str, float],
+    two: dict[str, float],
+    register: dict[str, float],
+    scale: dict[str, float],
+    sqlite: dict[str, float],
+    gateway: dict[str, float] | None,
+    clients: int,
+) -> None:
+    """Print each target, what it comes to in this run, what was measured, and whether it held."""
+    grpc_echo = echo["grpc_aio_per_s"]
+    limit = min(raw[f"tasks_per_s_{clients}"], grpc_echo / CALLS_PER_TASK)
+    empty, million = scale.get("claim_p50_ms_0", 0.0), scale.get("claim_p50_ms_1000000", 0.0)
+    rows: list[tuple[Any, ...]] = [
+        _row("lifecycle over gRPC, tasks/s", 0.5 * limit, grpc["tasks_per_s"], "50% of limit"),
+        _row("  same, --workers 2", 0.5 * limit, two["tasks_per_s"], "50% of limit"),
+        _row("  x npg_porch (31 tasks/s)", 15, grpc["tasks_per_s"] / NPG_PORCH_LIFECYCLE, "15x"),
+        _row("server CPU ms/task (register+claim+2 updates)", 2.0, grpc["cpu_ms_per_task"], "≤ 2"),
+        _row("RegisterTask, tasks/s", 0.5 * grpc_echo, register["register_task_per_s"], "50% echo"),
+        _row("RegisterTasks of 500, tasks/s", 10_000, register["register_tasks_per_s"], ""),
+        _row("ClaimTasks of 100, tasks/s", 5_000, register["claim_tasks_per_s"], ""),
+        _row("claim p50 with 1M finished, ms", 1.5 * empty, million, "1.5x empty"),
+        _row("SQLite lifecycle, tasks/s", 250, sqlite["tasks_per_s"], ""),
+        _row("server peak RSS in lifecycle, MiB", 150, grpc["server_peak_rss_mb"], "≤ 150"),
+    ]
+    if gateway is not None:
+        http_limit = echo["http_per_s"] / CALLS_PER_TASK
+        rows.append(
+            _row(
+                "lifecycle over HTTP gateway, tasks/s",
+                0.4 * http_limit,
+                gateway["http_tasks_per_s"],
+                "40% of HTTP echo ÷ 2.1",
+            )
+        )
+    print_table(
+        f"limits in this run: gRPC echo {grpc_echo:,.0f}/s, HTTP echo {echo['http_per_s']:,.0f}/s,"
+        f" raw SQL {raw[f'tasks_per_s_{clients}']:,.0f} tasks/s ({clients} processes)",
+        ["measurement", "target", "measured", "met", "rule"],
+        rows,
+    )
+
+
+def _row(name: str, target: float, measured: float, rule: str) -> tuple[Any, ...]:
+    lower_is_better = rule.startswith("≤") or name.startswith(("server", "claim p50"))
+    met = measured <= target if lower_is_better else measured >= target
+    sign = "≤" if lower_is_better else "≥"
+    return name, f"{sign} {target:,.1f}", measured, "yes" if met else "NO", rule
+
+
+if __name__ == "__main__":
+    main()

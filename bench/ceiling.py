@@ -1,0 +1,164 @@
+"""The transport limits: a trivial gRPC echo and a trivial JSON echo over HTTP.
+
+The same client processes as the other benchmarks (W 'spawn' processes,
+sync grpc / httpx clients) call servers that do nothing, so the rates are
+what the transport alone allows on this machine.
+
+    python bench/ceiling.py [--clients W] [--seconds S]
+    python bench/ceiling.py --serve grpc-aio|grpc-sync|http   (one echo server)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from _common import (
+    add_json_option,
+    cpu_seconds,
+    free_port,
+    percentile,
+    print_table,
+    run_clients,
+    start_process,
+    write_json,
+)
+
+METHOD = "/bench.Echo/Echo"
+READY = r"echo listening on (\S+)"
+PAYLOAD = b'{"pipeline": {"name": "bench"}, "task_input_id": "' + b"0" * 64 + b'"}'
+
+
+def _identity(request: bytes, context: object) -> bytes:
+    return request
+
+
+async def _async_identity(request: bytes, context: object) -> bytes:
+    return request
+
+
+def _handler(behaviour: object) -> grpc.GenericRpcHandler:
+    method = grpc.unary_unary_rpc_method_handler(behaviour)  # type: ignore[arg-type]
+    return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": method})
+
+
+def serve_grpc_aio() -> None:
+    """A grpc.aio echo server, as porch's server is built."""
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_handler(_async_identity),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"echo listening on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def serve_grpc_sync() -> None:
+    """A thread-pool grpc echo server."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((_handler(_identity),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"echo listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def serve_http() -> None:
+    """A Starlette JSON echo under uvicorn."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def echo(request: Request) -> JSONResponse:
+        return JSONResponse(await request.json())
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+    # Not uvicorn's sockets=[...]: on a socket bound here, every request
+    # took 40 ms (delayed ACKs), as if TCP_NODELAY were lost.
+    port = free_port()
+    print(f"echo listening on http://127.0.0.1:{port}", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def grpc_client(target: str, seconds: float) -> tuple[int, float, list[float]]:
+    """Echo as fast as possible for seconds; return calls, elapsed, latencies."""
+    channel = grpc.insecure_channel(target)
+    echo = channel.unary_unary(METHOD)
+    latencies = []
+    start = time.perf_counter()
+    while (now := time.perf_counter()) - start < seconds:
+        echo(PAYLOAD)
+        latencies.append(time.perf_counter() - now)
+    return len(latencies), time.perf_counter() - start, latencies
+
+
+def http_client(url: str, seconds: float) -> tuple[int, float, list[float]]:
+    """POST JSON to the echo as fast as possible for seconds."""
+    import httpx
+
+    latencies = []
+    with httpx.Client(base_url=url) as client:
+        start = time.perf_counter()
+        while (now := time.perf_counter()) - start < seconds:
+            client.post("/echo", content=PAYLOAD, headers={"content-type": "application/json"})
+            latencies.append(time.perf_counter() - now)
+    return len(latencies), time.perf_counter() - start, latencies
+
+
+def measure(kind: str, clients: int, seconds: float) -> tuple[float, float, float, float]:
+    """Start an echo server of kind and load it from clients; return the rate, p50 and
+    p99 (ms) and the server's CPU seconds per call."""
+    process, match, _ = start_process([sys.executable, __file__, "--serve", kind], READY)
+    try:
+        client = http_client if kind == "http" else grpc_client
+        cpu = cpu_seconds([process.pid])
+        results = run_clients(client, [(match.group(1), seconds)] * clients)
+        cpu = cpu_seconds([process.pid]) - cpu
+    finally:
+        process.terminate()
+        process.wait()
+    latencies = [value for result in results for value in result[2]]
+    calls = sum(result[0] for result in results)
+    rate = calls / max(result[1] for result in results)
+    return rate, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, cpu / calls
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Measure the echo servers; print and return their rates."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per server")
+    parser.add_argument(
+        "--serve", choices=["grpc-aio", "grpc-sync", "http"], help=argparse.SUPPRESS
+    )
+    add_json_option(parser)
+    args = parser.parse_args(argv)
+    if args.serve:
+        {"grpc-aio": serve_grpc_aio, "grpc-sync": serve_grpc_sync, "http": serve_http}[args.serve]()
+        return {}
+    figures: dict[str, float] = {}
+    rows = []
+    for kind in ("grpc-aio", "grpc-sync", "http"):
+        rate, p50, p99, cpu = measure(kind, args.clients, args.seconds)
+        figures[f"{kind.replace('-', '_')}_per_s"] = rate
+        rows.append((kind, rate, p50, p99, cpu * 1e6))
+    print_table(
+        f"transport ceiling: trivial echo, {args.clients} client processes",
+        ["server", "calls/s", "p50 ms", "p99 ms", "server CPU µs/call"],
+        rows,
+    )
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

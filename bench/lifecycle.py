@@ -1,0 +1,207 @@
+"""The task lifecycle over gRPC: register, then claim K → RUNNING → DONE from W clients.
+
+Prints tasks/s, per-RPC latency p50/p99 and the server's CPU seconds per
+1,000 tasks (utime + stime of the server's processes, from /proc), split
+into registration and the lifecycle proper, and its peak RSS. Exits
+non-zero on a task claimed twice or never claimed, or one not DONE at the end.
+
+    python bench/lifecycle.py [--db-url URL | --sqlite] [--tasks N] [--clients W]
+                              [--batch K] [--workers S] [--register-batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from typing import Any
+
+from _common import (
+    DEFAULT_DB_URL,
+    Server,
+    Timer,
+    add_json_option,
+    check_claims,
+    cpu_seconds,
+    create_pipeline_token,
+    fresh_database,
+    grpc_channel,
+    metadata,
+    peak_rss_mb,
+    percentile,
+    print_table,
+    py_spy,
+    run_clients,
+    sqlite_url,
+    write_json,
+)
+from sqlalchemy import create_engine, text
+
+PIPELINE = "bench"
+
+
+def register_client(
+    target: str, secret: str, first: int, last: int, batch: int, tag: str
+) -> tuple[float, float, dict[str, list[float]]]:
+    """Register tasks first..last-1, one RegisterTask each or RegisterTasks of batch."""
+    from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+    stub = porch_pb2_grpc.PorchServiceStub(grpc_channel(target))
+    auth = metadata(secret)
+    pipeline = porch_pb2.Pipeline(name=PIPELINE)
+    timer = Timer()
+
+    def task(number: int) -> Any:
+        message = porch_pb2.Task(pipeline=pipeline)
+        message.task_input.update({"bench": tag, "number": number, "path": f"/data/{number}.cram"})
+        return message
+
+    start = time.time()
+    if batch <= 1:
+        for number in range(first, last):
+            with timer("RegisterTask"):
+                stub.RegisterTask(porch_pb2.RegisterTaskRequest(task=task(number)), metadata=auth)
+    else:
+        for low in range(first, last, batch):
+            tasks = [task(number) for number in range(low, min(low + batch, last))]
+            request = porch_pb2.RegisterTasksRequest(pipeline_name=PIPELINE, tasks=tasks)
+            with timer("RegisterTasks"):
+                stub.RegisterTasks(request, metadata=auth)
+    return start, time.time(), dict(timer.latencies)
+
+
+def lifecycle_client(
+    target: str, secret: str, batch: int
+) -> tuple[float, float, list[str], dict[str, list[float]]]:
+    """Claim batches until none is left, reporting RUNNING then DONE for each task."""
+    from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+    stub = porch_pb2_grpc.PorchServiceStub(grpc_channel(target))
+    auth = metadata(secret)
+    pipeline = porch_pb2.Pipeline(name=PIPELINE)
+    claim = porch_pb2.ClaimTasksRequest(pipeline=pipeline, num_tasks=batch)
+    timer = Timer()
+    claimed: list[str] = []
+    start = time.time()
+    while True:
+        with timer("ClaimTasks"):
+            tasks = stub.ClaimTasks(claim, metadata=auth).tasks
+        if not tasks:
+            break
+        for task in tasks:
+            claimed.append(task.task_input_id)
+            for status in (porch_pb2.Task.RUNNING, porch_pb2.Task.DONE):
+                update = porch_pb2.UpdateTaskRequest(
+                    task=porch_pb2.Task(
+                        pipeline=pipeline, task_input_id=task.task_input_id, status=status
+                    )
+                )
+                with timer("UpdateTask"):
+                    stub.UpdateTask(update, metadata=auth)
+    return start, time.time(), claimed, dict(timer.latencies)
+
+
+def register(target: str, secret: str, tasks: int, clients: int, batch: int, tag: str) -> Any:
+    """Register tasks from clients processes; return (seconds, latencies)."""
+    bounds = [tasks * index // clients for index in range(clients + 1)]
+    arguments = [
+        (target, secret, bounds[i], bounds[i + 1], batch, tag)
+        for i in range(clients)
+        if bounds[i] < bounds[i + 1]
+    ]
+    results = run_clients(register_client, arguments)
+    timer = Timer()
+    for _, _, latencies in results:
+        timer.merge(latencies)
+    seconds = max(r[1] for r in results) - min(r[0] for r in results)
+    return seconds, timer.latencies
+
+
+def statuses(url: str) -> dict[str, int]:
+    """How many tasks are in each status."""
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT status, count(*) FROM task GROUP BY status"))
+        result = {row[0]: int(row[1]) for row in rows}
+    engine.dispose()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; print and return its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
+    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=10, help="tasks per ClaimTasks")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument(
+        "--register-batch", type=int, default=1, help="1: RegisterTask each; more: RegisterTasks"
+    )
+    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the server's lifecycle phase")
+    add_json_option(parser)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        secret = create_pipeline_token(url, PIPELINE)
+        with Server(url, workers=args.workers) as server:
+            cpu_start = cpu_seconds(server.pids())
+            register_seconds, latencies = register(
+                server.target, secret, args.tasks, args.clients, args.register_batch, "lifecycle"
+            )
+            cpu_registered = cpu_seconds(server.pids())
+            with py_spy(server.pids(), args.profile):
+                results = run_clients(
+                    lifecycle_client, [(server.target, secret, args.batch)] * args.clients
+                )
+            cpu_done = cpu_seconds(server.pids())
+            rss = peak_rss_mb(server.pids())
+        check_claims([key for result in results for key in result[2]], args.tasks)
+        final = statuses(url)
+    if final != {"DONE": args.tasks}:
+        raise SystemExit(f"bench: tasks not all DONE at the end: {final}")
+    timer = Timer()
+    timer.merge(latencies)
+    for result in results:
+        timer.merge(result[3])
+    seconds = max(r[1] for r in results) - min(r[0] for r in results)
+    calls = sum(len(values) for name, values in timer.latencies.items() if "Register" not in name)
+    figures = {
+        "tasks_per_s": args.tasks / seconds,
+        "calls_per_s": calls / seconds,
+        "register_per_s": args.tasks / register_seconds,
+        "cpu_ms_per_task_register": (cpu_registered - cpu_start) / args.tasks * 1000,
+        "cpu_ms_per_task_lifecycle": (cpu_done - cpu_registered) / args.tasks * 1000,
+        "cpu_ms_per_task": (cpu_done - cpu_start) / args.tasks * 1000,
+        "server_peak_rss_mb": rss,
+    }
+    backend = "SQLite" if args.sqlite else "PostgreSQL"
+    print_table(
+        f"lifecycle over gRPC: {args.tasks} tasks, {args.clients} clients, claim {args.batch}, "
+        f"{args.workers} server process(es), {backend}",
+        ["figure", "value"],
+        [
+            ("lifecycle tasks/s (claim + RUNNING + DONE)", figures["tasks_per_s"]),
+            ("lifecycle RPC/s", figures["calls_per_s"]),
+            (f"registration tasks/s (batch {args.register_batch})", figures["register_per_s"]),
+            ("server CPU s / 1,000 tasks, registration", figures["cpu_ms_per_task_register"]),
+            ("server CPU s / 1,000 tasks, lifecycle", figures["cpu_ms_per_task_lifecycle"]),
+            ("server CPU s / 1,000 tasks, all", figures["cpu_ms_per_task"]),
+            ("server peak RSS MiB (largest process)", figures["server_peak_rss_mb"]),
+        ],
+    )
+    print_table(
+        "per-RPC latency, ms",
+        ["method", "calls", "p50", "p99"],
+        [
+            (name, len(values), percentile(values, 50) * 1000, percentile(values, 99) * 1000)
+            for name, values in sorted(timer.latencies.items())
+        ],
+    )
+    write_json(args.json, figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

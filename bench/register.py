@@ -1,0 +1,125 @@
+"""Registration and claiming throughput over gRPC.
+
+Three phases against one server: RegisterTask (one task per call) from W
+clients; RegisterTasks in batches of B from W clients; then ClaimTasks alone
+in batches of C from W clients until every task registered in batches is
+claimed (exits non-zero on a duplicate or lost claim).
+
+    python bench/register.py [--db-url URL | --sqlite] [--tasks N] [--batch-tasks M]
+                             [--clients W] [--batch B] [--claim-batch C]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from typing import Any
+
+from _common import (
+    DEFAULT_DB_URL,
+    Server,
+    Timer,
+    add_json_option,
+    check_claims,
+    cpu_seconds,
+    create_pipeline_token,
+    fresh_database,
+    grpc_channel,
+    metadata,
+    percentile,
+    print_table,
+    run_clients,
+    sqlite_url,
+    write_json,
+)
+from lifecycle import PIPELINE, register
+
+
+def claim_client(target: str, secret: str, batch: int) -> tuple[float, float, list[str], Any]:
+    """Claim batches until none is left; report nothing else."""
+    from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+
+    stub = porch_pb2_grpc.PorchServiceStub(grpc_channel(target))
+    auth = metadata(secret)
+    claim = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name=PIPELINE), num_tasks=batch)
+    timer = Timer()
+    claimed: list[str] = []
+    start = time.time()
+    while True:
+        with timer("ClaimTasks"):
+            tasks = stub.ClaimTasks(claim, metadata=auth).tasks
+        if not tasks:
+            break
+        claimed.extend(task.task_input_id for task in tasks)
+    return start, time.time(), claimed, dict(timer.latencies)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the benchmark; print and return its figures."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
+    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    parser.add_argument("--tasks", type=int, default=10_000, help="for RegisterTask")
+    parser.add_argument("--batch-tasks", type=int, default=100_000, help="for RegisterTasks")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=500, help="tasks per RegisterTasks")
+    parser.add_argument("--claim-batch", type=int, default=100, help="tasks per ClaimTasks")
+    parser.add_argument("--workers", type=int, default=1, help="server processes")
+    add_json_option(parser)
+    args = parser.parse_args(argv)
+    figures: dict[str, float] = {}
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        secret = create_pipeline_token(url, PIPELINE)
+        with Server(url, workers=args.workers) as server:
+            phases: list[tuple[str, str, int, Any]] = [
+                ("register_task", "RegisterTask", args.tasks, 1),
+                ("register_tasks", f"RegisterTasks of {args.batch}", args.batch_tasks, args.batch),
+            ]
+            for key, label, count, batch in phases:
+                cpu = cpu_seconds(server.pids())
+                seconds, latencies = register(
+                    server.target, secret, count, args.clients, batch, key
+                )
+                cpu = cpu_seconds(server.pids()) - cpu
+                [values] = latencies.values()
+                figures[f"{key}_per_s"] = count / seconds
+                rows.append(_row(label, count, seconds, cpu, values))
+            cpu = cpu_seconds(server.pids())
+            # The RegisterTask phase's tasks are pending too: claim them all.
+            total = args.tasks + args.batch_tasks
+            results = run_clients(
+                claim_client, [(server.target, secret, args.claim_batch)] * args.clients
+            )
+            cpu = cpu_seconds(server.pids()) - cpu
+        check_claims([key for result in results for key in result[2]], total)
+    seconds = max(r[1] for r in results) - min(r[0] for r in results)
+    claims = [value for result in results for value in result[3]["ClaimTasks"]]
+    figures["claim_tasks_per_s"] = total / seconds
+    rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, cpu, claims))
+    print_table(
+        f"registration and claiming over gRPC: {args.clients} clients, "
+        f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
+        ["call", "tasks", "tasks/s", "calls", "p50 ms", "p99 ms", "server CPU ms/task"],
+        rows,
+    )
+    write_json(args.json, figures)
+    return figures
+
+
+def _row(label: str, tasks: int, seconds: float, cpu: float, latencies: list[float]) -> Any:
+    return (
+        label,
+        tasks,
+        tasks / seconds,
+        len(latencies),
+        percentile(latencies, 50) * 1000,
+        percentile(latencies, 99) * 1000,
+        cpu / tasks * 1000,
+    )
+
+
+if __name__ == "__main__":
+    main()
