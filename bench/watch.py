@@ -2,15 +2,21 @@
 
 W watcher streams (spread over a few client processes, grpc.aio) follow one
 server while `--writers` processes claim, start and finish tasks at a
-bounded total rate. Prints the server's memory, the events delivered per
-second over all streams, and the delay from an event's time (taken when its
+bounded total rate. With `--pipelines P` the tasks are spread over P
+pipelines and each stream watches one of them; with P = 1 every stream sees
+every event. Prints the server's memory, the events delivered per second
+over all streams, and the delay from an event's time (taken when its
 transaction writes it) to its arrival at a watcher, p50 and p99.
 
     python bench/watch.py [--db-url URL | --sqlite] [--watchers 1000]
-        [--writers 8] [--rate 40] [--seconds 20]
+        [--pipelines 1] [--writers 8] [--rate 10] [--seconds 20]
 
-The whole run is bounded: writers stop after --seconds, watchers a little
-later. Fails loudly when a watcher misses or repeats an event.
+On two cores the watcher clients compete with the server, the writers and
+PostgreSQL: every delivered event costs the clients about as much CPU as it
+costs the server, so keep watchers times events per second within what the box can do.
+The run is bounded: writers stop after --seconds, watchers once they have
+every event of their pipeline or a minute later. Fails loudly when a
+watcher misses or repeats an event.
 """
 
 from __future__ import annotations
@@ -49,69 +55,110 @@ from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
 STREAMS_PER_CHANNEL = 50
+EVENTS_PER_TASK = 3  # CLAIMED, RUNNING, DONE: the writers' events
 
 
-def watch(target: str, secret: str, streams: int, ready: Any, stop: Any, results: Any) -> None:
-    """Follow `streams` WatchEvents streams until stop is set; put what arrived on results."""
-    results.put(asyncio.run(_watch(target, secret, streams, ready, stop)))
+def watch(
+    target: str,
+    secret: str,
+    pipelines: list[str],
+    ready: Any,
+    expected: Any,
+    caught_up: Any,
+    results: Any,
+) -> None:
+    """Follow one stream per entry of pipelines ("" for all) until each has its
+    expected number of events, or a minute after that is known."""
+    results.put(asyncio.run(_watch(target, secret, pipelines, ready, expected, caught_up)))
 
 
-async def _watch(target: str, secret: str, streams: int, ready: Any, stop: Any) -> dict[str, Any]:
+async def _watch(
+    target: str, secret: str, pipelines: list[str], ready: Any, expected: Any, caught_up: Any
+) -> dict[str, Any]:
+    streams = len(pipelines)
     channels = [
         grpc.aio.insecure_channel(target) for _ in range(-(-streams // STREAMS_PER_CHANNEL))
     ]
     delays: list[float] = []
+    last_arrival = [0.0]
     cursors: list[list[str]] = [[] for _ in range(streams)]
+    connected = [0]
     started = asyncio.Event()
-    waiting = [streams]
 
     async def follow(index: int) -> None:
         stub = porch_pb2_grpc.PorchServiceStub(channels[index // STREAMS_PER_CHANNEL])
-        call = stub.WatchEvents(pb.WatchEventsRequest(), metadata=metadata(secret))
-        async for event in call:
+        request = pb.WatchEventsRequest(pipeline_name=pipelines[index])
+        first = True
+        async for event in stub.WatchEvents(request, metadata=metadata(secret)):
             if event.kind == pb.Event.BOOKMARK:
-                if not cursors[index]:
-                    cursors[index].append("")  # connected
-                    waiting[0] -= 1
-                    if not waiting[0]:
+                if first:
+                    first = False
+                    connected[0] += 1
+                    if connected[0] == streams:
                         started.set()
                 continue
-            delays.append(time.time() - event.time.ToMicroseconds() / 1e6)
+            now = time.time()
+            delays.append(now - event.time.ToMicroseconds() / 1e6)
+            last_arrival[0] = now
             cursors[index].append(event.cursor)
 
     tasks = [asyncio.create_task(follow(i)) for i in range(streams)]
     await started.wait()
     ready.set()
-    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+    deadline = None
+    while True:
+        await asyncio.sleep(0.1)
+        if expected[0] < 0:
+            continue
+        deadline = deadline or time.monotonic() + 60
+        enough = all(
+            len(c) >= _expected(expected, p) for c, p in zip(cursors, pipelines, strict=True)
+        )
+        if enough or time.monotonic() > deadline:
+            break
+    caught_up.set()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
         await channel.close()
-    return {"delays": delays, "cursors": [c[1:] for c in cursors]}
+    return {
+        "delays": delays,
+        "last": last_arrival[0],
+        "streams": list(zip(pipelines, cursors, strict=True)),
+    }
 
 
-def write(target: str, secret: str, rate: float, seconds: float, seed: int) -> int:
-    """Claim one task at a time, report RUNNING then DONE, at about `rate` tasks/s."""
+def _expected(expected: Any, pipeline: str) -> int:
+    """Events a stream of pipeline ("" for all) should see; expected[i + 1] is pipeline i's."""
+    if not pipeline:
+        return int(sum(expected[1:]))
+    return int(expected[int(pipeline.removeprefix("bench")) + 1])
+
+
+def write(
+    target: str, tokens: dict[str, str], rate: float, seconds: float, seed: int
+) -> dict[str, int]:
+    """Claim one task at a time from a random pipeline, report RUNNING then DONE,
+    at about `rate` tasks/s; return the tasks finished per pipeline."""
     rng = random.Random(seed)
+    finished = dict.fromkeys(tokens, 0)
     with grpc.insecure_channel(target) as channel:
         stub = porch_pb2_grpc.PorchServiceStub(channel)
-        auth = metadata(secret)
-        done = 0
         start = time.monotonic()
         while time.monotonic() - start < seconds:
-            claim = pb.ClaimTasksRequest(pipeline=pb.Pipeline(name="bench"), num_tasks=1)
-            tasks = stub.ClaimTasks(claim, metadata=auth).tasks
-            for task in tasks:
+            name = rng.choice(list(tokens))
+            auth = metadata(tokens[name])
+            claim = pb.ClaimTasksRequest(pipeline=pb.Pipeline(name=name), num_tasks=1)
+            for task in stub.ClaimTasks(claim, metadata=auth).tasks:
                 for status in (pb.Task.RUNNING, pb.Task.DONE):
                     update = pb.Task(
                         pipeline=task.pipeline, task_input_id=task.task_input_id, status=status
                     )
                     stub.UpdateTask(pb.UpdateTaskRequest(task=update), metadata=auth)
-                done += 1
-            # Poisson-ish pacing around the target rate
-            time.sleep(rng.expovariate(rate))
-        return done
+                finished[name] += 1
+            time.sleep(rng.expovariate(rate))  # Poisson arrivals around the rate
+    return finished
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -120,22 +167,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--watcher-processes", type=int, default=4)
+    parser.add_argument("--pipelines", type=int, default=1, help="streams watch one each")
     parser.add_argument("--writers", type=int, default=8)
-    parser.add_argument("--rate", type=float, default=40.0, help="tasks/s over all writers")
+    parser.add_argument("--rate", type=float, default=10.0, help="tasks/s over all writers")
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args(argv)
+    names = [f"bench{i}" for i in range(args.pipelines)]
     with tempfile.TemporaryDirectory() as scratch:
         url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
-        secret = create_pipeline_token(url, "bench")
+        tokens = {name: create_pipeline_token(url, name) for name in names}
         reader = porch("token", "create", "--reader", "--description", "watchers", "--db-url", url)
-        tasks = int(args.rate * args.seconds * 1.5) + 100
+        per_pipeline = int(args.rate * args.seconds * 1.5 / args.pipelines) + 50
         with Server(url) as server:
-            _register(server.target, secret, tasks)
-            figures = _run(server, reader.strip(), secret, args)
-    return figures
+            for name, secret in tokens.items():
+                _register(server.target, name, secret, per_pipeline)
+            return _run(server, reader.strip(), tokens, args)
 
 
-def _register(target: str, secret: str, count: int) -> None:
+def _register(target: str, pipeline: str, secret: str, count: int) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = porch_pb2_grpc.PorchServiceStub(channel)
         for start in range(0, count, 500):
@@ -144,22 +193,27 @@ def _register(target: str, secret: str, count: int) -> None:
                 task = pb.Task()
                 task.task_input.update({"n": n})
                 batch.append(task)
-            request = pb.RegisterTasksRequest(pipeline_name="bench", tasks=batch)
+            request = pb.RegisterTasksRequest(pipeline_name=pipeline, tasks=batch)
             stub.RegisterTasks(request, metadata=metadata(secret))
 
 
-def _run(server: Server, reader: str, secret: str, args: argparse.Namespace) -> dict[str, float]:
+def _run(
+    server: Server, reader: str, tokens: dict[str, str], args: argparse.Namespace
+) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
-    ready = [context.Event() for _ in range(args.watcher_processes)]
-    stop = context.Event()
-    share = [args.watchers // args.watcher_processes] * args.watcher_processes
-    share[0] += args.watchers - sum(share)
+    names = list(tokens)
+    watched = [names[i % len(names)] if len(names) > 1 else "" for i in range(args.watchers)]
+    shares = [watched[i :: args.watcher_processes] for i in range(args.watcher_processes)]
+    ready = [context.Event() for _ in shares]
+    caught_up = [context.Event() for _ in shares]
+    expected = context.Array("i", [-1] * (len(names) + 1))
     results_queue = context.Queue()
     watchers = [
         context.Process(
-            target=watch, args=(server.target, reader, n, ready[i], stop, results_queue)
+            target=watch,
+            args=(server.target, reader, share, ready[i], expected, caught_up[i], results_queue),
         )
-        for i, n in enumerate(share)
+        for i, share in enumerate(shares)
     ]
     for process in watchers:
         process.start()
@@ -174,33 +228,40 @@ def _run(server: Server, reader: str, secret: str, args: argparse.Namespace) -> 
         while not sampling.wait(0.5):
             samples.append(rss_mb(server.pids()))
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    threading.Thread(target=sample, daemon=True).start()
+    started = time.time()
     per_writer = args.rate / args.writers
-    started = time.monotonic()
     finished = run_clients(
-        write, [(server.target, secret, per_writer, args.seconds, i) for i in range(args.writers)]
+        write, [(server.target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
     )
-    time.sleep(2)  # let the last events arrive
-    elapsed = time.monotonic() - started
+    for index, name in enumerate(names):
+        expected[index + 1] = EVENTS_PER_TASK * sum(f[name] for f in finished)
+    expected[0] = 0
+    for event in caught_up:
+        event.wait(120)
     sampling.set()
-    stop.set()
     results = [results_queue.get(timeout=120) for _ in watchers]
     for process in watchers:
         process.join()
     peak = peak_rss_mb(server.pids())
 
-    expected = 3 * sum(finished)  # CLAIMED, RUNNING, DONE
+    for result in results:
+        for pipeline, cursors in result["streams"]:
+            want = _expected(expected, pipeline)
+            if len(cursors) != len(set(cursors)):
+                raise SystemExit(f"bench: a watcher of {pipeline or 'all'} saw an event twice")
+            if len(cursors) != want:
+                raise SystemExit(
+                    f"bench: a watcher of {pipeline or 'all'} saw {len(cursors)} of {want} events"
+                )
     delays = [d for r in results for d in r["delays"]]
-    streams = [c for r in results for c in r["cursors"]]
-    for index, cursors in enumerate(streams):
-        if len(cursors) != len(set(cursors)):
-            raise SystemExit(f"bench: watcher {index} saw an event twice")
-        if len(cursors) != expected:
-            raise SystemExit(f"bench: watcher {index} saw {len(cursors)} of {expected} events")
+    elapsed = max(r["last"] for r in results) - started
+    tasks = sum(sum(f.values()) for f in finished)
     figures = {
         "watchers": float(args.watchers),
-        "tasks_per_second": sum(finished) / args.seconds,
+        "pipelines": float(args.pipelines),
+        "tasks_per_second": tasks / args.seconds,
+        "events_written_per_second": EVENTS_PER_TASK * tasks / args.seconds,
         "events_delivered_per_second": len(delays) / elapsed,
         "delay_p50_ms": percentile(delays, 50) * 1000,
         "delay_p99_ms": percentile(delays, 99) * 1000,
@@ -209,7 +270,8 @@ def _run(server: Server, reader: str, secret: str, args: argparse.Namespace) -> 
         "peak_rss_mb": peak,
     }
     print_table(
-        f"WatchEvents: {args.watchers} streams on one server, {args.writers} writers",
+        f"WatchEvents: {args.watchers} streams over {args.pipelines} pipeline(s), "
+        f"{args.writers} writers",
         ["figure", "value"],
         [(name, f"{value:,.1f}") for name, value in figures.items()],
     )

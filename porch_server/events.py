@@ -29,7 +29,7 @@ log = logging.getLogger("porch.events")
 
 READ_BATCH = 1000
 # Notifications to other servers are sent at most this often.
-NOTIFY_DELAY_SECONDS = 0.005
+NOTIFY_DELAY_SECONDS = 0.02
 # How soon to read again when committed events wait behind an older transaction.
 RECHECK_SECONDS = 0.01
 # How long to wait before listening again after the listening connection failed.
