@@ -86,10 +86,14 @@ class Subscription:
         """Accept events again after a replay caught up."""
         self.overflowed = False
 
-    async def get(self, wait_seconds: float) -> list[Event]:
-        """Return the events waiting, after at most wait_seconds (maybe none)."""
+    def tick(self) -> None:
+        """Wake the stream with no events, so it can see whether a keep-alive is due."""
+        self._ready.set()
+
+    async def get(self) -> list[Event]:
+        """Return the events waiting, after waiting for some or for a tick."""
         if not self._events and not self.closed and not self.overflowed:
-            await _wait(self._ready, wait_seconds)
+            await self._ready.wait()
         self._ready.clear()
         events = list(self._events)
         self._events.clear()
@@ -104,6 +108,7 @@ class EventHub:
         read_events: Callable[[str, int], Awaitable[list[Event]]],
         start_cursor: Callable[[], Awaitable[str]],
         poll_seconds: float,
+        tick_seconds: float = 1.0,
         backlog_limit: int = 10_000,
         notify: Callable[[], Awaitable[None]] | None = None,
         listen: Callable[[], Listening] | None = None,
@@ -112,6 +117,7 @@ class EventHub:
         self._read_events = read_events
         self._start_cursor = start_cursor
         self._poll_seconds = poll_seconds
+        self._tick_seconds = tick_seconds
         self._backlog_limit = backlog_limit
         self._notify = notify
         self._notify_timer: asyncio.TimerHandle | None = None
@@ -129,6 +135,7 @@ class EventHub:
     def start(self) -> None:
         """Start reading, and listening when the database can notify."""
         self._tasks.append(asyncio.create_task(self._run(), name="porch-event-hub"))
+        self._tasks.append(asyncio.create_task(self._tick(), name="porch-event-tick"))
         if self._listen is not None:
             self._tasks.append(asyncio.create_task(self._keep_listening(), name="porch-listen"))
 
@@ -221,6 +228,13 @@ class EventHub:
         if not self._subscriptions:
             self._cursor = None
 
+    async def _tick(self) -> None:
+        """Wake every stream now and then: one timer for all, not one per stream."""
+        while True:
+            await asyncio.sleep(self._tick_seconds)
+            for subscription in self._subscriptions:
+                subscription.tick()
+
     async def _run(self) -> None:
         while True:
             await _wait(self._wake, self._poll_seconds)
@@ -263,7 +277,8 @@ async def follow(
     is empty), then new ones as the hub reads them.
 
     A bookmark(cursor) comes first, so a client has a cursor to resume from
-    at once, and again whenever nothing matched for keepalive_seconds.
+    at once, and again whenever nothing matched for keepalive_seconds (give
+    the hub a tick no longer than that).
     """
     subscription = await hub.subscribe()
     loop = asyncio.get_running_loop()
@@ -281,11 +296,13 @@ async def follow(
                     if matches(event):
                         quiet_since = loop.time()
                         yield event
+            last_key = cursor_key(last)
             while not (subscription.overflowed or subscription.closed):
-                for event in await subscription.get(keepalive_seconds):
-                    if cursor_key(event.cursor) <= cursor_key(last):
+                for event in await subscription.get():
+                    key = cursor_key(event.cursor)
+                    if key <= last_key:
                         continue
-                    last = event.cursor
+                    last, last_key = event.cursor, key
                     if matches(event):
                         quiet_since = loop.time()
                         yield event

@@ -126,6 +126,7 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
         read_events,
         start_cursor,
         config.watch_poll_seconds,
+        tick_seconds=min(1.0, config.watch_keepalive_seconds / 2),
         notify=notify if postgresql else None,
         listen=functools.partial(Listener, store.engine) if postgresql else None,
         has_unread=has_unread if postgresql else None,
