@@ -187,7 +187,7 @@ class Gateway:
             if path
         )
         title = html.escape(self.options.document.title)
-        target = html.escape(self.options.target)
+        target = html.escape(self.options.public_target or self.options.target)
         return HTMLResponse(
             f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{title}</title></head>"
             f"<body><h1>{title}</h1>"

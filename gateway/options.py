@@ -67,6 +67,9 @@ class GatewayOptions:
 
     services: tuple[ServiceDescriptor, ...]
     target: str
+    # The gRPC address to show people (on the index page) when `target` is one
+    # they cannot use themselves, such as a private Unix socket.
+    public_target: str | None = None
     tls: ClientTLS | None = None
     # Extra grpc channel arguments, e.g. (("grpc.max_receive_message_length", n),).
     channel_options: tuple[tuple[str, str | int], ...] = ()

@@ -218,7 +218,9 @@ async def _serve_async(config: Config) -> None:
         try:
             if running.local_target is not None and config.http_port is not None:
                 http_server = _http_server(
-                    web.gateway_options(running.local_target),
+                    web.gateway_options(
+                        running.local_target, public_target=f"{config.host}:{running.port}"
+                    ),
                     config.host,
                     config.http_port,
                     config.tls,

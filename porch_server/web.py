@@ -42,9 +42,13 @@ def _methods() -> dict[str, gateway.MethodOptions]:
 
 
 def gateway_options(
-    target: str, tls: gateway.ClientTLS | None = None, max_body_bytes: int | None = None
+    target: str,
+    tls: gateway.ClientTLS | None = None,
+    max_body_bytes: int | None = None,
+    public_target: str | None = None,
 ) -> gateway.GatewayOptions:
-    """Return the gateway's options for porch's service at target."""
+    """Return the gateway's options for porch's service at target (shown to people
+    as public_target when given)."""
     extra: dict[str, Any] = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return gateway.GatewayOptions(
         services=(SERVICE,),
@@ -53,6 +57,7 @@ def gateway_options(
         document=_document(),
         methods=_methods(),
         openapi_paths=OPENAPI_PATHS,
+        public_target=public_target,
         **extra,
     )
 

@@ -45,6 +45,15 @@ async def test_index_links_to_docs_and_names_the_target(
     assert backend.target in page.text
 
 
+async def test_index_names_the_public_target_instead_of_a_private_one() -> None:
+    options = echo_options("unix:/run/private.sock", public_target="grpc.example.org:443")
+    app = gateway.create_app(options)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        page = await client.get("/")
+    assert "grpc.example.org:443" in page.text and "private.sock" not in page.text
+
+
 async def test_healthz_reports_serving(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz")
     assert (response.status_code, response.json()) == (200, {"status": "SERVING"})
