@@ -271,17 +271,27 @@ def _wait_for_grpc(target: str) -> None:
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
-    """User + system CPU seconds used so far by the processes (not their children)."""
+    """User + system CPU seconds used so far by the processes (not their children);
+    a process that has already exited counts nothing."""
     total = 0
     for pid in pids:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
+        stat = _proc_text(pid, "stat")
+        if stat:
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICKS
 
 
+def _proc_text(pid: int, name: str) -> str:
+    """/proc/PID/name, or "" when the process has exited meanwhile."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in _proc_text(pid, "status").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DEFAULT_DB_URL,
     Server,
+    cpu_seconds,
     create_pipeline_token,
     fresh_database,
     metadata,
@@ -230,6 +231,7 @@ def _run(
 
     threading.Thread(target=sample, daemon=True).start()
     started = time.time()
+    cpu_before = cpu_seconds(server.pids())
     per_writer = args.rate / args.writers
     finished = run_clients(
         write, [(server.target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
@@ -240,6 +242,7 @@ def _run(
     for event in caught_up:
         event.wait(120)
     sampling.set()
+    server_cpu = cpu_seconds(server.pids()) - cpu_before
     results = [results_queue.get(timeout=120) for _ in watchers]
     for process in watchers:
         process.join()
@@ -263,6 +266,8 @@ def _run(
         "tasks_per_second": tasks / args.seconds,
         "events_written_per_second": EVENTS_PER_TASK * tasks / args.seconds,
         "events_delivered_per_second": len(delays) / elapsed,
+        "server_cpu_us_per_delivery": server_cpu / max(1, len(delays)) * 1e6,
+        "server_cpu_share_of_one_core": server_cpu / elapsed,
         "delay_p50_ms": percentile(delays, 50) * 1000,
         "delay_p99_ms": percentile(delays, 99) * 1000,
         "rss_idle_mb": rss_idle,
