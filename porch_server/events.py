@@ -157,8 +157,10 @@ class EventHub:
         self._wake.set()
 
     def committed(self) -> None:
-        """This server committed events: wake here, and soon every other server too."""
-        self._wake.set()
+        """This server committed events: wake here (if anyone watches), and soon
+        every other server too."""
+        if self._cursor is not None:
+            self._wake.set()
         if self._notify is not None and self._notify_timer is None and not self._stopped:
             loop = asyncio.get_running_loop()
             self._notify_timer = loop.call_later(NOTIFY_DELAY_SECONDS, self._send_notify)

@@ -33,35 +33,42 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._store = store
         self._executor = executor
         self._anonymous_reads = anonymous_reads
+        # The wrapped handler of each method, built on its first call.
+        self._handlers: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
-        handler = await continuation(handler_call_details)
         full_method = handler_call_details.method
+        wrapped = self._handlers.get(full_method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or not full_method.startswith(SERVICE_PREFIX):
             return handler
         method = full_method.removeprefix(SERVICE_PREFIX)
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        authorization = metadata.get("authorization")
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, authorization, handler.unary_unary),  # type: ignore[arg-type]
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, authorization, handler.unary_stream),  # type: ignore[arg-type]
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),  # type: ignore[arg-type]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_bytes_or(handler.response_serializer),
             )
-        return handler
+        else:
+            return handler
+        self._handlers[full_method] = wrapped
+        return wrapped
 
-    async def _admit(self, method: str, authorization: Any, request: Any) -> Token | None:
+    async def _admit(self, method: str, context: Context, request: Any) -> Token | None:
         """Return the caller's token after checking it may make this call."""
+        authorization = _authorization(context)
         is_read = auth.RULES[method].access is auth.Access.READ
         if not authorization and self._anonymous_reads and is_read:
             return None
@@ -77,13 +84,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return token
 
     def _unary(
-        self, method: str, authorization: Any, behavior: Callable[[Any, Context], Awaitable[Any]]
+        self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
         async def serve(request: Any, context: Context) -> Any:
             start = time.perf_counter()
             token = None
             try:
-                token = await self._admit(method, authorization, request)
+                token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
@@ -94,16 +101,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return serve
 
     def _stream(
-        self,
-        method: str,
-        authorization: Any,
-        behavior: Callable[[Any, Context], AsyncIterator[Any]],
+        self, method: str, behavior: Callable[[Any, Context], AsyncIterator[Any]]
     ) -> Callable[[Any, Context], AsyncIterator[Any]]:
         async def serve(request: Any, context: Context) -> AsyncIterator[Any]:
             start = time.perf_counter()
             token = None
             try:
-                token = await self._admit(method, authorization, request)
+                token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 async for response in behavior(request, context):
                     yield response
@@ -113,6 +117,14 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 _log_call(method, context, token, start)
 
         return serve
+
+
+def _authorization(context: Context) -> Any:
+    """The call's `authorization` metadata value, or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
 
 
 def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
