@@ -38,4 +38,9 @@ def canonical_json(task_input: dict[str, Any]) -> str:
 
 def task_input_id(task_input: dict[str, Any]) -> str:
     """Return the lowercase hex SHA-256 of the canonical JSON of task_input."""
-    return hashlib.sha256(canonical_json(task_input).encode("ascii")).hexdigest()
+    return digest_of(canonical_json(task_input))
+
+
+def digest_of(canonical: str) -> str:
+    """Return the task_input_id of a canonical JSON text (from canonical_json)."""
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()

@@ -58,8 +58,7 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 class Subscription:
     """The events the hub read since a stream subscribed, up to a bound."""
 
-    def __init__(self, start: str, limit: int) -> None:
-        self.start = start
+    def __init__(self, limit: int) -> None:
         self._limit = limit
         self._events: deque[Event] = deque()
         self._ready = asyncio.Event()
@@ -220,7 +219,7 @@ class EventHub:
         if self._cursor is None:
             # Reading must start no later than the new stream's replay ends.
             self._cursor = await self._start_cursor()
-        subscription = Subscription(self._cursor, self._backlog_limit)
+        subscription = Subscription(self._backlog_limit)
         self._subscriptions.add(subscription)
         return subscription
 

@@ -19,7 +19,7 @@ import grpc
 
 from porch_server import auth, messages
 from porch_server.cursors import Snapshot, cursor_key
-from porch_server.digest import canonical_json, task_input_id
+from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import InvalidArgument
 from porch_server.events import EventHub, follow
 from porch_server.models import Event, Pipeline, Role
@@ -60,12 +60,19 @@ def check_name(field: str, value: str) -> str:
 
 def check_task_input(field: str, task: porch_pb2.Task) -> dict[str, Any]:
     """Return the task's input as a dict, checking that it is there and not too large."""
+    return checked_task_input(field, task)[0]
+
+
+def checked_task_input(field: str, task: porch_pb2.Task) -> tuple[dict[str, Any], str]:
+    """Return the task's input as a dict and as canonical JSON, checking that it is
+    there and not too large."""
     if not task.HasField("task_input"):
         raise InvalidArgument(f"{field}.task_input is required")
     task_input = messages.to_dict(task.task_input)
-    if len(canonical_json(task_input)) > MAX_TASK_INPUT_BYTES:
+    canonical = canonical_json(task_input)
+    if len(canonical) > MAX_TASK_INPUT_BYTES:
         raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
-    return task_input
+    return task_input, canonical
 
 
 def check_task_input_id(value: str) -> str:
@@ -280,7 +287,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         status = check_state("task.status", given.status, required=True)
         if given.HasField("task_input"):
             # A task_input_id sent beside the input is ignored, as npg_porch did.
-            task_id = task_input_id(check_task_input("task", given))
+            task_id = digest_of(checked_task_input("task", given)[1])
         elif given.task_input_id:
             task_id = check_task_input_id(given.task_input_id)
         else:

@@ -341,7 +341,7 @@ class Store:
         first can be created.
         """
         texts = [digest.canonical_json(task_input) for task_input in task_inputs]
-        ids = [digest.task_input_id(task_input) for task_input in task_inputs]
+        ids = [digest.digest_of(text) for text in texts]
         unique = dict(zip(ids, texts, strict=True))
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
