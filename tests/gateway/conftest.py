@@ -22,6 +22,13 @@ import pytest
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 import gateway
 from porch_server import web
@@ -282,3 +289,14 @@ async def porch_http(db_url: str) -> AsyncIterator[PorchHttp]:
     running = await start_porch_http(db_url)
     yield running
     await stop_porch_http(running)
+
+
+# What a schemathesis run checks: no 5xx, and nothing that contradicts the
+# document (status, content type, headers, body schema).
+SCHEMATHESIS_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]

@@ -13,25 +13,18 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
-from tests.gateway.conftest import PorchHttp, start_porch_http, stop_porch_http
+from tests.gateway.conftest import (
+    SCHEMATHESIS_CHECKS as CHECKS,
+)
+from tests.gateway.conftest import (
+    PorchHttp,
+    start_porch_http,
+    stop_porch_http,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-]
 EXCLUDED = [
     # Streams until the client goes away: schemathesis reads a whole body.
     "PorchService_WatchEvents",

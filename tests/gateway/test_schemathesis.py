@@ -13,25 +13,12 @@ import asyncio
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import (
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-    status_code_conformance,
-)
 
+from tests.gateway.conftest import SCHEMATHESIS_CHECKS as CHECKS
 from tests.gateway.conftest import Live
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
-CHECKS = [
-    not_a_server_error,
-    status_code_conformance,
-    content_type_conformance,
-    response_headers_conformance,
-    response_schema_conformance,
-]
 EXCLUDED = [
     # Answers every status code on purpose.
     "EchoService_Fail",
