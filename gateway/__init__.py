@@ -1,9 +1,10 @@
 """A generic HTTP/JSON gateway to gRPC services, driven by `google.api.http` rules.
 
-Given service descriptors and a gRPC target, `create_app` builds an ASGI
-app that transcodes HTTP/JSON requests into gRPC calls, serves an OpenAPI
-3.1 description generated from the descriptors, interactive docs and a
-health check; `serve` / `HttpServer` run it under uvicorn.
+Given service descriptors and a gRPC target (or, for handlers in the same
+process, a `LocalUpstream`), `create_app` builds an ASGI app that transcodes
+HTTP/JSON requests into gRPC calls, serves an OpenAPI 3.1 description
+generated from the descriptors, interactive docs and a health check;
+`serve` / `HttpServer` run it under uvicorn.
 
     Exception
      └── GatewayError   a request the gateway rejects itself (code, message, HTTP status)
@@ -13,6 +14,7 @@ It never imports the services' implementation: only their descriptors.
 
 from gateway.app import Gateway, create_app
 from gateway.errors import HTTP_STATUS, GatewayError
+from gateway.local import HandlerRegistry, LocalUpstream
 from gateway.openapi import build_openapi
 from gateway.options import (
     ClientTLS,
@@ -33,7 +35,9 @@ __all__ = [
     "Gateway",
     "GatewayError",
     "GatewayOptions",
+    "HandlerRegistry",
     "HttpServer",
+    "LocalUpstream",
     "MethodOptions",
     "PathTemplate",
     "RouteTable",

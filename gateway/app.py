@@ -34,7 +34,14 @@ from gateway.rules import (
 )
 from gateway.streaming import Call, EventStreamFormat, StreamFormat, StreamResponse
 from gateway.transcode import build_request, encode_json, response_json
-from gateway.upstream import CallOptions, Upstream, call_metadata, call_timeout, response_headers
+from gateway.upstream import (
+    CallOptions,
+    Upstream,
+    UpstreamCalls,
+    call_metadata,
+    call_timeout,
+    response_headers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +54,14 @@ _BODILESS = {204, 205, 304}
 class Gateway:
     """The state behind the app: routes, the upstream channel, the OpenAPI document."""
 
-    def __init__(self, options: GatewayOptions) -> None:
+    def __init__(self, options: GatewayOptions, upstream: UpstreamCalls | None = None) -> None:
         self.options = options
         bindings = load_bindings(options.services)
         _check_method_options(bindings, options.methods)
         self.routes = RouteTable(bindings)
-        self.upstream = Upstream(options.target, options.tls, options.channel_options)
+        self.upstream: UpstreamCalls = upstream or Upstream(
+            options.target, options.tls, options.channel_options
+        )
         document = build_openapi(options.services, options.document, options.methods)
         self.openapi = encode_json(document)
         self.closing = asyncio.Event()
@@ -75,9 +84,7 @@ class Gateway:
             metadata = call_metadata(request.headers.items(), self.options.forward_headers)
             if binding.server_streaming:
                 timeout = call_timeout(request.headers, None)
-                call = self.upstream.stream(binding.method)(
-                    message, metadata=metadata, timeout=timeout
-                )
+                call = self.upstream.stream_call(binding.method, message, metadata, timeout)
                 return self._stream_response(request, match, options, call)
             timeout = call_timeout(request.headers, self.options.default_timeout)
             return await self._unary(match, message, CallOptions(metadata, timeout))
@@ -101,11 +108,9 @@ class Gateway:
 
     async def _unary(self, match: RouteMatch, message: Message, options: CallOptions) -> Response:
         binding = match.binding
-        call = self.upstream.unary(binding.method)(
-            message, metadata=options.metadata, timeout=options.timeout
+        response, initial = await self.upstream.unary_call(
+            binding.method, message, options.metadata, options.timeout
         )
-        response = await call
-        initial = await call.initial_metadata()
         payload = response_json(binding, response)
         if binding.paginates:
             payload += await self._later_pages(match, message, response, options)
@@ -136,8 +141,8 @@ class Gateway:
                 raise GatewayError(grpc.StatusCode.INTERNAL, f"{binding.method.full_name} {reason}")
             seen.add(token)
             setattr(message, PAGE_TOKEN, token)
-            response = await self.upstream.unary(binding.method)(
-                message, metadata=options.metadata, timeout=options.timeout
+            response, _ = await self.upstream.unary_call(
+                binding.method, message, options.metadata, options.timeout
             )
             items += response_json(binding, response)
             token = getattr(response, NEXT_PAGE_TOKEN)
@@ -330,9 +335,13 @@ async def _http_error(request: Request, error: Exception) -> Response:
     return error_response(error.status_code, status_json(code, message), dict(error.headers or {}))
 
 
-def create_app(options: GatewayOptions) -> Starlette:
-    """The gateway as an ASGI app; `app.state.gateway` is its Gateway."""
-    gateway = Gateway(options)
+def create_app(options: GatewayOptions, upstream: UpstreamCalls | None = None) -> Starlette:
+    """The gateway as an ASGI app; `app.state.gateway` is its Gateway.
+
+    Calls go to a channel to `options.target` unless another upstream is
+    given, such as a gateway.local.LocalUpstream for handlers in this process.
+    """
+    gateway = Gateway(options, upstream)
     routes: list[BaseRoute] = [
         Route(path, gateway.openapi_document, methods=["GET"]) for path in options.openapi_paths
     ]

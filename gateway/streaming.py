@@ -21,9 +21,9 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import GatewayError, rpc_error_json, rpc_error_status
 from gateway.openapi import EVENT_STREAM, NDJSON
 from gateway.transcode import encode_json
-from gateway.upstream import response_headers
+from gateway.upstream import StreamCall, response_headers
 
-Call = grpc.aio.UnaryStreamCall[Message, Message]
+Call = StreamCall
 
 
 class StreamFormat:

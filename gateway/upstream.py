@@ -7,7 +7,7 @@ import binascii
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -35,6 +35,50 @@ _METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 _RESERVED_KEYS = {"content-type", "te", "user-agent", "host", "connection"}
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class StreamCall(Protocol):
+    """A server-streaming call as the gateway reads it."""
+
+    async def read(self) -> Any:
+        """The next message; anything else (EOF, None) at the end; AioRpcError on failure."""
+
+    async def initial_metadata(self) -> Any:
+        """The call's initial metadata."""
+
+    def cancel(self) -> bool:
+        """Cancel the call."""
+
+
+class UpstreamCalls(Protocol):
+    """Where the gateway sends its calls: a channel (Upstream) or handlers in this
+    process (gateway.local.LocalUpstream)."""
+
+    target: str
+
+    async def unary_call(
+        self,
+        method: MethodDescriptor,
+        message: Message,
+        metadata: Metadata,
+        time_limit: float | None,
+    ) -> tuple[Message, Sequence[tuple[str, str | bytes]]]:
+        """Call a unary method; its response and initial metadata, or AioRpcError."""
+
+    def stream_call(
+        self,
+        method: MethodDescriptor,
+        message: Message,
+        metadata: Metadata,
+        time_limit: float | None,
+    ) -> StreamCall:
+        """Start a server-streaming call."""
+
+    async def health(self, service: str, deadline: float) -> str:
+        """The serving status the health service reports, or the failed call's code name."""
+
+    async def close(self) -> None:
+        """Release what the upstream holds."""
 
 
 class Upstream:
@@ -105,6 +149,28 @@ class Upstream:
             method.full_name
         ]
         return callable_
+
+    async def unary_call(
+        self,
+        method: MethodDescriptor,
+        message: Message,
+        metadata: Metadata,
+        time_limit: float | None,
+    ) -> tuple[Message, Sequence[tuple[str, str | bytes]]]:
+        """Call a unary method; its response and initial metadata, or AioRpcError."""
+        call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
+        response = await call
+        return response, tuple(await call.initial_metadata())
+
+    def stream_call(
+        self,
+        method: MethodDescriptor,
+        message: Message,
+        metadata: Metadata,
+        time_limit: float | None,
+    ) -> grpc.aio.UnaryStreamCall[Message, Message]:
+        """Start a server-streaming call."""
+        return self.stream(method)(message, metadata=metadata, timeout=time_limit)
 
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""

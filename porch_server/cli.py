@@ -10,7 +10,6 @@ import logging.config
 import multiprocessing
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -210,34 +209,33 @@ def _run_worker(config: Config) -> None:
 async def _serve_async(config: Config) -> None:
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
     stopping = _stop_on_signals()
-    with tempfile.TemporaryDirectory(prefix="porch-") as scratch:
-        local_socket = None if config.http_port is None else f"{scratch}/grpc.sock"
-        running = await server.start(config, store, local_socket)
-        print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
-        http_server = None
-        try:
-            if running.local_target is not None and config.http_port is not None:
-                http_server = _http_server(
-                    web.gateway_options(
-                        running.local_target, public_target=f"{config.host}:{running.port}"
-                    ),
-                    config.host,
-                    config.http_port,
-                    config.tls,
-                    config.workers > 1,
-                    config.grace_seconds,
-                )
-                await http_server.start()
-                scheme = "https" if config.tls else "http"
-                address = f"{scheme}://{config.host}:{http_server.port}/"
-                print(f"porch: HTTP gateway on {address}", flush=True)
-            await stopping.wait()
-            log.info("shutting down: finishing calls in flight")
-        finally:
-            if http_server is not None:
-                await http_server.stop()
-            await server.stop(running, config.grace_seconds)
-            store.close()
+    running = await server.start(config, store)
+    print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
+    http_server = None
+    try:
+        if config.http_port is not None:
+            # The gateway calls the service in this process: no connection, no
+            # second serialization round trip over a socket.
+            http_server = _http_server(
+                web.gateway_options(running.local.target),
+                config.host,
+                config.http_port,
+                config.tls,
+                config.workers > 1,
+                config.grace_seconds,
+                upstream=running.local,
+            )
+            await http_server.start()
+            scheme = "https" if config.tls else "http"
+            address = f"{scheme}://{config.host}:{http_server.port}/"
+            print(f"porch: HTTP gateway on {address}", flush=True)
+        await stopping.wait()
+        log.info("shutting down: finishing calls in flight")
+    finally:
+        if http_server is not None:
+            await http_server.stop()
+        await server.stop(running, config.grace_seconds)
+        store.close()
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -256,13 +254,14 @@ def _http_server(
     tls: TLS | None,
     reuse_port: bool,
     grace: float,
+    upstream: gateway.LocalUpstream | None = None,
 ) -> gateway.HttpServer:
     server_tls = None
     if tls is not None:
         client_ca = str(tls.client_ca_file) if tls.client_ca_file else None
         server_tls = gateway.ServerTLS(str(tls.cert_file), str(tls.key_file), client_ca)
     return gateway.HttpServer(
-        gateway.create_app(options),
+        gateway.create_app(options, upstream),
         host=host,
         port=port,
         tls=server_tls,

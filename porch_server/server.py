@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+import gateway
 from porch_server.config import Config
 from porch_server.db.listen import Listener
 from porch_server.errors import PorchError
@@ -47,8 +48,9 @@ class Running:
     executor: ThreadPoolExecutor
     sweeper: asyncio.Task[None]
     hub: EventHub
-    # An insecure Unix socket for a gateway in the same process, or None.
-    local_target: str | None
+    # The server's services behind its interceptor, for a gateway in this
+    # process to call without a connection.
+    local: gateway.LocalUpstream
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -60,19 +62,18 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
-async def start(config: Config, store: Store, local_socket: str | None = None) -> Running:
-    """Start serving PorchService on config's host and gRPC port (0 picks a free one),
-    and on the Unix socket local_socket if given."""
+async def start(config: Config, store: Store) -> Running:
+    """Start serving PorchService on config's host and gRPC port (0 picks a free one)."""
     executor = ThreadPoolExecutor(max_workers=config.db_pool_size, thread_name_prefix="porch-db")
     hub = _make_hub(config, store, executor)
-    server = grpc.aio.server(
-        interceptors=[PorchInterceptor(store, executor, config.anonymous_reads)],
-        options=GRPC_OPTIONS,
-    )
+    interceptor = PorchInterceptor(store, executor, config.anonymous_reads)
+    server = grpc.aio.server(interceptors=[interceptor], options=GRPC_OPTIONS)
     service = PorchService(store, executor, hub, config.watch_keepalive_seconds)
-    porch_pb2_grpc.add_PorchServiceServicer_to_server(service, server)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    registry = gateway.HandlerRegistry()
+    for target in (server, registry.as_server):
+        porch_pb2_grpc.add_PorchServiceServicer_to_server(service, target)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -82,16 +83,13 @@ async def start(config: Config, store: Store, local_socket: str | None = None) -
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, credentials)
-    local_target = None
-    if local_socket is not None:
-        local_target = f"unix:{local_socket}"
-        server.add_insecure_port(local_target)
     await server.start()
     hub.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
-    return Running(server, port, health_servicer, executor, sweeper, hub, local_target)
+    local = gateway.LocalUpstream(registry.handlers, [interceptor], target=address)
+    return Running(server, port, health_servicer, executor, sweeper, hub, local)
 
 
 async def stop(running: Running, grace: float) -> None:

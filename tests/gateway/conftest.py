@@ -3,7 +3,8 @@
 `client` talks to the app through httpx's ASGI transport; `live` runs it
 under a real uvicorn on port 0 and talks over a socket. `porch_http` is a
 real porch gRPC server (on this test's database, SQLite and PostgreSQL)
-behind porch's gateway under uvicorn, with an admin token.
+behind porch's gateway under uvicorn, with an admin token. Each runs with
+the gateway calling over a channel and calling the handlers in-process.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from starlette.applications import Starlette
 
 import gateway
 from porch_server import web
@@ -158,21 +160,39 @@ class Backend:
     target: str
     state: EchoState
     health: health.HealthServicer
+    # The same services' handlers, for a gateway that calls them in-process.
+    registry: gateway.HandlerRegistry
 
 
 @pytest.fixture
 async def backend() -> AsyncIterator[Backend]:
     """An EchoService (with the health service) on a free port."""
     server = grpc.aio.server()
+    registry = gateway.HandlerRegistry()
     state = EchoState()
-    echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(state), server)
+    servicer = EchoServicer(state)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for target in (server, registry.as_server):
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, target)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    yield Backend(f"127.0.0.1:{port}", state, health_servicer)
+    yield Backend(f"127.0.0.1:{port}", state, health_servicer, registry)
     await server.stop(None)
+
+
+# Every gateway test runs twice: calling over a channel, and calling the
+# handlers in-process (as `porch serve` does).
+UPSTREAMS = ["channel", "in-process"]
+
+
+def echo_app(backend: Backend, kind: str, **changes: object) -> Starlette:
+    """The gateway app for the echo backend, calling it the given way."""
+    options = echo_options(backend.target, **changes)
+    if kind == "in-process":
+        return gateway.create_app(options, gateway.LocalUpstream(backend.registry.handlers))
+    return gateway.create_app(options)
 
 
 def echo_options(target: str, **changes: object) -> gateway.GatewayOptions:
@@ -200,10 +220,12 @@ def echo_options(target: str, **changes: object) -> gateway.GatewayOptions:
     return dataclasses.replace(options, **changes)  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def client(backend: Backend) -> AsyncIterator[httpx.AsyncClient]:
+@pytest.fixture(params=UPSTREAMS)
+async def client(
+    backend: Backend, request: pytest.FixtureRequest
+) -> AsyncIterator[httpx.AsyncClient]:
     """An httpx client on the gateway app, through the ASGI transport."""
-    app = gateway.create_app(echo_options(backend.target))
+    app = echo_app(backend, request.param)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
         yield http
@@ -219,12 +241,10 @@ class Live:
     client: httpx.AsyncClient
 
 
-@pytest.fixture
-async def live(backend: Backend) -> AsyncIterator[Live]:
+@pytest.fixture(params=UPSTREAMS)
+async def live(backend: Backend, request: pytest.FixtureRequest) -> AsyncIterator[Live]:
     """The gateway served by uvicorn on a free port, and a client for it."""
-    server = gateway.HttpServer(
-        gateway.create_app(echo_options(backend.target)), port=0, grace=2, access_log=False
-    )
+    server = gateway.HttpServer(echo_app(backend, request.param), port=0, grace=2, access_log=False)
     await server.start()
     base_url = f"http://127.0.0.1:{server.port}"
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
@@ -240,6 +260,7 @@ class PorchHttp:
     server: gateway.HttpServer
     base_url: str
     client: httpx.AsyncClient
+    upstream: str = "channel"
 
     @property
     def admin(self) -> dict[str, str]:
@@ -263,30 +284,45 @@ def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
 
 
-async def start_porch_http(db_url: str) -> PorchHttp:
-    """Start porch (in a thread) and its gateway (in this event loop) on free ports."""
+async def start_porch_http(db_url: str, upstream: str = "channel") -> PorchHttp:
+    """Start porch (in a thread) and its gateway on free ports.
+
+    "channel": the gateway runs in this event loop and calls porch over a
+    connection, as `porch gateway` does. "in-process": the gateway runs in
+    porch's own event loop and calls its handlers directly, as `porch serve` does.
+    """
     porch = await asyncio.to_thread(start_porch, db_url)
-    app = gateway.create_app(web.gateway_options(porch.target))
-    server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
-    await server.start()
+    if upstream == "in-process":
+        local = porch.server.running.local
+        app = gateway.create_app(web.gateway_options(local.target), local)
+        server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
+        await asyncio.to_thread(porch.server.call, server.start())
+    else:
+        app = gateway.create_app(web.gateway_options(porch.target))
+        server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
+        await server.start()
     base_url = f"http://127.0.0.1:{server.port}"
     client = httpx.AsyncClient(base_url=base_url, timeout=30)
-    return PorchHttp(porch, server, base_url, client)
+    return PorchHttp(porch, server, base_url, client, upstream)
 
 
 async def stop_porch_http(running: PorchHttp) -> None:
     """Stop the gateway, then porch."""
     await running.client.aclose()
-    await running.server.stop()
+    if running.upstream == "in-process":
+        await asyncio.to_thread(running.porch.server.call, running.server.stop())
+    else:
+        await running.server.stop()
     for channel in running.porch.channels:
         channel.close()
     await asyncio.to_thread(running.porch.server.stop)
 
 
-@pytest.fixture
-async def porch_http(db_url: str) -> AsyncIterator[PorchHttp]:
-    """porch on this test's database (SQLite, then PostgreSQL) behind its gateway."""
-    running = await start_porch_http(db_url)
+@pytest.fixture(params=UPSTREAMS)
+async def porch_http(db_url: str, request: pytest.FixtureRequest) -> AsyncIterator[PorchHttp]:
+    """porch on this test's database (SQLite, then PostgreSQL) behind its gateway,
+    reached over a channel and in-process."""
+    running = await start_porch_http(db_url, request.param)
     yield running
     await stop_porch_http(running)
 

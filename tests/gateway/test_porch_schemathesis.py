@@ -38,7 +38,8 @@ EXAMPLES = 25
 
 @pytest.fixture
 async def porch_sqlite(sqlite_url: str) -> AsyncIterator[PorchHttp]:
-    running = await start_porch_http(sqlite_url)
+    # In-process, as `porch serve` runs its gateway.
+    running = await start_porch_http(sqlite_url, "in-process")
     yield running
     await stop_porch_http(running)
 

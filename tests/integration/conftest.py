@@ -32,14 +32,15 @@ class ServerThread:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self.running = self._call(server.start(config, self.store))
+        self.running = self.call(server.start(config, self.store))
         self.target = f"127.0.0.1:{self.running.port}"
 
-    def _call(self, coroutine):  # type: ignore[no-untyped-def]
+    def call(self, coroutine):  # type: ignore[no-untyped-def]
+        """Run a coroutine on the server's event loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=30)
 
     def stop(self, grace: float = 1.0) -> None:
-        self._call(server.stop(self.running, grace))
+        self.call(server.stop(self.running, grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
