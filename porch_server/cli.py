@@ -10,9 +10,10 @@ import logging.config
 import multiprocessing
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy.exc
 
@@ -25,6 +26,8 @@ from porch_server.errors import PorchError
 from porch_server.models import Role
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 log = logging.getLogger("porch")
 
@@ -59,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", type=Path, help="PEM private key for both ports")
     serve.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
     serve.add_argument("--log-config", type=Path, help="logging dictConfig file (JSON)")
+    serve.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="auto (default): uvloop where it is installed, else asyncio's own",
+    )
     serve.add_argument(
         "--lease-sweep-seconds", type=float, default=5.0, help="how often lapsed leases are freed"
     )
@@ -164,7 +173,27 @@ def _config(args: argparse.Namespace) -> Config:
         event_retention_days=args.event_retention_days,
         watch_poll_seconds=args.watch_poll_seconds,
         watch_keepalive_seconds=args.watch_keepalive_seconds,
+        event_loop=args.event_loop,
     )
+
+
+def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
+    """Run main to completion on a new event loop of the kind asked for.
+
+    uvloop runs the same asyncio code (grpc.aio, uvicorn) with less CPU per
+    call; "auto" takes it where it is installed (not on Windows).
+    """
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise SystemExit("porch: --event-loop uvloop needs the uvloop package") from None
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def _setup_logging(log_config: Path | None) -> None:
@@ -203,7 +232,7 @@ def _run_worker(config: Config) -> None:
     """Serve until SIGTERM or SIGINT in this process."""
     if multiprocessing.parent_process() is not None:
         _setup_logging(config.log_config)
-    asyncio.run(_serve_async(config))
+    run_loop(_serve_async(config), config.event_loop)
 
 
 async def _serve_async(config: Config) -> None:
@@ -321,7 +350,7 @@ def _run_gateway(
         finally:
             await web.stop()
 
-    asyncio.run(run())
+    run_loop(run(), "auto")
 
 
 def _prune(args: argparse.Namespace) -> None:

@@ -43,6 +43,8 @@ class Config:
     watch_poll_seconds: float = 0.5
     watch_keepalive_seconds: float = 15.0
     event_retention_days: float | None = None
+    # "auto" (uvloop where installed), "uvloop" or "asyncio".
+    event_loop: str = "auto"
 
     @property
     def grpc_target(self) -> str:
