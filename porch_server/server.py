@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 import gateway
 from porch_server.config import Config
 from porch_server.db.listen import Listener
+from porch_server.db.pgasync import AsyncStatements
 from porch_server.errors import PorchError
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
@@ -51,6 +52,8 @@ class Running:
     # The server's services behind its interceptor, for a gateway in this
     # process to call without a connection.
     local: gateway.LocalUpstream
+    # asyncpg connections for the busiest statements (PostgreSQL), or None.
+    statements: AsyncStatements | None
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -65,6 +68,7 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
 async def start(config: Config, store: Store) -> Running:
     """Start serving PorchService on config's host and gRPC port (0 picks a free one)."""
     executor = ThreadPoolExecutor(max_workers=config.db_pool_size, thread_name_prefix="porch-db")
+    statements = await _async_statements(config, store)
     hub = _make_hub(config, store, executor)
     interceptor = PorchInterceptor(store, executor, config.anonymous_reads)
     server = grpc.aio.server(interceptors=[interceptor], options=GRPC_OPTIONS)
@@ -89,7 +93,7 @@ async def start(config: Config, store: Store) -> Running:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
     local = gateway.LocalUpstream(registry.handlers, [interceptor], target=address)
-    return Running(server, port, health_servicer, executor, sweeper, hub, local)
+    return Running(server, port, health_servicer, executor, sweeper, hub, local, statements)
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -101,6 +105,25 @@ async def stop(running: Running, grace: float) -> None:
         await running.sweeper
     await running.server.stop(grace)
     running.executor.shutdown(wait=True)
+    if running.statements is not None:
+        await running.statements.close()
+
+
+async def _async_statements(config: Config, store: Store) -> AsyncStatements | None:
+    """asyncpg connections for the store's busiest statements, on PostgreSQL.
+
+    Should they fail to connect, every statement keeps to the thread pool.
+    """
+    if store.engine.dialect.name != "postgresql":
+        return None
+    statements = AsyncStatements(config.db_url, config.db_schema, config.db_pool_size)
+    try:
+        await statements.open()
+    except PorchError as error:
+        log.warning("asyncpg cannot connect, every statement runs on threads: %s", error)
+        return None
+    store.use_async(statements)
+    return statements
 
 
 def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> EventHub:

@@ -197,9 +197,11 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     ) -> porch_pb2.RegisterTaskResponse:
         name = check_name("task.pipeline.name", request.task.pipeline.name)
         task_input = check_task_input("task", request.task)
-        [result] = await self._run(
-            self._store.register_tasks, name, [task_input], auth.caller_actor()
-        )
+        actor = auth.caller_actor()
+        registered = await self._store.register_tasks_async(name, [task_input], actor)
+        if registered is None:
+            registered = await self._run(self._store.register_tasks, name, [task_input], actor)
+        [result] = registered
         if result.created:
             self._hub.committed()
         if result.created:
@@ -273,9 +275,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             lease = request.lease.ToTimedelta()
             if not timedelta(0) < lease <= MAX_LEASE:
                 raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
-        tasks = await self._run(
-            self._store.claim_tasks, name, num_tasks, lease, auth.caller_actor()
-        )
+        actor = auth.caller_actor()
+        tasks = await self._store.claim_tasks_async(name, num_tasks, lease, actor)
+        if tasks is None:
+            tasks = await self._run(self._store.claim_tasks, name, num_tasks, lease, actor)
         self._hub.committed()  # lapsed leases may have been freed even when none was claimed
         return porch_pb2.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks])
 
@@ -294,14 +297,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument("name the task with task.task_input or task.task_input_id")
         if len(request.message.encode()) > MAX_MESSAGE_BYTES:
             raise InvalidArgument(f"message is longer than {MAX_MESSAGE_BYTES} bytes")
-        task = await self._run(
-            self._store.update_task,
-            name,
-            task_id,
-            status,
-            request.message or None,
-            auth.caller_actor(),
-        )
+        message, actor = request.message or None, auth.caller_actor()
+        task = await self._store.update_task_async(name, task_id, status, message, actor)
+        if task is None:
+            task = await self._run(self._store.update_task, name, task_id, status, message, actor)
         self._hub.committed()
         return messages.task_message(task)
 

@@ -56,6 +56,7 @@ from porch_server import digest
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
+from porch_server.db.pgasync import AsyncStatements, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
@@ -117,6 +118,12 @@ claim_candidates = (
     .with_for_update(skip_locked=True)
 )
 
+# A pipeline's tasks with any of these task_input_ids (PostgreSQL).
+_existing_tasks = select(task).where(
+    task.c.pipeline_id == _PIPELINE_ID,
+    task.c.task_input_id == func.any(bindparam("task_input_ids", type_=postgresql.ARRAY(Text))),
+)
+
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
 _claim = (
@@ -160,6 +167,7 @@ class Store:
         self._tokens: dict[str, tuple[float, Token]] = {}
         self._token_generation = 0
         self._token_lock = threading.Lock()
+        self._async: AsyncStatements | None = None
 
     @property
     def engine(self) -> Engine:
@@ -340,9 +348,7 @@ class Store:
         Results follow the order of task_inputs; of repeated inputs only the
         first can be created.
         """
-        texts = [digest.canonical_json(task_input) for task_input in task_inputs]
-        ids = [digest.digest_of(text) for text in texts]
-        unique = dict(zip(ids, texts, strict=True))
+        ids, unique = _unique_inputs(task_inputs)
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
@@ -353,6 +359,12 @@ class Store:
             existing = {
                 row.task_input_id: row for row in _select_tasks(connection, pipeline_id, missing)
             }
+        return self._registrations(ids, created, existing)
+
+    def _registrations(
+        self, ids: list[str], created: dict[str, Any], existing: dict[str, Any]
+    ) -> list[Registration]:
+        """One Registration per input, in order; only the first of repeats can be created."""
         tasks = {key: self._to_task(row) for key, row in (created | existing).items()}
         registrations = []
         for task_input_id in ids:
@@ -393,16 +405,10 @@ class Store:
     ) -> list[Task]:
         """Claim up to num_tasks of the oldest PENDING tasks, after expiring lapsed leases."""
         now = _now()
-        lease_seconds = None if lease is None else max(1, math.ceil(lease.total_seconds()))
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             self._expire_leases(connection, now, pipeline_id)
-            params = _event_params(now, actor, None) | {
-                "in_pipeline_id": pipeline_id,
-                "num_tasks": num_tasks,
-                "claim_lease_seconds": lease_seconds,
-                "claim_lease_expire_time": _deadline(now, lease_seconds),
-            }
+            params = _claim_params(now, pipeline_id, num_tasks, lease, actor)
             if self._postgresql:
                 rows = connection.execute(_claim_with_events(), params).all()
             else:
@@ -485,6 +491,71 @@ class Store:
             "id",
             lambda row: _to_event(row, pipeline_name, task_input_id),
         )
+
+    # The busiest writes from the event loop (PostgreSQL with asyncpg)
+
+    def use_async(self, statements: AsyncStatements | None) -> None:
+        """Run the async variants below on these asyncpg connections (None: never)."""
+        self._async = statements if self._postgresql else None
+
+    async def register_tasks_async(
+        self, pipeline_name: str, task_inputs: Sequence[dict[str, Any]], actor: Actor
+    ) -> list[Registration] | None:
+        """register_tasks on the event loop; None when only register_tasks can
+        answer (no asyncpg pool, or a pipeline this store has not read yet)."""
+        pipeline_id = self._pipeline_ids.get(pipeline_name)
+        if self._async is None or pipeline_id is None:
+            return None
+        ids, unique = _unique_inputs(task_inputs)
+        params = _event_params(_now(), actor, None) | {
+            "in_pipeline_id": pipeline_id,
+            "new_task_input_ids": list(unique),
+            "new_task_inputs": list(unique.values()),
+        }
+        rows = await self._async.rows(_register_with_events(), params)
+        created: dict[str, Any] = {row.task_input_id: row for row in rows}
+        missing = [task_input_id for task_input_id in unique if task_input_id not in created]
+        existing: dict[str, Any] = {}
+        if missing:
+            found = await self._async.rows(
+                _existing_tasks, {"in_pipeline_id": pipeline_id, "task_input_ids": missing}
+            )
+            existing = {row.task_input_id: row for row in found}
+        return self._registrations(ids, created, existing)
+
+    async def claim_tasks_async(
+        self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
+    ) -> list[Task] | None:
+        """claim_tasks on the event loop; None when only claim_tasks can answer."""
+        pipeline_id = self._pipeline_ids.get(pipeline_name)
+        if self._async is None or pipeline_id is None:
+            return None
+        now = _now()
+        expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
+        await self._async.scalar(_expire_with_events(True), expire)
+        params = _claim_params(now, pipeline_id, num_tasks, lease, actor)
+        rows = await self._async.rows(_claim_with_events(), params)
+        return [self._to_task(row) for row in rows]
+
+    async def update_task_async(
+        self,
+        pipeline_name: str,
+        task_input_id: str,
+        status: State,
+        message: str | None,
+        actor: Actor,
+    ) -> Task | None:
+        """update_task on the event loop; None when only update_task can answer,
+        which includes every move the one statement refuses (it finds out why)."""
+        pipeline_id = self._pipeline_ids.get(pipeline_name)
+        if self._async is None or pipeline_id is None:
+            return None
+        params = _event_params(_now(), actor, message) | {
+            "in_task_input_id": task_input_id,
+            "in_pipeline_id": pipeline_id,
+        }
+        rows = await self._async.rows(_update_with_event(status), params)
+        return self._to_task(rows[0]) if rows else None
 
     # The event stream
 
@@ -743,7 +814,7 @@ class Store:
 
     # Rows to values
 
-    def _to_task(self, row: Row[Any]) -> Task:
+    def _to_task(self, row: Row[Any] | RowView) -> Task:
         return Task(
             pipeline=self._pipelines[row.pipeline_id],
             task_input_id=row.task_input_id,
@@ -812,6 +883,25 @@ def _actor_token_id(actor: Actor | None) -> int | None:
     if actor is None or actor.token_id is None:
         return None
     return int(actor.token_id)
+
+
+def _unique_inputs(task_inputs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    """The task_input_id of each input, and the canonical text of each distinct one."""
+    texts = [digest.canonical_json(task_input) for task_input in task_inputs]
+    ids = [digest.digest_of(text) for text in texts]
+    return ids, dict(zip(ids, texts, strict=True))
+
+
+def _claim_params(
+    now: datetime, pipeline_id: int, num_tasks: int, lease: timedelta | None, actor: Actor
+) -> dict[str, Any]:
+    lease_seconds = None if lease is None else max(1, math.ceil(lease.total_seconds()))
+    return _event_params(now, actor, None) | {
+        "in_pipeline_id": pipeline_id,
+        "num_tasks": num_tasks,
+        "claim_lease_seconds": lease_seconds,
+        "claim_lease_expire_time": _deadline(now, lease_seconds),
+    }
 
 
 def _event_params(now: datetime, actor: Actor | None, message: str | None) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""PostgreSQL from the event loop: porch's busiest statements on asyncpg.
+
+A claim, an update and a registration are each one statement in autocommit
+(see ``porch_server.store``). Run through SQLAlchemy and psycopg2 they need
+a thread-pool hop and SQLAlchemy's per-execute work, which together cost
+about as much CPU as the gRPC call itself. ``AsyncStatements`` runs the very
+same SQLAlchemy statements, compiled once for asyncpg, on a pool of asyncpg
+connections from the event loop. Everything else stays on the Store's
+SQLAlchemy engine.
+
+Rows come back as ``RowView``: attribute access by column name, like
+SQLAlchemy's rows, so the Store turns both into values the same way.
+Connection failures become ``Unavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from porch_server.db.engine import quote_schema
+from porch_server.errors import Unavailable
+
+_DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class RowView:
+    """One asyncpg record, read by attribute like a SQLAlchemy row."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: asyncpg.Record) -> None:
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._record[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    # For each $n: the caller's parameter name, or None for a fixed value.
+    names: tuple[str | None, ...]
+    fixed: tuple[Any, ...]
+
+    def arguments(self, params: Mapping[str, Any]) -> list[Any]:
+        return [
+            fixed if name is None else params[name]
+            for name, fixed in zip(self.names, self.fixed, strict=True)
+        ]
+
+
+def _compile(statement: ClauseElement) -> _Compiled:
+    """The statement as asyncpg SQL, with the order of its parameters.
+
+    Literal values and IN lists fixed in the statement are expanded once;
+    the parameters a caller supplies (bindparams without a value) stay $n.
+    """
+    compiled = statement.compile(dialect=_DIALECT)
+    assert isinstance(compiled, SQLCompiler)
+    required = {key for key, bind in compiled.binds.items() if bind.required}
+    expanded = compiled.construct_expanded_state(dict.fromkeys(required))
+    positions = expanded.positiontup or ()
+    names = tuple(name if name in required else None for name in positions)
+    fixed = tuple(None if name in required else expanded.parameters[name] for name in positions)
+    return _Compiled(expanded.statement, names, fixed)
+
+
+class AsyncStatements:
+    """A pool of asyncpg connections that runs SQLAlchemy statements."""
+
+    def __init__(self, url: str, schema: str | None, pool_size: int) -> None:
+        # libpq's URL form, query (sslmode, host=/socket/dir, ...) included.
+        self._dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._schema = schema
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        # Keyed by the statement object; the value keeps the statement alive.
+        self._compiled: dict[int, tuple[ClauseElement, _Compiled]] = {}
+
+    async def open(self) -> None:
+        """Connect the pool; Unavailable when the database cannot be reached."""
+        settings = {"timezone": "UTC", "application_name": "porch"}
+        if self._schema is not None:
+            settings["search_path"] = quote_schema(self._schema)
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                server_settings=settings,
+                timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+            raise Unavailable(f"database unavailable: {error}") from error
+
+    async def close(self) -> None:
+        """Close every connection."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
+        """Run one statement in autocommit; its rows."""
+        records = await self._fetch(statement, params)
+        return [RowView(record) for record in records]
+
+    async def scalar(self, statement: ClauseElement, params: Mapping[str, Any]) -> Any:
+        """Run one statement in autocommit; the first column of its first row, or None."""
+        records = await self._fetch(statement, params)
+        return records[0][0] if records else None
+
+    async def _fetch(
+        self, statement: ClauseElement, params: Mapping[str, Any]
+    ) -> list[asyncpg.Record]:
+        entry = self._compiled.get(id(statement))
+        if entry is None:
+            entry = self._compiled[id(statement)] = (statement, _compile(statement))
+        compiled = entry[1]
+        if self._pool is None:
+            raise Unavailable("database unavailable: the connection pool is closed")
+        try:
+            records: list[asyncpg.Record] = await self._pool.fetch(
+                compiled.sql, *compiled.arguments(params)
+            )
+        except (
+            TimeoutError,
+            OSError,
+            asyncpg.InterfaceError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+            asyncpg.AdminShutdownError,
+        ) as error:
+            raise Unavailable(f"database unavailable: {error}") from error
+        return records

@@ -1,0 +1,134 @@
+"""The busiest statements on asyncpg: same answers as the SQLAlchemy path, and
+the thread path kept for what only it can answer (PostgreSQL only)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from porch_server.db.engine import make_engine
+from porch_server.db.pgasync import AsyncStatements, RowView
+from porch_server.errors import Unavailable
+from porch_server.models import Actor, Pipeline, Role
+from porch_server.states import State
+from porch_server.store import Store
+from tests.conftest import SchemaDatabase
+
+pytestmark = pytest.mark.postgres
+
+
+async def open_store(url: str, schema: str | None = None) -> tuple[Store, AsyncStatements, Actor]:
+    store = Store(make_engine(url, schema))
+    statements = AsyncStatements(url, schema, pool_size=4)
+    await statements.open()
+    store.use_async(statements)
+    store.create_pipeline(Pipeline(name="p", uri="https://example.org/p", version="1"))
+    token = store.create_token(Role.PIPELINE, "p", "wrapper", "h" * 64)
+    return store, statements, Actor(token.token_id, token.description)
+
+
+@pytest.fixture
+async def async_store(pg_url: str) -> AsyncIterator[tuple[Store, Actor]]:
+    store, statements, actor = await open_store(pg_url)
+    yield store, actor
+    await statements.close()
+    store.close()
+
+
+def never(*args: Any) -> Any:
+    raise AssertionError("the thread path ran")
+
+
+async def test_register_claim_update_run_on_asyncpg(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    for name in ("register_tasks", "claim_tasks", "update_task"):
+        monkeypatch.setattr(store, name, never)
+    [first] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+    [again] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+    assert first.created and not again.created
+    assert again.task == first.task and first.task.status is State.PENDING
+    claimed = await store.claim_tasks_async("p", 5, timedelta(minutes=5), actor)
+    assert claimed is not None and [task.task_input_id for task in claimed] == [
+        first.task.task_input_id
+    ]
+    assert claimed[0].claimed_by_token_id == actor.token_id
+    assert claimed[0].lease_expire_time is not None
+    assert claimed[0].update_time.tzinfo is not None
+    running = await store.update_task_async(
+        "p", first.task.task_input_id, State.RUNNING, "started", actor
+    )
+    assert running is not None and running.status is State.RUNNING
+    assert await store.claim_tasks_async("p", 5, None, actor) == []
+
+
+async def test_what_asyncpg_cannot_answer_is_left_to_the_thread_path(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    [registered] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+    task_id = registered.task.task_input_id
+    # An illegal move: the one statement refuses it, update_task says why.
+    assert await store.update_task_async("p", task_id, State.DONE, None, actor) is None
+    assert await store.update_task_async("p", "0" * 64, State.RUNNING, None, actor) is None
+    # A pipeline this store has not read yet.
+    assert await store.claim_tasks_async("elsewhere", 1, None, actor) is None
+    assert await store.register_tasks_async("elsewhere", [{"n": 1}], actor) is None
+    assert store.get_task("p", task_id).status is State.PENDING
+    assert len(store.list_task_events("p", task_id, 10, "").items) == 1
+
+
+async def test_concurrent_claims_on_asyncpg_take_each_task_once(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(200)], actor)
+
+    async def claim_all() -> list[str]:
+        taken: list[str] = []
+        while batch := await store.claim_tasks_async("p", 7, None, actor):
+            taken += [task.task_input_id for task in batch]
+        return taken
+
+    results = await asyncio.gather(*(claim_all() for _ in range(8)))
+    claimed = [task_id for taken in results for task_id in taken]
+    assert len(claimed) == len(set(claimed)) == 200
+
+
+async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
+    store, statements, actor = await open_store(pg_schema_db.url, pg_schema_db.schema)
+    try:
+        [registered] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+        assert registered.created
+        assert store.get_task("p", registered.task.task_input_id).status is State.PENDING
+    finally:
+        await statements.close()
+        store.close()
+
+
+async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
+    statements = AsyncStatements(
+        f"postgresql+psycopg2://postgres@127.0.0.1:{unused_port}/none", None, pool_size=1
+    )
+    with pytest.raises(Unavailable, match="database unavailable"):
+        await statements.open()
+
+
+def test_rows_read_by_attribute() -> None:
+    row = RowView({"id": 3})  # type: ignore[arg-type]
+    assert row.id == 3
+    with pytest.raises(AttributeError):
+        _ = row.missing
+
+
+@pytest.fixture
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
