@@ -15,6 +15,7 @@ import asyncio
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 from _common import (
@@ -47,7 +48,7 @@ def _handler(behaviour: object) -> grpc.GenericRpcHandler:
 
 
 def serve_grpc_aio() -> None:
-    """A grpc.aio echo server, as porch's server is built."""
+    """A grpc.aio echo server, as porch's server is built (on the same event loop)."""
 
     async def run() -> None:
         server = grpc.aio.server()
@@ -57,7 +58,15 @@ def serve_grpc_aio() -> None:
         print(f"echo listening on 127.0.0.1:{port}", flush=True)
         await server.wait_for_termination()
 
-    asyncio.run(run())
+    # The loop `porch serve` runs on: uvloop where it is installed.
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run())
 
 
 def serve_grpc_sync() -> None:
