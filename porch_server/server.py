@@ -137,7 +137,8 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
         return await loop.run_in_executor(executor, store.event_start_cursor)
 
     async def notify() -> None:
-        await loop.run_in_executor(executor, store.notify_watchers)
+        if not await store.notify_watchers_async():
+            await loop.run_in_executor(executor, store.notify_watchers)
 
     async def has_unread(cursor: str) -> bool:
         return await loop.run_in_executor(executor, store.has_unread_events, cursor)

@@ -124,6 +124,8 @@ _existing_tasks = select(task).where(
     task.c.task_input_id == func.any(bindparam("task_input_ids", type_=postgresql.ARRAY(Text))),
 )
 
+_notify = select(func.pg_notify(literal(CHANNEL), literal("")))
+
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
 _claim = (
@@ -557,13 +559,20 @@ class Store:
         rows = await self._async.rows(_update_with_event(status), params)
         return self._to_task(rows[0]) if rows else None
 
+    async def notify_watchers_async(self) -> bool:
+        """notify_watchers on the event loop; False when only notify_watchers can."""
+        if self._async is None:
+            return False
+        await self._async.scalar(_notify, {})
+        return True
+
     # The event stream
 
     def notify_watchers(self) -> None:
         """Tell every porch server's watch hub that events were committed (PostgreSQL)."""
         if self._postgresql:
             with self._read() as connection:
-                connection.execute(select(func.pg_notify(literal(CHANNEL), literal(""))))
+                connection.execute(_notify)
 
     def event_start_cursor(self) -> str:
         """Return the cursor meaning "from now": events committed later come after it."""

@@ -77,6 +77,15 @@ def _compile(statement: ClauseElement) -> _Compiled:
     return _Compiled(expanded.statement, names, fixed)
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Return a connection to the pool as it is.
+
+    asyncpg's default reset runs a query (RESET ALL, UNLISTEN *, ...) on every
+    release: a round trip per statement. Only single autocommit statements
+    run here, so a session never holds anything to undo.
+    """
+
+
 class AsyncStatements:
     """A pool of asyncpg connections that runs SQLAlchemy statements."""
 
@@ -101,6 +110,7 @@ class AsyncStatements:
                 max_size=self._pool_size,
                 server_settings=settings,
                 timeout=CONNECT_TIMEOUT_SECONDS,
+                reset=_keep_session,
             )
         except (TimeoutError, OSError, asyncpg.PostgresError) as error:
             raise Unavailable(f"database unavailable: {error}") from error
