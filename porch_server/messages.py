@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -11,11 +11,19 @@ from porch_server import models
 from porch_server.states import State
 from porch_stubs.v1 import porch_pb2
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TASK_STATES = {state: porch_pb2.Task.State.Value(state.value) for state in State}
+
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    """A Timestamp of an aware datetime (naive ones are taken as UTC), built
+    directly: Timestamp.FromDatetime costs three times as much."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -34,16 +42,16 @@ def task_message(task: models.Task) -> porch_pb2.Task:
     message = porch_pb2.Task(
         pipeline=pipeline_message(task.pipeline),
         task_input_id=task.task_input_id,
-        status=porch_pb2.Task.State.Value(task.status),
+        status=_TASK_STATES[task.status],
         create_time=_timestamp(task.create_time),
         update_time=_timestamp(task.update_time),
+        claim_time=None if task.claim_time is None else _timestamp(task.claim_time),
+        lease_expire_time=(
+            None if task.lease_expire_time is None else _timestamp(task.lease_expire_time)
+        ),
         claimed_by_token_id=task.claimed_by_token_id or "",
     )
     message.task_input.update(task.task_input)
-    if task.claim_time is not None:
-        message.claim_time.FromDatetime(task.claim_time)
-    if task.lease_expire_time is not None:
-        message.lease_expire_time.FromDatetime(task.lease_expire_time)
     return message
 
 
