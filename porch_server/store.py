@@ -16,6 +16,7 @@ locked for too long, or the pool is exhausted) become ``Unavailable`` in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -170,6 +171,9 @@ class Store:
         self._token_generation = 0
         self._token_lock = threading.Lock()
         self._async: AsyncStatements | None = None
+        self._write_lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if self._postgresql else threading.Lock()
+        )
 
     @property
     def engine(self) -> Engine:
@@ -676,7 +680,10 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        with _translate_errors(), self._writer.begin() as connection:
+        # SQLite: this process's writers queue on a lock of their own rather
+        # than on the database's, whose busy handler sleeps in steps of up to
+        # 100 ms and let a waiting writer miss many chances to run.
+        with self._write_lock, _translate_errors(), self._writer.begin() as connection:
             yield connection
 
     @contextmanager
