@@ -1,11 +1,15 @@
 """The watch hub: one reader of new events per server, fanned out to every stream.
 
 However many WatchEvents streams a server has, it reads new events from the
-database once per wake-up and hands each batch to every stream, which then
-applies its own filter. A stream first replays what it missed from the
-database by itself, then follows the hub; one whose backlog grows past a
-bound goes back to replaying, so a slow client costs memory only up to
-that bound.
+database once per wake-up and hands each batch to the streams that want it:
+a stream following one pipeline gets only that pipeline's events, so a
+server whose streams watch many pipelines wakes only the streams an event
+concerns. Such a stream learns how far the hub has read when it sends a
+keep-alive, so its cursor still moves past other pipelines' events.
+
+A stream first replays what it missed from the database by itself, then
+follows the hub; one whose backlog grows past a bound goes back to
+replaying, so a slow client costs memory only up to that bound.
 
 Wake-ups come from this server's own writes (``wake``), from PostgreSQL's
 LISTEN/NOTIFY when a listener is attached, and from a periodic poll, which
@@ -56,9 +60,11 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 
 
 class Subscription:
-    """The events the hub read since a stream subscribed, up to a bound."""
+    """The events the hub read since a stream subscribed, up to a bound: every
+    event, or those of one pipeline (topic)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, topic: str | None = None) -> None:
+        self.topic = topic
         self._limit = limit
         self._events: deque[Event] = deque()
         self._ready = asyncio.Event()
@@ -84,6 +90,10 @@ class Subscription:
     def resume(self) -> None:
         """Accept events again after a replay caught up."""
         self.overflowed = False
+
+    def caught_up(self) -> bool:
+        """True when every event the hub has handed over was taken."""
+        return not self._events and not self.overflowed
 
     def tick(self) -> None:
         """Wake the stream with no events, so it can see whether a keep-alive is due."""
@@ -126,6 +136,8 @@ class EventHub:
         self._listener: Listening | None = None
         self._listener_fd = -1
         self._subscriptions: set[Subscription] = set()
+        # By topic; None holds the streams that want every event.
+        self._topics: dict[str | None, set[Subscription]] = {}
         self._cursor: str | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -214,18 +226,30 @@ class EventHub:
         """How many streams follow the hub."""
         return len(self._subscriptions)
 
-    async def subscribe(self) -> Subscription:
-        """Follow the hub; events it reads from now on reach the subscription."""
+    @property
+    def position(self) -> str | None:
+        """The cursor of the last event read and handed out; None while no one follows."""
+        return self._cursor
+
+    async def subscribe(self, topic: str | None = None) -> Subscription:
+        """Follow the hub; events it reads from now on reach the subscription:
+        all of them, or only those of the pipeline named topic."""
         if self._cursor is None:
             # Reading must start no later than the new stream's replay ends.
             self._cursor = await self._start_cursor()
-        subscription = Subscription(self._backlog_limit)
+        subscription = Subscription(self._backlog_limit, topic)
         self._subscriptions.add(subscription)
+        self._topics.setdefault(topic, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop following the hub; with no one left, stop reading."""
         self._subscriptions.discard(subscription)
+        followers = self._topics.get(subscription.topic)
+        if followers is not None:
+            followers.discard(subscription)
+            if not followers:
+                del self._topics[subscription.topic]
         if not self._subscriptions:
             self._cursor = None
 
@@ -247,6 +271,19 @@ class EventHub:
             except PorchError as error:
                 log.warning("reading new events failed: %s", error)
 
+    def _hand_out(self, events: list[Event]) -> None:
+        """Give each subscription the events of its topic."""
+        for subscription in self._topics.get(None, ()):
+            subscription.put(events)
+        if len(self._topics) == (None in self._topics):
+            return
+        by_topic: dict[str, list[Event]] = {}
+        for event in events:
+            by_topic.setdefault(event.pipeline_name, []).append(event)
+        for topic, batch in by_topic.items():
+            for subscription in self._topics.get(topic, ()):
+                subscription.put(batch)
+
     async def _read_new(self) -> None:
         while self._cursor is not None:
             cursor = self._cursor
@@ -256,8 +293,7 @@ class EventHub:
                 return
             if events:
                 self._cursor = events[-1].cursor
-                for subscription in self._subscriptions:
-                    subscription.put(events)
+                self._hand_out(events)
             if len(events) < READ_BATCH:
                 if self._has_unread is not None and await self._has_unread(self._cursor):
                     # Their notification has come and gone: look again soon.
@@ -273,15 +309,18 @@ async def follow(
     matches: Callable[[Event], bool],
     bookmark: Callable[[str], Any],
     keepalive_seconds: float,
+    topic: str | None = None,
 ) -> AsyncIterator[Any]:
     """Yield every matching event after the cursor `after` (or from now when it
     is empty), then new ones as the hub reads them.
 
     A bookmark(cursor) comes first, so a client has a cursor to resume from
     at once, and again whenever nothing matched for keepalive_seconds (give
-    the hub a tick no longer than that).
+    the hub a tick no longer than that). With a topic (a pipeline name) only
+    that pipeline's events reach the stream live, and `matches` must accept
+    no event of another pipeline.
     """
-    subscription = await hub.subscribe()
+    subscription = await hub.subscribe(topic)
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     try:
@@ -309,6 +348,13 @@ async def follow(
                         yield event
                 if loop.time() - quiet_since >= keepalive_seconds and not subscription.closed:
                     quiet_since = loop.time()
+                    position = hub.position
+                    # Everything the hub read up to its position was handed
+                    # over and taken: no matching event lies before it.
+                    if subscription.caught_up() and position is not None:
+                        key = cursor_key(position)
+                        if key > last_key:
+                            last, last_key = position, key
                     yield bookmark(last)
     finally:
         hub.unsubscribe(subscription)

@@ -352,6 +352,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             matches,
             bookmark_message,
             self._keepalive_seconds,
+            topic=pipeline_name,
         )
         async for item in stream:
             yield self._encoded(item)
