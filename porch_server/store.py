@@ -127,6 +127,16 @@ _existing_tasks = select(task).where(
 
 _notify = select(func.pg_notify(literal(CHANNEL), literal("")))
 
+# The task an update names, locked (PostgreSQL; SQLite holds the write lock).
+_task_for_update = (
+    select(task)
+    .where(
+        task.c.pipeline_id == _PIPELINE_ID,
+        task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
+    )
+    .with_for_update()
+)
+
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
 _claim = (
@@ -449,9 +459,7 @@ class Store:
                 row = connection.execute(_update_with_event(status), params).first()
                 if row is not None:
                     return self._to_task(row)
-            current = connection.execute(
-                _select_task(pipeline_id, task_input_id).with_for_update()
-            ).first()
+            current = connection.execute(_task_for_update, params).first()
             if current is None:
                 raise _task_not_found(pipeline_name, task_input_id)
             old = State(current.status)
@@ -753,18 +761,11 @@ class Store:
         self, connection: Connection, current: Row[Any], status: State, params: dict[str, Any]
     ) -> Row[Any]:
         """Apply an update whose transition was checked; SQLite holds the write lock."""
-        now = params["now"]
-        statement = (
-            update(task)
-            .where(task.c.id == current.id)
-            .values(
-                status=status.value,
-                update_time=now,
-                **_status_effects(status, _deadline(now, current.lease_seconds)),
-            )
-            .returning(*task.c)
-        )
-        row = connection.execute(statement).one()
+        values = params | {
+            "in_id": current.id,
+            "renewed_lease": _deadline(params["now"], current.lease_seconds),
+        }
+        row = connection.execute(_update_by_id(status), values).one()
         old = State(current.status)
         self._record_events(connection, [row], EventKind.STATUS_CHANGED, old, status, params)
         return row
@@ -988,6 +989,18 @@ def _clear_claim() -> dict[str, Any]:
         "lease_seconds": None,
         "lease_expire_time": None,
     }
+
+
+@functools.cache
+def _update_by_id(status: State) -> Any:
+    """Move the task with id in_id to status (SQLite: the caller checked the move)."""
+    renewed = bindparam("renewed_lease", type_=UtcDateTime)
+    return (
+        update(task)
+        .where(task.c.id == bindparam("in_id", type_=Integer))
+        .values(status=status.value, update_time=_NOW, **_status_effects(status, renewed))
+        .returning(*task.c)
+    )
 
 
 def _status_effects(status: State, renewed_lease: Any) -> dict[str, Any]:
