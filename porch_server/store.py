@@ -137,6 +137,8 @@ _task_for_update = (
     .with_for_update()
 )
 
+_insert_event = insert(event)
+
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
 _claim = (
@@ -792,7 +794,7 @@ class Store:
             "message": params["event_message"],
         }
         connection.execute(
-            insert(event),
+            _insert_event,
             [common | {"task_id": row.id, "pipeline_id": row.pipeline_id} for row in rows],
         )
 
@@ -1157,6 +1159,7 @@ def _lapsed(per_pipeline: bool) -> ColumnElement[bool]:
     return (condition & (task.c.pipeline_id == _PIPELINE_ID)) if per_pipeline else condition
 
 
+@functools.cache
 def _select_lapsed(per_pipeline: bool) -> Select[Any]:
     return select(task.c.id, task.c.pipeline_id, task.c.status).where(_lapsed(per_pipeline))
 
