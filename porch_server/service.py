@@ -58,11 +58,6 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
-def check_task_input(field: str, task: porch_pb2.Task) -> dict[str, Any]:
-    """Return the task's input as a dict, checking that it is there and not too large."""
-    return checked_task_input(field, task)[0]
-
-
 def checked_task_input(field: str, task: porch_pb2.Task) -> tuple[dict[str, Any], str]:
     """Return the task's input as a dict and as canonical JSON, checking that it is
     there and not too large."""
@@ -196,11 +191,11 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self, request: porch_pb2.RegisterTaskRequest, context: Context
     ) -> porch_pb2.RegisterTaskResponse:
         name = check_name("task.pipeline.name", request.task.pipeline.name)
-        task_input = check_task_input("task", request.task)
+        text = checked_task_input("task", request.task)[1]
         actor = auth.caller_actor()
-        registered = await self._store.register_tasks_async(name, [task_input], actor)
+        registered = await self._store.register_canonical_async(name, [text], actor)
         if registered is None:
-            registered = await self._run(self._store.register_tasks, name, [task_input], actor)
+            registered = await self._run(self._store.register_canonical, name, [text], actor)
         [result] = registered
         if result.created:
             self._hub.committed()
@@ -219,16 +214,14 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(f"at most {MAX_BATCH} tasks per call, got {len(request.tasks)}")
         name = request.pipeline_name or request.tasks[0].pipeline.name
         check_name("pipeline_name", name)
-        task_inputs = []
+        texts = []
         for index, task in enumerate(request.tasks):
             if task.pipeline.name not in ("", name):
                 raise InvalidArgument(
                     f"tasks[{index}] is of pipeline '{task.pipeline.name}', not '{name}'"
                 )
-            task_inputs.append(check_task_input(f"tasks[{index}]", task))
-        results = await self._run(
-            self._store.register_tasks, name, task_inputs, auth.caller_actor()
-        )
+            texts.append(checked_task_input(f"tasks[{index}]", task)[1])
+        results = await self._run(self._store.register_canonical, name, texts, auth.caller_actor())
         if any(r.created for r in results):
             self._hub.committed()
         return porch_pb2.RegisterTasksResponse(

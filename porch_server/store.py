@@ -366,7 +366,15 @@ class Store:
         Results follow the order of task_inputs; of repeated inputs only the
         first can be created.
         """
-        ids, unique = _unique_inputs(task_inputs)
+        texts = [digest.canonical_json(task_input) for task_input in task_inputs]
+        return self.register_canonical(pipeline_name, texts, actor)
+
+    def register_canonical(
+        self, pipeline_name: str, texts: Sequence[str], actor: Actor
+    ) -> list[Registration]:
+        """register_tasks for inputs given as their canonical JSON texts
+        (digest.canonical_json), which the caller has made already."""
+        ids, unique = _unique_texts(texts)
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
@@ -514,15 +522,15 @@ class Store:
         """Run the async variants below on these asyncpg connections (None: never)."""
         self._async = statements if self._postgresql else None
 
-    async def register_tasks_async(
-        self, pipeline_name: str, task_inputs: Sequence[dict[str, Any]], actor: Actor
+    async def register_canonical_async(
+        self, pipeline_name: str, texts: Sequence[str], actor: Actor
     ) -> list[Registration] | None:
-        """register_tasks on the event loop; None when only register_tasks can
-        answer (no asyncpg pool, or a pipeline this store has not read yet)."""
+        """register_canonical on the event loop; None when only it can answer
+        (no asyncpg pool, or a pipeline this store has not read yet)."""
         pipeline_id = self._pipeline_ids.get(pipeline_name)
         if self._async is None or pipeline_id is None:
             return None
-        ids, unique = _unique_inputs(task_inputs)
+        ids, unique = _unique_texts(texts)
         params = _event_params(_now(), actor, None) | {
             "in_pipeline_id": pipeline_id,
             "new_task_input_ids": list(unique),
@@ -904,9 +912,8 @@ def _actor_token_id(actor: Actor | None) -> int | None:
     return int(actor.token_id)
 
 
-def _unique_inputs(task_inputs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
-    """The task_input_id of each input, and the canonical text of each distinct one."""
-    texts = [digest.canonical_json(task_input) for task_input in task_inputs]
+def _unique_texts(texts: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """The task_input_id of each canonical text, and each distinct text by its id."""
     ids = [digest.digest_of(text) for text in texts]
     return ids, dict(zip(ids, texts, strict=True))
 

@@ -13,6 +13,7 @@ import pytest
 
 from porch_server.db.engine import make_engine
 from porch_server.db.pgasync import AsyncStatements, RowView
+from porch_server.digest import canonical_json
 from porch_server.errors import Unavailable
 from porch_server.models import Actor, Pipeline, Role
 from porch_server.states import State
@@ -20,6 +21,8 @@ from porch_server.store import Store
 from tests.conftest import SchemaDatabase
 
 pytestmark = pytest.mark.postgres
+
+ONE = canonical_json({"n": 1})
 
 
 async def open_store(url: str, schema: str | None = None) -> tuple[Store, AsyncStatements, Actor]:
@@ -48,10 +51,10 @@ async def test_register_claim_update_run_on_asyncpg(
     async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, actor = async_store
-    for name in ("register_tasks", "claim_tasks", "update_task"):
+    for name in ("register_tasks", "register_canonical", "claim_tasks", "update_task"):
         monkeypatch.setattr(store, name, never)
-    [first] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
-    [again] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+    [first] = await store.register_canonical_async("p", [ONE], actor) or []
+    [again] = await store.register_canonical_async("p", [ONE], actor) or []
     assert first.created and not again.created
     assert again.task == first.task and first.task.status is State.PENDING
     claimed = await store.claim_tasks_async("p", 5, timedelta(minutes=5), actor)
@@ -72,14 +75,14 @@ async def test_what_asyncpg_cannot_answer_is_left_to_the_thread_path(
     async_store: tuple[Store, Actor],
 ) -> None:
     store, actor = async_store
-    [registered] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+    [registered] = await store.register_canonical_async("p", [ONE], actor) or []
     task_id = registered.task.task_input_id
     # An illegal move: the one statement refuses it, update_task says why.
     assert await store.update_task_async("p", task_id, State.DONE, None, actor) is None
     assert await store.update_task_async("p", "0" * 64, State.RUNNING, None, actor) is None
     # A pipeline this store has not read yet.
     assert await store.claim_tasks_async("elsewhere", 1, None, actor) is None
-    assert await store.register_tasks_async("elsewhere", [{"n": 1}], actor) is None
+    assert await store.register_canonical_async("elsewhere", ["{}"], actor) is None
     assert store.get_task("p", task_id).status is State.PENDING
     assert len(store.list_task_events("p", task_id, 10, "").items) == 1
 
@@ -104,7 +107,7 @@ async def test_concurrent_claims_on_asyncpg_take_each_task_once(
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
     store, statements, actor = await open_store(pg_schema_db.url, pg_schema_db.schema)
     try:
-        [registered] = await store.register_tasks_async("p", [{"n": 1}], actor) or []
+        [registered] = await store.register_canonical_async("p", [ONE], actor) or []
         assert registered.created
         assert store.get_task("p", registered.task.task_input_id).status is State.PENDING
     finally:
