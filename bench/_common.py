@@ -90,6 +90,22 @@ def psycopg2_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def write_transactions(url: str) -> int | None:
+    """PostgreSQL's transaction-id counter: every write transaction (each commit
+    that changed something, a NOTIFY included) takes one id, this call too.
+    The difference of two readings, less one, counts the commits between.
+    None on SQLite."""
+    if make_url(url).get_backend_name() != "postgresql":
+        return None
+    connection = psycopg2.connect(psycopg2_dsn(url))
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT txid_current()")
+            return int(cursor.fetchone()[0])
+    finally:
+        connection.close()
+
+
 def sqlite_url(directory: str | Path) -> str:
     """Return a SQLite URL for a fresh file in directory."""
     return f"sqlite:///{Path(directory) / 'porch-bench.db'}"

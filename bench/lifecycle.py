@@ -34,6 +34,7 @@ from _common import (
     run_clients,
     sqlite_url,
     write_json,
+    write_transactions,
 )
 from sqlalchemy import create_engine, text
 
@@ -151,11 +152,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 server.target, secret, args.tasks, args.clients, args.register_batch, "lifecycle"
             )
             cpu_registered = cpu_seconds(server.pids())
+            xid_registered = write_transactions(url)
             with py_spy(server.pids(), args.profile):
                 results = run_clients(
                     lifecycle_client, [(server.target, secret, args.batch)] * args.clients
                 )
             cpu_done = cpu_seconds(server.pids())
+            xid_done = write_transactions(url)
             rss = peak_rss_mb(server.pids())
         check_claims([key for result in results for key in result[2]], args.tasks)
         final = statuses(url)
@@ -176,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "cpu_ms_per_task": (cpu_done - cpu_start) / args.tasks * 1000,
         "server_peak_rss_mb": rss,
     }
+    if xid_registered is not None and xid_done is not None:
+        # The reference: one commit per claim of K and per status change, 2 + 1/K.
+        figures["commits_per_task"] = (xid_done - xid_registered - 1) / args.tasks
     backend = "SQLite" if args.sqlite else "PostgreSQL"
     print_table(
         f"lifecycle over gRPC: {args.tasks} tasks, {args.clients} clients, claim {args.batch}, "
@@ -189,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             ("server CPU s / 1,000 tasks, lifecycle", figures["cpu_ms_per_task_lifecycle"]),
             ("server CPU s / 1,000 tasks, all", figures["cpu_ms_per_task"]),
             ("server peak RSS MiB (largest process)", figures["server_peak_rss_mb"]),
+            *(
+                [("database commits per task, lifecycle", figures["commits_per_task"])]
+                if "commits_per_task" in figures
+                else []
+            ),
         ],
     )
     print_table(

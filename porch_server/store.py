@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -37,6 +38,7 @@ from sqlalchemy import (
     Select,
     Text,
     bindparam,
+    case,
     create_engine,
     exc,
     exists,
@@ -45,6 +47,7 @@ from sqlalchemy import (
     literal,
     literal_column,
     null,
+    or_,
     select,
     tuple_,
     update,
@@ -54,6 +57,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from porch_server import digest
+from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
@@ -85,6 +89,18 @@ _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 # this many seconds.
 TOKEN_CACHE_SECONDS = 1.0
 _TOKEN_CACHE_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    """One status change waiting to be applied."""
+
+    pipeline_id: int
+    task_input_id: str
+    status: State
+    message: str | None
+    actor: Actor
+
 
 # The parameters that many statements share.
 _NOW = bindparam("now", type_=UtcDateTime)
@@ -183,6 +199,7 @@ class Store:
         self._token_generation = 0
         self._token_lock = threading.Lock()
         self._async: AsyncStatements | None = None
+        self._updates: Coalescer[_Change, Task | None] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -521,6 +538,7 @@ class Store:
     def use_async(self, statements: AsyncStatements | None) -> None:
         """Run the async variants below on these asyncpg connections (None: never)."""
         self._async = statements if self._postgresql else None
+        self._updates = None if self._async is None else Coalescer(self._apply_changes)
 
     async def register_canonical_async(
         self, pipeline_name: str, texts: Sequence[str], actor: Actor
@@ -570,16 +588,52 @@ class Store:
         actor: Actor,
     ) -> Task | None:
         """update_task on the event loop; None when only update_task can answer,
-        which includes every move the one statement refuses (it finds out why)."""
+        which includes every move the statement refuses (it finds out why).
+
+        Updates arriving while others are in flight share one statement and
+        one commit (commit coalescing); each gets its own answer.
+        """
         pipeline_id = self._pipeline_ids.get(pipeline_name)
-        if self._async is None or pipeline_id is None:
+        if self._updates is None or pipeline_id is None:
             return None
-        params = _event_params(_now(), actor, message) | {
-            "in_task_input_id": task_input_id,
-            "in_pipeline_id": pipeline_id,
+        return await self._updates.submit(
+            _Change(pipeline_id, task_input_id, status, message, actor)
+        )
+
+    async def _apply_changes(self, changes: Sequence[_Change]) -> list[Task | None]:
+        """Apply status changes in one statement; a Task per applied change, else None."""
+        assert self._async is not None
+        now = _now()
+        if len(changes) == 1:
+            [change] = changes
+            params = _event_params(now, change.actor, change.message) | {
+                "in_task_input_id": change.task_input_id,
+                "in_pipeline_id": change.pipeline_id,
+            }
+            rows = await self._async.rows(_update_with_event(change.status), params)
+            return [self._to_task(rows[0]) if rows else None]
+        batch = {
+            "now": now,
+            "batch_pipeline_ids": [change.pipeline_id for change in changes],
+            "batch_task_input_ids": [change.task_input_id for change in changes],
+            "batch_statuses": [change.status.value for change in changes],
+            "batch_messages": [change.message for change in changes],
+            "batch_token_ids": [_actor_token_id(change.actor) for change in changes],
+            "batch_descriptions": [change.actor.description for change in changes],
         }
-        rows = await self._async.rows(_update_with_event(status), params)
-        return self._to_task(rows[0]) if rows else None
+        rows = await self._async.rows(_update_batch(), batch)
+        applied = {row.position: row for row in rows}
+        return [
+            self._to_task(applied[position]) if position in applied else None
+            for position in range(1, len(changes) + 1)
+        ]
+
+    @property
+    def coalesced(self) -> tuple[int, int]:
+        """Status changes applied through the coalescer, and the statements they took."""
+        if self._updates is None:
+            return 0, 0
+        return self._updates.items, self._updates.batches
 
     async def notify_watchers_async(self) -> bool:
         """notify_watchers on the event loop; False when only notify_watchers can."""
@@ -1157,6 +1211,104 @@ def _update_with_event(status: State) -> Select[Any]:
         .cte("changed")
     )
     events = _events_from(changed, EventKind.STATUS_CHANGED, changed.c.old_status, changed.c.status)
+    return select(changed).add_cte(events)
+
+
+@functools.cache
+def _update_batch() -> Select[Any]:
+    """Several status changes with their events in one statement (PostgreSQL).
+
+    The changes come as parallel arrays; a row comes back, with the change's
+    1-based position, for each change applied. A change the state table
+    refuses, one of a missing task, and all but one of several changes to
+    the same task come back as nothing: the caller then asks each alone.
+    Rows are locked in id order, so concurrent batches cannot deadlock.
+    """
+    requested = (
+        func.unnest(
+            bindparam("batch_pipeline_ids", type_=postgresql.ARRAY(Integer)),
+            bindparam("batch_task_input_ids", type_=postgresql.ARRAY(Text)),
+            bindparam("batch_statuses", type_=postgresql.ARRAY(Text)),
+            bindparam("batch_messages", type_=postgresql.ARRAY(Text)),
+            bindparam("batch_token_ids", type_=postgresql.ARRAY(Integer)),
+            bindparam("batch_descriptions", type_=postgresql.ARRAY(Text)),
+        )
+        .table_valued(
+            "pipeline_id",
+            "task_input_id",
+            "new_status",
+            "message",
+            "token_id",
+            "token_description",
+            with_ordinality="position",
+        )
+        .render_derived(name="requested")
+    )
+    current = (
+        select(
+            task.c.id,
+            task.c.status,
+            *(
+                column
+                for column in requested.c
+                if column.name != "pipeline_id" and column.name != "task_input_id"
+            ),
+        )
+        .join_from(
+            task,
+            requested,
+            (task.c.pipeline_id == requested.c.pipeline_id)
+            & (task.c.task_input_id == requested.c.task_input_id),
+        )
+        .order_by(task.c.id)
+        .with_for_update(of=task)
+        .cte("current")
+    )
+    new_status = current.c.new_status
+    allowed = or_(
+        *(
+            (current.c.status == literal(old.value)) & (new_status == literal(new.value))
+            for old in State
+            for new in sorted(UPDATE_TRANSITIONS[old])
+            if not is_noop(old, new)
+        )
+    )
+    renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
+    effects: dict[str, list[tuple[ColumnElement[bool], Any]]] = {}
+    for status in sorted({new for targets in UPDATE_TRANSITIONS.values() for new in targets}):
+        for name, value in _status_effects(status, renewed_lease).items():
+            effect = null() if value is None else value
+            effects.setdefault(name, []).append((new_status == literal(status.value), effect))
+    changed = (
+        update(task)
+        .where(task.c.id == current.c.id, allowed)
+        .values(
+            status=new_status,
+            update_time=_NOW,
+            **{name: case(*whens, else_=task.c[name]) for name, whens in effects.items()},
+        )
+        .returning(
+            *task.c,
+            current.c.status.label("old_status"),
+            current.c.position,
+            current.c.message,
+            current.c.token_id,
+            current.c.token_description,
+        )
+        .cte("changed")
+    )
+    values = select(
+        _NOW,
+        changed.c.id,
+        changed.c.pipeline_id,
+        literal(EventKind.STATUS_CHANGED.value),
+        changed.c.old_status,
+        changed.c.status,
+        changed.c.token_id,
+        changed.c.token_description,
+        changed.c.message,
+    )
+    events = insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
     return select(changed).add_cte(events)
 
 

@@ -135,3 +135,44 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_concurrent_updates_share_statements_and_each_gets_its_answer(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(40)], actor)
+    claimed = await store.claim_tasks_async("p", 30, timedelta(minutes=5), actor) or []
+    pending = [task for task in store.list_tasks("p", State.PENDING, 100, "").items]
+    changes = [(task.task_input_id, State.RUNNING, f"run {i}") for i, task in enumerate(claimed)]
+    # Refused: PENDING -> DONE. A no-op: PENDING -> PENDING. A missing task.
+    changes.append((pending[0].task_input_id, State.DONE, "refused"))
+    changes.append((pending[1].task_input_id, State.PENDING, "no-op"))
+    changes.append(("f" * 64, State.RUNNING, "missing"))
+    # Two changes to one task in one batch: only one can be applied with it.
+    changes.append((claimed[0].task_input_id, State.DONE, "second"))
+    items_before, batches_before = store.coalesced
+
+    results = await asyncio.gather(
+        *(store.update_task_async("p", key, status, note, actor) for key, status, note in changes)
+    )
+
+    items, batches = store.coalesced
+    assert items - items_before == len(changes)
+    # All arrived before the first batch started: one statement for all.
+    assert batches - batches_before == 1
+    for (key, status, _), result in zip(changes[1:30], results[1:30], strict=True):
+        assert result is not None and result.task_input_id == key and result.status is status
+    assert results[30:33] == [None, None, None]
+    # The task changed twice: exactly one of the two changes was applied.
+    first, second = results[0], results[33]
+    assert (first is None) != (second is None)
+    for key, status, note in changes[1:30]:
+        events = store.list_task_events("p", key, 10, "").items
+        assert [(e.kind.value, e.new_status, e.message, e.token_id) for e in events[2:]] == [
+            ("STATUS_CHANGED", status, note, actor.token_id)
+        ]
+    assert store.get_task("p", pending[0].task_input_id).status is State.PENDING
+    assert len(store.list_task_events("p", pending[0].task_input_id, 10, "").items) == 1
+    running = store.get_task("p", claimed[1].task_input_id)
+    assert running.lease_expire_time is not None and running.claim_time is not None

@@ -1,0 +1,71 @@
+"""Commit coalescing: requests that arrive while a batch runs share the next."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from porch_server.coalesce import Coalescer
+
+
+async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
+    release = asyncio.Event()
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        if len(seen) == 1:
+            await release.wait()
+        return [item * 10 for item in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(run)
+    first = asyncio.create_task(coalescer.submit(1))
+    await asyncio.sleep(0)  # the first batch starts, with the first request alone
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(coalescer.submit(n)) for n in (2, 3, 4)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await first == 10
+    assert [await task for task in later] == [20, 30, 40]
+    assert seen == [[1], [2, 3, 4]]
+    assert (coalescer.items, coalescer.batches) == (4, 2)
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_runs() -> None:
+    async def run(items: Sequence[int]) -> list[int]:
+        if 0 in items:
+            raise ValueError("bad batch")
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=2)
+    results = await asyncio.gather(
+        *(coalescer.submit(n) for n in (0, 1, 2, 3)), return_exceptions=True
+    )
+    assert [str(r) if isinstance(r, Exception) else r for r in results] == [
+        "bad batch",
+        "bad batch",
+        2,
+        3,
+    ]
+    assert await coalescer.submit(5) == 5
+
+
+async def test_a_cancelled_batch_leaves_no_caller_waiting() -> None:
+    started = asyncio.Event()
+
+    async def run(items: Sequence[int]) -> list[int]:
+        started.set()
+        await asyncio.sleep(60)
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run)
+    calls = [asyncio.create_task(coalescer.submit(n)) for n in range(3)]
+    await started.wait()
+    for task in asyncio.all_tasks():
+        if task.get_coro().__qualname__.startswith("Coalescer._drain"):  # type: ignore[union-attr]
+            task.cancel()
+    for call in calls:
+        with pytest.raises(Exception, match="stopping"):
+            await asyncio.wait_for(call, 5)
