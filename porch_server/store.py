@@ -102,6 +102,15 @@ class _Change:
     actor: Actor
 
 
+@dataclass(frozen=True, slots=True)
+class _Registering:
+    """One task input, as canonical JSON text, waiting to be registered."""
+
+    pipeline_id: int
+    text: str
+    actor: Actor
+
+
 # The parameters that many statements share.
 _NOW = bindparam("now", type_=UtcDateTime)
 _PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
@@ -200,6 +209,7 @@ class Store:
         self._token_lock = threading.Lock()
         self._async: AsyncStatements | None = None
         self._updates: Coalescer[_Change, Task | None] | None = None
+        self._registering: Coalescer[_Registering, Registration] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -539,15 +549,43 @@ class Store:
         """Run the async variants below on these asyncpg connections (None: never)."""
         self._async = statements if self._postgresql else None
         self._updates = None if self._async is None else Coalescer(self._apply_changes)
+        self._registering = None if self._async is None else Coalescer(self._apply_registrations)
 
     async def register_canonical_async(
         self, pipeline_name: str, texts: Sequence[str], actor: Actor
     ) -> list[Registration] | None:
         """register_canonical on the event loop; None when only it can answer
-        (no asyncpg pool, or a pipeline this store has not read yet)."""
+        (no asyncpg pool, or a pipeline this store has not read yet).
+
+        Single registrations arriving while others are in flight share one
+        statement and one commit, as status changes do.
+        """
         pipeline_id = self._pipeline_ids.get(pipeline_name)
-        if self._async is None or pipeline_id is None:
+        if self._registering is None or pipeline_id is None:
             return None
+        if len(texts) == 1:
+            return [await self._registering.submit(_Registering(pipeline_id, texts[0], actor))]
+        return await self._register_texts(pipeline_id, texts, actor)
+
+    async def _apply_registrations(self, items: Sequence[_Registering]) -> list[Registration]:
+        """Register single inputs together: one statement per pipeline and caller."""
+        groups: dict[tuple[int, Actor], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.pipeline_id, item.actor), []).append(index)
+        results: list[Registration | None] = [None] * len(items)
+        for (pipeline_id, actor), indexes in groups.items():
+            texts = [items[index].text for index in indexes]
+            registered = await self._register_texts(pipeline_id, texts, actor)
+            for index, registration in zip(indexes, registered, strict=True):
+                results[index] = registration
+        done = [result for result in results if result is not None]
+        assert len(done) == len(items), "every registration belongs to one group"
+        return done
+
+    async def _register_texts(
+        self, pipeline_id: int, texts: Sequence[str], actor: Actor
+    ) -> list[Registration]:
+        assert self._async is not None
         ids, unique = _unique_texts(texts)
         params = _event_params(_now(), actor, None) | {
             "in_pipeline_id": pipeline_id,
@@ -630,7 +668,7 @@ class Store:
 
     @property
     def coalesced(self) -> tuple[int, int]:
-        """Status changes applied through the coalescer, and the statements they took."""
+        """Status changes applied through the coalescer, and the batches they took."""
         if self._updates is None:
             return 0, 0
         return self._updates.items, self._updates.batches

@@ -176,3 +176,33 @@ async def test_concurrent_updates_share_statements_and_each_gets_its_answer(
     assert len(store.list_task_events("p", pending[0].task_input_id, 10, "").items) == 1
     running = store.get_task("p", claimed[1].task_input_id)
     assert running.lease_expire_time is not None and running.claim_time is not None
+
+
+async def test_concurrent_registrations_share_statements_per_pipeline_and_caller(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.create_pipeline(Pipeline(name="q", uri="https://example.org/q", version="1"))
+    token = store.create_token(Role.PIPELINE, "q", "other wrapper", "k" * 64)
+    other = Actor(token.token_id, token.description)
+    calls = [("p", {"n": n}, actor) for n in range(10)]
+    calls += [("q", {"n": n}, other) for n in range(5)]
+    calls += [("p", {"n": 3}, actor), ("q", {"n": 0}, other)]  # repeats within the batch
+
+    results = await asyncio.gather(
+        *(
+            store.register_canonical_async(name, [canonical_json(task_input)], who)
+            for name, task_input, who in calls
+        )
+    )
+
+    registrations = [result[0] for result in results if result is not None]
+    assert len(registrations) == len(calls)
+    for (name, task_input, _), registration in zip(calls, registrations, strict=True):
+        assert registration.task.pipeline.name == name
+        assert registration.task.task_input == task_input
+    assert [r.created for r in registrations] == [True] * 15 + [False, False]
+    assert registrations[15].task == registrations[3].task
+    assert store.get_task("q", registrations[10].task.task_input_id).status is State.PENDING
+    events = store.list_task_events("q", registrations[10].task.task_input_id, 10, "").items
+    assert [(e.kind.value, e.token_id) for e in events] == [("CREATED", other.token_id)]
