@@ -64,7 +64,7 @@ from porch_server.db.listen import CHANNEL
 from porch_server.db.pgasync import AsyncStatements, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
-from porch_server.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
+from porch_server.errors import AlreadyExists, NotFound, OutOfRange, PorchError, Unavailable
 from porch_server.models import (
     Actor,
     Event,
@@ -401,17 +401,44 @@ class Store:
     ) -> list[Registration]:
         """register_tasks for inputs given as their canonical JSON texts
         (digest.canonical_json), which the caller has made already."""
-        ids, unique = _unique_texts(texts)
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-            params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
-            created = {
-                row.task_input_id: row for row in self._insert_tasks(connection, unique, params)
-            }
-            missing = [task_input_id for task_input_id in unique if task_input_id not in created]
-            existing = {
-                row.task_input_id: row for row in _select_tasks(connection, pipeline_id, missing)
-            }
+            return self._register_in(connection, pipeline_id, texts, actor)
+
+    def register_each(
+        self, inputs: Sequence[tuple[str, str, Actor]]
+    ) -> list[Registration | PorchError]:
+        """register_canonical for single (pipeline, canonical text, actor) inputs
+        of any pipelines and callers, together: on SQLite one write transaction
+        and one commit. Each input gets its registration or its own error."""
+        results: list[Registration | PorchError | None] = [None] * len(inputs)
+        groups: dict[tuple[str, Actor], list[int]] = {}
+        for index, (pipeline_name, _, actor) in enumerate(inputs):
+            groups.setdefault((pipeline_name, actor), []).append(index)
+        with self._statements() as connection:
+            for (pipeline_name, actor), indexes in groups.items():
+                try:
+                    pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                except PorchError as error:
+                    for index in indexes:
+                        results[index] = error
+                    continue
+                texts = [inputs[index][1] for index in indexes]
+                registered = self._register_in(connection, pipeline_id, texts, actor)
+                for index, registration in zip(indexes, registered, strict=True):
+                    results[index] = registration
+        return [result for result in results if result is not None]
+
+    def _register_in(
+        self, connection: Connection, pipeline_id: int, texts: Sequence[str], actor: Actor
+    ) -> list[Registration]:
+        ids, unique = _unique_texts(texts)
+        params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
+        created = {row.task_input_id: row for row in self._insert_tasks(connection, unique, params)}
+        missing = [task_input_id for task_input_id in unique if task_input_id not in created]
+        existing = {
+            row.task_input_id: row for row in _select_tasks(connection, pipeline_id, missing)
+        }
         return self._registrations(ids, created, existing)
 
     def _registrations(
@@ -490,23 +517,54 @@ class Store:
             if row is not None:
                 return self._to_task(row)
         with self._write() as connection:
-            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-            params["in_pipeline_id"] = pipeline_id
-            if self._postgresql:
-                row = connection.execute(_update_with_event(status), params).first()
-                if row is not None:
-                    return self._to_task(row)
-            current = connection.execute(_task_for_update, params).first()
-            if current is None:
-                raise _task_not_found(pipeline_name, task_input_id)
-            old = State(current.status)
-            if is_noop(old, status):
-                return self._to_task(current)
-            check_transition(old, status)
-            if self._postgresql:
-                # The task changed between the two statements and may move now.
-                return self._to_task(connection.execute(_update_with_event(status), params).one())
-            return self._to_task(self._update_sqlite(connection, current, status, params))
+            return self._update_in(connection, pipeline_name, task_input_id, status, params)
+
+    def update_tasks(
+        self, changes: Sequence[tuple[str, str, State, str | None, Actor]]
+    ) -> list[Task | PorchError]:
+        """Apply update_task's (pipeline, task_input_id, status, message, actor)
+        changes in one write transaction: one commit for all. Each change gets
+        its task, or the error update_task would raise for it alone; a change
+        that fails writes nothing."""
+        now = _now()
+        results: list[Task | PorchError] = []
+        with self._write() as connection:
+            for name, task_input_id, status, message, actor in changes:
+                params = _event_params(now, actor, message) | {"in_task_input_id": task_input_id}
+                try:
+                    changed = self._update_in(connection, name, task_input_id, status, params)
+                except PorchError as error:
+                    results.append(error)
+                else:
+                    results.append(changed)
+        return results
+
+    def _update_in(
+        self,
+        connection: Connection,
+        pipeline_name: str,
+        task_input_id: str,
+        status: State,
+        params: dict[str, Any],
+    ) -> Task:
+        """update_task inside a write transaction; it raises before writing anything."""
+        pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+        params["in_pipeline_id"] = pipeline_id
+        if self._postgresql:
+            row = connection.execute(_update_with_event(status), params).first()
+            if row is not None:
+                return self._to_task(row)
+        current = connection.execute(_task_for_update, params).first()
+        if current is None:
+            raise _task_not_found(pipeline_name, task_input_id)
+        old = State(current.status)
+        if is_noop(old, status):
+            return self._to_task(current)
+        check_transition(old, status)
+        if self._postgresql:
+            # The task changed between the two statements and may move now.
+            return self._to_task(connection.execute(_update_with_event(status), params).one())
+        return self._to_task(self._update_sqlite(connection, current, status, params))
 
     def expire_leases(self) -> int:
         """Put every task whose lease lapsed back to PENDING; return how many."""

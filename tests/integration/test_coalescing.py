@@ -1,0 +1,96 @@
+"""Calls that arrive together share a commit, and each still gets its own answer
+(on SQLite and PostgreSQL, through the gRPC service and in the store)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from porch_server.errors import FailedPrecondition, NotFound
+from porch_server.models import SYSTEM, Pipeline, Task
+from porch_server.states import State
+from porch_server.store import Store
+from porch_stubs.v1 import porch_pb2 as pb
+
+from .conftest import Porch
+
+State_ = pb.Task.State
+
+
+def test_store_applies_a_batch_of_changes_each_with_its_own_answer(store: Store) -> None:
+    store.create_pipeline(Pipeline(name="p1", uri="https://example.org/p", version="1"))
+    tasks = [r.task for r in store.register_tasks("p1", [{"i": i} for i in range(4)], SYSTEM)]
+    store.claim_tasks("p1", 2, None, SYSTEM)
+    key = [task.task_input_id for task in tasks]
+    results = store.update_tasks(
+        [
+            ("p1", key[0], State.RUNNING, "go", SYSTEM),
+            ("p1", key[2], State.DONE, "refused", SYSTEM),  # PENDING -> DONE
+            ("p1", key[0], State.DONE, "then done", SYSTEM),  # the same task again
+            ("p1", "0" * 64, State.RUNNING, None, SYSTEM),
+            ("nope", key[1], State.RUNNING, None, SYSTEM),
+            ("p1", key[3], State.PENDING, None, SYSTEM),  # a no-op
+        ]
+    )
+    assert isinstance(results[0], Task) and results[0].status is State.RUNNING
+    assert isinstance(results[1], FailedPrecondition)
+    assert isinstance(results[2], Task) and results[2].status is State.DONE
+    assert isinstance(results[3], NotFound) and isinstance(results[4], NotFound)
+    assert isinstance(results[5], Task) and results[5].status is State.PENDING
+    assert store.get_task("p1", key[2]).status is State.PENDING
+    messages = [e.message for e in store.list_task_events("p1", key[0], 10, "").items]
+    assert messages == [None, None, "go", "then done"]
+    assert len(store.list_task_events("p1", key[2], 10, "").items) == 1
+
+
+def test_store_registers_single_inputs_of_several_pipelines_together(store: Store) -> None:
+    for name in ("p1", "p2"):
+        store.create_pipeline(Pipeline(name=name, uri="https://example.org/p", version="1"))
+    one = '{"i":1}'
+    results = store.register_each(
+        [("p1", one, SYSTEM), ("p2", one, SYSTEM), ("nope", "{}", SYSTEM), ("p1", one, SYSTEM)]
+    )
+    first, second, missing, repeat = results
+    assert not isinstance(first, Exception) and first.created
+    assert not isinstance(second, Exception) and second.created
+    assert second.task.pipeline.name == "p2"
+    assert isinstance(missing, NotFound)
+    assert not isinstance(repeat, Exception) and not repeat.created
+    assert repeat.task == first.task
+
+
+def test_concurrent_calls_each_get_their_own_answer(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    registered = []
+    with ThreadPoolExecutor(16) as pool:
+
+        def register(n: int) -> Any:
+            task = pb.Task(pipeline=pb.Pipeline(name="p1"))
+            task.task_input.update({"n": n % 30})  # 10 repeats among 40 calls
+            return wrapper.RegisterTask(pb.RegisterTaskRequest(task=task))
+
+        registered = list(pool.map(register, range(40)))
+        assert sum(response.created for response in registered) == 30
+        claimed = wrapper.ClaimTasks(
+            pb.ClaimTasksRequest(pipeline=pb.Pipeline(name="p1"), num_tasks=20)
+        ).tasks
+        pending = {r.task.task_input_id for r in registered} - {t.task_input_id for t in claimed}
+
+        def update(task_input_id: str, status: int) -> Any:
+            given = pb.Task(
+                pipeline=pb.Pipeline(name="p1"), task_input_id=task_input_id, status=status
+            )
+            try:
+                return wrapper.UpdateTask(pb.UpdateTaskRequest(task=given, message="m"))
+            except grpc.RpcError as error:
+                return error.code()
+
+        changes = [(task.task_input_id, State_.RUNNING) for task in claimed]
+        changes += [(key, State_.DONE) for key in sorted(pending)[:5]]  # refused
+        results = list(pool.map(lambda change: update(*change), changes))
+    assert [r.status for r in results[:20]] == [State_.RUNNING] * 20
+    assert results[20:] == [grpc.StatusCode.FAILED_PRECONDITION] * 5
+    listed = wrapper.ListTasks(pb.ListTasksRequest(pipeline_name="p1", page_size=100)).tasks
+    assert sorted(State_.Name(t.status) for t in listed) == ["PENDING"] * 10 + ["RUNNING"] * 20
