@@ -61,7 +61,7 @@ from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
-from porch_server.db.pgasync import AsyncStatements, RowView
+from porch_server.db.pgasync import AsyncStatements, Contended, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import AlreadyExists, NotFound, OutOfRange, PorchError, Unavailable
@@ -717,7 +717,12 @@ class Store:
             "batch_token_ids": [_actor_token_id(change.actor) for change in changes],
             "batch_descriptions": [change.actor.description for change in changes],
         }
-        rows = await self._async.rows(_update_batch(), batch)
+        try:
+            rows = await self._async.rows(_update_batch(), batch)
+        except Contended:
+            # Batches lock in id order, but should one still lose a deadlock
+            # it changed nothing: each change then goes alone.
+            return [None] * len(changes)
         applied = {row.position: row for row in rows}
         return [
             self._to_task(applied[position]) if position in applied else None

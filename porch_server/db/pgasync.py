@@ -10,7 +10,8 @@ SQLAlchemy engine.
 
 Rows come back as ``RowView``: attribute access by column name, like
 SQLAlchemy's rows, so the Store turns both into values the same way.
-Connection failures become ``Unavailable``.
+Connection failures become ``Unavailable``; a statement that lost a deadlock
+or a serialization conflict (and so changed nothing) raises ``Contended``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from porch_server.errors import Unavailable
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+class Contended(Exception):
+    """The statement lost to concurrent work (a deadlock or serialization
+    failure) and changed nothing: the caller may run it again or otherwise."""
 
 
 class RowView:
@@ -154,4 +160,6 @@ class AsyncStatements:
             asyncpg.AdminShutdownError,
         ) as error:
             raise Unavailable(f"database unavailable: {error}") from error
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as error:
+            raise Contended(str(error)) from error
         return records

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from porch_server.db.engine import make_engine
-from porch_server.db.pgasync import AsyncStatements, RowView
+from porch_server.db.pgasync import AsyncStatements, Contended, RowView
 from porch_server.digest import canonical_json
 from porch_server.errors import Unavailable
 from porch_server.models import Actor, Pipeline, Role
@@ -206,3 +206,31 @@ async def test_concurrent_registrations_share_statements_per_pipeline_and_caller
     assert store.get_task("q", registrations[10].task.task_input_id).status is State.PENDING
     events = store.list_task_events("q", registrations[10].task.task_input_id, 10, "").items
     assert [(e.kind.value, e.token_id) for e in events] == [("CREATED", other.token_id)]
+
+
+async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(3)], actor)
+    claimed = await store.claim_tasks_async("p", 3, None, actor) or []
+    statements = store._async
+    assert statements is not None
+    run = statements.rows
+
+    async def lose_batches(statement: Any, params: Any) -> Any:
+        if "batch_statuses" in params:
+            raise Contended("deadlock detected")
+        return await run(statement, params)
+
+    monkeypatch.setattr(statements, "rows", lose_batches)
+    results = await asyncio.gather(
+        *(
+            store.update_task_async("p", task.task_input_id, State.RUNNING, None, actor)
+            for task in claimed
+        )
+    )
+    # All three went in one batch, which changed nothing: each comes back
+    # for the one-change path, which the service then takes.
+    assert results == [None, None, None]
+    assert {store.get_task("p", t.task_input_id).status for t in claimed} == {State.CLAIMED}
