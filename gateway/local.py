@@ -15,7 +15,6 @@ and failures come back as `grpc.aio.AioRpcError`, as from a channel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import time
@@ -365,11 +364,6 @@ class LocalStreamCall:
     def cancel(self) -> bool:
         """Cancel the handler's task; False if it had ended already."""
         return self._task.cancel()
-
-    async def wait_cancelled(self) -> None:
-        """Wait until the handler's task has ended after cancel()."""
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
 
 def _request(handler: Handler, message: Message) -> Any:
