@@ -92,7 +92,8 @@ async def start(config: Config, store: Store) -> Running:
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
-    local = gateway.LocalUpstream(registry.handlers, [interceptor], target=address)
+    # The address the index page names: where clients reach this server's gRPC.
+    local = gateway.LocalUpstream(registry.handlers, [interceptor], f"{config.host}:{port}")
     return Running(server, port, health_servicer, executor, sweeper, hub, local, statements)
 
 

@@ -45,10 +45,8 @@ def gateway_options(
     target: str,
     tls: gateway.ClientTLS | None = None,
     max_body_bytes: int | None = None,
-    public_target: str | None = None,
 ) -> gateway.GatewayOptions:
-    """Return the gateway's options for porch's service at target (shown to people
-    as public_target when given)."""
+    """Return the gateway's options for porch's service at target."""
     extra: dict[str, Any] = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return gateway.GatewayOptions(
         services=(SERVICE,),
@@ -57,7 +55,6 @@ def gateway_options(
         document=_document(),
         methods=_methods(),
         openapi_paths=OPENAPI_PATHS,
-        public_target=public_target,
         **extra,
     )
 

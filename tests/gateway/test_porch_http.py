@@ -405,3 +405,9 @@ async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: Porch
         document = await client.get(path)
         assert document.json()["info"]["title"] == "porch"
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_index_names_the_grpc_address_clients_use(porch_http: PorchHttp) -> None:
+    page = await porch_http.client.get("/")
+    assert page.status_code == 200
+    assert f"<code>{porch_http.porch.target}</code>" in page.text
