@@ -213,20 +213,9 @@ class LocalUpstream:
         time_limit: float | None,
     ) -> tuple[Message, Metadata]:
         """Call a unary method; its response and initial metadata, or AioRpcError."""
-        path = _method_path(method)
-        handler, context = await self._start(path, metadata, time_limit)
-        if handler.unary_unary is None:
-            raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not a unary method")
-        request = _request(handler, message)
-        try:
-            async with asyncio.timeout(time_limit):
-                result = handler.unary_unary(request, context)
-                response = await result if inspect.isawaitable(result) else result
-        except Exception as error:
-            raise _failure(context, error, path) from None
-        failed = context.error()
-        if failed is not None:
-            raise failed
+        response, handler, context = await self._invoke(
+            _method_path(method), message, metadata, time_limit
+        )
         return self._response(method, handler, response), context.initial_metadata()
 
     def stream_call(
@@ -242,14 +231,30 @@ class LocalUpstream:
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""
         request = health_pb2.HealthCheckRequest(service=service)
-        handler, context = await self._start(_HEALTH_CHECK, [], deadline)
         try:
-            async with asyncio.timeout(deadline):
-                result = handler.unary_unary(_request(handler, request), context)
+            response, _, _ = await self._invoke(_HEALTH_CHECK, request, [], deadline)
+        except grpc.aio.AioRpcError as error:
+            return str(error.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def _invoke(
+        self, path: str, message: Message, metadata: Metadata, time_limit: float | None
+    ) -> tuple[Any, Handler, LocalContext]:
+        """Run a unary handler behind the interceptors: its own response, or AioRpcError."""
+        handler, context = await self._start(path, metadata, time_limit)
+        if handler.unary_unary is None:
+            raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not a unary method")
+        request = _request(handler, message)
+        try:
+            async with asyncio.timeout(time_limit):
+                result = handler.unary_unary(request, context)
                 response = await result if inspect.isawaitable(result) else result
         except Exception as error:
-            return str(_failure(context, error, _HEALTH_CHECK).code().name)
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+            raise _failure(context, error, path) from None
+        failed = context.error()
+        if failed is not None:
+            raise failed
+        return response, handler, context
 
     async def _start(
         self, path: str, metadata: Metadata, time_limit: float | None

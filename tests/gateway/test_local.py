@@ -89,6 +89,8 @@ async def test_deadlines_unknown_methods_and_crashes_become_statuses() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await upstream.unary_call(method, echo_pb2.EchoMessage(), [], limit)
         assert raised.value.code() is code
+    # Without a health service the health check names the failure.
+    assert await upstream_of().health("", 1.0) == "UNIMPLEMENTED"
 
 
 async def test_a_stream_is_read_to_its_end_or_cancelled() -> None:
