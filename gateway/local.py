@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from gateway.transcode import message_class
-from gateway.upstream import Metadata
+from gateway.upstream import Metadata, method_path
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class LocalUpstream:
     ) -> tuple[Message, Metadata]:
         """Call a unary method; its response and initial metadata, or AioRpcError."""
         response, handler, context = await self._invoke(
-            _method_path(method), message, metadata, time_limit
+            method_path(method), message, metadata, time_limit
         )
         return self._response(method, handler, response), context.initial_metadata()
 
@@ -320,7 +320,7 @@ class LocalStreamCall:
         self._task = asyncio.create_task(self._run(message, metadata, time_limit))
 
     async def _run(self, message: Message, metadata: Metadata, time_limit: float | None) -> None:
-        path = _method_path(self._method)
+        path = method_path(self._method)
         try:
             handler, context = await self._upstream._start(path, metadata, time_limit)
         except grpc.aio.AioRpcError as error:
@@ -346,7 +346,7 @@ class LocalStreamCall:
     async def _relay(self, handler: Handler, context: LocalContext, request: Message) -> None:
         result = handler.unary_stream(request, context)
         if not isinstance(result, AsyncIterator):
-            raise TypeError(f"{_method_path(self._method)}: only async generator handlers")
+            raise TypeError(f"{method_path(self._method)}: only async generator handlers")
         async for response in result:
             await self._queue.put(self._upstream._response(self._method, handler, response))
 
@@ -376,7 +376,3 @@ def _request(handler: Handler, message: Message) -> Any:
     deserialize: Callable[[bytes], Any] | None = handler.request_deserializer
     data = message.SerializeToString()
     return deserialize(data) if deserialize is not None else data
-
-
-def _method_path(method: MethodDescriptor) -> str:
-    return f"/{method.containing_service.full_name}/{method.name}"

@@ -126,7 +126,7 @@ class Upstream:
         """A callable for a unary method, built from its descriptor."""
         if method.full_name not in self._callables:
             self._callables[method.full_name] = self.channel.unary_unary(
-                _method_path(method),
+                method_path(method),
                 request_serializer=_serialize,
                 response_deserializer=message_class(method.output_type).FromString,
             )
@@ -141,7 +141,7 @@ class Upstream:
         """A callable for a server-streaming method, built from its descriptor."""
         if method.full_name not in self._callables:
             self._callables[method.full_name] = self.channel.unary_stream(
-                _method_path(method),
+                method_path(method),
                 request_serializer=_serialize,
                 response_deserializer=message_class(method.output_type).FromString,
             )
@@ -184,7 +184,8 @@ class Upstream:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
-def _method_path(method: MethodDescriptor) -> str:
+def method_path(method: MethodDescriptor) -> str:
+    """The gRPC path of a method: /package.Service/Method."""
     return f"/{method.containing_service.full_name}/{method.name}"
 
 

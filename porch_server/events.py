@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from porch_server.cursors import cursor_key
@@ -135,8 +135,7 @@ class EventHub:
         self._has_unread = has_unread
         self._listener: Listening | None = None
         self._listener_fd = -1
-        self._subscriptions: set[Subscription] = set()
-        # By topic; None holds the streams that want every event.
+        # Every subscription, by topic; None holds the streams that want every event.
         self._topics: dict[str | None, set[Subscription]] = {}
         self._cursor: str | None = None
         self._wake = asyncio.Event()
@@ -155,7 +154,7 @@ class EventHub:
         self._stopped = True
         if self._notify_timer is not None:
             self._notify_timer.cancel()
-        for subscription in self._subscriptions:
+        for subscription in self._all():
             subscription.close()
         for task in self._tasks:
             task.cancel()
@@ -224,7 +223,7 @@ class EventHub:
     @property
     def watchers(self) -> int:
         """How many streams follow the hub."""
-        return len(self._subscriptions)
+        return sum(len(followers) for followers in self._topics.values())
 
     @property
     def position(self) -> str | None:
@@ -238,26 +237,24 @@ class EventHub:
             # Reading must start no later than the new stream's replay ends.
             self._cursor = await self._start_cursor()
         subscription = Subscription(self._backlog_limit, topic)
-        self._subscriptions.add(subscription)
         self._topics.setdefault(topic, set()).add(subscription)
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
         """Stop following the hub; with no one left, stop reading."""
-        self._subscriptions.discard(subscription)
         followers = self._topics.get(subscription.topic)
         if followers is not None:
             followers.discard(subscription)
             if not followers:
                 del self._topics[subscription.topic]
-        if not self._subscriptions:
+        if not self._topics:
             self._cursor = None
 
     async def _tick(self) -> None:
         """Wake every stream now and then: one timer for all, not one per stream."""
         while True:
             await asyncio.sleep(self._tick_seconds)
-            for subscription in self._subscriptions:
+            for subscription in self._all():
                 subscription.tick()
 
     async def _run(self) -> None:
@@ -271,12 +268,16 @@ class EventHub:
             except PorchError as error:
                 log.warning("reading new events failed: %s", error)
 
+    def _all(self) -> Iterator[Subscription]:
+        for followers in self._topics.values():
+            yield from followers
+
     def _hand_out(self, events: list[Event]) -> None:
         """Give each subscription the events of its topic."""
         for subscription in self._topics.get(None, ()):
             subscription.put(events)
-        if len(self._topics) == (None in self._topics):
-            return
+        if all(topic is None for topic in self._topics):
+            return  # no stream follows a single pipeline
         by_topic: dict[str, list[Event]] = {}
         for event in events:
             by_topic.setdefault(event.pipeline_name, []).append(event)

@@ -22,7 +22,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -80,6 +80,7 @@ from porch_server.paging import Filters, decode_page_token, encode_page_token
 from porch_server.states import UPDATE_TRANSITIONS, State, check_transition, is_noop
 
 Item = TypeVar("Item")
+Key_ = TypeVar("Key_", bound=Hashable)
 
 _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 
@@ -412,9 +413,7 @@ class Store:
         of any pipelines and callers, together: on SQLite one write transaction
         and one commit. Each input gets its registration or its own error."""
         results: list[Registration | PorchError | None] = [None] * len(inputs)
-        groups: dict[tuple[str, Actor], list[int]] = {}
-        for index, (pipeline_name, _, actor) in enumerate(inputs):
-            groups.setdefault((pipeline_name, actor), []).append(index)
+        groups = _positions((name, actor) for name, _, actor in inputs)
         with self._statements() as connection:
             for (pipeline_name, actor), indexes in groups.items():
                 try:
@@ -627,9 +626,7 @@ class Store:
 
     async def _apply_registrations(self, items: Sequence[_Registering]) -> list[Registration]:
         """Register single inputs together: one statement per pipeline and caller."""
-        groups: dict[tuple[int, Actor], list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault((item.pipeline_id, item.actor), []).append(index)
+        groups = _positions((item.pipeline_id, item.actor) for item in items)
         results: list[Registration | None] = [None] * len(items)
         for (pipeline_id, actor), indexes in groups.items():
             texts = [items[index].text for index in indexes]
@@ -1065,6 +1062,14 @@ def _actor_token_id(actor: Actor | None) -> int | None:
     if actor is None or actor.token_id is None:
         return None
     return int(actor.token_id)
+
+
+def _positions(keys: Iterable[Key_]) -> dict[Key_, list[int]]:
+    """The positions of each distinct key, keys in the order first seen."""
+    positions: dict[Key_, list[int]] = {}
+    for index, key in enumerate(keys):
+        positions.setdefault(key, []).append(index)
+    return positions
 
 
 def _unique_texts(texts: Sequence[str]) -> tuple[list[str], dict[str, str]]:
