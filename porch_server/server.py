@@ -69,6 +69,7 @@ async def start(config: Config, store: Store) -> Running:
     """Start serving PorchService on config's host and gRPC port (0 picks a free one)."""
     executor = ThreadPoolExecutor(max_workers=config.db_pool_size, thread_name_prefix="porch-db")
     statements = await _async_statements(config, store)
+    store.use_async(statements, executor)
     hub = _make_hub(config, store, executor)
     interceptor = PorchInterceptor(store, executor, config.anonymous_reads)
     server = grpc.aio.server(interceptors=[interceptor], options=GRPC_OPTIONS)
@@ -123,7 +124,6 @@ async def _async_statements(config: Config, store: Store) -> AsyncStatements | N
     except PorchError as error:
         log.warning("asyncpg cannot connect, every statement runs on threads: %s", error)
         return None
-    store.use_async(statements)
     return statements
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -18,19 +18,15 @@ from typing import Any, TypeVar
 import grpc
 
 from porch_server import auth, messages
-from porch_server.coalesce import Coalescer
 from porch_server.cursors import Snapshot, cursor_key
 from porch_server.digest import canonical_json, digest_of
-from porch_server.errors import InvalidArgument, PorchError
+from porch_server.errors import InvalidArgument
 from porch_server.events import EventHub, follow
-from porch_server.models import Actor, Event, Pipeline, Registration, Role, Task
-from porch_server.states import State
+from porch_server.models import Event, Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 T = TypeVar("T")
-# A status change as Store.update_tasks takes it.
-_Change = tuple[str, str, State, str | None, Actor]
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_NAME = 255
@@ -101,24 +97,6 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
-        # SQLite: status changes that arrive while others are being written
-        # share the next write transaction, one commit for all (PostgreSQL
-        # coalesces in the store, on the event loop).
-        self._blocking_updates: Coalescer[_Change, Task | PorchError] | None = None
-        self._blocking_registrations: (
-            Coalescer[tuple[str, str, Actor], Registration | PorchError] | None
-        ) = None
-        if store.engine.dialect.name == "sqlite":
-            self._blocking_updates = Coalescer(self._update_tasks)
-            self._blocking_registrations = Coalescer(self._register_each)
-
-    async def _update_tasks(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
-        return await self._run(self._store.update_tasks, changes)
-
-    async def _register_each(
-        self, inputs: Sequence[tuple[str, str, Actor]]
-    ) -> list[Registration | PorchError]:
-        return await self._run(self._store.register_each, inputs)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call off the event loop."""
@@ -216,15 +194,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         text = checked_task_input("task", request.task)[1]
         actor = auth.caller_actor()
         registered = await self._store.register_canonical_async(name, [text], actor)
-        if registered is not None:
-            [result] = registered
-        elif self._blocking_registrations is not None:
-            one = await self._blocking_registrations.submit((name, text, actor))
-            if isinstance(one, PorchError):
-                raise one
-            result = one
-        else:
-            [result] = await self._run(self._store.register_canonical, name, [text], actor)
+        if registered is None:
+            registered = await self._run(self._store.register_canonical, name, [text], actor)
+        [result] = registered
         if result.created:
             self._hub.committed()
         if result.created:
@@ -320,12 +292,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(f"message is longer than {MAX_MESSAGE_BYTES} bytes")
         message, actor = request.message or None, auth.caller_actor()
         task = await self._store.update_task_async(name, task_id, status, message, actor)
-        if task is None and self._blocking_updates is not None:
-            result = await self._blocking_updates.submit((name, task_id, status, message, actor))
-            if isinstance(result, PorchError):
-                raise result
-            task = result
-        elif task is None:
+        if task is None:
             task = await self._run(self._store.update_task, name, task_id, status, message, actor)
         self._hub.committed()
         return messages.task_message(task)

@@ -16,13 +16,15 @@ locked for too long, or the pool is exhausted) become ``Unavailable`` in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import math
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -81,6 +83,7 @@ from porch_server.states import UPDATE_TRANSITIONS, State, check_transition, is_
 
 Item = TypeVar("Item")
 Key_ = TypeVar("Key_", bound=Hashable)
+Result_ = TypeVar("Result_")
 
 _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 
@@ -96,7 +99,7 @@ _TOKEN_CACHE_LIMIT = 10_000
 class _Change:
     """One status change waiting to be applied."""
 
-    pipeline_id: int
+    pipeline_name: str
     task_input_id: str
     status: State
     message: str | None
@@ -107,7 +110,7 @@ class _Change:
 class _Registering:
     """One task input, as canonical JSON text, waiting to be registered."""
 
-    pipeline_id: int
+    pipeline_name: str
     text: str
     actor: Actor
 
@@ -209,8 +212,8 @@ class Store:
         self._token_generation = 0
         self._token_lock = threading.Lock()
         self._async: AsyncStatements | None = None
-        self._updates: Coalescer[_Change, Task | None] | None = None
-        self._registering: Coalescer[_Registering, Registration] | None = None
+        self._updates: Coalescer[_Change, Task | PorchError | None] | None = None
+        self._registering: Coalescer[_Registering, Registration | PorchError] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -406,14 +409,12 @@ class Store:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             return self._register_in(connection, pipeline_id, texts, actor)
 
-    def register_each(
-        self, inputs: Sequence[tuple[str, str, Actor]]
-    ) -> list[Registration | PorchError]:
-        """register_canonical for single (pipeline, canonical text, actor) inputs
-        of any pipelines and callers, together: on SQLite one write transaction
-        and one commit. Each input gets its registration or its own error."""
-        results: list[Registration | PorchError | None] = [None] * len(inputs)
-        groups = _positions((name, actor) for name, _, actor in inputs)
+    def _register_blocking(self, items: Sequence[_Registering]) -> list[Registration | PorchError]:
+        """Register single inputs of any pipelines and callers together: on
+        SQLite one write transaction and one commit. Each input gets its
+        registration or its own error."""
+        results: list[Registration | PorchError | None] = [None] * len(items)
+        groups = _positions((item.pipeline_name, item.actor) for item in items)
         with self._statements() as connection:
             for (pipeline_name, actor), indexes in groups.items():
                 try:
@@ -422,7 +423,7 @@ class Store:
                     for index in indexes:
                         results[index] = error
                     continue
-                texts = [inputs[index][1] for index in indexes]
+                texts = [items[index].text for index in indexes]
                 registered = self._register_in(connection, pipeline_id, texts, actor)
                 for index, registration in zip(indexes, registered, strict=True):
                     results[index] = registration
@@ -518,20 +519,25 @@ class Store:
         with self._write() as connection:
             return self._update_in(connection, pipeline_name, task_input_id, status, params)
 
-    def update_tasks(
-        self, changes: Sequence[tuple[str, str, State, str | None, Actor]]
-    ) -> list[Task | PorchError]:
-        """Apply update_task's (pipeline, task_input_id, status, message, actor)
-        changes in one write transaction: one commit for all. Each change gets
-        its task, or the error update_task would raise for it alone; a change
-        that fails writes nothing."""
+    def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
+        """Apply status changes in one write transaction: one commit for all.
+        Each change gets its task, or the error update_task would raise for it
+        alone; a change that fails writes nothing."""
         now = _now()
         results: list[Task | PorchError] = []
         with self._write() as connection:
-            for name, task_input_id, status, message, actor in changes:
-                params = _event_params(now, actor, message) | {"in_task_input_id": task_input_id}
+            for change in changes:
+                params = _event_params(now, change.actor, change.message) | {
+                    "in_task_input_id": change.task_input_id
+                }
                 try:
-                    changed = self._update_in(connection, name, task_input_id, status, params)
+                    changed = self._update_in(
+                        connection,
+                        change.pipeline_name,
+                        change.task_input_id,
+                        change.status,
+                        params,
+                    )
                 except PorchError as error:
                     results.append(error)
                 else:
@@ -600,36 +606,56 @@ class Store:
             lambda row: _to_event(row, pipeline_name, task_input_id),
         )
 
-    # The busiest writes from the event loop (PostgreSQL with asyncpg)
+    # The busiest writes from the event loop, coalesced
 
-    def use_async(self, statements: AsyncStatements | None) -> None:
-        """Run the async variants below on these asyncpg connections (None: never)."""
+    def use_async(
+        self, statements: AsyncStatements | None, executor: Executor | None = None
+    ) -> None:
+        """Let the async variants below answer: on PostgreSQL on these asyncpg
+        connections, on SQLite in one write transaction per batch on executor.
+        Without either they answer None, and callers use the blocking methods.
+
+        Status changes and single registrations arriving while others are in
+        flight share one commit (commit coalescing); each gets its own answer.
+        """
         self._async = statements if self._postgresql else None
-        self._updates = None if self._async is None else Coalescer(self._apply_changes)
-        self._registering = None if self._async is None else Coalescer(self._apply_registrations)
+        self._updates = self._registering = None
+        if self._async is not None:
+            self._updates = Coalescer(self._apply_changes)
+            self._registering = Coalescer(self._apply_registrations)
+        elif not self._postgresql and executor is not None:
+            self._updates = Coalescer(_on(executor, self._apply_changes_blocking))
+            self._registering = Coalescer(_on(executor, self._register_blocking))
+
+    def _needs_blocking_path(self, pipeline_name: str) -> bool:
+        """True when the blocking method must answer: nothing is coalesced, or
+        (asyncpg) the statements need the id of a pipeline not read yet."""
+        return self._updates is None or (
+            self._async is not None and pipeline_name not in self._pipeline_ids
+        )
 
     async def register_canonical_async(
         self, pipeline_name: str, texts: Sequence[str], actor: Actor
     ) -> list[Registration] | None:
-        """register_canonical on the event loop; None when only it can answer
-        (no asyncpg pool, or a pipeline this store has not read yet).
-
-        Single registrations arriving while others are in flight share one
-        statement and one commit, as status changes do.
-        """
-        pipeline_id = self._pipeline_ids.get(pipeline_name)
-        if self._registering is None or pipeline_id is None:
+        """register_canonical from the event loop; None when only it can answer."""
+        if self._registering is None or self._needs_blocking_path(pipeline_name):
             return None
         if len(texts) == 1:
-            return [await self._registering.submit(_Registering(pipeline_id, texts[0], actor))]
-        return await self._register_texts(pipeline_id, texts, actor)
+            result = await self._registering.submit(_Registering(pipeline_name, texts[0], actor))
+            if isinstance(result, PorchError):
+                raise result
+            return [result]
+        if self._async is None:
+            return None
+        return await self._register_texts(self._pipeline_ids[pipeline_name], texts, actor)
 
     async def _apply_registrations(self, items: Sequence[_Registering]) -> list[Registration]:
         """Register single inputs together: one statement per pipeline and caller."""
-        groups = _positions((item.pipeline_id, item.actor) for item in items)
+        groups = _positions((item.pipeline_name, item.actor) for item in items)
         results: list[Registration | None] = [None] * len(items)
-        for (pipeline_id, actor), indexes in groups.items():
+        for (pipeline_name, actor), indexes in groups.items():
             texts = [items[index].text for index in indexes]
+            pipeline_id = self._pipeline_ids[pipeline_name]
             registered = await self._register_texts(pipeline_id, texts, actor)
             for index, registration in zip(indexes, registered, strict=True):
                 results[index] = registration
@@ -680,18 +706,17 @@ class Store:
         message: str | None,
         actor: Actor,
     ) -> Task | None:
-        """update_task on the event loop; None when only update_task can answer,
-        which includes every move the statement refuses (it finds out why).
-
-        Updates arriving while others are in flight share one statement and
-        one commit (commit coalescing); each gets its own answer.
-        """
-        pipeline_id = self._pipeline_ids.get(pipeline_name)
-        if self._updates is None or pipeline_id is None:
+        """update_task from the event loop; None when only update_task can
+        answer, which on PostgreSQL includes every move the statement refuses
+        (update_task finds out why)."""
+        if self._updates is None or self._needs_blocking_path(pipeline_name):
             return None
-        return await self._updates.submit(
-            _Change(pipeline_id, task_input_id, status, message, actor)
+        result = await self._updates.submit(
+            _Change(pipeline_name, task_input_id, status, message, actor)
         )
+        if isinstance(result, PorchError):
+            raise result
+        return result
 
     async def _apply_changes(self, changes: Sequence[_Change]) -> list[Task | None]:
         """Apply status changes in one statement; a Task per applied change, else None."""
@@ -701,13 +726,13 @@ class Store:
             [change] = changes
             params = _event_params(now, change.actor, change.message) | {
                 "in_task_input_id": change.task_input_id,
-                "in_pipeline_id": change.pipeline_id,
+                "in_pipeline_id": self._pipeline_ids[change.pipeline_name],
             }
             rows = await self._async.rows(_update_with_event(change.status), params)
             return [self._to_task(rows[0]) if rows else None]
         batch = {
             "now": now,
-            "batch_pipeline_ids": [change.pipeline_id for change in changes],
+            "batch_pipeline_ids": [self._pipeline_ids[change.pipeline_name] for change in changes],
             "batch_task_input_ids": [change.task_input_id for change in changes],
             "batch_statuses": [change.status.value for change in changes],
             "batch_messages": [change.message for change in changes],
@@ -1062,6 +1087,17 @@ def _actor_token_id(actor: Actor | None) -> int | None:
     if actor is None or actor.token_id is None:
         return None
     return int(actor.token_id)
+
+
+def _on(
+    executor: Executor, function: Callable[[Sequence[Item]], Result_]
+) -> Callable[[Sequence[Item]], Awaitable[Result_]]:
+    """function(items), run on executor from the event loop."""
+
+    async def run(items: Sequence[Item]) -> Result_:
+        return await asyncio.get_running_loop().run_in_executor(executor, function, items)
+
+    return run
 
 
 def _positions(keys: Iterable[Key_]) -> dict[Key_, list[int]]:

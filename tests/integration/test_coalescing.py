@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import pytest
 
+from porch_server.db.engine import make_engine
 from porch_server.errors import FailedPrecondition, NotFound
 from porch_server.models import SYSTEM, Pipeline, Task
 from porch_server.states import State
@@ -19,21 +23,37 @@ from .conftest import Porch
 State_ = pb.Task.State
 
 
-def test_store_applies_a_batch_of_changes_each_with_its_own_answer(store: Store) -> None:
+@pytest.fixture
+async def sqlite_store(sqlite_url: str) -> AsyncIterator[Store]:
+    """A SQLite store that coalesces on a thread pool, as a server sets it up."""
+    store = Store(make_engine(sqlite_url))
+    with ThreadPoolExecutor(4) as executor:
+        store.use_async(None, executor)
+        yield store
+    store.close()
+
+
+async def test_store_applies_a_batch_of_changes_each_with_its_own_answer(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
     store.create_pipeline(Pipeline(name="p1", uri="https://example.org/p", version="1"))
     tasks = [r.task for r in store.register_tasks("p1", [{"i": i} for i in range(4)], SYSTEM)]
     store.claim_tasks("p1", 2, None, SYSTEM)
     key = [task.task_input_id for task in tasks]
-    results = store.update_tasks(
-        [
-            ("p1", key[0], State.RUNNING, "go", SYSTEM),
-            ("p1", key[2], State.DONE, "refused", SYSTEM),  # PENDING -> DONE
-            ("p1", key[0], State.DONE, "then done", SYSTEM),  # the same task again
-            ("p1", "0" * 64, State.RUNNING, None, SYSTEM),
-            ("nope", key[1], State.RUNNING, None, SYSTEM),
-            ("p1", key[3], State.PENDING, None, SYSTEM),  # a no-op
-        ]
+    changes = [
+        ("p1", key[0], State.RUNNING, "go"),
+        ("p1", key[2], State.DONE, "refused"),  # PENDING -> DONE
+        ("p1", key[0], State.DONE, "then done"),  # the same task again
+        ("p1", "0" * 64, State.RUNNING, None),
+        ("nope", key[1], State.RUNNING, None),
+        ("p1", key[3], State.PENDING, None),  # a no-op
+    ]
+    results = await asyncio.gather(
+        *(store.update_task_async(*change, SYSTEM) for change in changes),
+        return_exceptions=True,
     )
+    assert store.coalesced == (6, 1)  # one write transaction for all
     assert isinstance(results[0], Task) and results[0].status is State.RUNNING
     assert isinstance(results[1], FailedPrecondition)
     assert isinstance(results[2], Task) and results[2].status is State.DONE
@@ -45,14 +65,21 @@ def test_store_applies_a_batch_of_changes_each_with_its_own_answer(store: Store)
     assert len(store.list_task_events("p1", key[2], 10, "").items) == 1
 
 
-def test_store_registers_single_inputs_of_several_pipelines_together(store: Store) -> None:
+async def test_store_registers_single_inputs_of_several_pipelines_together(
+    sqlite_store: Store,
+) -> None:
+    store = sqlite_store
     for name in ("p1", "p2"):
         store.create_pipeline(Pipeline(name=name, uri="https://example.org/p", version="1"))
     one = '{"i":1}'
-    results = store.register_each(
-        [("p1", one, SYSTEM), ("p2", one, SYSTEM), ("nope", "{}", SYSTEM), ("p1", one, SYSTEM)]
+    inputs = [("p1", one), ("p2", one), ("nope", "{}"), ("p1", one)]
+    results = await asyncio.gather(
+        *(store.register_canonical_async(name, [text], SYSTEM) for name, text in inputs),
+        return_exceptions=True,
     )
-    first, second, missing, repeat = results
+    first, second, missing, repeat = (
+        result if isinstance(result, BaseException) else result[0] for result in results
+    )
     assert not isinstance(first, Exception) and first.created
     assert not isinstance(second, Exception) and second.created
     assert second.task.pipeline.name == "p2"
