@@ -23,6 +23,7 @@ import pytest
 from google.protobuf import empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -336,3 +337,15 @@ SCHEMATHESIS_CHECKS = [
     response_headers_conformance,
     response_schema_conformance,
 ]
+
+
+def schemathesis_settings(examples: int) -> settings:
+    """Hypothesis settings for a schemathesis run: repeatable, no deadline,
+    nothing stored between runs."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from schemathesis import GenerationMode
 
 from tests.gateway.conftest import (
@@ -19,6 +19,7 @@ from tests.gateway.conftest import (
 )
 from tests.gateway.conftest import (
     PorchHttp,
+    schemathesis_settings,
     start_porch_http,
     stop_porch_http,
 )
@@ -57,13 +58,7 @@ def check_every_operation(base_url: str, headers: dict[str, str]) -> int:
         )
 
         @given(case=strategy)
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-        )
+        @schemathesis_settings(EXAMPLES)
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(base_url=base_url, headers=headers, checks=CHECKS, timeout=10)
 

@@ -12,10 +12,10 @@ import asyncio
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 
 from tests.gateway.conftest import SCHEMATHESIS_CHECKS as CHECKS
-from tests.gateway.conftest import Live
+from tests.gateway.conftest import Live, schemathesis_settings
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.slow]
 
@@ -44,13 +44,7 @@ def check_every_operation(base_url: str) -> int:
         operation = result.ok()
 
         @given(case=operation.as_strategy())
-        @settings(
-            max_examples=EXAMPLES,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-        )
+        @schemathesis_settings(EXAMPLES)
         def check(case: schemathesis.Case) -> None:
             case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=10)
 
