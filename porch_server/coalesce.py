@@ -1,9 +1,11 @@
 """Commit coalescing: concurrent requests share one statement and one commit.
 
-A `Coalescer` runs the first request at once. Requests that arrive while a
-batch is in flight wait and then go together in the next one, so under
-load many changes share a round trip and a commit, and an idle server adds
-no delay at all. Each caller gets its own result; a batch that fails fails
+A `Coalescer` cuts a batch a few passes of the event loop after its first
+request arrives, and requests that arrive while a batch is in flight go
+together in the next one, so under load many changes share a round trip and
+a commit. The passes let requests the server has already read, and is still
+parsing and authenticating, join the batch; on an idle server they cost
+microseconds. Each caller gets its own result; a batch that fails fails
 each of its callers with the same error.
 """
 
@@ -18,15 +20,25 @@ from porch_server.errors import Unavailable
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+# Passes of the event loop a batch waits before it is cut. A request needs
+# about this many, from its bytes arriving to its handler submitting it.
+# Measured with 8 clients: none gave batches of 1.9 changes, 6 gave 3.1;
+# 12 gave batches barely larger and a slower lifecycle.
+GATHER_PASSES = 6
+
 
 class Coalescer(Generic[Item, Result]):
     """Runs items in batches through run(items) -> one result per item, in order."""
 
     def __init__(
-        self, run: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]], max_batch: int = 100
+        self,
+        run: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
+        max_batch: int = 100,
+        gather_passes: int = GATHER_PASSES,
     ) -> None:
         self._run = run
         self._max_batch = max_batch
+        self._gather_passes = gather_passes
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._draining = False
         # What the batches did, for benchmarks: items per batch = items / batches.
@@ -45,6 +57,10 @@ class Coalescer(Generic[Item, Result]):
     async def _drain(self) -> None:
         try:
             while self._waiting:
+                for _ in range(self._gather_passes):
+                    if len(self._waiting) >= self._max_batch:
+                        break
+                    await asyncio.sleep(0)
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 self.batches += 1

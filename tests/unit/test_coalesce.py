@@ -20,7 +20,7 @@ async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
             await release.wait()
         return [item * 10 for item in items]
 
-    coalescer: Coalescer[int, int] = Coalescer(run)
+    coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=0)
     first = asyncio.create_task(coalescer.submit(1))
     await asyncio.sleep(0)  # the first batch starts, with the first request alone
     await asyncio.sleep(0)
@@ -31,6 +31,43 @@ async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
     assert [await task for task in later] == [20, 30, 40]
     assert seen == [[1], [2, 3, 4]]
     assert (coalescer.items, coalescer.batches) == (4, 2)
+
+
+async def test_requests_a_few_loop_passes_behind_the_first_join_its_batch() -> None:
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=4)
+
+    async def submit_after(passes: int, item: int) -> int:
+        for _ in range(passes):
+            await asyncio.sleep(0)
+        return await coalescer.submit(item)
+
+    # 1 starts the batch; 2 and 3 arrive within its four passes, 4 long after.
+    results = await asyncio.gather(
+        submit_after(0, 1), submit_after(2, 2), submit_after(3, 3), submit_after(20, 4)
+    )
+    assert list(results) == [1, 2, 3, 4]
+    assert seen == [[1, 2, 3], [4]]
+
+
+async def test_a_full_batch_is_cut_without_waiting_for_more() -> None:
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=2, gather_passes=1000)
+    submitted = [asyncio.create_task(coalescer.submit(n)) for n in (1, 2)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert seen == [[1, 2]]
+    assert [await task for task in submitted] == [1, 2]
 
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_runs() -> None:
