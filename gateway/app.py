@@ -108,17 +108,20 @@ class Gateway:
 
     async def _unary(self, match: RouteMatch, message: Message, options: CallOptions) -> Response:
         binding = match.binding
-        response, initial = await self.upstream.unary_call(
+        response, initial, trailing = await self.upstream.unary_call(
             binding.method, message, options.metadata, options.timeout
         )
         payload = response_json(binding, response)
         if binding.paginates:
             payload += await self._later_pages(match, message, response, options)
+        headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
+        if trailing:
+            headers |= response_headers(trailing, (HTTP_CODE_KEY,), prefix="Grpc-Trailer-")
         return Response(
             encode_json(payload),
-            status_code=success_status(initial),
+            status_code=success_status((*initial, *trailing)),
             media_type=JSON,
-            headers=response_headers(initial, skip=(HTTP_CODE_KEY,)),
+            headers=headers,
         )
 
     async def _later_pages(
@@ -141,7 +144,7 @@ class Gateway:
                 raise GatewayError(grpc.StatusCode.INTERNAL, f"{binding.method.full_name} {reason}")
             seen.add(token)
             setattr(message, PAGE_TOKEN, token)
-            response, _ = await self.upstream.unary_call(
+            response, _, _ = await self.upstream.unary_call(
                 binding.method, message, options.metadata, options.timeout
             )
             items += response_json(binding, response)
@@ -267,9 +270,11 @@ def _too_large(limit: int) -> GatewayError:
     return GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, message, http_status=413)
 
 
-def success_status(initial_metadata: Sequence[tuple[str, str | bytes]] | Any) -> int:
-    """200, or the status the server chose through `x-http-code` initial metadata."""
-    for key, value in initial_metadata or ():
+def success_status(metadata: Sequence[tuple[str, str | bytes]] | Any) -> int:
+    """200, or the status the server chose through `x-http-code` metadata
+    (initial or trailing: trailing metadata rides with the response and costs
+    the server no separate send)."""
+    for key, value in metadata or ():
         if key != HTTP_CODE_KEY:
             continue
         text = value.decode("ascii", "replace") if isinstance(value, bytes) else value

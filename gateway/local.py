@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from gateway.transcode import message_class
-from gateway.upstream import Metadata, method_path
+from gateway.upstream import Metadata, UnaryReply, method_path
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +211,16 @@ class LocalUpstream:
         message: Message,
         metadata: Metadata,
         time_limit: float | None,
-    ) -> tuple[Message, Metadata]:
-        """Call a unary method; its response and initial metadata, or AioRpcError."""
+    ) -> UnaryReply:
+        """Call a unary method: its response and metadata, or AioRpcError."""
         response, handler, context = await self._invoke(
             method_path(method), message, metadata, time_limit
         )
-        return self._response(method, handler, response), context.initial_metadata()
+        return UnaryReply(
+            self._response(method, handler, response),
+            context.initial_metadata(),
+            context.trailing_metadata(),
+        )
 
     def stream_call(
         self,

@@ -7,7 +7,7 @@ import binascii
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -37,6 +37,14 @@ _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
+class UnaryReply(NamedTuple):
+    """A unary call's response with the metadata sent before and after it."""
+
+    response: Message
+    initial: Sequence[tuple[str, str | bytes]]
+    trailing: Sequence[tuple[str, str | bytes]]
+
+
 class StreamCall(Protocol):
     """A server-streaming call as the gateway reads it."""
 
@@ -62,8 +70,8 @@ class UpstreamCalls(Protocol):
         message: Message,
         metadata: Metadata,
         time_limit: float | None,
-    ) -> tuple[Message, Sequence[tuple[str, str | bytes]]]:
-        """Call a unary method; its response and initial metadata, or AioRpcError."""
+    ) -> UnaryReply:
+        """Call a unary method: its response and metadata, or AioRpcError."""
 
     def stream_call(
         self,
@@ -156,11 +164,13 @@ class Upstream:
         message: Message,
         metadata: Metadata,
         time_limit: float | None,
-    ) -> tuple[Message, Sequence[tuple[str, str | bytes]]]:
-        """Call a unary method; its response and initial metadata, or AioRpcError."""
+    ) -> UnaryReply:
+        """Call a unary method: its response and metadata, or AioRpcError."""
         call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
         response = await call
-        return response, tuple(await call.initial_metadata())
+        return UnaryReply(
+            response, tuple(await call.initial_metadata()), tuple(await call.trailing_metadata())
+        )
 
     def stream_call(
         self,
@@ -240,16 +250,19 @@ def call_timeout(headers: Mapping[str, str], default: float | None) -> float | N
 
 
 def response_headers(
-    metadata: Iterable[tuple[str, str | bytes]], skip: Iterable[str]
+    metadata: Iterable[tuple[str, str | bytes]],
+    skip: Iterable[str],
+    prefix: str = "Grpc-Metadata-",
 ) -> dict[str, str]:
-    """Initial metadata of a call as `Grpc-Metadata-<key>` response headers."""
+    """Metadata of a call as `<prefix><key>` response headers: `Grpc-Metadata-`
+    for initial metadata, `Grpc-Trailer-` for trailing metadata."""
     skipped = set(skip)
     headers = {}
     for key, value in metadata:
         if key in skipped or key.startswith("grpc-"):
             continue
         if isinstance(value, bytes):
-            headers[f"Grpc-Metadata-{key}"] = base64.b64encode(value).decode()
+            headers[f"{prefix}{key}"] = base64.b64encode(value).decode()
         else:
-            headers[f"Grpc-Metadata-{key}"] = value
+            headers[f"{prefix}{key}"] = value
     return headers

@@ -34,6 +34,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 MAX_TASK_INPUT_BYTES = 1024 * 1024
 MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
+# Sent with the response, as trailing metadata: the gateway answers 201 Created.
 CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
@@ -113,7 +114,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
         pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
         created = await self._run(self._store.create_pipeline, pipeline)
-        await context.send_initial_metadata(CREATED)
+        context.set_trailing_metadata(CREATED)
         return messages.pipeline_message(created)
 
     async def GetPipeline(
@@ -152,7 +153,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         token = await self._run(
             self._store.create_token, role, pipeline_name, description, auth.hash_secret(secret)
         )
-        await context.send_initial_metadata(CREATED)
+        context.set_trailing_metadata(CREATED)
         return porch_pb2.CreateTokenResponse(
             token=secret,
             name=token.pipeline_name or "",
@@ -200,7 +201,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if result.created:
             self._hub.committed()
         if result.created:
-            await context.send_initial_metadata(CREATED)
+            context.set_trailing_metadata(CREATED)
         return porch_pb2.RegisterTaskResponse(
             task=messages.task_message(result.task), created=result.created
         )

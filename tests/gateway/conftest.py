@@ -87,7 +87,8 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
             self.state.things[name] = echo_pb2.Thing(
                 name=name, serial=next(self.serials), create_time=created
             )
-            await context.send_initial_metadata((("x-http-code", "201"),))
+            # As porch does: with the response, not in a send of its own.
+            context.set_trailing_metadata((("x-http-code", "201"), ("x-created", "yes")))
         return self.state.things[name]
 
     async def ListItems(

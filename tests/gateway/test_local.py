@@ -50,10 +50,11 @@ async def test_the_context_answers_as_a_real_one_does() -> None:
         return request
 
     upstream = upstream_of(unary=echo)
-    response, initial = await upstream.unary_call(
+    response, initial, trailing = await upstream.unary_call(
         ECHO, echo_pb2.EchoMessage(text="hi"), [("key", "value")], 5.0
     )
     assert response.text == "hi" and list(initial) == [("x-one", "1")]
+    assert list(trailing) == [("x-trailer", "t")]
     assert 4.0 < seen["remaining"] <= 5.0
     assert seen["peer"] == "local" and seen["metadata"] == [("key", "value")]
     assert seen["before"] == (False, False, None, None)

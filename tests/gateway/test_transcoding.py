@@ -252,11 +252,29 @@ async def test_x_http_code_metadata_sets_the_status(client: httpx.AsyncClient) -
     assert again.json() == first.json()
 
 
-async def test_initial_metadata_becomes_response_headers(client: httpx.AsyncClient) -> None:
+@pytest.mark.parametrize(
+    ("metadata", "status"),
+    [
+        ([("x-http-code", "201")], 201),
+        ([("x-other", "1"), ("x-http-code", b"202")], 202),
+        ([("x-http-code", "204")], 200),  # a 204 cannot carry the response body
+        ([("x-http-code", "nope")], 200),
+        ([], 200),
+    ],
+)
+async def test_success_status_reads_x_http_code(
+    metadata: list[tuple[str, str | bytes]], status: int
+) -> None:
+    assert gateway.app.success_status(metadata) == status
+
+
+async def test_metadata_becomes_response_headers(client: httpx.AsyncClient) -> None:
     response = await client.get("/v1/echo/x")
     assert response.headers["grpc-metadata-x-echo"] == "yes"
     created = await client.post("/v1/things", json={"name": "b"})
+    assert created.headers["grpc-trailer-x-created"] == "yes"
     assert "grpc-metadata-x-http-code" not in created.headers
+    assert "grpc-trailer-x-http-code" not in created.headers
 
 
 async def test_object_answer_keeps_the_page_token(client: httpx.AsyncClient) -> None:

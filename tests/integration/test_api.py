@@ -57,7 +57,7 @@ def test_create_get_and_list_pipelines(porch: Porch) -> None:
     admin = porch.stub(porch.admin)
     created, call = admin.CreatePipeline.with_call(pipeline_request("p1", "https://x/p1", "2.0"))
     assert (created.name, created.uri, created.version) == ("p1", "https://x/p1", "2.0")
-    assert ("x-http-code", "201") in call.initial_metadata()
+    assert ("x-http-code", "201") in call.trailing_metadata()
     admin.CreatePipeline(pipeline_request("p2", "https://x/p2", "1.0"))
     admin.CreatePipeline(pipeline_request("p3", "https://x/p1", "1.0"))
     assert admin.GetPipeline(pb.GetPipelineRequest(name="p2")).uri == "https://x/p2"
@@ -106,7 +106,7 @@ def test_token_lifecycle(porch: Porch) -> None:
     made, call = admin.CreateToken.with_call(
         pb.CreateTokenRequest(pipeline_name="p1", description="wrapper on host a")
     )
-    assert ("x-http-code", "201") in call.initial_metadata()
+    assert ("x-http-code", "201") in call.trailing_metadata()
     assert made.role == pb.Token.PIPELINE and made.name == "p1"
     assert len(made.token) >= 32 and made.token_id
     reader = admin.CreateToken(pb.CreateTokenRequest(description="dashboard", role=pb.Token.READER))
@@ -258,13 +258,13 @@ def test_anonymous_reads_only_when_allowed(db_url: str) -> None:
 def test_register_is_idempotent(porch: Porch) -> None:
     wrapper = porch.stub(porch.pipeline("p1"))
     first, call = wrapper.RegisterTask.with_call(register("p1", study_id=100, id_run=45925))
-    assert first.created and ("x-http-code", "201") in call.initial_metadata()
+    assert first.created and ("x-http-code", "201") in call.trailing_metadata()
     task = first.task
     assert task.task_input_id == "ea058ea93114d621c1897f1e47cad245ba2a5b04edbd23a1d61ef502d5d5b76e"
     assert task.status == State.PENDING and task.pipeline.uri == "https://example.org/p"
     assert dict(task.task_input) == {"study_id": 100, "id_run": 45925}
     again, call = wrapper.RegisterTask.with_call(register("p1", id_run=45925.0, study_id=100.0))
-    assert not again.created and ("x-http-code", "201") not in call.initial_metadata()
+    assert not again.created and ("x-http-code", "201") not in call.trailing_metadata()
     assert again.task.task_input_id == task.task_input_id
     assert again.task.create_time == task.create_time
 
