@@ -246,19 +246,20 @@ class Server:
             self.process.kill()
             self.process.wait()
         LOG_FILE.unlink(missing_ok=True)
+        LOG_CONFIG.unlink(missing_ok=True)
 
 
 LOG_FILE = Path(f"/tmp/porch-bench-{os.getpid()}.log")
+LOG_CONFIG = Path(f"/tmp/porch-bench-log-{os.getpid()}.json")
 
 
 def _quiet_log_config() -> Path:
     """A log config that keeps the access log (one line per call, as in
     production) but writes it to LOG_FILE rather than the terminal."""
-    path = Path(f"/tmp/porch-bench-log-{os.getpid()}.json")
     handler = {"class": "logging.FileHandler", "filename": str(LOG_FILE)}
     config = {"version": 1, "handlers": {"file": handler}}
-    path.write_text(json.dumps(config | {"root": {"level": "INFO", "handlers": ["file"]}}))
-    return path
+    LOG_CONFIG.write_text(json.dumps(config | {"root": {"level": "INFO", "handlers": ["file"]}}))
+    return LOG_CONFIG
 
 
 def _wait_for_workers(pid: int, count: int) -> None:

@@ -199,7 +199,11 @@ def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def _setup_logging(log_config: Path | None) -> None:
     if log_config is not None:
-        logging.config.dictConfig(json.loads(log_config.read_text()))
+        config = json.loads(log_config.read_text())
+        # dictConfig would otherwise silence every logger that exists already:
+        # porch's own, the access log among them, unless the file names them.
+        config.setdefault("disable_existing_loggers", False)
+        logging.config.dictConfig(config)
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 

@@ -1,0 +1,52 @@
+"""`porch serve --log-config`: the operator's logging configuration."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from porch_server import interceptor
+from porch_server.cli import _setup_logging
+
+
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:], root.level = handlers, level
+    interceptor.log.disabled = False
+
+
+def test_a_log_config_that_names_no_logger_keeps_the_access_log(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    written = tmp_path / "porch.log"
+    handler = {"class": "logging.FileHandler", "filename": str(written)}
+    config = {"version": 1, "handlers": {"file": handler}}
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config | {"root": {"level": "INFO", "handlers": ["file"]}}))
+
+    _setup_logging(path)
+    interceptor.log.info("GetTask OK 0.4ms anonymous")
+
+    assert "GetTask OK" in written.read_text()
+
+
+def test_a_log_config_may_still_silence_existing_loggers(
+    tmp_path: Path, restored_logging: None
+) -> None:
+    config = {"version": 1, "disable_existing_loggers": True, "root": {"level": "INFO"}}
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+
+    _setup_logging(path)
+
+    assert interceptor.log.disabled
