@@ -33,6 +33,7 @@ from _common import (
     metadata,
     percentile,
     print_table,
+    py_spy,
     run_clients,
     sqlite_url,
     write_json,
@@ -84,11 +85,18 @@ def _ok(response: httpx.Response) -> Any:
 
 
 def run_lifecycle(
-    client: Any, endpoint: str, server: Server, secret: str, args: argparse.Namespace, tag: str
+    client: Any,
+    endpoint: str,
+    server: Server,
+    secret: str,
+    args: argparse.Namespace,
+    tag: str,
+    profile: str | None = None,
 ) -> tuple[float, dict[str, list[float]]]:
     """Register the tasks, then run the lifecycle from the client processes; tasks/s, latencies."""
     register(server.target, secret, args.tasks, REGISTER_CLIENTS, REGISTER_BATCH, tag)
-    results = run_clients(client, [(endpoint, secret, args.batch)] * args.clients)
+    with py_spy(server.pids(), profile):
+        results = run_clients(client, [(endpoint, secret, args.batch)] * args.clients)
     check_claims([key for result in results for key in result[2]], args.tasks)
     timer = Timer()
     for result in results:
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--unary-calls", type=int, default=2000, help="GetPipeline calls per transport"
     )
+    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the server's HTTP lifecycle")
     add_json_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 lifecycle_client, server.target, server, secret, args, "grpc"
             )
             http_rate, http_latencies = run_lifecycle(
-                http_lifecycle_client, server.http_url, server, secret, args, "http"
+                http_lifecycle_client, server.http_url, server, secret, args, "http", args.profile
             )
             direct, gateway = unary_latencies(server, secret, args.unary_calls)
         final = statuses(url)
