@@ -1,12 +1,12 @@
 """Commit coalescing: concurrent requests share one statement and one commit.
 
-A `Coalescer` cuts a batch a few passes of the event loop after its first
-request arrives, and requests that arrive while a batch is in flight go
-together in the next one, so under load many changes share a round trip and
-a commit. The passes let requests the server has already read, and is still
-parsing and authenticating, join the batch; on an idle server they cost
-microseconds. Each caller gets its own result; a batch that fails fails
-each of its callers with the same error.
+A `Coalescer` cuts a batch a few passes of the event loop (at most 2 ms)
+after its first request arrives, and requests that arrive while a batch is
+in flight go together in the next one, so under load many changes share a
+round trip and a commit. The passes let requests the server has already
+read, and is still parsing and authenticating, join the batch; on an idle
+server they cost microseconds. Each caller gets its own result; a batch
+that fails fails each of its callers with the same error.
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ Result = TypeVar("Result")
 # Passes of the event loop a batch waits before it is cut. A request needs
 # about this many, from its bytes arriving to its handler submitting it.
 # Measured with 8 clients: none gave batches of 1.9 changes, 6 gave 3.1;
-# 12 gave batches barely larger and a slower lifecycle.
+# 12 gave batches barely larger and a slower lifecycle. Six passes took
+# 0.44 ms at the median and 2 ms at p99 there.
 GATHER_PASSES = 6
+# ... but no longer than this, should the loop be busy with other work (a
+# thousand watch streams to write to, say) and each pass take long.
+GATHER_SECONDS = 0.002
 
 
 class Coalescer(Generic[Item, Result]):
@@ -35,10 +39,12 @@ class Coalescer(Generic[Item, Result]):
         run: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]],
         max_batch: int = 100,
         gather_passes: int = GATHER_PASSES,
+        gather_seconds: float = GATHER_SECONDS,
     ) -> None:
         self._run = run
         self._max_batch = max_batch
         self._gather_passes = gather_passes
+        self._gather_seconds = gather_seconds
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._draining = False
         # What the batches did, for benchmarks: items per batch = items / batches.
@@ -56,9 +62,11 @@ class Coalescer(Generic[Item, Result]):
 
     async def _drain(self) -> None:
         try:
+            loop = asyncio.get_running_loop()
             while self._waiting:
+                until = loop.time() + self._gather_seconds
                 for _ in range(self._gather_passes):
-                    if len(self._waiting) >= self._max_batch:
+                    if len(self._waiting) >= self._max_batch or loop.time() >= until:
                         break
                     await asyncio.sleep(0)
                 batch = self._waiting[: self._max_batch]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -68,6 +69,30 @@ async def test_a_full_batch_is_cut_without_waiting_for_more() -> None:
         await asyncio.sleep(0)
     assert seen == [[1, 2]]
     assert [await task for task in submitted] == [1, 2]
+
+
+async def test_a_busy_loop_cuts_the_batch_after_the_time_bound() -> None:
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    loop = asyncio.get_running_loop()
+    pending: list[asyncio.Handle] = []
+
+    def other_work() -> None:
+        time.sleep(0.002)  # holds the loop: every pass takes 2 ms
+        pending[:] = [loop.call_soon(other_work)]
+
+    other_work()
+    coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=1000, gather_seconds=0.01)
+    try:
+        # 1,000 passes would take 2 s; the bound cuts the batch after about 10 ms.
+        assert await asyncio.wait_for(coalescer.submit(1), timeout=0.5) == 1
+    finally:
+        pending[0].cancel()
+    assert seen == [[1]]
 
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_runs() -> None:
