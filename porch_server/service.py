@@ -200,7 +200,6 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         [result] = registered
         if result.created:
             self._hub.committed()
-        if result.created:
             context.set_trailing_metadata(CREATED)
         return porch_pb2.RegisterTaskResponse(
             task=messages.task_message(result.task), created=result.created
