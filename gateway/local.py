@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import grpc
@@ -82,6 +82,8 @@ class LocalContext:
         self._initial: Metadata | None = None
         self._trailing: Metadata = []
         self._cancelled = False
+        # Where write() sends a streaming call's messages; set by LocalStreamCall.
+        self._writer: Callable[[Any], Awaitable[None]] | None = None
 
     def invocation_metadata(self) -> Metadata:
         """The metadata the caller sent."""
@@ -92,6 +94,13 @@ class LocalContext:
         if self._initial is not None:
             raise grpc.aio.UsageError("initial metadata was already sent")
         self._initial = list(metadata)
+
+    async def write(self, message: Any) -> None:
+        """Send one message of a server-streaming call, as a handler that
+        returns nothing does on a grpc.aio server."""
+        if self._writer is None:
+            raise grpc.aio.UsageError("write() is only for server-streaming calls")
+        await self._writer(message)
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Set the trailing metadata."""
@@ -348,11 +357,22 @@ class LocalStreamCall:
         await self._queue.put(context.error())
 
     async def _relay(self, handler: Handler, context: LocalContext, request: Message) -> None:
-        result = handler.unary_stream(request, context)
-        if not isinstance(result, AsyncIterator):
-            raise TypeError(f"{method_path(self._method)}: only async generator handlers")
-        async for response in result:
+        """Pass on what the handler yields, or writes with context.write."""
+
+        async def send(response: Any) -> None:
             await self._queue.put(self._upstream._response(self._method, handler, response))
+
+        context._writer = send
+        result = handler.unary_stream(request, context)
+        if isinstance(result, AsyncIterator):
+            async for response in result:
+                await send(response)
+        elif inspect.isawaitable(result):
+            await result
+        else:
+            raise TypeError(
+                f"{method_path(self._method)}: only async generators and coroutines can stream"
+            )
 
     async def read(self) -> Message | None:
         """The next message; None at the end; AioRpcError when the call failed."""

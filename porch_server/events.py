@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
-from porch_server.cursors import cursor_key
+from porch_server.cursors import Key, cursor_key
 from porch_server.errors import PorchError
 from porch_server.models import Event
 
@@ -38,6 +38,9 @@ NOTIFY_DELAY_SECONDS = 0.02
 RECHECK_SECONDS = 0.01
 # How long to wait before listening again after the listening connection failed.
 RELISTEN_SECONDS = 5.0
+
+# An event the hub read, with its cursor's key: parsed once for every stream.
+Live = tuple[Key, Event]
 
 
 class Listening(Protocol):
@@ -66,12 +69,12 @@ class Subscription:
     def __init__(self, limit: int, topic: str | None = None) -> None:
         self.topic = topic
         self._limit = limit
-        self._events: deque[Event] = deque()
+        self._events: deque[Live] = deque()
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
-    def put(self, events: list[Event]) -> None:
+    def put(self, events: list[Live]) -> None:
         """Append events; past the bound, drop them all and mark the overflow."""
         if self.overflowed:
             return
@@ -99,7 +102,7 @@ class Subscription:
         """Wake the stream with no events, so it can see whether a keep-alive is due."""
         self._ready.set()
 
-    async def get(self) -> list[Event]:
+    async def get(self) -> list[Live]:
         """Return the events waiting, after waiting for some or for a tick."""
         if not self._events and not self.closed and not self.overflowed:
             await self._ready.wait()
@@ -274,13 +277,14 @@ class EventHub:
 
     def _hand_out(self, events: list[Event]) -> None:
         """Give each subscription the events of its topic."""
+        live = [(cursor_key(event.cursor), event) for event in events]
         for subscription in self._topics.get(None, ()):
-            subscription.put(events)
+            subscription.put(live)
         if all(topic is None for topic in self._topics):
             return  # no stream follows a single pipeline
-        by_topic: dict[str, list[Event]] = {}
-        for event in events:
-            by_topic.setdefault(event.pipeline_name, []).append(event)
+        by_topic: dict[str, list[Live]] = {}
+        for item in live:
+            by_topic.setdefault(item[1].pipeline_name, []).append(item)
         for topic, batch in by_topic.items():
             for subscription in self._topics.get(topic, ()):
                 subscription.put(batch)
@@ -307,7 +311,7 @@ async def follow(
     after: str,
     start_cursor: Callable[[], Awaitable[str]],
     replay: Callable[[str], Awaitable[list[Event]]],
-    matches: Callable[[Event], bool],
+    matches: Callable[[Event, Key], bool],
     bookmark: Callable[[str], Any],
     keepalive_seconds: float,
     topic: str | None = None,
@@ -319,7 +323,7 @@ async def follow(
     at once, and again whenever nothing matched for keepalive_seconds (give
     the hub a tick no longer than that). With a topic (a pipeline name) only
     that pipeline's events reach the stream live, and `matches` must accept
-    no event of another pipeline.
+    no event of another pipeline. `matches` is given each event's cursor key.
     """
     subscription = await hub.subscribe(topic)
     loop = asyncio.get_running_loop()
@@ -334,21 +338,22 @@ async def follow(
             while events := await replay(last):
                 for event in events:
                     last = event.cursor
-                    if matches(event):
+                    if matches(event, cursor_key(last)):
                         quiet_since = loop.time()
                         yield event
             last_key = cursor_key(last)
             while not (subscription.overflowed or subscription.closed):
-                for event in await subscription.get():
-                    key = cursor_key(event.cursor)
+                live = await subscription.get()
+                now = loop.time()
+                for key, event in live:
                     if key <= last_key:
                         continue
                     last, last_key = event.cursor, key
-                    if matches(event):
-                        quiet_since = loop.time()
+                    if matches(event, key):
+                        quiet_since = now
                         yield event
-                if loop.time() - quiet_since >= keepalive_seconds and not subscription.closed:
-                    quiet_since = loop.time()
+                if now - quiet_since >= keepalive_seconds and not subscription.closed:
+                    quiet_since = now
                     position = hub.position
                     # Everything the hub read up to its position was handed
                     # over and taken: no matching event lies before it.

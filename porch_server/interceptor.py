@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, TypeAlias
 
@@ -101,16 +101,17 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return serve
 
     def _stream(
-        self, method: str, behavior: Callable[[Any, Context], AsyncIterator[Any]]
-    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
-        async def serve(request: Any, context: Context) -> AsyncIterator[Any]:
+        self, method: str, behavior: Callable[[Any, Context], Awaitable[None]]
+    ) -> Callable[[Any, Context], Awaitable[None]]:
+        """Wrap a streaming method that writes its messages with context.write."""
+
+        async def serve(request: Any, context: Context) -> None:
             start = time.perf_counter()
             token = None
             try:
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
-                async for response in behavior(request, context):
-                    yield response
+                await behavior(request, context)
             except PorchError as error:
                 await context.abort(code_of(error), str(error))
             finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 
 from porch_server import auth, messages
-from porch_server.cursors import Snapshot, cursor_key
+from porch_server.cursors import Key, Snapshot, cursor_key
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import InvalidArgument
 from porch_server.events import EventHub, follow
@@ -312,10 +312,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    # Yields serialized Events: the interceptor passes bytes through as they are.
+    # Writes serialized Events: the interceptor passes bytes through as they are.
     async def WatchEvents(  # type: ignore[override]
         self, request: porch_pb2.WatchEventsRequest, context: Context
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         pipeline_name = request.pipeline_name or None
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
@@ -327,8 +327,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
 
         committed_before: Snapshot | None = None
 
-        def matches(event: Event) -> bool:
-            if committed_before and committed_before.saw(cursor_key(event.cursor)[0]):
+        def matches(event: Event, key: Key) -> bool:
+            if committed_before and committed_before.saw(key[0]):
                 return False  # committed before a "from now" stream started
             return pipeline_name is None or event.pipeline_name == pipeline_name
 
@@ -347,8 +347,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             self._keepalive_seconds,
             topic=pipeline_name,
         )
+        # Written with context.write rather than yielded: each message then
+        # skips the async generators that yielding passes it through.
         async for item in stream:
-            yield self._encoded(item)
+            await context.write(self._encoded(item))
 
     def _encoded(self, item: Event | porch_pb2.Event) -> bytes:
         """Serialize an event once for every stream that carries it."""

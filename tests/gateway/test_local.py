@@ -116,3 +116,22 @@ async def test_a_stream_is_read_to_its_end_or_cancelled() -> None:
     assert [(await waiting.read()).seq for _ in range(3)] == [1, 2, 3]  # type: ignore[union-attr]
     assert waiting.cancel()
     await asyncio.wait_for(cancelled.wait(), 5)
+
+
+async def test_a_stream_written_with_context_write_reads_the_same() -> None:
+    async def count(request: echo_pb2.CountRequest, context: Any) -> None:
+        for seq in range(1, request.count + 1):
+            await context.write(echo_pb2.Tick(seq=seq))
+
+    call = upstream_of(stream=count).stream_call(COUNT, echo_pb2.CountRequest(count=2), [], None)
+    ticks = [await call.read(), await call.read(), await call.read()]
+    assert [tick.seq if tick else None for tick in ticks] == [1, 2, None]
+
+    async def write_in_unary(request: echo_pb2.EchoMessage, context: Any) -> echo_pb2.EchoMessage:
+        await context.write(request)
+        return request
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await upstream_of(unary=write_in_unary).unary_call(ECHO, echo_pb2.EchoMessage(), [], None)
+    assert raised.value.code() is grpc.StatusCode.UNKNOWN
+    assert "only for server-streaming calls" in (raised.value.details() or "")

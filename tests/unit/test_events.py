@@ -43,9 +43,11 @@ async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() ->
         third = await hub.subscribe("p3")
         hub.wake()
         got_all = await asyncio.wait_for(everything.get(), 5)
-        assert [each.cursor for each in got_all] == ["0.1", "0.2", "0.3"]
-        assert [each.cursor for each in await first.get()] == ["0.1", "0.3"]
-        assert [each.cursor for each in await second.get()] == ["0.2"]
+        assert [each.cursor for _, each in got_all] == ["0.1", "0.2", "0.3"]
+        # Each comes with its cursor's key, parsed once for every stream.
+        assert [key for key, _ in got_all] == [(0, 1), (0, 2), (0, 3)]
+        assert [each.cursor for _, each in await first.get()] == ["0.1", "0.3"]
+        assert [each.cursor for _, each in await second.get()] == ["0.2"]
         # Nothing for p3: its stream stays asleep but can see how far the hub read.
         assert third.caught_up() and hub.position == "0.3"
         hub.unsubscribe(third)
