@@ -35,6 +35,7 @@ from gateway.rules import (
 from gateway.streaming import Call, EventStreamFormat, StreamFormat, StreamResponse
 from gateway.transcode import build_request, encode_json, response_json
 from gateway.upstream import (
+    HTTP_CODE_KEY,
     CallOptions,
     Upstream,
     UpstreamCalls,
@@ -46,7 +47,6 @@ from gateway.upstream import (
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
-HTTP_CODE_KEY = "x-http-code"
 # Statuses that cannot carry the JSON body every transcoded answer has.
 _BODILESS = {204, 205, 304}
 

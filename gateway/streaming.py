@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import GatewayError, rpc_error_json, rpc_error_status
 from gateway.openapi import EVENT_STREAM, NDJSON
 from gateway.transcode import encode_json
-from gateway.upstream import StreamCall, response_headers
+from gateway.upstream import HTTP_CODE_KEY, StreamCall, response_headers
 
 Call = StreamCall
 
@@ -121,7 +121,7 @@ class StreamResponse:
             "content-type": self.format.media_type,
             "cache-control": "no-cache",
             "x-accel-buffering": "no",
-            **response_headers(initial, skip=("x-http-code",)),
+            **response_headers(initial, skip=(HTTP_CODE_KEY,)),
         }
         await send(
             {

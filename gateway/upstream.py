@@ -249,6 +249,11 @@ def call_timeout(headers: Mapping[str, str], default: float | None) -> float | N
     return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
 
 
+# The metadata key through which a server chooses the HTTP status (say 201);
+# it is read, not forwarded as a header.
+HTTP_CODE_KEY = "x-http-code"
+
+
 def response_headers(
     metadata: Iterable[tuple[str, str | bytes]],
     skip: Iterable[str],
