@@ -1,6 +1,6 @@
 """Many WatchEvents streams on one porch server while writers run the lifecycle.
 
-W watcher streams (spread over a few client processes, grpc.aio) follow one
+W watcher streams (spread over two client processes, grpc.aio) follow one
 server while `--writers` processes claim, start and finish tasks at a
 bounded total rate. With `--pipelines P` the tasks are spread over P
 pipelines and each stream watches one of them; with P = 1 every stream sees
@@ -10,10 +10,12 @@ transaction writes it) to its arrival at a watcher, p50 and p99.
 
     python bench/watch.py [--db-url URL | --sqlite] [--watchers 1000]
         [--pipelines 1] [--writers 8] [--rate 5] [--seconds 60] [--workers 1]
+        [--watcher-processes 2]
 
 On two cores the watcher clients compete with the server, the writers and
-PostgreSQL: each delivered event costs the receiving clients about 60 µs of
-CPU and the server about 35 µs, so keep watchers times events per second
+PostgreSQL: each delivered event costs the receiving clients nearly twice
+the server's CPU (the server's is 35 µs on the fastest machine measured,
+50-60 µs on one half as fast), so keep watchers times events per second
 within what the box can do. The default rate, about 4 tasks/s or 12 events/s
 once the writers' own round trips are counted, makes 12,000 deliveries a
 second to 1,000 unfiltered streams; twice that rate saturates two cores.
@@ -178,7 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--db-url", default=DEFAULT_DB_URL)
     parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
     parser.add_argument("--watchers", type=int, default=1000)
-    parser.add_argument("--watcher-processes", type=int, default=4)
+    # One receiving process per core: the delay measured includes the
+    # receivers' own queueing, and on two cores more of them only add
+    # context switches (p99 over 30 s, 1,000 unfiltered streams: 1 process
+    # 201-283 ms, 2: 284-394, 4: 680-988, 8: 1,053).
+    parser.add_argument("--watcher-processes", type=int, default=2)
     parser.add_argument("--pipelines", type=int, default=1, help="streams watch one each")
     parser.add_argument("--writers", type=int, default=8)
     parser.add_argument("--rate", type=float, default=5.0, help="tasks/s over all writers")
