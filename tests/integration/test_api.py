@@ -288,6 +288,9 @@ def test_register_errors(porch: Porch) -> None:
     ghost = porch.stub(porch.token(Role.PIPELINE, "p2"))
     assert ghost.RegisterTask(register("p2", a=1)).created
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, register("p1", big="x" * (1024 * 1024)))
+    # A Struct can carry NaN and infinities; JSON, and so the digest, cannot.
+    nan = register("p1", nested={"n": float("nan")})
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, "not finite")
 
 
 def test_register_tasks_in_one_call(porch: Porch) -> None:
