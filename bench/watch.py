@@ -5,8 +5,9 @@ server while `--writers` processes claim, start and finish tasks at a
 bounded total rate. With `--pipelines P` the tasks are spread over P
 pipelines and each stream watches one of them; with P = 1 every stream sees
 every event. Prints the server's memory, the events delivered per second
-over all streams, and the delay from an event's time (taken when its
-transaction writes it) to its arrival at a watcher, p50 and p99.
+over all streams, the delay from an event's time (taken when its
+transaction writes it) to its arrival at a watcher, p50 and p99, and the
+latency of the writers' own calls, served beside the streams.
 
     python bench/watch.py [--db-url URL | --sqlite] [--watchers 1000]
         [--pipelines 1] [--writers 8] [--rate 5] [--seconds 60] [--workers 1]
@@ -150,11 +151,13 @@ def _expected(expected: Any, pipeline: str) -> int:
 
 def write(
     target: str, tokens: dict[str, str], rate: float, seconds: float, seed: int
-) -> dict[str, int]:
+) -> tuple[dict[str, int], list[float]]:
     """Claim one task at a time from a random pipeline, report RUNNING then DONE,
-    at about `rate` tasks/s; return the tasks finished per pipeline."""
+    at about `rate` tasks/s; return the tasks finished per pipeline and the
+    latency of every call."""
     rng = random.Random(seed)
     finished = dict.fromkeys(tokens, 0)
+    latencies = []
     with grpc.insecure_channel(target) as channel:
         stub = porch_pb2_grpc.PorchServiceStub(channel)
         start = time.monotonic()
@@ -165,14 +168,19 @@ def write(
             name = rng.choice(list(tokens))
             auth = metadata(tokens[name])
             claim = pb.ClaimTasksRequest(pipeline=pb.Pipeline(name=name), num_tasks=1)
-            for task in stub.ClaimTasks(claim, metadata=auth).tasks:
+            called = time.perf_counter()
+            claimed = stub.ClaimTasks(claim, metadata=auth).tasks
+            latencies.append(time.perf_counter() - called)
+            for task in claimed:
                 for status in (pb.Task.RUNNING, pb.Task.DONE):
                     update = pb.Task(
                         pipeline=task.pipeline, task_input_id=task.task_input_id, status=status
                     )
+                    called = time.perf_counter()
                     stub.UpdateTask(pb.UpdateTaskRequest(task=update), metadata=auth)
+                    latencies.append(time.perf_counter() - called)
                 finished[name] += 1
-    return finished
+    return finished, latencies
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -269,9 +277,11 @@ def _run(
     started = time.time()
     cpu_before = cpu_seconds(server.pids())
     per_writer = args.rate / args.writers
-    finished = run_clients(
+    written = run_clients(
         write, [(server.target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
     )
+    finished = [tasks for tasks, _ in written]
+    calls = [latency for _, latencies in written for latency in latencies]
     for index, name in enumerate(names):
         expected[index + 1] = EVENTS_PER_TASK * sum(f[name] for f in finished)
     expected[0] = 0
@@ -306,6 +316,9 @@ def _run(
         "server_cpu_share_of_one_core": server_cpu / elapsed,
         "delay_p50_ms": percentile(delays, 50) * 1000,
         "delay_p99_ms": percentile(delays, 99) * 1000,
+        # The writers' ClaimTasks and UpdateTask calls, served beside the streams.
+        "writer_call_p50_ms": percentile(calls, 50) * 1000,
+        "writer_call_p99_ms": percentile(calls, 99) * 1000,
         "settle_seconds": settle_seconds,
         "rss_idle_mb": rss_idle,
         "rss_max_mb": max(samples or [rss_idle]),
