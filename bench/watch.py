@@ -11,7 +11,7 @@ latency of the writers' own calls, served beside the streams.
 
     python bench/watch.py [--db-url URL | --sqlite] [--watchers 1000]
         [--pipelines 1] [--writers 8] [--rate 5] [--seconds 60] [--workers 1]
-        [--watcher-processes 2]
+        [--watcher-processes 2] [--writers-apart]
 
 On two cores the watcher clients compete with the server, the writers and
 PostgreSQL: each delivered event costs the receiving clients nearly twice
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--rate", type=float, default=5.0, help="tasks/s over all writers")
     parser.add_argument("--seconds", type=float, default=60.0, help="writers run this long")
     parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument(
+        "--writers-apart",
+        action="store_true",
+        help="writers call a second porch server; the figures are the watchers' server's",
+    )
     args = parser.parse_args(argv)
     names = [f"bench{i}" for i in range(args.pipelines)]
     with tempfile.TemporaryDirectory() as scratch:
@@ -208,7 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with Server(url, workers=args.workers) as server:
             for name, secret in tokens.items():
                 _register(server.target, name, secret, per_pipeline)
-            return _run(server, reader.strip(), tokens, args)
+            if not args.writers_apart:
+                return _run(server, server.target, reader.strip(), tokens, args)
+            # The watchers' server learns of the writers' events through
+            # the database (NOTIFY), as any other server's.
+            with Server(url) as writers_server:
+                return _run(server, writers_server.target, reader.strip(), tokens, args)
 
 
 def _register(target: str, pipeline: str, secret: str, count: int) -> None:
@@ -242,7 +252,11 @@ def _wait_until_idle(pids: list[int], limit: float = 60.0) -> float:
 
 
 def _run(
-    server: Server, reader: str, tokens: dict[str, str], args: argparse.Namespace
+    server: Server,
+    writers_target: str,
+    reader: str,
+    tokens: dict[str, str],
+    args: argparse.Namespace,
 ) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     names = list(tokens)
@@ -278,7 +292,7 @@ def _run(
     cpu_before = cpu_seconds(server.pids())
     per_writer = args.rate / args.writers
     written = run_clients(
-        write, [(server.target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
+        write, [(writers_target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
     )
     finished = [tasks for tasks, _ in written]
     calls = [latency for _, latencies in written for latency in latencies]
