@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     DEFAULT_DB_URL,
     Server,
+    Timer,
     cpu_seconds,
     create_pipeline_token,
     fresh_database,
@@ -151,13 +152,13 @@ def _expected(expected: Any, pipeline: str) -> int:
 
 def write(
     target: str, tokens: dict[str, str], rate: float, seconds: float, seed: int
-) -> tuple[dict[str, int], list[float]]:
+) -> tuple[dict[str, int], dict[str, list[float]]]:
     """Claim one task at a time from a random pipeline, report RUNNING then DONE,
     at about `rate` tasks/s; return the tasks finished per pipeline and the
-    latency of every call."""
+    calls' latencies."""
     rng = random.Random(seed)
     finished = dict.fromkeys(tokens, 0)
-    latencies = []
+    timer = Timer()
     with grpc.insecure_channel(target) as channel:
         stub = porch_pb2_grpc.PorchServiceStub(channel)
         start = time.monotonic()
@@ -168,19 +169,17 @@ def write(
             name = rng.choice(list(tokens))
             auth = metadata(tokens[name])
             claim = pb.ClaimTasksRequest(pipeline=pb.Pipeline(name=name), num_tasks=1)
-            called = time.perf_counter()
-            claimed = stub.ClaimTasks(claim, metadata=auth).tasks
-            latencies.append(time.perf_counter() - called)
+            with timer("ClaimTasks"):
+                claimed = stub.ClaimTasks(claim, metadata=auth).tasks
             for task in claimed:
                 for status in (pb.Task.RUNNING, pb.Task.DONE):
                     update = pb.Task(
                         pipeline=task.pipeline, task_input_id=task.task_input_id, status=status
                     )
-                    called = time.perf_counter()
-                    stub.UpdateTask(pb.UpdateTaskRequest(task=update), metadata=auth)
-                    latencies.append(time.perf_counter() - called)
+                    with timer("UpdateTask"):
+                        stub.UpdateTask(pb.UpdateTaskRequest(task=update), metadata=auth)
                 finished[name] += 1
-    return finished, latencies
+    return finished, dict(timer.latencies)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -295,7 +294,7 @@ def _run(
         write, [(writers_target, tokens, per_writer, args.seconds, i) for i in range(args.writers)]
     )
     finished = [tasks for tasks, _ in written]
-    calls = [latency for _, latencies in written for latency in latencies]
+    calls = [value for _, latencies in written for values in latencies.values() for value in values]
     for index, name in enumerate(names):
         expected[index + 1] = EVENTS_PER_TASK * sum(f[name] for f in finished)
     expected[0] = 0
