@@ -39,7 +39,6 @@ CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
-_STATE_NUMBERS = frozenset(porch_pb2.Task.State.values())
 
 
 def page_size(requested: int, default: int, maximum: int) -> int:
@@ -81,11 +80,13 @@ def check_task_input_id(value: str) -> str:
 
 def check_state(field: str, value: int, *, required: bool) -> Any:
     """Return the State for a proto enum value; None when unset and not required."""
-    if value not in _STATE_NUMBERS:
-        raise InvalidArgument(f"{field} has no such value: {value}")
-    if not value and required:
+    try:
+        state = messages.state_of(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} has no such value: {value}") from None
+    if state is None and required:
         raise InvalidArgument(f"{field} is required")
-    return messages.state_of(value)
+    return state
 
 
 class PorchService(porch_pb2_grpc.PorchServiceServicer):

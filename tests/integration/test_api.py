@@ -434,7 +434,10 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
         update("p1", task_id, State.CLAIMED),
         "ClaimTasks",
     )
-    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, update("p1", task_id, 0), "task.status")
+    unset = update("p1", task_id, 0)
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, unset, "task.status is required")
+    unknown = update("p1", task_id, 99)  # a number no Task.State has
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, unknown, "task.status has no such value: 99")
     fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, update("p1", "", State.DONE), "task_input")
     fails(Code.NOT_FOUND, wrapper.UpdateTask, update("p1", "f" * 64, State.CANCELLED), "not found")
     fails(
