@@ -37,6 +37,8 @@ Clients
     ``Timer``: collects per-call latencies by name (``with timer("Claim"):``).
     ``grpc_channel(target)`` / ``metadata(secret)``: a channel with porch's
     options and the ``authorization`` metadata for a token.
+    ``expect(response, status=200)``: an httpx response's JSON; raises,
+    naming the call, on any other HTTP status.
 
 Figures
     ``percentile(values, p)``: the p-th percentile (nearest rank) of values.
@@ -396,6 +398,16 @@ def metadata(secret: str) -> tuple[tuple[str, str]]:
 
 
 # Figures
+
+
+def expect(response: Any, status: int = 200) -> Any:
+    """An httpx response's JSON; raises, naming the call, on any other HTTP status."""
+    if response.status_code != status:
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: "
+            f"{response.status_code} {response.text[:200]}"
+        )
+    return response.json()
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -28,6 +28,7 @@ from _common import (
     add_json_option,
     check_claims,
     create_pipeline_token,
+    expect,
     fresh_database,
     grpc_channel,
     metadata,
@@ -60,7 +61,7 @@ def http_lifecycle_client(
         while True:
             with timer("ClaimTasks"):
                 response = client.post(f"{tasks_url}:claim", json={"num_tasks": batch})
-            tasks = _ok(response)["tasks"]
+            tasks = expect(response)["tasks"]
             if not tasks:
                 break
             for task in tasks:
@@ -71,17 +72,8 @@ def http_lifecycle_client(
                         response = client.patch(
                             f"{tasks_url}/{task_id}", json={"task": {"status": status}}
                         )
-                    _ok(response)
+                    expect(response)
         return start, time.time(), claimed, dict(timer.latencies)
-
-
-def _ok(response: httpx.Response) -> Any:
-    if response.status_code != 200:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path}: "
-            f"{response.status_code} {response.text[:200]}"
-        )
-    return response.json()
 
 
 def run_lifecycle(
@@ -123,7 +115,7 @@ def unary_latencies(server: Server, secret: str, calls: int) -> tuple[list[float
             stub.GetPipeline(request, metadata=auth)
 
         def over_http() -> None:
-            _ok(http.get(f"/v1/pipelines/{PIPELINE}"))
+            expect(http.get(f"/v1/pipelines/{PIPELINE}"))
 
         for call in (over_grpc, over_http):
             for _ in range(WARM_UP_CALLS):
