@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -112,45 +112,21 @@ class Gateway:
             binding.method, message, options.metadata, options.timeout
         )
         payload = response_json(binding, response)
-        if binding.paginates:
-            payload += await self._later_pages(match, message, response, options)
         headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
         if trailing:
             headers |= response_headers(trailing, (HTTP_CODE_KEY,), prefix="Grpc-Trailer-")
-        return Response(
-            encode_json(payload),
-            status_code=success_status((*initial, *trailing)),
-            media_type=JSON,
-            headers=headers,
-        )
-
-    async def _later_pages(
-        self,
-        match: RouteMatch,
-        message: Message,
-        response: Message,
-        options: CallOptions,
-    ) -> list[Any]:
-        binding = match.binding
-        items: list[Any] = []
-        seen = {getattr(message, PAGE_TOKEN)}
-        token: str = getattr(response, NEXT_PAGE_TOKEN)
-        pages = 1
-        while token:
-            if token in seen or pages >= self.options.max_pages:
-                reason = (
-                    "repeated a page token" if token in seen else f"has more than {pages} pages"
-                )
-                raise GatewayError(grpc.StatusCode.INTERNAL, f"{binding.method.full_name} {reason}")
-            seen.add(token)
-            setattr(message, PAGE_TOKEN, token)
-            response, _, _ = await self.upstream.unary_call(
-                binding.method, message, options.metadata, options.timeout
+        status = success_status((*initial, *trailing))
+        token: str = getattr(response, NEXT_PAGE_TOKEN) if binding.paginates else ""
+        if token:
+            pages = _LaterPages(self, match, message, options)
+            pages.check(token)
+            return _ArrayResponse(
+                pages.array(_array_items(payload), token),
+                status_code=status,
+                media_type=JSON,
+                headers=headers,
             )
-            items += response_json(binding, response)
-            token = getattr(response, NEXT_PAGE_TOKEN)
-            pages += 1
-        return items
+        return Response(encode_json(payload), status_code=status, media_type=JSON, headers=headers)
 
     def _stream_response(
         self, request: Request, match: RouteMatch, options: MethodOptions, call: Call
@@ -289,6 +265,99 @@ def error_response(
 ) -> Response:
     """An error as `google.rpc.Status` JSON."""
     return Response(encode_json(body), status_code=status, media_type=JSON, headers=headers)
+
+
+class _PageFailed(Exception):
+    """A later page of a bare-array answer failed after the answer began."""
+
+
+class _LaterPages:
+    """The pages after the first of a bare-array answer, fetched as the answer is sent.
+
+    The client of a bare array cannot see page tokens, so the gateway follows
+    them, a page at a time: memory holds one page, not the whole list.
+    """
+
+    def __init__(
+        self, gateway: Gateway, match: RouteMatch, message: Message, options: CallOptions
+    ) -> None:
+        self._gateway = gateway
+        self._binding = match.binding
+        self._message = message
+        self._options = options
+        self._seen = {getattr(message, PAGE_TOKEN)}
+
+    def check(self, token: str) -> None:
+        """GatewayError (500) when the server repeats a token or gives too many pages."""
+        if token in self._seen or len(self._seen) >= self._gateway.options.max_pages:
+            reason = (
+                "repeated a page token"
+                if token in self._seen
+                else f"has more than {len(self._seen)} pages"
+            )
+            raise GatewayError(
+                grpc.StatusCode.INTERNAL, f"{self._binding.method.full_name} {reason}"
+            )
+        self._seen.add(token)
+
+    async def array(self, first: bytes, token: str) -> AsyncIterator[bytes]:
+        """The JSON array from the first page's items (as _array_items gives
+        them), then page by page; _PageFailed if a later page fails."""
+        separator = b"["
+        items = first
+        while True:
+            if items:
+                yield separator + items
+                separator = b","
+            if not token:
+                break
+            items, token = await self._page(token)
+        yield b"]" if separator == b"," else b"[]"
+
+    async def _page(self, token: str) -> tuple[bytes, str]:
+        """The items of the page at token, as _array_items gives them, and the next token."""
+        method = self._binding.method
+        try:
+            setattr(self._message, PAGE_TOKEN, token)
+            response, _, _ = await self._gateway.upstream.unary_call(
+                method, self._message, self._options.metadata, self._options.timeout
+            )
+            items = _array_items(response_json(self._binding, response))
+            following: str = getattr(response, NEXT_PAGE_TOKEN)
+            if following:
+                self.check(following)
+        except (GatewayError, grpc.aio.AioRpcError) as error:
+            details = error.details() if isinstance(error, grpc.aio.AioRpcError) else str(error)
+            logger.warning(
+                "%s: page %d failed after the answer began; cutting it short: %s",
+                method.full_name,
+                len(self._seen),
+                details,
+            )
+            raise _PageFailed from error
+        return items, following
+
+
+def _array_items(items: list[Any]) -> bytes:
+    """The items of a JSON array as JSON, without the brackets: b"" for none."""
+    return encode_json(items)[1:-1]
+
+
+class _ArrayResponse(StreamingResponse):
+    """A JSON array sent as it is fetched. When a later page fails, the body
+    ends without its close: the server closes the connection mid-body, which
+    the client sees as a broken response rather than a shorter list."""
+
+    async def stream_response(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except _PageFailed:
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _TranscodedRoutes(BaseRoute):

@@ -100,6 +100,11 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
             return echo_pb2.ListItemsResponse(
                 items=[echo_pb2.Item(index=0)], next_page_token="loop"
             )
+        if request.page_token == "then-fail":
+            # A first page whose next token the following call refuses.
+            return echo_pb2.ListItemsResponse(
+                items=[echo_pb2.Item(index=0)], next_page_token="refused"
+            )
         if request.page_token and not request.page_token.isdigit():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
         start = int(request.page_token or 0)

@@ -300,6 +300,29 @@ async def test_pagination_stops_on_a_repeated_token(client: httpx.AsyncClient) -
     assert "repeated a page token" in response.json()["message"]
 
 
+async def test_bare_array_of_many_pages_is_sent_as_its_pages_come(live: Live) -> None:
+    several = await live.client.get("/items", params={"total": 700, "page_size": 100})
+    assert several.json() == [{"index": index} for index in range(700)]
+    assert several.headers["content-type"] == "application/json"
+    assert several.headers["transfer-encoding"] == "chunked"
+    one = await live.client.get("/items", params={"total": 2})
+    assert one.json() == [{"index": 0}, {"index": 1}]
+    assert one.headers["content-length"] == str(len(one.content))
+
+
+async def test_later_page_failing_cuts_the_answer_short(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The status went out with the first page; a shorter list would pass for
+    # the whole one, so the connection closes mid-body instead.
+    with pytest.raises(httpx.RemoteProtocolError):
+        await live.client.get("/items", params={"page_token": "then-fail"})
+    assert "page 2 failed after the answer began" in caplog.text
+    assert "invalid page_token" in caplog.text
+    # The server goes on serving.
+    assert (await live.client.get("/items", params={"total": 1})).json() == [{"index": 0}]
+
+
 async def test_error_on_a_later_page_is_the_answer(client: httpx.AsyncClient) -> None:
     response = await client.get("/items", params={"total": 2000})
     assert response.status_code == 400
