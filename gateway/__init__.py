@@ -23,9 +23,10 @@ from gateway.options import (
     MethodOptions,
     SchemaAlias,
 )
+from gateway.protojson import integral_numbers
 from gateway.rules import Binding, PathTemplate, RouteTable, load_bindings, parse_template
 from gateway.server import HttpServer, ServerTLS, serve
-from gateway.transcode import integral_numbers, message_to_dict
+from gateway.transcode import message_to_dict
 
 __all__ = [
     "HTTP_STATUS",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError, invalid_argument
+from gateway.protojson import to_json_object
 from gateway.rules import Binding, RouteMatch
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -275,83 +275,9 @@ def message_to_dict(message: Message, *, always_print_fields_with_no_presence: b
     protobuf prints every `google.protobuf.Value` number as a float (`1.0`),
     since a Value holds a double; here the integral ones within ±2^53 (where
     a double is exact) are written as integers (`1`), as the client sent them.
+    See gateway.protojson, which prints it.
     """
-    data = json_format.MessageToDict(
-        message,
-        always_print_fields_with_no_presence=always_print_fields_with_no_presence,
-        preserving_proto_field_name=True,
-    )
-    return _fix_numbers(data, cast(Descriptor, message.DESCRIPTOR))
-
-
-_JSON_VALUE_TYPES = frozenset(
-    f"google.protobuf.{name}" for name in ("Struct", "Value", "ListValue")
-)
-_MAX_EXACT = float(2**53)
-# Only these can hold a float somewhere inside; strings, bools and None are left alone.
-_MAY_HOLD_FLOATS = frozenset((dict, list, float))
-# How a field holds its messages in JSON: one, a list, or the values of an object.
-_ONE, _LIST, _MAP = range(3)
-
-
-def integral_numbers(value: Any) -> Any:
-    """A JSON value with every integral float within ±2^53 as an int (lists and dicts in place)."""
-    kind = type(value)
-    if kind is float:
-        return int(value) if value.is_integer() and -_MAX_EXACT <= value <= _MAX_EXACT else value
-    if kind is dict:
-        for key, item in value.items():
-            if type(item) in _MAY_HOLD_FLOATS:
-                value[key] = integral_numbers(item)
-    elif kind is list:
-        for index, item in enumerate(value):
-            if type(item) in _MAY_HOLD_FLOATS:
-                value[index] = integral_numbers(item)
-    return value
-
-
-def _fix_numbers(data: Any, descriptor: Descriptor) -> Any:
-    if descriptor.full_name in _JSON_VALUE_TYPES:
-        return integral_numbers(data)
-    for name, child, shape in _value_fields(descriptor):
-        value = data.get(name)
-        if value is None:
-            continue
-        if shape == _ONE:
-            data[name] = _fix_numbers(value, child)
-        elif shape == _LIST:
-            data[name] = [_fix_numbers(item, child) for item in value]
-        else:
-            data[name] = {key: _fix_numbers(item, child) for key, item in value.items()}
-    return data
-
-
-@functools.cache
-def _value_fields(descriptor: Descriptor) -> tuple[tuple[str, Descriptor, int], ...]:
-    """The message fields whose JSON can hold a Value number: only these are walked."""
-    fields = []
-    for field in descriptor.fields:
-        child = field.message_type
-        shape = _LIST if field.is_repeated else _ONE
-        if child is not None and child.GetOptions().map_entry:
-            child, shape = child.fields_by_name["value"].message_type, _MAP
-        if child is not None and _holds_values(child):
-            fields.append((field.name, child, shape))
-    return tuple(fields)
-
-
-@functools.cache
-def _holds_values(descriptor: Descriptor) -> bool:
-    """Whether a message is, or reaches through its fields, a Struct, Value or ListValue."""
-    seen, stack = set(), [descriptor]
-    while stack:
-        current = stack.pop()
-        if current.full_name in _JSON_VALUE_TYPES:
-            return True
-        if current.full_name not in seen:
-            seen.add(current.full_name)
-            stack += [f.message_type for f in current.fields if f.message_type is not None]
-    return False
+    return to_json_object(message, always_print_fields_with_no_presence)
 
 
 def response_json(binding: Binding, message: Message) -> Any:
