@@ -338,13 +338,18 @@ def _value_fields(descriptor: Descriptor) -> tuple[tuple[str, Descriptor, int], 
     return tuple(fields)
 
 
-@functools.cache
 def _holds_values(descriptor: Descriptor) -> bool:
     """Whether a message is, or reaches through its fields, a Struct, Value or ListValue."""
+    return reaches(descriptor, _JSON_VALUE_TYPES)
+
+
+@functools.cache
+def reaches(descriptor: Descriptor, full_names: frozenset[str]) -> bool:
+    """Whether a message is, or holds somewhere in its fields, a message of these types."""
     seen, stack = set(), [descriptor]
     while stack:
         current = stack.pop()
-        if current.full_name in _JSON_VALUE_TYPES:
+        if current.full_name in full_names:
             return True
         if current.full_name not in seen:
             seen.add(current.full_name)

@@ -21,7 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError, invalid_argument
-from gateway.protojson import to_json_object
+from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -99,9 +99,14 @@ def build_request(
     return request
 
 
+_FIELD_MASK = frozenset(("google.protobuf.FieldMask",))
+
+
 def _check_field_masks(message: Message) -> None:
     # json_format parses masks it cannot print (e.g. paths with upper case);
     # refuse them here rather than fail on the way back.
+    if not reaches(message.DESCRIPTOR, _FIELD_MASK):
+        return
     for field, value in message.ListFields():
         if field.message_type is None:
             continue
