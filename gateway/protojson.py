@@ -206,7 +206,7 @@ def _timestamp(message: Any) -> str:
 def _enum_converter(enum: EnumDescriptor) -> Convert:
     if enum.full_name == "google.protobuf.NullValue":
         return lambda value: None
-    if _custom_enum_names():
+    if custom_enum_names():
         return _unsupported
     names = {number: value.name for number, value in enum.values_by_number.items()}
     closed = enum.is_closed
@@ -225,7 +225,7 @@ def _enum_converter(enum: EnumDescriptor) -> Convert:
 
 
 @functools.cache
-def _custom_enum_names() -> bool:
+def custom_enum_names() -> bool:
     """Whether enum values may carry their own JSON names (an extension json_format reads)."""
     try:
         descriptor_pool.Default().FindExtensionByName("pb.enumvalue.json")

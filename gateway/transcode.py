@@ -21,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError, invalid_argument
+from gateway.jsonparse import merge_json_object
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch
 
@@ -140,7 +141,7 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     else:
         data = {binding.body: data}
     try:
-        json_format.ParseDict(data, request)
+        merge_json_object(data, request)
     except json_format.ParseError as error:
         # The first line names the field; the rest lists every field there is.
         raise invalid_argument(str(error).splitlines()[0]) from None
