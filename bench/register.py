@@ -29,6 +29,7 @@ from _common import (
     metadata,
     percentile,
     print_table,
+    py_spy,
     run_clients,
     sqlite_url,
     write_json,
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=500, help="tasks per RegisterTasks")
     parser.add_argument("--claim-batch", type=int, default=100, help="tasks per ClaimTasks")
     parser.add_argument("--workers", type=int, default=1, help="server processes")
+    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the RegisterTask phase")
     add_json_option(parser)
     args = parser.parse_args(argv)
     figures: dict[str, float] = {}
@@ -79,10 +81,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 ("register_tasks", f"RegisterTasks of {args.batch}", args.batch_tasks, args.batch),
             ]
             for key, label, count, batch in phases:
+                profile = args.profile if batch == 1 else None
                 cpu = cpu_seconds(server.pids())
-                seconds, latencies = register(
-                    server.target, secret, count, args.clients, batch, key
-                )
+                with py_spy(server.pids(), profile):
+                    seconds, latencies = register(
+                        server.target, secret, count, args.clients, batch, key
+                    )
                 cpu = cpu_seconds(server.pids()) - cpu
                 [values] = latencies.values()
                 figures[f"{key}_per_s"] = count / seconds
