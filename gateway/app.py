@@ -121,7 +121,7 @@ class Gateway:
             pages = _LaterPages(self, match, message, options)
             pages.check(token)
             return _ArrayResponse(
-                pages.array(_array_items(payload), token),
+                pages.array(_array_items(payload), token, isinstance(payload, dict)),
                 status_code=status,
                 media_type=JSON,
                 headers=headers,
@@ -300,10 +300,12 @@ class _LaterPages:
             )
         self._seen.add(token)
 
-    async def array(self, first: bytes, token: str) -> AsyncIterator[bytes]:
-        """The JSON array from the first page's items (as _array_items gives
-        them), then page by page; _PageFailed if a later page fails."""
-        separator = b"["
+    async def array(self, first: bytes, token: str, is_map: bool) -> AsyncIterator[bytes]:
+        """The JSON array (or object, for a map field) from the first page's
+        items (as _array_items gives them), then page by page; _PageFailed
+        if a later page fails."""
+        opening, closing = (b"{", b"}") if is_map else (b"[", b"]")
+        separator = opening
         items = first
         while True:
             if items:
@@ -312,7 +314,7 @@ class _LaterPages:
             if not token:
                 break
             items, token = await self._page(token)
-        yield b"]" if separator == b"," else b"[]"
+        yield closing if separator == b"," else opening + closing
 
     async def _page(self, token: str) -> tuple[bytes, str]:
         """The items of the page at token, as _array_items gives them, and the next token."""
@@ -335,16 +337,24 @@ class _LaterPages:
                 details,
             )
             raise _PageFailed from error
+        except Exception as error:
+            logger.exception(
+                "%s: page %d failed after the answer began; cutting it short",
+                method.full_name,
+                len(self._seen),
+            )
+            raise _PageFailed from error
         return items, following
 
 
-def _array_items(items: list[Any]) -> bytes:
-    """The items of a JSON array as JSON, without the brackets: b"" for none."""
+def _array_items(items: list[Any] | dict[str, Any]) -> bytes:
+    """The items of a JSON array (or the members of an object) as JSON,
+    without the brackets: b"" for none."""
     return encode_json(items)[1:-1]
 
 
 class _ArrayResponse(StreamingResponse):
-    """A JSON array sent as it is fetched. When a later page fails, the body
+    """A JSON array (or a map's object) sent as it is fetched. When a later page fails, the body
     ends without its close: the server closes the connection mid-body, which
     the client sees as a broken response rather than a shorter list."""
 

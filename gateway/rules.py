@@ -218,7 +218,8 @@ class Binding:
 
     @property
     def paginates(self) -> bool:
-        """Whether to follow page tokens: the client of a bare-array answer cannot see them."""
+        """Whether to follow page tokens: the client of a bare array (or of a map
+        field's object) cannot see them."""
         if not self.response_body:
             return False
         output, request = self.method.output_type, self.method.input_type
