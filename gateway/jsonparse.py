@@ -27,6 +27,7 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.message import Message
 
 from gateway.protojson import custom_enum_names
+from gateway.rules import is_map_field
 
 # json_format.ParseDict's default: messages (each Struct and Value counts) nest this deep.
 _MAX_DEPTH = 100
@@ -114,8 +115,7 @@ def _fields(descriptor: Descriptor) -> dict[str, _Field]:
     plain = [
         field
         for field in descriptor.fields
-        if field.containing_oneof is None
-        and not (field.message_type is not None and field.message_type.GetOptions().map_entry)
+        if field.containing_oneof is None and not is_map_field(field)
     ]
     json_names = {field.json_name for field in descriptor.fields}
     # JSON names first, as json_format looks them up first.

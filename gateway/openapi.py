@@ -25,7 +25,7 @@ from google.rpc import status_pb2
 
 from gateway.comments import Comments
 from gateway.options import DocumentOptions, MethodOptions
-from gateway.rules import Binding, Variable, load_bindings, resolve_field
+from gateway.rules import Binding, Variable, is_map_field, load_bindings, resolve_field
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class _Builder:
     ) -> Iterable[dict[str, Any]]:
         for field in message.fields:
             name = prefix + field.name
-            if name in skip or _is_map(field):
+            if name in skip or is_map_field(field):
                 continue
             nested = field.message_type
             if nested is not None and nested.full_name in _WELL_KNOWN:
@@ -287,7 +287,7 @@ class _Builder:
     # Schemas of fields, messages and enums.
 
     def _field_schema(self, field: FieldDescriptor) -> dict[str, Any]:
-        if field.message_type is not None and _is_map(field):
+        if field.message_type is not None and is_map_field(field):
             value = field.message_type.fields_by_name["value"]
             return {"type": "object", "additionalProperties": self._value_schema(value)}
         schema = self._value_schema(field)
@@ -418,10 +418,6 @@ def _scalar_schema(kind: int) -> dict[str, Any]:
 
 def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
-
-
-def _is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
 
 
 def _is_wrapper(message: Descriptor) -> bool:

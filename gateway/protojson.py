@@ -28,6 +28,8 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescript
 from google.protobuf.internal import type_checkers
 from google.protobuf.message import Message
 
+from gateway.rules import is_map_field
+
 Convert = Callable[[Any], Any]
 Printer = Callable[[Message], Any]
 
@@ -122,7 +124,7 @@ def _regular(descriptor: Descriptor, always: bool) -> Printer:
 
 def _default(field: FieldDescriptor, convert: Convert) -> Callable[[], Any]:
     """A fresh default value for each message: lists and dicts are the caller's to change."""
-    if _is_map(field):
+    if is_map_field(field):
         return dict
     if field.is_repeated:
         return list
@@ -130,13 +132,9 @@ def _default(field: FieldDescriptor, convert: Convert) -> Callable[[], Any]:
     return lambda: value
 
 
-def _is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and field.message_type.GetOptions().map_entry
-
-
 def _converter(field: FieldDescriptor, always: bool) -> Convert:
     """One field's value (repeated and map fields whole) to JSON."""
-    if _is_map(field):
+    if is_map_field(field):
         entry = cast(Descriptor, field.message_type)
         key = _map_key
         value = _single(entry.fields_by_name["value"], always)

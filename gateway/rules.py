@@ -235,6 +235,11 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return bool(field.is_repeated)
 
 
+def is_map_field(field: FieldDescriptor) -> bool:
+    """Whether a field is a map (a repeated field of map entries)."""
+    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
+
+
 def _is_string(field: FieldDescriptor | None) -> bool:
     return (
         field is not None and field.type == FieldDescriptor.TYPE_STRING and not _is_repeated(field)

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import merge_json_object
 from gateway.protojson import reaches, to_json_object
-from gateway.rules import Binding, RouteMatch
+from gateway.rules import Binding, RouteMatch, is_map_field
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _INT_RANGES: dict[int, tuple[int, int]] = {
@@ -119,7 +119,7 @@ def _check_field_masks(message: Message) -> None:
                     raise invalid_argument(
                         f"invalid field mask in {field.name!r}: {error}"
                     ) from None
-        elif field.message_type.GetOptions().map_entry:
+        elif is_map_field(field):
             for item in value.values():
                 if isinstance(item, Message):
                     _check_field_masks(item)
@@ -166,7 +166,7 @@ def set_field(message: Message, path: list[str], text: str, what: str) -> None:
     field = _field(parent, path[-1])
     if field is None:
         raise invalid_argument(f"unknown {what}: no such field")
-    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+    if is_map_field(field):
         raise invalid_argument(f"{what} names a map field, which only the body can set")
     repeated = bool(field.is_repeated)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
