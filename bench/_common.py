@@ -6,6 +6,9 @@ Databases
     (PostgreSQL) or delete the file (SQLite), then ``porch db upgrade`` it;
     returns ``url``. Everything in that database is lost.
     ``sqlite_url(directory)``: a SQLite URL for a file in ``directory``.
+    ``add_database_options(parser)`` / ``bench_database(args, scratch)``:
+    the ``--db-url`` and ``--sqlite`` options, and the fresh database they
+    name (a SQLite file in ``scratch`` with ``--sqlite``).
     ``psycopg2_dsn(url)``: the libpq DSN of a SQLAlchemy PostgreSQL URL.
     ``porch(*args)``: run the ``porch`` command and return its stdout.
     ``create_pipeline_token(url, pipeline)``: create pipeline ``pipeline``
@@ -111,6 +114,17 @@ def write_transactions(url: str) -> int | None:
 def sqlite_url(directory: str | Path) -> str:
     """Return a SQLite URL for a fresh file in directory."""
     return f"sqlite:///{Path(directory) / 'porch-bench.db'}"
+
+
+def add_database_options(parser: argparse.ArgumentParser) -> None:
+    """Add --db-url (re-created, PostgreSQL by default) and --sqlite."""
+    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
+    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+
+
+def bench_database(args: argparse.Namespace, scratch: str | Path) -> str:
+    """The database those options name, fresh: with --sqlite, a file in scratch."""
+    return fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
 
 
 def fresh_database(url: str) -> str:

@@ -17,18 +17,17 @@ import tempfile
 import time
 
 from _common import (
-    DEFAULT_DB_URL,
     Server,
+    add_database_options,
     add_json_option,
+    bench_database,
     check_claims,
     create_pipeline_token,
-    fresh_database,
     grpc_channel,
     metadata,
     percentile,
     print_table,
     run_clients,
-    sqlite_url,
     write_json,
 )
 from sqlalchemy import create_engine, text
@@ -85,8 +84,7 @@ def claim_client(target: str, secret: str, batch: int) -> tuple[list[str], list[
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 100_000, 1_000_000])
     parser.add_argument("--pending", type=int, default=2000, help="tasks claimed per level")
     parser.add_argument("--batch", type=int, default=10, help="tasks per ClaimTasks")
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         secret = create_pipeline_token(url, PIPELINE)
         # Numbers above every finished task's, so that pending tasks are the newest.
         next_pending = 10 * max(args.levels) + 1

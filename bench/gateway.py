@@ -22,21 +22,20 @@ from typing import Any
 
 import httpx
 from _common import (
-    DEFAULT_DB_URL,
     Server,
     Timer,
+    add_database_options,
     add_json_option,
+    bench_database,
     check_claims,
     create_pipeline_token,
     expect,
-    fresh_database,
     grpc_channel,
     metadata,
     percentile,
     print_table,
     py_spy,
     run_clients,
-    sqlite_url,
     write_json,
 )
 from lifecycle import PIPELINE, lifecycle_client, register, statuses
@@ -134,8 +133,7 @@ def unary_latencies(server: Server, secret: str, calls: int) -> tuple[list[float
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--tasks", type=int, default=4000, help="tasks per transport")
     parser.add_argument(
         "--workers", "--clients", dest="clients", type=int, default=8, help="client processes"
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add_json_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         secret = create_pipeline_token(url, PIPELINE)
         with Server(url, http=True) as server:
             assert server.http_url is not None

@@ -17,14 +17,14 @@ import time
 from typing import Any
 
 from _common import (
-    DEFAULT_DB_URL,
     Server,
     Timer,
+    add_database_options,
     add_json_option,
+    bench_database,
     check_claims,
     cpu_seconds,
     create_pipeline_token,
-    fresh_database,
     grpc_channel,
     metadata,
     peak_rss_mb,
@@ -32,7 +32,6 @@ from _common import (
     print_table,
     py_spy,
     run_clients,
-    sqlite_url,
     write_json,
     write_transactions,
 )
@@ -131,8 +130,7 @@ def statuses(url: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch", type=int, default=10, help="tasks per ClaimTasks")
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add_json_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         secret = create_pipeline_token(url, PIPELINE)
         with Server(url, workers=args.workers) as server:
             cpu_start = cpu_seconds(server.pids())

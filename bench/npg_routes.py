@@ -30,20 +30,19 @@ from typing import Any
 
 import httpx
 from _common import (
-    DEFAULT_DB_URL,
     Server,
     Timer,
+    add_database_options,
     add_json_option,
+    bench_database,
     check_claims,
     cpu_seconds,
     create_pipeline_token,
     expect,
-    fresh_database,
     percentile,
     print_table,
     py_spy,
     run_clients,
-    sqlite_url,
     write_json,
 )
 from lifecycle import PIPELINE, statuses
@@ -112,8 +111,7 @@ def _seconds(results: list[Any]) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--tasks", type=int, default=4000)
     parser.add_argument("--register-clients", type=int, default=4, help="registering processes")
     parser.add_argument("--clients", type=int, default=8, help="claiming and updating processes")
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add_json_option(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         secret = create_pipeline_token(url, PIPELINE)
         with Server(url, http=True) as server:
             assert server.http_url is not None

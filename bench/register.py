@@ -17,21 +17,20 @@ import time
 from typing import Any
 
 from _common import (
-    DEFAULT_DB_URL,
     Server,
     Timer,
+    add_database_options,
     add_json_option,
+    bench_database,
     check_claims,
     cpu_seconds,
     create_pipeline_token,
-    fresh_database,
     grpc_channel,
     metadata,
     percentile,
     print_table,
     py_spy,
     run_clients,
-    sqlite_url,
     write_json,
 )
 from lifecycle import PIPELINE, register
@@ -59,8 +58,7 @@ def claim_client(target: str, secret: str, batch: int) -> tuple[float, float, li
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the benchmark; print and return its figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL, help="re-created: all data is lost")
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--tasks", type=int, default=10_000, help="for RegisterTask")
     parser.add_argument("--batch-tasks", type=int, default=100_000, help="for RegisterTasks")
     parser.add_argument("--clients", type=int, default=8)
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         secret = create_pipeline_token(url, PIPELINE)
         with Server(url, workers=args.workers) as server:
             phases: list[tuple[str, str, int, Any]] = [

@@ -46,12 +46,12 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
-    DEFAULT_DB_URL,
     Server,
     Timer,
+    add_database_options,
+    bench_database,
     cpu_seconds,
     create_pipeline_token,
-    fresh_database,
     metadata,
     peak_rss_mb,
     percentile,
@@ -59,7 +59,6 @@ from _common import (
     print_table,
     rss_mb,
     run_clients,
-    sqlite_url,
 )
 
 from porch_stubs.v1 import porch_pb2 as pb
@@ -184,8 +183,7 @@ def write(
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--db-url", default=DEFAULT_DB_URL)
-    parser.add_argument("--sqlite", action="store_true", help="use a SQLite file instead")
+    add_database_options(parser)
     parser.add_argument("--watchers", type=int, default=1000)
     # One receiving process per core: the delay measured includes the
     # receivers' own queueing, and on two cores more of them only add
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     names = [f"bench{i}" for i in range(args.pipelines)]
     with tempfile.TemporaryDirectory() as scratch:
-        url = fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+        url = bench_database(args, scratch)
         tokens = {name: create_pipeline_token(url, name) for name in names}
         reader = porch("token", "create", "--reader", "--description", "watchers", "--db-url", url)
         per_pipeline = int(args.rate * args.seconds * 1.5 / args.pipelines) + 50
