@@ -14,12 +14,14 @@ import grpc
 from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from gateway.access import AccessLog
 from gateway.errors import GatewayError, rpc_error_json, rpc_error_status, status_json
 from gateway.openapi import EVENT_STREAM, build_openapi
 from gateway.options import GatewayOptions, MethodOptions
@@ -438,8 +440,12 @@ def create_app(options: GatewayOptions, upstream: UpstreamCalls | None = None) -
     if options.health_path:
         routes.append(Route(options.health_path, gateway.health, methods=["GET"]))
     routes.append(_TranscodedRoutes(gateway))
+    middleware = [Middleware(AccessLog, logger=options.access_log)] if options.access_log else []
     app = Starlette(
-        routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=gateway.lifespan
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error},
+        lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway
     return app

@@ -394,6 +394,15 @@ class LocalStreamCall:
         """Cancel the handler's task; False if it had ended already."""
         return self._task.cancel()
 
+    async def code(self) -> grpc.StatusCode:
+        """The call's status code, once the handler's task has ended."""
+        await asyncio.wait([self._task])
+        if self._task.cancelled():
+            return grpc.StatusCode.CANCELLED
+        if self._context is None:
+            return grpc.StatusCode.UNAVAILABLE  # it never reached a handler
+        return self._context.code() or grpc.StatusCode.OK
+
 
 def _request(handler: Handler, message: Message) -> Any:
     """The request as the handler's own message class, through its wire form."""

@@ -90,3 +90,6 @@ class GatewayOptions:
     # Service name asked about by the health check; "" is the whole server.
     health_service: str = ""
     health_timeout: float = 5.0
+    # The logger of the access log, one line per HTTP request (gateway.access);
+    # None for no access log.
+    access_log: str | None = "gateway.access"

@@ -33,7 +33,11 @@ class _Server(uvicorn.Server):  # type: ignore[misc]
 
 
 class HttpServer:
-    """uvicorn on a socket bound up front, so port 0 works and the port is known."""
+    """uvicorn on a socket bound up front, so port 0 works and the port is known.
+
+    uvicorn's own access log (`access_log`) is off by default: the gateway's
+    app writes one (GatewayOptions.access_log) with more in each line.
+    """
 
     def __init__(
         self,
@@ -44,7 +48,7 @@ class HttpServer:
         tls: ServerTLS | None = None,
         reuse_port: bool = False,
         grace: float = 10.0,
-        access_log: bool = True,
+        access_log: bool = False,
     ) -> None:
         self.app = app
         self._socket = _bind(host, port, reuse_port)

@@ -91,6 +91,9 @@ class StreamResponse:
                 tasks.cancel_scope.cancel()
         finally:
             self.call.cancel()
+            # Wait for its end, so that what it logs as it ends goes in (or
+            # before) this request's access line.
+            await self.call.code()
         if self.finished:
             return
         if not self.started:

@@ -57,6 +57,9 @@ class StreamCall(Protocol):
     def cancel(self) -> bool:
         """Cancel the call."""
 
+    async def code(self) -> grpc.StatusCode:
+        """The call's status code, once it has ended."""
+
 
 class UpstreamCalls(Protocol):
     """Where the gateway sends its calls: a channel (Upstream) or handlers in this

@@ -12,13 +12,15 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from gateway import access
 from porch_server import auth
 from porch_server.errors import PorchError, Unauthenticated
 from porch_server.models import Token
 from porch_server.status import code_of
 from porch_server.store import Store
 
-log = logging.getLogger("porch.access")
+ACCESS_LOG = "porch.access"
+log = logging.getLogger(ACCESS_LOG)
 
 SERVICE_PREFIX = "/porch.v1.PorchService/"
 
@@ -142,10 +144,15 @@ def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes
 
 
 def _log_call(method: str, context: Context, token: Token | None, start: float) -> None:
+    """Write the call's access line: method, status code, time and caller. A
+    call through the gateway in this process adds them to the HTTP request's
+    line instead, which the gateway writes to the same logger."""
     if not log.isEnabledFor(logging.INFO):
         return
     code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     who = f"token {token.token_id} ({token.description})" if token else "anonymous"
+    if access.note(f"{method} {name} {who}"):
+        return
     elapsed_ms = (time.perf_counter() - start) * 1000
     log.info("%s %s %.1fms %s", method, name, elapsed_ms, who)

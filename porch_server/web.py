@@ -6,6 +6,7 @@ from importlib import metadata, resources
 from typing import Any
 
 import gateway
+from porch_server.interceptor import ACCESS_LOG
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -55,6 +56,8 @@ def gateway_options(
         document=_document(),
         methods=_methods(),
         openapi_paths=OPENAPI_PATHS,
+        # Calls through the gateway get one line, HTTP and gRPC side together.
+        access_log=ACCESS_LOG,
         **extra,
     )
 

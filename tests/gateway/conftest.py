@@ -251,7 +251,7 @@ class Live:
 @pytest.fixture(params=UPSTREAMS)
 async def live(backend: Backend, request: pytest.FixtureRequest) -> AsyncIterator[Live]:
     """The gateway served by uvicorn on a free port, and a client for it."""
-    server = gateway.HttpServer(echo_app(backend, request.param), port=0, grace=2, access_log=False)
+    server = gateway.HttpServer(echo_app(backend, request.param), port=0, grace=2)
     await server.start()
     base_url = f"http://127.0.0.1:{server.port}"
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
@@ -302,11 +302,11 @@ async def start_porch_http(db_url: str, upstream: str = "channel") -> PorchHttp:
     if upstream == "in-process":
         local = porch.server.running.local
         app = gateway.create_app(web.gateway_options(local.target), local)
-        server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
+        server = gateway.HttpServer(app, port=0, grace=2)
         await asyncio.to_thread(porch.server.call, server.start())
     else:
         app = gateway.create_app(web.gateway_options(porch.target))
-        server = gateway.HttpServer(app, port=0, grace=2, access_log=False)
+        server = gateway.HttpServer(app, port=0, grace=2)
         await server.start()
     base_url = f"http://127.0.0.1:{server.port}"
     client = httpx.AsyncClient(base_url=base_url, timeout=30)

@@ -1,0 +1,182 @@
+"""The gateway's access log: one line per HTTP request, with what the handler
+in this process noted about its call."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Message
+
+from gateway import access
+from gateway.access import AccessLog
+from tests.gateway.conftest import PorchHttp
+
+pytestmark = pytest.mark.asyncio
+
+LOGGER = "test.access"
+
+
+async def noted(request: Request) -> Response:
+    assert access.note("Echo OK token 7 (ci)")
+    return PlainTextResponse("noted", status_code=201)
+
+
+async def failing(request: Request) -> Response:
+    raise RuntimeError("the handler broke")
+
+
+def app(logger: str | None = LOGGER) -> Starlette:
+    middleware = [Middleware(AccessLog, logger=logger)] if logger else []
+    routes = [Route("/noted", noted, methods=["POST"]), Route("/failing", failing)]
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def lines(caplog: pytest.LogCaptureFixture, logger: str = LOGGER) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == logger]
+
+
+async def logged_lines(caplog: pytest.LogCaptureFixture, logger: str, count: int) -> list[str]:
+    """The logger's lines, once there are count of them (or after 5 s)."""
+    for _ in range(100):
+        if len(lines(caplog, logger)) >= count:
+            break
+        await asyncio.sleep(0.05)
+    return lines(caplog, logger)
+
+
+async def test_one_line_per_request_with_the_handlers_note(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app(), client=("10.1.2.3", 5555))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        assert (await client.post("/noted?x=1&y=%20")).status_code == 201
+        assert (await client.get("/nowhere")).status_code == 404
+
+    [posted, missing] = lines(caplog)
+    method, target, status, elapsed, peer, *note = posted.split(" ")
+    assert (method, target, status, peer) == ("POST", "/noted?x=1&y=%20", "201", "10.1.2.3:5555")
+    assert elapsed.endswith("ms") and float(elapsed.removesuffix("ms")) >= 0
+    assert " ".join(note) == "Echo OK token 7 (ci)"
+    assert missing.startswith("GET /nowhere 404 ") and missing.endswith(" 10.1.2.3:5555")
+
+
+async def test_a_failing_request_is_logged_as_the_500_it_becomes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        assert (await client.get("/failing")).status_code == 500
+
+    [line] = lines(caplog)
+    assert line.startswith("GET /failing 500 ")
+
+
+async def test_bytes_that_could_forge_a_field_or_a_line_are_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/a\nb",
+        "raw_path": b"/a\nb c\x7f\xff",
+        "query_string": b"q=\r",
+        "client": ("::1", 4000),
+        "headers": [],
+    }
+    await AccessLog(PlainTextResponse("x"), LOGGER)(scope, receive, send)
+
+    [line] = lines(caplog)
+    assert line.split(" ")[:2] == ["GET", "/a\\x0ab\\x20c\\x7f\\xff?q=\\x0d"]
+    assert line.endswith(" [::1]:4000")
+
+
+async def test_no_line_and_no_note_when_the_access_log_is_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert not access.note("outside any request")
+    transport = httpx.ASGITransport(app=app(logger=None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        with pytest.raises(AssertionError):
+            await client.post("/noted")  # noted() finds no request to note on
+    assert lines(caplog) == []
+
+
+async def test_porch_calls_through_the_gateway_log_one_line_each(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    headers = await porch_http.pipeline("p1")
+    caplog.clear()
+
+    response = await porch_http.client.post(
+        "/v1/pipelines/p1/tasks", json={"task_input": {"run": 1}}, headers=headers
+    )
+    assert response.status_code == 201, response.text
+    denied = await porch_http.client.get("/v1/pipelines/p1/tasks", headers={})
+    assert denied.status_code == 401
+
+    # A server in another thread may write its line just after its answer.
+    logged = await logged_lines(
+        caplog, "porch.access", 2 if porch_http.upstream == "in-process" else 4
+    )
+    http = [line for line in logged if line.startswith(("POST ", "GET "))]
+    grpc = [line for line in logged if not line.startswith(("POST ", "GET "))]
+    assert [line.split(" ")[:3] for line in http] == [
+        ["POST", "/v1/pipelines/p1/tasks", "201"],
+        ["GET", "/v1/pipelines/p1/tasks", "401"],
+    ]
+    if porch_http.upstream == "in-process":
+        # The call's own line is folded into the HTTP request's line.
+        assert grpc == []
+        assert re.search(r" RegisterTask OK token \d+ \(p1 wrapper\)$", http[0]), http[0]
+        assert http[1].endswith(" ListTasks UNAUTHENTICATED anonymous")
+    else:
+        # Over a connection the server logs the call itself, as any gRPC call.
+        assert [line.split(" ")[:2] for line in grpc] == [
+            ["RegisterTask", "OK"],
+            ["ListTasks", "UNAUTHENTICATED"],
+        ]
+        # ... and the gateway, in another process as a rule, knows nothing to add.
+        assert [len(line.split(" ")) for line in http] == [5, 5]
+
+
+async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    async with porch_http.client.stream(
+        "GET", "/v1/events:watch", headers=porch_http.admin
+    ) as response:
+        assert response.status_code == 200
+        async for _ in response.aiter_lines():
+            break  # the first bookmark: the stream is up; now leave
+
+    logged = await logged_lines(
+        caplog, "porch.access", 1 if porch_http.upstream == "in-process" else 2
+    )
+    [line] = [line for line in logged if line.startswith("GET ")]
+    assert line.split(" ")[:3] == ["GET", "/v1/events:watch", "200"]
+    if porch_http.upstream == "in-process":
+        assert re.search(r" WatchEvents \w+ token \d+ \(", line), line
