@@ -59,16 +59,15 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
-def checked_task_input(field: str, task: porch_pb2.Task) -> tuple[dict[str, Any], str]:
-    """Return the task's input as a dict and as canonical JSON, checking that it is
-    there and not too large."""
+def checked_task_input(field: str, task: porch_pb2.Task) -> str:
+    """Return the task's input as canonical JSON, checking that it is there and
+    not too large."""
     if not task.HasField("task_input"):
         raise InvalidArgument(f"{field}.task_input is required")
-    task_input = messages.to_dict(task.task_input)
-    canonical = canonical_json(task_input)
+    canonical = canonical_json(messages.to_dict(task.task_input))
     if len(canonical) > MAX_TASK_INPUT_BYTES:
         raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
-    return task_input, canonical
+    return canonical
 
 
 def check_task_input_id(value: str) -> str:
@@ -194,7 +193,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self, request: porch_pb2.RegisterTaskRequest, context: Context
     ) -> porch_pb2.RegisterTaskResponse:
         name = check_name("task.pipeline.name", request.task.pipeline.name)
-        text = checked_task_input("task", request.task)[1]
+        text = checked_task_input("task", request.task)
         actor = auth.caller_actor()
         registered = await self._store.register_canonical_async(name, [text], actor)
         if registered is None:
@@ -222,7 +221,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 raise InvalidArgument(
                     f"tasks[{index}] is of pipeline '{task.pipeline.name}', not '{name}'"
                 )
-            texts.append(checked_task_input(f"tasks[{index}]", task)[1])
+            texts.append(checked_task_input(f"tasks[{index}]", task))
         results = await self._run(self._store.register_canonical, name, texts, auth.caller_actor())
         if any(r.created for r in results):
             self._hub.committed()
@@ -285,7 +284,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         status = check_state("task.status", given.status, required=True)
         if given.HasField("task_input"):
             # A task_input_id sent beside the input is ignored, as npg_porch did.
-            task_id = digest_of(checked_task_input("task", given)[1])
+            task_id = digest_of(checked_task_input("task", given))
         elif given.task_input_id:
             task_id = check_task_input_id(given.task_input_id)
         else:
