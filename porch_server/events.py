@@ -70,7 +70,10 @@ class Subscription:
         self.topic = topic
         self._limit = limit
         self._events: deque[Live] = deque()
-        self._ready = asyncio.Event()
+        # The stream waiting in get(), if it is: one future, not an
+        # asyncio.Event, as this is woken once per delivery on every stream.
+        self._waiter: asyncio.Future[None] | None = None
+        self._ticked = False  # a tick came while the stream was not waiting
         self.overflowed = False
         self.closed = False
 
@@ -83,12 +86,12 @@ class Subscription:
             self.overflowed = True
         else:
             self._events.extend(events)
-        self._ready.set()
+        self._wake()
 
     def close(self) -> None:
         """End the stream: the server is shutting down."""
         self.closed = True
-        self._ready.set()
+        self._wake()
 
     def resume(self) -> None:
         """Accept events again after a replay caught up."""
@@ -100,13 +103,23 @@ class Subscription:
 
     def tick(self) -> None:
         """Wake the stream with no events, so it can see whether a keep-alive is due."""
-        self._ready.set()
+        self._ticked = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> list[Live]:
         """Return the events waiting, after waiting for some or for a tick."""
-        if not self._events and not self.closed and not self.overflowed:
-            await self._ready.wait()
-        self._ready.clear()
+        if not (self._events or self.closed or self.overflowed or self._ticked):
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._ticked = False
         events = list(self._events)
         self._events.clear()
         return events

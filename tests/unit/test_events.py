@@ -1,11 +1,12 @@
-"""The watch hub hands each stream only the events of its topic."""
+"""The watch hub hands each stream only the events of its topic, and wakes it
+for each batch, a tick, an overflow or the end."""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
 
-from porch_server.events import EventHub
+from porch_server.events import EventHub, Subscription
 from porch_server.models import Event, EventKind
 from porch_server.states import State
 
@@ -56,3 +57,44 @@ async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() ->
         assert hub.watchers == 0 and hub.position is None
     finally:
         await hub.stop()
+
+
+async def test_a_subscription_wakes_for_events_ticks_overflow_and_close() -> None:
+    live = [((0, n), event(n, "p1")) for n in range(1, 4)]
+
+    subscription = Subscription(limit=2)
+    waiting = asyncio.create_task(subscription.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    subscription.put(live[:1])
+    assert await asyncio.wait_for(waiting, 5) == live[:1]
+
+    # What came while the stream was busy is there at once, a tick included.
+    subscription.put(live[1:2])
+    assert await asyncio.wait_for(subscription.get(), 5) == live[1:2]
+    subscription.tick()
+    assert await asyncio.wait_for(subscription.get(), 5) == []
+    asleep = asyncio.create_task(subscription.get())
+    await asyncio.sleep(0.01)
+    assert not asleep.done(), "a tick wakes the stream once, not for good"
+    subscription.tick()
+    assert await asyncio.wait_for(asleep, 5) == []
+
+    # Past the bound the events are dropped and the stream told to replay.
+    subscription.put(live)
+    assert subscription.overflowed and await asyncio.wait_for(subscription.get(), 5) == []
+    subscription.resume()
+    closing = asyncio.create_task(subscription.get())
+    await asyncio.sleep(0)
+    subscription.close()
+    assert await asyncio.wait_for(closing, 5) == [] and subscription.closed
+
+
+async def test_a_cancelled_wait_leaves_the_subscription_usable() -> None:
+    subscription = Subscription(limit=10)
+    waiting = asyncio.create_task(subscription.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    subscription.put([((0, 1), event(1, "p1"))])  # nobody waits: no error
+    assert [key for key, _ in await asyncio.wait_for(subscription.get(), 5)] == [(0, 1)]
