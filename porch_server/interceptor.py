@@ -91,14 +91,18 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def serve(request: Any, context: Context) -> Any:
             start = time.perf_counter()
             token = None
+            cancelled = False
             try:
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
                 await context.abort(code_of(error), str(error))
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                _log_call(method, context, token, start)
+                _log_call(method, context, token, start, cancelled)
 
         return serve
 
@@ -110,14 +114,18 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def serve(request: Any, context: Context) -> None:
             start = time.perf_counter()
             token = None
+            cancelled = False
             try:
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 await behavior(request, context)
             except PorchError as error:
                 await context.abort(code_of(error), str(error))
+            except asyncio.CancelledError:
+                cancelled = True
+                raise
             finally:
-                _log_call(method, context, token, start)
+                _log_call(method, context, token, start, cancelled)
 
         return serve
 
@@ -143,13 +151,20 @@ def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes
     return serialize_message
 
 
-def _log_call(method: str, context: Context, token: Token | None, start: float) -> None:
+def _log_call(
+    method: str, context: Context, token: Token | None, start: float, cancelled: bool
+) -> None:
     """Write the call's access line: method, status code, time and caller. A
     call through the gateway in this process adds them to the HTTP request's
-    line instead, which the gateway writes to the same logger."""
+    line instead, which the gateway writes to the same logger.
+
+    A call whose task was cancelled (the client left, or its deadline
+    passed) is CANCELLED: grpc.aio's context does not say so yet when the
+    handler ends.
+    """
     if not log.isEnabledFor(logging.INFO):
         return
-    code = context.code() or grpc.StatusCode.OK
+    code = grpc.StatusCode.CANCELLED if cancelled else (context.code() or grpc.StatusCode.OK)
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     who = f"token {token.token_id} ({token.description})" if token else "anonymous"
     if access.note(f"{method} {name} {who}"):

@@ -178,5 +178,9 @@ async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(
     )
     [line] = [line for line in logged if line.startswith("GET ")]
     assert line.split(" ")[:3] == ["GET", "/v1/events:watch", "200"]
+    left = r"WatchEvents CANCELLED [\d.]+ms token \d+ \(.+\)"
     if porch_http.upstream == "in-process":
-        assert re.search(r" WatchEvents \w+ token \d+ \(", line), line
+        assert re.search(left.replace(r" [\d.]+ms", ""), line), line
+    else:
+        [served] = [line for line in logged if line.startswith("WatchEvents")]
+        assert re.fullmatch(left, served), served
