@@ -9,6 +9,7 @@ import json
 import logging
 import logging.config
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -449,3 +450,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokenPipeError:
+        # Whoever read the output left (`porch task list | head -1`): stop
+        # quietly with the status of a program ended by SIGPIPE. stdout goes
+        # to /dev/null first, or the flush at exit would fail and complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None

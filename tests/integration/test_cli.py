@@ -174,6 +174,17 @@ def test_openapi_command_prints_the_document() -> None:
     assert "TaskStateEnum" in document["components"]["schemas"]
 
 
+def test_output_to_a_reader_that_left_ends_quietly() -> None:
+    # As in `porch task list | head -1`: the reader is gone before porch writes.
+    process = subprocess.Popen(
+        [*PORCH, "openapi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, errors = process.communicate(timeout=60)
+    assert (process.returncode, errors) == (141, "")
+
+
 def test_a_vanished_database_is_unavailable(postgres_server: Any, pg_template: str) -> None:
     url = postgres_server.create_database(template=pg_template)
     running = start_porch(url)
