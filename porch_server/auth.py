@@ -102,10 +102,10 @@ def authorize(method: str, token: Token, request: Any) -> None:
     if rule.access is Access.READ or (token.role is Role.ADMIN and rule.access is Access.ADMIN):
         return
     if rule.access is Access.ADMIN:
-        raise PermissionDenied(f"{method} needs an admin token; this is a {token.role} token")
+        raise PermissionDenied(f"{method} needs an admin token; this is {_a(token.role)} token")
     if token.role is not Role.PIPELINE:
         raise PermissionDenied(
-            f"{method} needs a token of the task's pipeline; this is a {token.role} token"
+            f"{method} needs a token of the task's pipeline; this is {_a(token.role)} token"
         )
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
@@ -114,6 +114,11 @@ def authorize(method: str, token: Token, request: Any) -> None:
         raise PermissionDenied(
             f"this token is for pipeline '{token.pipeline_name}', not '{pipeline}'"
         )
+
+
+def _a(role: Role) -> str:
+    """The role with its article, as in "this is an admin token"."""
+    return {Role.ADMIN: "an admin", Role.PIPELINE: "a pipeline", Role.READER: "a reader"}[role]
 
 
 # The token of the call being served (None for an anonymous read); set by the

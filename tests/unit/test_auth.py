@@ -92,3 +92,24 @@ def test_role_matrix() -> None:
 def test_wrong_pipeline_names_both_pipelines() -> None:
     with pytest.raises(PermissionDenied, match="'p2', not 'p1'"):
         auth.authorize("ClaimTasks", token(Role.PIPELINE, "p2"), claim("p1"))
+
+
+@pytest.mark.parametrize(
+    ("method", "role", "message"),
+    [
+        (
+            "CreatePipeline",
+            Role.PIPELINE,
+            "CreatePipeline needs an admin token; this is a pipeline token",
+        ),
+        ("CreateToken", Role.READER, "CreateToken needs an admin token; this is a reader token"),
+        ("ClaimTasks", Role.ADMIN, "needs a token of the task's pipeline; this is an admin token"),
+        ("ClaimTasks", Role.READER, "needs a token of the task's pipeline; this is a reader token"),
+    ],
+)
+def test_a_refusal_names_the_role_needed_and_the_one_given(
+    method: str, role: Role, message: str
+) -> None:
+    request = claim("p1") if method == "ClaimTasks" else porch_pb2.CreatePipelineRequest()
+    with pytest.raises(PermissionDenied, match=message):
+        auth.authorize(method, token(role, "p1" if role is Role.PIPELINE else None), request)
