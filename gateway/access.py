@@ -16,18 +16,21 @@ import logging
 import re
 import time
 from contextvars import ContextVar
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
 
 # The notes of the HTTP request being served in this task (and in tasks it
-# starts), or None outside one.
-_NOTES: ContextVar[list[str] | None] = ContextVar("gateway_access_notes", default=None)
+# starts), each with how many times in a row it came; None outside a request.
+_NOTES: ContextVar[list[list[Any]] | None] = ContextVar("gateway_access_notes", default=None)
 
 
 def note(text: str) -> bool:
-    """Add text to the access line of the HTTP request being served.
+    """Add text to the access line of the HTTP request being served. The same
+    text again (each page of a list the gateway follows, say) is counted,
+    not repeated.
 
     False when no request is being served here, or the access log is off:
     the caller then logs on its own.
@@ -35,7 +38,10 @@ def note(text: str) -> bool:
     notes = _NOTES.get()
     if notes is None:
         return False
-    notes.append(text)
+    if notes and notes[-1][0] == text:
+        notes[-1][1] += 1
+    else:
+        notes.append([text, 1])
     return True
 
 
@@ -51,7 +57,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        notes: list[str] = []
+        notes: list[list[Any]] = []
         status = 0
 
         async def send_status(message: Message) -> None:
@@ -76,7 +82,9 @@ class AccessLog:
                 status or "-",
                 elapsed_ms,
                 _client(scope),
-                "".join(" " + text for text in notes),
+                "".join(
+                    f" {text} [{count} calls]" if count > 1 else f" {text}" for text, count in notes
+                ),
             )
 
 

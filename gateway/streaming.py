@@ -10,6 +10,7 @@ gateway shuts down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,9 @@ from gateway.transcode import encode_json
 from gateway.upstream import HTTP_CODE_KEY, StreamCall, response_headers
 
 Call = StreamCall
+
+# How long a response waits for its cancelled call to end.
+CALL_END_SECONDS = 1.0
 
 
 class StreamFormat:
@@ -92,8 +96,11 @@ class StreamResponse:
         finally:
             self.call.cancel()
             # Wait for its end, so that what it logs as it ends goes in (or
-            # before) this request's access line.
-            await self.call.code()
+            # before) this request's access line; not for long, should a
+            # handler take its time to stop.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CALL_END_SECONDS):
+                    await self.call.code()
         if self.finished:
             return
         if not self.started:

@@ -31,13 +31,24 @@ async def noted(request: Request) -> Response:
     return PlainTextResponse("noted", status_code=201)
 
 
+async def paged(request: Request) -> Response:
+    for _ in range(3):
+        access.note("List OK token 7 (ci)")
+    access.note("Get OK token 7 (ci)")
+    return PlainTextResponse("[]")
+
+
 async def failing(request: Request) -> Response:
     raise RuntimeError("the handler broke")
 
 
 def app(logger: str | None = LOGGER) -> Starlette:
     middleware = [Middleware(AccessLog, logger=logger)] if logger else []
-    routes = [Route("/noted", noted, methods=["POST"]), Route("/failing", failing)]
+    routes = [
+        Route("/noted", noted, methods=["POST"]),
+        Route("/paged", paged),
+        Route("/failing", failing),
+    ]
     return Starlette(routes=routes, middleware=middleware)
 
 
@@ -69,6 +80,18 @@ async def test_one_line_per_request_with_the_handlers_note(
     assert elapsed.endswith("ms") and float(elapsed.removesuffix("ms")) >= 0
     assert " ".join(note) == "Echo OK token 7 (ci)"
     assert missing.startswith("GET /nowhere 404 ") and missing.endswith(" 10.1.2.3:5555")
+
+
+async def test_the_same_note_again_is_counted_not_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        assert (await client.get("/paged")).status_code == 200
+
+    [line] = lines(caplog)
+    assert line.endswith(" List OK token 7 (ci) [3 calls] Get OK token 7 (ci)"), line
 
 
 async def test_a_failing_request_is_logged_as_the_500_it_becomes(
@@ -184,3 +207,28 @@ async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(
     else:
         [served] = [line for line in logged if line.startswith("WatchEvents")]
         assert re.fullmatch(left, served), served
+
+
+async def test_a_list_the_gateway_follows_page_by_page_is_one_line(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    headers = await porch_http.pipeline("p1")
+    for first in (0, 500, 1000):  # 1,200 tasks: two pages of ListTasks
+        body = {"tasks": [{"task_input": {"n": n}} for n in range(first, min(first + 500, 1200))]}
+        registered = await porch_http.client.post(
+            "/v1/pipelines/p1/tasks:batchRegister", json=body, headers=headers
+        )
+        assert registered.status_code == 200, registered.text
+    caplog.set_level(logging.INFO, "porch.access")
+    caplog.clear()
+
+    listed = await porch_http.client.get("/tasks", params={"pipeline_name": "p1"}, headers=headers)
+    assert listed.status_code == 200 and len(listed.json()) == 1200
+
+    logged = await logged_lines(
+        caplog, "porch.access", 1 if porch_http.upstream == "in-process" else 3
+    )
+    [line] = [line for line in logged if line.startswith("GET ")]
+    assert line.split(" ")[:3] == ["GET", "/tasks?pipeline_name=p1", "200"]
+    if porch_http.upstream == "in-process":
+        assert re.search(r" ListTasks OK token \d+ \(p1 wrapper\) \[2 calls\]$", line), line
