@@ -333,7 +333,7 @@ async def test_bad_tokens_are_401_and_tokens_without_the_right_403(porch_http: P
     reader = bearer(porch_http.token(Role.READER))
     assert (await client.get("/v1/tasks", headers=reader)).status_code == 200
     as_reader = await client.post("/v1/pipelines/p1/tasks:claim", json={}, headers=reader)
-    assert_error(as_reader, 403, 7, "READER")
+    assert_error(as_reader, 403, 7, "this is a reader token")
 
 
 async def test_unknown_things_are_404_and_a_taken_name_409(porch_http: PorchHttp) -> None:
