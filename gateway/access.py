@@ -12,6 +12,7 @@ status code and caller, on the same line instead of logging a second one.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -20,29 +21,62 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_UNPRINTABLE = re.compile(rb"[^\x21-\x7e]")
+# Bytes of a request target or client address that go into the line escaped:
+# all but printable ASCII, and the backslash that starts an escape.
+_UNPRINTABLE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
+# Characters of other text that go in escaped: whatever could end a line
+# (Python's str.splitlines breaks at all of these), and the backslash.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+
+
+class _Notes:
+    """What the code serving one HTTP request added to its access line."""
+
+    def __init__(self) -> None:
+        # [text, times in a row]
+        self.items: list[list[Any]] = []
+        # Set once the line is written: a later note would be lost.
+        self.closed = False
+
+    def render(self) -> str:
+        return "".join(
+            f" {text} [{count} calls]" if count > 1 else f" {text}" for text, count in self.items
+        )
+
 
 # The notes of the HTTP request being served in this task (and in tasks it
-# starts), each with how many times in a row it came; None outside a request.
-_NOTES: ContextVar[list[list[Any]] | None] = ContextVar("gateway_access_notes", default=None)
+# starts), or None outside one.
+_NOTES: ContextVar[_Notes | None] = ContextVar("gateway_access_notes", default=None)
 
 
 def note(text: str) -> bool:
     """Add text to the access line of the HTTP request being served. The same
     text again (each page of a list the gateway follows, say) is counted,
-    not repeated.
+    not repeated. Text from outside (a name, a description) should go
+    through `escape` first.
 
-    False when no request is being served here, or the access log is off:
-    the caller then logs on its own.
+    False when no request is being served here, its line has been written
+    already, or the access log is off: the caller then logs on its own.
     """
     notes = _NOTES.get()
-    if notes is None:
+    if notes is None or notes.closed:
         return False
-    if notes and notes[-1][0] == text:
-        notes[-1][1] += 1
+    if notes.items and notes.items[-1][0] == text:
+        notes.items[-1][1] += 1
     else:
-        notes.append([text, 1])
+        notes.items.append([text, 1])
     return True
+
+
+def escape(text: str) -> str:
+    """text with anything that could break a log line (and backslashes) as
+    \\xNN or \\uNNNN escapes, so that it cannot forge a line."""
+    return _LINE_BREAKING.sub(_escaped_character, text)
+
+
+def _escaped_character(match: re.Match[str]) -> str:
+    number = ord(match[0])
+    return f"\\x{number:02x}" if number < 0x100 else f"\\u{number:04x}"
 
 
 class AccessLog:
@@ -57,7 +91,7 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        notes: list[list[Any]] = []
+        notes = _Notes()
         status = 0
 
         async def send_status(message: Message) -> None:
@@ -74,6 +108,7 @@ class AccessLog:
             raise
         finally:
             _NOTES.reset(reset)
+            notes.closed = True
             elapsed_ms = (time.perf_counter() - start) * 1000
             self.log.info(
                 "%s %s %s %.1fms %s%s",
@@ -82,9 +117,7 @@ class AccessLog:
                 status or "-",
                 elapsed_ms,
                 _client(scope),
-                "".join(
-                    f" {text} [{count} calls]" if count > 1 else f" {text}" for text, count in notes
-                ),
+                notes.render(),
             )
 
 
@@ -94,8 +127,7 @@ def _target(scope: Scope) -> str:
     # break and forge a field or a whole log line.
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
     query: bytes = scope.get("query_string", b"")
-    target = raw + b"?" + query if query else raw
-    return _UNPRINTABLE.sub(lambda byte: b"\\x%02x" % byte[0][0], target).decode("ascii")
+    return _escaped_bytes(raw + b"?" + query if query else raw)
 
 
 def _client(scope: Scope) -> str:
@@ -103,4 +135,13 @@ def _client(scope: Scope) -> str:
     if not client:
         return "-"
     host, port = client
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        # Not an address: a proxy header (X-Forwarded-For) can put any text here.
+        return f"{_escaped_bytes(str(host).encode())}:{port}"
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+def _escaped_bytes(data: bytes) -> str:
+    return _UNPRINTABLE.sub(lambda byte: b"\\x%02x" % byte[0][0], data).decode("ascii")

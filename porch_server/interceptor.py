@@ -158,15 +158,21 @@ def _log_call(
     call through the gateway in this process adds them to the HTTP request's
     line instead, which the gateway writes to the same logger.
 
-    A call whose task was cancelled (the client left, or its deadline
-    passed) is CANCELLED: grpc.aio's context does not say so yet when the
-    handler ends.
+    A call whose task was cancelled is DEADLINE_EXCEEDED when its deadline
+    has passed, else CANCELLED (the client left): grpc.aio's context does not
+    say so yet when the handler ends. A token's description is escaped, as
+    it may hold anything, a line break included.
     """
     if not log.isEnabledFor(logging.INFO):
         return
-    code = grpc.StatusCode.CANCELLED if cancelled else (context.code() or grpc.StatusCode.OK)
+    if cancelled:
+        remaining = context.time_remaining()
+        late = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
+    else:
+        code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    who = f"token {token.token_id} ({token.description})" if token else "anonymous"
+    who = f"token {token.token_id} ({access.escape(token.description)})" if token else "anonymous"
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000

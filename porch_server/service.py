@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -39,6 +40,9 @@ CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
+# What may not be in a token description: control characters and anything
+# else that breaks a line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def page_size(requested: int, default: int, maximum: int) -> int:
@@ -374,11 +378,13 @@ def bookmark_message(cursor: str) -> porch_pb2.Event:
 
 
 def check_description(value: str) -> str:
-    """Return a token description if it is 1 to 255 characters."""
+    """Return a token description if it is 1 to 255 characters on one line."""
     if not value.strip():
         raise InvalidArgument("description is required")
     if len(value) > MAX_NAME:
         raise InvalidArgument(f"description is longer than {MAX_NAME} characters")
+    if _CONTROL.search(value):
+        raise InvalidArgument("description must not contain line breaks or control characters")
     return value
 
 

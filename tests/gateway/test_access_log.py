@@ -8,6 +8,7 @@ import logging
 import re
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -19,7 +20,9 @@ from starlette.types import Message
 
 from gateway import access
 from gateway.access import AccessLog
-from tests.gateway.conftest import PorchHttp
+from porch_server.models import Role
+from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
+from tests.gateway.conftest import PorchHttp, bearer
 
 pytestmark = pytest.mark.asyncio
 
@@ -134,6 +137,56 @@ async def test_bytes_that_could_forge_a_field_or_a_line_are_escaped(
     assert line.endswith(" [::1]:4000")
 
 
+async def test_text_that_could_break_a_line_is_escaped() -> None:
+    assert access.escape("x)\nGET /forged\u2028 a\\b\x85 é\u00a0") == (
+        "x)\\x0aGET /forged\\u2028 a\\x5cb\\x85 é\u00a0"
+    )
+
+
+async def test_a_client_address_that_is_no_address_is_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Behind a proxy, X-Forwarded-For sets the client to whatever it says.
+    caplog.set_level(logging.INFO, LOGGER)
+    forged = "6.6.6.6 GET /admin 200 0.1ms x\u0085y"
+    transport = httpx.ASGITransport(app=app(), client=(forged, 1))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        await client.get("/nowhere")
+
+    [line] = lines(caplog)
+    assert line.endswith(" 6.6.6.6\\x20GET\\x20/admin\\x20200\\x200.1ms\\x20x\\xc2\\x85y:1")
+    assert len(line.split(" ")) == 5
+
+
+async def test_a_note_that_comes_after_the_line_is_refused_so_it_is_not_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    go_on = asyncio.Event()
+    late: list[bool] = []
+
+    async def slow_to_stop() -> None:
+        await go_on.wait()
+        late.append(access.note("Watch CANCELLED token 7 (ci)"))
+
+    async def leaves_work_behind(request: Request) -> Response:
+        background.append(asyncio.create_task(slow_to_stop()))
+        return PlainTextResponse("")
+
+    background: list[asyncio.Task[None]] = []
+    routes = [Route("/", leaves_work_behind)]
+    served = Starlette(routes=routes, middleware=[Middleware(AccessLog, logger=LOGGER)])
+    transport = httpx.ASGITransport(app=served)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        await client.get("/")
+    go_on.set()
+    await asyncio.gather(*background)
+
+    assert late == [False]  # the caller then writes its own line
+    [line] = lines(caplog)
+    assert line.startswith("GET / 200 ") and "Watch" not in line
+
+
 async def test_no_line_and_no_note_when_the_access_log_is_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -232,3 +285,49 @@ async def test_a_list_the_gateway_follows_page_by_page_is_one_line(
     assert line.split(" ")[:3] == ["GET", "/tasks?pipeline_name=p1", "200"]
     if porch_http.upstream == "in-process":
         assert re.search(r" ListTasks OK token \d+ \(p1 wrapper\) \[2 calls\]$", line), line
+
+
+async def test_a_token_description_cannot_break_the_line(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    await porch_http.pipeline("p1")
+    # New descriptions are refused a line break ...
+    refused = await porch_http.client.post(
+        "/pipelines/p1/token/x%0AGET%20%2Fforged", headers=porch_http.admin
+    )
+    assert refused.status_code == 400, refused.text
+    assert "line breaks" in refused.json()["message"]
+    # ... and one already stored (imported, say) is escaped.
+    secret = porch_http.token(Role.PIPELINE, "p1", "x)\nGET /forged 200 0.1ms")
+    caplog.set_level(logging.INFO, "porch.access")
+    caplog.clear()
+
+    listed = await porch_http.client.get("/v1/pipelines/p1/tasks", headers=bearer(secret))
+    assert listed.status_code == 200
+
+    logged = await logged_lines(
+        caplog, "porch.access", 1 if porch_http.upstream == "in-process" else 2
+    )
+    assert all("\n" not in line for line in logged)
+    escaped = r"ListTasks OK( [\d.]+ms)? token \d+ \(x\)\\x0aGET /forged 200 0\.1ms\)$"
+    assert any(re.search(escaped, line) for line in logged), logged
+
+
+async def test_a_stream_past_its_deadline_is_logged_as_such(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    async with grpc.aio.insecure_channel(porch_http.porch.target) as channel:
+        stub = porch_pb2_grpc.PorchServiceStub(channel)
+        call = stub.WatchEvents(
+            porch_pb2.WatchEventsRequest(),
+            metadata=(("authorization", f"Bearer {porch_http.porch.admin}"),),
+            timeout=0.3,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            async for _ in call:
+                pass
+    assert ended.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    logged = await logged_lines(caplog, "porch.access", 1)
+    assert [line.split(" ")[:2] for line in logged] == [["WatchEvents", "DEADLINE_EXCEEDED"]]
