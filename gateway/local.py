@@ -330,6 +330,8 @@ class LocalStreamCall:
         )
         self._context: LocalContext | None = None
         self._ended = False
+        # The status the reader is given at the end; None until then.
+        self._status: grpc.StatusCode | None = None
         self._task = asyncio.create_task(self._run(message, metadata, time_limit))
 
     async def _run(self, message: Message, metadata: Metadata, time_limit: float | None) -> None:
@@ -337,11 +339,11 @@ class LocalStreamCall:
         try:
             handler, context = await self._upstream._start(path, metadata, time_limit)
         except grpc.aio.AioRpcError as error:
-            await self._queue.put(error)
+            await self._end(error)
             return
         self._context = context
         if handler.unary_stream is None:
-            await self._queue.put(
+            await self._end(
                 _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not a streaming method")
             )
             return
@@ -352,9 +354,14 @@ class LocalStreamCall:
             context._cancelled = True
             raise
         except Exception as error:
-            await self._queue.put(_failure(context, error, path))
+            await self._end(_failure(context, error, path))
             return
-        await self._queue.put(context.error())
+        await self._end(context.error())
+
+    async def _end(self, error: grpc.aio.AioRpcError | None) -> None:
+        """Give the reader the call's end: None (OK) or its error."""
+        self._status = grpc.StatusCode.OK if error is None else error.code()
+        await self._queue.put(error)
 
     async def _relay(self, handler: Handler, context: LocalContext, request: Message) -> None:
         """Pass on what the handler yields, or writes with context.write."""
@@ -395,13 +402,10 @@ class LocalStreamCall:
         return self._task.cancel()
 
     async def code(self) -> grpc.StatusCode:
-        """The call's status code, once the handler's task has ended."""
+        """The call's status code, once the handler's task has ended: the one
+        the reader is given, or CANCELLED."""
         await asyncio.wait([self._task])
-        if self._task.cancelled():
-            return grpc.StatusCode.CANCELLED
-        if self._context is None:
-            return grpc.StatusCode.UNAVAILABLE  # it never reached a handler
-        return self._context.code() or grpc.StatusCode.OK
+        return self._status or grpc.StatusCode.CANCELLED
 
 
 def _request(handler: Handler, message: Message) -> Any:

@@ -135,3 +135,45 @@ async def test_a_stream_written_with_context_write_reads_the_same() -> None:
         await upstream_of(unary=write_in_unary).unary_call(ECHO, echo_pb2.EchoMessage(), [], None)
     assert raised.value.code() is grpc.StatusCode.UNKNOWN
     assert "only for server-streaming calls" in (raised.value.details() or "")
+
+
+async def test_a_streams_code_is_the_status_its_reader_was_given() -> None:
+    async def crash(request: echo_pb2.CountRequest, context: Any) -> Any:
+        yield echo_pb2.Tick(seq=1)
+        raise RuntimeError("the handler broke")
+
+    async def slow(request: echo_pb2.CountRequest, context: Any) -> Any:
+        yield echo_pb2.Tick(seq=1)
+        await asyncio.sleep(60)
+
+    async def count(request: echo_pb2.CountRequest, context: Any) -> Any:
+        yield echo_pb2.Tick(seq=1)
+
+    async def ended(call: Any) -> tuple[grpc.StatusCode | None, grpc.StatusCode]:
+        given = None
+        try:
+            while await call.read() is not None:
+                pass
+        except grpc.aio.AioRpcError as error:
+            given = error.code()
+        return given, await call.code()
+
+    request = echo_pb2.CountRequest(count=1)
+    assert await ended(upstream_of(stream=count).stream_call(COUNT, request, [], None)) == (
+        None,
+        grpc.StatusCode.OK,
+    )
+    crashing = upstream_of(stream=crash).stream_call(COUNT, request, [], None)
+    assert await ended(crashing) == (grpc.StatusCode.UNKNOWN,) * 2
+    late = upstream_of(stream=slow).stream_call(COUNT, request, [], 0.05)
+    assert await ended(late) == (grpc.StatusCode.DEADLINE_EXCEEDED,) * 2
+    unknown = upstream_of(unary=crash).stream_call(COUNT, request, [], None)
+    assert await ended(unknown) == (grpc.StatusCode.UNIMPLEMENTED,) * 2
+    as_stream = upstream_of(unary=crash, stream=count)
+    wrong_kind = as_stream.stream_call(ECHO, echo_pb2.EchoMessage(), [], None)
+    assert await ended(wrong_kind) == (grpc.StatusCode.UNIMPLEMENTED,) * 2
+
+    left = upstream_of(stream=slow).stream_call(COUNT, request, [], None)
+    await left.read()
+    left.cancel()
+    assert await left.code() is grpc.StatusCode.CANCELLED
