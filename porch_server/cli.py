@@ -433,11 +433,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "gateway":
             _gateway(args)
         elif args.command == "openapi":
-            print(json.dumps(web.openapi_document(), indent=2, ensure_ascii=False))
+            _for_a_pipeline(
+                lambda: print(json.dumps(web.openapi_document(), indent=2, ensure_ascii=False))
+            )
         elif args.command == "events":
             _prune(args)
         else:
-            client.run(args)
+            _for_a_pipeline(lambda: client.run(args))
     except PorchError as error:
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -450,9 +452,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _for_a_pipeline(command: Callable[[], None]) -> None:
+    """Run a command whose output may go to a shell pipeline.
+
+    When whoever reads it leaves (`porch task list | head -1`), stop quietly
+    with the status of a program ended by SIGPIPE. stdout goes to /dev/null
+    first, or the flush at exit would fail and complain.
+    """
+    try:
+        command()
+        sys.stdout.flush()
     except BrokenPipeError:
-        # Whoever read the output left (`porch task list | head -1`): stop
-        # quietly with the status of a program ended by SIGPIPE. stdout goes
-        # to /dev/null first, or the flush at exit would fail and complain.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(128 + signal.SIGPIPE) from None
