@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy.exc
 
 import gateway
+from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings
 from porch_server.db import migrate
@@ -409,13 +410,14 @@ def _token(args: argparse.Namespace) -> None:
                         f" revoked {token.revoke_time:%Y-%m-%d %H:%M}" if token.revoke_time else ""
                     )
                     pipeline = f" pipeline={token.pipeline_name}" if token.pipeline_name else ""
-                    print(f"{token.token_id}\t{token.role}{pipeline}\t{token.description}{revoked}")
+                    description = access.escape(token.description)
+                    print(f"{token.token_id}\t{token.role}{pipeline}\t{description}{revoked}")
                 page_token = page.next_page_token
                 if not page_token:
                     break
         else:
             token = store.revoke_token(args.token_id)
-            print(f"porch: revoked token {token.token_id} ({token.description})")
+            print(f"porch: revoked token {token.token_id} ({access.escape(token.description)})")
     finally:
         store.close()
 

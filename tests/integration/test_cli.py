@@ -17,6 +17,8 @@ import trustme
 
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
+from porch_server.models import Role
+from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
@@ -60,6 +62,26 @@ def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
         text=True,
     )
     assert failed.returncode == 1 and "pipeline 'nope' not found" in failed.stderr
+
+
+def test_a_description_from_elsewhere_stays_on_its_line(sqlite_url: str) -> None:
+    # Descriptions with line breaks are refused now; one imported may still have one.
+    refused = subprocess.run(
+        [*PORCH, "token", "create", "--admin", "--description", "a\nb", "--db-url", sqlite_url],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 1 and "line breaks" in refused.stderr
+    engine = make_engine(sqlite_url)
+    store = Store(engine)
+    try:
+        store.create_token(Role.READER, None, "old\tone\nfrom npg_porch", "0" * 64)
+    finally:
+        store.close()
+        engine.dispose()
+
+    [line] = porch("token", "list", "--db-url", sqlite_url).splitlines()
+    assert line.split("\t")[1:] == ["READER", "old\\x09one\\x0afrom npg_porch"]
 
 
 def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
