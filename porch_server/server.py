@@ -131,6 +131,9 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
     loop = asyncio.get_running_loop()
 
     async def read_events(cursor: str, limit: int) -> list[Event]:
+        events = await store.read_events_async(cursor, limit)
+        if events is not None:
+            return events
         read = functools.partial(store.read_events, cursor, None, limit, check_horizon=False)
         return await loop.run_in_executor(executor, read)
 
@@ -142,6 +145,9 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
             await loop.run_in_executor(executor, store.notify_watchers)
 
     async def has_unread(cursor: str) -> bool:
+        unread = await store.has_unread_events_async(cursor)
+        if unread is not None:
+            return unread
         return await loop.run_in_executor(executor, store.has_unread_events, cursor)
 
     postgresql = store.engine.dialect.name == "postgresql"

@@ -819,6 +819,29 @@ class Store:
             _to_event(row, self._pipelines[row.pipeline_id].name, row.task_input_id) for row in rows
         ]
 
+    async def read_events_async(self, after: str, limit: int) -> list[Event] | None:
+        """read_events of every pipeline, without the horizon check, on the event
+        loop; None when only read_events can answer (SQLite, or a pipeline not
+        cached yet). The watch hub reads this way: a read on the thread pool
+        waits for the GIL at every step while the loop is busy sending."""
+        if self._async is None:
+            return None
+        xid, event_id = cursor_key(after)
+        params = {"after_xid": xid, "after_id": event_id, "read_limit": limit}
+        rows = await self._async.rows(_events_after(), params)
+        pipelines = self._pipelines
+        if any(row.pipeline_id not in pipelines for row in rows):
+            return None
+        return [_to_event(row, pipelines[row.pipeline_id].name, row.task_input_id) for row in rows]
+
+    async def has_unread_events_async(self, after: str) -> bool | None:
+        """has_unread_events on the event loop; None when only it can answer."""
+        if self._async is None:
+            return None
+        xid, event_id = cursor_key(after)
+        params = {"after_xid": xid, "after_id": event_id}
+        return bool(await self._async.scalar(_unread_after(), params))
+
     def has_unread_events(self, after: str) -> bool:
         """True when events after the cursor have committed but wait for an older
         transaction to end before read_events may return them (PostgreSQL)."""
@@ -1166,7 +1189,8 @@ def _check_horizon(connection: Connection, key: Key) -> None:
         )
 
 
-def _to_event(row: Row[Any], pipeline_name: str, task_input_id: str) -> Event:
+def _to_event(row: Row[Any] | RowView, pipeline_name: str, task_input_id: str) -> Event:
+    """An Event of a row of the event table (either driver's), with its names."""
     return Event(
         cursor=make_cursor(row.xid or 0, row.id),
         time=row.time,
@@ -1260,6 +1284,32 @@ def _select_tasks(connection: Connection, pipeline_id: int, keys: list[str]) -> 
         )
         rows.extend(connection.execute(query))
     return rows
+
+
+@functools.cache
+def _events_after() -> Select[Any]:
+    """Up to read_limit events after (after_xid, after_id) of every pipeline,
+    below the oldest running transaction, in cursor order (PostgreSQL)."""
+    after = tuple_(
+        bindparam("after_xid", type_=BigInteger), bindparam("after_id", type_=BigInteger)
+    )
+    return (
+        select(event, task.c.task_input_id)
+        .join(task, task.c.id == event.c.task_id)
+        .where(tuple_(event.c.xid, event.c.id) > after, event.c.xid < _XMIN)
+        .order_by(event.c.xid, event.c.id)
+        .limit(bindparam("read_limit", type_=Integer))
+    )
+
+
+@functools.cache
+def _unread_after() -> Select[Any]:
+    """Whether events after (after_xid, after_id) have committed but wait
+    behind an older transaction (PostgreSQL)."""
+    after = tuple_(
+        bindparam("after_xid", type_=BigInteger), bindparam("after_id", type_=BigInteger)
+    )
+    return select(exists().where(tuple_(event.c.xid, event.c.id) > after, event.c.xid >= _XMIN))
 
 
 @functools.cache

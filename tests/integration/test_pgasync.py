@@ -234,3 +234,34 @@ async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
     # for the one-change path, which the service then takes.
     assert results == [None, None, None]
     assert {store.get_task("p", t.task_input_id).status for t in claimed} == {State.CLAIMED}
+
+
+async def test_the_watch_hubs_reads_answer_as_the_thread_path_does(
+    async_store: tuple[Store, Actor], pg_url: str
+) -> None:
+    store, actor = async_store
+    start = store.event_start_cursor()
+    await store.register_canonical_async("p", [canonical_json({"n": n}) for n in range(5)], actor)
+    await store.claim_tasks_async("p", 2, None, actor)
+
+    for after, limit in ((start, 100), (start, 3), ("0.0", 100)):
+        expected = store.read_events(after, None, limit, check_horizon=False)
+        assert await store.read_events_async(after, limit) == expected
+    every = await store.read_events_async(start, 100) or []
+    assert [event.kind.value for event in every] == ["CREATED"] * 5 + ["CLAIMED"] * 2
+    assert await store.has_unread_events_async(start) is False
+    assert store.has_unread_events(start) is False
+
+    # An event of a pipeline this store has not seen yet: only the thread path
+    # loads pipelines, so the event-loop read says it cannot answer.
+    other = Store(make_engine(pg_url))
+    try:
+        other.create_pipeline(Pipeline(name="q", uri="https://example.org/q", version="1"))
+        token = other.create_token(Role.PIPELINE, "q", "q wrapper", "i" * 64)
+        other.register_canonical("q", [ONE], Actor(token.token_id, token.description))
+    finally:
+        other.close()
+    assert await store.read_events_async(every[-1].cursor, 100) is None
+    [event] = store.read_events(every[-1].cursor, None, 100, check_horizon=False)
+    assert event.pipeline_name == "q"
+    assert await store.read_events_async(every[-1].cursor, 100) == [event]
