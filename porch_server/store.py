@@ -802,18 +802,20 @@ class Store:
         with self._read() as connection:
             if check_horizon:
                 _check_horizon(connection, key)
-            query = select(event, task.c.task_input_id).join(task, task.c.id == event.c.task_id)
+            if self._postgresql:
+                query = _events_after()
+            else:
+                query = (
+                    select(event, task.c.task_input_id)
+                    .join(task, task.c.id == event.c.task_id)
+                    .where(event.c.id > bindparam("after_id", type_=BigInteger))
+                    .order_by(event.c.id)
+                    .limit(bindparam("read_limit", type_=Integer))
+                )
             pipeline_id = self._pipeline_id_or_none(connection, pipeline_name)
             if pipeline_id is not None:
                 query = query.where(event.c.pipeline_id == pipeline_id)
-            if self._postgresql:
-                query = query.where(
-                    tuple_(event.c.xid, event.c.id) > tuple_(literal(key[0]), literal(key[1])),
-                    event.c.xid < _XMIN,
-                ).order_by(event.c.xid, event.c.id)
-            else:
-                query = query.where(event.c.id > key[1]).order_by(event.c.id)
-            rows = connection.execute(query.limit(limit)).all()
+            rows = connection.execute(query, _after(key) | {"read_limit": limit}).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})
         return [
             _to_event(row, self._pipelines[row.pipeline_id].name, row.task_input_id) for row in rows
@@ -826,8 +828,7 @@ class Store:
         waits for the GIL at every step while the loop is busy sending."""
         if self._async is None:
             return None
-        xid, event_id = cursor_key(after)
-        params = {"after_xid": xid, "after_id": event_id, "read_limit": limit}
+        params = _after(cursor_key(after)) | {"read_limit": limit}
         rows = await self._async.rows(_events_after(), params)
         pipelines = self._pipelines
         if any(row.pipeline_id not in pipelines for row in rows):
@@ -838,22 +839,15 @@ class Store:
         """has_unread_events on the event loop; None when only it can answer."""
         if self._async is None:
             return None
-        xid, event_id = cursor_key(after)
-        params = {"after_xid": xid, "after_id": event_id}
-        return bool(await self._async.scalar(_unread_after(), params))
+        return bool(await self._async.scalar(_unread_after(), _after(cursor_key(after))))
 
     def has_unread_events(self, after: str) -> bool:
         """True when events after the cursor have committed but wait for an older
         transaction to end before read_events may return them (PostgreSQL)."""
         if not self._postgresql:
             return False
-        key = cursor_key(after)
-        waiting = exists().where(
-            tuple_(event.c.xid, event.c.id) > tuple_(literal(key[0]), literal(key[1])),
-            event.c.xid >= _XMIN,
-        )
         with self._read() as connection:
-            return bool(connection.scalar(select(waiting)))
+            return bool(connection.scalar(_unread_after(), _after(cursor_key(after))))
 
     def prune_events(self, before: datetime) -> int:
         """Delete the events older than before; cursors older than those kept become
@@ -1284,6 +1278,11 @@ def _select_tasks(connection: Connection, pipeline_id: int, keys: list[str]) -> 
         )
         rows.extend(connection.execute(query))
     return rows
+
+
+def _after(key: Key) -> dict[str, int]:
+    """The parameters of a cursor's key, for the statements that read after it."""
+    return {"after_xid": key[0], "after_id": key[1]}
 
 
 @functools.cache
