@@ -13,6 +13,9 @@ Databases
     ``porch(*args)``: run the ``porch`` command and return its stdout.
     ``create_pipeline_token(url, pipeline)``: create pipeline ``pipeline``
     (directly in the database) and a pipeline token for it; returns the secret.
+    ``bench_pipeline(args, pipeline)``: a context manager giving ``(url,
+    secret)``: the fresh database the options name, with ``pipeline`` and
+    its token; a SQLite file lives in a directory removed afterwards.
 
 Servers
     ``Server(url, workers=1, http=False, extra=())``: a context manager that
@@ -68,6 +71,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -125,6 +129,15 @@ def add_database_options(parser: argparse.ArgumentParser) -> None:
 def bench_database(args: argparse.Namespace, scratch: str | Path) -> str:
     """The database those options name, fresh: with --sqlite, a file in scratch."""
     return fresh_database(sqlite_url(scratch) if args.sqlite else args.db_url)
+
+
+@contextmanager
+def bench_pipeline(args: argparse.Namespace, pipeline: str) -> Iterator[tuple[str, str]]:
+    """The fresh database the options name, with pipeline and a token for it:
+    (url, secret). With --sqlite the file is in a directory removed afterwards."""
+    with tempfile.TemporaryDirectory() as scratch:
+        url = bench_database(args, scratch)
+        yield url, create_pipeline_token(url, pipeline)
 
 
 def fresh_database(url: str) -> str:

@@ -13,16 +13,14 @@ Exits non-zero on a duplicate or lost claim.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 from _common import (
     Server,
     add_database_options,
     add_json_option,
-    bench_database,
+    bench_pipeline,
     check_claims,
-    create_pipeline_token,
     grpc_channel,
     metadata,
     percentile,
@@ -92,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     figures: dict[str, float] = {}
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        url = bench_database(args, scratch)
-        secret = create_pipeline_token(url, PIPELINE)
+    with bench_pipeline(args, PIPELINE) as (url, secret):
         # Numbers above every finished task's, so that pending tasks are the newest.
         next_pending = 10 * max(args.levels) + 1
         finished = 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -26,9 +25,8 @@ from _common import (
     Timer,
     add_database_options,
     add_json_option,
-    bench_database,
+    bench_pipeline,
     check_claims,
-    create_pipeline_token,
     expect,
     grpc_channel,
     metadata,
@@ -145,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy the server's HTTP lifecycle")
     add_json_option(parser)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        url = bench_database(args, scratch)
-        secret = create_pipeline_token(url, PIPELINE)
+    with bench_pipeline(args, PIPELINE) as (url, secret):
         with Server(url, http=True) as server:
             assert server.http_url is not None
             grpc_rate, grpc_latencies = run_lifecycle(

@@ -12,7 +12,6 @@ non-zero on a task claimed twice or never claimed, or one not DONE at the end.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -21,10 +20,9 @@ from _common import (
     Timer,
     add_database_options,
     add_json_option,
-    bench_database,
+    bench_pipeline,
     check_claims,
     cpu_seconds,
-    create_pipeline_token,
     grpc_channel,
     metadata,
     peak_rss_mb,
@@ -141,9 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy the server's lifecycle phase")
     add_json_option(parser)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        url = bench_database(args, scratch)
-        secret = create_pipeline_token(url, PIPELINE)
+    with bench_pipeline(args, PIPELINE) as (url, secret):
         with Server(url, workers=args.workers) as server:
             cpu_start = cpu_seconds(server.pids())
             register_seconds, latencies = register(

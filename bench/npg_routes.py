@@ -24,7 +24,6 @@ non-zero on a task claimed twice or never claimed, or one not DONE at the end.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -34,10 +33,9 @@ from _common import (
     Timer,
     add_database_options,
     add_json_option,
-    bench_database,
+    bench_pipeline,
     check_claims,
     cpu_seconds,
-    create_pipeline_token,
     expect,
     percentile,
     print_table,
@@ -119,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--profile", metavar="PREFIX", help="py-spy the server's lifecycle phase")
     add_json_option(parser)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        url = bench_database(args, scratch)
-        secret = create_pipeline_token(url, PIPELINE)
+    with bench_pipeline(args, PIPELINE) as (url, secret):
         with Server(url, http=True) as server:
             assert server.http_url is not None
             timer = Timer()

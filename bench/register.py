@@ -12,7 +12,6 @@ claimed (exits non-zero on a duplicate or lost claim).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
@@ -21,10 +20,9 @@ from _common import (
     Timer,
     add_database_options,
     add_json_option,
-    bench_database,
+    bench_pipeline,
     check_claims,
     cpu_seconds,
-    create_pipeline_token,
     grpc_channel,
     metadata,
     percentile,
@@ -70,9 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     figures: dict[str, float] = {}
     rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        url = bench_database(args, scratch)
-        secret = create_pipeline_token(url, PIPELINE)
+    with bench_pipeline(args, PIPELINE) as (url, secret):
         with Server(url, workers=args.workers) as server:
             phases: list[tuple[str, str, int, Any]] = [
                 ("register_task", "RegisterTask", args.tasks, 1),
