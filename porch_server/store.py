@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import math
 import threading
@@ -103,6 +104,16 @@ class _Change:
     task_input_id: str
     status: State
     message: str | None
+    actor: Actor
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """One claim waiting to be made, on a pipeline whose id is known."""
+
+    pipeline_id: int
+    num_tasks: int
+    lease_seconds: int | None
     actor: Actor
 
 
@@ -214,6 +225,7 @@ class Store:
         self._async: AsyncStatements | None = None
         self._updates: Coalescer[_Change, Task | PorchError | None] | None = None
         self._registering: Coalescer[_Registering, Registration | PorchError] | None = None
+        self._claims: Coalescer[_Claim, list[Task]] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -488,7 +500,7 @@ class Store:
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             self._expire_leases(connection, now, pipeline_id)
-            params = _claim_params(now, pipeline_id, num_tasks, lease, actor)
+            params = _claim_params(now, pipeline_id, num_tasks, _lease_seconds(lease), actor)
             if self._postgresql:
                 rows = connection.execute(_claim_with_events(), params).all()
             else:
@@ -615,14 +627,16 @@ class Store:
         connections, on SQLite in one write transaction per batch on executor.
         Without either they answer None, and callers use the blocking methods.
 
-        Status changes and single registrations arriving while others are in
-        flight share one commit (commit coalescing); each gets its own answer.
+        Status changes, single registrations and (PostgreSQL) claims arriving
+        while others are in flight share one commit (commit coalescing); each
+        gets its own answer.
         """
         self._async = statements if self._postgresql else None
-        self._updates = self._registering = None
+        self._updates = self._registering = self._claims = None
         if self._async is not None:
             self._updates = Coalescer(self._apply_changes)
             self._registering = Coalescer(self._apply_registrations)
+            self._claims = Coalescer(self._apply_claims)
         elif not self._postgresql and executor is not None:
             self._updates = Coalescer(_on(executor, self._apply_changes_blocking))
             self._registering = Coalescer(_on(executor, self._register_blocking))
@@ -689,14 +703,50 @@ class Store:
     ) -> list[Task] | None:
         """claim_tasks on the event loop; None when only claim_tasks can answer."""
         pipeline_id = self._pipeline_ids.get(pipeline_name)
-        if self._async is None or pipeline_id is None:
+        if self._claims is None or pipeline_id is None:
             return None
+        return await self._claims.submit(
+            _Claim(pipeline_id, num_tasks, _lease_seconds(lease), actor)
+        )
+
+    async def _apply_claims(self, claims: Sequence[_Claim]) -> list[list[Task]]:
+        """Make claims together: per pipeline, one statement expiring lapsed
+        leases and one claiming for every claimer, oldest tasks to the
+        claimer that asked first."""
+        assert self._async is not None
         now = _now()
-        expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
-        await self._async.scalar(_expire_with_events(True), expire)
-        params = _claim_params(now, pipeline_id, num_tasks, lease, actor)
-        rows = await self._async.rows(_claim_with_events(), params)
-        return [self._to_task(row) for row in rows]
+        results: list[list[Task]] = [[] for _ in claims]
+        for pipeline_id, indexes in _positions(claim.pipeline_id for claim in claims).items():
+            expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
+            await self._async.scalar(_expire_with_events(True), expire)
+            if len(indexes) == 1:
+                claim = claims[indexes[0]]
+                params = _claim_params(
+                    now, pipeline_id, claim.num_tasks, claim.lease_seconds, claim.actor
+                )
+                rows = await self._async.rows(_claim_with_events(), params)
+                results[indexes[0]] = [self._to_task(row) for row in rows]
+                continue
+            group = [claims[index] for index in indexes]
+            lasts = list(itertools.accumulate(claim.num_tasks for claim in group))
+            params = {
+                "now": now,
+                "in_pipeline_id": pipeline_id,
+                "num_tasks": lasts[-1],
+                "claim_afters": [
+                    last - claim.num_tasks for last, claim in zip(lasts, group, strict=True)
+                ],
+                "claim_lasts": lasts,
+                "claim_token_ids": [_actor_token_id(claim.actor) for claim in group],
+                "claim_descriptions": [claim.actor.description for claim in group],
+                "claim_lease_seconds": [claim.lease_seconds for claim in group],
+                "claim_lease_expire_times": [
+                    _deadline(now, claim.lease_seconds) for claim in group
+                ],
+            }
+            for row in await self._async.rows(_claim_batch(), params):
+                results[indexes[row.position - 1]].append(self._to_task(row))
+        return results
 
     async def update_task_async(
         self,
@@ -1131,10 +1181,14 @@ def _unique_texts(texts: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return ids, dict(zip(ids, texts, strict=True))
 
 
+def _lease_seconds(lease: timedelta | None) -> int | None:
+    """A lease in whole seconds, at least one."""
+    return None if lease is None else max(1, math.ceil(lease.total_seconds()))
+
+
 def _claim_params(
-    now: datetime, pipeline_id: int, num_tasks: int, lease: timedelta | None, actor: Actor
+    now: datetime, pipeline_id: int, num_tasks: int, lease_seconds: int | None, actor: Actor
 ) -> dict[str, Any]:
-    lease_seconds = None if lease is None else max(1, math.ceil(lease.total_seconds()))
     return _event_params(now, actor, None) | {
         "in_pipeline_id": pipeline_id,
         "num_tasks": num_tasks,
@@ -1374,6 +1428,80 @@ def _claim_with_events() -> Select[Any]:
     return select(claimed).add_cte(events).order_by(claimed.c.id)
 
 
+def _rows_of_arrays(name: str, columns: Sequence[tuple[str, str, Any]]) -> Any:
+    """Parallel array parameters as the rows of a table called name, each
+    with its 1-based position; columns are (parameter, column, element type)."""
+    return (
+        func.unnest(*(bindparam(param, type_=postgresql.ARRAY(kind)) for param, _, kind in columns))
+        .table_valued(*(column for _, column, _ in columns), with_ordinality="position")
+        .render_derived(name=name)
+    )
+
+
+@functools.cache
+def _claim_batch() -> Select[Any]:
+    """Several claimers' claims on one pipeline, with their events, in one
+    statement (PostgreSQL).
+
+    The claimers come as parallel arrays. The statement takes as many of the
+    oldest PENDING tasks as they asked for in all, numbers them oldest first,
+    and gives claimer k those numbered after claim_afters[k] up to
+    claim_lasts[k]; each row comes back with its claimer's 1-based position.
+    With fewer tasks pending, the claimers that asked first are served first.
+    """
+    candidates = claim_candidates.cte("candidates")
+    numbered = select(
+        candidates.c.id, func.row_number().over(order_by=candidates.c.id).label("number")
+    ).cte("numbered")
+    claimers = _rows_of_arrays(
+        "claimers",
+        [
+            ("claim_afters", "after", Integer),
+            ("claim_lasts", "last", Integer),
+            ("claim_token_ids", "token_id", Integer),
+            ("claim_descriptions", "token_description", Text),
+            ("claim_lease_seconds", "lease_seconds", Integer),
+            ("claim_lease_expire_times", "lease_expire_time", UtcDateTime),
+        ],
+    )
+    assigned = (
+        select(numbered.c.id, claimers)
+        .join_from(
+            numbered,
+            claimers,
+            (numbered.c.number > claimers.c.after) & (numbered.c.number <= claimers.c.last),
+        )
+        .cte("assigned")
+    )
+    claimed = (
+        update(task)
+        .where(task.c.id == assigned.c.id)
+        .values(
+            status=State.CLAIMED.value,
+            update_time=_NOW,
+            claim_time=_NOW,
+            claimed_by_token_id=assigned.c.token_id,
+            lease_seconds=assigned.c.lease_seconds,
+            lease_expire_time=assigned.c.lease_expire_time,
+        )
+        .returning(*task.c, assigned.c.position, assigned.c.token_description)
+        .cte("claimed")
+    )
+    values = select(
+        _NOW,
+        claimed.c.id,
+        claimed.c.pipeline_id,
+        literal(EventKind.CLAIMED.value),
+        literal(State.PENDING.value),
+        claimed.c.status,
+        claimed.c.claimed_by_token_id,
+        claimed.c.token_description,
+        null(),
+    )
+    events = insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
+    return select(claimed).add_cte(events).order_by(claimed.c.id)
+
+
 @functools.cache
 def _update_with_event(status: State) -> Select[Any]:
     """Move one task to status if its current state allows it, with the event (PostgreSQL).
@@ -1415,25 +1543,16 @@ def _update_batch() -> Select[Any]:
     the same task come back as nothing: the caller then asks each alone.
     Rows are locked in id order, so concurrent batches cannot deadlock.
     """
-    requested = (
-        func.unnest(
-            bindparam("batch_pipeline_ids", type_=postgresql.ARRAY(Integer)),
-            bindparam("batch_task_input_ids", type_=postgresql.ARRAY(Text)),
-            bindparam("batch_statuses", type_=postgresql.ARRAY(Text)),
-            bindparam("batch_messages", type_=postgresql.ARRAY(Text)),
-            bindparam("batch_token_ids", type_=postgresql.ARRAY(Integer)),
-            bindparam("batch_descriptions", type_=postgresql.ARRAY(Text)),
-        )
-        .table_valued(
-            "pipeline_id",
-            "task_input_id",
-            "new_status",
-            "message",
-            "token_id",
-            "token_description",
-            with_ordinality="position",
-        )
-        .render_derived(name="requested")
+    requested = _rows_of_arrays(
+        "requested",
+        [
+            ("batch_pipeline_ids", "pipeline_id", Integer),
+            ("batch_task_input_ids", "task_input_id", Text),
+            ("batch_statuses", "new_status", Text),
+            ("batch_messages", "message", Text),
+            ("batch_token_ids", "token_id", Integer),
+            ("batch_descriptions", "token_description", Text),
+        ],
     )
     current = (
         select(

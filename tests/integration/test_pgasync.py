@@ -104,6 +104,56 @@ async def test_concurrent_claims_on_asyncpg_take_each_task_once(
     assert len(claimed) == len(set(claimed)) == 200
 
 
+async def test_concurrent_claims_share_a_statement_each_with_its_own_tasks(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    token = store.create_token(Role.PIPELINE, "p", "second launcher", "k" * 64)
+    other = Actor(token.token_id, token.description)
+    registered = store.register_tasks("p", [{"n": n} for n in range(10)], actor)
+    oldest_first = [r.task.task_input_id for r in registered]
+    store.create_pipeline(Pipeline(name="q", uri="https://example.org/q", version="1"))
+    [elsewhere] = store.register_tasks("q", [{"n": 0}], actor)
+    statements = store._async
+    assert statements is not None
+    run, ran = statements.rows, []
+
+    async def count(statement: Any, params: Any) -> Any:
+        ran.append(statement)
+        return await run(statement, params)
+
+    monkeypatch.setattr(statements, "rows", count)
+    # Asked for 3 + 4 + 2 + 5 = 14 of 10: the last claimer gets what is left.
+    claims = [
+        (3, None, actor),
+        (4, timedelta(minutes=5), other),
+        (2, None, other),
+        (5, None, actor),
+    ]
+    *results, other_pipeline = await asyncio.gather(
+        *(store.claim_tasks_async("p", n, lease, who) for n, lease, who in claims),
+        store.claim_tasks_async("q", 2, None, actor),
+    )
+
+    assert len(ran) == 2  # one claim statement for p's four claimers, one for q's
+    assert [task.task_input_id for task in other_pipeline or []] == [elsewhere.task.task_input_id]
+    taken = [[task.task_input_id for task in result or []] for result in results]
+    assert taken == [oldest_first[0:3], oldest_first[3:7], oldest_first[7:9], oldest_first[9:]]
+    for result, (_, lease, who) in zip(results, claims, strict=True):
+        for task in result or []:
+            assert task.status is State.CLAIMED
+            assert task.claimed_by_token_id == who.token_id
+            assert (task.lease_expire_time is not None) == (lease is not None)
+            stored = store.get_task("p", task.task_input_id)
+            assert stored.claimed_by_token_id == who.token_id
+            assert stored.lease_expire_time == task.lease_expire_time
+            events = store.list_task_events("p", task.task_input_id, 10, "").items
+            assert [(e.kind.value, e.token_id, e.token_description) for e in events[1:]] == [
+                ("CLAIMED", who.token_id, who.description)
+            ]
+    assert await store.claim_tasks_async("p", 1, None, actor) == []
+
+
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
     store, statements, actor = await open_store(pg_schema_db.url, pg_schema_db.schema)
     try:
