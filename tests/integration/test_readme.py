@@ -1,0 +1,168 @@
+"""The README's wrapper workflow, run as written: the `porch` commands, the
+curl calls through the gateway and the Python stubs, each against a fresh
+`porch serve` on its embedded SQLite default. Only the addresses change."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+FIRST_ADMIN = re.compile(r"created the first admin token \(shown only now\): (\S+)")
+LISTENING = re.compile(r"gRPC listening on \S+:(\d+)")
+
+
+def block(heading: str, language: str) -> str:
+    """The first fenced block of language under the README's heading."""
+    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    found = re.search(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert found is not None, f"no {language} block under {heading}"
+    return found.group(1)
+
+
+@dataclass
+class Served:
+    directory: Path
+    grpc: str
+    http: str
+    admin: str
+    env: dict[str, str]
+
+    def run(self, program: list[str], script: str) -> str:
+        done = subprocess.run(
+            program,
+            input=script,
+            capture_output=True,
+            text=True,
+            cwd=self.directory,
+            env=self.env,
+            timeout=120,
+        )
+        assert done.returncode == 0, f"{done.stderr}\n--- output:\n{done.stdout}"
+        return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    """`porch serve` as the README starts it, in an empty directory."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for name in [name for name in env if name.startswith("PORCH_")]:
+        del env[name]  # the README's defaults, not this shell's settings
+    http_port = free_port()
+    with (tmp_path / "serve.log").open("w") as log:
+        process = subprocess.Popen(
+            ["porch", "serve", "--grpc-port", "0", "--http-port", str(http_port)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+    assert process.stdout is not None
+    admin = grpc_port = None
+    for line in process.stdout:
+        if found := FIRST_ADMIN.search(line):
+            admin = found.group(1)
+        if found := LISTENING.search(line):
+            grpc_port = found.group(1)
+        if "HTTP gateway on" in line:
+            break
+    else:
+        raise AssertionError(f"porch serve exited with {process.wait()} before serving")
+    assert admin is not None and grpc_port is not None, "no first admin token or gRPC port"
+    target = f"127.0.0.1:{grpc_port}"
+    try:
+        yield Served(
+            tmp_path, target, f"http://127.0.0.1:{http_port}", admin, env | {"PORCH_TARGET": target}
+        )
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        process.stdout.close()
+
+
+def test_the_porch_command_workflow(served: Served) -> None:
+    script = block("### With the `porch` command", "sh")
+    watch = "porch watch --pipeline ml_loader"
+    assert watch in script
+    output = served.run(["bash", "-euo", "pipefail"], script.replace(watch, ""))
+    lines = [json.loads(line) for line in output.splitlines()]
+    events = [line for line in lines if "cursor" in line]
+    assert [(e["kind"], e.get("new_status"), e.get("message", "")) for e in events] == [
+        ("CREATED", "PENDING", ""),
+        ("CLAIMED", "CLAIMED", ""),
+        ("STATUS_CHANGED", "RUNNING", "on host a"),
+        ("STATUS_CHANGED", "DONE", "loaded 1,203 rows"),
+    ]
+    # The stream runs until stopped, printing each change as it happens.
+    reader = served.env | {"PORCH_TOKEN": served.admin}  # any token may read
+    stream = subprocess.Popen(
+        watch.split(), stdout=subprocess.PIPE, text=True, cwd=served.directory, env=reader
+    )
+    try:
+        assert stream.stdout is not None
+        registered = served.run(
+            ["bash", "-eu"],
+            "export PORCH_TOKEN=$(porch token create --pipeline ml_loader --description later)\n"
+            "sleep 1\n"  # the stream starts from now: let it start first
+            """porch task register --pipeline ml_loader '{"id_run": 45927}'\n""",
+        )
+        task_input_id = json.loads(registered)["task"]["task_input_id"]
+        line = stream.stdout.readline()
+        assert f"ml_loader {task_input_id} CREATED PENDING by later" in line, line
+    finally:
+        stream.kill()
+        stream.communicate()
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="the README's curl examples use jq")
+def test_the_curl_workflow(served: Served) -> None:
+    script = block("### With curl through the gateway", "sh")
+    address = "PORCH=http://127.0.0.1:8080"
+    assert address in script
+    # curl leaves a body without a line break; a shell shows the next output
+    # on the same line. Each body on its own line, for reading them here.
+    separate = 'curl() { command curl "$@"; echo; }\n'
+    output = served.run(
+        ["bash", "-euo", "pipefail"], separate + script.replace(address, f"PORCH={served.http}")
+    )
+    assert '"created":true' in output.replace(" ", "")
+    assert '"code"' not in output, output  # no error body anywhere
+    shown = [line[2:] for line in script.splitlines() if line.startswith('# ["')]
+    printed = [line for line in output.splitlines() if line.startswith('["')]
+    claimed = [json.loads(line) for line in printed[:2]]
+    assert [status for _, status in claimed] == ["CLAIMED", "CLAIMED"]
+    assert printed[2:] == shown and len(shown) == 4
+
+
+def test_the_python_stubs_workflow(served: Served) -> None:
+    code = block("### With the Python stubs", "python")
+    address = '"127.0.0.1:50051"'
+    assert address in code
+    program = f"ADMIN_TOKEN = {served.admin!r}\n" + code.replace(address, repr(served.grpc))
+    output = served.run([sys.executable], program).splitlines()
+    created, task_input_id = output[0].split()
+    assert created == "True" and len(task_input_id) == 64
+    assert [line.split()[1:3] for line in output[1:]] == [
+        ["CREATED", "PENDING"],
+        ["CLAIMED", "CLAIMED"],
+        ["STATUS_CHANGED", "RUNNING"],
+        ["STATUS_CHANGED", "DONE"],
+    ]
