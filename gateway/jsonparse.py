@@ -11,7 +11,9 @@ Anything else (null, floats, bytes, maps, oneofs, other well-known types,
 numbers or enums as strings, a field named twice, nesting as deep as
 json_format refuses) sends the whole body to json_format on a cleared
 message, so results and errors outside the plain cases are json_format's
-own. Within them, the property tests hold both to the same messages.
+own, but for one check first: a field holding the wrong kind of JSON for
+a message or a string gets an error naming it (``check_shapes``). The
+property tests hold merge_json_object to that check and json_format.
 """
 
 from __future__ import annotations
@@ -58,7 +60,49 @@ def merge_json_object(data: Any, message: Message) -> None:
     else:
         return
     message.Clear()
+    check_shapes(data, message)
     json_format.ParseDict(data, message)
+
+
+def check_shapes(data: Any, message: Message) -> None:
+    """json_format.ParseError naming the field where the body has something
+    other than an object for a message, or other than a string for a string
+    field. json_format itself would walk a string as if it were an object
+    (`no field named "s"`), or fail inside a regular expression."""
+    _check_shapes(data, message.DESCRIPTOR, "", 1)
+
+
+def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
+    if descriptor.full_name.startswith("google.protobuf.") or data is None or depth > _MAX_DEPTH:
+        return  # well-known types have JSON forms of their own; json_format judges them
+    if type(data) is not dict:
+        raise json_format.ParseError(f"{path or 'the body'}: expected an object, got {_kind(data)}")
+    for key, value in data.items():
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if field is None or value is None:
+            continue  # json_format names an unknown field; null leaves a field unset
+        where = f"{path}.{key}" if path else key
+        if is_map_field(field):
+            if type(value) is not dict:
+                raise json_format.ParseError(f"{where}: expected an object, got {_kind(value)}")
+        elif field.is_repeated:
+            if field.message_type is not None and type(value) is list:
+                for index, item in enumerate(value):
+                    _check_shapes(item, field.message_type, f"{where}[{index}]", depth + 1)
+        elif field.message_type is not None:
+            _check_shapes(value, field.message_type, where, depth + 1)
+        elif field.type == FieldDescriptor.TYPE_STRING and type(value) is not str:
+            raise json_format.ParseError(f"{where}: expected a string, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _merge(data: Any, message: Message, depth: int) -> None:

@@ -135,6 +135,10 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         raise invalid_argument(f"request body is not UTF-8: {error}") from None
     except json.JSONDecodeError as error:
         raise invalid_argument(f"malformed JSON in the request body: {error}") from None
+    except RecursionError:
+        raise invalid_argument("the request body nests too deeply") from None
+    except ValueError as error:  # an integer of more digits than Python converts
+        raise invalid_argument(f"a number in the request body is too long: {error}") from None
     if binding.body == "*":
         if not isinstance(data, dict):
             raise invalid_argument("the request body must be a JSON object")
@@ -145,6 +149,8 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     except json_format.ParseError as error:
         # The first line names the field; the rest lists every field there is.
         raise invalid_argument(str(error).splitlines()[0]) from None
+    except OverflowError:
+        raise invalid_argument("a number in the request body is too large") from None
     except (ValueError, TypeError, AttributeError, RecursionError) as error:
         raise invalid_argument(f"invalid request body: {error}") from None
 
@@ -238,7 +244,8 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
             raise invalid_argument(f"invalid {what}: {text!r} is out of range for a float")
         return value
     low, high = _INT_RANGES[kind]
-    if not _INTEGER.fullmatch(text) or not low <= int(text) <= high:
+    # Longer than any 64-bit integer (and than what int() converts): out of range.
+    if len(text) > 24 or not _INTEGER.fullmatch(text) or not low <= int(text) <= high:
         raise invalid_argument(f"invalid {what}: {text!r} is not an integer from {low} to {high}")
     return int(text)
 

@@ -70,6 +70,8 @@ def task_message(task: models.Task) -> porch_pb2.Task:
         ),
         claimed_by_token_id=task.claimed_by_token_id or "",
     )
+    # Set even when empty: a task_input of {} is still there, as {} in JSON.
+    message.task_input.SetInParent()
     message.task_input.update(task.task_input)
     return message
 

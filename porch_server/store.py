@@ -476,7 +476,8 @@ class Store:
     def list_tasks(
         self, pipeline_name: str | None, status: State | None, page_size: int, page_token: str
     ) -> Page[Task]:
-        """Return a page of tasks, oldest first, optionally filtered."""
+        """Return a page of tasks, oldest first, optionally filtered; none for a
+        pipeline name that names no pipeline."""
         filters: Filters = {"pipeline": pipeline_name, "status": status}
         after = decode_page_token(page_token, "tasks", filters, int)
         query = select(task).order_by(task.c.id).limit(page_size + 1)
@@ -486,7 +487,11 @@ class Store:
             query = query.where(task.c.id > after)
         with self._read() as connection:
             if pipeline_name is not None:
-                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                try:
+                    pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                except NotFound:
+                    # A filter that matches nothing, as npg_porch's GET /tasks answered.
+                    return Page(items=[], next_page_token="")
                 query = query.where(task.c.pipeline_id == pipeline_id)
             rows = connection.execute(query).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})

@@ -758,7 +758,9 @@ class ListTasksRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     pipeline_name: _builtins.str
-    """Only tasks of this pipeline."""
+    """Only tasks of this pipeline; none when no pipeline has this name (a
+    filter, as npg_porch's GET /tasks treated it).
+    """
     status: Global___Task.State.ValueType
     """Only tasks in this status."""
     page_size: _builtins.int

@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jsonparse import merge_json_object
+from gateway.jsonparse import check_shapes, merge_json_object
 from porch_stubs.v1 import porch_pb2
 from tests.gateway.testproto import echo_pb2
 
@@ -102,8 +102,14 @@ def outcome(data: Any, message_type: type[Message], parse: Any) -> tuple[str, An
     return "ok", message.SerializeToString(deterministic=True)
 
 
+def checked_parse(data: Any, message: Message) -> None:
+    """json_format.ParseDict after the check merge_json_object makes first."""
+    check_shapes(data, message)
+    json_format.ParseDict(data, message)
+
+
 def assert_same(data: Any, message_type: type[Message]) -> None:
-    expected = outcome(data, message_type, json_format.ParseDict)
+    expected = outcome(data, message_type, checked_parse)
     assert outcome(data, message_type, merge_json_object) == expected
 
 

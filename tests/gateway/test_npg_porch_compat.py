@@ -201,6 +201,68 @@ async def test_list_tasks_filters(porch_http: PorchHttp) -> None:
     assert [task["task_input"] for task in pending.json()] == [{"n": 1}, {"n": 2}]
     bad = await client.get("/tasks", params={"status": "SOMETIMES"}, headers=admin)
     assert bad.status_code == 400
+    # A pipeline nobody made is a filter matching nothing, as in npg_porch.
+    unknown = await client.get("/tasks", params={"pipeline_name": "nope"}, headers=admin)
+    assert (unknown.status_code, unknown.json()) == (200, [])
+
+
+async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None:
+    # A wrapper reads task["task_input"] from whatever it claimed.
+    client = porch_http.client
+    wrapper = await setup_pipeline(porch_http)
+    created = await client.post("/tasks", json=task_body({}), headers=wrapper)
+    again = await client.post("/tasks", json=task_body({}), headers=wrapper)
+    [claimed] = (await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).json()
+    updated = await client.put("/tasks", json={**claimed, "status": "RUNNING"}, headers=wrapper)
+    [listed] = (await client.get("/tasks", headers=wrapper)).json()
+    for task in (created.json(), again.json(), claimed, updated.json(), listed):
+        assert task["task_input"] == {}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('"a task"', "task: expected an object, got a string"),
+        (
+            '{"pipeline": "ptest", "task_input": {}}',
+            "task.pipeline: expected an object, got a string",
+        ),
+        (
+            '{"pipeline": {"name": 5}, "task_input": {}}',
+            "task.pipeline.name: expected a string, got a number",
+        ),
+        ('{"pipeline": {"name": "ptest"}, "task_input": "x"}', "Struct must be in a dict"),
+        ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 400 + "}}", "too large"),
+        ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 5000 + "}}", "too long"),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 1000 + "1" + "}" * 1001,
+            "nests too deeply",
+        ),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": {"s": "\\ud800"}}',
+            "task_input field: 'utf-8' codec can't encode character '\\ud800'",
+        ),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_named(
+    porch_http: PorchHttp, body: str, message: str
+) -> None:
+    client = porch_http.client
+    wrapper = await setup_pipeline(porch_http)
+    for method, path in (("POST", "/tasks"), ("PUT", "/tasks")):
+        response = await client.request(method, path, content=body, headers=wrapper)
+        assert response.status_code == 400, response.text
+        assert message in response.json()["message"]
+    assert (await client.get("/tasks", headers=wrapper)).json() == []
+
+
+async def test_a_num_tasks_of_thousands_of_digits_is_out_of_range(porch_http: PorchHttp) -> None:
+    wrapper = await setup_pipeline(porch_http)
+    claim = await porch_http.client.post(
+        "/tasks/claim", params={"num_tasks": "1" * 5000}, json=PIPELINE, headers=wrapper
+    )
+    assert claim.status_code == 400
+    assert "is not an integer from" in claim.json()["message"]
 
 
 async def test_wrong_pipeline_and_bad_tokens(porch_http: PorchHttp) -> None:

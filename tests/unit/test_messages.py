@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import pytest
 from google.protobuf import json_format, struct_pb2
 
 from porch_server import messages
+from porch_server.models import Pipeline, Task
 from porch_server.states import State
 from porch_stubs.v1 import porch_pb2
 
@@ -43,3 +45,12 @@ def test_state_of_every_number() -> None:
     assert messages.state_of(porch_pb2.Task.STATE_UNSPECIFIED) is None
     with pytest.raises(ValueError, match="99"):
         messages.state_of(99)
+
+
+def test_an_empty_task_input_is_set_not_missing() -> None:
+    pipeline = Pipeline(name="p", uri="https://example.org/p", version="1")
+    now = datetime.now(UTC)
+    task = Task(pipeline, "0" * 64, {}, State.PENDING, now, now, None, None, None)
+    message = messages.task_message(task)
+    assert message.HasField("task_input")
+    assert json_format.MessageToDict(message)["taskInput"] == {}
