@@ -6,7 +6,8 @@ in flight go together in the next one, so under load many changes share a
 round trip and a commit. The passes let requests the server has already
 read, and is still parsing and authenticating, join the batch; on an idle
 server they cost microseconds. Each caller gets its own result; a batch
-that fails fails each of its callers with the same error.
+that fails fails each of its callers with the same error. A caller
+cancelled before its batch is cut is left out of it: nothing is done for it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ class Coalescer(Generic[Item, Result]):
                     await asyncio.sleep(0)
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
+                # A caller that went away before its batch was cut (its RPC
+                # cancelled) is left out: a claim made for nobody would
+                # leave its tasks CLAIMED by a launcher that never saw them.
+                batch = [entry for entry in batch if not entry[1].cancelled()]
+                if not batch:
+                    continue
                 self.batches += 1
                 self.items += len(batch)
                 try:

@@ -131,3 +131,28 @@ async def test_a_cancelled_batch_leaves_no_caller_waiting() -> None:
     for call in calls:
         with pytest.raises(Exception, match="stopping"):
             await asyncio.wait_for(call, 5)
+
+
+async def test_a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=4)
+    kept = asyncio.create_task(coalescer.submit(1))
+    gone = asyncio.create_task(coalescer.submit(2))
+    await asyncio.sleep(0)  # both wait in the batch being gathered
+    gone.cancel()
+    assert await kept == 1
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert seen == [[1]]
+    assert (coalescer.items, coalescer.batches) == (1, 1)
+    # A batch of callers who all left runs nothing.
+    alone = asyncio.create_task(coalescer.submit(3))
+    await asyncio.sleep(0)
+    alone.cancel()
+    await asyncio.sleep(0.01)
+    assert seen == [[1]]
