@@ -74,9 +74,13 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
     return canonical
 
 
+def _looks_like_task_input_id(value: str) -> bool:
+    return len(value) == 64 and _TASK_ID_CHARS.issuperset(value)
+
+
 def check_task_input_id(value: str) -> str:
     """Return value if it looks like a task_input_id: 64 lowercase hex digits."""
-    if len(value) != 64 or not _TASK_ID_CHARS.issuperset(value):
+    if not _looks_like_task_input_id(value):
         raise InvalidArgument(f"task_input_id must be 64 lowercase hex digits, got {value!r}")
     return value
 
@@ -287,8 +291,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         name = check_name("task.pipeline.name", given.pipeline.name)
         status = check_state("task.status", given.status, required=True)
         if given.HasField("task_input"):
-            # A task_input_id sent beside the input is ignored, as npg_porch did.
             task_id = digest_of(checked_task_input("task", given))
+            # npg_porch ignored an id its clients sent beside the input, and
+            # they send ids of their own; but a real id of another task (a
+            # PATCH's path names one) is a mistake, refused before any change.
+            named = given.task_input_id
+            if named != task_id and _looks_like_task_input_id(named):
+                raise InvalidArgument(
+                    f"task.task_input_id {named} is not the id of task.task_input, {task_id}"
+                )
         elif given.task_input_id:
             task_id = check_task_input_id(given.task_input_id)
         else:

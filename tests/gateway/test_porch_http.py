@@ -387,6 +387,17 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
     assert_error(illegal, 400, 9, "PENDING", "DONE")
     got = await client.get(f"/v1/pipelines/p1/tasks/{task_id}", headers=wrapper)
     assert got.json()["status"] == "PENDING"
+    # The path names one task, the body's input another: neither changes.
+    [other_id] = await register(porch_http, wrapper, {"n": 2})
+    elsewhere = await client.patch(
+        f"/v1/pipelines/p1/tasks/{task_id}",
+        json={"task": {"status": "CANCELLED", "task_input": {"n": 2}}},
+        headers=wrapper,
+    )
+    assert_error(elsewhere, 400, 3, task_id, other_id)
+    for each in (task_id, other_id):
+        got = await client.get(f"/v1/pipelines/p1/tasks/{each}", headers=wrapper)
+        assert got.json()["status"] == "PENDING"
 
 
 async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: PorchHttp) -> None:

@@ -446,6 +446,16 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
         update("p1", task_id, State.CANCELLED, "x" * (64 * 1024 + 1)),
         "65536 bytes",
     )
+    # The id of one task beside the input of another names neither.
+    other = wrapper.RegisterTask(register("p1", a=2)).task
+    both = pb.Task(pipeline=pb.Pipeline(name="p1"), task_input_id=task_id, status=State.CANCELLED)
+    both.task_input.update({"a": 2})
+    mismatch = fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, pb.UpdateTaskRequest(task=both))
+    assert task_id in mismatch and other.task_input_id in mismatch
+    assert (
+        wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=other.task_input_id))
+        == other
+    )
     assert wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=task_id)) == task
     events = wrapper.ListTaskEvents(
         pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
