@@ -22,12 +22,28 @@ def make_cursor(xid: int, event_id: int) -> str:
     return f"{xid}.{event_id}"
 
 
+# Both parts are stored as 64-bit signed integers.
+_MAX_PART = 2**63 - 1
+
+
 def cursor_key(cursor: str) -> Key:
-    """Return the (xid, event id) a cursor stands for; InvalidArgument if it is not one."""
+    """Return the (xid, event id) a cursor stands for; InvalidArgument if it is
+    not one as make_cursor writes them (no leading zeros, each part in range)."""
     xid, dot, event_id = cursor.partition(".")
-    if not (dot and (xid + event_id).isascii() and xid.isdigit() and event_id.isdigit()):
-        raise InvalidArgument(f"not an event cursor: {cursor!r}")
+    if not (dot and _is_part(xid) and _is_part(event_id)):
+        shown = cursor if len(cursor) <= 60 else cursor[:60] + "…"
+        raise InvalidArgument(f"not an event cursor: {shown!r}")
     return int(xid), int(event_id)
+
+
+def _is_part(text: str) -> bool:
+    return (
+        0 < len(text) <= 19
+        and text.isascii()
+        and text.isdigit()
+        and (text == "0" or text[0] != "0")
+        and int(text) <= _MAX_PART
+    )
 
 
 @dataclass(frozen=True, slots=True)

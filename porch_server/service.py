@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from porch_server import auth, messages
-from porch_server.cursors import Key, Snapshot, cursor_key
+from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import InvalidArgument
 from porch_server.events import EventHub, follow
@@ -336,7 +336,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
         if request.after:
-            cursor_key(request.after)
+            await self._run(self._store.check_cursor_not_ahead, request.after)
 
         async def replay(after: str) -> list[Event]:
             return await self._run(self._store.read_events, after, pipeline_name, 500)

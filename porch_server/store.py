@@ -67,7 +67,14 @@ from porch_server.db.listen import CHANNEL
 from porch_server.db.pgasync import AsyncStatements, Contended, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
-from porch_server.errors import AlreadyExists, NotFound, OutOfRange, PorchError, Unavailable
+from porch_server.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PorchError,
+    Unavailable,
+)
 from porch_server.models import (
     Actor,
     Event,
@@ -828,6 +835,22 @@ class Store:
             with self._read() as connection:
                 connection.execute(_notify)
 
+    def check_cursor_not_ahead(self, after: str) -> None:
+        """InvalidArgument when a cursor lies beyond every event written so far:
+        no porch handed it out, and a stream after it would miss what comes next."""
+        xid, event_id = cursor_key(after)
+        with self._read() as connection:
+            last_id = _last_event_id(connection)
+            next_xid = 1  # SQLite's cursors all have transaction 0
+            if self._postgresql:
+                text = connection.scalar(select(func.pg_current_snapshot().cast(Text)))
+                next_xid = Snapshot.parse(str(text)).xmax
+        if xid >= next_xid or event_id > last_id:
+            raise InvalidArgument(
+                f"cursor {after} is ahead of every event written: resume from a cursor "
+                "porch gave, or from an empty cursor"
+            )
+
     def event_start_cursor(self) -> str:
         """Return the cursor meaning "from now": events committed later come after it."""
         return self.event_start()[0]
@@ -840,9 +863,7 @@ class Store:
                 text = connection.scalar(select(func.pg_current_snapshot().cast(Text)))
                 snapshot = Snapshot.parse(str(text))
                 return make_cursor(snapshot.xmin, 0), snapshot
-            newest = select(func.coalesce(func.max(event.c.id), 0)).scalar_subquery()
-            pruned = select(func.coalesce(func.max(event_horizon.c.event_id), 0)).scalar_subquery()
-            return make_cursor(0, connection.scalar(select(func.max(newest, pruned))) or 0), None
+            return make_cursor(0, _last_event_id(connection)), None
 
     def read_events(
         self, after: str, pipeline_name: str | None, limit: int, *, check_horizon: bool = True
@@ -1229,6 +1250,19 @@ def _page(
         rows = rows[:page_size]
         next_page_token = encode_page_token(listing, filters, getattr(rows[-1], key))
     return Page([convert(row) for row in rows], next_page_token)
+
+
+def _last_event_id(connection: Connection) -> int:
+    """The id of the newest event written, kept or pruned; 0 before any."""
+    newest = select(func.coalesce(func.max(event.c.id), 0)).scalar_subquery()
+    pruned = select(func.coalesce(func.max(event_horizon.c.event_id), 0)).scalar_subquery()
+    # max() of two values is SQLite's; PostgreSQL's is greatest().
+    both = (
+        func.greatest(newest, pruned)
+        if connection.dialect.name == "postgresql"
+        else func.max(newest, pruned)
+    )
+    return int(connection.scalar(select(both)) or 0)
 
 
 def _check_horizon(connection: Connection, key: Key) -> None:

@@ -152,6 +152,10 @@ def test_watch_errors(fast_porch: Porch) -> None:
     for request, code in (
         (pb.WatchEventsRequest(pipeline_name="nope"), grpc.StatusCode.NOT_FOUND),
         (pb.WatchEventsRequest(after="garbage"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.WatchEventsRequest(after="0.9223372036854775808"), grpc.StatusCode.INVALID_ARGUMENT),
+        # Ahead of every event: a stream after it would miss the next ones.
+        (pb.WatchEventsRequest(after="0.99999999"), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.WatchEventsRequest(after="9223372036854775807.0"), grpc.StatusCode.INVALID_ARGUMENT),
     ):
         with pytest.raises(grpc.RpcError) as raised:
             next(iter(admin.WatchEvents(request)))
