@@ -11,10 +11,11 @@ from concurrent.futures import Executor
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gateway import access
 from porch_server import auth
-from porch_server.errors import PorchError, Unauthenticated
+from porch_server.errors import InvalidArgument, PorchError, Unauthenticated
 from porch_server.models import Token
 from porch_server.status import code_of
 from porch_server.store import Store
@@ -54,13 +55,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 self._unary(method, handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         else:
@@ -93,6 +94,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = None
             cancelled = False
             try:
+                _check_read(request)
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
@@ -116,6 +118,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = None
             cancelled = False
             try:
+                _check_read(request)
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 await behavior(request, context)
@@ -128,6 +131,39 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 _log_call(method, context, token, start, cancelled)
 
         return serve
+
+
+class _Unread:
+    """A request whose bytes could not be read as its message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, giving _Unread instead of raising: grpc would answer
+    UNKNOWN with the Python exception, where the caller should learn that
+    its request was at fault."""
+    if deserialize is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Unread(str(error))
+
+    return read
+
+
+def _check_read(request: Any) -> None:
+    if isinstance(request, _Unread):
+        raise InvalidArgument(
+            f"the request could not be read ({request.reason}): it is not a valid "
+            "message, or nests deeper than the 100 levels protobuf reads"
+        )
 
 
 def _authorization(context: Context) -> Any:

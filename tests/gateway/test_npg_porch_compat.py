@@ -238,6 +238,10 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
             '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 1000 + "1" + "}" * 1001,
             "nests too deeply",
         ),
+        (  # deep enough for protobuf's binary form, not for JSON's parser
+            '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 40 + "1" + "}" * 41,
+            "could not be read",
+        ),
         (
             '{"pipeline": {"name": "ptest"}, "task_input": {"s": "\\ud800"}}',
             "task_input field: 'utf-8' codec can't encode character '\\ud800'",

@@ -520,3 +520,39 @@ def test_health_and_reflection(porch: Porch) -> None:
     )
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert "porch.v1.PorchService" in names and "grpc.health.v1.Health" in names
+
+
+def test_a_request_that_cannot_be_read_is_an_invalid_argument(porch: Porch) -> None:
+    secret = porch.pipeline("p1")
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    raw = channel.unary_unary("/porch.v1.PorchService/RegisterTask")  # bytes in, bytes out
+    task = pb.Task(pipeline=pb.Pipeline(name="p1"))
+    task.task_input.update({"ok": 1})
+    shallow = pb.RegisterTaskRequest(task=task).SerializeToString()
+    # A Struct 60 deep is 120 messages deep, more than protobuf reads; its
+    # bytes are nested by hand, as python protobuf would not build it.
+    nested = b""
+    for _ in range(60):
+        value = b"\x2a" + _varint(len(nested)) + nested  # Value.struct_value
+        entry = b"\x0a\x01x" + b"\x12" + _varint(len(value)) + value  # fields["x"]
+        nested = b"\x0a" + _varint(len(entry)) + entry  # Struct.fields
+    inner = b"\x0a\x04\x0a\x02p1" + b"\x1a" + _varint(len(nested)) + nested
+    too_deep = b"\x0a" + _varint(len(inner)) + inner
+    metadata = [("authorization", f"Bearer {secret}")]
+    for data in (too_deep, b"\x0a\xff\xff"):  # too deep; a length past the end
+        with pytest.raises(grpc.RpcError) as raised:
+            raw(data, metadata=metadata)
+        error: Any = raised.value
+        assert error.code() == Code.INVALID_ARGUMENT, error.details()
+        assert "could not be read" in error.details()
+    assert raw(shallow, metadata=metadata)  # the same call, readable, works
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
