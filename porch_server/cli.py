@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server and the HTTP gateway")
     _add_db_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default 50051)")
+    serve.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default 50051)")
     serve.add_argument(
-        "--http-port", type=int, default=8080, help="HTTP gateway port (default 8080)"
+        "--http-port", type=_port, default=8080, help="HTTP gateway port (default 8080)"
     )
     serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve.add_argument("--anonymous-reads", action="store_true", help="allow reads without a token")
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--target", required=True, help="the porch gRPC server, HOST:PORT")
     web.add_argument("--target-tls-ca", type=Path, help="PEM CA to verify a TLS gRPC server with")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    web.add_argument("--http-port", type=int, default=8080, help="HTTP port (default 8080)")
+    web.add_argument("--http-port", type=_port, default=8080, help="HTTP port (default 8080)")
     web.add_argument("--workers", type=int, default=1, help="gateway processes (SO_REUSEPORT)")
     web.add_argument("--tls-cert", type=Path, help="PEM certificate to serve HTTPS with")
     web.add_argument("--tls-key", type=Path, help="PEM private key to serve HTTPS with")
@@ -309,14 +309,17 @@ def _http_server(
     if tls is not None:
         client_ca = str(tls.client_ca_file) if tls.client_ca_file else None
         server_tls = gateway.ServerTLS(str(tls.cert_file), str(tls.key_file), client_ca)
-    return gateway.HttpServer(
-        gateway.create_app(options, upstream),
-        host=host,
-        port=port,
-        tls=server_tls,
-        reuse_port=reuse_port,
-        grace=grace,
-    )
+    try:
+        return gateway.HttpServer(
+            gateway.create_app(options, upstream),
+            host=host,
+            port=port,
+            tls=server_tls,
+            reuse_port=reuse_port,
+            grace=grace,
+        )
+    except OSError as error:
+        raise OSError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from None
 
 
 def _gateway(args: argparse.Namespace) -> None:
@@ -422,6 +425,17 @@ def _token(args: argparse.Namespace) -> None:
         store.close()
 
 
+def _port(text: str) -> int:
+    """A TCP port number from the command line (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number from 0 to 65535: {text!r}")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the porch command line."""
     args = _parser().parse_args(argv)
@@ -443,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             _for_a_pipeline(lambda: client.run(args))
     except PorchError as error:
+        print(f"porch: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as error:  # a port in use, a file that is not there
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:

@@ -175,6 +175,7 @@ def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, meta
     last = args.after
     while True:
         request = porch_pb2.WatchEventsRequest(pipeline_name=args.pipeline or "", after=last)
+        reason = "the server ended it"
         try:
             for event in stub.WatchEvents(request, metadata=metadata):
                 last = event.cursor
@@ -187,7 +188,10 @@ def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, meta
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-        print(f"porch: stream ended; reconnecting after cursor {last!r}", file=sys.stderr)
+            reason = f"UNAVAILABLE: {error.details()}"
+        print(
+            f"porch: stream ended ({reason}); reconnecting after cursor {last!r}", file=sys.stderr
+        )
         time.sleep(1)
 
 

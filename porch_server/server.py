@@ -32,7 +32,6 @@ log = logging.getLogger("porch.server")
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
 PRUNE_INTERVAL_SECONDS = 3600
 GRPC_OPTIONS = [
-    ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -72,7 +71,10 @@ async def start(config: Config, store: Store) -> Running:
     store.use_async(statements, executor)
     hub = _make_hub(config, store, executor)
     interceptor = PorchInterceptor(store, executor, config.anonymous_reads)
-    server = grpc.aio.server(interceptors=[interceptor], options=GRPC_OPTIONS)
+    # Worker processes share the port; one server alone must not share it
+    # with another that happens to use the same one.
+    reuse_port = ("grpc.so_reuseport", 1 if config.workers > 1 else 0)
+    server = grpc.aio.server(interceptors=[interceptor], options=[*GRPC_OPTIONS, reuse_port])
     service = PorchService(store, executor, hub, config.watch_keepalive_seconds)
     health_servicer = HealthServicer()
     registry = gateway.HandlerRegistry()
@@ -84,10 +86,16 @@ async def start(config: Config, store: Store) -> Running:
     )
     address = f"{config.host}:{config.grpc_port}"
     credentials = _credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as error:  # grpc's "Failed to bind"
+        executor.shutdown(wait=False)
+        raise OSError(
+            f"cannot serve gRPC on {address}: the port is in use or not allowed"
+        ) from error
     await server.start()
     hub.start()
     for name in ("", SERVICE_NAME):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,44 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_ports_in_use_or_out_of_range_are_one_line_errors(sqlite_url: str) -> None:
+    def serve(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*PORCH, "serve", "--db-url", sqlite_url, *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    wrapped = serve("--grpc-port", "99999")
+    assert wrapped.returncode == 2 and "not a port number from 0 to 65535" in wrapped.stderr
+    process, target = start_server(sqlite_url)
+    try:
+        taken = serve("--grpc-port", target.rsplit(":", 1)[1], "--no-http")
+        assert taken.returncode == 1, taken.stderr
+        assert f"porch: cannot serve gRPC on {target}: the port is in use" in taken.stderr
+    finally:
+        stop_server(process)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        busy = serve("--grpc-port", "0", "--http-port", str(port))
+    assert busy.returncode == 1, busy.stderr
+    assert f"porch: cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in busy.stderr
+    assert "Traceback" not in busy.stderr + taken.stderr
+
+
+def test_a_missing_ca_file_is_a_one_line_error() -> None:
+    done = subprocess.run(
+        [*PORCH, "pipeline", "list", "--tls-ca", "/nonexistent/ca.pem", "--token", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip() == "porch: [Errno 2] No such file or directory: '/nonexistent/ca.pem'"
+    )
