@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import duration_pb2
 
 from porch_server import auth, messages
 from porch_server.cursors import Key, Snapshot
@@ -68,10 +69,28 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
     not too large."""
     if not task.HasField("task_input"):
         raise InvalidArgument(f"{field}.task_input is required")
-    canonical = canonical_json(messages.to_dict(task.task_input))
+    try:
+        canonical = canonical_json(messages.to_dict(task.task_input))
+    except InvalidArgument as error:  # "task_input holds a number that is not finite"
+        raise InvalidArgument(f"{field}.{error}") from None
     if len(canonical) > MAX_TASK_INPUT_BYTES:
         raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
     return canonical
+
+
+def check_lease(duration: duration_pb2.Duration) -> timedelta:
+    """A claim's lease as a timedelta (whole microseconds, rounded up);
+    InvalidArgument unless it is a valid Duration, positive, at most MAX_LEASE."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if not -1_000_000_000 < nanos < 1_000_000_000 or seconds * nanos < 0:
+        raise InvalidArgument(
+            f"lease is not a valid Duration: seconds {seconds} and nanos {nanos} "
+            "must have the same sign, and nanos fewer than 10^9"
+        )
+    lease_seconds = MAX_LEASE.days * 86_400
+    if seconds < 0 or nanos < 0 or not 0 < seconds * 1_000_000_000 + nanos <= lease_seconds * 10**9:
+        raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
+    return timedelta(seconds=seconds, microseconds=-(-nanos // 1000))
 
 
 def _looks_like_task_input_id(value: str) -> bool:
@@ -272,11 +291,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         num_tasks = request.num_tasks if request.HasField("num_tasks") else 1
         if not 1 <= num_tasks <= MAX_BATCH:
             raise InvalidArgument(f"num_tasks must be from 1 to {MAX_BATCH}, got {num_tasks}")
-        lease = None
-        if request.HasField("lease"):
-            lease = request.lease.ToTimedelta()
-            if not timedelta(0) < lease <= MAX_LEASE:
-                raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
+        lease = check_lease(request.lease) if request.HasField("lease") else None
         actor = auth.caller_actor()
         tasks = await self._store.claim_tasks_async(name, num_tasks, lease, actor)
         if tasks is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -290,7 +291,9 @@ def test_register_errors(porch: Porch) -> None:
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, register("p1", big="x" * (1024 * 1024)))
     # A Struct can carry NaN and infinities; JSON, and so the digest, cannot.
     nan = register("p1", nested={"n": float("nan")})
-    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, "not finite")
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, "task.task_input holds a number")
+    batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[register("p1", n=1).task, nan.task])
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, batch, "tasks[1].task_input holds")
 
 
 def test_register_tasks_in_one_call(porch: Porch) -> None:
@@ -386,7 +389,18 @@ def test_claim(porch: Porch) -> None:
     for bad in (0, -1, 10_001):
         fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", bad), "num_tasks")
     for lease in (duration_pb2.Duration(seconds=-1), duration_pb2.Duration(seconds=0)):
-        fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", lease=lease), "lease")
+        fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", lease=lease), "positive")
+    too_long = duration_pb2.Duration(seconds=30 * 86_400, nanos=1)
+    fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", lease=too_long), "30 days")
+    for seconds, nanos in ((1, 2_000_000_000), (1, -1), (-1, 1)):
+        invalid = duration_pb2.Duration(seconds=seconds, nanos=nanos)
+        fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", lease=invalid), "not a valid")
+    # A nanosecond is positive: the lease is the shortest there is, a second.
+    wrapper.RegisterTask(register("p1", n=5))
+    [short] = wrapper.ClaimTasks(claim("p1", lease=duration_pb2.Duration(nanos=1))).tasks
+    assert short.lease_expire_time.ToDatetime() - short.claim_time.ToDatetime() == timedelta(
+        seconds=1
+    )
     fails(Code.PERMISSION_DENIED, wrapper.ClaimTasks, claim("p1x"), "'p1', not 'p1x'")
 
 
