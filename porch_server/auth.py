@@ -46,8 +46,12 @@ def bearer_secret(authorization: str | None) -> str:
         raise Unauthenticated("no token: send 'authorization: Bearer <token>'")
     scheme, _, secret = authorization.strip().partition(" ")
     secret = secret.strip()
-    if scheme.lower() != "bearer" or not _SECRET.fullmatch(secret):
+    if scheme.lower() != "bearer" or not secret:
         raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
+    if not _SECRET.fullmatch(secret):
+        raise Unauthenticated(
+            "not a porch token: tokens are 32 to 128 letters, digits, '-' and '_'"
+        )
     return secret
 
 

@@ -34,10 +34,18 @@ def test_hash_is_sha256_hex_and_not_the_secret() -> None:
 
 
 @pytest.mark.parametrize(
-    "header", [None, "", "Bearer", "Basic abc", "Bearer short", "Bearer " + "x" * 31 + "!"]
+    ("header", "message"),
+    [
+        (None, "no token"),
+        ("", "no token"),
+        ("Bearer", "malformed authorization"),
+        ("Basic abc", "malformed authorization"),
+        ("Bearer short", "not a porch token"),
+        ("Bearer " + "x" * 31 + "!", "not a porch token"),
+    ],
 )
-def test_bad_authorization_is_unauthenticated(header: str | None) -> None:
-    with pytest.raises(Unauthenticated):
+def test_bad_authorization_is_unauthenticated(header: str | None, message: str) -> None:
+    with pytest.raises(Unauthenticated, match=message):
         auth.bearer_secret(header)
 
 
