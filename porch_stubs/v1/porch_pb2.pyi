@@ -118,7 +118,8 @@ class Task(_message.Message):
     task_input_id: _builtins.str
     """Lowercase hex SHA-256 of the canonical JSON of `task_input`. Computed by
     the server; a value sent by a client is ignored, except in UpdateTask
-    where it may name the task instead of `task_input`.
+    where it may name the task instead of `task_input` (given both, they
+    must name the same task).
     """
     status: Global___Task.State.ValueType
     """The task's status. New tasks are always PENDING."""
@@ -130,8 +131,9 @@ class Task(_message.Message):
 
     @_builtins.property
     def task_input(self) -> _struct_pb2.Struct:
-        """The JSON object that describes the work. Numbers beyond 2^53 lose
-        precision: send such values as strings.
+        """The JSON object that describes the work, at most 1 MiB both as
+        canonical JSON and as protobuf. Numbers beyond 2^53 lose precision: send
+        such values as strings.
         """
 
     @_builtins.property

@@ -289,6 +289,9 @@ def test_register_errors(porch: Porch) -> None:
     ghost = porch.stub(porch.token(Role.PIPELINE, "p2"))
     assert ghost.RegisterTask(register("p2", a=1)).created
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, register("p1", big="x" * (1024 * 1024)))
+    # Small in JSON (2 bytes a number), 5.5 times that as protobuf: refused too.
+    numbers = register("p1", many=[0] * 200_000)
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, numbers, "bytes as protobuf")
     # A Struct can carry NaN and infinities; JSON, and so the digest, cannot.
     nan = register("p1", nested={"n": float("nan")})
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, "task.task_input holds a number")
