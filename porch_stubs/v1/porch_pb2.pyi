@@ -830,8 +830,9 @@ class ClaimTasksRequest(_message.Message):
 
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
-        """Ask for a lease: unless a RUNNING or CLAIMED update renews it within
-        this time, the task goes back to PENDING. No lease when unset.
+        """Ask for a lease: unless an update to RUNNING (from CLAIMED, or again as
+        a heartbeat) renews it within this time, the task goes back to PENDING.
+        No lease when unset.
         """
 
     def __init__(
