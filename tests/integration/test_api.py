@@ -162,7 +162,7 @@ def test_authentication_failures(porch: Porch) -> None:
     request = pb.GetPipelineRequest(name="p1")
     fails(Code.UNAUTHENTICATED, porch.stub().GetPipeline, request, "no token")
     fails(Code.UNAUTHENTICATED, porch.stub("A" * 43).GetPipeline, request, "unknown token")
-    fails(Code.UNAUTHENTICATED, porch.stub("short").GetPipeline, request, "malformed")
+    fails(Code.UNAUTHENTICATED, porch.stub("short").GetPipeline, request, "not a porch token")
     channel = grpc.insecure_channel(porch.target)
     porch.channels.append(channel)
     raw = channel.unary_unary(
