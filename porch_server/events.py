@@ -165,6 +165,11 @@ class EventHub:
         if self._listen is not None:
             self._tasks.append(asyncio.create_task(self._keep_listening(), name="porch-listen"))
 
+    @property
+    def stopped(self) -> bool:
+        """True once stop() began: the server is shutting down."""
+        return self._stopped
+
     async def stop(self) -> None:
         """End every subscription, then reading and listening."""
         self._stopped = True

@@ -109,7 +109,7 @@ async def start(config: Config, store: Store) -> Running:
 async def stop(running: Running, grace: float) -> None:
     """Stop taking calls, let calls in flight finish for up to grace seconds, then end."""
     await running.health.enter_graceful_shutdown()
-    await running.hub.stop()  # ends every WatchEvents stream cleanly
+    await running.hub.stop()  # ends every WatchEvents stream, UNAVAILABLE
     running.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running.sweeper

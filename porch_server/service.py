@@ -22,7 +22,7 @@ from google.protobuf import duration_pb2
 from porch_server import auth, messages
 from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
-from porch_server.errors import InvalidArgument
+from porch_server.errors import InvalidArgument, Unavailable
 from porch_server.events import EventHub, follow
 from porch_server.models import Event, Pipeline, Role
 from porch_server.store import Store
@@ -388,6 +388,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         # skips the async generators that yielding passes it through.
         async for item in stream:
             await context.write(self._encoded(item))
+        if self._hub.stopped:
+            # Say why the stream ends: gRPC's code for "try again elsewhere or later".
+            raise Unavailable("the server is shutting down: resume after the last cursor")
 
     def _encoded(self, item: Event | porch_pb2.Event) -> bytes:
         """Serialize an event once for every stream that carries it."""
