@@ -31,8 +31,11 @@ class Access(Enum):
 
 
 def new_secret() -> str:
-    """Return a fresh token secret of 256 random bits."""
-    return secrets.token_urlsafe(32)
+    """Return a fresh token secret of 256 random bits, not starting with '-':
+    `porch … --token -abc…` would read as an option (one token in 64 did)."""
+    while (secret := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return secret
 
 
 def hash_secret(secret: str) -> str:

@@ -22,6 +22,12 @@ def test_secrets_are_long_random_and_distinct() -> None:
     assert all(len(s) >= 43 for s in secrets)  # 256 bits in base64url
 
 
+def test_no_secret_starts_like_a_command_line_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = iter(["-starts-like-an-option" + "x" * 21, "fine" + "x" * 39])
+    monkeypatch.setattr(auth.secrets, "token_urlsafe", lambda size: next(drawn))
+    assert auth.new_secret() == "fine" + "x" * 39
+
+
 def test_hash_is_sha256_hex_and_not_the_secret() -> None:
     secret = auth.new_secret()
     hashed = auth.hash_secret(secret)
