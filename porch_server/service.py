@@ -258,6 +258,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         results = await self._run(self._store.register_canonical, name, texts, auth.caller_actor())
         if any(r.created for r in results):
             self._hub.committed()
+            context.set_trailing_metadata(CREATED)  # 201 through the gateway
         return porch_pb2.RegisterTasksResponse(
             results=[
                 porch_pb2.RegisterTaskResponse(

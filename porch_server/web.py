@@ -12,7 +12,7 @@ from porch_stubs.v1 import porch_pb2
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
 # npg_porch_client reads the status enumeration from this document path and name.
 OPENAPI_PATHS = ("/openapi.json", "/api/v1/openapi.json")
-CREATES = ("CreatePipeline", "CreateToken", "RegisterTask")
+CREATES = ("CreatePipeline", "CreateToken", "RegisterTask", "RegisterTasks")
 
 
 def _document() -> gateway.DocumentOptions:

@@ -271,7 +271,7 @@ async def test_a_list_the_gateway_follows_page_by_page_is_one_line(
         registered = await porch_http.client.post(
             "/v1/pipelines/p1/tasks:batchRegister", json=body, headers=headers
         )
-        assert registered.status_code == 200, registered.text
+        assert registered.status_code == 201, registered.text
     caplog.set_level(logging.INFO, "porch.access")
     caplog.clear()
 

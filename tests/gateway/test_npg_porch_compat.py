@@ -297,7 +297,7 @@ async def test_every_task_is_listed_beyond_one_page(porch_http: PorchHttp) -> No
     registered = await client.post(
         "/v1/pipelines/ptest/tasks:batchRegister", json=batch, headers=wrapper
     )
-    assert registered.status_code == 200
+    assert registered.status_code == 201
     listed = await client.get("/tasks", headers=wrapper)
     assert listed.status_code == 200
     assert [task["task_input"]["n"] for task in listed.json()] == list(range(total))
