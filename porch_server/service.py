@@ -93,8 +93,8 @@ def check_lease(duration: duration_pb2.Duration) -> timedelta:
             f"lease is not a valid Duration: seconds {seconds} and nanos {nanos} "
             "must have the same sign, and nanos fewer than 10^9"
         )
-    lease_seconds = MAX_LEASE.days * 86_400
-    if seconds < 0 or nanos < 0 or not 0 < seconds * 1_000_000_000 + nanos <= lease_seconds * 10**9:
+    # Same signs: the total is positive only when both parts are at least 0.
+    if not 0 < seconds * 1_000_000_000 + nanos <= MAX_LEASE.days * 86_400 * 1_000_000_000:
         raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
     return timedelta(seconds=seconds, microseconds=-(-nanos // 1000))
 
