@@ -502,7 +502,7 @@ class Store:
                 query = query.where(task.c.pipeline_id == pipeline_id)
             rows = connection.execute(query).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})
-        return _page(rows, page_size, "tasks", filters, "id", self._to_task)
+        return _page(rows, _fitting(rows, page_size), "tasks", filters, "id", self._to_task)
 
     def claim_tasks(
         self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
@@ -1234,6 +1234,24 @@ def _event_params(now: datetime, actor: Actor | None, message: str | None) -> di
 
 def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
     return NotFound(f"task {task_input_id} of pipeline '{pipeline_name}' not found")
+
+
+# A page of tasks stops early once its inputs reach this many bytes of JSON,
+# so that its answer stays well inside a client's 4 MiB default however large
+# the inputs (each at most 1 MiB); the next page goes on from there.
+PAGE_INPUT_BYTES = 2 * 1024 * 1024
+# What a task adds to an answer besides its input, give or take.
+_TASK_OVERHEAD_BYTES = 300
+
+
+def _fitting(rows: Sequence[Row[Any]], page_size: int) -> int:
+    """How many of rows (at most page_size, at least one) a page of tasks holds."""
+    total = 0
+    for count, row in enumerate(rows[:page_size]):
+        total += len(row.task_input) + _TASK_OVERHEAD_BYTES
+        if total > PAGE_INPUT_BYTES and count > 0:
+            return count
+    return page_size
 
 
 def _page(

@@ -529,3 +529,17 @@ def test_schema_is_refused_for_sqlite_and_checked(tmp_path: Path) -> None:
         make_engine("postgresql+psycopg2://postgres@127.0.0.1/x", 'a"; DROP')
     with pytest.raises(ValueError, match="unsupported database URL"):
         make_engine("mysql://localhost/x")
+
+
+def test_a_page_of_large_tasks_stops_before_a_client_would_refuse_it(store: Store) -> None:
+    add_pipeline(store, "p1")
+    large = "x" * (700 * 1024)  # five of these are 3.5 MB: past a client's 4 MiB with the rest
+    store.register_tasks("p1", [{"n": n, "blob": large} for n in range(5)], SYSTEM)
+    pages, token = [], ""
+    while True:
+        page = store.list_tasks("p1", None, 1000, token)
+        pages.append([task.task_input["n"] for task in page.items])
+        if not (token := page.next_page_token):
+            break
+    assert pages == [[0, 1], [2, 3], [4]]  # 2 MiB of inputs a page at most, in order
+    assert [t.task_input["n"] for t in store.list_tasks("p1", None, 1, "").items] == [0]
