@@ -188,9 +188,36 @@ _insert_event = insert(event)
 
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
+# An answer with tasks (a page of them, one claimer's claim) stops early
+# once their inputs reach this many bytes of JSON, so that it stays well
+# inside a client's 4 MiB default however large the inputs (each at most
+# 1 MiB). It always holds one task; a page's next page goes on from there,
+# and a claim's other candidates stay PENDING.
+ANSWER_INPUT_BYTES = 2 * 1024 * 1024
+# What a task adds to an answer besides its input, give or take.
+_TASK_OVERHEAD_BYTES = 300
+
+
+def _within_answer(candidates: CTE) -> Select[Any]:
+    """The ids of the candidates one answer holds: the oldest, then more
+    while their inputs stay within ANSWER_INPUT_BYTES."""
+    sized = (
+        select(
+            candidates.c.id,
+            func.row_number().over(order_by=candidates.c.id).label("nth"),
+            func.sum(func.length(task.c.task_input) + _TASK_OVERHEAD_BYTES)
+            .over(order_by=candidates.c.id)
+            .label("running"),
+        )
+        .join_from(candidates, task, task.c.id == candidates.c.id)
+        .cte("sized")
+    )
+    return select(sized.c.id).where(or_(sized.c.nth == 1, sized.c.running <= ANSWER_INPUT_BYTES))
+
+
 _claim = (
     update(task)
-    .where(task.c.id.in_(select(claim_candidates.cte("candidates").c.id)))
+    .where(task.c.id.in_(_within_answer(claim_candidates.cte("candidates"))))
     .values(
         status=State.CLAIMED.value,
         update_time=_NOW,
@@ -1236,20 +1263,12 @@ def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
     return NotFound(f"task {task_input_id} of pipeline '{pipeline_name}' not found")
 
 
-# A page of tasks stops early once its inputs reach this many bytes of JSON,
-# so that its answer stays well inside a client's 4 MiB default however large
-# the inputs (each at most 1 MiB); the next page goes on from there.
-PAGE_INPUT_BYTES = 2 * 1024 * 1024
-# What a task adds to an answer besides its input, give or take.
-_TASK_OVERHEAD_BYTES = 300
-
-
 def _fitting(rows: Sequence[Row[Any]], page_size: int) -> int:
     """How many of rows (at most page_size, at least one) a page of tasks holds."""
     total = 0
     for count, row in enumerate(rows[:page_size]):
         total += len(row.task_input) + _TASK_OVERHEAD_BYTES
-        if total > PAGE_INPUT_BYTES and count > 0:
+        if total > ANSWER_INPUT_BYTES and count > 0:
             return count
     return page_size
 
@@ -1505,11 +1524,19 @@ def _claim_batch() -> Select[Any]:
     and gives claimer k those numbered after claim_afters[k] up to
     claim_lasts[k]; each row comes back with its claimer's 1-based position.
     With fewer tasks pending, the claimers that asked first are served first.
+    A claimer whose share outgrows one answer (ANSWER_INPUT_BYTES) gets its
+    oldest tasks that fit; the rest stay PENDING.
     """
     candidates = claim_candidates.cte("candidates")
-    numbered = select(
-        candidates.c.id, func.row_number().over(order_by=candidates.c.id).label("number")
-    ).cte("numbered")
+    numbered = (
+        select(
+            candidates.c.id,
+            func.row_number().over(order_by=candidates.c.id).label("number"),
+            func.length(task.c.task_input).label("size"),
+        )
+        .join_from(candidates, task, task.c.id == candidates.c.id)
+        .cte("numbered")
+    )
     claimers = _rows_of_arrays(
         "claimers",
         [
@@ -1521,8 +1548,14 @@ def _claim_batch() -> Select[Any]:
             ("claim_lease_expire_times", "lease_expire_time", UtcDateTime),
         ],
     )
+    mine = {"partition_by": claimers.c.position, "order_by": numbered.c.id}
     assigned = (
-        select(numbered.c.id, claimers)
+        select(
+            numbered.c.id,
+            claimers,
+            func.row_number().over(**mine).label("nth"),
+            func.sum(numbered.c.size + _TASK_OVERHEAD_BYTES).over(**mine).label("running"),
+        )
         .join_from(
             numbered,
             claimers,
@@ -1532,7 +1565,10 @@ def _claim_batch() -> Select[Any]:
     )
     claimed = (
         update(task)
-        .where(task.c.id == assigned.c.id)
+        .where(
+            task.c.id == assigned.c.id,
+            or_(assigned.c.nth == 1, assigned.c.running <= ANSWER_INPUT_BYTES),
+        )
         .values(
             status=State.CLAIMED.value,
             update_time=_NOW,

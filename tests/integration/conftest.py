@@ -18,7 +18,7 @@ from porch_server import auth, server
 from porch_server.config import Config
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
-from porch_server.models import Role
+from porch_server.models import Role, Task
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
@@ -172,3 +172,14 @@ def server_processes(db_url: str, count: int) -> Iterator[tuple[Store, list[str]
         for process, _ in started:
             stop_server(process)
         store.close()
+
+
+def every_task(store: Store, pipeline_name: str) -> list[Task]:
+    """Every task of the pipeline, oldest first, page after page."""
+    tasks: list[Task] = []
+    token = ""
+    while True:
+        page = store.list_tasks(pipeline_name, None, 1000, token)
+        tasks += page.items
+        if not (token := page.next_page_token):
+            return tasks

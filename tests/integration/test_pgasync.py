@@ -19,6 +19,7 @@ from porch_server.models import Actor, Pipeline, Role
 from porch_server.states import State
 from porch_server.store import Store
 from tests.conftest import SchemaDatabase
+from tests.integration.conftest import every_task
 
 pytestmark = pytest.mark.postgres
 
@@ -152,6 +153,22 @@ async def test_concurrent_claims_share_a_statement_each_with_its_own_tasks(
                 ("CLAIMED", who.token_id, who.description)
             ]
     assert await store.claim_tasks_async("p", 1, None, actor) == []
+
+
+async def test_claimers_together_each_take_what_one_answer_holds(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    large = "x" * (700 * 1024)  # three of these pass the 2 MiB an answer holds
+    store.register_tasks("p", [{"n": n, "blob": large} for n in range(7)], actor)
+    first, second = await asyncio.gather(
+        store.claim_tasks_async("p", 3, None, actor), store.claim_tasks_async("p", 3, None, actor)
+    )
+    # Each claimer's share is the next three oldest; each answer holds two of them.
+    assert [t.task_input["n"] for t in first or []] == [0, 1]
+    assert [t.task_input["n"] for t in second or []] == [3, 4]
+    pending = [t for t in every_task(store, "p") if t.status is State.PENDING]
+    assert [task.task_input["n"] for task in pending] == [2, 5, 6]
 
 
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:

@@ -26,6 +26,7 @@ from porch_server.models import SYSTEM, Actor, EventKind, Page, Pipeline, Role, 
 from porch_server.states import UPDATE_TRANSITIONS, State
 from porch_server.store import Store
 from tests.conftest import PostgresServer, SchemaDatabase
+from tests.integration.conftest import every_task
 
 HASH = "a" * 64
 
@@ -543,3 +544,18 @@ def test_a_page_of_large_tasks_stops_before_a_client_would_refuse_it(store: Stor
             break
     assert pages == [[0, 1], [2, 3], [4]]  # 2 MiB of inputs a page at most, in order
     assert [t.task_input["n"] for t in store.list_tasks("p1", None, 1, "").items] == [0]
+
+
+def test_a_claim_of_large_tasks_takes_what_one_answer_holds(store: Store) -> None:
+    add_pipeline(store, "p1")
+    large = "x" * (700 * 1024)  # three of these pass 2 MiB: a claim takes two
+    store.register_tasks("p1", [{"n": n, "blob": large} for n in range(5)], SYSTEM)
+    claimed = store.claim_tasks("p1", 5, None, SYSTEM)
+    assert [task.task_input["n"] for task in claimed] == [0, 1]
+    pending = [t for t in every_task(store, "p1") if t.status is State.PENDING]
+    assert [task.task_input["n"] for task in pending] == [2, 3, 4]  # left as they were
+    for task in pending:
+        assert len(store.list_task_events("p1", task.task_input_id, 10, "").items) == 1
+    huge = "y" * (1000 * 1024)  # one alone passes the budget: it is still claimed
+    store.register_tasks("p1", [{"huge": huge}], SYSTEM)
+    assert [t.task_input["n"] for t in store.claim_tasks("p1", 1, None, SYSTEM)] == [2]
