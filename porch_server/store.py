@@ -189,10 +189,12 @@ _insert_event = insert(event)
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
 # An answer with tasks (a page of them, one claimer's claim) stops early
-# once their inputs reach this many bytes of JSON, so that it stays well
-# inside a client's 4 MiB default however large the inputs (each at most
-# 1 MiB). It always holds one task; a page's next page goes on from there,
-# and a claim's other candidates stay PENDING.
+# once their inputs reach this many bytes of JSON, so that it stays inside a
+# client's 4 MiB default however large the inputs (each at most 1 MiB). It
+# always holds one task; a page's next page goes on from there, and a
+# claim's other candidates stay PENDING. Inputs made mostly of small
+# numbers are larger as protobuf (up to 5.5 times): many of those can still
+# make an answer of more than 4 MiB.
 ANSWER_INPUT_BYTES = 2 * 1024 * 1024
 # What a task adds to an answer besides its input, give or take.
 _TASK_OVERHEAD_BYTES = 300
