@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import logging.config
+import math
 import multiprocessing
 import os
 import signal
@@ -72,23 +73,26 @@ def _parser() -> argparse.ArgumentParser:
         help="auto (default): uvloop where it is installed, else asyncio's own",
     )
     serve.add_argument(
-        "--lease-sweep-seconds", type=float, default=5.0, help="how often lapsed leases are freed"
+        "--lease-sweep-seconds",
+        type=_positive,
+        default=5.0,
+        help="how often lapsed leases are freed",
     )
     serve.add_argument(
         "--watch-poll-seconds",
-        type=float,
+        type=_positive,
         default=0.5,
         help="how often WatchEvents looks for events without a notification (default 0.5)",
     )
     serve.add_argument(
         "--watch-keepalive-seconds",
-        type=float,
+        type=_positive,
         default=15.0,
         help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
     )
     serve.add_argument(
         "--event-retention-days",
-        type=float,
+        type=_positive_days,
         help="prune events older than this, hourly (default: keep them forever)",
     )
 
@@ -110,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     events = commands.add_parser("events", help="manage the event log")
     event_commands = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
     prune = event_commands.add_parser("prune", help="delete events older than some days")
-    prune.add_argument("--older-than-days", type=float, required=True, metavar="DAYS")
+    prune.add_argument("--older-than-days", type=_days, required=True, metavar="DAYS")
     _add_db_flags(prune)
 
     db = commands.add_parser("db", help="manage the database schema")
@@ -155,13 +159,13 @@ def _open_store(args: argparse.Namespace) -> Store:
 
 def _config(args: argparse.Namespace) -> Config:
     url, schema = db_settings(args.db_url, args.db_schema)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("porch: --tls-cert and --tls-key go together")
-        tls = TLS(args.tls_cert, args.tls_key, args.tls_client_ca)
-    if args.workers < 1 or (args.workers > 1 and args.grpc_port == 0):
-        raise SystemExit("porch: --workers must be at least 1, and needs a fixed --grpc-port")
+    tls = _tls(args)
+    if args.workers < 1:
+        raise SystemExit("porch: --workers must be at least 1")
+    if args.workers > 1 and (args.grpc_port == 0 or (not args.no_http and args.http_port == 0)):
+        raise SystemExit(
+            "porch: --workers share their ports: give a fixed --grpc-port and --http-port"
+        )
     return Config(
         db_url=url,
         db_schema=schema,
@@ -202,6 +206,8 @@ def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 def _setup_logging(log_config: Path | None) -> None:
     if log_config is not None:
         config = json.loads(log_config.read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"{log_config}: a logging dictConfig is a JSON object")
         # dictConfig would otherwise silence every logger that exists already:
         # porch's own, the access log among them, unless the file names them.
         config.setdefault("disable_existing_loggers", False)
@@ -322,21 +328,34 @@ def _http_server(
         raise OSError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from None
 
 
+def _tls(args: argparse.Namespace) -> TLS | None:
+    """The server's TLS files from the flags; None for plaintext."""
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("porch: --tls-cert and --tls-key go together (--tls-client-ca needs both)")
+    return TLS(args.tls_cert, args.tls_key, args.tls_client_ca)
+
+
 def _gateway(args: argparse.Namespace) -> None:
     _setup_logging(args.log_config)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise SystemExit("porch: --tls-cert and --tls-key go together")
-        tls = TLS(args.tls_cert, args.tls_key, args.tls_client_ca)
-    client_tls = None
-    if args.target_tls_ca:
-        client_tls = gateway.ClientTLS(root_certificates=args.target_tls_ca.read_bytes())
-    options = web.gateway_options(args.target, client_tls)
+    tls = _tls(args)
     if args.workers < 1:
         raise SystemExit("porch: --workers must be at least 1")
+    if args.workers > 1 and args.http_port == 0:
+        raise SystemExit("porch: --workers share their port: give a fixed --http-port")
+    target_ca = args.target_tls_ca.read_bytes() if args.target_tls_ca else None
     context = multiprocessing.get_context("spawn")
-    run = (options, args.host, args.http_port, tls, args.workers > 1, args.log_config)
+    # Each process builds its own options: descriptors do not pickle.
+    run = (
+        args.target,
+        target_ca,
+        args.host,
+        args.http_port,
+        tls,
+        args.workers > 1,
+        args.log_config,
+    )
     workers = [context.Process(target=_run_gateway, args=run) for _ in range(args.workers - 1)]
     for worker in workers:
         worker.start()
@@ -349,7 +368,8 @@ def _gateway(args: argparse.Namespace) -> None:
 
 
 def _run_gateway(
-    options: gateway.GatewayOptions,
+    target: str,
+    target_ca: bytes | None,
     host: str,
     port: int,
     tls: TLS | None,
@@ -359,6 +379,8 @@ def _run_gateway(
     """Serve the gateway until SIGTERM or SIGINT in this process."""
     if multiprocessing.parent_process() is not None:
         _setup_logging(log_config)
+    client_tls = None if target_ca is None else gateway.ClientTLS(root_certificates=target_ca)
+    options = web.gateway_options(target, client_tls)
 
     async def run() -> None:
         stopping = _stop_on_signals()
@@ -377,8 +399,6 @@ def _run_gateway(
 
 
 def _prune(args: argparse.Namespace) -> None:
-    if args.older_than_days < 0:
-        raise SystemExit("porch: --older-than-days must not be negative")
     store = _open_store(args)
     try:
         cutoff = datetime.now(UTC) - timedelta(days=args.older_than_days)
@@ -434,6 +454,44 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"not a port number from 0 to 65535: {text!r}")
     return port
+
+
+# Days as far back as any event goes: larger counts overflow a date.
+_MAX_DAYS = 36_500
+
+
+def _days(text: str) -> float:
+    """A number of days from 0 to _MAX_DAYS."""
+    value = _number(text)
+    if not 0 <= value <= _MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"not a number of days from 0 to {_MAX_DAYS}: {text!r}")
+    return value
+
+
+def _positive_days(text: str) -> float:
+    """A positive number of days, at most _MAX_DAYS."""
+    value = _days(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A positive, finite number (of seconds)."""
+    value = _number(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -93,8 +93,9 @@ async def start(config: Config, store: Store) -> Running:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:  # grpc's "Failed to bind"
         executor.shutdown(wait=False)
+        also = "" if credentials is None else ", or the TLS certificate, key or CA cannot be used"
         raise OSError(
-            f"cannot serve gRPC on {address}: the port is in use or not allowed"
+            f"cannot serve gRPC on {address}: the port is in use or not allowed{also}"
         ) from error
     await server.start()
     hub.start()

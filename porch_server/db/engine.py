@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -30,7 +30,16 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
     """Return an engine for url; schema (PostgreSQL only) holds porch's tables."""
-    backend = make_url(url).get_backend_name()
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise ValueError(f"not a database URL: {url!r}") from None
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if (backend, driver) not in (("sqlite", "pysqlite"), ("postgresql", "psycopg2")):
+        raise ValueError(
+            f"unsupported database URL {parsed!r}: use sqlite:///FILE or "
+            "postgresql://… (with porch's drivers, pysqlite and psycopg2)"
+        )
     if backend == "sqlite":
         if schema is not None:
             raise ValueError("a schema can only be given for PostgreSQL")

@@ -169,7 +169,16 @@ def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
             client.CreatePipeline(request, metadata=metadata)
         http_port = _free_port()
         gateway = subprocess.Popen(
-            [*PORCH, "gateway", "--target", target, "--http-port", str(http_port)],
+            [
+                *PORCH,
+                "gateway",
+                "--target",
+                target,
+                "--http-port",
+                str(http_port),
+                "--workers",
+                "2",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -270,3 +279,29 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
     assert (
         done.stderr.strip() == "porch: [Errno 2] No such file or directory: '/nonexistent/ca.pem'"
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["serve", "--lease-sweep-seconds", "0"], "not a positive number: '0'"),
+        (["serve", "--watch-poll-seconds", "nan"], "not a finite number: 'nan'"),
+        (["serve", "--watch-keepalive-seconds", "-1"], "not a positive number: '-1'"),
+        (["serve", "--event-retention-days", "-1"], "not a number of days from 0 to 36500"),
+        (["serve", "--event-retention-days", "0"], "not a positive number of days"),
+        (["events", "prune", "--older-than-days", "1e9"], "not a number of days from 0"),
+        (["serve", "--db-url", "notaurl"], "not a database URL: 'notaurl'"),
+        (["serve", "--db-url", "postgresql+asyncpg://u@h/d"], "unsupported database URL"),
+        (["serve", "--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
+        (["serve", "--workers", "2", "--grpc-port", "50999", "--http-port", "0"], "fixed"),
+    ],
+)
+def test_option_values_that_cannot_work_are_refused_in_one_line(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [*PORCH, *flags], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode in (1, 2), done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "porch.db").exists() or flags[0] == "events"
