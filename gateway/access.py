@@ -126,8 +126,15 @@ def _target(scope: Scope) -> str:
     # printable ASCII escaped: a decoded path could hold a space or a line
     # break and forge a field or a whole log line.
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    query: bytes = scope.get("query_string", b"")
+    query: bytes = _SECRET_IN_QUERY.sub(rb"\1***", scope.get("query_string", b""))
     return _escaped_bytes(raw + b"?" + query if query else raw)
+
+
+# A query parameter a client may have put a secret in (access_token=, token=,
+# api_key=, secret=, password=, and so page_token= too): its value is not logged.
+_SECRET_IN_QUERY = re.compile(
+    rb"((?:^|&)(?:[^&=]*[_-])?(?:access_token|token|key|secret|password)=)[^&]*", re.IGNORECASE
+)
 
 
 def _client(scope: Scope) -> str:

@@ -137,6 +137,16 @@ async def test_bytes_that_could_forge_a_field_or_a_line_are_escaped(
     assert line.endswith(" [::1]:4000")
 
 
+async def test_a_secret_in_the_query_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        await client.get("/paged?status=DONE&access_token=s3cret&api_key=k3y&Token=t0k")
+
+    [line] = lines(caplog)
+    assert line.split(" ")[1] == "/paged?status=DONE&access_token=***&api_key=***&Token=***"
+
+
 async def test_text_that_could_break_a_line_is_escaped() -> None:
     assert access.escape("x)\nGET /forged\u2028 a\\b\x85 é\u00a0") == (
         "x)\\x0aGET /forged\\u2028 a\\x5cb\\x85 é\u00a0"
