@@ -54,13 +54,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = full_method.removeprefix(SERVICE_PREFIX)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),  # type: ignore[arg-type]
+                self._serving(method, handler.unary_unary),  # type: ignore[arg-type]
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),  # type: ignore[arg-type]
+                self._serving(method, handler.unary_stream),  # type: ignore[arg-type]
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=_bytes_or(handler.response_serializer),
             )
@@ -86,9 +86,12 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         auth.authorize(method, token, request)
         return token
 
-    def _unary(
+    def _serving(
         self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
     ) -> Callable[[Any, Context], Awaitable[Any]]:
+        """Wrap a method: a unary one's answer, or a streaming one that writes
+        its messages with context.write and returns None."""
+
         async def serve(request: Any, context: Context) -> Any:
             start = time.perf_counter()
             token = None
@@ -98,30 +101,6 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 token = await self._admit(method, context, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
-            except PorchError as error:
-                await context.abort(code_of(error), str(error))
-            except asyncio.CancelledError:
-                cancelled = True
-                raise
-            finally:
-                _log_call(method, context, token, start, cancelled)
-
-        return serve
-
-    def _stream(
-        self, method: str, behavior: Callable[[Any, Context], Awaitable[None]]
-    ) -> Callable[[Any, Context], Awaitable[None]]:
-        """Wrap a streaming method that writes its messages with context.write."""
-
-        async def serve(request: Any, context: Context) -> None:
-            start = time.perf_counter()
-            token = None
-            cancelled = False
-            try:
-                _check_read(request)
-                token = await self._admit(method, context, request)
-                auth.CALLER.set(token)
-                await behavior(request, context)
             except PorchError as error:
                 await context.abort(code_of(error), str(error))
             except asyncio.CancelledError:
