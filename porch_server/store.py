@@ -872,8 +872,7 @@ class Store:
             last_id = _last_event_id(connection)
             next_xid = 1  # SQLite's cursors all have transaction 0
             if self._postgresql:
-                text = connection.scalar(select(func.pg_current_snapshot().cast(Text)))
-                next_xid = Snapshot.parse(str(text)).xmax
+                next_xid = _current_snapshot(connection).xmax
         if xid >= next_xid or event_id > last_id:
             raise InvalidArgument(
                 f"cursor {after} is ahead of every event written: resume from a cursor "
@@ -889,8 +888,7 @@ class Store:
         committed transactions' events come after that cursor but are not new."""
         with self._read() as connection:
             if self._postgresql:
-                text = connection.scalar(select(func.pg_current_snapshot().cast(Text)))
-                snapshot = Snapshot.parse(str(text))
+                snapshot = _current_snapshot(connection)
                 return make_cursor(snapshot.xmin, 0), snapshot
             return make_cursor(0, _last_event_id(connection)), None
 
@@ -1291,6 +1289,11 @@ def _page(
     return Page([convert(row) for row in rows], next_page_token)
 
 
+def _current_snapshot(connection: Connection) -> Snapshot:
+    """Which transactions have committed, now (PostgreSQL)."""
+    return Snapshot.parse(str(connection.scalar(select(func.pg_current_snapshot().cast(Text)))))
+
+
 def _last_event_id(connection: Connection) -> int:
     """The id of the newest event written, kept or pruned; 0 before any."""
     newest = select(func.coalesce(func.max(event.c.id), 0)).scalar_subquery()
@@ -1368,20 +1371,24 @@ def _status_effects(status: State, renewed_lease: Any) -> dict[str, Any]:
 
 
 def _events_from(
-    changed: CTE, kind: EventKind, old: ColumnElement[Any], new: ColumnElement[Any]
+    changed: CTE,
+    kind: EventKind,
+    old: ColumnElement[Any],
+    new: ColumnElement[Any],
+    who: tuple[ColumnElement[Any], ...] | None = None,
 ) -> CTE:
-    """A data-modifying CTE writing one event per row of changed (PostgreSQL)."""
-    values = select(
-        _NOW,
-        changed.c.id,
-        changed.c.pipeline_id,
-        literal(kind.value),
-        old,
-        new,
-        bindparam("actor_token_id", type_=Integer),
-        bindparam("actor_description", type_=Text),
-        bindparam("event_message", type_=Text),
-    )
+    """A data-modifying CTE writing one event per row of changed (PostgreSQL).
+
+    who is each event's (token id, token description, message); by default
+    the one caller's, from the actor_* and event_message parameters.
+    """
+    if who is None:
+        who = (
+            bindparam("actor_token_id", type_=Integer),
+            bindparam("actor_description", type_=Text),
+            bindparam("event_message", type_=Text),
+        )
+    values = select(_NOW, changed.c.id, changed.c.pipeline_id, literal(kind.value), old, new, *who)
     return insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
 
 
@@ -1582,18 +1589,9 @@ def _claim_batch() -> Select[Any]:
         .returning(*task.c, assigned.c.position, assigned.c.token_description)
         .cte("claimed")
     )
-    values = select(
-        _NOW,
-        claimed.c.id,
-        claimed.c.pipeline_id,
-        literal(EventKind.CLAIMED.value),
-        literal(State.PENDING.value),
-        claimed.c.status,
-        claimed.c.claimed_by_token_id,
-        claimed.c.token_description,
-        null(),
-    )
-    events = insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
+    who = (claimed.c.claimed_by_token_id, claimed.c.token_description, null())
+    pending = literal(State.PENDING.value)
+    events = _events_from(claimed, EventKind.CLAIMED, pending, claimed.c.status, who)
     return select(claimed).add_cte(events).order_by(claimed.c.id)
 
 
@@ -1702,18 +1700,9 @@ def _update_batch() -> Select[Any]:
         )
         .cte("changed")
     )
-    values = select(
-        _NOW,
-        changed.c.id,
-        changed.c.pipeline_id,
-        literal(EventKind.STATUS_CHANGED.value),
-        changed.c.old_status,
-        changed.c.status,
-        changed.c.token_id,
-        changed.c.token_description,
-        changed.c.message,
-    )
-    events = insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
+    who = (changed.c.token_id, changed.c.token_description, changed.c.message)
+    kind = EventKind.STATUS_CHANGED
+    events = _events_from(changed, kind, changed.c.old_status, changed.c.status, who)
     return select(changed).add_cte(events)
 
 
