@@ -479,7 +479,7 @@ def _positive_days(text: str) -> float:
 def _positive(text: str) -> float:
     """A positive, finite number (of seconds)."""
     value = _number(text)
-    if not 0 < value < math.inf:
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return value
 
