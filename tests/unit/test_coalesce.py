@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
 from porch_server.coalesce import Coalescer
+
+
+def echoing() -> tuple[list[list[int]], Callable[[Sequence[int]], Awaitable[list[int]]]]:
+    """A batch runner that answers each item with itself, and the batches it ran."""
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        return list(items)
+
+    return seen, run
 
 
 async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
@@ -35,11 +46,7 @@ async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
 
 
 async def test_requests_a_few_loop_passes_behind_the_first_join_its_batch() -> None:
-    seen: list[list[int]] = []
-
-    async def run(items: Sequence[int]) -> list[int]:
-        seen.append(list(items))
-        return list(items)
+    seen, run = echoing()
 
     coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=4)
 
@@ -57,11 +64,7 @@ async def test_requests_a_few_loop_passes_behind_the_first_join_its_batch() -> N
 
 
 async def test_a_full_batch_is_cut_without_waiting_for_more() -> None:
-    seen: list[list[int]] = []
-
-    async def run(items: Sequence[int]) -> list[int]:
-        seen.append(list(items))
-        return list(items)
+    seen, run = echoing()
 
     coalescer: Coalescer[int, int] = Coalescer(run, max_batch=2, gather_passes=1000)
     submitted = [asyncio.create_task(coalescer.submit(n)) for n in (1, 2)]
@@ -72,11 +75,7 @@ async def test_a_full_batch_is_cut_without_waiting_for_more() -> None:
 
 
 async def test_a_busy_loop_cuts_the_batch_after_the_time_bound() -> None:
-    seen: list[list[int]] = []
-
-    async def run(items: Sequence[int]) -> list[int]:
-        seen.append(list(items))
-        return list(items)
+    seen, run = echoing()
 
     loop = asyncio.get_running_loop()
     pending: list[asyncio.Handle] = []
@@ -134,11 +133,7 @@ async def test_a_cancelled_batch_leaves_no_caller_waiting() -> None:
 
 
 async def test_a_caller_cancelled_before_its_batch_is_cut_is_left_out() -> None:
-    seen: list[list[int]] = []
-
-    async def run(items: Sequence[int]) -> list[int]:
-        seen.append(list(items))
-        return list(items)
+    seen, run = echoing()
 
     coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=4)
     kept = asyncio.create_task(coalescer.submit(1))
