@@ -48,3 +48,9 @@ class PermissionDenied(PorchError):
 
 class Unavailable(PorchError):
     """The database cannot be reached; the call may be retried."""
+
+
+def first_line(error: BaseException | None) -> str:
+    """The first line of error's message: database drivers add hints on lines
+    of their own, which an answer or a log line should not carry."""
+    return str(error).strip().split("\n", 1)[0]

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from porch_server.cursors import Key, cursor_key
-from porch_server.errors import PorchError
+from porch_server.errors import PorchError, first_line
 from porch_server.models import Event
 
 log = logging.getLogger("porch.events")
@@ -202,7 +202,7 @@ class EventHub:
             try:
                 await self._notify()
             except PorchError as error:
-                log.warning("notifying other servers failed: %s", error)
+                log.warning("notifying other servers failed: %s", first_line(error))
             finally:
                 self._notify_timer = None
 
@@ -221,7 +221,7 @@ class EventHub:
                     loop.add_reader(self._listener_fd, self._on_notification)
                     self.wake()  # anything sent while not listening
                 except Exception as error:  # the driver's own errors; polling goes on
-                    log.warning("cannot listen for events, polling instead: %s", error)
+                    log.warning("cannot listen for events, polling instead: %s", first_line(error))
             await asyncio.sleep(RELISTEN_SECONDS)
 
     def _on_notification(self) -> None:
@@ -230,7 +230,7 @@ class EventHub:
             if self._listener.drain():
                 self.wake()
         except Exception as error:  # a lost connection; _keep_listening reconnects
-            log.warning("lost the listening connection: %s", error)
+            log.warning("lost the listening connection: %s", first_line(error))
             self._stop_listening()
 
     def _stop_listening(self) -> None:
@@ -287,7 +287,7 @@ class EventHub:
             try:
                 await self._read_new()
             except PorchError as error:
-                log.warning("reading new events failed: %s", error)
+                log.warning("reading new events failed: %s", first_line(error))
 
     def _all(self) -> Iterator[Subscription]:
         for followers in self._topics.values():

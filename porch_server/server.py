@@ -19,7 +19,7 @@ import gateway
 from porch_server.config import Config
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
-from porch_server.errors import PorchError
+from porch_server.errors import PorchError, first_line
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
 from porch_server.models import Event
@@ -131,7 +131,9 @@ async def _async_statements(config: Config, store: Store) -> AsyncStatements | N
     try:
         await statements.open()
     except PorchError as error:
-        log.warning("asyncpg cannot connect, every statement runs on threads: %s", error)
+        log.warning(
+            "asyncpg cannot connect, every statement runs on threads: %s", first_line(error)
+        )
         return None
     return statements
 
@@ -193,7 +195,7 @@ async def _sweep(
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
             new_status = health_pb2.HealthCheckResponse.SERVING
         except PorchError as error:
-            log.warning("database housekeeping failed: %s", error)
+            log.warning("database housekeeping failed: %s", first_line(error))
             new_status = health_pb2.HealthCheckResponse.NOT_SERVING
         if new_status != status:
             status = new_status

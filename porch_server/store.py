@@ -74,6 +74,7 @@ from porch_server.errors import (
     OutOfRange,
     PorchError,
     Unavailable,
+    first_line,
 )
 from porch_server.models import (
     Actor,
@@ -1169,19 +1170,15 @@ def _translate_errors() -> Iterator[None]:
     try:
         yield
     except (exc.OperationalError, exc.InterfaceError) as error:
-        raise Unavailable(f"the database is unavailable: {_first_line(error.orig)}") from error
+        raise Unavailable(f"the database is unavailable: {first_line(error.orig)}") from error
     except exc.TimeoutError as error:
-        raise Unavailable(f"no database connection is free: {_first_line(error)}") from error
+        raise Unavailable(f"no database connection is free: {first_line(error)}") from error
     except exc.DBAPIError as error:
         if error.connection_invalidated:
             raise Unavailable(
-                f"the database connection was lost: {_first_line(error.orig)}"
+                f"the database connection was lost: {first_line(error.orig)}"
             ) from error
         raise
-
-
-def _first_line(error: BaseException | None) -> str:
-    return str(error).strip().split("\n", 1)[0]
 
 
 def _now() -> datetime:

@@ -69,7 +69,7 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=False,
+        pool_pre_ping=True,
         connect_args={"options": options, "application_name": "porch", "connect_timeout": 10},
     )
 

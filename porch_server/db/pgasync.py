@@ -109,17 +109,24 @@ class AsyncStatements:
         settings = {"timezone": "UTC", "application_name": "porch"}
         if self._schema is not None:
             settings["search_path"] = quote_schema(self._schema)
+        # No floor of open connections (min_size=0): asyncpg would reopen a
+        # lost one at once and log a traceback for each failed try while the
+        # database restarts. A connection opens when a statement needs it.
+        pool = asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self._pool_size,
+            server_settings=settings,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            reset=_keep_session,
+        )
         try:
-            self._pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                server_settings=settings,
-                timeout=CONNECT_TIMEOUT_SECONDS,
-                reset=_keep_session,
-            )
+            await pool
+            await pool.execute("SELECT 1")
         except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+            pool.terminate()
             raise Unavailable(f"database unavailable: {error}") from error
+        self._pool = pool
 
     async def close(self) -> None:
         """Close every connection."""

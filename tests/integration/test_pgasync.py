@@ -10,6 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from porch_server.db.engine import make_engine
 from porch_server.db.pgasync import AsyncStatements, Contended, RowView
@@ -332,3 +333,37 @@ async def test_the_watch_hubs_reads_answer_as_the_thread_path_does(
     [event] = store.read_events(every[-1].cursor, None, 100, check_horizon=False)
     assert event.pipeline_name == "q"
     assert await store.read_events_async(every[-1].cursor, 100) == [event]
+
+
+def end_porch_sessions(url: str) -> int:
+    """End every session porch has open on url's database, as a restart would."""
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            ended = connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND application_name = 'porch'"
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return len(ended)
+
+
+async def test_sessions_the_database_ended_are_replaced_unseen(
+    async_store: tuple[Store, Actor], pg_url: str
+) -> None:
+    store, actor = async_store
+    [first] = await store.register_canonical_async("p", [ONE], actor) or []
+    assert store.get_task("p", first.task.task_input_id).status is State.PENDING
+    # One session on asyncpg and at least one in SQLAlchemy's pool.
+    assert end_porch_sessions(pg_url) >= 2
+    await asyncio.sleep(0.2)  # a serving loop sees the closed sockets meanwhile
+    # Nothing reconnects on its own (and logs a failure for each try while a
+    # restarting database refuses); the next statement opens what it needs.
+    assert end_porch_sessions(pg_url) == 0
+
+    [second] = await store.register_canonical_async("p", [canonical_json({"n": 2})], actor) or []
+    assert second.created
+    assert store.get_task("p", second.task.task_input_id).status is State.PENDING

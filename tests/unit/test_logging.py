@@ -11,6 +11,7 @@ import pytest
 
 from porch_server import interceptor
 from porch_server.cli import _setup_logging
+from porch_server.errors import first_line
 
 
 @pytest.fixture
@@ -50,3 +51,13 @@ def test_a_log_config_may_still_silence_existing_loggers(
     _setup_logging(path)
 
     assert interceptor.log.disabled
+
+
+def test_a_driver_error_is_told_in_its_first_line() -> None:
+    # psycopg2's words when PostgreSQL restarts under a pooled connection.
+    error = Exception(
+        "server closed the connection unexpectedly\n"
+        "\tThis probably means the server terminated abnormally\n"
+        "\tbefore or while processing the request.\n"
+    )
+    assert first_line(error) == "server closed the connection unexpectedly"
