@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import logging.config
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,9 @@ from porch_server.store import Store
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 log = logging.getLogger("porch")
+
+# A worker process that ran this long before it failed is restarted at once.
+WORKER_STEADY_SECONDS = 30.0
 
 
 def _add_db_flags(parser: argparse.ArgumentParser) -> None:
@@ -227,17 +234,73 @@ def _serve(args: argparse.Namespace) -> None:
             print(f"porch: created the first admin token (shown only now): {secret}", flush=True)
     finally:
         store.close()
+    with _extra_workers(_run_worker, (config,), config.workers - 1):
+        _run_worker(config)
+
+
+@contextlib.contextmanager
+def _extra_workers(
+    target: Callable[..., None], args: tuple[Any, ...], count: int
+) -> Iterator[None]:
+    """Run count more processes of target(*args) beside this one while the block
+    runs; then stop them (SIGTERM) and wait for them.
+
+    A process that ends on its own with an exit code other than 0 (killed, or
+    crashed) is replaced, so the port keeps as many servers as asked for; one
+    that ends with 0 was asked to stop. A process that fails again soon after
+    its start waits longer before each new try, up to a minute.
+    """
+    if count < 1:
+        yield
+        return
     context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_run_worker, args=(config,)) for _ in range(config.workers - 1)
-    ]
+    stopping = threading.Event()
+    workers = [context.Process(target=target, args=args) for _ in range(count)]
+    started = [time.monotonic()] * count
+    delays = [0.0] * count
     for worker in workers:
         worker.start()
+
+    stopped: set[int] = set()  # indexes of workers that ended with 0
+
+    def replace_the_failed() -> None:
+        while not stopping.is_set():
+            watched = [w.sentinel for i, w in enumerate(workers) if i not in stopped]
+            ended = multiprocessing.connection.wait(watched, timeout=0.5)
+            for index, worker in enumerate(workers):
+                if worker.sentinel not in ended or stopping.is_set():
+                    continue
+                worker.join()
+                if worker.exitcode == 0:
+                    log.info("worker process %d stopped", worker.pid)
+                    stopped.add(index)
+                    continue
+                lived = time.monotonic() - started[index]
+                delays[index] = (
+                    0.0 if lived > WORKER_STEADY_SECONDS else min(2 * delays[index] or 1.0, 60.0)
+                )
+                log.warning(
+                    "worker process %d ended with exit code %s; starting another%s",
+                    worker.pid,
+                    worker.exitcode,
+                    f" in {delays[index]:g} s" if delays[index] else "",
+                )
+                if stopping.wait(delays[index]):
+                    return
+                workers[index] = context.Process(target=target, args=args)
+                workers[index].start()
+                started[index] = time.monotonic()
+
+    watcher = threading.Thread(target=replace_the_failed, name="porch-workers", daemon=True)
+    watcher.start()
     try:
-        _run_worker(config)
+        yield
     finally:
+        stopping.set()
+        watcher.join()
         for worker in workers:
             worker.terminate()
+        for worker in workers:
             worker.join()
 
 
@@ -345,7 +408,6 @@ def _gateway(args: argparse.Namespace) -> None:
     if args.workers > 1 and args.http_port == 0:
         raise SystemExit("porch: --workers share their port: give a fixed --http-port")
     target_ca = args.target_tls_ca.read_bytes() if args.target_tls_ca else None
-    context = multiprocessing.get_context("spawn")
     # Each process builds its own options: descriptors do not pickle.
     run = (
         args.target,
@@ -356,15 +418,8 @@ def _gateway(args: argparse.Namespace) -> None:
         args.workers > 1,
         args.log_config,
     )
-    workers = [context.Process(target=_run_gateway, args=run) for _ in range(args.workers - 1)]
-    for worker in workers:
-        worker.start()
-    try:
+    with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
-    finally:
-        for worker in workers:
-            worker.terminate()
-            worker.join()
 
 
 def _run_gateway(

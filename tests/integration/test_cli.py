@@ -3,11 +3,14 @@ workers, the gateway alone, and a database that goes away."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +201,61 @@ def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
             assert gateway.stdout is not None
             gateway.stdout.close()
         stop_server(process)
+
+
+def _workers_of(pid: int) -> set[int]:
+    """The worker processes of a `porch serve`, not multiprocessing's helper."""
+    workers = set()
+    # Each thread's children are listed apart: replacements come from another thread.
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            for child in (thread / "children").read_text().split():
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    workers.add(int(child))
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
+    admin = porch("token", "create", "--admin", "--description", "ops", "--db-url", pg_url).strip()
+    port = _free_port()
+    log, workers = tmp_path / "serve.log", ["--workers", "3"]
+    with log.open("w") as errors:
+        process = subprocess.Popen(
+            [*PORCH, "serve", "--db-url", pg_url, "--no-http", "--grpc-port", str(port), *workers],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    try:
+        assert process.stdout is not None
+        assert "gRPC listening" in process.stdout.readline()
+        deadline = time.monotonic() + 30
+        while len(first := _workers_of(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(first) == 2
+        killed = min(first)
+        os.kill(killed, signal.SIGKILL)
+        replaced = False
+        while not replaced and time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = _workers_of(process.pid)
+            replaced = killed not in now and len(now) == 2
+        assert replaced, now
+        for _ in range(6):  # new connections, spread over the processes
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                porch_pb2_grpc.PorchServiceStub(channel).ListPipelines(
+                    pb.ListPipelinesRequest(), metadata=[("authorization", f"Bearer {admin}")]
+                )
+        assert f"worker process {killed} ended with exit code -9; starting another" in (
+            log.read_text()
+        )
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+        assert process.stdout is not None
+        process.stdout.close()
+    assert not any(Path(f"/proc/{worker}").exists() for worker in now)
 
 
 def test_openapi_command_prints_the_document() -> None:

@@ -18,12 +18,20 @@ from porch_server.errors import first_line
 def restored_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    loggers = [
+        logger
+        for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]
+    disabled = [logger.disabled for logger in loggers]
     yield
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
     root.handlers[:], root.level = handlers, level
-    interceptor.log.disabled = False
+    # dictConfig may have silenced them all (disable_existing_loggers).
+    for logger, was in zip(loggers, disabled, strict=True):
+        logger.disabled = was
 
 
 def test_a_log_config_that_names_no_logger_keeps_the_access_log(
