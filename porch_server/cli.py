@@ -107,7 +107,17 @@ def _parser() -> argparse.ArgumentParser:
         "gateway", help="run the HTTP/JSON gateway alone, in front of a server"
     )
     web.add_argument("--target", required=True, help="the porch gRPC server, HOST:PORT")
+    web.add_argument(
+        "--target-tls",
+        action="store_true",
+        help="reach the gRPC server over TLS, verified with the system's CAs "
+        "(implied by the --target-tls-* files)",
+    )
     web.add_argument("--target-tls-ca", type=Path, help="PEM CA to verify a TLS gRPC server with")
+    web.add_argument(
+        "--target-tls-cert", type=Path, help="PEM client certificate, for a server that asks"
+    )
+    web.add_argument("--target-tls-key", type=Path, help="PEM private key of --target-tls-cert")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     web.add_argument("--http-port", type=_port, default=8080, help="HTTP port (default 8080)")
     web.add_argument("--workers", type=int, default=1, help="gateway processes (SO_REUSEPORT)")
@@ -407,11 +417,11 @@ def _gateway(args: argparse.Namespace) -> None:
         raise SystemExit("porch: --workers must be at least 1")
     if args.workers > 1 and args.http_port == 0:
         raise SystemExit("porch: --workers share their port: give a fixed --http-port")
-    target_ca = args.target_tls_ca.read_bytes() if args.target_tls_ca else None
+    target_tls = _target_tls(args)
     # Each process builds its own options: descriptors do not pickle.
     run = (
         args.target,
-        target_ca,
+        target_tls,
         args.host,
         args.http_port,
         tls,
@@ -422,9 +432,22 @@ def _gateway(args: argparse.Namespace) -> None:
         _run_gateway(*run)
 
 
+def _target_tls(args: argparse.Namespace) -> gateway.ClientTLS | None:
+    """TLS to the gRPC server from the --target-tls* flags; None for plaintext."""
+    if bool(args.target_tls_cert) != bool(args.target_tls_key):
+        raise SystemExit("porch: --target-tls-cert and --target-tls-key go together")
+    if not (args.target_tls or args.target_tls_ca or args.target_tls_cert):
+        return None
+    return gateway.ClientTLS(
+        root_certificates=args.target_tls_ca.read_bytes() if args.target_tls_ca else None,
+        private_key=args.target_tls_key.read_bytes() if args.target_tls_key else None,
+        certificate_chain=args.target_tls_cert.read_bytes() if args.target_tls_cert else None,
+    )
+
+
 def _run_gateway(
     target: str,
-    target_ca: bytes | None,
+    client_tls: gateway.ClientTLS | None,
     host: str,
     port: int,
     tls: TLS | None,
@@ -434,7 +457,6 @@ def _run_gateway(
     """Serve the gateway until SIGTERM or SIGINT in this process."""
     if multiprocessing.parent_process() is not None:
         _setup_logging(log_config)
-    client_tls = None if target_ca is None else gateway.ClientTLS(root_certificates=target_ca)
     options = web.gateway_options(target, client_tls)
 
     async def run() -> None:

@@ -35,7 +35,16 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PORCH_TOKEN"),
         help="bearer token (default: $PORCH_TOKEN)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="use TLS, verifying the server with the system's CAs (implied by the --tls-* files)",
+    )
     parser.add_argument("--tls-ca", type=Path, help="PEM CA to verify a TLS server with")
+    parser.add_argument(
+        "--tls-cert", type=Path, help="PEM client certificate, for a server that asks for one"
+    )
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
 
 
 def add_commands(commands: Any) -> None:
@@ -93,8 +102,14 @@ def add_commands(commands: Any) -> None:
 
 
 def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, grpc.Channel]:
-    if args.tls_ca:
-        credentials = grpc.ssl_channel_credentials(args.tls_ca.read_bytes())
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("porch: --tls-cert and --tls-key go together")
+    if args.tls or args.tls_ca or args.tls_cert:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
         channel = grpc.secure_channel(args.target, credentials)
     else:
         channel = grpc.insecure_channel(args.target)

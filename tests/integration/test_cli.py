@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,48 +160,90 @@ def test_tls_on_the_grpc_port(sqlite_url: str, tmp_path: Path) -> None:
         porch_server.server.stop()
 
 
+def test_the_cli_and_the_gateway_present_client_certificates(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from porch_server.config import TLS
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    server = ca.issue_cert("localhost")
+    server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    client = ca.issue_cert("wrapper@example.org")
+    pems = ("ca.pem", "client.pem", "client-key.pem")
+    client.cert_chain_pems[0].write_to_path(tmp_path / pems[1])
+    client.private_key_pem.write_to_path(tmp_path / pems[2])
+    tls = TLS(tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem")
+    porch_server = start_porch(sqlite_url, tls=tls)
+    target = porch_server.target.replace("127.0.0.1", "localhost")
+    try:
+        ca_file, cert_file, key_file = (str(tmp_path / name) for name in pems)
+        common = ["--target", target, "--token", porch_server.admin, "--tls-ca", ca_file]
+        pem = ["--tls-cert", cert_file, "--tls-key", key_file]
+        porch("pipeline", "create", "mtls", "--uri", "u", "--version", "1", *common, *pem)
+        assert json.loads(porch("pipeline", "get", "mtls", *common, *pem))["uri"] == "u"
+        refused = subprocess.run(
+            [*PORCH, "pipeline", "get", "mtls", *common], capture_output=True, text=True
+        )
+        assert refused.returncode != 0 and "UNAVAILABLE" in refused.stderr
+        half = subprocess.run(
+            [*PORCH, "pipeline", "get", "mtls", *common, *pem[:2]], capture_output=True, text=True
+        )
+        assert "--tls-cert and --tls-key go together" in half.stderr
+
+        upstream = ["--target", target, "--target-tls-ca", ca_file]
+        upstream += ["--target-tls-cert", cert_file, "--target-tls-key", key_file]
+        with running_gateway(*upstream) as http_port:
+            answer = httpx.get(
+                f"http://127.0.0.1:{http_port}/pipelines/mtls",
+                headers={"Authorization": f"Bearer {porch_server.admin}"},
+            )
+        assert answer.status_code == 200 and answer.json()["uri"] == "u"
+    finally:
+        porch_server.server.stop()
+
+
 def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
     admin = porch("token", "create", "--admin", "--description", "ops", "--db-url", pg_url).strip()
     port = _free_port()
     process, target = start_server(pg_url, "--workers", "2", "--grpc-port", str(port))
-    gateway = None
     try:
         metadata = [("authorization", f"Bearer {admin}")]
         with grpc.insecure_channel(target) as channel:
             client = porch_pb2_grpc.PorchServiceStub(channel)
             request = pb.CreatePipelineRequest(pipeline=pb.Pipeline(name="w", uri="u", version="1"))
             client.CreatePipeline(request, metadata=metadata)
-        http_port = _free_port()
-        gateway = subprocess.Popen(
-            [
-                *PORCH,
-                "gateway",
-                "--target",
-                target,
-                "--http-port",
-                str(http_port),
-                "--workers",
-                "2",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        assert gateway.stdout is not None
-        assert "HTTP gateway on" in gateway.stdout.readline()
-        answer = httpx.get(
-            f"http://127.0.0.1:{http_port}/pipelines/w",
-            headers={"Authorization": f"Bearer {admin}"},
-        )
-        assert answer.status_code == 200 and answer.json()["uri"] == "u"
-        assert httpx.get(f"http://127.0.0.1:{http_port}/healthz").json() == {"status": "SERVING"}
+        with running_gateway("--target", target, "--workers", "2") as http_port:
+            answer = httpx.get(
+                f"http://127.0.0.1:{http_port}/pipelines/w",
+                headers={"Authorization": f"Bearer {admin}"},
+            )
+            assert answer.status_code == 200 and answer.json()["uri"] == "u"
+            health = httpx.get(f"http://127.0.0.1:{http_port}/healthz").json()
+            assert health == {"status": "SERVING"}
     finally:
-        if gateway is not None:
-            gateway.terminate()
-            gateway.wait(timeout=30)
-            assert gateway.stdout is not None
-            gateway.stdout.close()
         stop_server(process)
+
+
+@contextlib.contextmanager
+def running_gateway(*flags: str) -> Iterator[int]:
+    """`porch gateway` with flags on a free HTTP port, until the block ends."""
+    http_port = _free_port()
+    gateway = subprocess.Popen(
+        [*PORCH, "gateway", *flags, "--http-port", str(http_port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert gateway.stdout is not None
+    try:
+        assert "HTTP gateway on" in gateway.stdout.readline()
+        yield http_port
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        gateway.stdout.close()
 
 
 def _workers_of(pid: int) -> set[int]:
