@@ -69,8 +69,10 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._handlers[full_method] = wrapped
         return wrapped
 
-    async def _admit(self, method: str, context: Context, request: Any) -> Token | None:
-        """Return the caller's token after checking it may make this call."""
+    async def _identify(self, method: str, context: Context) -> Token | None:
+        """The token the call came with, revoked or not; None for an anonymous
+        read the server allows. Unauthenticated for a missing, malformed or
+        unknown token."""
         authorization = _authorization(context)
         is_read = auth.RULES[method].access is auth.Access.READ
         if not authorization and self._anonymous_reads and is_read:
@@ -82,9 +84,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if found is None:
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(self._executor, self._store.find_token, secret_hash)
-        token = auth.check_token(found)
-        auth.authorize(method, token, request)
-        return token
+        if found is None:
+            raise Unauthenticated("unknown token")
+        return found
 
     def _serving(
         self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
@@ -98,7 +100,12 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             cancelled = False
             try:
                 _check_read(request)
-                token = await self._admit(method, context, request)
+                # Identified first, so that the access line of a call refused
+                # (a revoked token, one without the right) names its token.
+                token = await self._identify(method, context)
+                if token is not None:
+                    auth.check_token(token)
+                    auth.authorize(method, token, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
@@ -176,7 +183,9 @@ def _log_call(
     A call whose task was cancelled is DEADLINE_EXCEEDED when its deadline
     has passed, else CANCELLED (the client left): grpc.aio's context does not
     say so yet when the handler ends. A token's description is escaped, as
-    it may hold anything, a line break included.
+    it may hold anything, a line break included. A call that sent a token
+    porch does not know (or cannot read) is from "unknown token"; one that
+    sent none, "anonymous".
     """
     if not log.isEnabledFor(logging.INFO):
         return
@@ -187,7 +196,10 @@ def _log_call(
     else:
         code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    who = f"token {token.token_id} ({access.escape(token.description)})" if token else "anonymous"
+    if token is not None:
+        who = f"token {token.token_id} ({access.escape(token.description)})"
+    else:
+        who = "anonymous" if _authorization(context) is None else "unknown token"
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000

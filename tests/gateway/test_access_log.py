@@ -214,6 +214,7 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
 ) -> None:
     caplog.set_level(logging.INFO, "porch.access")
     headers = await porch_http.pipeline("p1")
+    elsewhere = await porch_http.pipeline("p2")
     caplog.clear()
 
     response = await porch_http.client.post(
@@ -222,30 +223,45 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
     assert response.status_code == 201, response.text
     denied = await porch_http.client.get("/v1/pipelines/p1/tasks", headers={})
     assert denied.status_code == 401
+    unknown = {"Authorization": "Bearer " + "x" * 43}
+    assert (
+        await porch_http.client.get("/v1/pipelines/p1/tasks", headers=unknown)
+    ).status_code == 401
+    wrong = await porch_http.client.post(
+        "/v1/pipelines/p1/tasks", json={"task_input": {"run": 2}}, headers=elsewhere
+    )
+    assert wrong.status_code == 403
 
     # A server in another thread may write its line just after its answer.
     logged = await logged_lines(
-        caplog, "porch.access", 2 if porch_http.upstream == "in-process" else 4
+        caplog, "porch.access", 4 if porch_http.upstream == "in-process" else 8
     )
     http = [line for line in logged if line.startswith(("POST ", "GET "))]
     grpc = [line for line in logged if not line.startswith(("POST ", "GET "))]
     assert [line.split(" ")[:3] for line in http] == [
         ["POST", "/v1/pipelines/p1/tasks", "201"],
         ["GET", "/v1/pipelines/p1/tasks", "401"],
+        ["GET", "/v1/pipelines/p1/tasks", "401"],
+        ["POST", "/v1/pipelines/p1/tasks", "403"],
     ]
     if porch_http.upstream == "in-process":
         # The call's own line is folded into the HTTP request's line.
         assert grpc == []
         assert re.search(r" RegisterTask OK token \d+ \(p1 wrapper\)$", http[0]), http[0]
         assert http[1].endswith(" ListTasks UNAUTHENTICATED anonymous")
+        assert http[2].endswith(" ListTasks UNAUTHENTICATED unknown token")
+        # A refused call names the token that made it.
+        assert re.search(r" RegisterTask PERMISSION_DENIED token \d+ \(p2 wrapper\)$", http[3])
     else:
         # Over a connection the server logs the call itself, as any gRPC call.
         assert [line.split(" ")[:2] for line in grpc] == [
             ["RegisterTask", "OK"],
             ["ListTasks", "UNAUTHENTICATED"],
+            ["ListTasks", "UNAUTHENTICATED"],
+            ["RegisterTask", "PERMISSION_DENIED"],
         ]
         # ... and the gateway, in another process as a rule, knows nothing to add.
-        assert [len(line.split(" ")) for line in http] == [5, 5]
+        assert [len(line.split(" ")) for line in http] == [5, 5, 5, 5]
 
 
 async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(
