@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
     )
     serve.add_argument(
+        "--shutdown-grace-seconds",
+        type=_positive,
+        default=10.0,
+        help="on SIGTERM, how long calls in flight may go on (default 10)",
+    )
+    serve.add_argument(
         "--event-retention-days",
         type=_positive_days,
         help="prune events older than this, hourly (default: keep them forever)",
@@ -125,6 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--tls-key", type=Path, help="PEM private key to serve HTTPS with")
     web.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
     web.add_argument("--log-config", type=Path, help="logging dictConfig file (JSON)")
+    web.add_argument(
+        "--shutdown-grace-seconds",
+        type=_positive,
+        default=10.0,
+        help="on SIGTERM, how long calls in flight may go on (default 10)",
+    )
 
     commands.add_parser("openapi", help="print the OpenAPI 3.1 document")
 
@@ -197,6 +209,7 @@ def _config(args: argparse.Namespace) -> Config:
         event_retention_days=args.event_retention_days,
         watch_poll_seconds=args.watch_poll_seconds,
         watch_keepalive_seconds=args.watch_keepalive_seconds,
+        grace_seconds=args.shutdown_grace_seconds,
         event_loop=args.event_loop,
     )
 
@@ -427,6 +440,7 @@ def _gateway(args: argparse.Namespace) -> None:
         tls,
         args.workers > 1,
         args.log_config,
+        args.shutdown_grace_seconds,
     )
     with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
@@ -453,6 +467,7 @@ def _run_gateway(
     tls: TLS | None,
     reuse_port: bool,
     log_config: Path | None,
+    grace: float,
 ) -> None:
     """Serve the gateway until SIGTERM or SIGINT in this process."""
     if multiprocessing.parent_process() is not None:
@@ -461,7 +476,7 @@ def _run_gateway(
 
     async def run() -> None:
         stopping = _stop_on_signals()
-        web = _http_server(options, host, port, tls, reuse_port, 10.0)
+        web = _http_server(options, host, port, tls, reuse_port, grace)
         await web.start()
         scheme = "https" if tls else "http"
         print(
@@ -516,8 +531,13 @@ def _token(args: argparse.Namespace) -> None:
                 if not page_token:
                     break
         else:
+            before = datetime.now(UTC)
             token = store.revoke_token(args.token_id)
-            print(f"porch: revoked token {token.token_id} ({access.escape(token.description)})")
+            named = f"token {token.token_id} ({access.escape(token.description)})"
+            if token.revoke_time is not None and token.revoke_time < before:
+                print(f"porch: {named} was already revoked on {token.revoke_time:%Y-%m-%d %H:%M}")
+            else:
+                print(f"porch: revoked {named}")
     finally:
         store.close()
 

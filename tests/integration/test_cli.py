@@ -48,7 +48,9 @@ def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
     assert "ADMIN\tops" in listing and "READER\tdash" in listing
     assert secret.strip() not in listing
     token_id = listing.splitlines()[0].split("\t")[0]
-    assert "revoked" in porch("token", "revoke", token_id, "--db-url", sqlite_url)
+    assert "porch: revoked token" in porch("token", "revoke", token_id, "--db-url", sqlite_url)
+    again = porch("token", "revoke", token_id, "--db-url", sqlite_url)
+    assert f"token {token_id} (ops) was already revoked on " in again
     assert "ops" not in porch("token", "list", "--db-url", sqlite_url)
     assert "revoked" in porch("token", "list", "--all", "--db-url", sqlite_url)
     failed = subprocess.run(
@@ -395,6 +397,9 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--db-url", "postgresql+asyncpg://u@h/d"], "unsupported database URL"),
         (["serve", "--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
         (["serve", "--workers", "2", "--grpc-port", "50999", "--http-port", "0"], "fixed"),
+        (["serve", "--shutdown-grace-seconds", "0"], "not a positive number: '0'"),
+        (["gateway", "--target", "h:1", "--shutdown-grace-seconds", "inf"], "not a finite"),
+        (["gateway", "--target", "h:1", "--target-tls-key", "k.pem"], "go together"),
     ],
 )
 def test_option_values_that_cannot_work_are_refused_in_one_line(
@@ -406,3 +411,11 @@ def test_option_values_that_cannot_work_are_refused_in_one_line(
     assert done.returncode in (1, 2), done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "porch.db").exists() or flags[0] == "events"
+
+
+def test_the_shutdown_grace_is_the_operators() -> None:
+    from porch_server.cli import _config, _parser
+
+    assert _config(_parser().parse_args(["serve"])).grace_seconds == 10
+    args = _parser().parse_args(["serve", "--shutdown-grace-seconds", "120"])
+    assert _config(args).grace_seconds == 120
