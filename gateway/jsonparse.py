@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import re
 from collections.abc import Callable
 from typing import Any, cast
@@ -37,6 +38,8 @@ _TIMESTAMP = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
 )
 _EPOCH = datetime.datetime(1970, 1, 1)
+# A Duration in JSON: seconds, up to nine decimals, then "s" (the proto3 JSON mapping).
+_DURATION = re.compile(r"-?[0-9]+(?:\.[0-9]{0,9})?s")
 _INTEGERS = frozenset(
     (
         FieldDescriptor.CPPTYPE_INT32,
@@ -73,6 +76,8 @@ def check_shapes(data: Any, message: Message) -> None:
 
 
 def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
+    if descriptor.full_name == "google.protobuf.Duration" and data is not None:
+        _check_duration(data, path)
     if descriptor.full_name.startswith("google.protobuf.") or data is None or depth > _MAX_DEPTH:
         return  # well-known types have JSON forms of their own; json_format judges them
     if type(data) is not dict:
@@ -93,6 +98,22 @@ def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
             _check_shapes(value, field.message_type, where, depth + 1)
         elif field.type == FieldDescriptor.TYPE_STRING and type(value) is not str:
             raise json_format.ParseError(f"{where}: expected a string, got {_kind(value)}")
+
+
+def _check_duration(data: Any, path: str) -> None:
+    """A Duration's JSON form is seconds with an "s": json_format's own words
+    for anything else are a Python error ("invalid literal for int()")."""
+    if type(data) is str and _DURATION.fullmatch(data):
+        return
+    given = (
+        json.dumps(data[:40] + ("…" if len(data) > 40 else ""), ensure_ascii=False)
+        if type(data) is str
+        else _kind(data)
+    )
+    raise json_format.ParseError(
+        f'{path or "the body"}: expected a duration, seconds with an "s" such as "3600s" '
+        f'or "1.5s", got {given}'
+    )
 
 
 def _kind(value: Any) -> str:

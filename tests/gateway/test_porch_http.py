@@ -382,7 +382,12 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
     bad_lease = await client.post(
         "/v1/pipelines/p1/tasks:claim", json={"lease": "soon"}, headers=wrapper
     )
-    assert_error(bad_lease, 400, 3, "lease")
+    assert_error(bad_lease, 400, 3, "lease", 'such as "3600s"', 'got "soon"')
+    for lease, given in (("1e3s", '"1e3s"'), (3600, "a number"), ({"seconds": 1}, "an object")):
+        refused = await client.post(
+            "/v1/pipelines/p1/tasks:claim", json={"lease": lease}, headers=wrapper
+        )
+        assert_error(refused, 400, 3, "lease: expected a duration", f"got {given}")
     bad_id = await client.get("/v1/pipelines/p1/tasks/XYZ", headers=admin)
     assert_error(bad_id, 400, 3, "task_input_id")
     not_json = await client.post(
