@@ -2,8 +2,10 @@
 
 The algorithm is npg_porch's, so ids computed by either agree: keys sorted
 recursively, no whitespace, non-ASCII escaped as \\uXXXX, ``/`` escaped as
-``\\/``, and integral numbers written as integers (a protobuf Struct carries
-every number as a double, so ``1.0`` arrives for ``1``).
+``\\/``, other numbers as Python's ``repr`` writes them but with no leading
+zero in the exponent (``1e-5``), and integral numbers written as integers (a
+protobuf Struct carries every number as a double, so ``1.0`` arrives for
+``1``). This last rule is porch's own: npg_porch hashed ``100.0`` as written.
 """
 
 from __future__ import annotations
@@ -30,10 +32,36 @@ def _integral(value: Any) -> Any:
 
 def canonical_json(task_input: dict[str, Any]) -> str:
     """Return the canonical JSON text of task_input."""
-    text = json.dumps(
-        _integral(task_input), sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    )
+    value = _integral(task_input)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    if "e-0" in text or "\\u007f" in text:
+        # Perhaps one of the two things json.dumps writes unlike npg_porch's
+        # encoder: ask the exact writer, slower, for these inputs only.
+        text = _exact(value)
     return text.replace("/", "\\/")
+
+
+def _exact(value: Any) -> str:
+    """What json.dumps writes (keys sorted, no whitespace, ASCII), but as
+    npg_porch's encoder (ujson) writes two things: an exponent without a
+    leading zero (``1e-5``, not ``1e-05``) and DEL (U+007F) as itself, not
+    ``\\u007f``; nothing else in their output differs."""
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(f"{_string(key)}:{_exact(item)}" for key, item in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_exact(item) for item in value) + "]"
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, float):
+        mantissa, e, exponent = repr(value).partition("e")
+        return f"{mantissa}e{exponent[0]}{exponent[1:].lstrip('0')}" if e else mantissa
+    return json.dumps(value)
+
+
+def _string(text: str) -> str:
+    parts = (json.dumps(part, ensure_ascii=True)[1:-1] for part in text.split("\x7f"))
+    return '"' + "\x7f".join(parts) + '"'
 
 
 def task_input_id(task_input: dict[str, Any]) -> str:

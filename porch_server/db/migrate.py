@@ -20,15 +20,16 @@ _ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 _MIGRATION_LOCK_KEY = 0x706F726368
 
 
-def upgrade(url: str, schema: str | None = None) -> None:
-    """Create porch's tables in the database at url, or bring them up to date."""
+def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None:
+    """Create porch's tables in the database at url, or bring them up to date
+    (or up to revision)."""
     engine = make_engine(url, schema, pool_size=1)
     try:
         with writer(engine).connect() as connection:
             create_schema(connection, schema)
             config = _config()
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
     finally:
         engine.dispose()
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from porch_server import digest
 from porch_server import store as store_module
@@ -559,3 +560,56 @@ def test_a_claim_of_large_tasks_takes_what_one_answer_holds(store: Store) -> Non
     huge = "y" * (1000 * 1024)  # one alone passes the budget: it is still claimed
     store.register_tasks("p1", [{"huge": huge}], SYSTEM)
     assert [t.task_input["n"] for t in store.claim_tasks("p1", 1, None, SYSTEM)] == [2]
+
+
+@pytest.fixture
+def bare_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database, once on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/bare.db"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+@pytest.mark.parametrize(
+    "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: str) -> None:
+    migrate.upgrade(bare_db_url, revision="0001")
+    # As porch wrote them before: 1e-05, and DEL escaped; and one that stays.
+    old = {
+        '{"f":1e-05}': "756157f652758d1156a7d170db12cb0c7057f7442b387fab4b42e35dbfe4e804",
+        '{"s":"a\\u007fb"}': "8f8675bc3c1b43644730acf12db2473c92a6a1668eb2b89c20b9d5a6930148f7",
+        '{"d":"date-01","f":0.5}': None,
+    }
+    engine = make_engine(bare_db_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO pipeline (name, uri, version, create_time)"
+            " VALUES ('p', 'u', '1', CURRENT_TIMESTAMP)"
+        )
+        insert = text(
+            "INSERT INTO task (pipeline_id, task_input_id, task_input, status,"
+            " create_time, update_time) VALUES ((SELECT id FROM pipeline), :id, :text,"
+            " 'PENDING', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+        )
+        for canonical in old:
+            connection.execute(insert, {"id": digest.digest_of(canonical), "text": canonical})
+    engine.dispose()
+
+    migrate.upgrade(bare_db_url)
+
+    store = Store(make_engine(bare_db_url))
+    try:
+        stored = {task.task_input_id: task for task in every_task(store, "p")}
+        unchanged = digest.digest_of('{"d":"date-01","f":0.5}')
+        assert set(stored) == {*filter(None, old.values()), unchanged}
+        # Registering the same inputs again finds them: no second task.
+        again = store.register_tasks("p", [{"f": 1e-5}, {"s": "a\x7fb"}], SYSTEM)
+        assert [registered.created for registered in again] == [False, False]
+        assert len(every_task(store, "p")) == 3
+    finally:
+        store.close()
