@@ -22,6 +22,9 @@ from porch_server.store import Store
 
 ACCESS_LOG = "porch.access"
 log = logging.getLogger(ACCESS_LOG)
+errors = logging.getLogger("porch.server")
+
+INTERNAL_ERROR = "internal error: the server logged what went wrong"
 
 SERVICE_PREFIX = "/porch.v1.PorchService/"
 
@@ -113,6 +116,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             except asyncio.CancelledError:
                 cancelled = True
                 raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                # A fault of porch's, or a refusal the database gave no
+                # reason porch knows: the details go to the log, not the caller.
+                errors.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
                 _log_call(method, context, token, start, cancelled)
 

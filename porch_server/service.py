@@ -53,6 +53,14 @@ def page_size(requested: int, default: int, maximum: int) -> int:
     return min(requested or default, maximum)
 
 
+def check_text(field: str, value: str) -> str:
+    """Return value unless it holds a NUL character, which a database text
+    cannot store (PostgreSQL refuses it)."""
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL (U+0000) characters")
+    return value
+
+
 def check_name(field: str, value: str) -> str:
     """Return value if it is a usable name (1 to 255 characters, no '/')."""
     if not value:
@@ -146,6 +154,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         for field in ("uri", "version"):
             if not getattr(given, field):
                 raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
+            check_text(f"pipeline.{field}", getattr(given, field))
         pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
         created = await self._run(self._store.create_pipeline, pipeline)
         context.set_trailing_metadata(CREATED)
@@ -163,8 +172,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         size = page_size(request.page_size, 100, 1000)
         page = await self._run(
             self._store.list_pipelines,
-            request.uri or None,
-            request.version or None,
+            check_text("uri", request.uri) or None,
+            check_text("version", request.version) or None,
             size,
             request.page_token,
         )
@@ -179,7 +188,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if request.role not in porch_pb2.Token.Role.values():
             raise InvalidArgument(f"role has no such value: {request.role}")
         role = messages.role_of(request.role)
-        pipeline_name = request.pipeline_name or None
+        pipeline_name = check_text("pipeline_name", request.pipeline_name) or None
         role = role or (Role.PIPELINE if pipeline_name else None)
         description = check_description(request.description)
         check_role_binding(role, pipeline_name)
@@ -203,7 +212,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(f"role has no such value: {request.role}")
         page = await self._run(
             self._store.list_tokens,
-            request.pipeline_name or None,
+            check_text("pipeline_name", request.pipeline_name) or None,
             messages.role_of(request.role),
             request.include_revoked,
             page_size(request.page_size, 100, 1000),
@@ -328,6 +337,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument("name the task with task.task_input or task.task_input_id")
         if len(request.message.encode()) > MAX_MESSAGE_BYTES:
             raise InvalidArgument(f"message is longer than {MAX_MESSAGE_BYTES} bytes")
+        check_text("message", request.message)
         message, actor = request.message or None, auth.caller_actor()
         task = await self._store.update_task_async(name, task_id, status, message, actor)
         if task is None:
@@ -354,7 +364,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def WatchEvents(  # type: ignore[override]
         self, request: porch_pb2.WatchEventsRequest, context: Context
     ) -> None:
-        pipeline_name = request.pipeline_name or None
+        pipeline_name = check_text("pipeline_name", request.pipeline_name) or None
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
         if request.after:

@@ -64,7 +64,7 @@ from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
-from porch_server.db.pgasync import AsyncStatements, Contended, RowView
+from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
@@ -833,9 +833,10 @@ class Store:
         }
         try:
             rows = await self._async.rows(_update_batch(), batch)
-        except Contended:
+        except (Contended, Refused):
             # Batches lock in id order, but should one still lose a deadlock
-            # it changed nothing: each change then goes alone.
+            # it changed nothing: each change then goes alone. So too when
+            # PostgreSQL refuses one change's values: only its caller fails.
             return [None] * len(changes)
         applied = {row.position: row for row in rows}
         return [

@@ -11,7 +11,8 @@ SQLAlchemy engine.
 Rows come back as ``RowView``: attribute access by column name, like
 SQLAlchemy's rows, so the Store turns both into values the same way.
 Connection failures become ``Unavailable``; a statement that lost a deadlock
-or a serialization conflict (and so changed nothing) raises ``Contended``.
+or a serialization conflict (and so changed nothing) raises ``Contended``,
+and one PostgreSQL refused otherwise ``Refused``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 class Contended(Exception):
     """The statement lost to concurrent work (a deadlock or serialization
     failure) and changed nothing: the caller may run it again or otherwise."""
+
+
+class Refused(Exception):
+    """PostgreSQL refused the statement (for one of its values, say) and it
+    changed nothing: in a batch, one caller's data may be the cause."""
 
 
 class RowView:
@@ -169,4 +175,6 @@ class AsyncStatements:
             raise Unavailable(f"database unavailable: {error}") from error
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as error:
             raise Contended(str(error)) from error
+        except asyncpg.PostgresError as error:
+            raise Refused(str(error)) from error
         return records

@@ -98,6 +98,45 @@ def test_pipeline_errors(porch: Porch) -> None:
     assert admin.GetPipeline(pb.GetPipelineRequest(name="p1")).uri == "u"
 
 
+def test_a_nul_character_is_refused_by_name_and_nothing_changes(porch: Porch) -> None:
+    # No database text can hold U+0000; PostgreSQL refuses it.
+    admin = porch.stub(porch.admin)
+    nul = "a\x00b"
+    fails(
+        Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request("p", uri=nul), "pipeline.uri"
+    )
+    fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(version=nul), "NUL")
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.CreateToken,
+        pb.CreateTokenRequest(pipeline_name=nul, description="d"),
+        "pipeline_name",
+    )
+    admin.CreatePipeline(pipeline_request("p"))
+    secret = admin.CreateToken(pb.CreateTokenRequest(pipeline_name="p", description="w")).token
+    wrapper = porch.stub(secret)
+    task = wrapper.RegisterTask(register("p", n=1)).task
+    refused = update("p", task.task_input_id, State.CANCELLED, message=nul)
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, refused, "message must not contain NUL")
+    got = wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p", task_input_id=task.task_input_id))
+    assert got.status == State.PENDING
+    assert [p.name for p in admin.ListPipelines(pb.ListPipelinesRequest()).pipelines] == ["p"]
+
+
+def test_an_unexpected_failure_is_internal_and_keeps_its_details_in_the_log(
+    porch: Porch, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("detail for the operator only")
+
+    monkeypatch.setattr(porch.server.store, "get_pipeline", broken)
+    message = fails(
+        Code.INTERNAL, porch.stub(porch.admin).GetPipeline, pb.GetPipelineRequest(name="p")
+    )
+    assert message == "internal error: the server logged what went wrong"
+    assert "detail for the operator only" in caplog.text
+
+
 # -- tokens ------------------------------------------------------------------
 
 

@@ -367,3 +367,29 @@ async def test_sessions_the_database_ended_are_replaced_unseen(
     [second] = await store.register_canonical_async("p", [canonical_json({"n": 2})], actor) or []
     assert second.created
     assert store.get_task("p", second.task.task_input_id).status is State.PENDING
+
+
+async def test_a_change_postgresql_refuses_fails_only_its_own_caller(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(8)], actor)
+    tasks = every_task(store, "p")
+    # A NUL in the message: PostgreSQL refuses the batch's one statement.
+    messages = ["fine"] * 7 + ["a\x00b"]
+    results = await asyncio.gather(
+        *(
+            store.update_task_async("p", task.task_input_id, State.CANCELLED, message, actor)
+            for task, message in zip(tasks, messages, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    # The batch changed nothing; each change was then made alone.
+    assert all(result is None for result in results)
+    for task, message in zip(tasks[:7], messages[:7], strict=True):
+        assert store.update_task("p", task.task_input_id, State.CANCELLED, message, actor)
+    with pytest.raises(ValueError, match="NUL"):
+        store.update_task("p", tasks[7].task_input_id, State.CANCELLED, messages[7], actor)
+    assert [task.status for task in every_task(store, "p")] == [State.CANCELLED] * 7 + [
+        State.PENDING
+    ]
