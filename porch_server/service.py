@@ -287,14 +287,16 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def ListTasks(
         self, request: porch_pb2.ListTasksRequest, context: Context
     ) -> porch_pb2.ListTasksResponse:
-        name = check_name("pipeline_name", request.pipeline_name) if request.pipeline_name else None
-        page = await self._run(
-            self._store.list_tasks,
-            name,
-            check_state("status", request.status, required=False),
-            page_size(request.page_size, 1000, 10_000),
-            request.page_token,
-        )
+        name = request.pipeline_name or None
+        status = check_state("status", request.status, required=False)
+        size = page_size(request.page_size, 1000, 10_000)
+        if name is not None:
+            try:
+                check_name("pipeline_name", name)
+            except InvalidArgument:
+                # A filter: no pipeline has such a name, as none has an unknown one.
+                return porch_pb2.ListTasksResponse()
+        page = await self._run(self._store.list_tasks, name, status, size, request.page_token)
         return porch_pb2.ListTasksResponse(
             tasks=[messages.task_message(t) for t in page.items],
             next_page_token=page.next_page_token,

@@ -412,6 +412,9 @@ def test_list_tasks_filters(porch: Porch) -> None:
     assert len(listing(status=State.PENDING)) == 3
     assert [t.task_input["n"] for t in listing(pipeline_name="p1", status=State.CLAIMED)] == [0]
     assert listing(pipeline_name="nope") == []  # a filter, as npg_porch's GET /tasks
+    # ... also of names no pipeline can have.
+    for impossible in ("a/b", "x" * 256, "tab\there", "nul\x00"):
+        assert listing(pipeline_name=impossible) == []
     fails(Code.INVALID_ARGUMENT, wrapper.ListTasks, pb.ListTasksRequest(status=99), "status")
 
 
