@@ -288,6 +288,10 @@ class EventHub:
                 await self._read_new()
             except PorchError as error:
                 log.warning("reading new events failed: %s", first_line(error))
+            except Exception:
+                # Whatever it was, the reader must go on: every stream of
+                # this server waits on it. The next pass reads again.
+                log.exception("reading new events failed")
 
     def _all(self) -> Iterator[Subscription]:
         for followers in self._topics.values():

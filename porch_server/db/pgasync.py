@@ -167,6 +167,9 @@ class AsyncStatements:
             TimeoutError,
             OSError,
             asyncpg.InterfaceError,
+            # A connection the server ended while it was in use may report
+            # "cannot switch to state …; another operation is in progress".
+            asyncpg.InternalClientError,
             asyncpg.PostgresConnectionError,
             asyncpg.CannotConnectNowError,
             asyncpg.TooManyConnectionsError,

@@ -98,3 +98,27 @@ async def test_a_cancelled_wait_leaves_the_subscription_usable() -> None:
     await asyncio.gather(waiting, return_exceptions=True)
     subscription.put([((0, 1), event(1, "p1"))])  # nobody waits: no error
     assert [key for key, _ in await asyncio.wait_for(subscription.get(), 5)] == [(0, 1)]
+
+
+async def test_the_reader_goes_on_after_a_read_fails_unexpectedly() -> None:
+    failures = ["cannot switch to state 12; another operation (2) is in progress"]
+
+    async def read_events(after: str, limit: int) -> list[Event]:
+        if failures:
+            raise RuntimeError(failures.pop())
+        return [event(1, "p1")] if after == "0.0" else []
+
+    async def start_cursor() -> str:
+        return "0.0"
+
+    hub = EventHub(read_events, start_cursor, poll_seconds=60)
+    hub.start()
+    try:
+        stream = await hub.subscribe()
+        hub.wake()  # the read fails ...
+        await asyncio.sleep(0.05)
+        hub.wake()  # ... and the next one delivers
+        assert [each.cursor for _, each in await asyncio.wait_for(stream.get(), 5)] == ["0.1"]
+        hub.unsubscribe(stream)
+    finally:
+        await hub.stop()
