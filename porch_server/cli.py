@@ -14,6 +14,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -249,6 +250,11 @@ def _setup_logging(log_config: Path | None) -> None:
 def _serve(args: argparse.Namespace) -> None:
     config = _config(args)
     _setup_logging(config.log_config)
+    if config.workers > 1:
+        ports = (
+            [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
+        )
+        _check_ports_free(config.host, ports)
     store = _open_store(args)
     try:
         if not store.has_admin_token():
@@ -380,12 +386,35 @@ async def _serve_async(config: Config) -> None:
 
 
 def _stop_on_signals() -> asyncio.Event:
-    """Return an event that SIGTERM or SIGINT sets."""
+    """Return an event that SIGTERM or SIGINT sets, or in a worker process the
+    end of the process that started it (killed, say), so that no worker goes
+    on serving the port alone."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.sentinel is not None:
+        loop.add_reader(parent.sentinel, stopping.set)
     return stopping
+
+
+def _check_ports_free(host: str, ports: Sequence[int]) -> None:
+    """Refuse to start --workers on a port something holds already. Workers
+    share their ports (SO_REUSEPORT) with whatever else asks to, another
+    porch on another database included, which would then take half the
+    calls; a plain bind fails on a port any socket listens on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in ports:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise SystemExit(
+                    f"porch: port {port} on {host} is in use ({error.strerror}): "
+                    "--workers share their ports with no one else"
+                ) from None
 
 
 def _http_server(
@@ -442,6 +471,8 @@ def _gateway(args: argparse.Namespace) -> None:
         args.log_config,
         args.shutdown_grace_seconds,
     )
+    if args.workers > 1:
+        _check_ports_free(args.host, [args.http_port])
     with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
 

@@ -303,6 +303,52 @@ def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
     assert not any(Path(f"/proc/{worker}").exists() for worker in now)
 
 
+def test_workers_refuse_a_port_another_server_shares(sqlite_url: str) -> None:
+    # As another `--workers` deployment holds it: listening with SO_REUSEPORT.
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        flags = ["--workers", "2", "--no-http", "--grpc-port", str(port)]
+        done = subprocess.run(
+            [*PORCH, "serve", "--db-url", sqlite_url, *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert f"port {port} on 127.0.0.1 is in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_workers_end_with_the_process_that_started_them(pg_url: str, tmp_path: Path) -> None:
+    flags = ["--no-http", "--grpc-port", str(_free_port()), "--workers", "2"]
+    printed = tmp_path / "printed"
+    with printed.open("w") as output:
+        process = subprocess.Popen(
+            [*PORCH, "serve", "--db-url", pg_url, *flags],
+            stdout=output,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 30
+    while not (workers := _workers_of(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    while "gRPC listening" not in printed.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    [worker] = workers
+    process.kill()  # no chance to stop its workers
+    process.wait(timeout=30)
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = Path(f"/proc/{worker}").exists()
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived its parent"
+
+
 def test_openapi_command_prints_the_document() -> None:
     document = json.loads(porch("openapi"))
     assert document["openapi"].startswith("3.1")
