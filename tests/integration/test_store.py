@@ -584,6 +584,9 @@ def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: 
         '{"f":1e-05}': "756157f652758d1156a7d170db12cb0c7057f7442b387fab4b42e35dbfe4e804",
         '{"s":"a\\u007fb"}': "8f8675bc3c1b43644730acf12db2473c92a6a1668eb2b89c20b9d5a6930148f7",
         '{"d":"date-01","f":0.5}': None,
+        # Registered twice before: as porch wrote it, and under npg_porch's id.
+        '{"g":2e-05}': None,
+        '{"g":2e-5}': None,
     }
     engine = make_engine(bare_db_url)
     with engine.begin() as connection:
@@ -605,11 +608,12 @@ def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: 
     store = Store(make_engine(bare_db_url))
     try:
         stored = {task.task_input_id: task for task in every_task(store, "p")}
-        unchanged = digest.digest_of('{"d":"date-01","f":0.5}')
-        assert set(stored) == {*filter(None, old.values()), unchanged}
+        unchanged = [digest.digest_of(text) for text, new in old.items() if new is None]
+        assert set(stored) == {*filter(None, old.values()), *unchanged}
         # Registering the same inputs again finds them: no second task.
-        again = store.register_tasks("p", [{"f": 1e-5}, {"s": "a\x7fb"}], SYSTEM)
-        assert [registered.created for registered in again] == [False, False]
-        assert len(every_task(store, "p")) == 3
+        inputs = [{"f": 1e-5}, {"s": "a\x7fb"}, {"g": 2e-5}]
+        again = store.register_tasks("p", inputs, SYSTEM)
+        assert [registered.created for registered in again] == [False, False, False]
+        assert len(every_task(store, "p")) == 5
     finally:
         store.close()
