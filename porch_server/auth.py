@@ -110,12 +110,11 @@ def authorize(method: str, token: Token, request: Any) -> None:
         return
     if rule.access is Access.ADMIN:
         raise PermissionDenied(f"{method} needs an admin token; this is {_a(token.role)} token")
-    if token.role is not Role.PIPELINE:
-        raise PermissionDenied(
-            f"{method} needs a token of the task's pipeline; this is {_a(token.role)} token"
-        )
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
+    if token.role is not Role.PIPELINE:
+        named = f"pipeline '{pipeline}'" if pipeline else "the task's pipeline"
+        raise PermissionDenied(f"{method} needs a token of {named}; this is {_a(token.role)} token")
     # A request naming no pipeline is invalid, and the service says so.
     if pipeline and pipeline != token.pipeline_name:
         raise PermissionDenied(

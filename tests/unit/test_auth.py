@@ -117,8 +117,8 @@ def test_wrong_pipeline_names_both_pipelines() -> None:
             "CreatePipeline needs an admin token; this is a pipeline token",
         ),
         ("CreateToken", Role.READER, "CreateToken needs an admin token; this is a reader token"),
-        ("ClaimTasks", Role.ADMIN, "needs a token of the task's pipeline; this is an admin token"),
-        ("ClaimTasks", Role.READER, "needs a token of the task's pipeline; this is a reader token"),
+        ("ClaimTasks", Role.ADMIN, "needs a token of pipeline 'p1'; this is an admin token"),
+        ("ClaimTasks", Role.READER, "needs a token of pipeline 'p1'; this is a reader token"),
     ],
 )
 def test_a_refusal_names_the_role_needed_and_the_one_given(
