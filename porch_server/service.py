@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,13 +23,16 @@ from google.protobuf import duration_pb2
 from porch_server import auth, messages
 from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
-from porch_server.errors import InvalidArgument, Unavailable
+from porch_server.errors import InvalidArgument, PorchError, Unavailable
 from porch_server.events import EventHub, follow
-from porch_server.models import Event, Pipeline, Role
+from porch_server.models import Actor, Event, Pipeline, Role, Task
+from porch_server.states import State
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 T = TypeVar("T")
+
+log = logging.getLogger("porch.server")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_NAME = 255
@@ -40,6 +44,8 @@ MAX_LEASE = timedelta(days=30)
 CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
+# The message of the event that puts back a task whose claim was never answered.
+UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
 # What may not be in a token description: control characters and anything
 # else that breaks a line.
@@ -140,6 +146,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
+        # Releases of claims whose calls ended first, kept until they finish.
+        self._releasing: set[asyncio.Future[None]] = set()
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call off the event loop."""
@@ -311,11 +319,52 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(f"num_tasks must be from 1 to {MAX_BATCH}, got {num_tasks}")
         lease = check_lease(request.lease) if request.HasField("lease") else None
         actor = auth.caller_actor()
+        claiming = asyncio.ensure_future(self._claim(name, num_tasks, lease, actor))
+        try:
+            tasks = await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            # The call ended (its deadline passed, its client left) with the
+            # claim under way: what it claimed goes back to PENDING, or it
+            # would stay CLAIMED by a launcher that never saw it.
+            claiming.add_done_callback(functools.partial(self._release, name, actor))
+            raise
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # ... or with the answer ready but the caller's deadline passed.
+            self._release(name, actor, claiming)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return porch_pb2.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks])
+
+    async def _claim(
+        self, name: str, num_tasks: int, lease: timedelta | None, actor: Actor
+    ) -> list[Task]:
         tasks = await self._store.claim_tasks_async(name, num_tasks, lease, actor)
         if tasks is None:
             tasks = await self._run(self._store.claim_tasks, name, num_tasks, lease, actor)
         self._hub.committed()  # lapsed leases may have been freed even when none was claimed
-        return porch_pb2.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks])
+        return tasks
+
+    def _release(self, name: str, actor: Actor, claiming: asyncio.Future[list[Task]]) -> None:
+        if claiming.cancelled() or claiming.exception() is not None or not claiming.result():
+            return
+        releasing = asyncio.ensure_future(self._release_all(name, claiming.result(), actor))
+        self._releasing.add(releasing)
+        releasing.add_done_callback(self._releasing.discard)
+
+    async def _release_all(self, name: str, tasks: list[Task], actor: Actor) -> None:
+        for task in tasks:
+            try:
+                await self._run(
+                    self._store.update_task,
+                    name,
+                    task.task_input_id,
+                    State.PENDING,
+                    UNANSWERED_CLAIM,
+                    actor,
+                )
+            except PorchError as error:  # a lease lapsed meanwhile, the database went away
+                log.warning("releasing task %s failed: %s", task.task_input_id, error)
+        self._hub.committed()
 
     async def UpdateTask(
         self, request: porch_pb2.UpdateTaskRequest, context: Context

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -17,8 +18,10 @@ from porch_server.db.pgasync import AsyncStatements, Contended, RowView
 from porch_server.digest import canonical_json
 from porch_server.errors import Unavailable
 from porch_server.models import Actor, Pipeline, Role
+from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
 from porch_server.store import Store
+from porch_stubs.v1 import porch_pb2
 from tests.conftest import SchemaDatabase
 from tests.integration.conftest import every_task
 
@@ -393,3 +396,68 @@ async def test_a_change_postgresql_refuses_fails_only_its_own_caller(
     assert [task.status for task in every_task(store, "p")] == [State.CANCELLED] * 7 + [
         State.PENDING
     ]
+
+
+class Hub:
+    def committed(self) -> None:
+        pass
+
+
+class EndedCall:
+    """A call's context whose deadline has passed (remaining -1 s) or not (None)."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+        self.aborted: tuple[Any, str] | None = None
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+    async def abort(self, code: Any, details: str) -> None:
+        self.aborted = (code, details)
+        raise asyncio.CancelledError  # as grpc.aio's abort ends the handler
+
+
+async def released(store: Store, task_id: str) -> list[str | None]:
+    """Wait until the task is PENDING again; the messages of its events."""
+    for _ in range(100):
+        if store.get_task("p", task_id).status is State.PENDING:
+            break
+        await asyncio.sleep(0.05)
+    return [event.message for event in store.list_task_events("p", task_id, 10, "").items]
+
+
+@pytest.mark.parametrize("how", ["cancelled", "past its deadline"])
+async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    store, actor = async_store
+    [registered] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = registered.task.task_input_id
+    executor = ThreadPoolExecutor(2)
+    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
+
+    async def claim_then_wait(*args: Any) -> Any:
+        claimed = await claim_all(*args)
+        made.set()
+        await answered.wait()
+        return claimed
+
+    monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
+    context = EndedCall(-1.0 if how == "past its deadline" else None)
+    request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
+    call = asyncio.ensure_future(service.ClaimTasks(request, context))  # type: ignore[arg-type]
+    await made.wait()
+    assert store.get_task("p", task_id).status is State.CLAIMED
+    if how == "cancelled":
+        call.cancel()  # the client left while its claim was being made
+    answered.set()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+
+    assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
+    assert store.get_task("p", task_id).claimed_by_token_id is None
+    if how == "past its deadline":
+        assert context.aborted is not None and context.aborted[0].name == "DEADLINE_EXCEEDED"
+    executor.shutdown()
