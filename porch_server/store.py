@@ -868,9 +868,11 @@ class Store:
 
     def check_cursor_not_ahead(self, after: str) -> None:
         """InvalidArgument when a cursor lies beyond every event written so far:
-        no porch handed it out, and a stream after it would miss what comes next."""
+        no porch handed it out, and a stream after it would miss what comes next.
+        OutOfRange when it lies before the events kept, before a stream starts."""
         xid, event_id = cursor_key(after)
         with self._read() as connection:
+            _check_horizon(connection, (xid, event_id))
             last_id = _last_event_id(connection)
             next_xid = 1  # SQLite's cursors all have transaction 0
             if self._postgresql:
