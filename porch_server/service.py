@@ -196,7 +196,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if request.role not in porch_pb2.Token.Role.values():
             raise InvalidArgument(f"role has no such value: {request.role}")
         role = messages.role_of(request.role)
-        pipeline_name = check_text("pipeline_name", request.pipeline_name) or None
+        pipeline_name = request.pipeline_name or None
         role = role or (Role.PIPELINE if pipeline_name else None)
         description = check_description(request.description)
         check_role_binding(role, pipeline_name)
@@ -415,7 +415,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def WatchEvents(  # type: ignore[override]
         self, request: porch_pb2.WatchEventsRequest, context: Context
     ) -> None:
-        pipeline_name = check_text("pipeline_name", request.pipeline_name) or None
+        pipeline_name = request.pipeline_name or None
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
         if request.after:
