@@ -419,7 +419,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))
         if request.after:
-            await self._run(self._store.check_cursor_not_ahead, request.after)
+            await self._run(self._store.check_cursor, request.after)
 
         async def replay(after: str) -> list[Event]:
             return await self._run(self._store.read_events, after, pipeline_name, 500)

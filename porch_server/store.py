@@ -866,7 +866,7 @@ class Store:
             with self._read() as connection:
                 connection.execute(_notify)
 
-    def check_cursor_not_ahead(self, after: str) -> None:
+    def check_cursor(self, after: str) -> None:
         """InvalidArgument when a cursor lies beyond every event written so far:
         no porch handed it out, and a stream after it would miss what comes next.
         OutOfRange when it lies before the events kept, before a stream starts."""
