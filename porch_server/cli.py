@@ -459,7 +459,13 @@ def _gateway(args: argparse.Namespace) -> None:
         raise SystemExit("porch: --workers must be at least 1")
     if args.workers > 1 and args.http_port == 0:
         raise SystemExit("porch: --workers share their port: give a fixed --http-port")
-    target_tls = _target_tls(args)
+    target_tls = client.client_tls(
+        "--target-tls",
+        args.target_tls,
+        args.target_tls_ca,
+        args.target_tls_cert,
+        args.target_tls_key,
+    )
     # Each process builds its own options: descriptors do not pickle.
     run = (
         args.target,
@@ -475,19 +481,6 @@ def _gateway(args: argparse.Namespace) -> None:
         _check_ports_free(args.host, [args.http_port])
     with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
-
-
-def _target_tls(args: argparse.Namespace) -> gateway.ClientTLS | None:
-    """TLS to the gRPC server from the --target-tls* flags; None for plaintext."""
-    if bool(args.target_tls_cert) != bool(args.target_tls_key):
-        raise SystemExit("porch: --target-tls-cert and --target-tls-key go together")
-    if not (args.target_tls or args.target_tls_ca or args.target_tls_cert):
-        return None
-    return gateway.ClientTLS(
-        root_certificates=args.target_tls_ca.read_bytes() if args.target_tls_ca else None,
-        private_key=args.target_tls_key.read_bytes() if args.target_tls_key else None,
-        certificate_chain=args.target_tls_cert.read_bytes() if args.target_tls_cert else None,
-    )
 
 
 def _run_gateway(

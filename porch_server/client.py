@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from gateway import message_to_dict
+from gateway import ClientTLS, message_to_dict
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -101,14 +101,27 @@ def add_commands(commands: Any) -> None:
     _add_client_flags(watch)
 
 
+def client_tls(
+    flag: str, tls: bool, ca: Path | None, cert: Path | None, key: Path | None
+) -> ClientTLS | None:
+    """TLS to a porch server from the files of the {flag}-ca, {flag}-cert and
+    {flag}-key options (and {flag} alone: the system's CAs); None for plaintext."""
+    if bool(cert) != bool(key):
+        raise SystemExit(f"porch: {flag}-cert and {flag}-key go together")
+    if not (tls or ca or cert):
+        return None
+    return ClientTLS(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+
+
 def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, grpc.Channel]:
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise SystemExit("porch: --tls-cert and --tls-key go together")
-    if args.tls or args.tls_ca or args.tls_cert:
+    tls = client_tls("--tls", args.tls, args.tls_ca, args.tls_cert, args.tls_key)
+    if tls is not None:
         credentials = grpc.ssl_channel_credentials(
-            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
-            private_key=args.tls_key.read_bytes() if args.tls_key else None,
-            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+            tls.root_certificates, tls.private_key, tls.certificate_chain
         )
         channel = grpc.secure_channel(args.target, credentials)
     else:
