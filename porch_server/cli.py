@@ -44,6 +44,15 @@ log = logging.getLogger("porch")
 WORKER_STEADY_SECONDS = 30.0
 
 
+def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shutdown-grace-seconds",
+        type=_positive,
+        default=10.0,
+        help="on SIGTERM, how long calls in flight may go on (default 10)",
+    )
+
+
 def _add_db_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db-url",
@@ -98,12 +107,7 @@ def _parser() -> argparse.ArgumentParser:
         default=15.0,
         help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
     )
-    serve.add_argument(
-        "--shutdown-grace-seconds",
-        type=_positive,
-        default=10.0,
-        help="on SIGTERM, how long calls in flight may go on (default 10)",
-    )
+    _add_grace_flag(serve)
     serve.add_argument(
         "--event-retention-days",
         type=_positive_days,
@@ -132,12 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--tls-key", type=Path, help="PEM private key to serve HTTPS with")
     web.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
     web.add_argument("--log-config", type=Path, help="logging dictConfig file (JSON)")
-    web.add_argument(
-        "--shutdown-grace-seconds",
-        type=_positive,
-        default=10.0,
-        help="on SIGTERM, how long calls in flight may go on (default 10)",
-    )
+    _add_grace_flag(web)
 
     commands.add_parser("openapi", help="print the OpenAPI 3.1 document")
 
