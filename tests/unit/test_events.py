@@ -4,6 +4,8 @@ for each batch, a tick, an overflow or the end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from porch_server.events import EventHub, Subscription
@@ -26,11 +28,11 @@ def event(number: int, pipeline: str) -> Event:
     )
 
 
-async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() -> None:
-    written = [event(1, "p1"), event(2, "p2"), event(3, "p1")]
-
-    async def read_events(after: str, limit: int) -> list[Event]:
-        return [each for each in written if int(each.cursor[2:]) > int(after[2:])]
+@contextlib.asynccontextmanager
+async def running_hub(
+    read_events: Callable[[str, int], Awaitable[list[Event]]],
+) -> AsyncIterator[EventHub]:
+    """A started hub reading with read_events from cursor 0.0, polling rarely."""
 
     async def start_cursor() -> str:
         return "0.0"
@@ -38,6 +40,18 @@ async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() ->
     hub = EventHub(read_events, start_cursor, poll_seconds=60)
     hub.start()
     try:
+        yield hub
+    finally:
+        await hub.stop()
+
+
+async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() -> None:
+    written = [event(1, "p1"), event(2, "p2"), event(3, "p1")]
+
+    async def read_events(after: str, limit: int) -> list[Event]:
+        return [each for each in written if int(each.cursor[2:]) > int(after[2:])]
+
+    async with running_hub(read_events) as hub:
         everything = await hub.subscribe()
         first = await hub.subscribe("p1")
         second = await hub.subscribe("p2")
@@ -55,8 +69,6 @@ async def test_each_subscription_gets_its_topic_and_unfiltered_ones_get_all() ->
         for subscription in (everything, first, second):
             hub.unsubscribe(subscription)
         assert hub.watchers == 0 and hub.position is None
-    finally:
-        await hub.stop()
 
 
 async def test_a_subscription_wakes_for_events_ticks_overflow_and_close() -> None:
@@ -108,17 +120,10 @@ async def test_the_reader_goes_on_after_a_read_fails_unexpectedly() -> None:
             raise RuntimeError(failures.pop())
         return [event(1, "p1")] if after == "0.0" else []
 
-    async def start_cursor() -> str:
-        return "0.0"
-
-    hub = EventHub(read_events, start_cursor, poll_seconds=60)
-    hub.start()
-    try:
+    async with running_hub(read_events) as hub:
         stream = await hub.subscribe()
         hub.wake()  # the read fails ...
         await asyncio.sleep(0.05)
         hub.wake()  # ... and the next one delivers
         assert [each.cursor for _, each in await asyncio.wait_for(stream.get(), 5)] == ["0.1"]
         hub.unsubscribe(stream)
-    finally:
-        await hub.stop()
