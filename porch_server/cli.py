@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -28,7 +29,7 @@ import sqlalchemy.exc
 import gateway
 from gateway import access
 from porch_server import auth, client, server, web
-from porch_server.config import TLS, Config, db_settings
+from porch_server.config import TLS, Config, db_settings, host_port, option_file
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
 from porch_server.errors import PorchError
@@ -235,13 +236,21 @@ def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
 
 def _setup_logging(log_config: Path | None) -> None:
     if log_config is not None:
-        config = json.loads(log_config.read_text())
+        where = f"--log-config {log_config}"
+        try:
+            config = json.loads(option_file("--log-config", log_config))
+        except ValueError as error:
+            raise ValueError(f"{where}: not JSON: {error}") from None
         if not isinstance(config, dict):
-            raise ValueError(f"{log_config}: a logging dictConfig is a JSON object")
+            raise ValueError(f"{where}: a logging dictConfig is a JSON object")
         # dictConfig would otherwise silence every logger that exists already:
         # porch's own, the access log among them, unless the file names them.
         config.setdefault("disable_existing_loggers", False)
-        logging.config.dictConfig(config)
+        try:
+            logging.config.dictConfig(config)
+        except (ValueError, TypeError, AttributeError, ImportError) as error:
+            cause = f" ({error.__cause__})" if error.__cause__ else ""
+            raise ValueError(f"{where}: {error}{cause}") from None
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -249,11 +258,10 @@ def _setup_logging(log_config: Path | None) -> None:
 def _serve(args: argparse.Namespace) -> None:
     config = _config(args)
     _setup_logging(config.log_config)
-    if config.workers > 1:
-        ports = (
-            [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
-        )
-        _check_ports_free(config.host, ports)
+    ports = [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
+    _check_ports_free(config.host, ports, config.workers > 1)
+    if config.tls is not None:
+        config.tls.read()  # a file that cannot be read stops us before the database
     store = _open_store(args)
     try:
         if not store.has_admin_token():
@@ -355,7 +363,7 @@ async def _serve_async(config: Config) -> None:
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
     stopping = _stop_on_signals()
     running = await server.start(config, store)
-    print(f"porch: gRPC listening on {config.host}:{running.port}", flush=True)
+    print(f"porch: gRPC listening on {host_port(config.host, running.port)}", flush=True)
     http_server = None
     try:
         if config.http_port is not None:
@@ -372,7 +380,7 @@ async def _serve_async(config: Config) -> None:
             )
             await http_server.start()
             scheme = "https" if config.tls else "http"
-            address = f"{scheme}://{config.host}:{http_server.port}/"
+            address = f"{scheme}://{host_port(config.host, http_server.port)}/"
             print(f"porch: HTTP gateway on {address}", flush=True)
         _freeze_startup_objects()
         await stopping.wait()
@@ -398,21 +406,35 @@ def _stop_on_signals() -> asyncio.Event:
     return stopping
 
 
-def _check_ports_free(host: str, ports: Sequence[int]) -> None:
-    """Refuse to start --workers on a port something holds already. Workers
-    share their ports (SO_REUSEPORT) with whatever else asks to, another
-    porch on another database included, which would then take half the
-    calls; a plain bind fails on a port any socket listens on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _check_ports_free(host: str, ports: Sequence[int], shared: bool) -> None:
+    """Refuse to start on a host or port this machine cannot serve on, saying
+    why: the name does not resolve, the address is not this machine's, the
+    port is in use or needs privileges. A plain bind also fails on a port
+    another `--workers` deployment holds: workers share their ports
+    (SO_REUSEPORT) with whatever else asks to, another porch on another
+    database included, which would then take half the calls."""
+    if not host:
+        raise SystemExit("porch: --host is empty: give 0.0.0.0 or :: for every address")
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise SystemExit(f"porch: --host {host}: {error.strerror}") from None
+    family, _, _, _, address = addresses[0]
     for port in ports:
+        if port == 0:  # any free port: nothing to check
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))
+                probe.bind((address[0], port, *address[2:]))
             except OSError as error:
+                hint = ""
+                if shared and error.errno == errno.EADDRINUSE:
+                    hint = ": --workers share their ports with no one else"
                 raise SystemExit(
-                    f"porch: port {port} on {host} is in use ({error.strerror}): "
-                    "--workers share their ports with no one else"
+                    f"porch: cannot serve on {host} port {port}: {error.strerror}{hint}"
                 ) from None
 
 
@@ -439,7 +461,9 @@ def _http_server(
             grace=grace,
         )
     except OSError as error:
-        raise OSError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from None
+        raise OSError(
+            f"cannot serve HTTP on {host_port(host, port)}: {error.strerror or error}"
+        ) from None
 
 
 def _tls(args: argparse.Namespace) -> TLS | None:
@@ -476,8 +500,7 @@ def _gateway(args: argparse.Namespace) -> None:
         args.log_config,
         args.shutdown_grace_seconds,
     )
-    if args.workers > 1:
-        _check_ports_free(args.host, [args.http_port])
+    _check_ports_free(args.host, [args.http_port], args.workers > 1)
     with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
 
@@ -503,7 +526,8 @@ def _run_gateway(
         await web.start()
         scheme = "https" if tls else "http"
         print(
-            f"porch: HTTP gateway on {scheme}://{host}:{web.port}/ for {options.target}", flush=True
+            f"porch: HTTP gateway on {scheme}://{host_port(host, web.port)}/ for {options.target}",
+            flush=True,
         )
         try:
             await stopping.wait()

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway import ClientTLS, message_to_dict
+from porch_server.config import option_file
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -111,9 +112,9 @@ def client_tls(
     if not (tls or ca or cert):
         return None
     return ClientTLS(
-        root_certificates=ca.read_bytes() if ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
+        root_certificates=option_file(f"{flag}-ca", ca) if ca else None,
+        private_key=option_file(f"{flag}-key", key) if key else None,
+        certificate_chain=option_file(f"{flag}-cert", cert) if cert else None,
     )
 
 

@@ -20,8 +20,20 @@ class TLS:
 
     def read(self) -> tuple[bytes, bytes, bytes | None]:
         """Return the certificate, key and client CA as bytes."""
-        client_ca = self.client_ca_file.read_bytes() if self.client_ca_file else None
-        return self.cert_file.read_bytes(), self.key_file.read_bytes(), client_ca
+        client_ca = (
+            option_file("--tls-client-ca", self.client_ca_file) if self.client_ca_file else None
+        )
+        cert = option_file("--tls-cert", self.cert_file)
+        return cert, option_file("--tls-key", self.key_file), client_ca
+
+
+def option_file(flag: str, path: Path) -> bytes:
+    """The bytes of the file an option names; OSError naming the option and
+    the file when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise OSError(f"{flag} {path}: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +62,12 @@ class Config:
     def grpc_target(self) -> str:
         """The address a local client reaches the gRPC port at."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        host = "[::1]" if host == "::" else host
-        return f"{host}:{self.grpc_port}"
+        return host_port("::1" if host == "::" else host, self.grpc_port)
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def db_settings(

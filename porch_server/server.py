@@ -16,7 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import gateway
-from porch_server.config import Config
+from porch_server.config import Config, host_port
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
 from porch_server.errors import PorchError, first_line
@@ -84,7 +84,7 @@ async def start(config: Config, store: Store) -> Running:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{config.host}:{config.grpc_port}"
+    address = host_port(config.host, config.grpc_port)
     credentials = _credentials(config)
     try:
         if credentials is None:
@@ -103,7 +103,7 @@ async def start(config: Config, store: Store) -> Running:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
     # The address the index page names: where clients reach this server's gRPC.
-    local = gateway.LocalUpstream(registry.handlers, [interceptor], f"{config.host}:{port}")
+    local = gateway.LocalUpstream(registry.handlers, [interceptor], host_port(config.host, port))
     return Running(server, port, health_servicer, executor, sweeper, hub, local, statements)
 
 

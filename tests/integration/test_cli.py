@@ -318,7 +318,9 @@ def test_workers_refuse_a_port_another_server_shares(sqlite_url: str) -> None:
             timeout=60,
         )
     assert done.returncode != 0
-    assert f"port {port} on 127.0.0.1 is in use" in done.stderr, done.stderr
+    assert f"cannot serve on 127.0.0.1 port {port}: Address already in use: --workers" in (
+        done.stderr
+    ), done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -404,7 +406,8 @@ def test_ports_in_use_or_out_of_range_are_one_line_errors(sqlite_url: str) -> No
     try:
         taken = serve("--grpc-port", target.rsplit(":", 1)[1], "--no-http")
         assert taken.returncode == 1, taken.stderr
-        assert f"porch: cannot serve gRPC on {target}: the port is in use" in taken.stderr
+        in_use = f"porch: cannot serve on 127.0.0.1 port {target.rsplit(':', 1)[1]}: Address"
+        assert in_use in taken.stderr, taken.stderr
     finally:
         stop_server(process)
     with socket.socket() as holder:
@@ -413,7 +416,7 @@ def test_ports_in_use_or_out_of_range_are_one_line_errors(sqlite_url: str) -> No
         port = holder.getsockname()[1]
         busy = serve("--grpc-port", "0", "--http-port", str(port))
     assert busy.returncode == 1, busy.stderr
-    assert f"porch: cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in busy.stderr
+    assert f"porch: cannot serve on 127.0.0.1 port {port}: Address already in use" in busy.stderr
     assert "Traceback" not in busy.stderr + taken.stderr
 
 
@@ -425,9 +428,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         timeout=60,
     )
     assert done.returncode == 1
-    assert (
-        done.stderr.strip() == "porch: [Errno 2] No such file or directory: '/nonexistent/ca.pem'"
-    )
+    assert done.stderr.strip() == "porch: --tls-ca /nonexistent/ca.pem: No such file or directory"
 
 
 @pytest.mark.parametrize(
@@ -446,6 +447,11 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--shutdown-grace-seconds", "0"], "not a positive number: '0'"),
         (["gateway", "--target", "h:1", "--shutdown-grace-seconds", "inf"], "not a finite"),
         (["gateway", "--target", "h:1", "--target-tls-key", "k.pem"], "go together"),
+        (["serve", "--host", "no-such-host.invalid"], "--host no-such-host.invalid: "),
+        (["serve", "--host", ""], "--host is empty"),
+        (["gateway", "--target", "h:1", "--host", "192.0.2.1"], "Cannot assign requested address"),
+        (["serve", "--log-config", "missing.json"], "--log-config missing.json: No such file"),
+        (["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert c.pem: No such file"),
     ],
 )
 def test_option_values_that_cannot_work_are_refused_in_one_line(
@@ -465,3 +471,43 @@ def test_the_shutdown_grace_is_the_operators() -> None:
     assert _config(_parser().parse_args(["serve"])).grace_seconds == 10
     args = _parser().parse_args(["serve", "--shutdown-grace-seconds", "120"])
     assert _config(args).grace_seconds == 120
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+ZERO_PORTS = ["--grpc-port", "0", "--http-port", "0"]
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_serve_on_an_ipv6_address(sqlite_url: str) -> None:
+    process = subprocess.Popen(
+        [*PORCH, "serve", "--db-url", sqlite_url, "--host", "::1", *ZERO_PORTS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(3)]
+        grpc_line, http_line = lines[1], lines[2]
+        assert grpc_line.startswith("porch: gRPC listening on [::1]:"), lines
+        assert http_line.startswith("porch: HTTP gateway on http://[::1]:"), lines
+        target = grpc_line.split()[-1]
+        with grpc.insecure_channel(target) as channel:
+            stub = porch_pb2_grpc.PorchServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ListPipelines(pb.ListPipelinesRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        health = httpx.get(http_line.split()[-1] + "healthz", timeout=10)
+        assert health.json() == {"status": "SERVING"}
+    finally:
+        if process.stdout is not None:
+            process.stdout.close()
+        stop_server(process)

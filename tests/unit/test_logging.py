@@ -69,3 +69,27 @@ def test_a_driver_error_is_told_in_its_first_line() -> None:
         "\tbefore or while processing the request.\n"
     )
     assert first_line(error) == "server closed the connection unexpectedly"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", "not JSON: Expecting property name"),
+        ("[]", "a logging dictConfig is a JSON object"),
+        ('{"version": 2}', "Unsupported version: 2"),
+        (
+            '{"version": 1, "handlers": {"h": {"class": "nowhere.Handler"}}}',
+            "Unable to configure handler 'h' (Cannot resolve 'nowhere.Handler'",
+        ),
+    ],
+)
+def test_a_log_config_porch_cannot_use_is_named_with_the_reason(
+    text: str, message: str, tmp_path: Path, restored_logging: None
+) -> None:
+    path = tmp_path / "logging.json"
+    path.write_text(text)
+
+    with pytest.raises(ValueError) as refused:
+        _setup_logging(path)
+
+    assert str(refused.value).startswith(f"--log-config {path}: {message}"), refused.value
