@@ -188,7 +188,7 @@ class _Builder:
         if binding.body == "*":
             return []
         bound = {variable.name for variable in binding.template.variables}
-        skip = bound | ({binding.body} if binding.body else set())
+        skip = bound | ({binding.body} if binding.body else set()) | binding.followed_fields
         return list(self._fields_as_query(binding.method.input_type, "", skip, (), top=True))
 
     def _fields_as_query(

@@ -30,6 +30,7 @@ from google.protobuf.descriptor import (
 
 # The fields of AIP-158 pagination, which bare-array bindings follow.
 PAGE_TOKEN = "page_token"
+PAGE_SIZE = "page_size"
 NEXT_PAGE_TOKEN = "next_page_token"
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -229,6 +230,13 @@ class Binding:
             and _is_string(output.fields_by_name.get(NEXT_PAGE_TOKEN))
             and _is_string(request.fields_by_name.get(PAGE_TOKEN))
         )
+
+    @property
+    def followed_fields(self) -> frozenset[str]:
+        """The request fields the gateway sets itself as it follows pages,
+        which a request may not: page_token, and page_size (each page is
+        one call, so the client's size would only multiply the calls)."""
+        return frozenset((PAGE_TOKEN, PAGE_SIZE)) if self.paginates else frozenset()
 
 
 def _is_repeated(field: FieldDescriptor) -> bool:

@@ -90,6 +90,10 @@ def build_request(
         path = key.split(".")
         if path[0] == body_field:
             raise invalid_argument(f"query parameter {key!r} names a field of the request body")
+        if key in binding.followed_fields:
+            raise invalid_argument(
+                f"unknown query parameter {key!r}: this route answers with every page at once"
+            )
         set_field(request, path, value, f"query parameter {key!r}")
     for path_text, value in overrides:
         set_field(request, path_text.split("."), value, f"{path_text!r}")

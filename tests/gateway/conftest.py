@@ -42,6 +42,9 @@ from tests.integration.conftest import Porch, start_porch
 ECHO_SERVICE = echo_pb2.DESCRIPTOR.services_by_name["EchoService"]
 DESCRIPTOR_SET = (Path(echo_pb2.__file__).parent / "echo.binpb").read_bytes()
 MAX_BODY = 64 * 1024
+# ListItems totals that ask for a page token that repeats, and for a second
+# page that fails.
+LOOPING_TOTAL, FAILING_TOTAL = 1001, 1002
 # Metadata the transport adds on its own; not interesting to echo back.
 _TRANSPORT_KEYS = {"user-agent", "grpc-accept-encoding", "grpc-encoding", "x-forwarded-for"}
 
@@ -94,21 +97,28 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
     async def ListItems(
         self, request: echo_pb2.ListItemsRequest, context: grpc.aio.ServicerContext
     ) -> echo_pb2.ListItemsResponse:  # type: ignore[override]
-        if not 0 <= request.total <= 1000 or request.page_size < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "total must be 0 to 1000")
-        if request.page_token == "loop":
+        # A bare-array route's client sends no page_token: totals past 1000
+        # ask for the odd answers.
+        if request.page_token == "loop" or request.total == LOOPING_TOTAL:
             return echo_pb2.ListItemsResponse(
                 items=[echo_pb2.Item(index=0)], next_page_token="loop"
             )
-        if request.page_token == "then-fail":
+        first_page = not request.page_token
+        if request.page_token == "then-fail" or (request.total == FAILING_TOTAL and first_page):
             # A first page whose next token the following call refuses.
             return echo_pb2.ListItemsResponse(
                 items=[echo_pb2.Item(index=0)], next_page_token="refused"
             )
         if request.page_token and not request.page_token.isdigit():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token")
+        if not 0 <= request.total <= 1000 or request.page_size < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "total must be 0 to 1000")
         start = int(request.page_token or 0)
-        end = min(start + (request.page_size or 3), request.total)
+        # Without a page_size (a bare-array route cannot send one), a page
+        # holds 3 items, or 100 of a total of 700 or more.
+        end = min(
+            start + (request.page_size or (100 if request.total >= 700 else 3)), request.total
+        )
         items = [echo_pb2.Item(index=index) for index in range(start, end)]
         return echo_pb2.ListItemsResponse(
             items=items, next_page_token=str(end) if end < request.total else ""

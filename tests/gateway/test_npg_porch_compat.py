@@ -204,6 +204,10 @@ async def test_list_tasks_filters(porch_http: PorchHttp) -> None:
     # A pipeline nobody made is a filter matching nothing, as in npg_porch.
     unknown = await client.get("/tasks", params={"pipeline_name": "nope"}, headers=admin)
     assert (unknown.status_code, unknown.json()) == (200, [])
+    # Every task in one answer: a page size would only multiply the calls.
+    for listing, params in (("/tasks", {"page_size": 1}), ("/pipelines", {"page_token": "x"})):
+        paged = await client.get(listing, params=params, headers=admin)
+        assert paged.status_code == 400 and "every page at once" in paged.json()["message"]
 
 
 async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None:

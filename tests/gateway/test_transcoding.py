@@ -11,7 +11,14 @@ import httpx
 import pytest
 
 import gateway
-from tests.gateway.conftest import MAX_BODY, Live, echo_options, unused_target
+from tests.gateway.conftest import (
+    FAILING_TOTAL,
+    LOOPING_TOTAL,
+    MAX_BODY,
+    Live,
+    echo_options,
+    unused_target,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -285,23 +292,32 @@ async def test_object_answer_keeps_the_page_token(client: httpx.AsyncClient) -> 
     }
 
 
-@pytest.mark.parametrize(("total", "page_size"), [(0, 0), (2, 0), (7, 0), (7, 2), (100, 7)])
+@pytest.mark.parametrize("total", [0, 2, 3, 7, 100])
 async def test_bare_array_answer_concatenates_every_page(
-    client: httpx.AsyncClient, total: int, page_size: int
+    client: httpx.AsyncClient, total: int
 ) -> None:
-    response = await client.get("/items", params={"total": total, "page_size": page_size})
+    response = await client.get("/items", params={"total": total})
     assert response.status_code == 200
     assert response.json() == [{"index": index} for index in range(total)]
 
 
-async def test_pagination_stops_on_a_repeated_token(client: httpx.AsyncClient) -> None:
-    response = await client.get("/items", params={"page_token": "loop"})
-    assert response.status_code == 500
-    assert "repeated a page token" in response.json()["message"]
+@pytest.mark.parametrize("field", ["page_size", "page_token"])
+async def test_bare_array_answer_takes_no_paging_fields(
+    client: httpx.AsyncClient, field: str
+) -> None:
+    # The gateway sets them itself; a client's page_size of 1 would only
+    # turn one request into a call for each item.
+    response = await client.get("/items", params={"total": 7, field: "1"})
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        f"unknown query parameter '{field}': this route answers with every page at once"
+    )
+    kept = await client.get("/v1/items", params={"total": 7, field: "1"})
+    assert kept.status_code == 200
 
 
 async def test_bare_array_of_many_pages_is_sent_as_its_pages_come(live: Live) -> None:
-    several = await live.client.get("/items", params={"total": 700, "page_size": 100})
+    several = await live.client.get("/items", params={"total": 700})  # 7 pages
     assert several.json() == [{"index": index} for index in range(700)]
     assert several.headers["content-type"] == "application/json"
     assert several.headers["transfer-encoding"] == "chunked"
@@ -310,15 +326,19 @@ async def test_bare_array_of_many_pages_is_sent_as_its_pages_come(live: Live) ->
     assert one.headers["content-length"] == str(len(one.content))
 
 
+@pytest.mark.parametrize(
+    ("total", "reason"),
+    [(FAILING_TOTAL, "invalid page_token"), (LOOPING_TOTAL, "ListItems repeated a page token")],
+)
 async def test_later_page_failing_cuts_the_answer_short(
-    live: Live, caplog: pytest.LogCaptureFixture
+    live: Live, caplog: pytest.LogCaptureFixture, total: int, reason: str
 ) -> None:
     # The status went out with the first page; a shorter list would pass for
     # the whole one, so the connection closes mid-body instead.
     with pytest.raises(httpx.RemoteProtocolError):
-        await live.client.get("/items", params={"page_token": "then-fail"})
+        await live.client.get("/items", params={"total": total})
     assert "page 2 failed after the answer began" in caplog.text
-    assert "invalid page_token" in caplog.text
+    assert reason in caplog.text
     # The server goes on serving.
     assert (await live.client.get("/items", params={"total": 1})).json() == [{"index": 0}]
 
