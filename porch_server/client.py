@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway import ClientTLS, message_to_dict
-from porch_server.config import option_file
+from porch_server.config import RECEIVE_LIMIT, option_file
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -124,9 +124,9 @@ def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, gr
         credentials = grpc.ssl_channel_credentials(
             tls.root_certificates, tls.private_key, tls.certificate_chain
         )
-        channel = grpc.secure_channel(args.target, credentials)
+        channel = grpc.secure_channel(args.target, credentials, options=[RECEIVE_LIMIT])
     else:
-        channel = grpc.insecure_channel(args.target)
+        channel = grpc.insecure_channel(args.target, options=[RECEIVE_LIMIT])
     return porch_pb2_grpc.PorchServiceStub(channel), channel
 
 

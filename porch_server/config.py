@@ -8,6 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DB_URL = "sqlite:///porch.db"
+# What a gRPC client or server takes in one message unless told otherwise.
+# porch's server keeps its answers within it, and takes no more itself: a
+# call is read whole before its token is checked.
+GRPC_MESSAGE_BYTES = 4 * 1024 * 1024
+# The largest answer porch's gateway and CLI take, should a server of
+# another version send more.
+RECEIVE_LIMIT = ("grpc.max_receive_message_length", 64 * 1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from typing import Any
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from porch_server import models
+from porch_server.errors import InvalidArgument
 from porch_server.states import State
 from porch_stubs.v1 import porch_pb2
 
@@ -27,25 +28,37 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     )
 
 
-def to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """Return a Struct as a plain JSON-like dict, numbers as floats.
+# Objects and lists inside one another in a task's input, the input itself
+# included. Each takes two levels of protobuf messages, and an answer with
+# the task wraps it in up to four more: deeper, and a client's decoder
+# (at most 100 levels) would refuse an answer about a task already stored.
+MAX_INPUT_DEPTH = 32
+
+
+def to_dict(struct: struct_pb2.Struct, depth: int = 1) -> dict[str, Any]:
+    """Return a Struct as a plain JSON-like dict, numbers as floats;
+    InvalidArgument if it nests deeper than MAX_INPUT_DEPTH.
 
     Read directly: json_format.MessageToDict takes twice as long, and it
     refuses NaN and infinities with a ValueError where the digest names them.
     """
-    return {key: _plain(value) for key, value in struct.fields.items()}
+    if depth > MAX_INPUT_DEPTH:
+        raise InvalidArgument(f"task_input nests deeper than {MAX_INPUT_DEPTH} levels")
+    return {key: _plain(value, depth) for key, value in struct.fields.items()}
 
 
-def _plain(value: struct_pb2.Value) -> Any:
+def _plain(value: struct_pb2.Value, depth: int) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         return value.number_value
     if kind == "string_value":
         return value.string_value
     if kind == "struct_value":
-        return to_dict(value.struct_value)
+        return to_dict(value.struct_value, depth + 1)
     if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
+        if depth >= MAX_INPUT_DEPTH:
+            raise InvalidArgument(f"task_input nests deeper than {MAX_INPUT_DEPTH} levels")
+        return [_plain(item, depth + 1) for item in value.list_value.values]
     if kind == "bool_value":
         return value.bool_value
     return None  # null_value, or a Value with nothing set

@@ -16,7 +16,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import gateway
-from porch_server.config import Config, host_port
+from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
 from porch_server.errors import PorchError, first_line
@@ -32,7 +32,7 @@ log = logging.getLogger("porch.server")
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
 PRUNE_INTERVAL_SECONDS = 3600
 GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]

@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -21,13 +21,14 @@ import grpc
 from google.protobuf import duration_pb2
 
 from porch_server import auth, messages
+from porch_server.config import GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import InvalidArgument, PorchError, Unavailable
 from porch_server.events import EventHub, follow
 from porch_server.models import Actor, Event, Pipeline, Role, Task
 from porch_server.states import State
-from porch_server.store import Store
+from porch_server.store import MAX_TASK_INPUT_BYTES, Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 T = TypeVar("T")
@@ -37,7 +38,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_NAME = 255
 MAX_MESSAGE_BYTES = 64 * 1024
-MAX_TASK_INPUT_BYTES = 1024 * 1024
 MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
 # Sent with the response, as trailing metadata: the gateway answers 201 Created.
@@ -76,6 +76,20 @@ def check_name(field: str, value: str) -> str:
     if "/" in value or not value.isprintable():
         raise InvalidArgument(f"{field} must not contain '/' or control characters")
     return value
+
+
+def _registration_answer_bytes(
+    pipeline: porch_pb2.Pipeline, tasks: Sequence[porch_pb2.Task]
+) -> int:
+    """At most the bytes of the answer to registering tasks of pipeline: each
+    comes back with its input, id, status, times and pipeline."""
+    full = porch_pb2.Task(pipeline=pipeline, task_input_id="0" * 64, status=porch_pb2.Task.PENDING)
+    for stamp in (full.create_time, full.update_time):
+        stamp.seconds, stamp.nanos = 2**40, 999_999_999
+    # Besides its input: the input's tag and length, the longer lengths of the
+    # task and of the result around it, and the result's own tag and length.
+    each = porch_pb2.RegisterTaskResponse(task=full, created=True).ByteSize() + 16
+    return sum(each + task.task_input.ByteSize() for task in tasks)
 
 
 def checked_task_input(field: str, task: porch_pb2.Task) -> str:
@@ -272,6 +286,16 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                     f"tasks[{index}] is of pipeline '{task.pipeline.name}', not '{name}'"
                 )
             texts.append(checked_task_input(f"tasks[{index}]", task))
+        pipeline = self._store.known_pipeline(name)
+        if pipeline is None:
+            pipeline = await self._run(self._store.get_pipeline, name)
+        answer = _registration_answer_bytes(messages.pipeline_message(pipeline), request.tasks)
+        if answer > GRPC_MESSAGE_BYTES:
+            raise InvalidArgument(
+                f"the answer to these {len(request.tasks)} tasks would take about {answer:,} "
+                f"bytes, more than the {GRPC_MESSAGE_BYTES:,} a gRPC client accepts by default: "
+                "send them in smaller batches"
+            )
         results = await self._run(self._store.register_canonical, name, texts, auth.caller_actor())
         if any(r.created for r in results):
             self._hub.committed()

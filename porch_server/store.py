@@ -189,33 +189,49 @@ _insert_event = insert(event)
 
 _find_token = select(token).where(token.c.token_hash == bindparam("in_token_hash", type_=Text))
 
+# A task's input is at most this many bytes, both as canonical JSON and as
+# protobuf (a Struct); registration checks both.
+MAX_TASK_INPUT_BYTES = 1024 * 1024
 # An answer with tasks (a page of them, one claimer's claim) stops early
-# once their inputs reach this many bytes of JSON, so that it stays inside a
-# client's 4 MiB default however large the inputs (each at most 1 MiB). It
-# always holds one task; a page's next page goes on from there, and a
-# claim's other candidates stay PENDING. Inputs made mostly of small
-# numbers are larger as protobuf (up to 5.5 times): many of those can still
-# make an answer of more than 4 MiB.
-ANSWER_INPUT_BYTES = 2 * 1024 * 1024
+# once it would pass this many bytes as protobuf, so that it stays inside a
+# client's 4 MiB default however large the inputs. It always holds one task;
+# a page's next page goes on from there, and a claim's other candidates stay
+# PENDING.
+ANSWER_BYTES = 3 * 1024 * 1024
 # What a task adds to an answer besides its input, give or take.
 _TASK_OVERHEAD_BYTES = 300
 
 
+def _answer_bytes(json_length: int) -> int:
+    """At most what a task whose input is json_length characters of JSON
+    takes in an answer. As protobuf an input can take 5.5 times the bytes
+    of its JSON (a small number in a list: "0," against 11 bytes), and never
+    more than MAX_TASK_INPUT_BYTES."""
+    return min(json_length * 11 // 2, MAX_TASK_INPUT_BYTES) + _TASK_OVERHEAD_BYTES
+
+
+def _answer_bytes_sql(json_length: ColumnElement[int]) -> ColumnElement[int]:
+    """_answer_bytes in SQL."""
+    estimate = json_length * 11 // 2
+    bounded = case((estimate > MAX_TASK_INPUT_BYTES, MAX_TASK_INPUT_BYTES), else_=estimate)
+    return bounded + _TASK_OVERHEAD_BYTES
+
+
 def _within_answer(candidates: CTE) -> Select[Any]:
     """The ids of the candidates one answer holds: the oldest, then more
-    while their inputs stay within ANSWER_INPUT_BYTES."""
+    while the answer stays within ANSWER_BYTES."""
     sized = (
         select(
             candidates.c.id,
             func.row_number().over(order_by=candidates.c.id).label("nth"),
-            func.sum(func.length(task.c.task_input) + _TASK_OVERHEAD_BYTES)
+            func.sum(_answer_bytes_sql(func.length(task.c.task_input)))
             .over(order_by=candidates.c.id)
             .label("running"),
         )
         .join_from(candidates, task, task.c.id == candidates.c.id)
         .cte("sized")
     )
-    return select(sized.c.id).where(or_(sized.c.nth == 1, sized.c.running <= ANSWER_INPUT_BYTES))
+    return select(sized.c.id).where(or_(sized.c.nth == 1, sized.c.running <= ANSWER_BYTES))
 
 
 _claim = (
@@ -299,6 +315,12 @@ class Store:
         if row is None:
             raise AlreadyExists(f"pipeline '{pipeline.name}' already exists")
         return self._remember_pipeline(row)
+
+    def known_pipeline(self, name: str) -> Pipeline | None:
+        """The pipeline called name if this store has met it, without asking
+        the database (a pipeline does not change)."""
+        pipeline_id = self._pipeline_ids.get(name)
+        return None if pipeline_id is None else self._pipelines.get(pipeline_id)
 
     def get_pipeline(self, name: str) -> Pipeline:
         """Return the pipeline called name; NotFound if there is none."""
@@ -532,7 +554,8 @@ class Store:
                 query = query.where(task.c.pipeline_id == pipeline_id)
             rows = connection.execute(query).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})
-        return _page(rows, _fitting(rows, page_size), "tasks", filters, "id", self._to_task)
+        fitting = _fitting(rows, page_size, _task_bytes)
+        return _page(rows, fitting, "tasks", filters, "id", self._to_task)
 
     def claim_tasks(
         self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
@@ -653,7 +676,7 @@ class Store:
             rows = connection.execute(query).all()
         return _page(
             rows,
-            page_size,
+            _fitting(rows, page_size, _event_bytes),
             "task_events",
             filters,
             "id",
@@ -1263,14 +1286,25 @@ def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
     return NotFound(f"task {task_input_id} of pipeline '{pipeline_name}' not found")
 
 
-def _fitting(rows: Sequence[Row[Any]], page_size: int) -> int:
-    """How many of rows (at most page_size, at least one) a page of tasks holds."""
+def _fitting(rows: Sequence[Row[Any]], page_size: int, size: Callable[[Row[Any]], int]) -> int:
+    """How many of rows (at most page_size, at least one) a page holds, each
+    taking size(row) bytes of the answer."""
     total = 0
     for count, row in enumerate(rows[:page_size]):
-        total += len(row.task_input) + _TASK_OVERHEAD_BYTES
-        if total > ANSWER_INPUT_BYTES and count > 0:
+        total += size(row)
+        if total > ANSWER_BYTES and count > 0:
             return count
     return page_size
+
+
+def _task_bytes(row: Row[Any]) -> int:
+    return _answer_bytes(len(row.task_input))
+
+
+def _event_bytes(row: Row[Any]) -> int:
+    # A message is up to 64 KiB; names, ids, times and the token's
+    # description take the rest.
+    return (len(row.message.encode()) if row.message else 0) + 2 * _TASK_OVERHEAD_BYTES
 
 
 def _page(
@@ -1533,7 +1567,7 @@ def _claim_batch() -> Select[Any]:
     and gives claimer k those numbered after claim_afters[k] up to
     claim_lasts[k]; each row comes back with its claimer's 1-based position.
     With fewer tasks pending, the claimers that asked first are served first.
-    A claimer whose share outgrows one answer (ANSWER_INPUT_BYTES) gets its
+    A claimer whose share outgrows one answer (ANSWER_BYTES) gets its
     oldest tasks that fit; the rest stay PENDING.
     """
     candidates = claim_candidates.cte("candidates")
@@ -1563,7 +1597,7 @@ def _claim_batch() -> Select[Any]:
             numbered.c.id,
             claimers,
             func.row_number().over(**mine).label("nth"),
-            func.sum(numbered.c.size + _TASK_OVERHEAD_BYTES).over(**mine).label("running"),
+            func.sum(_answer_bytes_sql(numbered.c.size)).over(**mine).label("running"),
         )
         .join_from(
             numbered,
@@ -1576,7 +1610,7 @@ def _claim_batch() -> Select[Any]:
         update(task)
         .where(
             task.c.id == assigned.c.id,
-            or_(assigned.c.nth == 1, assigned.c.running <= ANSWER_INPUT_BYTES),
+            or_(assigned.c.nth == 1, assigned.c.running <= ANSWER_BYTES),
         )
         .values(
             status=State.CLAIMED.value,

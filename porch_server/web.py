@@ -6,6 +6,7 @@ from importlib import metadata, resources
 from typing import Any
 
 import gateway
+from porch_server.config import RECEIVE_LIMIT
 from porch_server.interceptor import ACCESS_LOG
 from porch_stubs.v1 import porch_pb2
 
@@ -58,6 +59,7 @@ def gateway_options(
         openapi_paths=OPENAPI_PATHS,
         # Calls through the gateway get one line, HTTP and gRPC side together.
         access_log=ACCESS_LOG,
+        channel_options=(RECEIVE_LIMIT,),
         **extra,
     )
 

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from porch_server.digest import task_input_id
 from porch_server.models import Role
+from porch_server.service import _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
 
 from .conftest import Porch, start_porch
@@ -316,6 +317,114 @@ def test_register_ignores_a_given_status(porch: Porch) -> None:
     request.task.task_input_id = "whatever"
     task = wrapper.RegisterTask(request).task
     assert task.status == State.PENDING and task.task_input_id == task_input_id({"a": 1})
+
+
+def test_answers_of_inputs_larger_as_protobuf_fit_a_default_client(porch: Porch) -> None:
+    # About 180 KB of JSON each, and about 1 MB as protobuf: eight of them
+    # are past a client's 4 MiB default, which would refuse the answer after
+    # the claim had taken the tasks.
+    wrapper = porch.stub(porch.pipeline("p1"))
+    batch = [register("p1", n=n, many=[0] * 90_000).task for n in range(8)]
+    for first in range(0, 8, 3):
+        part = pb.RegisterTasksRequest(pipeline_name="p1", tasks=batch[first : first + 3])
+        assert wrapper.RegisterTasks(part).ByteSize() < 4 * 1024 * 1024
+    listed: list[float] = []
+    page = pb.ListTasksResponse(next_page_token="first")
+    while page.next_page_token:
+        token = "" if page.next_page_token == "first" else page.next_page_token
+        page = wrapper.ListTasks(pb.ListTasksRequest(pipeline_name="p1", page_token=token))
+        assert 1 <= len(page.tasks) < 8 and page.ByteSize() < 4 * 1024 * 1024
+        listed += [task.task_input["n"] for task in page.tasks]
+    assert listed == list(range(8))
+    claimed: list[float] = []
+    while answer := wrapper.ClaimTasks(claim("p1", 8)).tasks:
+        assert len(answer) < 8
+        claimed += [task.task_input["n"] for task in answer]
+    assert claimed == list(range(8))
+
+
+def _nested(levels: int, inner: str) -> dict[str, Any]:
+    """A task input of levels objects and lists inside one another, itself
+    included, those inside it all of the inner kind."""
+    value: Any = 1
+    for _ in range(levels - 1):
+        value = {"a": value} if inner == "object" else [value]
+    return {"a": value}
+
+
+@pytest.mark.parametrize("inner", ["object", "list"])
+def test_an_input_nested_as_deep_as_allowed_comes_back_in_every_answer(
+    porch: Porch, inner: str
+) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    deepest = register("p1", **_nested(32, inner)).task
+    batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[deepest])
+    [registered] = wrapper.RegisterTasks(batch).results
+    assert registered.created
+    assert wrapper.ClaimTasks(claim("p1")).tasks[0].task_input == deepest.task_input
+    deeper = pb.RegisterTasksRequest(
+        pipeline_name="p1", tasks=[register("p1", **_nested(33, inner)).task]
+    )
+    fails(
+        Code.INVALID_ARGUMENT,
+        wrapper.RegisterTasks,
+        deeper,
+        "tasks[0].task_input nests deeper than 32 levels",
+    )
+
+
+def test_a_call_larger_than_4_mib_is_refused_unread(porch: Porch) -> None:
+    # A call is read whole before its token is checked: its size is bounded
+    # for anyone, token or not.
+    anonymous = porch.stub()
+    tasks = [register("p1", blob="x" * 1_000_000).task for _ in range(5)]
+    request = pb.RegisterTasksRequest(pipeline_name="p1", tasks=tasks)
+    fails(Code.RESOURCE_EXHAUSTED, anonymous.RegisterTasks, request, "larger than max")
+
+
+def test_a_page_of_long_event_messages_fits_a_default_client(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task = wrapper.RegisterTask(register("p1", n=1)).task
+    wrapper.ClaimTasks(claim("p1"))
+    heartbeat = "é" * (32 * 1024 - 1)  # just under 64 KiB as UTF-8
+    for _ in range(70):  # 4.5 MB of messages
+        wrapper.UpdateTask(update("p1", task.task_input_id, State.RUNNING, heartbeat))
+    seen, token = 0, None
+    while token != "":
+        request = pb.ListTaskEventsRequest(
+            pipeline_name="p1", task_input_id=task.task_input_id, page_size=1000
+        )
+        request.page_token = token or ""
+        page = wrapper.ListTaskEvents(request)
+        assert 1 <= len(page.events) < 72 and page.ByteSize() < 4 * 1024 * 1024
+        seen += len(page.events)
+        token = page.next_page_token
+    assert seen == 72  # created, claimed and 70 heartbeats
+
+
+def test_a_registration_answer_is_never_larger_than_reckoned(porch: Porch) -> None:
+    # Every task comes back with its pipeline: these take 2.6 KB each.
+    admin = porch.stub(porch.admin)
+    long = pb.Pipeline(name="p" * 255, uri="https://example.org/" + "u" * 2000, version="v" * 300)
+    admin.CreatePipeline(pb.CreatePipelineRequest(pipeline=long))
+    wrapper = porch.stub(porch.token(Role.PIPELINE, long.name))
+    many = [register(long.name, n=n).task for n in range(2000)]
+    request = pb.RegisterTasksRequest(pipeline_name=long.name, tasks=many)
+    assert request.ByteSize() < 1_000_000  # the answer, over 5 MB, is what is too large
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, request, "send them in smaller batches")
+    assert not wrapper.ListTasks(pb.ListTasksRequest(pipeline_name=long.name)).tasks
+    inputs: list[dict[str, Any]] = [
+        {},
+        {"n": 1},
+        {"s": "é" * 5000, "deep": [[[[{"x": None, "t": True}]]]]},
+        {"many": [1.5e300] * 3000, "k" * 200: -(2**53)},
+    ]
+    for count in (1, 7, 300):
+        tasks = [register(long.name, i=n, **inputs[n % 4]).task for n in range(count)]
+        request = pb.RegisterTasksRequest(pipeline_name=long.name, tasks=tasks)
+        answer = wrapper.RegisterTasks(request)
+        reckoned = _registration_answer_bytes(answer.results[0].task.pipeline, tasks)
+        assert answer.ByteSize() <= reckoned < answer.ByteSize() + 40 * count
 
 
 def test_register_errors(porch: Porch) -> None:
