@@ -900,7 +900,10 @@ class Store:
             next_xid = 1  # SQLite's cursors all have transaction 0
             if self._postgresql:
                 next_xid = _current_snapshot(connection).xmax
-        if xid >= next_xid or event_id > last_id:
+        # A cursor "from now" names the oldest transaction still running, or
+        # when none is, the next to begin: (next_xid, 0), though no event
+        # has that transaction yet.
+        if (xid, min(event_id, 1)) > (next_xid, 0) or event_id > last_id:
             raise InvalidArgument(
                 f"cursor {after} is ahead of every event written: resume from a cursor "
                 "porch gave, or from an empty cursor"

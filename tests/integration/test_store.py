@@ -188,6 +188,13 @@ def test_list_tokens_filters_and_pages(store: Store) -> None:
 # Registration
 
 
+def test_a_from_now_cursor_is_taken_back_at_once(store: Store) -> None:
+    # With no transaction running, "from now" names the next transaction to
+    # begin, which has written nothing yet.
+    for _ in range(20):
+        store.check_cursor(store.event_start_cursor())
+
+
 def test_register_is_idempotent_also_within_a_batch(store: Store) -> None:
     add_pipeline(store)
     actor = add_actor(store)

@@ -165,6 +165,28 @@ def test_watch_errors(fast_porch: Porch) -> None:
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
 
 
+def test_every_cursor_a_stream_hands_out_resumes(fast_porch: Porch) -> None:
+    # On an idle PostgreSQL server the first bookmark's cursor names the
+    # next transaction to begin, which has written nothing yet.
+    admin = fast_porch.stub(fast_porch.admin)
+    wrapper = fast_porch.stub(fast_porch.pipeline("p1"))
+    watcher = Watcher(admin)
+    first = watcher.wait_for_bookmark()
+    register(wrapper, "p1", n=1)
+    [created] = watcher.take(1)
+    time.sleep(1.2)  # a keep-alive bookmark after the event
+    watcher.close()
+    cursors = (first.cursor, created.cursor, watcher.bookmarks[-1].cursor)
+    for number, cursor in enumerate(cursors, start=2):
+        resumed = Watcher(admin, after=cursor)
+        assert not resumed.ended.wait(0.3), resumed.error
+        task = register(wrapper, "p1", n=number)
+        arrived: list[pb.Event] = []
+        while task.task_input_id not in {event.task_input_id for event in arrived}:
+            arrived += resumed.take(1)
+        resumed.close()
+
+
 def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
     wrapper = fast_porch.stub(fast_porch.pipeline("p1"))
     register(wrapper, "p1", n=0)
