@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -24,7 +25,7 @@ from porch_server import auth, messages
 from porch_server.config import GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
-from porch_server.errors import InvalidArgument, PorchError, Unavailable
+from porch_server.errors import InvalidArgument, PorchError, Unauthenticated, Unavailable
 from porch_server.events import EventHub, follow
 from porch_server.models import Actor, Event, Pipeline, Role, Task
 from porch_server.states import State
@@ -44,6 +45,8 @@ MAX_LEASE = timedelta(days=30)
 CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
+# How often an open stream asks whether its token has been revoked since.
+REVOCATION_CHECK_SECONDS = 5.0
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
@@ -160,6 +163,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
+        # token id -> (when asked, revoked): one question for every stream
+        # of a token.
+        self._revocations: dict[str, tuple[float, bool]] = {}
         # Releases of claims whose calls ended first, kept until they finish.
         self._releasing: set[asyncio.Future[None]] = set()
 
@@ -470,13 +476,37 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             self._keepalive_seconds,
             topic=pipeline_name,
         )
+        caller = auth.CALLER.get()
+        checked = time.monotonic()
         # Written with context.write rather than yielded: each message then
         # skips the async generators that yielding passes it through.
         async for item in stream:
             await context.write(self._encoded(item))
+            # Asked between messages: an idle stream asks at its keep-alives.
+            if caller is not None and time.monotonic() - checked >= REVOCATION_CHECK_SECONDS:
+                checked = time.monotonic()
+                if await self._revoked(caller.token_id):
+                    raise Unauthenticated(
+                        f"token {caller.token_id} was revoked while the stream was open"
+                    )
         if self._hub.stopped:
             # Say why the stream ends: gRPC's code for "try again elsewhere or later".
             raise Unavailable("the server is shutting down: resume after the last cursor")
+
+    async def _revoked(self, token_id: str) -> bool:
+        """Whether the token has been revoked, as the database said within
+        REVOCATION_CHECK_SECONDS; not while the database cannot say."""
+        now = time.monotonic()
+        asked = self._revocations.get(token_id)
+        if asked is None or now - asked[0] >= REVOCATION_CHECK_SECONDS:
+            try:
+                revoked = await self._run(self._store.is_revoked, token_id)
+            except Unavailable:
+                return False
+            if len(self._revocations) >= ENCODED_EVENTS_KEPT:
+                self._revocations.clear()
+            asked = self._revocations[token_id] = (now, revoked)
+        return asked[1]
 
     def _encoded(self, item: Event | porch_pb2.Event) -> bytes:
         """Serialize an event once for every stream that carries it."""

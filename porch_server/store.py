@@ -450,6 +450,12 @@ class Store:
             }
         return revoked
 
+    def is_revoked(self, token_id: str) -> bool:
+        """True when the token has been revoked, or is not there at all."""
+        query = select(token.c.revoke_time.is_not(None)).where(token.c.id == _token_key(token_id))
+        with self._read() as connection:
+            return connection.scalar(query) is not False
+
     def has_admin_token(self) -> bool:
         """True when some admin token has not been revoked."""
         query = select(

@@ -12,7 +12,9 @@ from typing import Any
 import grpc
 import pytest
 
+from porch_server import auth, service
 from porch_server.cursors import cursor_key
+from porch_server.models import Role
 from porch_stubs.v1 import porch_pb2 as pb
 
 from .conftest import Client, Porch, start_porch
@@ -185,6 +187,27 @@ def test_every_cursor_a_stream_hands_out_resumes(fast_porch: Porch) -> None:
         while task.task_input_id not in {event.task_input_id for event in arrived}:
             arrived += resumed.take(1)
         resumed.close()
+
+
+def test_a_stream_ends_when_its_token_is_revoked(
+    fast_porch: Porch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "REVOCATION_CHECK_SECONDS", 0.2)
+    secret = auth.new_secret()
+    store = fast_porch.server.store
+    made = store.create_token(Role.READER, None, "dashboard", auth.hash_secret(secret))
+    revoked, kept = Watcher(fast_porch.stub(secret)), Watcher(fast_porch.stub(fast_porch.admin))
+    revoked.wait_for_bookmark()
+    fast_porch.stub(fast_porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id=made.token_id))
+    # Idle, the stream asks at its next keep-alive (0.5 s here).
+    assert revoked.ended.wait(5)
+    assert revoked.error is not None
+    assert revoked.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert revoked.error.details() == (  # type: ignore[attr-defined]
+        f"token {made.token_id} was revoked while the stream was open"
+    )
+    assert not kept.ended.wait(1)
+    kept.close()
 
 
 def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
