@@ -101,11 +101,17 @@ class Gateway:
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
+        seconds = self.options.max_body_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise _too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            message = f"the request body did not arrive within {seconds:g} s"
+            raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message, 408) from None
         return b"".join(chunks)
 
     async def _unary(self, match: RouteMatch, message: Message, options: CallOptions) -> Response:

@@ -77,6 +77,8 @@ class GatewayOptions:
     # Keyed by full method name, e.g. "pkg.v1.Service.Watch".
     methods: Mapping[str, MethodOptions] = field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds a request's whole body may take to arrive: 4 MiB at 70 KB/s.
+    max_body_seconds: float = 60.0
     # Deadline of unary calls, in seconds, unless the request sends Grpc-Timeout.
     default_timeout: float | None = None
     # Upper bound on the pages an auto-paginated binding follows.

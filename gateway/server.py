@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import ssl
 from collections.abc import Iterator
@@ -12,6 +13,14 @@ from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+# A request's line and headers must all arrive within this many seconds of
+# its first byte (of the connection, for the first request) and within this
+# many bytes, or the connection is closed: a client that sends a head byte
+# by byte, or never finishes it, would otherwise hold its socket for ever.
+HEAD_SECONDS = 20.0
+HEAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,94 @@ class _Server(uvicorn.Server):  # type: ignore[misc]
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop reading a head past HEAD_BYTES."""
+
+
+class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
+    """uvicorn's httptools protocol, with a deadline and a size bound on each
+    request's head (uvicorn has neither: its keep-alive timer stops at the
+    first byte of the next request)."""
+
+    head_seconds = HEAD_SECONDS
+    head_bytes = HEAD_BYTES
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        self._head_read = 0
+        self._head_too_large = False
+        self._in_head = False
+        # The first request's deadline runs from the connection: one that
+        # sends nothing is closed too.
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.head_seconds, self._head_too_slow
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_read = True, 0
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_seconds, self._head_too_slow)
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn answers any error raised while parsing with a 400.
+        if self._head_too_large:
+            self._refuse_head(431, f"the request's head is larger than {self.head_bytes} bytes")
+        else:
+            super().send_400_response(msg)
+
+    def _count(self, size: int) -> None:
+        self._head_read += size
+        if self._head_read > self.head_bytes:
+            self._head_too_large = True
+            raise _HeadTooLarge
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._in_head:
+            message = f"the request's head did not arrive within {self.head_seconds:g} s"
+            self._refuse_head(408, message)
+        elif self.cycle is None:  # nothing asked: nothing to answer
+            self.transport.close()
+
+    def _refuse_head(self, status: int, message: str) -> None:
+        """Answer a google.rpc.Status body and close the connection."""
+        self._stop_head_timer()
+        self._in_head = False
+        code = 3 if status == 431 else 4  # INVALID_ARGUMENT, DEADLINE_EXCEEDED
+        body = json.dumps({"code": code, "message": message, "details": []}).encode()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+        )
+        self.transport.close()
 
 
 class HttpServer:
@@ -55,6 +152,7 @@ class HttpServer:
         self._config = uvicorn.Config(
             app,
             lifespan="on",
+            http=_GuardedHttpTools,
             log_config=None,
             access_log=access_log,
             timeout_graceful_shutdown=max(1, round(grace)),

@@ -1,0 +1,84 @@
+"""The HTTP listener bounds how long and how large a request's head may be."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+import gateway
+from gateway import server
+from tests.gateway.conftest import Backend, Live, echo_app
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture(autouse=True)
+def short_heads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server._GuardedHttpTools, "head_seconds", 0.3)
+    monkeypatch.setattr(server._GuardedHttpTools, "head_bytes", 4096)
+
+
+async def _connect(live: Live) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", live.server.port)
+
+
+def _answer(raw: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+async def test_a_head_that_never_ends_is_answered_408_and_closed(live: Live) -> None:
+    reader, writer = await _connect(live)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    status, body = _answer(await asyncio.wait_for(reader.read(), 5))
+    assert status == 408
+    assert body["message"] == "the request's head did not arrive within 0.3 s"
+    writer.close()
+
+
+async def test_a_connection_that_asks_nothing_is_closed(live: Live) -> None:
+    reader, writer = await _connect(live)
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+
+
+async def test_a_head_too_large_is_answered_431(live: Live) -> None:
+    reader, writer = await _connect(live)
+    writer.write(b"GET /healthz HTTP/1.1\r\nX-Padding: " + b"x" * 5000 + b"\r\n\r\n")
+    status, body = _answer(await asyncio.wait_for(reader.read(), 5))
+    assert status == 431
+    assert body["message"] == "the request's head is larger than 4096 bytes"
+    writer.close()
+
+
+async def test_each_request_on_a_kept_alive_connection_has_its_own_deadline(
+    live: Live,
+) -> None:
+    reader, writer = await _connect(live)
+    for _ in range(3):  # each well within the deadline, together past it
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await reader.readuntil(b"}")
+        await asyncio.sleep(0.15)
+    writer.write(b"GET /healthz HTTP/1.1\r\n")  # then a head that stops
+    status, _ = _answer(await asyncio.wait_for(reader.read(), 5))
+    assert status == 408
+    writer.close()
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_answered_408(backend: Backend) -> None:
+    app = echo_app(backend, "in-process", max_body_seconds=0.3)
+    http = gateway.HttpServer(app, port=0, grace=1)
+    await http.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http.port)
+        writer.write(
+            b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b'{"text":'
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 408")
+        writer.close()
+    finally:
+        await http.stop()
