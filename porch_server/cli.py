@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
+from sqlalchemy.engine import make_url
 
 import gateway
 from gateway import access
@@ -172,19 +173,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_store(args: argparse.Namespace) -> Store:
-    """Open the store named by the flags, refusing a schema that is not up to date."""
+def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
+    """Open the store named by the flags, refusing a schema that is not up to
+    date. A SQLite file is made and brought up to date only when create is
+    set (porch serve): a command run from another directory would otherwise
+    make a database of its own beside the server's."""
     url, schema = db_settings(args.db_url, args.db_schema)
     if url.startswith("sqlite"):
+        if not create:
+            _check_sqlite_file(url)
         migrate.upgrade(url, schema)
     engine = make_engine(url, schema)
     if not migrate.is_at_head(engine):
         engine.dispose()
+        where = f"{make_url(url).render_as_string(hide_password=True)}"
+        also = ""
+        if schema is not None:
+            where, also = f"{where}, schema {schema},", " and --db-schema"
         raise SystemExit(
-            f"porch: the database schema at {engine.url.render_as_string(hide_password=True)} "
-            "is not at the latest migration; run `porch db upgrade` with the same --db-url"
+            f"porch: the database at {where} is not at the latest migration (or not "
+            f"there at all); run `porch db upgrade` with the same --db-url{also}"
         )
     return Store(engine)
+
+
+def _check_sqlite_file(url: str) -> None:
+    path = make_url(url).database
+    if path and path != ":memory:" and not Path(path).exists():
+        raise SystemExit(
+            f"porch: no database at {url}: give the --db-url that porch serve uses "
+            "(the default is porch.db in the current directory), or make one with "
+            "`porch db upgrade`"
+        )
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -262,7 +282,7 @@ def _serve(args: argparse.Namespace) -> None:
     _check_ports_free(config.host, ports, config.workers > 1)
     if config.tls is not None:
         config.tls.read()  # a file that cannot be read stops us before the database
-    store = _open_store(args)
+    store = _open_store(args, create=True)
     try:
         if not store.has_admin_token():
             secret = auth.new_secret()

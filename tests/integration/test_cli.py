@@ -94,8 +94,25 @@ def test_a_description_from_elsewhere_stays_on_its_line(sqlite_url: str) -> None
 def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
     env = {**os.environ, "DB_URL": f"sqlite:///{tmp_path / 'npg.db'}"}
     env.pop("PORCH_DB_URL", None)
+    porch("db", "upgrade", env=env, cwd=tmp_path)
     porch("token", "create", "--admin", "--description", "ops", env=env, cwd=tmp_path)
     assert (tmp_path / "npg.db").exists() and not (tmp_path / "porch.db").exists()
+
+
+def test_token_and_events_commands_make_no_database_of_their_own(tmp_path: Path) -> None:
+    # Run from a directory other than the server's, they would otherwise
+    # make tokens the server never hears of.
+    for command in (
+        ["token", "create", "--admin", "--description", "ops"],
+        ["token", "list"],
+        ["events", "prune", "--older-than-days", "30"],
+    ):
+        done = subprocess.run(
+            [*PORCH, *command], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith("porch: no database at sqlite:///porch.db: give the")
+    assert not (tmp_path / "porch.db").exists()
 
 
 def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) -> None:
