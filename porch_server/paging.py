@@ -45,6 +45,12 @@ def decode_page_token(
         raise InvalidArgument(_INVALID) from error
     if fingerprint != _fingerprint(listing, filters) or type(last_key) is not key_type:
         raise InvalidArgument(_INVALID)
+    # Keys porch itself would never write: past a 64-bit id, or text no
+    # database column holds.
+    if isinstance(last_key, int) and not 0 <= last_key < 2**63:
+        raise InvalidArgument(_INVALID)
+    if isinstance(last_key, str) and not (last_key.isprintable() and len(last_key) <= 1024):
+        raise InvalidArgument(_INVALID)
     return last_key
 
 

@@ -86,3 +86,21 @@ def test_bool_is_not_an_int_key() -> None:
     token = encode_page_token("tasks", FILTERS, True)
     with pytest.raises(InvalidArgument):
         decode_page_token(token, "tasks", FILTERS, int)
+
+
+@pytest.mark.parametrize(
+    ("listing", "key"),
+    [
+        ("tasks", 2**63),
+        ("tasks", 10**30),
+        ("tasks", -1),
+        ("pipelines", "a\x00b"),
+        ("pipelines", "x" * 1025),
+    ],
+)
+def test_a_key_porch_never_wrote_is_rejected(listing: str, key: int | str) -> None:
+    # Forged tokens: the database would fail on them (an integer past 64
+    # bits, a NUL), which must not be a 500.
+    token = encode_page_token(listing, FILTERS, key)
+    with pytest.raises(InvalidArgument):
+        decode_page_token(token, listing, FILTERS, type(key))
