@@ -19,7 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway import ClientTLS, message_to_dict
-from porch_server.config import RECEIVE_LIMIT, option_file
+from porch_server.config import RECEIVE_LIMIT, check_pem, option_file
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -111,11 +111,17 @@ def client_tls(
         raise SystemExit(f"porch: {flag}-cert and {flag}-key go together")
     if not (tls or ca or cert):
         return None
-    return ClientTLS(
+    files = ClientTLS(
         root_certificates=option_file(f"{flag}-ca", ca) if ca else None,
         private_key=option_file(f"{flag}-key", key) if key else None,
         certificate_chain=option_file(f"{flag}-cert", cert) if cert else None,
     )
+    check_pem(
+        (f"{flag}-cert", cert) if cert else None,
+        (f"{flag}-key", key) if key else None,
+        (f"{flag}-ca", ca) if ca else None,
+    )
+    return files
 
 
 def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, grpc.Channel]:

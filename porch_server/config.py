@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,45 @@ class TLS:
             option_file("--tls-client-ca", self.client_ca_file) if self.client_ca_file else None
         )
         cert = option_file("--tls-cert", self.cert_file)
-        return cert, option_file("--tls-key", self.key_file), client_ca
+        key = option_file("--tls-key", self.key_file)
+        client_ca_file = self.client_ca_file
+        check_pem(
+            ("--tls-cert", self.cert_file),
+            ("--tls-key", self.key_file),
+            ("--tls-client-ca", client_ca_file) if client_ca_file else None,
+        )
+        return cert, key, client_ca
+
+
+def check_pem(
+    cert: tuple[str, Path] | None, key: tuple[str, Path] | None, ca: tuple[str, Path] | None
+) -> None:
+    """OSError naming the option when a certificate and its key, or a file of
+    CA certificates, cannot be used: at start, rather than at every
+    handshake. Each is (option, file)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cert is not None and key is not None:
+
+        def encrypted() -> bytes:
+            raise OSError(f"{key[0]} {key[1]}: the key is encrypted; give an unencrypted one")
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert[1])
+        except ssl.SSLError:
+            raise OSError(f"{cert[0]} {cert[1]}: not a PEM certificate") from None
+        try:
+            context.load_cert_chain(cert[1], key[1], password=encrypted)
+        except ssl.SSLError as error:
+            if error.reason == "KEY_VALUES_MISMATCH":
+                raise OSError(f"{key[0]} {key[1]} is not the key of {cert[0]} {cert[1]}") from None
+            raise OSError(f"{key[0]} {key[1]}: not a PEM private key") from None
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca[1])
+        except ssl.SSLError as error:
+            raise OSError(
+                f"{ca[0]} {ca[1]}: not PEM CA certificates ({error.reason or error})"
+            ) from None
 
 
 def option_file(flag: str, path: Path) -> bytes:

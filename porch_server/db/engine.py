@@ -34,7 +34,10 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
         parsed = make_url(url)
     except exc.ArgumentError:
         raise ValueError(f"not a database URL: {url!r}") from None
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    try:
+        backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    except exc.NoSuchModuleError:  # a scheme no installed dialect has
+        backend, driver = parsed.drivername, ""
     if (backend, driver) not in (("sqlite", "pysqlite"), ("postgresql", "psycopg2")):
         raise ValueError(
             f"unsupported database URL {parsed!r}: use sqlite:///FILE or "

@@ -459,6 +459,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["events", "prune", "--older-than-days", "1e9"], "not a number of days from 0"),
         (["serve", "--db-url", "notaurl"], "not a database URL: 'notaurl'"),
         (["serve", "--db-url", "postgresql+asyncpg://u@h/d"], "unsupported database URL"),
+        (["serve", "--db-url", "nonsense://x"], "unsupported database URL"),
         (["serve", "--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
         (["serve", "--workers", "2", "--grpc-port", "50999", "--http-port", "0"], "fixed"),
         (["serve", "--shutdown-grace-seconds", "0"], "not a positive number: '0'"),
@@ -528,3 +529,39 @@ def test_serve_on_an_ipv6_address(sqlite_url: str) -> None:
         if process.stdout is not None:
             process.stdout.close()
         stop_server(process)
+
+
+A_PAIR = ["--tls-cert", "a-cert.pem", "--tls-key", "a-key.pem"]
+A_KEY = ["--target-tls-key", "a-key.pem"]
+
+
+def test_tls_files_that_cannot_be_used_are_named_at_start(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    for name, cert in (("a", ca.issue_cert("localhost")), ("b", ca.issue_cert("localhost"))):
+        cert.cert_chain_pems[0].write_to_path(tmp_path / f"{name}-cert.pem")
+        cert.private_key_pem.write_to_path(tmp_path / f"{name}-key.pem")
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    cases = [
+        (["serve", "--tls-cert", "junk.pem", "--tls-key", "a-key.pem"], "--tls-cert junk.pem: "),
+        (["serve", "--tls-cert", "a-cert.pem", "--tls-key", "junk.pem"], "--tls-key junk.pem: "),
+        (
+            ["serve", "--tls-cert", "a-cert.pem", "--tls-key", "b-key.pem"],
+            "--tls-key b-key.pem is not the key of --tls-cert a-cert.pem",
+        ),
+        (
+            ["serve", *A_PAIR, "--tls-client-ca", "junk.pem"],
+            "--tls-client-ca junk.pem: not PEM CA certificates",
+        ),
+        (["pipeline", "list", "--tls-ca", "junk.pem"], "--tls-ca junk.pem: not PEM CA"),
+        (
+            ["gateway", "--target", "h:1", "--target-tls-cert", "b-cert.pem", *A_KEY],
+            "--target-tls-key a-key.pem is not the key of --target-tls-cert b-cert.pem",
+        ),
+    ]
+    for flags, message in cases:
+        done = subprocess.run(
+            [*PORCH, *flags], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(f"porch: {message}"), done.stderr
+    assert not (tmp_path / "porch.db").exists()
