@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import grpc
 from google.protobuf.message import Message
@@ -82,7 +82,7 @@ class Gateway:
             last_event_id = request.headers.get("last-event-id")
             if binding.server_streaming and options.last_event_id_field and last_event_id:
                 overrides.append((options.last_event_id_field, last_event_id))
-            message = build_request(match, request.query_params.multi_items(), body, overrides)
+            message = build_request(match, _query_items(request), body, overrides)
             metadata = call_metadata(request.headers.items(), self.options.forward_headers)
             if binding.server_streaming:
                 timeout = call_timeout(request.headers, None)
@@ -409,6 +409,13 @@ class _TranscodedRoutes(BaseRoute):
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         raise NoMatchFound(name, path_params)
+
+
+def _query_items(request: Request) -> list[tuple[str, str]]:
+    """The query's parameters, bytes that are not UTF-8 kept as surrogates
+    (Starlette's would turn them into U+FFFD) for the request to refuse."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
 
 
 def _raw_path(scope: Scope) -> str:

@@ -60,7 +60,8 @@ class Variable:
         """Percent-decode a captured value; multi-segment values keep `%2F` encoded."""
         if self.multi_segment:
             raw = re.sub("%2[Ff]", "%252F", raw)
-        return unquote(raw)
+        # Bytes that are not UTF-8 stay as surrogates, for the request to refuse.
+        return unquote(raw, errors="surrogateescape")
 
 
 @dataclass(frozen=True)

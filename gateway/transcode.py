@@ -68,6 +68,14 @@ def message_class(descriptor: Descriptor) -> type[Message]:
     return message_factory.GetMessageClass(descriptor)
 
 
+def _check_utf8(what: str, text: str) -> None:
+    """A percent-decoded value whose bytes were not UTF-8 (kept as surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise invalid_argument(f"{what} is not UTF-8 once percent-decoded") from None
+
+
 def build_request(
     match: RouteMatch,
     query: Sequence[tuple[str, str]],
@@ -85,6 +93,7 @@ def build_request(
         _merge_body(binding, request, body)
     body_field = binding.body if binding.body != "*" else None
     for key, value in query:
+        _check_utf8(f"query parameter {key!r}", key + value)
         if binding.body == "*":
             raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
         path = key.split(".")
@@ -98,6 +107,7 @@ def build_request(
     for path_text, value in overrides:
         set_field(request, path_text.split("."), value, f"{path_text!r}")
     for name, value in match.variables.items():
+        _check_utf8(f"path variable {name!r}", value)
         _clear_leaf(request, name.split("."))
         set_field(request, name.split("."), value, f"path variable {name!r}")
     _check_field_masks(request)

@@ -14,7 +14,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import invalid_argument
+from gateway.errors import GatewayError, invalid_argument
 from gateway.options import ClientTLS
 from gateway.transcode import message_class
 
@@ -210,7 +210,7 @@ def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) ->
     """Metadata from HTTP headers: the forwarded ones, and `Grpc-Metadata-<key>` as `<key>`.
 
     A `-bin` key carries base64 in HTTP and bytes in gRPC. GatewayError (400)
-    for a key or value gRPC cannot carry.
+    for a key or value gRPC cannot carry; 401 for such an authorization.
     """
     forwarded = {name.lower() for name in forward}
     metadata: Metadata = []
@@ -235,6 +235,11 @@ def _metadata_value(key: str, value: str) -> str | bytes:
         except (binascii.Error, ValueError):
             raise invalid_argument(f"metadata {key!r} is not base64") from None
     if not value.isascii() or not value.isprintable():
+        if key == "authorization":  # credentials no server can read: HTTP's 401
+            raise GatewayError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "malformed authorization: it has characters gRPC cannot carry",
+            )
         raise invalid_argument(f"metadata {key!r} has characters gRPC cannot carry")
     return value
 

@@ -483,6 +483,33 @@ async def test_reserved_metadata_is_refused(client: httpx.AsyncClient) -> None:
     assert response.status_code == 400
 
 
+async def test_percent_encoded_bytes_that_are_not_utf8_are_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    # Not stored with U+FFFD in their place.
+    in_path = await client.get("/v1/echo/caf%FF")
+    assert in_path.status_code == 400
+    assert in_path.json()["message"] == "path variable 'text' is not UTF-8 once percent-decoded"
+    in_query = await client.get("/v1/echo/query?inner.child.label=caf%FF")
+    assert in_query.status_code == 400
+    assert in_query.json()["message"] == (
+        "query parameter 'inner.child.label' is not UTF-8 once percent-decoded"
+    )
+    assert (await client.get("/v1/echo/caf%C3%A9")).json()["text"] == "caf\u00e9"
+
+
+async def test_an_authorization_grpc_cannot_carry_is_401(client: httpx.AsyncClient) -> None:
+    # As the server would answer a malformed token, not a 400.
+    raw = [(b"authorization", "Bearer h\u00e9llo".encode())]
+    response = await client.get("/v1/echo/x", headers=raw)
+    assert response.status_code == 401
+    assert response.json()["message"] == (
+        "malformed authorization: it has characters gRPC cannot carry"
+    )
+    other = await client.get("/v1/echo/x", headers=[(b"grpc-metadata-x-note", "\u00e9".encode())])
+    assert other.status_code == 400
+
+
 async def test_grpc_timeout_header_sets_the_deadline(client: httpx.AsyncClient) -> None:
     slow = await client.get(
         "/v1/echo/sleep", params={"wait": "2s"}, headers={"Grpc-Timeout": "50m"}
