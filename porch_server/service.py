@@ -179,6 +179,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     ) -> porch_pb2.Pipeline:
         given = request.pipeline
         name = check_name("pipeline.name", given.name)
+        if name in (".", ".."):  # HTTP clients remove such path segments
+            raise InvalidArgument(f"pipeline.name must not be {name!r}: no URL could name it")
         for field in ("uri", "version"):
             if not getattr(given, field):
                 raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")

@@ -88,6 +88,9 @@ def test_pipeline_errors(porch: Porch) -> None:
     )
     fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(""), "name is required")
     fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request("x" * 256), "255")
+    for dots in (".", ".."):
+        fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(dots), "no URL")
+    assert admin.CreatePipeline(pipeline_request("...")).name == "..."
     fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name="nope"), "'nope' not found")
     fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(page_size=-1))
     fails(
