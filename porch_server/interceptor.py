@@ -195,7 +195,9 @@ def _log_call(
     say so yet when the handler ends. A token's description is escaped, as
     it may hold anything, a line break included. A call that sent a token
     porch does not know (or cannot read) is from "unknown token"; one that
-    sent none, "anonymous".
+    sent none, "anonymous"; one that failed before its token was looked up
+    (the database down, a request that could not be read), "token not
+    checked".
     """
     if not log.isEnabledFor(logging.INFO):
         return
@@ -208,8 +210,12 @@ def _log_call(
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     if token is not None:
         who = f"token {token.token_id} ({access.escape(token.description)})"
-    else:
-        who = "anonymous" if _authorization(context) is None else "unknown token"
+    elif _authorization(context) is None:
+        who = "anonymous"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        who = "unknown token"
+    else:  # the call failed before its token could be looked up
+        who = "token not checked"
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -693,7 +694,10 @@ def test_health_and_reflection(porch: Porch) -> None:
     assert "porch.v1.PorchService" in names and "grpc.health.v1.Health" in names
 
 
-def test_a_request_that_cannot_be_read_is_an_invalid_argument(porch: Porch) -> None:
+def test_a_request_that_cannot_be_read_is_an_invalid_argument(
+    porch: Porch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
     secret = porch.pipeline("p1")
     channel = grpc.insecure_channel(porch.target)
     porch.channels.append(channel)
@@ -717,6 +721,9 @@ def test_a_request_that_cannot_be_read_is_an_invalid_argument(porch: Porch) -> N
         error: Any = raised.value
         assert error.code() == Code.INVALID_ARGUMENT, error.details()
         assert "could not be read" in error.details()
+    # Refused before its token was looked up: not an "unknown token".
+    refused = [r.getMessage() for r in caplog.records if "INVALID_ARGUMENT" in r.getMessage()]
+    assert refused and all(line.endswith(" token not checked") for line in refused), refused
     assert raw(shallow, metadata=metadata)  # the same call, readable, works
 
 
