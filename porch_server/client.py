@@ -141,7 +141,9 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def _print(message: Message) -> None:
-    print(json.dumps(message_to_dict(message), ensure_ascii=False), flush=True)
+    # Every field, as the gateway prints it: `"created": false` is there to read.
+    fields = message_to_dict(message, always_print_fields_with_no_presence=True)
+    print(json.dumps(fields, ensure_ascii=False), flush=True)
 
 
 def _json_object(text: str) -> dict[str, Any]:

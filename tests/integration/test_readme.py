@@ -122,9 +122,13 @@ def test_the_porch_command_workflow(served: Served) -> None:
             ["bash", "-eu"],
             "export PORCH_TOKEN=$(porch token create --pipeline ml_loader --description later)\n"
             "sleep 1\n"  # the stream starts from now: let it start first
+            """porch task register --pipeline ml_loader '{"id_run": 45927}'\n"""
             """porch task register --pipeline ml_loader '{"id_run": 45927}'\n""",
         )
-        task_input_id = json.loads(registered)["task"]["task_input_id"]
+        first, again = map(json.loads, registered.splitlines())
+        # Every field is printed, as the gateway prints it: "created" even when false.
+        assert (first["created"], again["created"]) == (True, False)
+        task_input_id = first["task"]["task_input_id"]
         line = stream.stdout.readline()
         assert f"ml_loader {task_input_id} CREATED PENDING by later" in line, line
     finally:
