@@ -75,9 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_db_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port (default 50051)")
-    serve.add_argument(
-        "--http-port", type=_port, default=8080, help="HTTP gateway port (default 8080)"
-    )
+    serve.add_argument("--http-port", type=_port, help="HTTP gateway port (default 8080)")
     serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve.add_argument("--anonymous-reads", action="store_true", help="allow reads without a token")
     serve.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
@@ -119,7 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     web = commands.add_parser(
         "gateway", help="run the HTTP/JSON gateway alone, in front of a server"
     )
-    web.add_argument("--target", required=True, help="the porch gRPC server, HOST:PORT")
+    web.add_argument(
+        "--target", required=True, type=client.grpc_target, help="the porch gRPC server, HOST:PORT"
+    )
     web.add_argument(
         "--target-tls",
         action="store_true",
@@ -212,7 +212,10 @@ def _config(args: argparse.Namespace) -> Config:
     tls = _tls(args)
     if args.workers < 1:
         raise SystemExit("porch: --workers must be at least 1")
-    if args.workers > 1 and (args.grpc_port == 0 or (not args.no_http and args.http_port == 0)):
+    if args.no_http and args.http_port is not None:
+        raise SystemExit("porch: --no-http serves no HTTP port: give --http-port or --no-http")
+    http_port = None if args.no_http else 8080 if args.http_port is None else args.http_port
+    if args.workers > 1 and (args.grpc_port == 0 or http_port == 0):
         raise SystemExit(
             "porch: --workers share their ports: give a fixed --grpc-port and --http-port"
         )
@@ -221,7 +224,7 @@ def _config(args: argparse.Namespace) -> Config:
         db_schema=schema,
         host=args.host,
         grpc_port=args.grpc_port,
-        http_port=None if args.no_http else args.http_port,
+        http_port=http_port,
         anonymous_reads=args.anonymous_reads,
         tls=tls,
         workers=args.workers,

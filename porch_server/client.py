@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -25,9 +26,28 @@ from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
 
 
+# gRPC's own forms of target, taken as they are: dns:///host:port, unix:path, …
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+
+
+def grpc_target(text: str) -> str:
+    """A server's address, HOST:PORT ([IPv6]:PORT) or one of gRPC's own
+    forms (dns:///HOST:PORT, unix:PATH, …): for argparse."""
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    found = _HOST_PORT.fullmatch(text)
+    if found is None or not 0 < int(found.group(2)) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT (or a gRPC target such as dns:///HOST:PORT), got {text!r}"
+        )
+    return text
+
+
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
+        type=grpc_target,
         default=os.environ.get("PORCH_TARGET", "127.0.0.1:50051"),
         help="porch server address (default: $PORCH_TARGET or 127.0.0.1:50051)",
     )
@@ -80,7 +100,8 @@ def add_commands(commands: Any) -> None:
     which = update.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", help="the task_input_id")
     which.add_argument("--input", metavar="JSON", help="the task_input")
-    update.add_argument("--status", required=True, choices=STATES)
+    # Only a claim makes a task CLAIMED.
+    update.add_argument("--status", required=True, choices=[s for s in STATES if s != "CLAIMED"])
     update.add_argument("--message", default="")
     show = task_commands.add_parser("get", help="show one task")
     show.add_argument("--pipeline", required=True)
