@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from types import MappingProxyType
 from typing import Any
 
@@ -226,13 +227,13 @@ class _Builder:
         request = binding.method.input_type
         if binding.body == "*":
             schema = self._message_ref(request)
-            bound = {
-                variable.field_path[0]
-                for variable in binding.template.variables
-                if len(variable.field_path) == 1
-            }
-            if bound:
-                schema = self._without(request, bound)
+            paths = [variable.field_path for variable in binding.template.variables]
+            # A field the path sets is not in the body; a message the path
+            # sets a field of (pipeline, of pipeline.name) need not be.
+            bound = {path[0] for path in paths if len(path) == 1}
+            filled = {path[0] for path in paths if len(path) > 1}
+            if bound or filled:
+                schema = self._without(request, bound, optional=filled)
             required = False
         else:
             field = request.fields_by_name[binding.body]
@@ -240,10 +241,12 @@ class _Builder:
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
-    def _without(self, message: Descriptor, fields: set[str]) -> dict[str, Any]:
+    def _without(
+        self, message: Descriptor, fields: set[str], optional: AbstractSet[str] = frozenset()
+    ) -> dict[str, Any]:
         schema = dict(self.schemas[message.full_name])
         schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in fields}
-        required = [name for name in schema.get("required", []) if name not in fields]
+        required = [name for name in schema.get("required", []) if name not in fields | optional]
         schema.pop("required", None)
         return {**schema, "required": required} if required else schema
 
@@ -357,9 +360,19 @@ def _path_names(bindings: Sequence[Binding]) -> dict[str, list[str]]:
     for binding in sorted(
         bindings, key=lambda each: sum(v.name.count(".") for v in each.template.variables)
     ):
-        names.setdefault(
-            binding.template.shape, [variable.name for variable in binding.template.variables]
-        )
+        names.setdefault(binding.template.shape, _parameter_names(binding.template.variables))
+    return names
+
+
+def _parameter_names(variables: Sequence[Variable]) -> list[str]:
+    """Path parameter names: a nested field's path with `_` for `.`
+    (`pipeline.name` is `pipeline_name`: a dot reads as a property access to
+    code generators), unless that is another variable's name."""
+    plain = {variable.name for variable in variables if "." not in variable.name}
+    names = []
+    for variable in variables:
+        name = variable.name.replace(".", "_")
+        names.append(variable.name if name in plain and name != variable.name else name)
     return names
 
 

@@ -127,7 +127,10 @@ class Task(_message.Message):
     """The id of the token that last claimed the task."""
     @_builtins.property
     def pipeline(self) -> Global___Pipeline:
-        """The pipeline the task belongs to. In requests only `name` is needed."""
+        """The pipeline the task belongs to. In requests only `name` is needed, and
+        only where nothing else names the pipeline: the HTTP path, or a batch's
+        `pipeline_name`.
+        """
 
     @_builtins.property
     def task_input(self) -> _struct_pb2.Struct:

@@ -63,7 +63,16 @@ def test_comments_and_field_behaviour(document: dict[str, Any]) -> None:
     claim = document["paths"]["/tasks/claim"]["post"]
     assert claim["summary"] == "Claim up to `num_tasks` PENDING tasks of a pipeline, oldest first."
     task = document["components"]["schemas"]["porch.v1.Task"]
-    assert task["required"] == ["pipeline"]
+    # The path or a batch names the pipeline over HTTP: a task need not.
+    assert "required" not in task
+    pipeline = document["components"]["schemas"]["porch.v1.Pipeline"]
+    assert pipeline["required"] == ["name"]
+    claimed = document["paths"]["/v1/pipelines/{pipeline_name}/tasks:claim"]["post"]
+    [name] = claimed["parameters"]
+    assert (name["name"], name["in"]) == ("pipeline_name", "path")
+    assert "Sets `pipeline.name`." in name["description"]
+    body = claimed["requestBody"]["content"]["application/json"]["schema"]
+    assert "required" not in body and "pipeline" in body["properties"]
     assert task["properties"]["create_time"]["readOnly"] is True
     assert task["properties"]["create_time"]["format"] == "date-time"
     assert "SHA-256" in task["properties"]["task_input_id"]["description"]
