@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import merge_json_object
 from gateway.protojson import reaches, to_json_object
-from gateway.rules import Binding, RouteMatch, is_map_field
+from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _INT_RANGES: dict[int, tuple[int, int]] = {
@@ -92,8 +92,14 @@ def build_request(
     if binding.body and body.strip():
         _merge_body(binding, request, body)
     body_field = binding.body if binding.body != "*" else None
+    seen: set[str] = set()
     for key, value in query:
         _check_utf8(f"query parameter {key!r}", key + value)
+        if key in seen:
+            field = resolve_field(binding.method.input_type, key.split("."))
+            if field is not None and not field.is_repeated:
+                raise invalid_argument(f"query parameter {key!r} is given more than once")
+        seen.add(key)
         if binding.body == "*":
             raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
         path = key.split(".")
@@ -108,6 +114,7 @@ def build_request(
         set_field(request, path_text.split("."), value, f"{path_text!r}")
     for name, value in match.variables.items():
         _check_utf8(f"path variable {name!r}", value)
+        _check_agrees(request, name, value)
         _clear_leaf(request, name.split("."))
         set_field(request, name.split("."), value, f"path variable {name!r}")
     _check_field_masks(request)
@@ -167,6 +174,25 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         raise invalid_argument("a number in the request body is too large") from None
     except (ValueError, TypeError, AttributeError, RecursionError) as error:
         raise invalid_argument(f"invalid request body: {error}") from None
+
+
+def _check_agrees(request: Message, name: str, text: str) -> None:
+    """GatewayError (400) when the body or query set the field a path
+    variable sets to something else: which one was meant?"""
+    message, path = request, name.split(".")
+    for part in path[:-1]:
+        field = _field(message, part)
+        if field is None or field.message_type is None or field.is_repeated:
+            return
+        if not message.HasField(part):
+            return
+        message = getattr(message, part)
+    field = _field(message, path[-1])
+    if field is None or field.message_type is not None or field.is_repeated:
+        return
+    given = getattr(message, path[-1])
+    if given != field.default_value and given != parse_scalar(field, text, name):
+        raise invalid_argument(f"{name} is {given!r} in the request but {text!r} in the path")
 
 
 def _clear_leaf(request: Message, path: list[str]) -> None:

@@ -222,6 +222,10 @@ def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) ->
             key = name
         else:
             continue
+        if key == "authorization" and any(have == key for have, _ in metadata):
+            raise GatewayError(
+                grpc.StatusCode.UNAUTHENTICATED, "malformed authorization: given more than once"
+            )
         metadata.append((key, _metadata_value(key, value)))
     return metadata
 

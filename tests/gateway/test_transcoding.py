@@ -188,25 +188,50 @@ async def test_path_variable_is_percent_decoded(client: httpx.AsyncClient) -> No
     assert response.json()["text"] == "a/b c:d"
 
 
-async def test_verb_and_path_overrides_body(client: httpx.AsyncClient) -> None:
-    response = await client.post(
-        "/v1/echo/from-path:shout", json={"text": "from-body", "int32_value": 3}
-    )
+async def test_verb_and_path_fill_the_body(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/echo/from-path:shout", json={"int32_value": 3})
     assert response.status_code == 200
     assert (response.json()["text"], response.json()["int32_value"]) == ("from-path", 3)
+    same = await client.post("/v1/echo/from-path:shout", json={"text": "from-path"})
+    assert same.status_code == 200
+
+
+async def test_a_body_that_contradicts_the_path_is_refused(client: httpx.AsyncClient) -> None:
+    # Which was meant? Not the path's silently.
+    response = await client.post("/v1/echo/from-path:shout", json={"text": "from-body"})
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "text is 'from-body' in the request but 'from-path' in the path"
+    )
+
+
+async def test_a_singular_query_parameter_given_twice_is_refused(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/v1/echo/query?int32_value=1&int32_value=2")
+    assert response.status_code == 400
+    assert response.json()["message"] == "query parameter 'int32_value' is given more than once"
+
+
+async def test_two_authorizations_are_refused(client: httpx.AsyncClient) -> None:
+    both = [(b"authorization", b"Bearer a"), (b"grpc-metadata-authorization", b"Bearer b")]
+    response = await client.get("/v1/echo/x", headers=both)
+    assert response.status_code == 401
+    assert response.json()["message"] == "malformed authorization: given more than once"
 
 
 async def test_body_field_with_nested_path_variable(client: httpx.AsyncClient) -> None:
     response = await client.put(
-        "/v1/echo/from-path/details",
-        json={"label": "from-body", "count": "5"},
-        params={"text": "t"},
+        "/v1/echo/from-path/details", json={"count": "5"}, params={"text": "t"}
     )
     assert response.status_code == 200, response.text
     echoed = response.json()
     assert echoed["inner"]["label"] == "from-path"
     assert echoed["inner"]["count"] == "5"
     assert echoed["text"] == "t"
+    other = await client.put("/v1/echo/from-path/details", json={"label": "from-body"})
+    assert other.status_code == 400
+    assert "inner.label is 'from-body' in the request but 'from-path'" in other.json()["message"]
 
 
 async def test_query_parameter_cannot_set_a_body_field(client: httpx.AsyncClient) -> None:
