@@ -205,6 +205,13 @@ async def test_a_body_that_contradicts_the_path_is_refused(client: httpx.AsyncCl
     )
 
 
+async def test_a_key_given_twice_in_a_body_is_refused(client: httpx.AsyncClient) -> None:
+    body = b'{"int32_value": 1, "inner": {"label": "a", "label": "b"}}'
+    response = await client.post("/v1/echo", content=body)
+    assert response.status_code == 400
+    assert response.json()["message"] == "the request body names 'label' twice in one object"
+
+
 async def test_a_singular_query_parameter_given_twice_is_refused(
     client: httpx.AsyncClient,
 ) -> None:
