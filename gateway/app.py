@@ -389,6 +389,12 @@ class _TranscodedRoutes(BaseRoute):
             return Match.NONE, {}
         raw_path = _raw_path(scope)
         match = self.gateway.routes.resolve(scope["method"], raw_path)
+        if match is None and scope["method"] == "HEAD":
+            # A GET's answer without its body (the server sends none for
+            # HEAD); not a stream's, which would never end.
+            match = self.gateway.routes.resolve("GET", raw_path)
+            if match is not None and match.binding.server_streaming:
+                match = None
         if match is not None:
             return Match.FULL, {"gateway.match": match}
         allowed = self.gateway.routes.allowed_methods(raw_path)

@@ -355,7 +355,8 @@ class RouteTable:
 
     def allowed_methods(self, raw_path: str) -> list[str]:
         """The HTTP methods bound to templates that match the path (empty: unknown path)."""
-        methods = {
-            each.http_method for each in self.bindings if each.template.match(raw_path) is not None
-        }
+        bound = [each for each in self.bindings if each.template.match(raw_path) is not None]
+        methods = {each.http_method for each in bound}
+        if any(each.http_method == "GET" and not each.server_streaming for each in bound):
+            methods.add("HEAD")
         return sorted(methods)

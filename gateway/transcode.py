@@ -325,7 +325,12 @@ def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
         return int(value.number)
     if _INTEGER.fullmatch(text) and int(text) in enum.values_by_number:
         return int(text)
-    names = ", ".join(each.name for each in enum.values)
+    # The zero value named *_UNSPECIFIED means "not given": not one to offer.
+    names = ", ".join(
+        each.name
+        for each in enum.values
+        if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
+    )
     raise invalid_argument(f"invalid {what}: {text!r} is not one of {names}")
 
 

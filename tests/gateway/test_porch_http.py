@@ -416,7 +416,11 @@ async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: Porch
     client, admin = porch_http.client, porch_http.admin
     wrong = await client.delete("/v1/pipelines", headers=admin)
     assert_error(wrong, 405, 12, "DELETE")
-    assert wrong.headers["allow"] == "GET, POST"
+    assert wrong.headers["allow"] == "GET, HEAD, POST"
+    head = await client.head("/v1/pipelines", headers=admin)
+    got = await client.get("/v1/pipelines", headers=admin)
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == got.headers["content-length"]
     claim = await client.get("/v1/pipelines/p1/tasks:claim", headers=admin)
     assert (claim.status_code, claim.headers["allow"]) == (405, "POST")
     huge = {"task_input": {"blob": "x" * (5 * 1024 * 1024)}}

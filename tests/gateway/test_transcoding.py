@@ -205,6 +205,13 @@ async def test_a_body_that_contradicts_the_path_is_refused(client: httpx.AsyncCl
     )
 
 
+async def test_an_enum_value_not_offered_names_the_others(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/echo/query", params={"color": "PUCE"})
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert "is not one of RED" in message and "UNSPECIFIED" not in message
+
+
 async def test_a_key_given_twice_in_a_body_is_refused(client: httpx.AsyncClient) -> None:
     body = b'{"int32_value": 1, "inner": {"label": "a", "label": "b"}}'
     response = await client.post("/v1/echo", content=body)
@@ -432,8 +439,10 @@ async def test_unknown_path_is_404_status_json(client: httpx.AsyncClient) -> Non
 async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None:
     response = await client.delete("/v1/echo/x/details")
     assert response.status_code == 405
-    assert response.headers["allow"] == "GET, PUT"
+    assert response.headers["allow"] == "GET, HEAD, PUT"
     assert response.json()["code"] == 12
+    streamed = await client.delete("/v1/count/3")
+    assert "HEAD" not in streamed.headers["allow"]  # a stream's head would never end
     fixed = await client.post("/healthz")
     assert fixed.status_code == 405
     assert set(fixed.headers["allow"].split(", ")) == {"GET", "HEAD"}
