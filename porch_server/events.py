@@ -34,8 +34,12 @@ log = logging.getLogger("porch.events")
 READ_BATCH = 1000
 # Notifications to other servers are sent at most this often.
 NOTIFY_DELAY_SECONDS = 0.02
-# How soon to read again when committed events wait behind an older transaction.
+# How soon to read again when committed events wait behind an older
+# transaction. Once they have waited HELD_LONG_SECONDS (not porch's own
+# transactions, then, but a pg_dump or a long report, which may hold them
+# back for minutes), only every polling interval.
 RECHECK_SECONDS = 0.01
+HELD_LONG_SECONDS = 1.0
 # How long to wait before listening again after the listening connection failed.
 RELISTEN_SECONDS = 5.0
 
@@ -156,6 +160,8 @@ class EventHub:
         self._cursor: str | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # When the events now held back were first seen to be.
+        self._held_since: float | None = None
         self.reads = 0
 
     def start(self) -> None:
@@ -324,7 +330,16 @@ class EventHub:
             if len(events) < READ_BATCH:
                 if self._has_unread is not None and await self._has_unread(self._cursor):
                     # Their notification has come and gone: look again soon.
-                    asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._wake.set)
+                    loop = asyncio.get_running_loop()
+                    if events or self._held_since is None:
+                        self._held_since = loop.time()
+                    held = loop.time() - self._held_since
+                    delay = RECHECK_SECONDS
+                    if held >= HELD_LONG_SECONDS:
+                        delay = max(self._poll_seconds, RECHECK_SECONDS)
+                    loop.call_later(delay, self._wake.set)
+                else:
+                    self._held_since = None
                 return
 
 

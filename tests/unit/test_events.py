@@ -127,3 +127,31 @@ async def test_the_reader_goes_on_after_a_read_fails_unexpectedly() -> None:
         hub.wake()  # ... and the next one delivers
         assert [each.cursor for _, each in await asyncio.wait_for(stream.get(), 5)] == ["0.1"]
         hub.unsubscribe(stream)
+
+
+async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait() -> None:
+    # A transaction open for minutes (pg_dump, a report) holds back every
+    # event committed after it began: the hub must not ask 100 times a second.
+    async def read_events(after: str, limit: int) -> list[Event]:
+        return []
+
+    async def start_cursor() -> str:
+        return "0.0"
+
+    async def has_unread(after: str) -> bool:
+        return True
+
+    hub = EventHub(read_events, start_cursor, poll_seconds=0.5, has_unread=has_unread)
+    hub.start()
+    try:
+        stream = await hub.subscribe()
+        hub.wake()
+        await asyncio.sleep(0.5)
+        soon = hub.reads  # 10 ms apart: porch's own transactions end soon
+        await asyncio.sleep(2.0)
+        # Held back past a second, then only every polling interval: about
+        # 50 reads until 1 s and 3 after it, where every 10 ms would be 200.
+        assert soon >= 20 and hub.reads - soon <= 80, (soon, hub.reads)
+        hub.unsubscribe(stream)
+    finally:
+        await hub.stop()
