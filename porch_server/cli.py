@@ -186,7 +186,7 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
     engine = make_engine(url, schema)
     if not migrate.is_at_head(engine):
         engine.dispose()
-        where = f"{make_url(url).render_as_string(hide_password=True)}"
+        where = make_url(url).render_as_string(hide_password=True)
         also = ""
         if schema is not None:
             where, also = f"{where}, schema {schema},", " and --db-schema"
@@ -439,9 +439,7 @@ def _check_ports_free(host: str, ports: Sequence[int], shared: bool) -> None:
     if not host:
         raise SystemExit("porch: --host is empty: give 0.0.0.0 or :: for every address")
     try:
-        addresses = socket.getaddrinfo(
-            host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        addresses = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
         raise SystemExit(f"porch: --host {host}: {error.strerror}") from None
     family, _, _, _, address = addresses[0]

@@ -33,11 +33,10 @@ class TLS:
         )
         cert = option_file("--tls-cert", self.cert_file)
         key = option_file("--tls-key", self.key_file)
-        client_ca_file = self.client_ca_file
         check_pem(
             ("--tls-cert", self.cert_file),
             ("--tls-key", self.key_file),
-            ("--tls-client-ca", client_ca_file) if client_ca_file else None,
+            ("--tls-client-ca", self.client_ca_file) if self.client_ca_file else None,
         )
         return cert, key, client_ca
 

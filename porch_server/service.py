@@ -45,8 +45,10 @@ MAX_LEASE = timedelta(days=30)
 CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events.
 ENCODED_EVENTS_KEPT = 10_000
-# How often an open stream asks whether its token has been revoked since.
+# How often an open stream asks whether its token has been revoked since,
+# and for how many tokens the answers are kept.
 REVOCATION_CHECK_SECONDS = 5.0
+REVOCATIONS_KEPT = 10_000
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
@@ -505,7 +507,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 revoked = await self._run(self._store.is_revoked, token_id)
             except Unavailable:
                 return False
-            if len(self._revocations) >= ENCODED_EVENTS_KEPT:
+            if len(self._revocations) >= REVOCATIONS_KEPT:
                 self._revocations.clear()
             asked = self._revocations[token_id] = (now, revoked)
         return asked[1]
