@@ -126,6 +126,16 @@ def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) ->
         )
         assert done.returncode != 0
         assert "not at the latest migration" in done.stderr and "porch db upgrade" in done.stderr
+        # A schema is named, with its option: a misspelt one would be made anew.
+        schema = ["--db-schema", "elsewhere"]
+        listed = subprocess.run(
+            [*PORCH, "token", "list", "--db-url", url, *schema],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert ", schema elsewhere, is not at the latest migration" in listed.stderr
+        assert "with the same --db-url and --db-schema" in listed.stderr
         assert migrate.head_revision() in porch("db", "upgrade", "--db-url", url)
         engine = make_engine(url)
         assert migrate.is_at_head(engine)
