@@ -264,12 +264,12 @@ class _Builder:
             description = "Success."
         if binding.paginates:
             description += " Every page, concatenated."
-        responses: dict[str, Any] = {"200": {"description": description, "content": content}}
+        responses: dict[str, Any] = {}
+        if options.may_answer_200 or not options.other_success_statuses:
+            responses["200"] = {"description": description, "content": content}
+        chosen = "Success, as the server chose." if responses else description
         for status in options.other_success_statuses:
-            responses[str(status)] = {
-                "description": "Success, as the server chose.",
-                "content": content,
-            }
+            responses[str(status)] = {"description": chosen, "content": content}
         error_schema = {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}
         responses["default"] = {
             "description": "An error.",

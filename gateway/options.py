@@ -32,6 +32,9 @@ class MethodOptions:
     # Success statuses besides 200 that the server may choose through the
     # `x-http-code` response metadata, e.g. (201,): documented in OpenAPI.
     other_success_statuses: tuple[int, ...] = ()
+    # False when the server always chooses one of those: 200 is then not
+    # documented as an answer.
+    may_answer_200: bool = True
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
 # npg_porch_client reads the status enumeration from this document path and name.
 OPENAPI_PATHS = ("/openapi.json", "/api/v1/openapi.json")
 CREATES = ("CreatePipeline", "CreateToken", "RegisterTask", "RegisterTasks")
+# Methods that always create, so always answer 201; the others, 200 when
+# nothing new was made.
+ALWAYS_CREATE = ("CreatePipeline", "CreateToken")
 
 
 def _document() -> gateway.DocumentOptions:
@@ -34,7 +37,9 @@ def _document() -> gateway.DocumentOptions:
 
 def _methods() -> dict[str, gateway.MethodOptions]:
     methods = {
-        f"porch.v1.PorchService.{name}": gateway.MethodOptions(other_success_statuses=(201,))
+        f"porch.v1.PorchService.{name}": gateway.MethodOptions(
+            other_success_statuses=(201,), may_answer_200=name not in ALWAYS_CREATE
+        )
         for name in CREATES
     }
     methods["porch.v1.PorchService.WatchEvents"] = gateway.MethodOptions(

@@ -9,6 +9,7 @@ import pytest
 from openapi_spec_validator import validate
 
 import gateway
+from porch_server import web
 from porch_stubs.v1 import porch_pb2
 
 STATES = ["PENDING", "CLAIMED", "RUNNING", "DONE", "FAILED", "CANCELLED"]
@@ -57,6 +58,14 @@ def test_npg_porch_routes_are_operations(document: dict[str, Any]) -> None:
     assert tasks == {"type": "array", "items": {"$ref": "#/components/schemas/porch.v1.Task"}}
     status = next(p for p in paths["/tasks"]["get"]["parameters"] if p["name"] == "status")
     assert status["schema"] == {"$ref": "#/components/schemas/porch.v1.Task.State"}
+
+
+def test_a_route_that_always_creates_documents_only_201() -> None:
+    paths = web.openapi_document()["paths"]  # as porch serves it
+    for path in ("/v1/pipelines", "/pipelines", "/v1/tokens"):
+        assert set(paths[path]["post"]["responses"]) == {"201", "default"}, path
+    registered = paths["/v1/pipelines/{pipeline_name}/tasks"]["post"]["responses"]
+    assert set(registered) == {"200", "201", "default"}  # 200: the task was there already
 
 
 def test_comments_and_field_behaviour(document: dict[str, Any]) -> None:
