@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+import grpc
 import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.errors import GatewayError
+from gateway.transcode import encode_json
 
 # A request's line and headers must all arrive within this many seconds of
 # its first byte (of the connection, for the first request) and within this
@@ -90,7 +94,8 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers any error raised while parsing with a 400.
         if self._head_too_large:
-            self._refuse_head(431, f"the request's head is larger than {self.head_bytes} bytes")
+            message = f"the request's head is larger than {self.head_bytes} bytes"
+            self._refuse_head(GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, 431))
         else:
             super().send_400_response(msg)
 
@@ -111,20 +116,21 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
             return
         if self._in_head:
             message = f"the request's head did not arrive within {self.head_seconds:g} s"
-            self._refuse_head(408, message)
+            self._refuse_head(GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message, 408))
         elif self.cycle is None:  # nothing asked: nothing to answer
             self.transport.close()
 
-    def _refuse_head(self, status: int, message: str) -> None:
-        """Answer a google.rpc.Status body and close the connection."""
+    def _refuse_head(self, error: GatewayError) -> None:
+        """Answer the error as google.rpc.Status JSON, as the app answers its
+        own, and close the connection (the parser holds no request to pass on)."""
         self._stop_head_timer()
         self._in_head = False
-        code = 3 if status == 431 else 4  # INVALID_ARGUMENT, DEADLINE_EXCEEDED
-        body = json.dumps({"code": code, "message": message, "details": []}).encode()
-        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        body = encode_json(error.body())
+        status = HTTPStatus(error.http_status)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body)
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status.value, status.phrase.encode(), len(body), body)
         )
         self.transport.close()
 

@@ -196,18 +196,13 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
 def _check_agrees(request: Message, name: str, text: str) -> None:
     """GatewayError (400) when the body or query set the field a path
     variable sets to something else: which one was meant?"""
-    message, path = request, name.split(".")
-    for part in path[:-1]:
-        field = _field(message, part)
-        if field is None or field.message_type is None or field.is_repeated:
-            return
-        if not message.HasField(part):
-            return
-        message = getattr(message, part)
-    field = _field(message, path[-1])
+    path = name.split(".")
+    # Reading does not set a message field: an unset one reads as defaults.
+    parent = _parent(request, path, f"path variable {name!r}")
+    field = _field(parent, path[-1])
     if field is None or field.message_type is not None or field.is_repeated:
         return
-    given = getattr(message, path[-1])
+    given = getattr(parent, path[-1])
     if given != field.default_value and given != parse_scalar(field, text, name):
         raise invalid_argument(f"{name} is {given!r} in the request but {text!r} in the path")
 

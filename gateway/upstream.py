@@ -223,11 +223,13 @@ def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) ->
         else:
             continue
         if key == "authorization" and any(have == key for have, _ in metadata):
-            raise GatewayError(
-                grpc.StatusCode.UNAUTHENTICATED, "malformed authorization: given more than once"
-            )
+            raise _malformed_authorization("given more than once")
         metadata.append((key, _metadata_value(key, value)))
     return metadata
+
+
+def _malformed_authorization(why: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.UNAUTHENTICATED, f"malformed authorization: {why}")
 
 
 def _metadata_value(key: str, value: str) -> str | bytes:
@@ -240,10 +242,7 @@ def _metadata_value(key: str, value: str) -> str | bytes:
             raise invalid_argument(f"metadata {key!r} is not base64") from None
     if not value.isascii() or not value.isprintable():
         if key == "authorization":  # credentials no server can read: HTTP's 401
-            raise GatewayError(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "malformed authorization: it has characters gRPC cannot carry",
-            )
+            raise _malformed_authorization("it has characters gRPC cannot carry")
         raise invalid_argument(f"metadata {key!r} has characters gRPC cannot carry")
     return value
 

@@ -331,11 +331,11 @@ class EventHub:
                 if self._has_unread is not None and await self._has_unread(self._cursor):
                     # Their notification has come and gone: look again soon.
                     loop = asyncio.get_running_loop()
+                    now = loop.time()
                     if events or self._held_since is None:
-                        self._held_since = loop.time()
-                    held = loop.time() - self._held_since
+                        self._held_since = now
                     delay = RECHECK_SECONDS
-                    if held >= HELD_LONG_SECONDS:
+                    if now - self._held_since >= HELD_LONG_SECONDS:
                         delay = max(self._poll_seconds, RECHECK_SECONDS)
                     loop.call_later(delay, self._wake.set)
                 else:
