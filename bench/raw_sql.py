@@ -42,7 +42,7 @@ WITH candidates AS (
     ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE task SET status = 'CLAIMED', update_time = now(), claim_time = now(),
-        claimed_by_token_id = 1
+        claimed_by_token_id = 1, claim_number = claim_number + 1
     WHERE id IN (SELECT id FROM candidates) RETURNING *
 ), events AS (
     INSERT INTO event (time, task_id, pipeline_id, kind, old_status, new_status, token_id,

@@ -82,6 +82,7 @@ def task_message(task: models.Task) -> porch_pb2.Task:
             None if task.lease_expire_time is None else _timestamp(task.lease_expire_time)
         ),
         claimed_by_token_id=task.claimed_by_token_id or "",
+        claim_number=task.claim_number,
     )
     # Set even when empty: a task_input of {} is still there, as {} in JSON.
     message.task_input.SetInParent()

@@ -51,6 +51,7 @@ class Task:
     claim_time: datetime | None = None
     claimed_by_token_id: str | None = None
     lease_expire_time: datetime | None = None
+    claim_number: int = 0
 
 
 @dataclass(frozen=True, slots=True)

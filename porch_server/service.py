@@ -395,8 +395,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                     State.PENDING,
                     UNANSWERED_CLAIM,
                     actor,
+                    task.claim_number,
                 )
-            except PorchError as error:  # a lease lapsed meanwhile, the database went away
+            except PorchError as error:  # claimed again meanwhile, the database went away
                 log.warning("releasing task %s failed: %s", task.task_input_id, error)
         self._hub.committed()
 
@@ -423,10 +424,17 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if len(request.message.encode()) > MAX_MESSAGE_BYTES:
             raise InvalidArgument(f"message is longer than {MAX_MESSAGE_BYTES} bytes")
         check_text("message", request.message)
+        if given.claim_number < 0:
+            raise InvalidArgument(
+                f"task.claim_number must be a claim's number, from 1, got {given.claim_number}"
+            )
+        claim = given.claim_number or None
         message, actor = request.message or None, auth.caller_actor()
-        task = await self._store.update_task_async(name, task_id, status, message, actor)
+        task = await self._store.update_task_async(name, task_id, status, message, actor, claim)
         if task is None:
-            task = await self._run(self._store.update_task, name, task_id, status, message, actor)
+            task = await self._run(
+                self._store.update_task, name, task_id, status, message, actor, claim
+            )
         self._hub.committed()
         return messages.task_message(task)
 

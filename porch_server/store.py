@@ -69,6 +69,7 @@ from porch_server.db.tables import UtcDateTime, event, event_horizon, task, toke
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     OutOfRange,
@@ -113,6 +114,7 @@ class _Change:
     status: State
     message: str | None
     actor: Actor
+    claim_number: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,7 @@ _claim = (
         status=State.CLAIMED.value,
         update_time=_NOW,
         claim_time=_NOW,
+        claim_number=task.c.claim_number + 1,
         claimed_by_token_id=bindparam("actor_token_id", type_=Integer),
         lease_seconds=bindparam("claim_lease_seconds", type_=Integer),
         lease_expire_time=bindparam("claim_lease_expire_time", type_=UtcDateTime),
@@ -588,9 +591,15 @@ class Store:
         status: State,
         message: str | None,
         actor: Actor,
+        claim_number: int | None = None,
     ) -> Task:
-        """Move a task to status, recording an event; FailedPrecondition if the move is illegal."""
-        params = _event_params(_now(), actor, message) | {"in_task_input_id": task_input_id}
+        """Move a task to status, recording an event; FailedPrecondition if the
+        move is illegal, or if claim_number is given and the task has been
+        claimed again since that claim."""
+        params = _event_params(_now(), actor, message) | {
+            "in_task_input_id": task_input_id,
+            "in_claim_number": claim_number,
+        }
         if self._postgresql:
             # The move and its event are one statement: run alone, it needs no
             # BEGIN/COMMIT round trips. Only a refused move needs the transaction.
@@ -611,7 +620,8 @@ class Store:
         with self._write() as connection:
             for change in changes:
                 params = _event_params(now, change.actor, change.message) | {
-                    "in_task_input_id": change.task_input_id
+                    "in_task_input_id": change.task_input_id,
+                    "in_claim_number": change.claim_number,
                 }
                 try:
                     changed = self._update_in(
@@ -645,6 +655,7 @@ class Store:
         current = connection.execute(_task_for_update, params).first()
         if current is None:
             raise _task_not_found(pipeline_name, task_input_id)
+        _check_claim(params["in_claim_number"], current.claim_number)
         old = State(current.status)
         if is_noop(old, status):
             return self._to_task(current)
@@ -826,6 +837,7 @@ class Store:
         status: State,
         message: str | None,
         actor: Actor,
+        claim_number: int | None = None,
     ) -> Task | None:
         """update_task from the event loop; None when only update_task can
         answer, which on PostgreSQL includes every move the statement refuses
@@ -833,7 +845,7 @@ class Store:
         if self._updates is None or self._needs_blocking_path(pipeline_name):
             return None
         result = await self._updates.submit(
-            _Change(pipeline_name, task_input_id, status, message, actor)
+            _Change(pipeline_name, task_input_id, status, message, actor, claim_number)
         )
         if isinstance(result, PorchError):
             raise result
@@ -848,6 +860,7 @@ class Store:
             params = _event_params(now, change.actor, change.message) | {
                 "in_task_input_id": change.task_input_id,
                 "in_pipeline_id": self._pipeline_ids[change.pipeline_name],
+                "in_claim_number": change.claim_number,
             }
             rows = await self._async.rows(_update_with_event(change.status), params)
             return [self._to_task(rows[0]) if rows else None]
@@ -859,6 +872,7 @@ class Store:
             "batch_messages": [change.message for change in changes],
             "batch_token_ids": [_actor_token_id(change.actor) for change in changes],
             "batch_descriptions": [change.actor.description for change in changes],
+            "batch_claim_numbers": [change.claim_number for change in changes],
         }
         try:
             rows = await self._async.rows(_update_batch(), batch)
@@ -1185,6 +1199,7 @@ class Store:
             claim_time=row.claim_time,
             claimed_by_token_id=_id_text(row.claimed_by_token_id),
             lease_expire_time=row.lease_expire_time,
+            claim_number=row.claim_number,
         )
 
     def _to_token(self, row: Row[Any]) -> Token:
@@ -1625,6 +1640,7 @@ def _claim_batch() -> Select[Any]:
             status=State.CLAIMED.value,
             update_time=_NOW,
             claim_time=_NOW,
+            claim_number=task.c.claim_number + 1,
             claimed_by_token_id=assigned.c.token_id,
             lease_seconds=assigned.c.lease_seconds,
             lease_expire_time=assigned.c.lease_expire_time,
@@ -1649,7 +1665,7 @@ def _update_with_event(status: State) -> Select[Any]:
         old for old in State if status in UPDATE_TRANSITIONS[old] and not is_noop(old, status)
     ]
     current = (
-        select(task.c.id, task.c.status)
+        select(task.c.id, task.c.status, task.c.claim_number)
         .where(
             task.c.pipeline_id == _PIPELINE_ID,
             task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
@@ -1660,7 +1676,11 @@ def _update_with_event(status: State) -> Select[Any]:
     renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
     changed = (
         update(task)
-        .where(task.c.id == current.c.id, current.c.status.in_([old.value for old in sources]))
+        .where(
+            task.c.id == current.c.id,
+            current.c.status.in_([old.value for old in sources]),
+            _same_claim(bindparam("in_claim_number", type_=Integer), current.c.claim_number),
+        )
         .values(status=status.value, update_time=_NOW, **_status_effects(status, renewed_lease))
         .returning(*task.c, current.c.status.label("old_status"))
         .cte("changed")
@@ -1688,6 +1708,7 @@ def _update_batch() -> Select[Any]:
             ("batch_messages", "message", Text),
             ("batch_token_ids", "token_id", Integer),
             ("batch_descriptions", "token_description", Text),
+            ("batch_claim_numbers", "expected_claim", Integer),
         ],
     )
     current = (
@@ -1727,7 +1748,11 @@ def _update_batch() -> Select[Any]:
             effects.setdefault(name, []).append((new_status == literal(status.value), effect))
     changed = (
         update(task)
-        .where(task.c.id == current.c.id, allowed)
+        .where(
+            task.c.id == current.c.id,
+            allowed,
+            _same_claim(current.c.expected_claim, task.c.claim_number),
+        )
         .values(
             status=new_status,
             update_time=_NOW,
@@ -1747,6 +1772,26 @@ def _update_batch() -> Select[Any]:
     kind = EventKind.STATUS_CHANGED
     events = _events_from(changed, kind, changed.c.old_status, changed.c.status, who)
     return select(changed).add_cte(events)
+
+
+def _same_claim(expected: ColumnElement[Any], claim_number: ColumnElement[int]) -> Any:
+    """SQL for _check_claim: true when no claim is named or it is the task's latest."""
+    return func.coalesce(expected, claim_number) == claim_number
+
+
+def _check_claim(expected: int | None, claim_number: int) -> None:
+    """FailedPrecondition unless expected is None or the task's latest claim."""
+    if expected is None or expected == claim_number:
+        return
+    if expected > claim_number:
+        raise FailedPrecondition(
+            f"claim {expected} of this task was never made: it has been claimed"
+            f" {claim_number} times"
+        )
+    raise FailedPrecondition(
+        f"the task has been claimed again since claim {expected} (its latest claim is"
+        f" {claim_number}): that claim no longer holds it, so its update is refused"
+    )
 
 
 def _lapsed(per_pipeline: bool) -> ColumnElement[bool]:

@@ -1,6 +1,6 @@
 """porch's tables, as SQLAlchemy Core definitions.
 
-The initial migration creates exactly these; change both together.
+The migrations, applied in order, create exactly these; change both together.
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ task = Table(
     Column("claimed_by_token_id", Integer, nullable=True),
     Column("lease_seconds", Integer, nullable=True),
     Column("lease_expire_time", UtcDateTime, nullable=True),
+    # 1 for the task's first claim, one more for each claim after; kept when
+    # a claim ends, so that an update naming an older claim can be refused.
+    Column("claim_number", Integer, nullable=False, server_default=text("0")),
     UniqueConstraint("pipeline_id", "task_input_id"),
     _one_of("status", State),
     CheckConstraint("lease_seconds > 0", name="lease_seconds_positive"),

@@ -115,6 +115,7 @@ class Task(_message.Message):
     CLAIM_TIME_FIELD_NUMBER: _builtins.int
     CLAIMED_BY_TOKEN_ID_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CLAIM_NUMBER_FIELD_NUMBER: _builtins.int
     task_input_id: _builtins.str
     """Lowercase hex SHA-256 of the canonical JSON of `task_input`. Computed by
     the server; a value sent by a client is ignored, except in UpdateTask
@@ -125,6 +126,15 @@ class Task(_message.Message):
     """The task's status. New tasks are always PENDING."""
     claimed_by_token_id: _builtins.str
     """The id of the token that last claimed the task."""
+    claim_number: _builtins.int
+    """Which claim of the task this is: 1 for its first, one more for each
+    claim after; 0 if it was never claimed. In UpdateTask, when set, the
+    update is refused with FAILED_PRECONDITION if the task has been claimed
+    again since that claim (its lease lapsed, or it was released, and
+    another claimer took it), so a claimer that lost its task cannot report
+    on the new claimer's run. Send back the number from ClaimTasks. Ignored
+    in other requests.
+    """
     @_builtins.property
     def pipeline(self) -> Global___Pipeline:
         """The pipeline the task belongs to. In requests only `name` is needed, and
@@ -167,10 +177,11 @@ class Task(_message.Message):
         claim_time: _timestamp_pb2.Timestamp | None = ...,
         claimed_by_token_id: _builtins.str = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        claim_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["claim_time", b"claim_time", "create_time", b"create_time", "lease_expire_time", b"lease_expire_time", "pipeline", b"pipeline", "task_input", b"task_input", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_time", b"claim_time", "claimed_by_token_id", b"claimed_by_token_id", "create_time", b"create_time", "lease_expire_time", b"lease_expire_time", "pipeline", b"pipeline", "status", b"status", "task_input", b"task_input", "task_input_id", b"task_input_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claim_number", b"claim_number", "claim_time", b"claim_time", "claimed_by_token_id", b"claimed_by_token_id", "create_time", b"create_time", "lease_expire_time", b"lease_expire_time", "pipeline", b"pipeline", "status", b"status", "task_input", b"task_input", "task_input_id", b"task_input_id", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

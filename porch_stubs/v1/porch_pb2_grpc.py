@@ -208,7 +208,8 @@ class PorchServiceServicer:
     def UpdateTask(self, request, context):
         """Change a task's status, with an optional message. Transitions outside
         the state table fail with FAILED_PRECONDITION and leave the task as it
-        was.
+        was; so does an update naming a `claim_number` that is no longer the
+        task's latest claim.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

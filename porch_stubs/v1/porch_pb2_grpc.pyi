@@ -82,7 +82,8 @@ class PorchServiceStub:
     UpdateTask: _grpc.UnaryUnaryMultiCallable[_porch_pb2.UpdateTaskRequest, _porch_pb2.Task]
     """Change a task's status, with an optional message. Transitions outside
     the state table fail with FAILED_PRECONDITION and leave the task as it
-    was.
+    was; so does an update naming a `claim_number` that is no longer the
+    task's latest claim.
     """
     ListTaskEvents: _grpc.UnaryUnaryMultiCallable[_porch_pb2.ListTaskEventsRequest, _porch_pb2.ListTaskEventsResponse]
     """List a task's events, oldest first."""
@@ -143,7 +144,8 @@ class PorchServiceAsyncStub(PorchServiceStub):
     UpdateTask: _aio.UnaryUnaryMultiCallable[_porch_pb2.UpdateTaskRequest, _porch_pb2.Task]  # type: ignore[assignment]
     """Change a task's status, with an optional message. Transitions outside
     the state table fail with FAILED_PRECONDITION and leave the task as it
-    was.
+    was; so does an update naming a `claim_number` that is no longer the
+    task's latest claim.
     """
     ListTaskEvents: _aio.UnaryUnaryMultiCallable[_porch_pb2.ListTaskEventsRequest, _porch_pb2.ListTaskEventsResponse]  # type: ignore[assignment]
     """List a task's events, oldest first."""
@@ -273,7 +275,8 @@ class PorchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_porch_pb2.Task, _abc.Awaitable[_porch_pb2.Task]]:
         """Change a task's status, with an optional message. Transitions outside
         the state table fail with FAILED_PRECONDITION and leave the task as it
-        was.
+        was; so does an update naming a `claim_number` that is no longer the
+        task's latest claim.
         """
 
     @_abc_1.abstractmethod

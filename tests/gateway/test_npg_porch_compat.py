@@ -153,6 +153,26 @@ async def test_task_lifecycle(porch_http: PorchHttp) -> None:
         assert set(only["pipeline"]) == {"name", "uri", "version"}
 
 
+async def test_a_claimed_task_sent_back_is_refused_once_claimed_again(
+    porch_http: PorchHttp,
+) -> None:
+    client = porch_http.client
+    wrapper = await setup_pipeline(porch_http)
+    await client.post("/tasks", json=task_body(TASK_INPUT), headers=wrapper)
+    [first] = (await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).json()
+    assert first["claim_number"] == 1
+    released = await client.put("/tasks", json=task_body(TASK_INPUT, "PENDING"), headers=wrapper)
+    assert (released.status_code, released.json()["claim_number"]) == (200, 1)
+    [second] = (await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).json()
+    assert second["claim_number"] == 2
+    # The first claimer sends its task back, as claimed, with its result.
+    stale = await client.put("/tasks", json=first | {"status": "DONE"}, headers=wrapper)
+    assert stale.status_code == 400
+    assert "claimed again since claim 1" in stale.json()["message"]
+    current = await client.put("/tasks", json=second | {"status": "DONE"}, headers=wrapper)
+    assert (current.status_code, current.json()["status"]) == (200, "DONE")
+
+
 async def test_claim_num_tasks_and_an_empty_claim(porch_http: PorchHttp) -> None:
     client = porch_http.client
     wrapper = await setup_pipeline(porch_http)

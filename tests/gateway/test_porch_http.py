@@ -225,6 +225,27 @@ async def test_update_with_a_message_and_list_the_events(porch_http: PorchHttp) 
     assert rest.json()["events"] == listed[3:]
 
 
+async def test_an_update_naming_a_stale_claim_is_400_and_changes_nothing(
+    porch_http: PorchHttp,
+) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    [task_id] = await register(porch_http, wrapper, {"id_run": 45925})
+    claim = "/v1/pipelines/p1/tasks:claim"
+    [first] = (await client.post(claim, json={}, headers=wrapper)).json()["tasks"]
+    await update(porch_http, wrapper, task_id, "PENDING")
+    [second] = (await client.post(claim, json={}, headers=wrapper)).json()["tasks"]
+    assert (first["claim_number"], second["claim_number"]) == (1, 2)
+    path = f"/v1/pipelines/p1/tasks/{task_id}"
+    for number in (1, "1"):  # int32: a JSON number or a string of one
+        body = {"task": {"status": "RUNNING", "claim_number": number}}
+        stale = await client.patch(path, json=body, headers=wrapper)
+        assert_error(stale, 400, 9, "claimed again since claim 1", "latest claim is 2")
+    assert (await client.get(path, headers=wrapper)).json() == second
+    body = {"task": {"status": "RUNNING", "claimNumber": 2}}
+    running = await client.patch(path, json=body, headers=wrapper)
+    assert (running.status_code, running.json()["status"]) == (200, "RUNNING")
+
+
 # Watching.
 
 

@@ -679,6 +679,47 @@ def test_lease_expires_unless_renewed(porch: Porch) -> None:
     assert kept.status == State.RUNNING
 
 
+def test_a_claimer_that_lost_its_task_cannot_report_on_the_new_claim(porch: Porch) -> None:
+    wrapper = porch.stub(porch.pipeline("p1"))
+    task_id = wrapper.RegisterTask(register("p1", n=1)).task.task_input_id
+    get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=task_id)
+    assert wrapper.GetTask(get).claim_number == 0
+
+    def fenced(status: int, claim_number: int) -> pb.UpdateTaskRequest:
+        request = update("p1", task_id, status, "from the first launcher")
+        request.task.claim_number = claim_number
+        return request
+
+    [first] = wrapper.ClaimTasks(claim("p1", lease=duration_pb2.Duration(seconds=1))).tasks
+    assert first.claim_number == 1
+    assert wrapper.UpdateTask(fenced(State.RUNNING, 1)).claim_number == 1
+    time.sleep(1.2)  # the first launcher stalls; its lease lapses
+    [second] = wrapper.ClaimTasks(claim("p1")).tasks
+    assert (second.task_input_id, second.claim_number) == (task_id, 2)
+    events = pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
+    history = wrapper.ListTaskEvents(events).events
+
+    # The first launcher wakes: neither its heartbeat nor its result lands.
+    for status in (State.RUNNING, State.DONE, State.FAILED, State.PENDING):
+        message = fails(Code.FAILED_PRECONDITION, wrapper.UpdateTask, fenced(status, 1))
+        assert "claimed again since claim 1" in message and "latest claim is 2" in message
+    fails(Code.FAILED_PRECONDITION, wrapper.UpdateTask, fenced(State.RUNNING, 3), "never made")
+    fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, fenced(State.RUNNING, -1), "claim_number")
+    assert wrapper.GetTask(get) == second
+    assert wrapper.ListTaskEvents(events).events == history
+
+    # The second claim's own reports land, and so do updates naming no claim.
+    assert wrapper.UpdateTask(fenced(State.RUNNING, 2)).status == State.RUNNING
+    released = wrapper.UpdateTask(update("p1", task_id, State.PENDING, "drained"))
+    assert (released.status, released.claim_number) == (State.PENDING, 2)
+    [third] = wrapper.ClaimTasks(claim("p1")).tasks
+    assert third.claim_number == 3
+    fails(Code.FAILED_PRECONDITION, wrapper.UpdateTask, fenced(State.DONE, 2), "since claim 2")
+    assert wrapper.UpdateTask(fenced(State.DONE, 3)).status == State.DONE
+    kinds = [event.kind for event in wrapper.ListTaskEvents(events).events]
+    assert kinds.count(pb.Event.CLAIMED) == 3 and kinds[-1] == pb.Event.STATUS_CHANGED
+
+
 def test_health_and_reflection(porch: Porch) -> None:
     channel = grpc.insecure_channel(porch.target)
     porch.channels.append(channel)

@@ -65,6 +65,24 @@ async def test_store_applies_a_batch_of_changes_each_with_its_own_answer(
     assert len(store.list_task_events("p1", key[2], 10, "").items) == 1
 
 
+async def test_a_stale_claim_in_a_batch_fails_only_its_own_change(sqlite_store: Store) -> None:
+    store = sqlite_store
+    store.create_pipeline(Pipeline(name="p1", uri="https://example.org/p", version="1"))
+    store.register_tasks("p1", [{"i": i} for i in range(2)], SYSTEM)
+    first, second = (task.task_input_id for task in store.claim_tasks("p1", 2, None, SYSTEM))
+    store.update_task("p1", second, State.PENDING, None, SYSTEM)
+    assert store.claim_tasks("p1", 1, None, SYSTEM)[0].claim_number == 2
+    results = await asyncio.gather(
+        store.update_task_async("p1", first, State.DONE, None, SYSTEM, 1),
+        store.update_task_async("p1", second, State.DONE, None, SYSTEM, 1),
+        return_exceptions=True,
+    )
+    assert store.coalesced == (2, 1)
+    assert isinstance(results[0], Task) and results[0].status is State.DONE
+    assert isinstance(results[1], FailedPrecondition) and "since claim 1" in str(results[1])
+    assert store.get_task("p1", second).status is State.CLAIMED
+
+
 async def test_store_registers_single_inputs_of_several_pipelines_together(
     sqlite_store: Store,
 ) -> None:

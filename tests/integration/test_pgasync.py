@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 from porch_server.db.engine import make_engine
 from porch_server.db.pgasync import AsyncStatements, Contended, RowView
 from porch_server.digest import canonical_json
-from porch_server.errors import Unavailable
+from porch_server.errors import FailedPrecondition, Unavailable
 from porch_server.models import Actor, Pipeline, Role
 from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
@@ -305,6 +305,42 @@ async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
     # for the one-change path, which the service then takes.
     assert results == [None, None, None]
     assert {store.get_task("p", t.task_input_id).status for t in claimed} == {State.CLAIMED}
+
+
+async def test_claims_and_changes_made_together_keep_count_of_claims(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(4)], actor)
+    together = await asyncio.gather(*(store.claim_tasks_async("p", 2, None, actor) for _ in "ab"))
+    assert store._claims is not None and store._claims.batches == 1  # one statement for both
+    claimed = [task for tasks in together for task in tasks or []]
+    assert [task.claim_number for task in claimed] == [1, 1, 1, 1]
+    keys = [task.task_input_id for task in claimed]
+    store.update_task("p", keys[3], State.PENDING, "released", actor)
+    [again] = await store.claim_tasks_async("p", 1, None, actor) or []
+    assert (again.task_input_id, again.claim_number) == (keys[3], 2)
+
+    changes = [(keys[0], 1), (keys[1], None), (keys[2], 2), (keys[3], 1)]
+    results = await asyncio.gather(
+        *(
+            store.update_task_async("p", key, State.RUNNING, None, actor, claim_number)
+            for key, claim_number in changes
+        )
+    )
+    assert store.coalesced == (4, 1)  # one statement for all four
+    assert [None if task is None else (task.status, task.claim_number) for task in results] == [
+        (State.RUNNING, 1),
+        (State.RUNNING, 1),
+        None,  # claim 2 of a task claimed once: left for the thread path to explain
+        None,  # claim 1 of a task claimed again
+    ]
+    for key, claim_number, match in ((keys[2], 2, "never made"), (keys[3], 1, "since claim 1")):
+        with pytest.raises(FailedPrecondition, match=match):
+            store.update_task("p", key, State.RUNNING, None, actor, claim_number)
+    assert [store.get_task("p", key).status for key in keys[2:]] == [State.CLAIMED] * 2
+    running = await store.update_task_async("p", keys[3], State.RUNNING, None, actor, 2)
+    assert running is not None and running.status is State.RUNNING
 
 
 async def test_the_watch_hubs_reads_answer_as_the_thread_path_does(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -581,6 +581,26 @@ def bare_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
     server.drop_database(url)
 
 
+def store_old_tasks(url: str, tasks: Sequence[tuple[str, str, datetime | None]]) -> None:
+    """Store pipeline p and its tasks (canonical text, status, claim time)
+    as an older porch did, straight into a database at an older revision."""
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO pipeline (name, uri, version, create_time)"
+            " VALUES ('p', 'u', '1', CURRENT_TIMESTAMP)"
+        )
+        insert = text(
+            "INSERT INTO task (pipeline_id, task_input_id, task_input, status, create_time,"
+            " update_time, claim_time) VALUES ((SELECT id FROM pipeline), :id, :text, :status,"
+            " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :claimed)"
+        )
+        for canonical, status, claimed in tasks:
+            values = {"id": digest.digest_of(canonical), "text": canonical}
+            connection.execute(insert, values | {"status": status, "claimed": claimed})
+    engine.dispose()
+
+
 @pytest.mark.parametrize(
     "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
@@ -595,20 +615,7 @@ def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: 
         '{"g":2e-05}': None,
         '{"g":2e-5}': None,
     }
-    engine = make_engine(bare_db_url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql(
-            "INSERT INTO pipeline (name, uri, version, create_time)"
-            " VALUES ('p', 'u', '1', CURRENT_TIMESTAMP)"
-        )
-        insert = text(
-            "INSERT INTO task (pipeline_id, task_input_id, task_input, status,"
-            " create_time, update_time) VALUES ((SELECT id FROM pipeline), :id, :text,"
-            " 'PENDING', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
-        )
-        for canonical in old:
-            connection.execute(insert, {"id": digest.digest_of(canonical), "text": canonical})
-    engine.dispose()
+    store_old_tasks(bare_db_url, [(canonical, "PENDING", None) for canonical in old])
 
     migrate.upgrade(bare_db_url)
 
@@ -622,5 +629,29 @@ def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: 
         again = store.register_tasks("p", inputs, SYSTEM)
         assert [registered.created for registered in again] == [False, False, False]
         assert len(every_task(store, "p")) == 5
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_counts_a_claim_already_made_as_the_first(bare_db_url: str) -> None:
+    migrate.upgrade(bare_db_url, revision="0002")
+    claimed = datetime.now(UTC)
+    texts = [digest.canonical_json({"n": n}) for n in range(2)]
+    store_old_tasks(bare_db_url, [(texts[0], "PENDING", None), (texts[1], "RUNNING", claimed)])
+
+    migrate.upgrade(bare_db_url)
+
+    store = Store(make_engine(bare_db_url))
+    try:
+        pending, running = every_task(store, "p")
+        assert (pending.claim_number, running.claim_number) == (0, 1)
+        assert store.claim_tasks("p", 1, None, SYSTEM)[0].claim_number == 1
+        with pytest.raises(FailedPrecondition, match="never made"):
+            store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 2)
+        done = store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 1)
+        assert done.status is State.DONE
     finally:
         store.close()
