@@ -103,6 +103,14 @@ def add_commands(commands: Any) -> None:
     # Only a claim makes a task CLAIMED.
     update.add_argument("--status", required=True, choices=[s for s in STATES if s != "CLAIMED"])
     update.add_argument("--message", default="")
+    update.add_argument(
+        "--claim-number",
+        type=int,
+        default=0,
+        metavar="N",
+        help="refuse the update if the task has been claimed again since claim N"
+        " (the claim_number its claim gave)",
+    )
     show = task_commands.add_parser("get", help="show one task")
     show.add_argument("--pipeline", required=True)
     show.add_argument("--id", required=True)
@@ -292,6 +300,7 @@ def _dispatch(
             _print(task)
     elif args.action == "update":
         task = _task(args.pipeline, task_input_id=args.id or "", status=args.status)
+        task.claim_number = args.claim_number
         if args.input:
             task.task_input.update(_json_object(args.input))
         update = porch_pb2.UpdateTaskRequest(task=task, message=args.message)

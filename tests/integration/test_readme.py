@@ -102,7 +102,13 @@ def test_the_porch_command_workflow(served: Served) -> None:
     script = block("### With the `porch` command", "sh")
     watch = "porch watch --pipeline ml_loader"
     assert watch in script
-    output = served.run(["bash", "-euo", "pipefail"], script.replace(watch, ""))
+    # And a report naming a claim never made, which is refused.
+    stale = '! porch task update --pipeline ml_loader --id "$ID" --claim-number 2 --status PENDING'
+    output = served.run(
+        ["bash", "-euo", "pipefail"], script.replace(watch, f"{stale} 2> stale.txt")
+    )
+    refused = (served.directory / "stale.txt").read_text()
+    assert "FAILED_PRECONDITION" in refused and "claim 2 of this task was never made" in refused
     lines = [json.loads(line) for line in output.splitlines()]
     events = [line for line in lines if "cursor" in line]
     assert [(e["kind"], e.get("new_status"), e.get("message", "")) for e in events] == [
@@ -152,7 +158,7 @@ def test_the_curl_workflow(served: Served) -> None:
     shown = [line[2:] for line in script.splitlines() if line.startswith('# ["')]
     printed = [line for line in output.splitlines() if line.startswith('["')]
     claimed = [json.loads(line) for line in printed[:2]]
-    assert [status for _, status in claimed] == ["CLAIMED", "CLAIMED"]
+    assert [(status, number) for _, status, number in claimed] == [("CLAIMED", 1)] * 2
     assert printed[2:] == shown and len(shown) == 4
 
 
