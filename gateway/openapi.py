@@ -173,7 +173,7 @@ class _Builder:
         for name, variable in zip(path_names, binding.template.variables, strict=True):
             field = resolve_field(request, variable.field_path)
             assert field is not None  # checked when the bindings were loaded
-            schema = self._value_schema(field)
+            schema = self._constrained(field, self._value_schema(field))
             notes = [self.comments.get(field.full_name)]
             if name != variable.name:
                 notes.append(f"Sets `{variable.name}`.")
@@ -212,7 +212,7 @@ class _Builder:
                 )
                 continue
             comment = self.comments.get(field.full_name)
-            schema = self._field_schema(field)
+            schema = self._constrained(field, self._field_schema(field))
             required = top and _behaviour(field, field_behavior_pb2.REQUIRED)
             parameter = _parameter(name, "query", schema, comment, required)
             if _is_repeated(field):
@@ -296,6 +296,11 @@ class _Builder:
         schema = self._value_schema(field)
         return {"type": "array", "items": schema} if _is_repeated(field) else schema
 
+    def _constrained(self, field: FieldDescriptor, schema: dict[str, Any]) -> dict[str, Any]:
+        """schema with the keywords DocumentOptions.field_schemas gives the field."""
+        extra = self.document.field_schemas.get(field.full_name)
+        return {**schema, **extra} if extra else schema
+
     def _value_schema(self, field: FieldDescriptor) -> dict[str, Any]:
         if field.message_type is not None:
             return self._message_ref(field.message_type)
@@ -316,7 +321,7 @@ class _Builder:
     def _message_schema(self, message: Descriptor) -> dict[str, Any]:
         properties, required = {}, []
         for field in message.fields:
-            schema = self._field_schema(field)
+            schema = self._constrained(field, self._field_schema(field))
             comment = self.comments.get(field.full_name)
             if comment:
                 schema = {**schema, "description": comment}

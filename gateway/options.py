@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
@@ -62,6 +63,13 @@ class DocumentOptions:
     servers: tuple[str, ...] = ()
     # Declare bearer-token authentication for every operation.
     bearer_auth: bool = True
+    # JSON Schema keywords added to a field's schema wherever the field
+    # appears (property, path or query parameter), keyed by the field's full
+    # name, e.g. {"pkg.v1.Thing.name": {"maxLength": 255}}: the limits the
+    # server enforces, which descriptors cannot state.
+    field_schemas: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True)

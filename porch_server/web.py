@@ -8,6 +8,7 @@ from typing import Any
 import gateway
 from porch_server.config import RECEIVE_LIMIT
 from porch_server.interceptor import ACCESS_LOG
+from porch_server.service import MAX_BATCH, MAX_NAME
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -32,7 +33,34 @@ def _document() -> gateway.DocumentOptions:
         aliases=(
             gateway.SchemaAlias("TaskStateEnum", "porch.v1.Task.State", omit_zero_enum_value=True),
         ),
+        field_schemas=_field_schemas(),
     )
+
+
+def _field_schemas() -> dict[str, dict[str, Any]]:
+    """The limits the service checks, stated in the document for clients
+    that validate or generate requests from it. Each is a condition every
+    accepted value meets; the comments and the error messages say the rest
+    (no control characters in names, a message's 64 KiB counted in bytes)."""
+    name = {"maxLength": MAX_NAME, "pattern": "^[^/]*$"}
+    task_input_id = {"pattern": "^[0-9a-f]{64}$"}
+    limits: dict[str, dict[str, Any]] = {
+        "porch.v1.Pipeline.name": name,
+        "porch.v1.GetPipelineRequest.name": name,
+        "porch.v1.CreateTokenRequest.description": {"maxLength": MAX_NAME},
+        "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
+        "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1, "maximum": MAX_BATCH},
+        "porch.v1.Task.claim_number": {"minimum": 0},
+        "porch.v1.GetTaskRequest.task_input_id": task_input_id,
+        "porch.v1.ListTaskEventsRequest.task_input_id": task_input_id,
+    }
+    for message in porch_pb2.DESCRIPTOR.message_types_by_name.values():
+        for field in message.fields:
+            if field.name == "pipeline_name":
+                limits[field.full_name] = name
+            elif field.name == "page_size":
+                limits[field.full_name] = {"minimum": 0}
+    return limits
 
 
 def _methods() -> dict[str, gateway.MethodOptions]:

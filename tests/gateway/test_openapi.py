@@ -8,6 +8,9 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
+from gateway import DocumentOptions, build_openapi
+from tests.gateway.conftest import DESCRIPTOR_SET, ECHO_SERVICE
+
 pytestmark = pytest.mark.asyncio
 
 
@@ -169,3 +172,28 @@ async def test_bearer_security_applies_everywhere(document: dict[str, Any]) -> N
         "description": "A bearer token.",
     }
     assert document["security"] == [{"bearer": []}]
+
+
+async def test_field_schemas_add_the_servers_limits_wherever_the_field_appears() -> None:
+    limits = {
+        "echo.v1.EchoMessage.text": {"maxLength": 10},
+        "echo.v1.EchoMessage.int32_value": {"minimum": 0},
+        "echo.v1.EchoMessage.tags": {"maxItems": 3},
+    }
+    document = build_openapi(
+        [ECHO_SERVICE],
+        DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,), field_schemas=limits),
+    )
+    validate(document)
+    message = schemas(document)["echo.v1.EchoMessage"]["properties"]
+    assert message["text"]["maxLength"] == 10 and message["text"]["type"] == "string"
+    assert message["text"]["description"]  # the comment stays
+    assert message["int32_value"]["minimum"] == 0  # replaces int32's own bound
+    assert message["int32_value"]["maximum"] == 2**31 - 1
+    assert message["tags"] == {**message["tags"], "type": "array", "maxItems": 3}
+    parameters = {p["name"]: p for p in document["paths"]["/v1/echo/{text}"]["get"]["parameters"]}
+    assert parameters["text"]["in"] == "path" and parameters["text"]["schema"]["maxLength"] == 10
+    assert parameters["int32_value"]["schema"]["minimum"] == 0
+    assert parameters["tags"]["schema"]["maxItems"] == 3
+    untouched = build_openapi([ECHO_SERVICE], DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,)))
+    assert "maxLength" not in schemas(untouched)["echo.v1.EchoMessage"]["properties"]["text"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -244,6 +245,59 @@ async def test_an_update_naming_a_stale_claim_is_400_and_changes_nothing(
     body = {"task": {"status": "RUNNING", "claimNumber": 2}}
     running = await client.patch(path, json=body, headers=wrapper)
     assert (running.status_code, running.json()["status"]) == (200, "RUNNING")
+
+
+async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchHttp) -> None:
+    client, admin, wrapper = porch_http.client, porch_http.admin, await porch_http.pipeline()
+    document = (await client.get("/openapi.json")).json()
+    properties = {
+        name: schema.get("properties", {})
+        for name, schema in document["components"]["schemas"].items()
+    }
+    name = properties["porch.v1.Pipeline"]["name"]
+    longest = "n" * name["maxLength"]
+    for pipeline, status in ((longest, 201), (longest + "n", 400), ("a/b", 400)):
+        assert re.search(name["pattern"], pipeline) or status == 400
+        body = {"name": pipeline, "uri": "u", "version": "1"}
+        assert (await client.post("/v1/pipelines", json=body, headers=admin)).status_code == status
+    description = properties["porch.v1.CreateTokenRequest"]["description"]["maxLength"]
+    for length, status in ((description, 201), (description + 1, 400)):
+        body = {"pipeline_name": "p1", "description": "d" * length}
+        assert (await client.post("/v1/tokens", json=body, headers=admin)).status_code == status
+
+    claim = properties["porch.v1.ClaimTasksRequest"]["num_tasks"]
+    for num_tasks, status in ((claim["minimum"] - 1, 400), (claim["maximum"] + 1, 400)):
+        body = {"num_tasks": num_tasks}
+        response = await client.post("/v1/pipelines/p1/tasks:claim", json=body, headers=wrapper)
+        assert_error(response, status, 3, "num_tasks")
+    body = {"num_tasks": claim["maximum"]}
+    response = await client.post("/v1/pipelines/p1/tasks:claim", json=body, headers=wrapper)
+    assert response.status_code == 200
+    batch = properties["porch.v1.RegisterTasksRequest"]["tasks"]
+    assert batch["maxItems"] == claim["maximum"]
+    empty = await client.post(
+        "/v1/pipelines/p1/tasks:batchRegister", json={"tasks": []}, headers=wrapper
+    )
+    assert batch["minItems"] == 1 and empty.status_code == 400
+
+    [task_id] = await register(porch_http, wrapper, {"n": 1})
+    parameters = {
+        (operation["operationId"], parameter["name"]): parameter["schema"]
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for parameter in operation.get("parameters", [])
+    }
+    pattern = parameters["PorchService_GetTask", "task_input_id"]["pattern"]
+    assert re.fullmatch(pattern.strip("^$"), task_id)
+    upper = await client.get(f"/v1/pipelines/p1/tasks/{task_id.upper()}", headers=wrapper)
+    assert_error(upper, 400, 3, "64 lowercase hex digits")
+    assert properties["porch.v1.Task"]["claim_number"]["minimum"] == 0
+    body = {"task": {"status": "CANCELLED", "claim_number": -1}}
+    negative = await client.patch(f"/v1/pipelines/p1/tasks/{task_id}", json=body, headers=wrapper)
+    assert_error(negative, 400, 3, "claim_number")
+    page_size = parameters["PorchService_ListTasks", "page_size"]["minimum"]
+    below = await client.get("/v1/tasks", params={"page_size": page_size - 1}, headers=wrapper)
+    assert_error(below, 400, 3, "page_size must not be negative")
 
 
 # Watching.

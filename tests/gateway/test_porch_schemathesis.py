@@ -30,9 +30,6 @@ EXCLUDED = [
     # Streams until the client goes away: schemathesis reads a whole body.
     "PorchService_WatchEvents",
     "PorchService_WatchEvents2",
-    # `{pipeline.name}`: valid OpenAPI, but schemathesis cannot fill path
-    # parameters whose names contain dots. `/tasks/claim` (ClaimTasks2) stays.
-    "PorchService_ClaimTasks",
 ]
 EXAMPLES = 25
 
