@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import socket
 import sys
@@ -44,6 +45,9 @@ log = logging.getLogger("porch")
 
 # A worker process that ran this long before it failed is restarted at once.
 WORKER_STEADY_SECONDS = 30.0
+# The most open files a server asks for (a connection is one), when the
+# system's hard limit allows it.
+FILE_LIMIT = 65_536
 
 
 def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
@@ -281,6 +285,7 @@ def _setup_logging(log_config: Path | None) -> None:
 def _serve(args: argparse.Namespace) -> None:
     config = _config(args)
     _setup_logging(config.log_config)
+    _raise_file_limit()
     ports = [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
     _check_ports_free(config.host, ports, config.workers > 1)
     if config.tls is not None:
@@ -429,6 +434,18 @@ def _stop_on_signals() -> asyncio.Event:
     return stopping
 
 
+def _raise_file_limit() -> None:
+    """Let this process (and the workers it starts) open as many files as
+    the system allows it, up to FILE_LIMIT: each connection takes one, and
+    the usual soft limit of 1,024 would stop a server holding a thousand
+    idle HTTP connections or streams from accepting any more, on either port."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FILE_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        log.debug("raised the open file limit from %d to %d", soft, wanted)
+
+
 def _check_ports_free(host: str, ports: Sequence[int], shared: bool) -> None:
     """Refuse to start on a host or port this machine cannot serve on, saying
     why: the name does not resolve, the address is not this machine's, the
@@ -498,6 +515,7 @@ def _tls(args: argparse.Namespace) -> TLS | None:
 
 def _gateway(args: argparse.Namespace) -> None:
     _setup_logging(args.log_config)
+    _raise_file_limit()
     tls = _tls(args)
     if args.workers < 1:
         raise SystemExit("porch: --workers must be at least 1")

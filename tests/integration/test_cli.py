@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import trustme
 
+from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
 from porch_server.models import Role
@@ -159,6 +161,22 @@ def test_serve_prints_the_first_admin_token_once_and_stops_on_sigterm(tmp_path: 
     again.wait(timeout=30)
     again.stdout.close()
     assert "first admin token" not in rest
+
+
+def test_serve_raises_its_open_file_limit_to_what_the_system_allows(sqlite_url: str) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the server inherits it
+    try:
+        process, _ = start_server(sqlite_url)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        limits = Path(f"/proc/{process.pid}/limits").read_text()
+        [files] = [line.split()[3:5] for line in limits.splitlines() if "open files" in line]
+        wanted = FILE_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FILE_LIMIT)
+        assert files == [str(wanted), "unlimited" if hard == resource.RLIM_INFINITY else str(hard)]
+    finally:
+        stop_server(process)
 
 
 def test_tls_on_the_grpc_port(sqlite_url: str, tmp_path: Path) -> None:
