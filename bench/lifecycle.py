@@ -89,9 +89,13 @@ def lifecycle_client(
         for task in tasks:
             claimed.append(task.task_input_id)
             for status in (porch_pb2.Task.RUNNING, porch_pb2.Task.DONE):
+                # Naming the claim, as the README's workflow does.
                 update = porch_pb2.UpdateTaskRequest(
                     task=porch_pb2.Task(
-                        pipeline=pipeline, task_input_id=task.task_input_id, status=status
+                        pipeline=pipeline,
+                        task_input_id=task.task_input_id,
+                        claim_number=task.claim_number,
+                        status=status,
                     )
                 )
                 with timer("UpdateTask"):
