@@ -177,15 +177,15 @@ _existing_tasks = select(task).where(
 
 _notify = select(func.pg_notify(literal(CHANNEL), literal("")))
 
-# The task an update names, locked (PostgreSQL; SQLite holds the write lock).
-_task_for_update = (
-    select(task)
-    .where(
-        task.c.pipeline_id == _PIPELINE_ID,
-        task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
-    )
-    .with_for_update()
+# The task an update names. Read, not locked, to explain a refused update:
+# a lock on a PENDING task, however brief, would make claims skip it.
+_task_named = select(task).where(
+    task.c.pipeline_id == _PIPELINE_ID,
+    task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
 )
+# How often an update that the state table allows is tried again when its
+# task changed between the attempt and the look at why it was refused.
+_UPDATE_ATTEMPTS = 10
 
 _insert_event = insert(event)
 
@@ -648,22 +648,20 @@ class Store:
         """update_task inside a write transaction; it raises before writing anything."""
         pipeline_id = self._find_pipeline_id(connection, pipeline_name)
         params["in_pipeline_id"] = pipeline_id
-        if self._postgresql:
+        if not self._postgresql:  # the write lock is held: nothing changes meanwhile
+            current = _named_task(connection, params, pipeline_name, task_input_id)
+            if _refused(current, status, params):
+                return self._to_task(current)
+            return self._to_task(self._update_sqlite(connection, current, status, params))
+        for _ in range(_UPDATE_ATTEMPTS):
             row = connection.execute(_update_with_event(status), params).first()
             if row is not None:
                 return self._to_task(row)
-        current = connection.execute(_task_for_update, params).first()
-        if current is None:
-            raise _task_not_found(pipeline_name, task_input_id)
-        _check_claim(params["in_claim_number"], current.claim_number)
-        old = State(current.status)
-        if is_noop(old, status):
-            return self._to_task(current)
-        check_transition(old, status)
-        if self._postgresql:
-            # The task changed between the two statements and may move now.
-            return self._to_task(connection.execute(_update_with_event(status), params).one())
-        return self._to_task(self._update_sqlite(connection, current, status, params))
+            current = _named_task(connection, params, pipeline_name, task_input_id)
+            if _refused(current, status, params):
+                return self._to_task(current)
+            # Allowed now: the task changed since the attempt, so try again.
+        raise Unavailable(f"task {task_input_id} kept changing; try again")
 
     def expire_leases(self) -> int:
         """Put every task whose lease lapsed back to PENDING; return how many."""
@@ -1664,11 +1662,15 @@ def _update_with_event(status: State) -> Select[Any]:
     sources = [
         old for old in State if status in UPDATE_TRANSITIONS[old] and not is_noop(old, status)
     ]
+    # Only a task the update will change is locked: a claim skips locked
+    # PENDING tasks, so a refused or no-op update must not lock one.
     current = (
-        select(task.c.id, task.c.status, task.c.claim_number)
+        select(task.c.id, task.c.status)
         .where(
             task.c.pipeline_id == _PIPELINE_ID,
             task.c.task_input_id == bindparam("in_task_input_id", type_=Text),
+            task.c.status.in_([old.value for old in sources]),
+            _same_claim(bindparam("in_claim_number", type_=Integer), task.c.claim_number),
         )
         .with_for_update()
         .cte("current")
@@ -1676,11 +1678,7 @@ def _update_with_event(status: State) -> Select[Any]:
     renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
     changed = (
         update(task)
-        .where(
-            task.c.id == current.c.id,
-            current.c.status.in_([old.value for old in sources]),
-            _same_claim(bindparam("in_claim_number", type_=Integer), current.c.claim_number),
-        )
+        .where(task.c.id == current.c.id)
         .values(status=status.value, update_time=_NOW, **_status_effects(status, renewed_lease))
         .returning(*task.c, current.c.status.label("old_status"))
         .cte("changed")
@@ -1711,6 +1709,16 @@ def _update_batch() -> Select[Any]:
             ("batch_claim_numbers", "expected_claim", Integer),
         ],
     )
+    allowed = or_(
+        *(
+            (task.c.status == literal(old.value)) & (requested.c.new_status == literal(new.value))
+            for old in State
+            for new in sorted(UPDATE_TRANSITIONS[old])
+            if not is_noop(old, new)
+        )
+    )
+    # Only tasks a change will move are locked: a claim skips locked PENDING
+    # tasks, so a refused or no-op change must not lock one.
     current = (
         select(
             task.c.id,
@@ -1727,19 +1735,12 @@ def _update_batch() -> Select[Any]:
             (task.c.pipeline_id == requested.c.pipeline_id)
             & (task.c.task_input_id == requested.c.task_input_id),
         )
+        .where(allowed, _same_claim(requested.c.expected_claim, task.c.claim_number))
         .order_by(task.c.id)
         .with_for_update(of=task)
         .cte("current")
     )
     new_status = current.c.new_status
-    allowed = or_(
-        *(
-            (current.c.status == literal(old.value)) & (new_status == literal(new.value))
-            for old in State
-            for new in sorted(UPDATE_TRANSITIONS[old])
-            if not is_noop(old, new)
-        )
-    )
     renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
     effects: dict[str, list[tuple[ColumnElement[bool], Any]]] = {}
     for status in sorted({new for targets in UPDATE_TRANSITIONS.values() for new in targets}):
@@ -1748,11 +1749,7 @@ def _update_batch() -> Select[Any]:
             effects.setdefault(name, []).append((new_status == literal(status.value), effect))
     changed = (
         update(task)
-        .where(
-            task.c.id == current.c.id,
-            allowed,
-            _same_claim(current.c.expected_claim, task.c.claim_number),
-        )
+        .where(task.c.id == current.c.id)
         .values(
             status=new_status,
             update_time=_NOW,
@@ -1777,6 +1774,27 @@ def _update_batch() -> Select[Any]:
 def _same_claim(expected: ColumnElement[Any], claim_number: ColumnElement[int]) -> Any:
     """SQL for _check_claim: true when no claim is named or it is the task's latest."""
     return func.coalesce(expected, claim_number) == claim_number
+
+
+def _named_task(
+    connection: Connection, params: dict[str, Any], pipeline_name: str, task_input_id: str
+) -> Row[Any]:
+    """The task an update names, read without a lock; NotFound if there is none."""
+    current = connection.execute(_task_named, params).first()
+    if current is None:
+        raise _task_not_found(pipeline_name, task_input_id)
+    return current
+
+
+def _refused(current: Row[Any], status: State, params: dict[str, Any]) -> bool:
+    """Raise the error of an update of the current task to status, if it has
+    one; True when the update is the no-op, False when it may be made."""
+    _check_claim(params["in_claim_number"], current.claim_number)
+    old = State(current.status)
+    if is_noop(old, status):
+        return True
+    check_transition(old, status)
+    return False
 
 
 def _check_claim(expected: int | None, claim_number: int) -> None:

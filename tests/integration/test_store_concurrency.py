@@ -6,6 +6,7 @@ import multiprocessing
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
@@ -13,7 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from porch_server import digest
+from porch_server import store as store_module
 from porch_server.db.engine import make_engine
+from porch_server.errors import FailedPrecondition
 from porch_server.models import SYSTEM, Actor, Pipeline
 from porch_server.states import State
 from porch_server.store import Store, claim_candidates
@@ -146,5 +149,53 @@ def test_claim_uses_the_partial_index_on_a_large_backlog(store: Store, pg_url: s
             )
         assert "ix_task_pending" in plan, plan
         assert len(store.claim_tasks("p1", 10, None, SYSTEM)) == 5
+    finally:
+        engine.dispose()
+
+
+def test_updates_that_change_nothing_lock_nothing_a_claim_would_skip(
+    store: Store, pg_url: str
+) -> None:
+    keys = [r.task.task_input_id for r in store.register_tasks("p1", [{"n": 0}, {"n": 1}], SYSTEM)]
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as held, held.begin():
+            pipeline_id = held.scalar(text("SELECT id FROM pipeline WHERE name = 'p1'"))
+            now = datetime.now(UTC)
+            one = store_module._event_params(now, SYSTEM, None) | {
+                "in_pipeline_id": pipeline_id,
+                "in_claim_number": None,
+            }
+            # A no-op, a move the state table refuses and one naming a claim
+            # never made, each alone, then together in one batch statement ...
+            for key, status, claim_number in (
+                (keys[0], State.PENDING, None),
+                (keys[1], State.DONE, None),
+                (keys[0], State.CANCELLED, 5),
+            ):
+                params = one | {"in_task_input_id": key, "in_claim_number": claim_number}
+                assert held.execute(store_module._update_with_event(status), params).all() == []
+            batch = {
+                "now": now,
+                "batch_pipeline_ids": [pipeline_id] * 3,
+                "batch_task_input_ids": [keys[0], keys[1], keys[1]],
+                "batch_statuses": ["PENDING", "DONE", "CANCELLED"],
+                "batch_messages": [None] * 3,
+                "batch_token_ids": [None] * 3,
+                "batch_descriptions": ["system"] * 3,
+                "batch_claim_numbers": [None, None, 5],
+            }
+            assert held.execute(store_module._update_batch(), batch).all() == []
+            # ... and the look at why, in a transaction, as the thread path takes it.
+            store._update_in(
+                held, "p1", keys[0], State.PENDING, one | {"in_task_input_id": keys[0]}
+            )
+            with pytest.raises(FailedPrecondition):
+                store._update_in(
+                    held, "p1", keys[1], State.DONE, one | {"in_task_input_id": keys[1]}
+                )
+            # With all of that still uncommitted, a claim gets both tasks.
+            claimed = store.claim_tasks("p1", 2, None, SYSTEM)
+            assert [task.task_input_id for task in claimed] == keys
     finally:
         engine.dispose()
