@@ -89,7 +89,7 @@ class Gateway:
                 call = self.upstream.stream_call(binding.method, message, metadata, timeout)
                 return self._stream_response(request, match, options, call)
             timeout = call_timeout(request.headers, self.options.default_timeout)
-            return await self._unary(match, message, CallOptions(metadata, timeout))
+            return await self._unary(request, match, message, CallOptions(metadata, timeout))
         except GatewayError as error:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
@@ -114,11 +114,26 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message, 408) from None
         return b"".join(chunks)
 
-    async def _unary(self, match: RouteMatch, message: Message, options: CallOptions) -> Response:
+    async def _unary(
+        self, request: Request, match: RouteMatch, message: Message, options: CallOptions
+    ) -> Response:
         binding = match.binding
-        response, initial, trailing = await self.upstream.unary_call(
-            binding.method, message, options.metadata, options.timeout
+        calling = asyncio.ensure_future(
+            self.upstream.unary_call(binding.method, message, options.metadata, options.timeout)
         )
+        leaving = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((calling, leaving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            if not calling.done():
+                # The client went away (or this request was cancelled): cancel
+                # the call too, as a gRPC client's leaving would, so the server
+                # can undo what nobody will hear of (a claim, say).
+                calling.cancel()
+        if not calling.done():
+            raise GatewayError(grpc.StatusCode.CANCELLED, "the client closed the connection")
+        response, initial, trailing = calling.result()
         payload = response_json(binding, response)
         headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
         if trailing:
@@ -415,6 +430,13 @@ class _TranscodedRoutes(BaseRoute):
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         raise NoMatchFound(name, path_params)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has closed the connection. Called after the
+    body has been read whole, when the next message can only say that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _query_items(request: Request) -> list[tuple[str, str]]:

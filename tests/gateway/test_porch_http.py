@@ -7,16 +7,21 @@ uvicorn, on real sockets, once on SQLite and once on PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
 
 import httpx
+import psycopg2
 import pytest
+from sqlalchemy.engine import make_url
 
 from porch_server.models import Role
+from porch_server.service import UNANSWERED_CLAIM
 from tests.gateway.conftest import PorchHttp, bearer
 
 pytestmark = pytest.mark.asyncio
@@ -245,6 +250,52 @@ async def test_an_update_naming_a_stale_claim_is_400_and_changes_nothing(
     body = {"task": {"status": "RUNNING", "claimNumber": 2}}
     running = await client.patch(path, json=body, headers=wrapper)
     assert (running.status_code, running.json()["status"]) == (200, "RUNNING")
+
+
+@contextlib.contextmanager
+def database_held(db_url: str) -> Iterator[None]:
+    """Make every write wait while the block runs: PostgreSQL for a lock on
+    the task table, SQLite for the database's write lock."""
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        holder: Any = sqlite3.connect(str(url.database), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+    else:
+        holder = psycopg2.connect(
+            host=url.host, port=url.port, user=url.username, dbname=url.database
+        )
+        holder.cursor().execute("LOCK TABLE task IN ACCESS EXCLUSIVE MODE")
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+async def test_a_claim_whose_client_left_goes_back_to_pending(
+    porch_http: PorchHttp, db_url: str
+) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    [task_id] = await register(porch_http, wrapper, {"id_run": 45925})
+    with database_held(db_url):
+        # The claim waits for the database; its client gives up and leaves.
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/tasks/claim", json=PIPELINE, headers=wrapper, timeout=0.5)
+        await asyncio.sleep(0.5)
+    events_url = f"/v1/pipelines/p1/tasks/{task_id}/events"
+    for _ in range(100):
+        events = (await client.get(events_url, headers=wrapper)).json()["events"]
+        if len(events) == 3:
+            break
+        await asyncio.sleep(0.1)
+    assert [(e["kind"], e["new_status"]) for e in events] == [
+        ("CREATED", "PENDING"),
+        ("CLAIMED", "CLAIMED"),
+        ("STATUS_CHANGED", "PENDING"),
+    ]
+    assert events[-1]["message"] == UNANSWERED_CLAIM
+    [again] = (await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).json()
+    assert (again["task_input_id"], again["claim_number"]) == (task_id, 2)
 
 
 async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchHttp) -> None:
