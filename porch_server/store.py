@@ -159,15 +159,7 @@ _EVENT_COLUMNS = (
 # below it can still appear.
 _XMIN = func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(Text).cast(BigInteger)
 
-# The tasks a claim takes: the oldest PENDING ones, skipping rows another
-# claimer holds. Public so that tests can EXPLAIN it.
-claim_candidates = (
-    select(task.c.id)
-    .where(task.c.pipeline_id == _PIPELINE_ID, task.c.status == _PENDING)
-    .order_by(task.c.id)
-    .limit(bindparam("num_tasks", type_=Integer))
-    .with_for_update(skip_locked=True)
-)
+_NUM_TASKS = bindparam("num_tasks", type_=Integer)
 
 # A pipeline's tasks with any of these task_input_ids (PostgreSQL).
 _existing_tasks = select(task).where(
@@ -219,6 +211,52 @@ def _answer_bytes_sql(json_length: ColumnElement[int]) -> ColumnElement[int]:
     return bounded + _TASK_OVERHEAD_BYTES
 
 
+def _pending(limit: int | ColumnElement[int]) -> Select[Any]:
+    """The ids of the pipeline's oldest PENDING tasks, at most limit of them."""
+    return (
+        select(task.c.id)
+        .where(task.c.pipeline_id == _PIPELINE_ID, task.c.status == _PENDING)
+        .order_by(task.c.id)
+        .limit(limit)
+    )
+
+
+def _previewed() -> CTE:
+    """The oldest num_tasks PENDING tasks, read without a lock and numbered
+    from 1, with the most each takes in an answer (size).
+
+    A claim locks only as many tasks as fit in its answer, counted on this
+    preview: a task it locked but did not take would be skipped by every
+    claim running beside it, though PENDING."""
+    preview = _pending(_NUM_TASKS).add_columns(task.c.task_input).cte("preview")
+    return select(
+        preview.c.id,
+        func.row_number().over(order_by=preview.c.id).label("number"),
+        _answer_bytes_sql(func.length(preview.c.task_input)).label("size"),
+    ).cte("previewed")
+
+
+def _claim_candidates() -> Select[Any]:
+    """The tasks one claim locks: the oldest PENDING ones, skipping those
+    another claimer holds, as many as the preview says fit in one answer."""
+    previewed = _previewed()
+    running = select(
+        previewed.c.number,
+        func.sum(previewed.c.size).over(order_by=previewed.c.number).label("running"),
+    ).cte("running")
+    fits = (
+        select(func.count())
+        .select_from(running)
+        .where(or_(running.c.number == 1, running.c.running <= ANSWER_BYTES))
+        .scalar_subquery()
+    )
+    return _pending(fits).with_for_update(skip_locked=True)
+
+
+# Public so that tests can EXPLAIN it.
+claim_candidates = _claim_candidates()
+
+
 def _within_answer(candidates: CTE) -> Select[Any]:
     """The ids of the candidates one answer holds: the oldest, then more
     while the answer stays within ANSWER_BYTES."""
@@ -238,7 +276,7 @@ def _within_answer(candidates: CTE) -> Select[Any]:
 
 _claim = (
     update(task)
-    .where(task.c.id.in_(_within_answer(claim_candidates.cte("candidates"))))
+    .where(task.c.id.in_(_within_answer(_claim_candidates().cte("candidates"))))
     .values(
         status=State.CLAIMED.value,
         update_time=_NOW,
@@ -1590,18 +1628,9 @@ def _claim_batch() -> Select[Any]:
     claim_lasts[k]; each row comes back with its claimer's 1-based position.
     With fewer tasks pending, the claimers that asked first are served first.
     A claimer whose share outgrows one answer (ANSWER_BYTES) gets its
-    oldest tasks that fit; the rest stay PENDING.
+    oldest tasks that fit; the rest stay PENDING, and unlocked: the shares
+    are counted on an unlocked preview first, and only what fits is locked.
     """
-    candidates = claim_candidates.cte("candidates")
-    numbered = (
-        select(
-            candidates.c.id,
-            func.row_number().over(order_by=candidates.c.id).label("number"),
-            func.length(task.c.task_input).label("size"),
-        )
-        .join_from(candidates, task, task.c.id == candidates.c.id)
-        .cte("numbered")
-    )
     claimers = _rows_of_arrays(
         "claimers",
         [
@@ -1613,18 +1642,66 @@ def _claim_batch() -> Select[Any]:
             ("claim_lease_expire_times", "lease_expire_time", UtcDateTime),
         ],
     )
-    mine = {"partition_by": claimers.c.position, "order_by": numbered.c.id}
+    # How many of its share of the preview each claimer's answer holds; the
+    # claimers' ranges are then these counts end to end, and only their sum
+    # is locked.
+    previewed = _previewed()
+    claimer, number = claimers.c.position, previewed.c.number
+    shares = (
+        select(
+            claimers.c.position,
+            func.row_number().over(partition_by=claimer, order_by=number).label("nth"),
+            func.sum(previewed.c.size).over(partition_by=claimer, order_by=number).label("running"),
+        )
+        .join_from(
+            previewed,
+            claimers,
+            (previewed.c.number > claimers.c.after) & (previewed.c.number <= claimers.c.last),
+        )
+        .cte("shares")
+    )
+    fits = (
+        select(shares.c.position, func.count().label("fit"))
+        .where(or_(shares.c.nth == 1, shares.c.running <= ANSWER_BYTES))
+        .group_by(shares.c.position)
+        .cte("fits")
+    )
+    fit = func.coalesce(fits.c.fit, 0)
+    ranges = (
+        select(
+            *claimers.c,
+            fit.label("fit"),
+            func.sum(fit).over(order_by=claimers.c.position).label("upto"),
+        )
+        .outerjoin_from(claimers, fits, fits.c.position == claimers.c.position)
+        .cte("ranges")
+    )
+    total = select(func.coalesce(func.sum(ranges.c.fit), 0)).scalar_subquery()
+    candidates = _pending(total).with_for_update(skip_locked=True).cte("candidates")
+    numbered = (
+        select(
+            candidates.c.id,
+            func.row_number().over(order_by=candidates.c.id).label("number"),
+            func.length(task.c.task_input).label("size"),
+        )
+        .join_from(candidates, task, task.c.id == candidates.c.id)
+        .cte("numbered")
+    )
+    mine, oldest = ranges.c.position, numbered.c.id
     assigned = (
         select(
             numbered.c.id,
-            claimers,
-            func.row_number().over(**mine).label("nth"),
-            func.sum(_answer_bytes_sql(numbered.c.size)).over(**mine).label("running"),
+            ranges,
+            func.row_number().over(partition_by=mine, order_by=oldest).label("nth"),
+            func.sum(_answer_bytes_sql(numbered.c.size))
+            .over(partition_by=mine, order_by=oldest)
+            .label("running"),
         )
         .join_from(
             numbered,
-            claimers,
-            (numbered.c.number > claimers.c.after) & (numbered.c.number <= claimers.c.last),
+            ranges,
+            (numbered.c.number > ranges.c.upto - ranges.c.fit)
+            & (numbered.c.number <= ranges.c.upto),
         )
         .cte("assigned")
     )

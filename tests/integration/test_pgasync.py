@@ -168,11 +168,12 @@ async def test_claimers_together_each_take_what_one_answer_holds(
     first, second = await asyncio.gather(
         store.claim_tasks_async("p", 3, None, actor), store.claim_tasks_async("p", 3, None, actor)
     )
-    # Each claimer's share is the next three oldest; each answer holds two of them.
+    # Each answer holds two: the claimers take the four oldest in turn, and
+    # leave no older task behind.
     assert [t.task_input["n"] for t in first or []] == [0, 1]
-    assert [t.task_input["n"] for t in second or []] == [3, 4]
+    assert [t.task_input["n"] for t in second or []] == [2, 3]
     pending = [t for t in every_task(store, "p") if t.status is State.PENDING]
-    assert [task.task_input["n"] for task in pending] == [2, 5, 6]
+    assert [task.task_input["n"] for task in pending] == [4, 5, 6]
 
 
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:

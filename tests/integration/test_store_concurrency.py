@@ -141,13 +141,11 @@ def test_claim_uses_the_partial_index_on_a_large_backlog(store: Store, pg_url: s
         store.register_tasks("p1", [{"n": n} for n in range(5)], SYSTEM)
         with engine.connect() as connection:
             connection.exec_driver_sql("ANALYZE task")
-            query = str(claim_candidates.compile(dialect=engine.dialect))
-            plan = "\n".join(
-                connection.exec_driver_sql(
-                    f"EXPLAIN {query}", {"in_pipeline_id": pipeline_id, "num_tasks": 10}
-                ).scalars()
-            )
-        assert "ix_task_pending" in plan, plan
+            query = claim_candidates.compile(dialect=engine.dialect)
+            params = query.params | {"in_pipeline_id": pipeline_id, "num_tasks": 10}
+            plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {query}", params).scalars())
+        # Both the unlocked preview and the locking read.
+        assert plan.count("ix_task_pending") == 2, plan
         assert len(store.claim_tasks("p1", 10, None, SYSTEM)) == 5
     finally:
         engine.dispose()
@@ -197,5 +195,37 @@ def test_updates_that_change_nothing_lock_nothing_a_claim_would_skip(
             # With all of that still uncommitted, a claim gets both tasks.
             claimed = store.claim_tasks("p1", 2, None, SYSTEM)
             assert [task.task_input_id for task in claimed] == keys
+    finally:
+        engine.dispose()
+
+
+def test_a_claim_locks_only_what_its_answer_holds(store: Store, pg_url: str) -> None:
+    large = "x" * (700 * 1024)  # an answer holds two of these
+    registered = store.register_tasks("p1", [{"n": n, "blob": large} for n in range(9)], SYSTEM)
+    keys = [r.task.task_input_id for r in registered]
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as held, held.begin():
+            pipeline_id = held.scalar(text("SELECT id FROM pipeline WHERE name = 'p1'"))
+            now = datetime.now(UTC)
+            # One claim of 5, and two claimers of 3 together, uncommitted ...
+            alone = store_module._claim_params(now, pipeline_id, 5, None, SYSTEM)
+            taken = held.execute(store_module._claim_with_events(), alone).all()
+            together = {
+                "now": now,
+                "in_pipeline_id": pipeline_id,
+                "num_tasks": 6,
+                "claim_afters": [0, 3],
+                "claim_lasts": [3, 6],
+                "claim_token_ids": [None, None],
+                "claim_descriptions": ["a", "b"],
+                "claim_lease_seconds": [None, None],
+                "claim_lease_expire_times": [None, None],
+            }
+            taken += held.execute(store_module._claim_batch(), together).all()
+            assert [row.task_input_id for row in taken] == keys[:6]
+            # ... leave the next two oldest to a claim beside them.
+            claimed = store.claim_tasks("p1", 5, None, SYSTEM)
+            assert [task.task_input_id for task in claimed] == keys[6:8]
     finally:
         engine.dispose()
