@@ -366,7 +366,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if remaining is not None and remaining <= 0:
             # ... or with the answer ready but the caller's deadline passed.
             self._release(name, actor, claiming)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            try:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # gRPC had ended the call already: nobody is left to tell
+                raise asyncio.CancelledError from None
         return porch_pb2.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks])
 
     async def _claim(

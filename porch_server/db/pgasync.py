@@ -163,13 +163,16 @@ class AsyncStatements:
             records: list[asyncpg.Record] = await self._pool.fetch(
                 compiled.sql, *compiled.arguments(params)
             )
+        except asyncpg.InternalClientError as error:
+            # A connection the server ended while it was in use reports
+            # "cannot switch to state …; another operation is in progress".
+            raise Unavailable(
+                "database unavailable: the connection was lost during the call; try again"
+            ) from error
         except (
             TimeoutError,
             OSError,
             asyncpg.InterfaceError,
-            # A connection the server ended while it was in use may report
-            # "cannot switch to state …; another operation is in progress".
-            asyncpg.InternalClientError,
             asyncpg.PostgresConnectionError,
             asyncpg.CannotConnectNowError,
             asyncpg.TooManyConnectionsError,

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -441,10 +442,13 @@ class Hub:
 
 
 class EndedCall:
-    """A call's context whose deadline has passed (remaining -1 s) or not (None)."""
+    """A call's context whose deadline has passed (remaining -1 s) or not
+    (None); with ended, gRPC has ended the call already, and an abort fails
+    to send its status."""
 
-    def __init__(self, remaining: float | None) -> None:
+    def __init__(self, remaining: float | None, ended: bool = False) -> None:
         self.remaining = remaining
+        self.ended = ended
         self.aborted: tuple[Any, str] | None = None
 
     def time_remaining(self) -> float | None:
@@ -452,6 +456,8 @@ class EndedCall:
 
     async def abort(self, code: Any, details: str) -> None:
         self.aborted = (code, details)
+        if self.ended:
+            raise RuntimeError('Failed "execute_batch"')  # as grpc's ExecuteBatchError
         raise asyncio.CancelledError  # as grpc.aio's abort ends the handler
 
 
@@ -464,7 +470,7 @@ async def released(store: Store, task_id: str) -> list[str | None]:
     return [event.message for event in store.list_task_events("p", task_id, 10, "").items]
 
 
-@pytest.mark.parametrize("how", ["cancelled", "past its deadline"])
+@pytest.mark.parametrize("how", ["cancelled", "past its deadline", "ended by gRPC"])
 async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
     async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
@@ -482,7 +488,7 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
         return claimed
 
     monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
-    context = EndedCall(-1.0 if how == "past its deadline" else None)
+    context = EndedCall(None if how == "cancelled" else -1.0, ended=how == "ended by gRPC")
     request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
     call = asyncio.ensure_future(service.ClaimTasks(request, context))  # type: ignore[arg-type]
     await made.wait()
@@ -495,6 +501,22 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
 
     assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
     assert store.get_task("p", task_id).claimed_by_token_id is None
-    if how == "past its deadline":
+    if how != "cancelled":
         assert context.aborted is not None and context.aborted[0].name == "DEADLINE_EXCEEDED"
     executor.shutdown()
+
+
+async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    statements = store._async
+    assert statements is not None and statements._pool is not None
+
+    class LostPool:
+        async def fetch(self, *args: Any) -> Any:
+            raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2)")
+
+    monkeypatch.setattr(statements, "_pool", LostPool())
+    with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
+        await store.claim_tasks_async("p", 1, None, actor)
