@@ -274,20 +274,27 @@ def _within_answer(candidates: CTE) -> Select[Any]:
     return select(sized.c.id).where(or_(sized.c.nth == 1, sized.c.running <= ANSWER_BYTES))
 
 
-_claim = (
-    update(task)
-    .where(task.c.id.in_(_within_answer(_claim_candidates().cte("candidates"))))
-    .values(
-        status=State.CLAIMED.value,
-        update_time=_NOW,
-        claim_time=_NOW,
-        claim_number=task.c.claim_number + 1,
-        claimed_by_token_id=bindparam("actor_token_id", type_=Integer),
-        lease_seconds=bindparam("claim_lease_seconds", type_=Integer),
-        lease_expire_time=bindparam("claim_lease_expire_time", type_=UtcDateTime),
+def _claim(candidates: Select[Any]) -> Any:
+    """Claim those of the candidates one answer holds."""
+    return (
+        update(task)
+        .where(task.c.id.in_(_within_answer(candidates.cte("candidates"))))
+        .values(
+            status=State.CLAIMED.value,
+            update_time=_NOW,
+            claim_time=_NOW,
+            claim_number=task.c.claim_number + 1,
+            claimed_by_token_id=bindparam("actor_token_id", type_=Integer),
+            lease_seconds=bindparam("claim_lease_seconds", type_=Integer),
+            lease_expire_time=bindparam("claim_lease_expire_time", type_=UtcDateTime),
+        )
+        .returning(*task.c)
     )
-    .returning(*task.c)
-)
+
+
+# SQLite: a claim holds the database's write lock, so nothing is skipped and
+# the oldest PENDING tasks are the candidates.
+_claim_sqlite = _claim(_pending(_NUM_TASKS))
 
 
 class Store:
@@ -616,7 +623,7 @@ class Store:
             if self._postgresql:
                 rows = connection.execute(_claim_with_events(), params).all()
             else:
-                rows = sorted(connection.execute(_claim, params), key=lambda row: row.id)
+                rows = sorted(connection.execute(_claim_sqlite, params), key=lambda row: row.id)
                 self._record_events(
                     connection, rows, EventKind.CLAIMED, State.PENDING, State.CLAIMED, params
                 )
@@ -1600,7 +1607,7 @@ def _register_with_events() -> Select[Any]:
 @functools.cache
 def _claim_with_events() -> Select[Any]:
     """The claim and its CLAIMED events in one statement (PostgreSQL)."""
-    claimed = _claim.cte("claimed")
+    claimed = _claim(_claim_candidates()).cte("claimed")
     events = _events_from(
         claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
     )
