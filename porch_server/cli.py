@@ -48,6 +48,9 @@ WORKER_STEADY_SECONDS = 30.0
 # The most open files a server asks for (a connection is one), when the
 # system's hard limit allows it.
 FILE_LIMIT = 65_536
+# The largest --db-pool-size, far past what a PostgreSQL server allows by
+# default (max_connections is 100).
+MAX_POOL_SIZE = 1_000
 
 
 def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         default=15.0,
         help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
+    )
+    serve.add_argument(
+        "--db-pool-size",
+        type=_pool_size,
+        default=10,
+        metavar="N",
+        help="database connections per pool; a server process holds at most 3 x N + 1 (default 10)",
     )
     _add_grace_flag(serve)
     serve.add_argument(
@@ -239,6 +249,7 @@ def _config(args: argparse.Namespace) -> Config:
         watch_keepalive_seconds=args.watch_keepalive_seconds,
         grace_seconds=args.shutdown_grace_seconds,
         event_loop=args.event_loop,
+        db_pool_size=args.db_pool_size,
     )
 
 
@@ -657,6 +668,17 @@ def _positive_days(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
     return value
+
+
+def _pool_size(text: str) -> int:
+    """A number of connections from 1 to MAX_POOL_SIZE."""
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= MAX_POOL_SIZE:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1 to {MAX_POOL_SIZE}: {text!r}")
+    return size
 
 
 def _positive(text: str) -> float:

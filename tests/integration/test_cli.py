@@ -18,9 +18,12 @@ from typing import Any
 
 import grpc
 import httpx
+import psycopg2
 import pytest
 import trustme
+from sqlalchemy.engine import make_url
 
+from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
@@ -496,6 +499,8 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--tls-client-ca", "ca.pem"], "--tls-cert and --tls-key go together"),
         (["serve", "--workers", "2", "--grpc-port", "50999", "--http-port", "0"], "fixed"),
         (["serve", "--shutdown-grace-seconds", "0"], "not a positive number: '0'"),
+        (["serve", "--db-pool-size", "0"], "not a whole number from 1 to 1000: '0'"),
+        (["serve", "--db-pool-size", "2.5"], "not a whole number from 1 to 1000: '2.5'"),
         (["gateway", "--target", "h:1", "--shutdown-grace-seconds", "inf"], "not a finite"),
         (["gateway", "--target", "h:1", "--target-tls-key", "k.pem"], "go together"),
         (["serve", "--host", "no-such-host.invalid"], "--host no-such-host.invalid: "),
@@ -522,6 +527,43 @@ def test_the_shutdown_grace_is_the_operators() -> None:
     assert _config(_parser().parse_args(["serve"])).grace_seconds == 10
     args = _parser().parse_args(["serve", "--shutdown-grace-seconds", "120"])
     assert _config(args).grace_seconds == 120
+
+
+def connections_under_load(pg_url: str, *flags: str) -> int:
+    """The connections a server holds to its database after 200 concurrent calls."""
+    process, target = start_server(pg_url, *flags)
+    store = Store(make_engine(pg_url))
+    try:
+        secret = new_secret()
+        store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
+        store.close()
+        metadata = (("authorization", f"Bearer {secret}"),)
+        with grpc.insecure_channel(target) as channel:
+            stub = porch_pb2_grpc.PorchServiceStub(channel)
+            request = pb.CreatePipelineRequest(pipeline=pb.Pipeline(name="p", uri="u", version="1"))
+            with contextlib.suppress(grpc.RpcError):  # made by the first server already
+                stub.CreatePipeline(request, metadata=metadata)
+            listing = pb.ListTasksRequest(pipeline_name="p")
+            calls = [stub.ListTasks.future(listing, metadata=metadata) for _ in range(200)]
+            for call in calls:
+                call.result(timeout=30)
+        with psycopg2.connect(
+            make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        ) as counting:
+            cursor = counting.cursor()
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return int(cursor.fetchone()[0])
+    finally:
+        stop_server(process)
+
+
+@pytest.mark.postgres
+def test_db_pool_size_bounds_a_servers_connections(pg_url: str) -> None:
+    assert connections_under_load(pg_url) > 3 * 2 + 1
+    assert connections_under_load(pg_url, "--db-pool-size", "2") <= 3 * 2 + 1
 
 
 def _ipv6_loopback() -> bool:
