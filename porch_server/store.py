@@ -211,6 +211,27 @@ def _answer_bytes_sql(json_length: ColumnElement[int]) -> ColumnElement[int]:
     return bounded + _TASK_OVERHEAD_BYTES
 
 
+def _answer_holds(nth: ColumnElement[int], running: ColumnElement[int]) -> ColumnElement[bool]:
+    """Whether one answer holds the nth task of a run whose tasks up to it
+    take running bytes: the first always, the rest while within ANSWER_BYTES."""
+    return or_(nth == 1, running <= ANSWER_BYTES)
+
+
+def _claimed(
+    token_id: ColumnElement[Any], lease_seconds: ColumnElement[Any], lease_expire_time: Any
+) -> dict[str, Any]:
+    """The columns a claim sets on each task it takes."""
+    return {
+        "status": State.CLAIMED.value,
+        "update_time": _NOW,
+        "claim_time": _NOW,
+        "claim_number": task.c.claim_number + 1,
+        "claimed_by_token_id": token_id,
+        "lease_seconds": lease_seconds,
+        "lease_expire_time": lease_expire_time,
+    }
+
+
 def _pending(limit: int | ColumnElement[int]) -> Select[Any]:
     """The ids of the pipeline's oldest PENDING tasks, at most limit of them."""
     return (
@@ -223,11 +244,8 @@ def _pending(limit: int | ColumnElement[int]) -> Select[Any]:
 
 def _previewed() -> CTE:
     """The oldest num_tasks PENDING tasks, read without a lock and numbered
-    from 1, with the most each takes in an answer (size).
-
-    A claim locks only as many tasks as fit in its answer, counted on this
-    preview: a task it locked but did not take would be skipped by every
-    claim running beside it, though PENDING."""
+    from 1, with the most each takes in an answer (size): what claims
+    merged into one statement count their shares on (see _claim_candidates)."""
     preview = _pending(_NUM_TASKS).add_columns(task.c.task_input).cte("preview")
     return select(
         preview.c.id,
@@ -238,28 +256,18 @@ def _previewed() -> CTE:
 
 def _claim_candidates() -> Select[Any]:
     """The tasks one claim locks: the oldest PENDING ones, skipping those
-    another claimer holds, as many as the preview says fit in one answer."""
-    previewed = _previewed()
-    running = select(
-        previewed.c.number,
-        func.sum(previewed.c.size).over(order_by=previewed.c.number).label("running"),
-    ).cte("running")
-    fits = (
-        select(func.count())
-        .select_from(running)
-        .where(or_(running.c.number == 1, running.c.running <= ANSWER_BYTES))
-        .scalar_subquery()
-    )
+    another claimer holds, as many as one answer holds of the oldest
+    num_tasks, counted on a read without a lock. A task locked but not taken
+    would be skipped by every claim running beside it, though PENDING."""
+    preview = _pending(_NUM_TASKS).cte("preview")
+    held = _within_answer(preview, "preview_sized").subquery("held")
+    fits = select(func.count()).select_from(held).scalar_subquery()
     return _pending(fits).with_for_update(skip_locked=True)
 
 
-# Public so that tests can EXPLAIN it.
-claim_candidates = _claim_candidates()
-
-
-def _within_answer(candidates: CTE) -> Select[Any]:
+def _within_answer(candidates: CTE, name: str = "sized") -> Select[Any]:
     """The ids of the candidates one answer holds: the oldest, then more
-    while the answer stays within ANSWER_BYTES."""
+    while the answer stays within ANSWER_BYTES (name: of the CTE it adds)."""
     sized = (
         select(
             candidates.c.id,
@@ -269,9 +277,13 @@ def _within_answer(candidates: CTE) -> Select[Any]:
             .label("running"),
         )
         .join_from(candidates, task, task.c.id == candidates.c.id)
-        .cte("sized")
+        .cte(name)
     )
-    return select(sized.c.id).where(or_(sized.c.nth == 1, sized.c.running <= ANSWER_BYTES))
+    return select(sized.c.id).where(_answer_holds(sized.c.nth, sized.c.running))
+
+
+# Public so that tests can EXPLAIN it.
+claim_candidates = _claim_candidates()
 
 
 def _claim(candidates: Select[Any]) -> Any:
@@ -280,13 +292,11 @@ def _claim(candidates: Select[Any]) -> Any:
         update(task)
         .where(task.c.id.in_(_within_answer(candidates.cte("candidates"))))
         .values(
-            status=State.CLAIMED.value,
-            update_time=_NOW,
-            claim_time=_NOW,
-            claim_number=task.c.claim_number + 1,
-            claimed_by_token_id=bindparam("actor_token_id", type_=Integer),
-            lease_seconds=bindparam("claim_lease_seconds", type_=Integer),
-            lease_expire_time=bindparam("claim_lease_expire_time", type_=UtcDateTime),
+            **_claimed(
+                bindparam("actor_token_id", type_=Integer),
+                bindparam("claim_lease_seconds", type_=Integer),
+                bindparam("claim_lease_expire_time", type_=UtcDateTime),
+            )
         )
         .returning(*task.c)
     )
@@ -1607,7 +1617,7 @@ def _register_with_events() -> Select[Any]:
 @functools.cache
 def _claim_with_events() -> Select[Any]:
     """The claim and its CLAIMED events in one statement (PostgreSQL)."""
-    claimed = _claim(_claim_candidates()).cte("claimed")
+    claimed = _claim(claim_candidates).cte("claimed")
     events = _events_from(
         claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
     )
@@ -1669,7 +1679,7 @@ def _claim_batch() -> Select[Any]:
     )
     fits = (
         select(shares.c.position, func.count().label("fit"))
-        .where(or_(shares.c.nth == 1, shares.c.running <= ANSWER_BYTES))
+        .where(_answer_holds(shares.c.nth, shares.c.running))
         .group_by(shares.c.position)
         .cte("fits")
     )
@@ -1714,18 +1724,9 @@ def _claim_batch() -> Select[Any]:
     )
     claimed = (
         update(task)
-        .where(
-            task.c.id == assigned.c.id,
-            or_(assigned.c.nth == 1, assigned.c.running <= ANSWER_BYTES),
-        )
+        .where(task.c.id == assigned.c.id, _answer_holds(assigned.c.nth, assigned.c.running))
         .values(
-            status=State.CLAIMED.value,
-            update_time=_NOW,
-            claim_time=_NOW,
-            claim_number=task.c.claim_number + 1,
-            claimed_by_token_id=assigned.c.token_id,
-            lease_seconds=assigned.c.lease_seconds,
-            lease_expire_time=assigned.c.lease_expire_time,
+            **_claimed(assigned.c.token_id, assigned.c.lease_seconds, assigned.c.lease_expire_time)
         )
         .returning(*task.c, assigned.c.position, assigned.c.token_description)
         .cte("claimed")
