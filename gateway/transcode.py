@@ -95,14 +95,14 @@ def build_request(
     seen: set[str] = set()
     for key, value in query:
         _check_utf8(f"query parameter {key!r}", key + value)
+        path = key.split(".")
         if key in seen:
-            field = resolve_field(binding.method.input_type, key.split("."))
+            field = resolve_field(binding.method.input_type, path)
             if field is not None and not field.is_repeated:
                 raise invalid_argument(f"query parameter {key!r} is given more than once")
         seen.add(key)
         if binding.body == "*":
             raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
-        path = key.split(".")
         if path[0] == body_field:
             raise invalid_argument(f"query parameter {key!r} names a field of the request body")
         if key in binding.followed_fields:

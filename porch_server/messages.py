@@ -42,9 +42,13 @@ def to_dict(struct: struct_pb2.Struct, depth: int = 1) -> dict[str, Any]:
     Read directly: json_format.MessageToDict takes twice as long, and it
     refuses NaN and infinities with a ValueError where the digest names them.
     """
+    _check_depth(depth)
+    return {key: _plain(value, depth) for key, value in struct.fields.items()}
+
+
+def _check_depth(depth: int) -> None:
     if depth > MAX_INPUT_DEPTH:
         raise InvalidArgument(f"task_input nests deeper than {MAX_INPUT_DEPTH} levels")
-    return {key: _plain(value, depth) for key, value in struct.fields.items()}
 
 
 def _plain(value: struct_pb2.Value, depth: int) -> Any:
@@ -56,8 +60,7 @@ def _plain(value: struct_pb2.Value, depth: int) -> Any:
     if kind == "struct_value":
         return to_dict(value.struct_value, depth + 1)
     if kind == "list_value":
-        if depth >= MAX_INPUT_DEPTH:
-            raise InvalidArgument(f"task_input nests deeper than {MAX_INPUT_DEPTH} levels")
+        _check_depth(depth + 1)
         return [_plain(item, depth + 1) for item in value.list_value.values]
     if kind == "bool_value":
         return value.bool_value
