@@ -32,6 +32,12 @@ Processes and their accounting (Linux /proc)
     ``cpu_seconds(pids)``: user + system CPU seconds the processes used so far.
     ``peak_rss_mb(pids)``: the largest peak resident set (VmHWM) among them, MiB.
     ``rss_mb(pids)``: the current resident sets (VmRSS) added up, MiB.
+    ``cpu_split(server_pids)``: a context manager giving a dict that, when
+    the block ends, holds where the machine's CPU went while it ran: the
+    server's, the client processes' (those the block ran and waited for),
+    PostgreSQL's, the share left idle, and how the server's busiest
+    event-loop thread spent the time (on a CPU, or runnable and waiting
+    for one).
 
 Clients
     ``run_clients(function, arguments)``: run ``function(*arguments[i])`` in
@@ -68,6 +74,7 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -326,6 +333,64 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             fields = stat[stat.rindex(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / CLOCK_TICKS
+
+
+@contextmanager
+def cpu_split(server_pids: Sequence[int]) -> Iterator[dict[str, float]]:
+    """Where the CPU goes while the block runs, in the dict this yields:
+    ``server_s``, ``clients_s`` (processes started and waited for in the
+    block, from RUSAGE_CHILDREN) and ``postgres_s`` (every process named
+    postgres, the whole cluster's) CPU seconds; ``idle_share`` of the
+    machine (/proc/stat); and of the busiest event-loop thread (each server
+    process's main thread, /proc/PID/task/PID/schedstat) the share of the
+    block's time it ran (``loop_run_share``) and the share it was runnable
+    but waited for a core (``loop_wait_share``)."""
+    figures: dict[str, float] = {}
+    start = time.monotonic()
+    server, clients = cpu_seconds(server_pids), _children_cpu_seconds()
+    postgres, machine = _postgres_cpu(), _machine_ticks()
+    loops = {pid: _schedstat(pid) for pid in server_pids}
+    yield figures
+    seconds = time.monotonic() - start
+    figures["server_s"] = cpu_seconds(server_pids) - server
+    figures["clients_s"] = _children_cpu_seconds() - clients
+    ended = _postgres_cpu()
+    figures["postgres_s"] = sum(ended[pid] - postgres.get(pid, 0.0) for pid in ended)
+    busy, total = (now - then for now, then in zip(_machine_ticks(), machine, strict=True))
+    figures["idle_share"] = 1 - busy / total if total else 0.0
+    run, wait = max(
+        (
+            tuple(now - then for now, then in zip(_schedstat(pid), loops[pid], strict=True))
+            for pid in server_pids
+        ),
+        default=(0, 0),
+    )
+    figures["loop_run_share"] = run / 1e9 / seconds
+    figures["loop_wait_share"] = wait / 1e9 / seconds
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _postgres_cpu() -> dict[int, float]:
+    """CPU seconds of every running process named postgres, by pid."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return {pid: cpu_seconds([pid]) for pid in pids if _proc_text(pid, "comm") == "postgres\n"}
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot; idle and iowait are not busy."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    total = sum(ticks[:8])  # guest time is already counted in user time
+    return total - ticks[3] - ticks[4], total
+
+
+def _schedstat(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable and waiting for one) of the process's main thread."""
+    fields = _proc_text(pid, f"task/{pid}/schedstat").split()
+    return (int(fields[0]), int(fields[1])) if fields else (0, 0)
 
 
 def _proc_text(pid: int, name: str) -> str:

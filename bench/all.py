@@ -148,6 +148,13 @@ def print_targets(
         ["measurement", "target", "measured", "met", "rule"],
         rows,
     )
+    print(
+        f"\ngRPC lifecycle, CPU ms per task: server {grpc['cpu_ms_per_task_lifecycle']:.2f},"
+        f" client processes {grpc['clients_cpu_ms_per_task']:.2f},"
+        f" PostgreSQL {grpc['postgres_cpu_ms_per_task']:.2f}; machine idle"
+        f" {grpc['idle_share']:.0%}; server event loop on a CPU {grpc['loop_run_share']:.0%}"
+        f" and runnable, waiting for one, {grpc['loop_wait_share']:.0%} of the time"
+    )
 
 
 def _row(name: str, target: float | None, measured: float, rule: str) -> tuple[Any, ...]:

@@ -23,6 +23,7 @@ from _common import (
     bench_pipeline,
     check_claims,
     cpu_seconds,
+    cpu_split,
     grpc_channel,
     metadata,
     peak_rss_mb,
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             cpu_registered = cpu_seconds(server.pids())
             xid_registered = write_transactions(url)
-            with py_spy(server.pids(), args.profile):
+            with py_spy(server.pids(), args.profile), cpu_split(server.pids()) as split:
                 results = run_clients(
                     lifecycle_client, [(server.target, secret, args.batch)] * args.clients
                 )
@@ -176,7 +177,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "cpu_ms_per_task_lifecycle": (cpu_done - cpu_registered) / args.tasks * 1000,
         "cpu_ms_per_task": (cpu_done - cpu_start) / args.tasks * 1000,
         "server_peak_rss_mb": rss,
+        # Where the machine's CPU went in the lifecycle (see bench/README.md).
+        "clients_cpu_ms_per_task": split["clients_s"] / args.tasks * 1000,
+        "idle_share": split["idle_share"],
+        "loop_run_share": split["loop_run_share"],
+        "loop_wait_share": split["loop_wait_share"],
     }
+    if not args.sqlite:
+        figures["postgres_cpu_ms_per_task"] = split["postgres_s"] / args.tasks * 1000
     if xid_registered is not None and xid_done is not None:
         # The reference: one commit per claim of K and per status change, 2 + 1/K.
         figures["commits_per_task"] = (xid_done - xid_registered - 1) / args.tasks
@@ -198,6 +206,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 if "commits_per_task" in figures
                 else []
             ),
+            ("client processes' CPU ms / task, lifecycle", figures["clients_cpu_ms_per_task"]),
+            *(
+                [("PostgreSQL's CPU ms / task, lifecycle", figures["postgres_cpu_ms_per_task"])]
+                if "postgres_cpu_ms_per_task" in figures
+                else []
+            ),
+            ("machine idle in the lifecycle, %", 100 * figures["idle_share"]),
+            ("server event loop on a CPU, %", 100 * figures["loop_run_share"]),
+            ("  runnable, waiting for a CPU, %", 100 * figures["loop_wait_share"]),
         ],
     )
     print_table(
