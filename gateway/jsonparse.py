@@ -11,9 +11,10 @@ Anything else (null, floats, bytes, maps, oneofs, other well-known types,
 numbers or enums as strings, a field named twice, nesting as deep as
 json_format refuses) sends the whole body to json_format on a cleared
 message, so results and errors outside the plain cases are json_format's
-own, but for one check first: a field holding the wrong kind of JSON for
-a message or a string gets an error naming it (``check_shapes``). The
-property tests hold merge_json_object to that check and json_format.
+own, but for one check first: a field holding JSON of the wrong kind for
+its type, an enum value the enum does not name, or a field the message does
+not have, gets an error naming the field and what it takes (``check_shapes``).
+The property tests hold merge_json_object to that check and json_format.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import re
 from collections.abc import Callable
 from typing import Any, cast
 
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -48,6 +49,15 @@ _INTEGERS = frozenset(
         FieldDescriptor.CPPTYPE_UINT64,
     )
 )
+# An integer as JSON may also write it: in a string (the proto3 JSON mapping).
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+# The values each integer type holds, by its C++ type.
+INTEGER_RANGES: dict[int, tuple[int, int]] = {
+    FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
+    FieldDescriptor.CPPTYPE_INT64: (-(2**63), 2**63 - 1),
+    FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
+    FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
+}
 
 
 class _NotPlain(Exception):
@@ -76,28 +86,134 @@ def check_shapes(data: Any, message: Message) -> None:
 
 
 def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
-    if descriptor.full_name == "google.protobuf.Duration" and data is not None:
+    name = descriptor.full_name
+    if data is None or depth > _MAX_DEPTH:
+        return  # null leaves a field unset; json_format refuses the depth
+    if name == "google.protobuf.Duration":
         _check_duration(data, path)
-    if descriptor.full_name.startswith("google.protobuf.") or data is None or depth > _MAX_DEPTH:
+    elif name == "google.protobuf.Timestamp":
+        _check_timestamp(data, path)
+    elif name in ("google.protobuf.Struct", "google.protobuf.ListValue"):
+        kind = dict if name.endswith("Struct") else list
+        if type(data) is not kind:
+            expected = "an object" if kind is dict else "a list"
+            raise json_format.ParseError(f"{_where(path)}: expected {expected}, got {_kind(data)}")
+    if name.startswith("google.protobuf."):
         return  # well-known types have JSON forms of their own; json_format judges them
     if type(data) is not dict:
-        raise json_format.ParseError(f"{path or 'the body'}: expected an object, got {_kind(data)}")
+        raise json_format.ParseError(f"{_where(path)}: expected an object, got {_kind(data)}")
     for key, value in data.items():
         field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
-        if field is None or value is None:
-            continue  # json_format names an unknown field; null leaves a field unset
+        if field is None:
+            names = ", ".join(each.name for each in descriptor.fields)
+            raise json_format.ParseError(
+                f"{_where(path)} has no field named {_quoted(key)}; its fields are {names}"
+            )
+        if value is None:
+            continue
         where = f"{path}.{key}" if path else key
         if is_map_field(field):
             if type(value) is not dict:
                 raise json_format.ParseError(f"{where}: expected an object, got {_kind(value)}")
         elif field.is_repeated:
-            if field.message_type is not None and type(value) is list:
-                for index, item in enumerate(value):
+            if type(value) is not list:
+                raise json_format.ParseError(f"{where}: expected a list, got {_kind(value)}")
+            for index, item in enumerate(value):
+                if field.message_type is not None:
                     _check_shapes(item, field.message_type, f"{where}[{index}]", depth + 1)
+                elif item is not None:
+                    _check_scalar(item, field, f"{where}[{index}]")
         elif field.message_type is not None:
             _check_shapes(value, field.message_type, where, depth + 1)
-        elif field.type == FieldDescriptor.TYPE_STRING and type(value) is not str:
+        else:
+            _check_scalar(value, field, where)
+
+
+def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
+    """ParseError unless value is JSON that the field's type takes: json_format
+    would read true as 1, 6.5 as 6, and say "unhashable type" of a list."""
+    kind = field.cpp_type
+    if field.type == FieldDescriptor.TYPE_STRING:
+        if type(value) is not str:
             raise json_format.ParseError(f"{where}: expected a string, got {_kind(value)}")
+    elif kind == FieldDescriptor.CPPTYPE_BOOL:
+        if type(value) is not bool:
+            raise json_format.ParseError(f"{where}: expected true or false, got {_given(value)}")
+    elif kind in _INTEGERS:
+        low, high = INTEGER_RANGES[kind]
+        number = _integral(value)
+        if number is None or not low <= number <= high:
+            raise json_format.ParseError(
+                f"{where}: expected an integer from {low} to {high}, got {_given(value)}"
+            )
+    elif kind == FieldDescriptor.CPPTYPE_ENUM and not custom_enum_names():
+        # A value's name, or its number as a JSON number (not in a string, not true).
+        enum = cast(EnumDescriptor, field.enum_type)
+        if type(value) is str:
+            known = value in enum.values_by_name
+        else:
+            number = _integral(value)
+            low, high = INTEGER_RANGES[FieldDescriptor.CPPTYPE_INT32]
+            known = number is not None and low <= number <= high
+        if not known:
+            raise json_format.ParseError(
+                f"{where}: expected one of {offered_names(enum)}, got {_given(value)}"
+            )
+
+
+def _integral(value: Any) -> int | None:
+    """The integer a JSON value writes: a number with no fraction, or the
+    digits of one in a string; None for anything else."""
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if type(value) is str and len(value) <= 24 and INTEGER_TEXT.fullmatch(value):
+        return int(value)
+    return None
+
+
+def offered_names(enum: EnumDescriptor) -> str:
+    """The names of an enum's values, but for a zero value named *_UNSPECIFIED,
+    which means "not given": not one to offer."""
+    return ", ".join(
+        each.name
+        for each in enum.values
+        if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
+    )
+
+
+def _check_timestamp(data: Any, path: str) -> None:
+    """A Timestamp's JSON form is an RFC 3339 time: json_format's own words for
+    anything else are strptime's."""
+    if type(data) is str:
+        try:
+            timestamp_pb2.Timestamp().FromJsonString(data)
+        except ValueError:
+            pass
+        else:
+            return
+    raise json_format.ParseError(
+        f'{_where(path)}: expected a time such as "2026-01-31T12:00:00Z" (RFC 3339), '
+        f"got {_given(data)}"
+    )
+
+
+def _where(path: str) -> str:
+    return path or "the body"
+
+
+def _given(value: Any) -> str:
+    """value for an error: a string or number as JSON writes it (shortened), else its kind."""
+    if type(value) is str:
+        return _quoted(value)
+    if type(value) in (int, float):
+        return json.dumps(value)[:40]
+    return _kind(value)
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text[:40] + ("…" if len(text) > 40 else ""), ensure_ascii=False)
 
 
 def _check_duration(data: Any, path: str) -> None:
@@ -105,14 +221,9 @@ def _check_duration(data: Any, path: str) -> None:
     for anything else are a Python error ("invalid literal for int()")."""
     if type(data) is str and _DURATION.fullmatch(data):
         return
-    given = (
-        json.dumps(data[:40] + ("…" if len(data) > 40 else ""), ensure_ascii=False)
-        if type(data) is str
-        else _kind(data)
-    )
     raise json_format.ParseError(
-        f'{path or "the body"}: expected a duration, seconds with an "s" such as "3600s" '
-        f'or "1.5s", got {given}'
+        f'{_where(path)}: expected a duration, seconds with an "s" such as "3600s" '
+        f'or "1.5s", got {_given(data)}'
     )
 
 

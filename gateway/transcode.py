@@ -11,7 +11,6 @@ import base64
 import binascii
 import json
 import math
-import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -21,23 +20,10 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError, invalid_argument
-from gateway.jsonparse import merge_json_object
+from gateway.jsonparse import INTEGER_RANGES, INTEGER_TEXT, merge_json_object, offered_names
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
 
-_INTEGER = re.compile(r"[+-]?[0-9]+")
-_INT_RANGES: dict[int, tuple[int, int]] = {
-    **dict.fromkeys(
-        (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SFIXED32),
-        (-(2**31), 2**31 - 1),
-    ),
-    **dict.fromkeys(
-        (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64),
-        (-(2**63), 2**63 - 1),
-    ),
-    **dict.fromkeys((FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32), (0, 2**32 - 1)),
-    **dict.fromkeys((FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64), (0, 2**64 - 1)),
-}
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
 _TRUE, _FALSE = ("true", "1", "t"), ("false", "0", "f")
 # Well-known messages whose JSON form is a single string or scalar, so a
@@ -295,9 +281,9 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
         ):
             raise invalid_argument(f"invalid {what}: {text!r} is out of range for a float")
         return value
-    low, high = _INT_RANGES[kind]
+    low, high = INTEGER_RANGES[field.cpp_type]
     # Longer than any 64-bit integer (and than what int() converts): out of range.
-    if len(text) > 24 or not _INTEGER.fullmatch(text) or not low <= int(text) <= high:
+    if len(text) > 24 or not INTEGER_TEXT.fullmatch(text) or not low <= int(text) <= high:
         raise invalid_argument(f"invalid {what}: {text!r} is not an integer from {low} to {high}")
     return int(text)
 
@@ -318,15 +304,9 @@ def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
     value = enum.values_by_name.get(text)
     if value is not None:
         return int(value.number)
-    if _INTEGER.fullmatch(text) and int(text) in enum.values_by_number:
+    if INTEGER_TEXT.fullmatch(text) and int(text) in enum.values_by_number:
         return int(text)
-    # The zero value named *_UNSPECIFIED means "not given": not one to offer.
-    names = ", ".join(
-        each.name
-        for each in enum.values
-        if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
-    )
-    raise invalid_argument(f"invalid {what}: {text!r} is not one of {names}")
+    raise invalid_argument(f"invalid {what}: {text!r} is not one of {offered_names(enum)}")
 
 
 def message_json(message: Message) -> Any:

@@ -255,7 +255,47 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
             '{"pipeline": {"name": 5}, "task_input": {}}',
             "task.pipeline.name: expected a string, got a number",
         ),
-        ('{"pipeline": {"name": "ptest"}, "task_input": "x"}', "Struct must be in a dict"),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": "x"}',
+            "task.task_input: expected an object, got a string",
+        ),
+        # json_format would read 6.5 as 6 (CANCELLED) and true as 1 (PENDING).
+        *(
+            (
+                '{"pipeline": {"name": "ptest"}, "task_input": {}, "status": ' + status + "}",
+                "task.status: expected one of PENDING, CLAIMED, RUNNING, DONE, FAILED, CANCELLED,"
+                " got " + given,
+            )
+            for status, given in (
+                ("6.5", "6.5"),
+                ("true", "true"),
+                ('["DONE"]', "a list"),
+                ('"NOPE"', '"NOPE"'),
+                ('"done!"', '"done!"'),
+            )
+        ),
+        *(
+            (
+                '{"pipeline": {"name": "ptest"}, "task_input": {}, "claim_number": ' + number + "}",
+                "task.claim_number: expected an integer from -2147483648 to 2147483647, got "
+                + given,
+            )
+            for number, given in (
+                ('"x"', '"x"'),
+                ("1.5", "1.5"),
+                ("false", "false"),
+                ("4294967296", "4294967296"),
+            )
+        ),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": {}, "colour": "red"}',
+            'task has no field named "colour"; its fields are pipeline, task_input_id,',
+        ),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": {}, "create_time": "yesterday"}',
+            'task.create_time: expected a time such as "2026-01-31T12:00:00Z" (RFC 3339),'
+            ' got "yesterday"',
+        ),
         ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 400 + "}}", "too large"),
         ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 5000 + "}}", "too long"),
         (

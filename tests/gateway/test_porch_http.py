@@ -509,11 +509,19 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
         "/v1/pipelines/p1/tasks:claim", json={"lease": "soon"}, headers=wrapper
     )
     assert_error(bad_lease, 400, 3, "lease", 'such as "3600s"', 'got "soon"')
-    for lease, given in (("1e3s", '"1e3s"'), (3600, "a number"), ({"seconds": 1}, "an object")):
+    for lease, given in (("1e3s", '"1e3s"'), (3600, "3600"), ({"seconds": 1}, "an object")):
         refused = await client.post(
             "/v1/pipelines/p1/tasks:claim", json={"lease": lease}, headers=wrapper
         )
         assert_error(refused, 400, 3, "lease: expected a duration", f"got {given}")
+    # json_format would read true as 1 (ADMIN), "3" as 3 and 1.5 as 1.
+    tokens_before = (await client.get("/v1/tokens", headers=admin)).json()
+    for role in (True, "3", 1.5, ["ADMIN"]):
+        refused = await client.post(
+            "/v1/tokens", json={"description": "d", "role": role}, headers=admin
+        )
+        assert_error(refused, 400, 3, "role: expected one of ADMIN, PIPELINE, READER")
+    assert (await client.get("/v1/tokens", headers=admin)).json() == tokens_before
     bad_id = await client.get("/v1/pipelines/p1/tasks/XYZ", headers=admin)
     assert_error(bad_id, 400, 3, "task_input_id")
     not_json = await client.post(
