@@ -303,7 +303,7 @@ def _serve(args: argparse.Namespace) -> None:
         config.tls.read()  # a file that cannot be read stops us before the database
     store = _open_store(args, create=True)
     try:
-        if not store.has_admin_token():
+        if not store.has_had_admin_token():
             secret = auth.new_secret()
             store.create_token(Role.ADMIN, None, "first admin token", auth.hash_secret(secret))
             print(f"porch: created the first admin token (shown only now): {secret}", flush=True)

@@ -514,11 +514,10 @@ class Store:
         with self._read() as connection:
             return connection.scalar(query) is not False
 
-    def has_admin_token(self) -> bool:
-        """True when some admin token has not been revoked."""
-        query = select(
-            exists().where(token.c.role == Role.ADMIN.value, token.c.revoke_time.is_(None))
-        )
+    def has_had_admin_token(self) -> bool:
+        """True once an admin token has been made, even if every one has since
+        been revoked: revoking them all is for their owner to undo."""
+        query = select(exists().where(token.c.role == Role.ADMIN.value))
         with self._read() as connection:
             return bool(connection.scalar(query))
 

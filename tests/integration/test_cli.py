@@ -150,20 +150,24 @@ def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) ->
 
 
 def test_serve_prints_the_first_admin_token_once_and_stops_on_sigterm(tmp_path: Path) -> None:
-    process, target = start_server(f"sqlite:///{tmp_path / 'p.db'}")
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    process, target = start_server(url)
     try:
         with grpc.insecure_channel(target) as channel:
             health = channel.unary_unary("/grpc.health.v1.Health/Check")
             assert health(b"", timeout=10) is not None
     finally:
         stop_server(process)
-    again, _ = start_server(f"sqlite:///{tmp_path / 'p.db'}")
+    # Revoking every admin token is not undone by the next start.
+    porch("token", "revoke", "--db-url", url, "1")
+    again, _ = start_server(url)
     again.terminate()
     assert again.stdout is not None
     rest = again.stdout.read()
     again.wait(timeout=30)
     again.stdout.close()
     assert "first admin token" not in rest
+    assert porch("token", "list", "--all", "--db-url", url).count("ADMIN") == 1
 
 
 def test_serve_raises_its_open_file_limit_to_what_the_system_allows(sqlite_url: str) -> None:
