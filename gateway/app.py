@@ -77,13 +77,15 @@ class Gateway:
         binding = match.binding
         options = self.options.methods.get(binding.method.full_name, MethodOptions())
         try:
+            metadata = call_metadata(request.headers.items(), self.options.forward_headers)
+            # A caller the server would refuse anyway costs it no body to read.
+            await self.upstream.admit(binding.method, metadata)
             body = await self._read_body(request)
             overrides = []
             last_event_id = request.headers.get("last-event-id")
             if binding.server_streaming and options.last_event_id_field and last_event_id:
                 overrides.append((options.last_event_id_field, last_event_id))
             message = build_request(match, _query_items(request), body, overrides)
-            metadata = call_metadata(request.headers.items(), self.options.forward_headers)
             if binding.server_streaming:
                 timeout = call_timeout(request.headers, None)
                 call = self.upstream.stream_call(binding.method, message, metadata, timeout)

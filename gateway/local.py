@@ -5,7 +5,9 @@ connection: `LocalUpstream` looks a method up in the handlers the server was
 given, runs the server's interceptors in front of it and calls it directly
 with a `LocalContext`. Requests and responses are still serialized and
 parsed, so the handler sees exactly the message a remote call would bring,
-and failures come back as `grpc.aio.AioRpcError`, as from a channel.
+and failures come back as `grpc.aio.AioRpcError`, as from a channel. An
+interceptor may also refuse a call from its metadata alone (`admit`), before
+the gateway reads the request's body.
 
     registry = HandlerRegistry()
     echo_pb2_grpc.add_EchoServiceServicer_to_server(servicer, registry)
@@ -240,6 +242,17 @@ class LocalUpstream:
     ) -> LocalStreamCall:
         """Start a server-streaming method; read its messages from the returned call."""
         return LocalStreamCall(self, method, message, metadata, time_limit)
+
+    async def admit(self, method: MethodDescriptor, metadata: Metadata) -> None:
+        """Ask each interceptor that has an `admit(path, metadata)` coroutine,
+        which gives (code, details) for a call it would refuse whatever its
+        request, else None; AioRpcError with the first refusal."""
+        path = method_path(method)
+        for interceptor in self._interceptors:
+            admit = getattr(interceptor, "admit", None)
+            refusal = None if admit is None else await admit(path, metadata)
+            if refusal is not None:
+                raise _rpc_error(*refusal)
 
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""

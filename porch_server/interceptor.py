@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeAlias
 
@@ -55,16 +55,17 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or not full_method.startswith(SERVICE_PREFIX):
             return handler
         method = full_method.removeprefix(SERVICE_PREFIX)
+        # The request reaches serve as bytes, read only once its caller is
+        # known: a body built to be costly to read costs an unknown caller nothing.
+        read = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._serving(method, handler.unary_unary),  # type: ignore[arg-type]
-                request_deserializer=_tolerant(handler.request_deserializer),
+                self._serving(method, read, handler.unary_unary),  # type: ignore[arg-type]
                 response_serializer=handler.response_serializer,
             )
         elif handler.unary_stream is not None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                self._serving(method, handler.unary_stream),  # type: ignore[arg-type]
-                request_deserializer=_tolerant(handler.request_deserializer),
+                self._serving(method, read, handler.unary_stream),  # type: ignore[arg-type]
                 response_serializer=_bytes_or(handler.response_serializer),
             )
         else:
@@ -72,11 +73,33 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._handlers[full_method] = wrapped
         return wrapped
 
-    async def _identify(self, method: str, context: Context) -> Token | None:
-        """The token the call came with, revoked or not; None for an anonymous
-        read the server allows. Unauthenticated for a missing, malformed or
-        unknown token."""
-        authorization = _authorization(context)
+    async def admit(
+        self, path: str, metadata: Sequence[tuple[str, Any]]
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Why a PorchService call with this metadata would be refused as
+        unauthenticated, whatever its request, or None (the in-process
+        gateway asks before it reads an HTTP request's body)."""
+        if not path.startswith(SERVICE_PREFIX):
+            return None
+        method = path.removeprefix(SERVICE_PREFIX)
+        if method not in auth.RULES:
+            return None
+        authorization = next((value for key, value in metadata if key == "authorization"), None)
+        token = None
+        try:
+            token = await self._identify(method, authorization)
+            if token is not None:
+                auth.check_token(token)
+        except Unauthenticated as error:
+            code = code_of(error)
+            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
+            return code, str(error)
+        return None
+
+    async def _identify(self, method: str, authorization: Any) -> Token | None:
+        """The token the call came with (its authorization metadata), revoked
+        or not; None for an anonymous read the server allows. Unauthenticated
+        for a missing, malformed or unknown token."""
         is_read = auth.RULES[method].access is auth.Access.READ
         if not authorization and self._anonymous_reads and is_read:
             return None
@@ -92,20 +115,25 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return found
 
     def _serving(
-        self, method: str, behavior: Callable[[Any, Context], Awaitable[Any]]
-    ) -> Callable[[Any, Context], Awaitable[Any]]:
+        self,
+        method: str,
+        read: Callable[[bytes], Any],
+        behavior: Callable[[Any, Context], Awaitable[Any]],
+    ) -> Callable[[bytes, Context], Awaitable[Any]]:
         """Wrap a method: a unary one's answer, or a streaming one that writes
-        its messages with context.write and returns None."""
+        its messages with context.write and returns None. The wrapper is
+        given the request's bytes, and reads them with read."""
 
-        async def serve(request: Any, context: Context) -> Any:
+        async def serve(data: bytes, context: Context) -> Any:
             start = time.perf_counter()
             token = None
             cancelled = False
             try:
-                _check_read(request)
                 # Identified first, so that the access line of a call refused
                 # (a revoked token, one without the right) names its token.
-                token = await self._identify(method, context)
+                token = await self._identify(method, _authorization(context))
+                request = read(data)
+                _check_read(request)
                 if token is not None:
                     auth.check_token(token)
                     auth.authorize(method, token, request)
@@ -138,12 +166,12 @@ class _Unread:
         self.reason = reason
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     """The deserializer, giving _Unread instead of raising: grpc would answer
     UNKNOWN with the Python exception, where the caller should learn that
     its request was at fault."""
     if deserialize is None:
-        return None
+        return lambda data: data
 
     def read(data: bytes) -> Any:
         try:
@@ -208,15 +236,19 @@ def _log_call(
     else:
         code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    if token is not None:
-        who = f"token {token.token_id} ({access.escape(token.description)})"
-    elif _authorization(context) is None:
-        who = "anonymous"
-    elif code == grpc.StatusCode.UNAUTHENTICATED:
-        who = "unknown token"
-    else:  # the call failed before its token could be looked up
-        who = "token not checked"
+    who = _caller(token, _authorization(context), code)
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000
     log.info("%s %s %.1fms %s", method, name, elapsed_ms, who)
+
+
+def _caller(token: Token | None, authorization: Any, code: Any) -> str:
+    """Who made a call, for its access line (see _log_call)."""
+    if token is not None:
+        return f"token {token.token_id} ({access.escape(token.description)})"
+    if authorization is None:
+        return "anonymous"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "unknown token"
+    return "token not checked"  # the call failed before its token could be looked up

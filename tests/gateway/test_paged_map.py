@@ -68,6 +68,9 @@ class _Pages:
         response = self.response(things=things, next_page_token=following)
         return response, (), ()
 
+    async def admit(self, *args: Any) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

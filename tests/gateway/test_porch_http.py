@@ -528,6 +528,17 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
         "/v1/pipelines", content=b"{", headers={**admin, "content-type": "application/json"}
     )
     assert_error(not_json, 400, 3, "JSON")
+    # Through porch serve's own gateway, a caller the server does not know is
+    # refused before its body is read; a gateway of its own (porch gateway)
+    # reads the body, and the server judges the call.
+    for unknown in ({}, bearer("not-a-token")):
+        refused = await client.post(
+            "/v1/pipelines/p1/tasks:batchRegister", content=b"{", headers=unknown
+        )
+        if porch_http.upstream == "in-process":
+            assert_error(refused, 401, 16)
+        else:
+            assert_error(refused, 400, 3, "JSON")
     [task_id] = await register(porch_http, wrapper, {"n": 1})
     illegal = await update(porch_http, wrapper, task_id, "DONE")
     assert_error(illegal, 400, 9, "PENDING", "DONE")
