@@ -43,8 +43,10 @@ MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
 # Sent with the response, as trailing metadata: the gateway answers 201 Created.
 CREATED = (("x-http-code", "201"),)
-# Serialized events kept for the streams that carry the same events.
+# Serialized events kept for the streams that carry the same events: at
+# most this many, and this many bytes (an event's message may be 64 KiB).
 ENCODED_EVENTS_KEPT = 10_000
+ENCODED_EVENT_BYTES_KEPT = 8 * 1024 * 1024
 # How often an open stream asks whether its token has been revoked since,
 # and for how many tokens the answers are kept.
 REVOCATION_CHECK_SECONDS = 5.0
@@ -165,6 +167,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
+        self._encoded_bytes = 0
         # token id -> (when asked, revoked): one question for every stream
         # of a token.
         self._revocations: dict[str, tuple[float, bool]] = {}
@@ -533,8 +536,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         if encoded is None:
             encoded = messages.event_message(item).SerializeToString()
             self._encoded_events[item.cursor] = encoded
-            if len(self._encoded_events) > ENCODED_EVENTS_KEPT:
-                self._encoded_events.popitem(last=False)
+            self._encoded_bytes += len(encoded)
+            while len(self._encoded_events) > 1 and (
+                len(self._encoded_events) > ENCODED_EVENTS_KEPT
+                or self._encoded_bytes > ENCODED_EVENT_BYTES_KEPT
+            ):
+                self._encoded_bytes -= len(self._encoded_events.popitem(last=False)[1])
         return encoded
 
 

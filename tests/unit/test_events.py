@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -155,3 +156,18 @@ async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait()
         hub.unsubscribe(stream)
     finally:
         await hub.stop()
+
+
+def test_serialized_events_kept_for_streams_stay_within_their_bytes() -> None:
+    from porch_server import service as service_module
+
+    service = service_module.PorchService(None, None, None, 15.0)  # type: ignore[arg-type]
+    heartbeat = "x" * 60_000  # a wrapper's RUNNING message may be 64 KiB
+    events = [dataclasses.replace(event(number, "p"), message=heartbeat) for number in range(300)]
+    encoded = [service._encoded(each) for each in events]
+    kept = service._encoded_events
+    assert sum(len(each) for each in kept.values()) == service._encoded_bytes
+    assert service._encoded_bytes <= service_module.ENCODED_EVENT_BYTES_KEPT
+    assert len(kept) == service_module.ENCODED_EVENT_BYTES_KEPT // len(encoded[-1])
+    assert list(kept) == [each.cursor for each in events[-len(kept) :]]  # the newest
+    assert service._encoded(events[-1]) is encoded[-1]  # served from what is kept
