@@ -497,36 +497,40 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             topic=pipeline_name,
         )
         caller = auth.CALLER.get()
-        checked = time.monotonic()
+        if caller is not None:  # the interceptor has just found it unrevoked
+            self._revocations.setdefault(caller.token_id, (time.monotonic(), False))
         # Written with context.write rather than yielded: each message then
         # skips the async generators that yielding passes it through.
         async for item in stream:
+            # Asked before each message: an idle stream asks at its keep-alives.
+            if caller is not None and await self._revoked(caller.token_id):
+                raise Unauthenticated(
+                    f"token {caller.token_id} was revoked while the stream was open"
+                )
             await context.write(self._encoded(item))
-            # Asked between messages: an idle stream asks at its keep-alives.
-            if caller is not None and time.monotonic() - checked >= REVOCATION_CHECK_SECONDS:
-                checked = time.monotonic()
-                if await self._revoked(caller.token_id):
-                    raise Unauthenticated(
-                        f"token {caller.token_id} was revoked while the stream was open"
-                    )
         if self._hub.stopped:
             # Say why the stream ends: gRPC's code for "try again elsewhere or later".
             raise Unavailable("the server is shutting down: resume after the last cursor")
 
     async def _revoked(self, token_id: str) -> bool:
         """Whether the token has been revoked, as the database said within
-        REVOCATION_CHECK_SECONDS; not while the database cannot say."""
+        REVOCATION_CHECK_SECONDS; not while the database cannot say. One
+        stream asks the database at a time; the token's other streams take
+        the answer before until it comes."""
         now = time.monotonic()
         asked = self._revocations.get(token_id)
-        if asked is None or now - asked[0] >= REVOCATION_CHECK_SECONDS:
-            try:
-                revoked = await self._run(self._store.is_revoked, token_id)
-            except Unavailable:
-                return False
-            if len(self._revocations) >= REVOCATIONS_KEPT:
-                self._revocations.clear()
-            asked = self._revocations[token_id] = (now, revoked)
-        return asked[1]
+        if asked is not None and now - asked[0] < REVOCATION_CHECK_SECONDS:
+            return asked[1]
+        if len(self._revocations) >= REVOCATIONS_KEPT:
+            self._revocations.clear()
+        before = asked is not None and asked[1]
+        self._revocations[token_id] = (now, before)
+        try:
+            revoked = await self._run(self._store.is_revoked, token_id)
+        except Unavailable:
+            return before
+        self._revocations[token_id] = (now, revoked)
+        return revoked
 
     def _encoded(self, item: Event | porch_pb2.Event) -> bytes:
         """Serialize an event once for every stream that carries it."""

@@ -189,25 +189,49 @@ def test_every_cursor_a_stream_hands_out_resumes(fast_porch: Porch) -> None:
         resumed.close()
 
 
+def dashboard(porch: Porch) -> tuple[str, str]:
+    """A new reader token: its secret and id."""
+    secret = auth.new_secret()
+    made = porch.server.store.create_token(Role.READER, None, "dashboard", auth.hash_secret(secret))
+    return secret, made.token_id
+
+
 def test_a_stream_ends_when_its_token_is_revoked(
     fast_porch: Porch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(service, "REVOCATION_CHECK_SECONDS", 0.2)
-    secret = auth.new_secret()
-    store = fast_porch.server.store
-    made = store.create_token(Role.READER, None, "dashboard", auth.hash_secret(secret))
+    secret, token_id = dashboard(fast_porch)
     revoked, kept = Watcher(fast_porch.stub(secret)), Watcher(fast_porch.stub(fast_porch.admin))
     revoked.wait_for_bookmark()
-    fast_porch.stub(fast_porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id=made.token_id))
+    fast_porch.stub(fast_porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id=token_id))
     # Idle, the stream asks at its next keep-alive (0.5 s here).
     assert revoked.ended.wait(5)
     assert revoked.error is not None
     assert revoked.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
     assert revoked.error.details() == (  # type: ignore[attr-defined]
-        f"token {made.token_id} was revoked while the stream was open"
+        f"token {token_id} was revoked while the stream was open"
     )
     assert not kept.ended.wait(1)
     kept.close()
+
+
+def test_a_stream_whose_token_was_revoked_delivers_no_later_event(
+    fast_porch: Porch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "REVOCATION_CHECK_SECONDS", 0.2)
+    secret, token_id = dashboard(fast_porch)
+    wrapper = fast_porch.stub(fast_porch.pipeline("p1"))
+    watcher = Watcher(fast_porch.stub(secret), pipeline="p1")
+    watcher.wait_for_bookmark()
+    register(wrapper, "p1", n=0)
+    assert len(watcher.take(1)) == 1
+    fast_porch.stub(fast_porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id=token_id))
+    time.sleep(0.3)  # longer than a revocation takes to be seen
+    register(wrapper, "p1", n=1)
+    assert watcher.ended.wait(5)
+    assert watcher.error is not None
+    assert watcher.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert watcher.events.empty()
 
 
 def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
