@@ -471,8 +471,11 @@ def create_app(options: GatewayOptions, upstream: UpstreamCalls | None = None) -
     given, such as a gateway.local.LocalUpstream for handlers in this process.
     """
     gateway = Gateway(options, upstream)
+    # The document is served with and without a trailing slash, as the routes are.
     routes: list[BaseRoute] = [
-        Route(path, gateway.openapi_document, methods=["GET"]) for path in options.openapi_paths
+        Route(each, gateway.openapi_document, methods=["GET"])
+        for path in options.openapi_paths
+        for each in (path, path + "/")
     ]
     if options.docs_path:
         routes.append(Route(options.docs_path, gateway.docs, methods=["GET"]))

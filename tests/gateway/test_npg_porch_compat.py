@@ -59,9 +59,10 @@ async def test_openapi_document_names_the_task_states() -> None:
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://porch"
     ) as client:
-        response = await client.get("/api/v1/openapi.json")
-    assert response.status_code == 200
-    assert response.json()["components"]["schemas"]["TaskStateEnum"]["enum"] == STATES
+        for path in ("/api/v1/openapi.json", "/api/v1/openapi.json/"):  # as every route
+            response = await client.get(path)
+            assert response.status_code == 200
+            assert response.json()["components"]["schemas"]["TaskStateEnum"]["enum"] == STATES
 
 
 async def test_pipelines(porch_http: PorchHttp) -> None:
