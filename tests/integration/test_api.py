@@ -284,7 +284,8 @@ def test_role_matrix(porch: Porch) -> None:
                     assert "'p1'" in message or "admin" in message, message
 
 
-def test_anonymous_reads_only_when_allowed(db_url: str) -> None:
+def test_anonymous_reads_only_when_allowed(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
     porch = start_porch(db_url, anonymous_reads=True)
     try:
         porch.stub(porch.admin).CreatePipeline(pipeline_request("p1"))
@@ -293,6 +294,17 @@ def test_anonymous_reads_only_when_allowed(db_url: str) -> None:
         assert len(anonymous.ListTasks(pb.ListTasksRequest()).tasks) == 0
         fails(Code.UNAUTHENTICATED, anonymous.CreatePipeline, pipeline_request("p2"))
         fails(Code.UNAUTHENTICATED, anonymous.ClaimTasks, claim("p1"))
+        # npg_porch's clients send a token always, whatever it is: a read
+        # with one porch cannot use is read as anonymous; a write is refused.
+        revoked = porch.token(Role.PIPELINE, "p1")
+        porch.stub(porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id="2"))
+        for unusable in ("not-a-token", "x" * 43, revoked):
+            reader = porch.stub(unusable)
+            assert reader.GetPipeline(pb.GetPipelineRequest(name="p1")).name == "p1"
+            fails(Code.UNAUTHENTICATED, reader.ClaimTasks, claim("p1"))
+        lines = [r.getMessage() for r in caplog.records if "GetPipeline OK" in r.getMessage()]
+        assert all(line.endswith(" unusable token, read as anonymous") for line in lines[-3:])
+        assert lines[0].endswith(" anonymous") and "unusable" not in lines[0]
     finally:
         porch.server.stop()
 
