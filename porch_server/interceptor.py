@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from gateway import access
 from porch_server import auth
 from porch_server.errors import InvalidArgument, PorchError, Unauthenticated
+from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import Token
 from porch_server.status import code_of
 from porch_server.store import Store
@@ -195,11 +196,17 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 def _check_read(request: Any) -> None:
-    if isinstance(request, _Unread):
+    if not isinstance(request, _Unread):
+        return
+    if "MaxDepth" in request.reason:  # upb's "Exceeded upb_DecodeOptions_MaxDepth"
         raise InvalidArgument(
-            f"the request could not be read ({request.reason}): it is not a valid "
-            "message, or nests deeper than the 100 levels protobuf reads"
+            "the request nests deeper than the 100 levels protobuf reads: a task_input"
+            f" may nest at most {MAX_INPUT_DEPTH} levels"
         )
+    raise InvalidArgument(
+        f"the request could not be read ({request.reason}): it is not a valid "
+        "message, or nests deeper than the 100 levels protobuf reads"
+    )
 
 
 def _authorization(context: Context) -> Any:

@@ -305,7 +305,7 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
         ),
         (  # deep enough for protobuf's binary form, not for JSON's parser
             '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 40 + "1" + "}" * 41,
-            "could not be read",
+            "a task_input may nest at most 32 levels",
         ),
         (
             '{"pipeline": {"name": "ptest"}, "task_input": {"s": "\\ud800"}}',

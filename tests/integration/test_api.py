@@ -768,12 +768,15 @@ def test_a_request_that_cannot_be_read_is_an_invalid_argument(
     inner = b"\x0a\x04\x0a\x02p1" + b"\x1a" + _varint(len(nested)) + nested
     too_deep = b"\x0a" + _varint(len(inner)) + inner
     metadata = [("authorization", f"Bearer {secret}")]
-    for data in (too_deep, b"\x0a\xff\xff"):  # too deep; a length past the end
+    for data, words in (
+        (too_deep, "nests deeper than the 100 levels protobuf reads: a task_input may nest at"),
+        (b"\x0a\xff\xff", "could not be read"),  # a length past the end
+    ):
         with pytest.raises(grpc.RpcError) as raised:
             raw(data, metadata=metadata)
         error: Any = raised.value
         assert error.code() == Code.INVALID_ARGUMENT, error.details()
-        assert "could not be read" in error.details()
+        assert words in error.details()
     # Read once its token was known, so its access line names the token.
     refused = [r.getMessage() for r in caplog.records if "INVALID_ARGUMENT" in r.getMessage()]
     assert refused and all(" token 2 (" in line for line in refused), refused
