@@ -41,6 +41,8 @@ _TIMESTAMP = re.compile(
 _EPOCH = datetime.datetime(1970, 1, 1)
 # A Duration in JSON: seconds, up to nine decimals, then "s" (the proto3 JSON mapping).
 _DURATION = re.compile(r"-?[0-9]+(?:\.[0-9]{0,9})?s")
+# The most a Duration holds: 10,000 years (google/protobuf/duration.proto).
+_DURATION_SECONDS = 315_576_000_000
 _INTEGERS = frozenset(
     (
         FieldDescriptor.CPPTYPE_INT32,
@@ -220,7 +222,12 @@ def _check_duration(data: Any, path: str) -> None:
     """A Duration's JSON form is seconds with an "s": json_format's own words
     for anything else are a Python error ("invalid literal for int()")."""
     if type(data) is str and _DURATION.fullmatch(data):
-        return
+        if abs(float(data[:-1])) <= _DURATION_SECONDS:
+            return
+        raise json_format.ParseError(
+            f"{_where(path)}: a duration is at most {_DURATION_SECONDS:,} seconds either way,"
+            f" got {_given(data)}"
+        )
     raise json_format.ParseError(
         f'{_where(path)}: expected a duration, seconds with an "s" such as "3600s" '
         f'or "1.5s", got {_given(data)}'

@@ -94,7 +94,13 @@ def add_commands(commands: Any) -> None:
     claim = task_commands.add_parser("claim", help="claim pending tasks")
     claim.add_argument("--pipeline", required=True)
     claim.add_argument("-n", "--num-tasks", type=int, default=1)
-    claim.add_argument("--lease", type=float, metavar="SECONDS", help="ask for a lease")
+    claim.add_argument(
+        "--lease",
+        type=float,
+        metavar="SECONDS",
+        help="ask for a lease of SECONDS (at most 30 days): the tasks go back to PENDING "
+        "unless reported on within it",
+    )
     update = task_commands.add_parser("update", help="report a task's new status")
     update.add_argument("--pipeline", required=True)
     which = update.add_mutually_exclusive_group(required=True)

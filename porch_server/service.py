@@ -130,7 +130,11 @@ def check_lease(duration: duration_pb2.Duration) -> timedelta:
         )
     # Same signs: the total is positive only when both parts are at least 0.
     if not 0 < seconds * 1_000_000_000 + nanos <= MAX_LEASE.days * 86_400 * 1_000_000_000:
-        raise InvalidArgument(f"lease must be positive and at most {MAX_LEASE.days} days")
+        given = f"{seconds:,}" if not nanos else f"{seconds + nanos / 1e9:,.9f}".rstrip("0")
+        raise InvalidArgument(
+            f"lease must be positive and at most {MAX_LEASE.days} days"
+            f" ({MAX_LEASE.days * 86_400:,} s), got {given} s"
+        )
     return timedelta(seconds=seconds, microseconds=-(-nanos // 1000))
 
 
@@ -186,8 +190,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         name = check_name("pipeline.name", given.name)
         if name in (".", ".."):  # HTTP clients remove such path segments
             raise InvalidArgument(f"pipeline.name must not be {name!r}: no URL could name it")
+        if name != name.strip():  # " p1" would pass for "p1" in every list
+            raise InvalidArgument(
+                f"pipeline.name must not begin or end with white space, got {name!r}"
+            )
         for field in ("uri", "version"):
-            if not getattr(given, field):
+            if not getattr(given, field).strip():
                 raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
             check_text(f"pipeline.{field}", getattr(given, field))
         pipeline = Pipeline(name=name, uri=given.uri, version=given.version)

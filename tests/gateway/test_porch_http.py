@@ -522,6 +522,19 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
         )
         assert_error(refused, 400, 3, "role: expected one of ADMIN, PIPELINE, READER")
     assert (await client.get("/v1/tokens", headers=admin)).json() == tokens_before
+    for lease, words in (
+        ("999999999999s", "lease: a duration is at most 315,576,000,000 seconds either way"),
+        ("100000000000s", "at most 30 days (2,592,000 s), got 100,000,000,000 s"),
+        (
+            "2592000.5s",
+            "lease must be positive and at most 30 days (2,592,000 s), got 2,592,000.5 s",
+        ),
+        ("0s", "got 0 s"),
+    ):
+        refused = await client.post(
+            "/v1/pipelines/p1/tasks:claim", json={"lease": lease}, headers=wrapper
+        )
+        assert_error(refused, 400, 3, words)
     bad_id = await client.get("/v1/pipelines/p1/tasks/XYZ", headers=admin)
     assert_error(bad_id, 400, 3, "task_input_id")
     not_json = await client.post(

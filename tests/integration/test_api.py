@@ -92,6 +92,12 @@ def test_pipeline_errors(porch: Porch) -> None:
     for dots in (".", ".."):
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(dots), "no URL")
     assert admin.CreatePipeline(pipeline_request("...")).name == "..."
+    for spaced in ("  ", " p2", "p2 "):
+        fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(spaced), "white space")
+    for field in ("uri", "version"):
+        blank = pipeline_request("p2", **{field: " \t "})
+        fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, blank, f"pipeline.{field} is required")
+    assert admin.CreatePipeline(pipeline_request("p 2")).name == "p 2"
     fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name="nope"), "'nope' not found")
     fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(page_size=-1))
     fails(
