@@ -175,14 +175,19 @@ def _integral(value: Any) -> int | None:
     return None
 
 
-def offered_names(enum: EnumDescriptor) -> str:
-    """The names of an enum's values, but for a zero value named *_UNSPECIFIED,
+def offered_values(enum: EnumDescriptor) -> dict[str, int]:
+    """An enum's values by name, but for a zero value named *_UNSPECIFIED,
     which means "not given": not one to offer."""
-    return ", ".join(
-        each.name
+    return {
+        each.name: each.number
         for each in enum.values
         if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
-    )
+    }
+
+
+def offered_names(enum: EnumDescriptor) -> str:
+    """The names of offered_values, for an error."""
+    return ", ".join(offered_values(enum))
 
 
 def _check_timestamp(data: Any, path: str) -> None:

@@ -20,7 +20,13 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError, invalid_argument
-from gateway.jsonparse import INTEGER_RANGES, INTEGER_TEXT, merge_json_object, offered_names
+from gateway.jsonparse import (
+    INTEGER_RANGES,
+    INTEGER_TEXT,
+    merge_json_object,
+    offered_names,
+    offered_values,
+)
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
 
@@ -299,12 +305,15 @@ def _parse_bytes(text: str, what: str) -> bytes:
 
 
 def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
+    """A value's name or number; not the zero value that means "not given"
+    (its name or 0 would read as no value at all: no filter, say)."""
     enum = field.enum_type
     assert enum is not None
-    value = enum.values_by_name.get(text)
-    if value is not None:
-        return int(value.number)
-    if INTEGER_TEXT.fullmatch(text) and int(text) in enum.values_by_number:
+    offered = offered_values(enum)
+    number = offered.get(text)
+    if number is not None:
+        return number
+    if INTEGER_TEXT.fullmatch(text) and int(text) in offered.values():
         return int(text)
     raise invalid_argument(f"invalid {what}: {text!r} is not one of {offered_names(enum)}")
 

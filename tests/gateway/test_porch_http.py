@@ -499,6 +499,11 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
     assert_error(no_input, 400, 3, "task.task_input")
     bad_status = await client.get("/v1/tasks", params={"status": "LOST"}, headers=admin)
     assert_error(bad_status, 400, 3, "status", "LOST")
+    # The value that means "not given" would list every task: refused when named.
+    for unspecified in ("STATE_UNSPECIFIED", "0"):
+        refused = await client.get("/v1/tasks", params={"status": unspecified}, headers=admin)
+        assert_error(refused, 400, 3, f"'{unspecified}' is not one of PENDING, CLAIMED,")
+    assert (await client.get("/v1/tasks", params={"status": "2"}, headers=admin)).status_code == 200
     bad_size = await client.get("/v1/tasks", params={"page_size": "many"}, headers=admin)
     assert_error(bad_size, 400, 3, "page_size")
     negative = await client.get("/v1/tasks", params={"page_size": "-1"}, headers=admin)
