@@ -25,8 +25,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # all but printable ASCII, and the backslash that starts an escape.
 _UNPRINTABLE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 # Characters of other text that go in escaped: whatever could end a line
-# (Python's str.splitlines breaks at all of these), and the backslash.
-_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+# (Python's str.splitlines breaks at all of these), the invisible ones that
+# reorder or hide text (bidirectional controls, zero-width characters), and
+# the backslash.
+_LINE_BREAKING = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\\]"
+)
 
 
 class _Notes:
@@ -69,8 +73,8 @@ def note(text: str) -> bool:
 
 
 def escape(text: str) -> str:
-    """text with anything that could break a log line (and backslashes) as
-    \\xNN or \\uNNNN escapes, so that it cannot forge a line."""
+    """text with anything that could break a log line or disguise it (and
+    backslashes) as \\xNN or \\uNNNN escapes, so that it cannot forge a line."""
     return _LINE_BREAKING.sub(_escaped_character, text)
 
 

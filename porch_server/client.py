@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from gateway import ClientTLS, message_to_dict
+from gateway import ClientTLS, access, message_to_dict
 from porch_server.config import RECEIVE_LIMIT, check_pem, option_file
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
@@ -234,7 +234,7 @@ def _event_line(event: porch_pb2.Event) -> str:
     change = porch_pb2.Task.State.Name(event.new_status)
     if event.old_status:
         change = f"{porch_pb2.Task.State.Name(event.old_status)}->{change}"
-    who = event.token_description or "porch"
+    who = access.escape(event.token_description) if event.token_description else "porch"
     message = f" {json.dumps(event.message, ensure_ascii=False)}" if event.message else ""
     return (
         f"{event.time.ToJsonString()} {event.pipeline_name} {event.task_input_id} "

@@ -151,6 +151,10 @@ async def test_text_that_could_break_a_line_is_escaped() -> None:
     assert access.escape("x)\nGET /forged\u2028 a\\b\x85 é\u00a0") == (
         "x)\\x0aGET /forged\\u2028 a\\x5cb\\x85 é\u00a0"
     )
+    # Text that reads backwards, or hides, is shown for what it is.
+    assert access.escape("ops\u202egnp\u202c \u200bx\ufeff") == (
+        "ops\\u202egnp\\u202c \\u200bx\\ufeff"
+    )
 
 
 async def test_a_client_address_that_is_no_address_is_escaped(
