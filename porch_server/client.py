@@ -31,6 +31,11 @@ _GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", 
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
+# Seconds porch watch waits before reconnecting: after a stream that
+# delivered, then after each attempt that did not.
+WATCH_RETRY_SECONDS = (1.0, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
 def grpc_target(text: str) -> str:
     """A server's address, HOST:PORT ([IPv6]:PORT) or one of gRPC's own
     forms (dns:///HOST:PORT, unix:PATH, …): for argparse."""
@@ -243,13 +248,20 @@ def _event_line(event: porch_pb2.Event) -> str:
 
 
 def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any) -> None:
-    """Print events until interrupted; reconnect after the last cursor if the server goes away."""
+    """Print events until interrupted. When the server goes away, reconnect
+    after the last cursor, waiting longer each time it cannot be reached (up
+    to WATCH_RETRY_SECONDS[-1]); when it cannot be reached at the start, fail
+    as every other command does."""
     last = args.after
+    connected = False
+    failures = 0
     while True:
         request = porch_pb2.WatchEventsRequest(pipeline_name=args.pipeline or "", after=last)
         reason = "the server ended it"
+        delivered = False
         try:
             for event in stub.WatchEvents(request, metadata=metadata):
+                connected = delivered = True
                 last = event.cursor
                 if event.kind == porch_pb2.Event.BOOKMARK and not args.bookmarks:
                     continue
@@ -258,13 +270,17 @@ def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, meta
                 else:
                     print(_event_line(event), flush=True)
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or not connected:
                 raise
             reason = f"UNAVAILABLE: {error.details()}"
+        failures = 0 if delivered else failures + 1
+        wait = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
+        what = "stream ended" if delivered else "cannot reach the server"
         print(
-            f"porch: stream ended ({reason}); reconnecting after cursor {last!r}", file=sys.stderr
+            f"porch: {what} ({reason}); reconnecting in {wait:g} s after cursor {last!r}",
+            file=sys.stderr,
         )
-        time.sleep(1)
+        time.sleep(wait)
 
 
 def _dispatch(

@@ -403,6 +403,23 @@ def test_workers_end_with_the_process_that_started_them(pg_url: str, tmp_path: P
     assert not alive, "the worker outlived its parent"
 
 
+def test_watch_fails_at_once_when_the_server_cannot_be_reached() -> None:
+    # Like every other command; once it has been connected, it reconnects.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    started = time.monotonic()
+    done = subprocess.run(
+        [*PORCH, "watch", "--target", f"127.0.0.1:{port}", "--token", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "UNAVAILABLE" in done.stderr and "reconnecting" not in done.stderr
+    assert time.monotonic() - started < 30
+
+
 def test_openapi_command_prints_the_document() -> None:
     document = json.loads(porch("openapi"))
     assert document["openapi"].startswith("3.1")
