@@ -33,7 +33,9 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
-        raise ValueError(f"not a database URL: {url!r}") from None
+        # Unparsed, it may still hold a password: user:PASSWORD@host.
+        shown = re.sub(r":[^:@/]*@", ":***@", url)
+        raise ValueError(f"not a database URL: {shown!r}") from None
     try:
         backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except exc.NoSuchModuleError:  # a scheme no installed dialect has
