@@ -188,7 +188,7 @@ class Gateway:
         """A small page that links to the docs and names the gRPC server."""
         root = request.scope.get("root_path", "")
         links = [(self.options.docs_path, "Interactive API documentation")]
-        links += [(path, "OpenAPI document") for path in self.options.openapi_paths]
+        links += [(path, f"OpenAPI document ({path})") for path in self.options.openapi_paths]
         links.append((self.options.health_path, "Health"))
         items = "".join(
             f'<li><a href="{html.escape(root + path)}">{html.escape(text)}</a></li>'

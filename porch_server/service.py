@@ -144,6 +144,8 @@ def _looks_like_task_input_id(value: str) -> bool:
 
 def check_task_input_id(value: str) -> str:
     """Return value if it looks like a task_input_id: 64 lowercase hex digits."""
+    if not value:
+        raise InvalidArgument("task_input_id is required")
     if not _looks_like_task_input_id(value):
         raise InvalidArgument(f"task_input_id must be 64 lowercase hex digits, got {value!r}")
     return value
@@ -583,7 +585,8 @@ def check_role_binding(role: Role | None, pipeline_name: str | None) -> None:
         raise InvalidArgument("a PIPELINE token needs pipeline_name")
     if role is not Role.PIPELINE and pipeline_name:
         raise InvalidArgument(
-            f"a {role} token is not bound to a pipeline; leave pipeline_name empty"
+            f"{'an' if role is Role.ADMIN else 'a'} {role} token is not bound to a pipeline;"
+            " leave pipeline_name empty"
         )
     if pipeline_name:
         check_name("pipeline_name", pipeline_name)

@@ -1886,10 +1886,10 @@ def _check_claim(expected: int | None, claim_number: int) -> None:
     if expected is None or expected == claim_number:
         return
     if expected > claim_number:
-        raise FailedPrecondition(
-            f"claim {expected} of this task was never made: it has been claimed"
-            f" {claim_number} times"
+        made = {0: "it has never been claimed", 1: "it has been claimed once"}.get(
+            claim_number, f"it has been claimed {claim_number} times"
         )
+        raise FailedPrecondition(f"claim {expected} of this task was never made: {made}")
     raise FailedPrecondition(
         f"the task has been claimed again since claim {expected} (its latest claim is"
         f" {claim_number}): that claim no longer holds it, so its update is refused"

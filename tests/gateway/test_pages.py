@@ -41,7 +41,7 @@ async def test_index_links_to_docs_and_names_the_target(
     page = await client.get("/")
     assert page.status_code == 200
     assert 'href="/docs"' in page.text
-    assert 'href="/openapi.json"' in page.text
+    assert '<a href="/openapi.json">OpenAPI document (/openapi.json)</a>' in page.text
     assert backend.target in page.text
 
 

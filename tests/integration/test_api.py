@@ -195,7 +195,13 @@ def test_token_errors(porch: Porch) -> None:
         Code.INVALID_ARGUMENT,
         admin.CreateToken,
         pb.CreateTokenRequest(pipeline_name="p", description="d", role=pb.Token.READER),
-        "pipeline_name",
+        "a READER token is not bound to a pipeline",
+    )
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.CreateToken,
+        pb.CreateTokenRequest(pipeline_name="p", description="d", role=pb.Token.ADMIN),
+        "an ADMIN token is not bound to a pipeline",
     )
     fails(
         Code.INVALID_ARGUMENT,
@@ -604,6 +610,8 @@ def test_update_lifecycle_and_events(porch: Porch) -> None:
         (pb.Event.STATUS_CHANGED, State.CLAIMED, State.RUNNING, "on host a"),
         (pb.Event.STATUS_CHANGED, State.RUNNING, State.DONE, "all good"),
     ]
+    unnamed = pb.ListTaskEventsRequest(pipeline_name="p1")
+    fails(Code.INVALID_ARGUMENT, wrapper.ListTaskEvents, unnamed, "task_input_id is required")
     assert {e.token_description for e in events} == {"p1 wrapper"}
     assert all(e.cursor and e.pipeline_name == "p1" and e.task_input_id == task_id for e in events)
     paged = wrapper.ListTaskEvents(

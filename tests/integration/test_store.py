@@ -649,7 +649,7 @@ def test_upgrade_counts_a_claim_already_made_as_the_first(bare_db_url: str) -> N
         pending, running = every_task(store, "p")
         assert (pending.claim_number, running.claim_number) == (0, 1)
         assert store.claim_tasks("p", 1, None, SYSTEM)[0].claim_number == 1
-        with pytest.raises(FailedPrecondition, match="never made"):
+        with pytest.raises(FailedPrecondition, match=r"never made: it has been claimed once$"):
             store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 2)
         done = store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 1)
         assert done.status is State.DONE
