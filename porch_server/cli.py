@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import gc
+import importlib.metadata
 import json
 import logging
 import logging.config
@@ -72,10 +73,18 @@ def _add_db_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("porch")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="porch", description="Run each definition of pipeline work once and only once."
     )
+    parser.add_argument("--version", action="version", version=f"porch {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server and the HTTP gateway")
@@ -85,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=_port, help="HTTP gateway port (default 8080)")
     serve.add_argument("--no-http", action="store_true", help="serve gRPC only")
     serve.add_argument("--anonymous-reads", action="store_true", help="allow reads without a token")
-    serve.add_argument("--workers", type=int, default=1, help="server processes (SO_REUSEPORT)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="server processes (SO_REUSEPORT; default 1)"
+    )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate for both ports")
     serve.add_argument("--tls-key", type=Path, help="PEM private key for both ports")
     serve.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
@@ -100,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         "--lease-sweep-seconds",
         type=_positive,
         default=5.0,
-        help="how often lapsed leases are freed",
+        help="how often lapsed leases are freed (default 5)",
     )
     serve.add_argument(
         "--watch-poll-seconds",
@@ -147,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     web.add_argument("--target-tls-key", type=Path, help="PEM private key of --target-tls-cert")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     web.add_argument("--http-port", type=_port, default=8080, help="HTTP port (default 8080)")
-    web.add_argument("--workers", type=int, default=1, help="gateway processes (SO_REUSEPORT)")
+    web.add_argument(
+        "--workers", type=int, default=1, help="gateway processes (SO_REUSEPORT; default 1)"
+    )
     web.add_argument("--tls-cert", type=Path, help="PEM certificate to serve HTTPS with")
     web.add_argument("--tls-key", type=Path, help="PEM private key to serve HTTPS with")
     web.add_argument("--tls-client-ca", type=Path, help="PEM CA that client certificates need")
@@ -159,7 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     events = commands.add_parser("events", help="manage the event log")
     event_commands = events.add_subparsers(dest="events_command", required=True, metavar="COMMAND")
     prune = event_commands.add_parser("prune", help="delete events older than some days")
-    prune.add_argument("--older-than-days", type=_days, required=True, metavar="DAYS")
+    prune.add_argument(
+        "--older-than-days",
+        type=_days,
+        required=True,
+        metavar="DAYS",
+        help="delete events older than this many days",
+    )
     _add_db_flags(prune)
 
     db = commands.add_parser("db", help="manage the database schema")
@@ -180,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include revoked tokens")
     _add_db_flags(listing)
     revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
-    revoke.add_argument("token_id")
+    revoke.add_argument("token_id", help="the id `porch token list` shows")
     _add_db_flags(revoke)
 
     client.add_commands(commands)

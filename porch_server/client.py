@@ -78,14 +78,14 @@ def add_commands(commands: Any) -> None:
     pipeline = commands.add_parser("pipeline", help="create, get and list pipelines")
     pipeline_commands = pipeline.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = pipeline_commands.add_parser("create", help="register a pipeline (admin)")
-    create.add_argument("name")
-    create.add_argument("--uri", required=True)
-    create.add_argument("--version", required=True)
+    create.add_argument("name", help="the pipeline's name (its identifier)")
+    create.add_argument("--uri", required=True, help="where the pipeline's code lives")
+    create.add_argument("--version", required=True, help="the pipeline's version")
     get = pipeline_commands.add_parser("get", help="show one pipeline")
-    get.add_argument("name")
+    get.add_argument("name", help="the pipeline's name")
     listing = pipeline_commands.add_parser("list", help="list pipelines")
-    listing.add_argument("--uri")
-    listing.add_argument("--version")
+    listing.add_argument("--uri", help="only pipelines with this uri")
+    listing.add_argument("--version", help="only pipelines of this version")
     for sub in (create, get, listing):
         _add_client_flags(sub)
 
@@ -94,11 +94,18 @@ def add_commands(commands: Any) -> None:
     register = task_commands.add_parser(
         "register", help="register tasks: JSON objects as arguments, or '-' for JSON lines on stdin"
     )
-    register.add_argument("--pipeline", required=True)
-    register.add_argument("inputs", nargs="+", metavar="JSON")
+    register.add_argument("--pipeline", required=True, help="the tasks' pipeline")
+    register.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="JSON",
+        help="task_input objects; - reads one per line from stdin",
+    )
     claim = task_commands.add_parser("claim", help="claim pending tasks")
-    claim.add_argument("--pipeline", required=True)
-    claim.add_argument("-n", "--num-tasks", type=int, default=1)
+    claim.add_argument("--pipeline", required=True, help="the pipeline to claim tasks of")
+    claim.add_argument(
+        "-n", "--num-tasks", type=int, default=1, help="claim up to this many (default 1)"
+    )
     claim.add_argument(
         "--lease",
         type=float,
@@ -107,13 +114,13 @@ def add_commands(commands: Any) -> None:
         "unless reported on within it",
     )
     update = task_commands.add_parser("update", help="report a task's new status")
-    update.add_argument("--pipeline", required=True)
+    update.add_argument("--pipeline", required=True, help="the task's pipeline")
     which = update.add_mutually_exclusive_group(required=True)
     which.add_argument("--id", help="the task_input_id")
     which.add_argument("--input", metavar="JSON", help="the task_input")
     # Only a claim makes a task CLAIMED.
     update.add_argument("--status", required=True, choices=[s for s in STATES if s != "CLAIMED"])
-    update.add_argument("--message", default="")
+    update.add_argument("--message", default="", help="a note for the task's history")
     update.add_argument(
         "--claim-number",
         type=int,
@@ -123,14 +130,14 @@ def add_commands(commands: Any) -> None:
         " (the claim_number its claim gave)",
     )
     show = task_commands.add_parser("get", help="show one task")
-    show.add_argument("--pipeline", required=True)
-    show.add_argument("--id", required=True)
+    show.add_argument("--pipeline", required=True, help="the task's pipeline")
+    show.add_argument("--id", required=True, help="the task_input_id")
     tasks = task_commands.add_parser("list", help="list tasks")
-    tasks.add_argument("--pipeline")
-    tasks.add_argument("--status", choices=STATES)
+    tasks.add_argument("--pipeline", help="only tasks of this pipeline")
+    tasks.add_argument("--status", choices=STATES, help="only tasks in this status")
     events = task_commands.add_parser("events", help="list a task's events")
-    events.add_argument("--pipeline", required=True)
-    events.add_argument("--id", required=True)
+    events.add_argument("--pipeline", required=True, help="the task's pipeline")
+    events.add_argument("--id", required=True, help="the task_input_id")
     for sub in (register, claim, update, show, tasks, events):
         _add_client_flags(sub)
 

@@ -4,8 +4,11 @@ workers, the gateway alone, and a database that goes away."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import itertools
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -418,6 +421,32 @@ def test_watch_fails_at_once_when_the_server_cannot_be_reached() -> None:
     assert done.returncode == 1, done.stderr
     assert "UNAVAILABLE" in done.stderr and "reconnecting" not in done.stderr
     assert time.monotonic() - started < 30
+
+
+def test_version_and_every_option_has_help() -> None:
+    assert porch("--version").strip() == f"porch {importlib.metadata.version('porch')}"
+    for command in (
+        ["pipeline", "create"],
+        ["pipeline", "list"],
+        ["task", "register"],
+        ["task", "claim"],
+        ["task", "update"],
+        ["task", "events"],
+        ["token", "revoke"],
+        ["events", "prune"],
+    ):
+        text = porch(*command, "--help")
+        options = text[text.index("options:") :]
+        # An option or argument without help is a line of its name alone, not
+        # followed by its help on the next line (argparse's for long names).
+        lines = [*text.splitlines(), ""]
+        bare = [
+            line
+            for line, after in itertools.pairwise(lines)
+            if re.fullmatch(r"  \S+( [A-Z_]+)?", line) and not after.startswith(" " * 10)
+        ]
+        assert not bare, (command, bare)
+        assert "-h, --help" in options
 
 
 def test_openapi_command_prints_the_document() -> None:
