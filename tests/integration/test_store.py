@@ -195,6 +195,17 @@ def test_a_from_now_cursor_is_taken_back_at_once(store: Store) -> None:
         store.check_cursor(store.event_start_cursor())
 
 
+def test_a_cursor_no_porch_gave_is_refused(store: Store, db_url: str) -> None:
+    add_pipeline(store)
+    store.register_tasks("p1", [{"n": 1}], add_actor(store))
+    ahead = "99999999.0" if db_url.startswith("postgresql") else "0.99"
+    with pytest.raises(InvalidArgument, match="ahead of every event written"):
+        store.check_cursor(ahead)
+    if not db_url.startswith("postgresql"):  # its cursors name no transaction
+        with pytest.raises(InvalidArgument, match="names a transaction"):
+            store.check_cursor("1.0")
+
+
 def test_register_is_idempotent_also_within_a_batch(store: Store) -> None:
     add_pipeline(store)
     actor = add_actor(store)
