@@ -140,6 +140,8 @@ class Gateway:
         headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
         if trailing:
             headers |= response_headers(trailing, (HTTP_CODE_KEY,), prefix="Grpc-Trailer-")
+        # An answer is the caller's own (a new token's secret, say): for no cache.
+        headers["cache-control"] = "no-store"
         status = success_status((*initial, *trailing))
         token: str = getattr(response, NEXT_PAGE_TOKEN) if binding.paginates else ""
         if token:

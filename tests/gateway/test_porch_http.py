@@ -94,6 +94,7 @@ async def test_tokens_are_created_listed_and_revoked(porch_http: PorchHttp) -> N
         "/v1/tokens", json={"pipeline_name": "p1", "description": "wrapper"}, headers=admin
     )
     assert created.status_code == 201
+    assert created.headers["cache-control"] == "no-store"  # it holds the secret
     token = created.json()
     assert (token["name"], token["description"], token["role"]) == ("p1", "wrapper", "PIPELINE")
     reader = await client.post(
