@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -178,7 +179,14 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         merge_json_object(data, request)
     except json_format.ParseError as error:
         # The first line names the field; the rest lists every field there is.
-        raise invalid_argument(str(error).splitlines()[0]) from None
+        first = str(error).splitlines()[0]
+        if "surrogates not allowed" in first:  # json reads "\ud800" as one
+            field = ".".join(re.findall(r"Failed to parse (\S+) field", first)) or "the body"
+            raise invalid_argument(
+                f"{field}: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF"
+                " escape without its pair), which is not text"
+            ) from None
+        raise invalid_argument(first) from None
     except OverflowError:
         raise invalid_argument("a number in the request body is too large") from None
     except (ValueError, TypeError, AttributeError, RecursionError) as error:

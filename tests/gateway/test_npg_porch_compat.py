@@ -309,7 +309,8 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
         ),
         (
             '{"pipeline": {"name": "ptest"}, "task_input": {"s": "\\ud800"}}',
-            "task_input field: 'utf-8' codec can't encode character '\\ud800'",
+            "task.task_input: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF escape"
+            " without its pair), which is not text",
         ),
     ],
 )
