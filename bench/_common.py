@@ -34,7 +34,7 @@ Processes and their accounting (Linux /proc)
     ``rss_mb(pids)``: the current resident sets (VmRSS) added up, MiB.
     ``cpu_split(server_pids)``: a context manager giving a dict that, when
     the block ends, holds where the machine's CPU went while it ran: the
-    server's, the client processes' (those the block ran and waited for),
+    server's, the client processes' (those run_clients ran in the block),
     PostgreSQL's, the share left idle, and how the server's busiest
     event-loop thread spent the time (on a CPU, or runnable and waiting
     for one).
@@ -74,7 +74,6 @@ import json
 import multiprocessing
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
@@ -338,22 +337,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 @contextmanager
 def cpu_split(server_pids: Sequence[int]) -> Iterator[dict[str, float]]:
     """Where the CPU goes while the block runs, in the dict this yields:
-    ``server_s``, ``clients_s`` (processes started and waited for in the
-    block, from RUSAGE_CHILDREN) and ``postgres_s`` (every process named
-    postgres, the whole cluster's) CPU seconds; ``idle_share`` of the
+    ``server_s``, ``clients_s`` (what run_clients' processes spent in their
+    function during the block, start-up not counted) and ``postgres_s``
+    (every process named postgres, the whole cluster's) CPU seconds; ``idle_share`` of the
     machine (/proc/stat); and of the busiest event-loop thread (each server
     process's main thread, /proc/PID/task/PID/schedstat) the share of the
     block's time it ran (``loop_run_share``) and the share it was runnable
     but waited for a core (``loop_wait_share``)."""
     figures: dict[str, float] = {}
     start = time.monotonic()
-    server, clients = cpu_seconds(server_pids), _children_cpu_seconds()
+    server, clients = cpu_seconds(server_pids), _client_cpu_seconds[0]
     postgres, machine = _postgres_cpu(), _machine_ticks()
     loops = {pid: _schedstat(pid) for pid in server_pids}
     yield figures
     seconds = time.monotonic() - start
     figures["server_s"] = cpu_seconds(server_pids) - server
-    figures["clients_s"] = _children_cpu_seconds() - clients
+    figures["clients_s"] = _client_cpu_seconds[0] - clients
     ended = _postgres_cpu()
     figures["postgres_s"] = sum(ended[pid] - postgres.get(pid, 0.0) for pid in ended)
     busy, total = (now - then for now, then in zip(_machine_ticks(), machine, strict=True))
@@ -367,11 +366,6 @@ def cpu_split(server_pids: Sequence[int]) -> Iterator[dict[str, float]]:
     )
     figures["loop_run_share"] = run / 1e9 / seconds
     figures["loop_wait_share"] = wait / 1e9 / seconds
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _postgres_cpu() -> dict[int, float]:
@@ -426,9 +420,16 @@ def _client_main(
 ) -> None:
     try:
         barrier.wait()
-        results.put((index, True, function(*arguments)))
+        start = time.process_time()
+        value = function(*arguments)
+        results.put((index, True, value, time.process_time() - start))
     except BaseException as error:  # reported to the parent, which fails loudly
-        results.put((index, False, f"{type(error).__name__}: {error}"))
+        results.put((index, False, f"{type(error).__name__}: {error}", 0.0))
+
+
+# CPU seconds the clients of run_clients have spent in their function, all
+# threads, start-up not included.
+_client_cpu_seconds = [0.0]
 
 
 def run_clients(function: Callable[..., Any], arguments: Sequence[tuple[Any, ...]]) -> list[Any]:
@@ -446,7 +447,8 @@ def run_clients(function: Callable[..., Any], arguments: Sequence[tuple[Any, ...
     collected: dict[int, Any] = {}
     failures = []
     for _ in processes:
-        index, ok, value = results.get()
+        index, ok, value, cpu = results.get()
+        _client_cpu_seconds[0] += cpu
         if ok:
             collected[index] = value
         else:

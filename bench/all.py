@@ -155,6 +155,14 @@ def print_targets(
         f" {grpc['idle_share']:.0%}; server event loop on a CPU {grpc['loop_run_share']:.0%}"
         f" and runnable, waiting for one, {grpc['loop_wait_share']:.0%} of the time"
     )
+    if gateway is not None:
+        print(
+            "HTTP lifecycle, CPU ms per task: server"
+            f" {gateway['http_server_cpu_ms_per_task']:.2f}, client processes"
+            f" {gateway['http_clients_cpu_ms_per_task']:.2f}, PostgreSQL"
+            f" {gateway['http_postgres_cpu_ms_per_task']:.2f}; machine idle"
+            f" {gateway['http_idle_share']:.0%}"
+        )
 
 
 def _row(name: str, target: float | None, measured: float, rule: str) -> tuple[Any, ...]:

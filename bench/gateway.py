@@ -27,6 +27,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    cpu_split,
     expect,
     grpc_channel,
     metadata,
@@ -81,17 +82,27 @@ def run_lifecycle(
     args: argparse.Namespace,
     tag: str,
     profile: str | None = None,
-) -> tuple[float, dict[str, list[float]]]:
-    """Register the tasks, then run the lifecycle from the client processes; tasks/s, latencies."""
+) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+    """Register the tasks, then run the lifecycle from the client processes: tasks/s,
+    latencies, and where the machine's CPU went."""
     register(server.target, secret, args.tasks, REGISTER_CLIENTS, REGISTER_BATCH, tag)
-    with py_spy(server.pids(), profile):
+    with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
         results = run_clients(client, [(endpoint, secret, args.batch)] * args.clients)
     check_claims([key for result in results for key in result[2]], args.tasks)
     timer = Timer()
     for result in results:
         timer.merge(result[3])
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
-    return args.tasks / seconds, dict(timer.latencies)
+    # Where the machine's CPU went, per task (see bench/README.md).
+    per_task = {
+        f"{part}_cpu_ms_per_task": split[f"{part}_s"] / args.tasks * 1000
+        for part in ("server", "clients", "postgres")
+    }
+    return (
+        args.tasks / seconds,
+        dict(timer.latencies),
+        per_task | {"idle_share": split["idle_share"]},
+    )
 
 
 def unary_latencies(server: Server, secret: str, calls: int) -> tuple[list[float], list[float]]:
@@ -146,10 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with bench_pipeline(args, PIPELINE) as (url, secret):
         with Server(url, http=True) as server:
             assert server.http_url is not None
-            grpc_rate, grpc_latencies = run_lifecycle(
+            grpc_rate, grpc_latencies, _ = run_lifecycle(
                 lifecycle_client, server.target, server, secret, args, "grpc"
             )
-            http_rate, http_latencies = run_lifecycle(
+            http_rate, http_latencies, http_split = run_lifecycle(
                 http_lifecycle_client, server.http_url, server, secret, args, "http", args.profile
             )
             direct, gateway = unary_latencies(server, secret, args.unary_calls)
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if final != {"DONE": 2 * args.tasks}:
         raise SystemExit(f"bench: tasks not all DONE at the end: {final}")
     figures = figures_of(grpc_rate, http_rate, grpc_latencies, http_latencies, direct, gateway)
+    figures |= {f"http_{name}": value for name, value in http_split.items()}
     print_figures(args, figures)
     write_json(args.json, figures)
     return figures
@@ -225,6 +237,12 @@ def print_figures(args: argparse.Namespace, figures: dict[str, float]) -> None:
             ),
             ("added by the gateway (median)", figures["gateway_added_p50_ms"], ""),
         ],
+    )
+    print(
+        f"\nHTTP lifecycle, CPU ms per task: server {figures['http_server_cpu_ms_per_task']:.2f},"
+        f" client processes {figures['http_clients_cpu_ms_per_task']:.2f},"
+        f" PostgreSQL {figures['http_postgres_cpu_ms_per_task']:.2f};"
+        f" machine idle {figures['http_idle_share']:.0%}"
     )
 
 
