@@ -52,7 +52,7 @@ _INTEGERS = frozenset(
     )
 )
 # An integer as JSON may also write it: in a string (the proto3 JSON mapping).
-INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
 # The values each integer type holds, by its C++ type.
 INTEGER_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
@@ -143,7 +143,7 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             raise json_format.ParseError(f"{where}: expected true or false, got {_given(value)}")
     elif kind in _INTEGERS:
         low, high = INTEGER_RANGES[kind]
-        number = _integral(value)
+        number = integral(value)
         if number is None or not low <= number <= high:
             raise json_format.ParseError(
                 f"{where}: expected an integer from {low} to {high}, got {_given(value)}"
@@ -154,7 +154,7 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
         if type(value) is str:
             known = value in enum.values_by_name
         else:
-            number = _integral(value)
+            number = integral(value)
             low, high = INTEGER_RANGES[FieldDescriptor.CPPTYPE_INT32]
             known = number is not None and low <= number <= high
         if not known:
@@ -163,14 +163,15 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             )
 
 
-def _integral(value: Any) -> int | None:
+def integral(value: Any) -> int | None:
     """The integer a JSON value writes: a number with no fraction, or the
-    digits of one in a string; None for anything else."""
+    digits of one in a string (longer than any 64-bit integer's: none); None
+    for anything else."""
     if type(value) is int:
         return value
     if type(value) is float and value.is_integer():
         return int(value)
-    if type(value) is str and len(value) <= 24 and INTEGER_TEXT.fullmatch(value):
+    if type(value) is str and len(value) <= 24 and _INTEGER_TEXT.fullmatch(value):
         return int(value)
     return None
 

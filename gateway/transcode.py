@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import (
     INTEGER_RANGES,
-    INTEGER_TEXT,
+    integral,
     merge_json_object,
     offered_names,
     offered_values,
@@ -296,10 +296,10 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
             raise invalid_argument(f"invalid {what}: {text!r} is out of range for a float")
         return value
     low, high = INTEGER_RANGES[field.cpp_type]
-    # Longer than any 64-bit integer (and than what int() converts): out of range.
-    if len(text) > 24 or not INTEGER_TEXT.fullmatch(text) or not low <= int(text) <= high:
+    number = integral(text)
+    if number is None or not low <= number <= high:
         raise invalid_argument(f"invalid {what}: {text!r} is not an integer from {low} to {high}")
-    return int(text)
+    return number
 
 
 def _parse_bytes(text: str, what: str) -> bytes:
@@ -321,8 +321,9 @@ def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
     number = offered.get(text)
     if number is not None:
         return number
-    if INTEGER_TEXT.fullmatch(text) and int(text) in offered.values():
-        return int(text)
+    number = integral(text)
+    if number is not None and number in offered.values():
+        return number
     raise invalid_argument(f"invalid {what}: {text!r} is not one of {offered_names(enum)}")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from typing import Any, TypeAlias
 
@@ -75,7 +75,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrapped
 
     async def admit(
-        self, path: str, metadata: Sequence[tuple[str, Any]]
+        self, path: str, metadata: Iterable[tuple[str, Any]]
     ) -> tuple[grpc.StatusCode, str] | None:
         """Why a PorchService call with this metadata would be refused as
         unauthenticated, whatever its request, or None (the in-process
@@ -85,7 +85,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = path.removeprefix(SERVICE_PREFIX)
         if method not in auth.RULES:
             return None
-        authorization = next((value for key, value in metadata if key == "authorization"), None)
+        authorization = _authorization(metadata)
         token = None
         try:
             token = await self._identify(method, authorization)
@@ -143,7 +143,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             try:
                 # Identified first, so that the access line of a call refused
                 # (a revoked token, one without the right) names its token.
-                token = await self._identify(method, _authorization(context))
+                token = await self._identify(method, _authorization(context.invocation_metadata()))
                 identified = True
                 request = read(data)
                 _check_read(request)
@@ -204,14 +204,13 @@ def _check_read(request: Any) -> None:
             f" may nest at most {MAX_INPUT_DEPTH} levels"
         )
     raise InvalidArgument(
-        f"the request could not be read ({request.reason}): it is not a valid "
-        "message, or nests deeper than the 100 levels protobuf reads"
+        f"the request could not be read ({request.reason}): it is not a valid message"
     )
 
 
-def _authorization(context: Context) -> Any:
-    """The call's `authorization` metadata value, or None."""
-    for key, value in context.invocation_metadata() or ():
+def _authorization(metadata: Iterable[tuple[str, Any]] | None) -> Any:
+    """The `authorization` value of a call's metadata, or None."""
+    for key, value in metadata or ():
         if key == "authorization":
             return value
     return None
@@ -260,7 +259,7 @@ def _log_call(
     else:
         code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    who = _caller(token, identified, _authorization(context), code)
+    who = _caller(token, identified, _authorization(context.invocation_metadata()), code)
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000

@@ -525,8 +525,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _revoked(self, token_id: str) -> bool:
         """Whether the token has been revoked, as the database said within
         REVOCATION_CHECK_SECONDS; not while the database cannot say. One
-        stream asks the database at a time; the token's other streams take
-        the answer before until it comes."""
+        stream asks the database at a time; meanwhile the token's other
+        streams take the previous answer."""
         now = time.monotonic()
         asked = self._revocations.get(token_id)
         if asked is not None and now - asked[0] < REVOCATION_CHECK_SECONDS:

@@ -972,14 +972,14 @@ class Store:
             next_xid = 1  # SQLite's cursors all have transaction 0
             if self._postgresql:
                 next_xid = _current_snapshot(connection).xmax
-        # A cursor "from now" names the oldest transaction still running, or
-        # when none is, the next to begin: (next_xid, 0), though no event
-        # has that transaction yet. SQLite's name none.
-        if not self._postgresql and xid != 0:
+        if not self._postgresql and xid != 0:  # SQLite's cursors name no transaction
             raise InvalidArgument(
                 f"cursor {after} names a transaction, which this server's cursors never do:"
                 " resume from a cursor porch gave, or from an empty cursor"
             )
+        # A cursor "from now" names the oldest transaction still running, or
+        # when none is, the next to begin: (next_xid, 0), though no event
+        # has that transaction yet.
         if (xid, min(event_id, 1)) > (next_xid, 0) or event_id > last_id:
             raise InvalidArgument(
                 f"cursor {after} is ahead of every event written: resume from a cursor "
