@@ -77,9 +77,10 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     async def admit(
         self, path: str, metadata: Iterable[tuple[str, Any]]
     ) -> tuple[grpc.StatusCode, str] | None:
-        """Why a PorchService call with this metadata would be refused as
-        unauthenticated, whatever its request, or None (the in-process
-        gateway asks before it reads an HTTP request's body)."""
+        """Why a PorchService call with this metadata would be refused
+        whatever its request (its token, or the database down while looking it
+        up), or None: the in-process gateway asks before it reads an HTTP
+        request's body."""
         if not path.startswith(SERVICE_PREFIX):
             return None
         method = path.removeprefix(SERVICE_PREFIX)
@@ -91,37 +92,26 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = await self._identify(method, authorization)
             if token is not None:
                 auth.check_token(token)
-        except Unauthenticated as error:
+        except PorchError as error:  # the token's, or the database down while looking
             code = code_of(error)
-            access.note(f"{method} {code.name} {_caller(token, False, authorization, code)}")
+            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
             return code, str(error)
         return None
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:
         """The token the call came with (its authorization metadata), revoked
         or not; None for an anonymous read the server allows. Unauthenticated
-        for a missing, malformed or unknown token.
-
-        Where anyone may read, a read whose token porch cannot use (malformed,
-        unknown or revoked) is read as anonymous, as npg_porch, which checked
-        no token on reads, answered its clients: they send one always."""
-        anyone = self._anonymous_reads and auth.RULES[method].access is auth.Access.READ
-        if not authorization and anyone:
+        for a missing, malformed or unknown token."""
+        is_read = auth.RULES[method].access is auth.Access.READ
+        if not authorization and self._anonymous_reads and is_read:
             return None
-        try:
-            if isinstance(authorization, bytes):
-                raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
-            secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
-        except Unauthenticated:
-            if anyone:
-                return None
-            raise
+        if isinstance(authorization, bytes):
+            raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
+        secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
         found = self._store.cached_token(secret_hash)
         if found is None:
             loop = asyncio.get_running_loop()
             found = await loop.run_in_executor(self._executor, self._store.find_token, secret_hash)
-        if anyone and (found is None or found.revoke_time is not None):
-            return None
         if found is None:
             raise Unauthenticated("unknown token")
         return found
@@ -139,16 +129,16 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def serve(data: bytes, context: Context) -> Any:
             start = time.perf_counter()
             token = None
-            identified = cancelled = False
+            cancelled = False
             try:
                 # Identified first, so that the access line of a call refused
                 # (a revoked token, one without the right) names its token.
                 token = await self._identify(method, _authorization(context.invocation_metadata()))
-                identified = True
+                if token is not None:
+                    auth.check_token(token)
                 request = read(data)
                 _check_read(request)
                 if token is not None:
-                    auth.check_token(token)
                     auth.authorize(method, token, request)
                 auth.CALLER.set(token)
                 return await behavior(request, context)
@@ -165,7 +155,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
-                _log_call(method, context, token, identified, start, cancelled)
+                _log_call(method, context, token, start, cancelled)
 
         return serve
 
@@ -230,12 +220,7 @@ def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes
 
 
 def _log_call(
-    method: str,
-    context: Context,
-    token: Token | None,
-    identified: bool,
-    start: float,
-    cancelled: bool,
+    method: str, context: Context, token: Token | None, start: float, cancelled: bool
 ) -> None:
     """Write the call's access line: method, status code, time and caller. A
     call through the gateway in this process adds them to the HTTP request's
@@ -245,10 +230,9 @@ def _log_call(
     has passed, else CANCELLED (the client left): grpc.aio's context does not
     say so yet when the handler ends. A token's description is escaped, as
     it may hold anything, a line break included. A call that sent a token
-    porch does not know (or cannot read) is from "unknown token", unless it
-    was a read anyone may make ("unusable token, read as anonymous"); one
-    that sent none, "anonymous"; one that failed before its token was looked
-    up (the database down, say), "token not checked".
+    porch does not know (or cannot read) is from "unknown token"; one that
+    sent none, "anonymous"; one that failed before its token was looked up
+    (the database down, say), "token not checked".
     """
     if not log.isEnabledFor(logging.INFO):
         return
@@ -259,21 +243,19 @@ def _log_call(
     else:
         code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    who = _caller(token, identified, _authorization(context.invocation_metadata()), code)
+    who = _caller(token, _authorization(context.invocation_metadata()), code)
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000
     log.info("%s %s %.1fms %s", method, name, elapsed_ms, who)
 
 
-def _caller(token: Token | None, identified: bool, authorization: Any, code: Any) -> str:
+def _caller(token: Token | None, authorization: Any, code: Any) -> str:
     """Who made a call, for its access line (see _log_call)."""
     if token is not None:
         return f"token {token.token_id} ({access.escape(token.description)})"
     if authorization is None:
         return "anonymous"
-    if identified:  # a read anyone may make, with a token porch could not use
-        return "unusable token, read as anonymous"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "unknown token"
     return "token not checked"  # the call failed before its token could be looked up
