@@ -20,6 +20,7 @@ The property tests hold merge_json_object to that check and json_format.
 from __future__ import annotations
 
 import datetime
+import decimal
 import functools
 import json
 import re
@@ -51,8 +52,9 @@ _INTEGERS = frozenset(
         FieldDescriptor.CPPTYPE_UINT64,
     )
 )
-# An integer as JSON may also write it: in a string (the proto3 JSON mapping).
-_INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+# A number as JSON writes it, in a string (the proto3 JSON mapping lets
+# integers come so), with a leading + too, as protobuf reads it.
+_NUMBER_TEXT = re.compile(r"[+-]?[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?")
 # The values each integer type holds, by its C++ type.
 INTEGER_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.CPPTYPE_INT32: (-(2**31), 2**31 - 1),
@@ -164,16 +166,20 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
 
 
 def integral(value: Any) -> int | None:
-    """The integer a JSON value writes: a number with no fraction, or the
-    digits of one in a string (longer than any 64-bit integer's: none); None
-    for anything else."""
+    """The integer a JSON value writes: a number with no fraction, or one
+    written in a string ("12", "1e3", "12.0", as the proto3 JSON mapping
+    allows); None for anything else, and for strings of numbers far past
+    any 64-bit integer."""
     if type(value) is int:
         return value
     if type(value) is float and value.is_integer():
         return int(value)
-    if type(value) is str and len(value) <= 24 and _INTEGER_TEXT.fullmatch(value):
-        return int(value)
-    return None
+    if type(value) is not str or len(value) > 100 or not _NUMBER_TEXT.fullmatch(value):
+        return None
+    number = decimal.Decimal(value)
+    if number.adjusted() > 20 or number != number.to_integral_value():
+        return None
+    return int(number)
 
 
 def offered_values(enum: EnumDescriptor) -> dict[str, int]:
@@ -228,7 +234,8 @@ def _check_duration(data: Any, path: str) -> None:
     """A Duration's JSON form is seconds with an "s": json_format's own words
     for anything else are a Python error ("invalid literal for int()")."""
     if type(data) is str and _DURATION.fullmatch(data):
-        if abs(float(data[:-1])) <= _DURATION_SECONDS:
+        seconds = data[:-1].partition(".")[0].lstrip("-").lstrip("0") or "0"
+        if len(seconds) <= 12 and int(seconds) <= _DURATION_SECONDS:
             return
         raise json_format.ParseError(
             f"{_where(path)}: a duration is at most {_DURATION_SECONDS:,} seconds either way,"

@@ -130,7 +130,9 @@ def check_lease(duration: duration_pb2.Duration) -> timedelta:
         )
     # Same signs: the total is positive only when both parts are at least 0.
     if not 0 < seconds * 1_000_000_000 + nanos <= MAX_LEASE.days * 86_400 * 1_000_000_000:
-        given = f"{seconds:,}" if not nanos else f"{seconds + nanos / 1e9:,.9f}".rstrip("0")
+        sign = "-" if seconds < 0 or nanos < 0 else ""
+        fraction = f".{abs(nanos):09d}".rstrip("0") if nanos else ""
+        given = f"{sign}{abs(seconds):,}{fraction}"
         raise InvalidArgument(
             f"lease must be positive and at most {MAX_LEASE.days} days"
             f" ({MAX_LEASE.days * 86_400:,} s), got {given} s"

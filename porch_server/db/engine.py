@@ -33,9 +33,7 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
-        # Unparsed, it may still hold a password: user:PASSWORD@host.
-        shown = re.sub(r":[^:@/]*@", ":***@", url)
-        raise ValueError(f"not a database URL: {shown!r}") from None
+        raise ValueError(f"not a database URL: {_without_password(url)!r}") from None
     try:
         backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except exc.NoSuchModuleError:  # a scheme no installed dialect has
@@ -52,6 +50,19 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     if backend == "postgresql":
         return _make_postgresql_engine(url, schema, pool_size)
     raise ValueError(f"unsupported database URL {make_url(url)!r}: use sqlite or postgresql")
+
+
+def _without_password(url: str) -> str:
+    """url with what may be a password (after the user's name, up to the
+    last @) as ***: an unparsed URL may hold one, which may hold : / or @."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not at or not colon:
+        return url
+    return f"{scheme}{separator}{user}:***@{host}"
 
 
 def writer(engine: Engine) -> Engine:

@@ -536,11 +536,19 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
             "lease must be positive and at most 30 days (2,592,000 s), got 2,592,000.5 s",
         ),
         ("0s", "got 0 s"),
+        ("315576000000.000000001s", "got 315,576,000,000.000000001 s"),
+        ("-0.5s", "got -0.5 s"),
     ):
         refused = await client.post(
             "/v1/pipelines/p1/tasks:claim", json={"lease": lease}, headers=wrapper
         )
         assert_error(refused, 400, 3, words)
+    # The proto3 JSON mapping lets an integer come in a string, in any notation.
+    for number in ("1e0", "1.0", "+1", "0" * 30 + "1"):
+        claimed = await client.post(
+            "/v1/pipelines/p1/tasks:claim", json={"num_tasks": number}, headers=wrapper
+        )
+        assert claimed.status_code == 200, (number, claimed.text)
     bad_id = await client.get("/v1/pipelines/p1/tasks/XYZ", headers=admin)
     assert_error(bad_id, 400, 3, "task_input_id")
     not_json = await client.post(
