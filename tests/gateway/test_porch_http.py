@@ -537,6 +537,7 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
         ),
         ("0s", "got 0 s"),
         ("315576000000.000000001s", "got 315,576,000,000.000000001 s"),
+        ("315576000000.5s", "at most 30 days (2,592,000 s), got 315,576,000,000.5 s"),
         ("-0.5s", "got -0.5 s"),
     ):
         refused = await client.post(
