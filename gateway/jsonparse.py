@@ -24,7 +24,8 @@ import decimal
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, cast
 
 from google.protobuf import json_format, timestamp_pb2
@@ -182,14 +183,17 @@ def integral(value: Any) -> int | None:
     return int(number)
 
 
-def offered_values(enum: EnumDescriptor) -> dict[str, int]:
+@functools.cache
+def offered_values(enum: EnumDescriptor) -> Mapping[str, int]:
     """An enum's values by name, but for a zero value named *_UNSPECIFIED,
-    which means "not given": not one to offer."""
-    return {
-        each.name: each.number
-        for each in enum.values
-        if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
-    }
+    which means "not given": not one to offer. Built once per enum."""
+    return MappingProxyType(
+        {
+            each.name: each.number
+            for each in enum.values
+            if not (each.number == 0 and each.name.endswith("UNSPECIFIED"))
+        }
+    )
 
 
 def offered_names(enum: EnumDescriptor) -> str:
