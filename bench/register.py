@@ -22,7 +22,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
-    cpu_seconds,
+    cpu_split,
     grpc_channel,
     metadata,
     percentile,
@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=500, help="tasks per RegisterTasks")
     parser.add_argument("--claim-batch", type=int, default=100, help="tasks per ClaimTasks")
     parser.add_argument("--workers", type=int, default=1, help="server processes")
-    parser.add_argument("--profile", metavar="PREFIX", help="py-spy the RegisterTask phase")
+    parser.add_argument(
+        "--profile", metavar="PREFIX", help="py-spy each phase (PREFIX.PHASE.PID.txt)"
+    )
     add_json_option(parser)
     args = parser.parse_args(argv)
     figures: dict[str, float] = {}
@@ -75,39 +77,55 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 ("register_tasks", f"RegisterTasks of {args.batch}", args.batch_tasks, args.batch),
             ]
             for key, label, count, batch in phases:
-                profile = args.profile if batch == 1 else None
-                cpu = cpu_seconds(server.pids())
-                with py_spy(server.pids(), profile):
+                profile = _phase(args.profile, key)
+                with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
                     seconds, latencies = register(
                         server.target, secret, count, args.clients, batch, key
                     )
-                cpu = cpu_seconds(server.pids()) - cpu
                 [values] = latencies.values()
                 figures[f"{key}_per_s"] = count / seconds
-                rows.append(_row(label, count, seconds, cpu, values))
-            cpu = cpu_seconds(server.pids())
+                rows.append(_row(label, count, seconds, split, values))
             # The RegisterTask phase's tasks are pending too: claim them all.
             total = args.tasks + args.batch_tasks
-            results = run_clients(
-                claim_client, [(server.target, secret, args.claim_batch)] * args.clients
-            )
-            cpu = cpu_seconds(server.pids()) - cpu
+            profile = _phase(args.profile, "claim_tasks")
+            with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
+                results = run_clients(
+                    claim_client, [(server.target, secret, args.claim_batch)] * args.clients
+                )
         check_claims([key for result in results for key in result[2]], total)
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
     claims = [value for result in results for value in result[3]["ClaimTasks"]]
     figures["claim_tasks_per_s"] = total / seconds
-    rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, cpu, claims))
+    rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, split, claims))
     print_table(
         f"registration and claiming over gRPC: {args.clients} clients, "
         f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
-        ["call", "tasks", "tasks/s", "calls", "p50 ms", "p99 ms", "server CPU ms/task"],
+        [
+            "call",
+            "tasks",
+            "tasks/s",
+            "calls",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/task: server",
+            "clients",
+            "PostgreSQL",
+            "idle %",
+        ],
         rows,
     )
     write_json(args.json, figures)
     return figures
 
 
-def _row(label: str, tasks: int, seconds: float, cpu: float, latencies: list[float]) -> Any:
+def _phase(profile: str | None, key: str) -> str | None:
+    return None if profile is None else f"{profile}.{key}"
+
+
+def _row(
+    label: str, tasks: int, seconds: float, split: dict[str, float], latencies: list[float]
+) -> Any:
+    """A phase's figures; where the machine's CPU went, per task (see _common.cpu_split)."""
     return (
         label,
         tasks,
@@ -115,7 +133,8 @@ def _row(label: str, tasks: int, seconds: float, cpu: float, latencies: list[flo
         len(latencies),
         percentile(latencies, 50) * 1000,
         percentile(latencies, 99) * 1000,
-        cpu / tasks * 1000,
+        *(split[f"{part}_s"] / tasks * 1000 for part in ("server", "clients", "postgres")),
+        split["idle_share"] * 100,
     )
 
 
