@@ -360,12 +360,14 @@ def response_json(binding: Binding, message: Message) -> Any:
     return message_json(message)[name]
 
 
+# Built once: json.dumps with options builds an encoder per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def encode_json(value: Any) -> bytes:
     """Compact UTF-8 JSON; GatewayError (500) if a value has no JSON form."""
     try:
-        return json.dumps(
-            value, ensure_ascii=False, separators=(",", ":"), allow_nan=False
-        ).encode()
+        return _ENCODER.encode(value).encode()
     except ValueError as error:
         raise GatewayError(
             grpc.StatusCode.INTERNAL, f"the response has no JSON form: {error}"

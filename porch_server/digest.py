@@ -30,10 +30,15 @@ def _integral(value: Any) -> Any:
     return value
 
 
+# One encoder for every input: json.dumps with options builds a new one per
+# call, which took a third of the time of encoding a small input.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical_json(task_input: dict[str, Any]) -> str:
     """Return the canonical JSON text of task_input."""
     value = _integral(task_input)
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    text = _ENCODER.encode(value)
     if "e-0" in text or "\\u007f" in text:
         # Perhaps one of the two things json.dumps writes unlike npg_porch's
         # encoder: ask the exact writer, slower, for these inputs only.
