@@ -33,7 +33,13 @@ GATHER_SECONDS = 0.002
 
 
 class Coalescer(Generic[Item, Result]):
-    """Runs items in batches through run(items) -> one result per item, in order."""
+    """Runs items in batches through run(items) -> one result per item, in order.
+
+    With gather_between false, only a drain's first batch waits its passes:
+    each later one is cut as soon as the one before it ends, of the items
+    that arrived meanwhile, so that the next round trip starts before the
+    callers of the last one take the loop to build their answers.
+    """
 
     def __init__(
         self,
@@ -41,11 +47,13 @@ class Coalescer(Generic[Item, Result]):
         max_batch: int = 100,
         gather_passes: int = GATHER_PASSES,
         gather_seconds: float = GATHER_SECONDS,
+        gather_between: bool = True,
     ) -> None:
         self._run = run
         self._max_batch = max_batch
         self._gather_passes = gather_passes
         self._gather_seconds = gather_seconds
+        self._gather_between = gather_between
         self._waiting: list[tuple[Item, asyncio.Future[Result]]] = []
         self._draining = False
         # What the batches did, for benchmarks: items per batch = items / batches.
@@ -64,12 +72,15 @@ class Coalescer(Generic[Item, Result]):
     async def _drain(self) -> None:
         try:
             loop = asyncio.get_running_loop()
+            passes = self._gather_passes
             while self._waiting:
                 until = loop.time() + self._gather_seconds
-                for _ in range(self._gather_passes):
+                for _ in range(passes):
                     if len(self._waiting) >= self._max_batch or loop.time() >= until:
                         break
                     await asyncio.sleep(0)
+                if not self._gather_between:
+                    passes = 0
                 batch = self._waiting[: self._max_batch]
                 del self._waiting[: self._max_batch]
                 # A caller that went away before its batch was cut (its RPC

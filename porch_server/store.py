@@ -342,7 +342,7 @@ class Store:
         self._async: AsyncStatements | None = None
         self._updates: Coalescer[_Change, Task | PorchError | None] | None = None
         self._registering: Coalescer[_Registering, Registration | PorchError] | None = None
-        self._claims: Coalescer[_Claim, list[Task]] | None = None
+        self._claims: Coalescer[_Claim, Sequence[RowView]] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -776,7 +776,9 @@ class Store:
         if self._async is not None:
             self._updates = Coalescer(self._apply_changes)
             self._registering = Coalescer(self._apply_registrations)
-            self._claims = Coalescer(self._apply_claims)
+            # A claim's answer takes its callers longer to build than an
+            # update's: the next claims go to PostgreSQL before that, not after.
+            self._claims = Coalescer(self._apply_claims, gather_between=False)
         elif not self._postgresql and executor is not None:
             self._updates = Coalescer(_on(executor, self._apply_changes_blocking))
             self._registering = Coalescer(_on(executor, self._register_blocking))
@@ -845,17 +847,18 @@ class Store:
         pipeline_id = self._pipeline_ids.get(pipeline_name)
         if self._claims is None or pipeline_id is None:
             return None
-        return await self._claims.submit(
+        rows = await self._claims.submit(
             _Claim(pipeline_id, num_tasks, _lease_seconds(lease), actor)
         )
+        return [self._to_task(row) for row in rows]
 
-    async def _apply_claims(self, claims: Sequence[_Claim]) -> list[list[Task]]:
+    async def _apply_claims(self, claims: Sequence[_Claim]) -> list[Sequence[RowView]]:
         """Make claims together: per pipeline, one statement expiring lapsed
         leases and one claiming for every claimer, oldest tasks to the
-        claimer that asked first."""
+        claimer that asked first. Each caller reads its own rows."""
         assert self._async is not None
         now = _now()
-        results: list[list[Task]] = [[] for _ in claims]
+        results: list[Sequence[RowView]] = [[] for _ in claims]
         for pipeline_id, indexes in _positions(claim.pipeline_id for claim in claims).items():
             expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
             await self._async.scalar(_expire_with_events(True), expire)
@@ -864,8 +867,7 @@ class Store:
                 params = _claim_params(
                     now, pipeline_id, claim.num_tasks, claim.lease_seconds, claim.actor
                 )
-                rows = await self._async.rows(_claim_with_events(), params)
-                results[indexes[0]] = [self._to_task(row) for row in rows]
+                results[indexes[0]] = await self._async.rows(_claim_with_events(), params)
                 continue
             group = [claims[index] for index in indexes]
             lasts = list(itertools.accumulate(claim.num_tasks for claim in group))
@@ -884,8 +886,11 @@ class Store:
                     _deadline(now, claim.lease_seconds) for claim in group
                 ],
             }
+            shares: list[list[RowView]] = [[] for _ in indexes]
             for row in await self._async.rows(_claim_batch(), params):
-                results[indexes[row.position - 1]].append(self._to_task(row))
+                shares[row.position - 1].append(row)
+            for index, share in zip(indexes, shares, strict=True):
+                results[index] = share
         return results
 
     async def update_task_async(

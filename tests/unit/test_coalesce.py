@@ -63,6 +63,35 @@ async def test_requests_a_few_loop_passes_behind_the_first_join_its_batch() -> N
     assert seen == [[1, 2, 3], [4]]
 
 
+@pytest.mark.parametrize(
+    ("gather_between", "batches"), [(True, [[1], [2, 3]]), (False, [[1], [2], [3]])]
+)
+async def test_without_gathering_between_batches_the_next_is_cut_at_once(
+    gather_between: bool, batches: list[list[int]]
+) -> None:
+    release = asyncio.Event()
+    seen: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        if len(seen) == 1:
+            await release.wait()
+        return list(items)
+
+    coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=6, gather_between=gather_between)
+    first = asyncio.create_task(coalescer.submit(1))
+    for _ in range(10):  # the first batch is cut after its six passes
+        await asyncio.sleep(0)
+    second = asyncio.create_task(coalescer.submit(2))  # waits while the first runs
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.sleep(0)
+    # One pass after the first batch ended: too late, unless the next gathers.
+    third = asyncio.create_task(coalescer.submit(3))
+    assert [await first, await second, await third] == [1, 2, 3]
+    assert seen == batches
+
+
 async def test_a_full_batch_is_cut_without_waiting_for_more() -> None:
     seen, run = echoing()
 
