@@ -22,7 +22,11 @@ def echoing() -> tuple[list[list[int]], Callable[[Sequence[int]], Awaitable[list
     return seen, run
 
 
-async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
+def first_held() -> tuple[
+    list[list[int]], asyncio.Event, Callable[[Sequence[int]], Awaitable[list[int]]]
+]:
+    """A batch runner that answers each item with ten times itself and holds
+    its first batch until the event is set, and the batches it ran."""
     release = asyncio.Event()
     seen: list[list[int]] = []
 
@@ -32,6 +36,11 @@ async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
             await release.wait()
         return [item * 10 for item in items]
 
+    return seen, release, run
+
+
+async def test_requests_arriving_during_a_batch_share_the_next_one() -> None:
+    seen, release, run = first_held()
     coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=0)
     first = asyncio.create_task(coalescer.submit(1))
     await asyncio.sleep(0)  # the first batch starts, with the first request alone
@@ -69,15 +78,7 @@ async def test_requests_a_few_loop_passes_behind_the_first_join_its_batch() -> N
 async def test_without_gathering_between_batches_the_next_is_cut_at_once(
     gather_between: bool, batches: list[list[int]]
 ) -> None:
-    release = asyncio.Event()
-    seen: list[list[int]] = []
-
-    async def run(items: Sequence[int]) -> list[int]:
-        seen.append(list(items))
-        if len(seen) == 1:
-            await release.wait()
-        return list(items)
-
+    seen, release, run = first_held()
     coalescer: Coalescer[int, int] = Coalescer(run, gather_passes=6, gather_between=gather_between)
     first = asyncio.create_task(coalescer.submit(1))
     for _ in range(10):  # the first batch is cut after its six passes
@@ -88,7 +89,7 @@ async def test_without_gathering_between_batches_the_next_is_cut_at_once(
     await asyncio.sleep(0)
     # One pass after the first batch ended: too late, unless the next gathers.
     third = asyncio.create_task(coalescer.submit(3))
-    assert [await first, await second, await third] == [1, 2, 3]
+    assert [await first, await second, await third] == [10, 20, 30]
     assert seen == batches
 
 
