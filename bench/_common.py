@@ -513,6 +513,17 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
+def cpu_line(
+    transport: str, server_ms: float, clients_ms: float, postgres_ms: float, idle: float
+) -> str:
+    """One line of where the machine's CPU went per task in a lifecycle (cpu_split)."""
+    return (
+        f"{transport} lifecycle, CPU ms per task: server {server_ms:.2f},"
+        f" client processes {clients_ms:.2f}, PostgreSQL {postgres_ms:.2f};"
+        f" machine idle {idle:.0%}"
+    )
+
+
 def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Print rows under headers, columns aligned, floats shortened."""
 

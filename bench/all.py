@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_DB_URL, print_table
+from _common import DEFAULT_DB_URL, cpu_line, print_table
 from npg_routes import NPG_CPU_MS_PER_TASK, NPG_LIFECYCLE_PER_S, NPG_REGISTER_PER_S
 
 HERE = Path(__file__).parent
@@ -148,20 +148,26 @@ def print_targets(
         ["measurement", "target", "measured", "met", "rule"],
         rows,
     )
+    grpc_cpu = cpu_line(
+        "gRPC",
+        grpc["cpu_ms_per_task_lifecycle"],
+        grpc["clients_cpu_ms_per_task"],
+        grpc["postgres_cpu_ms_per_task"],
+        grpc["idle_share"],
+    )
     print(
-        f"\ngRPC lifecycle, CPU ms per task: server {grpc['cpu_ms_per_task_lifecycle']:.2f},"
-        f" client processes {grpc['clients_cpu_ms_per_task']:.2f},"
-        f" PostgreSQL {grpc['postgres_cpu_ms_per_task']:.2f}; machine idle"
-        f" {grpc['idle_share']:.0%}; server event loop on a CPU {grpc['loop_run_share']:.0%}"
+        f"\n{grpc_cpu}; server event loop on a CPU {grpc['loop_run_share']:.0%}"
         f" and runnable, waiting for one, {grpc['loop_wait_share']:.0%} of the time"
     )
     if gateway is not None:
         print(
-            "HTTP lifecycle, CPU ms per task: server"
-            f" {gateway['http_server_cpu_ms_per_task']:.2f}, client processes"
-            f" {gateway['http_clients_cpu_ms_per_task']:.2f}, PostgreSQL"
-            f" {gateway['http_postgres_cpu_ms_per_task']:.2f}; machine idle"
-            f" {gateway['http_idle_share']:.0%}"
+            cpu_line(
+                "HTTP",
+                gateway["http_server_cpu_ms_per_task"],
+                gateway["http_clients_cpu_ms_per_task"],
+                gateway["http_postgres_cpu_ms_per_task"],
+                gateway["http_idle_share"],
+            )
         )
 
 

@@ -27,6 +27,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    cpu_line,
     cpu_split,
     expect,
     grpc_channel,
@@ -238,12 +239,14 @@ def print_figures(args: argparse.Namespace, figures: dict[str, float]) -> None:
             ("added by the gateway (median)", figures["gateway_added_p50_ms"], ""),
         ],
     )
-    print(
-        f"\nHTTP lifecycle, CPU ms per task: server {figures['http_server_cpu_ms_per_task']:.2f},"
-        f" client processes {figures['http_clients_cpu_ms_per_task']:.2f},"
-        f" PostgreSQL {figures['http_postgres_cpu_ms_per_task']:.2f};"
-        f" machine idle {figures['http_idle_share']:.0%}"
+    http_cpu = cpu_line(
+        "HTTP",
+        figures["http_server_cpu_ms_per_task"],
+        figures["http_clients_cpu_ms_per_task"],
+        figures["http_postgres_cpu_ms_per_task"],
+        figures["http_idle_share"],
     )
+    print(f"\n{http_cpu}")
 
 
 if __name__ == "__main__":
