@@ -12,10 +12,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import create_engine, text
 
 from porch_server.db.engine import make_engine
-from porch_server.db.pgasync import AsyncStatements, Contended, RowView
+from porch_server.db.pgasync import AsyncStatements, Contended, RowView, _compile
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Unavailable
 from porch_server.models import Actor, Pipeline, Role
@@ -201,6 +202,45 @@ def test_rows_read_by_attribute() -> None:
     assert row.id == 3
     with pytest.raises(AttributeError):
         _ = row.missing
+
+
+async def test_values_a_statement_fixes_are_written_into_its_text(pg_url: str) -> None:
+    """Plain fixed values (text, numbers, NULL, booleans) become literals;
+    the caller's parameters stay $n, renumbered in order, and so does a
+    fixed text that is not plain. The answers are those of the values."""
+    values = sa.values(sa.column("word", sa.Text), sa.column("number", sa.Integer), name="v").data(
+        [("DONE", 3), ("it's", 4), ("a\\b", 5)]
+    )
+    statement = (
+        sa.select(values.c.number, sa.literal(None, sa.Text).label("nothing"), sa.true())
+        .where(
+            sa.or_(
+                values.c.word.in_(["DONE", "it's", sa.bindparam("word", type_=sa.Text)]),
+                values.c.number == sa.bindparam("number", type_=sa.Integer),
+            )
+        )
+        .order_by(values.c.number)
+    )
+    compiled = _compile(statement)
+    assert "'DONE'" in compiled.sql and "'it''s'" not in compiled.sql
+    assert compiled.names.count(None) == len(compiled.fixed) - 2
+    assert set(compiled.names) == {None, "word", "number"}
+    assert "it's" in compiled.fixed and "a\\b" in compiled.fixed
+    assert sorted(compiled.sql.count(f"${n}") for n in range(1, len(compiled.names) + 1)) == [
+        1
+    ] * len(compiled.names)
+
+    statements = AsyncStatements(pg_url, None, 2)
+    await statements.open()
+    try:
+        rows = await statements.rows(statement, {"word": "a\\b", "number": 0})
+        assert [(row.number, row.nothing) for row in rows] == [(3, None), (4, None), (5, None)]
+        rows = await statements.rows(statement, {"word": "none", "number": 5})
+        assert [row.number for row in rows] == [3, 4, 5]
+        rows = await statements.rows(statement, {"word": "none", "number": 0})
+        assert [row.number for row in rows] == [3, 4]
+    finally:
+        await statements.close()
 
 
 @pytest.fixture
