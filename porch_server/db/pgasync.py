@@ -17,6 +17,7 @@ and one PostgreSQL refused otherwise ``Refused``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,15 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+def _lost(connection: asyncpg.Connection) -> bool:
+    """True when a connection taken from the pool can serve no more."""
+    try:
+        closed: bool = connection.is_closed()
+    except asyncpg.InterfaceError:  # the pool took it back when it closed
+        return True
+    return closed
+
+
 class AsyncStatements:
     """A pool of asyncpg connections that runs SQLAlchemy statements."""
 
@@ -141,6 +151,13 @@ class AsyncStatements:
         self._schema = schema
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        # A connection kept out of the pool for the statements that find it
+        # free. Most come one after another (a batch at a time), and asyncpg
+        # spends about as much CPU taking a connection from its pool and
+        # giving it back (a task, a timer and futures) as on the statement.
+        self._held: asyncpg.Connection | None = None
+        self._held_busy = False
+        self._returning: set[asyncio.Future[None]] = set()
         # Keyed by the statement object; the value keeps the statement alive.
         self._compiled: dict[int, tuple[ClauseElement, _Compiled]] = {}
 
@@ -172,6 +189,8 @@ class AsyncStatements:
         """Close every connection."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
+            self._give_back_held(pool)
+            await asyncio.gather(*self._returning, return_exceptions=True)
             await pool.close()
 
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
@@ -193,10 +212,14 @@ class AsyncStatements:
         compiled = entry[1]
         if self._pool is None:
             raise Unavailable("database unavailable: the connection pool is closed")
+        records: list[asyncpg.Record]
         try:
-            records: list[asyncpg.Record] = await self._pool.fetch(
-                compiled.sql, *compiled.arguments(params)
-            )
+            if self._held_busy:
+                records = await self._pool.fetch(compiled.sql, *compiled.arguments(params))
+            else:
+                records = await self._fetch_held(
+                    self._pool, compiled.sql, compiled.arguments(params)
+                )
         except asyncpg.InternalClientError as error:
             # A connection the server ended while it was in use reports
             # "cannot switch to state …; another operation is in progress".
@@ -218,3 +241,32 @@ class AsyncStatements:
         except asyncpg.PostgresError as error:
             raise Refused(str(error)) from error
         return records
+
+    async def _fetch_held(
+        self, pool: asyncpg.Pool, sql: str, arguments: list[Any]
+    ) -> list[asyncpg.Record]:
+        """Run the statement on the held connection, taking one from the pool
+        when none is held or the one held was lost."""
+        self._held_busy = True
+        try:
+            if self._held is None or _lost(self._held):
+                self._give_back_held(pool)
+                self._held = await pool.acquire()
+            records: list[asyncpg.Record] = await self._held.fetch(sql, *arguments)
+        except asyncpg.PostgresError:
+            raise  # PostgreSQL refused the statement; the session goes on
+        except BaseException:
+            # Lost, or the call cancelled mid-statement: the pool ends the
+            # connection, or waits for PostgreSQL to cancel the statement.
+            self._give_back_held(pool)
+            raise
+        finally:
+            self._held_busy = False
+        return records
+
+    def _give_back_held(self, pool: asyncpg.Pool) -> None:
+        connection, self._held = self._held, None
+        if connection is not None:
+            returning = asyncio.ensure_future(pool.release(connection))
+            self._returning.add(returning)
+            returning.add_done_callback(self._returning.discard)

@@ -243,6 +243,45 @@ async def test_values_a_statement_fixes_are_written_into_its_text(pg_url: str) -
         await statements.close()
 
 
+async def test_statements_one_after_another_share_a_connection_kept_from_the_pool(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held connection serves each statement that finds it free, without
+    going through the pool; one that comes meanwhile runs on a connection
+    from the pool; one cancelled midway gives the held connection back, and
+    the next takes one again."""
+    backend = sa.select(sa.func.pg_backend_pid())
+    slow = sa.select(sa.func.pg_backend_pid(), sa.func.pg_sleep(sa.bindparam("seconds")))
+    statements = AsyncStatements(pg_url, None, 4)
+    await statements.open()
+    taken = []
+    acquire = asyncpg.Pool.acquire
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        taken.append(1)
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Pool, "acquire", counted)
+    try:
+        held = {await statements.scalar(backend, {}) for _ in range(5)}
+        assert len(held) == 1 and len(taken) == 1
+        both = await asyncio.gather(
+            statements.scalar(slow, {"seconds": 0.2}), statements.scalar(slow, {"seconds": 0})
+        )
+        assert both[0] in held and both[1] not in held and len(taken) == 2
+
+        sleeping = asyncio.ensure_future(statements.scalar(slow, {"seconds": 30}))
+        await asyncio.sleep(0.3)
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        after = await asyncio.wait_for(statements.scalar(backend, {}), timeout=10)
+        assert await statements.scalar(backend, {}) == after
+        assert len(taken) == 3
+    finally:
+        await asyncio.wait_for(statements.close(), timeout=10)
+
+
 @pytest.fixture
 def unused_port() -> int:
     with socket.socket() as sock:
@@ -559,10 +598,23 @@ async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
     statements = store._async
     assert statements is not None and statements._pool is not None
 
-    class LostPool:
+    class LostConnection:
+        def is_closed(self) -> bool:
+            return False
+
         async def fetch(self, *args: Any) -> Any:
             raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2)")
 
+    class LostPool:
+        async def acquire(self) -> LostConnection:
+            return LostConnection()
+
+        async def release(self, connection: LostConnection) -> None:
+            pass
+
+        fetch = LostConnection.fetch
+
     monkeypatch.setattr(statements, "_pool", LostPool())
+    monkeypatch.setattr(statements, "_held", None)
     with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
         await store.claim_tasks_async("p", 1, None, actor)
