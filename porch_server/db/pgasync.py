@@ -189,9 +189,9 @@ class AsyncStatements:
         """Close every connection."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            self._give_back_held(pool)
-            await asyncio.gather(*self._returning, return_exceptions=True)
-            await pool.close()
+            if not self._held_busy:  # else its statement gives it back as it ends
+                self._give_back_held(pool)
+            await pool.close()  # once every connection is back
 
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
         """Run one statement in autocommit; its rows."""
@@ -262,6 +262,8 @@ class AsyncStatements:
             raise
         finally:
             self._held_busy = False
+            if self._pool is None:  # closed meanwhile
+                self._give_back_held(pool)
         return records
 
     def _give_back_held(self, pool: asyncpg.Pool) -> None:

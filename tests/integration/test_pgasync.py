@@ -226,9 +226,9 @@ async def test_values_a_statement_fixes_are_written_into_its_text(pg_url: str) -
     assert compiled.names.count(None) == len(compiled.fixed) - 2
     assert set(compiled.names) == {None, "word", "number"}
     assert "it's" in compiled.fixed and "a\\b" in compiled.fixed
-    assert sorted(compiled.sql.count(f"${n}") for n in range(1, len(compiled.names) + 1)) == [
-        1
-    ] * len(compiled.names)
+    # Each remaining $n once: the fixed texts that are not plain, then the caller's.
+    assert len(compiled.names) == 5
+    assert all(compiled.sql.count(f"${n}") == 1 for n in range(1, 6))
 
     statements = AsyncStatements(pg_url, None, 2)
     await statements.open()
@@ -278,6 +278,12 @@ async def test_statements_one_after_another_share_a_connection_kept_from_the_poo
         after = await asyncio.wait_for(statements.scalar(backend, {}), timeout=10)
         assert await statements.scalar(backend, {}) == after
         assert len(taken) == 3
+
+        # Closing waits for the statement on the held connection to end.
+        last = asyncio.ensure_future(statements.scalar(slow, {"seconds": 0.3}))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(statements.close(), timeout=10)
+        assert await last == after
     finally:
         await asyncio.wait_for(statements.close(), timeout=10)
 
