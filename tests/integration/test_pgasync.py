@@ -437,18 +437,19 @@ async def test_the_watch_hubs_reads_answer_as_the_thread_path_does(
     start = store.event_start_cursor()
     await store.register_canonical_async("p", [canonical_json({"n": n}) for n in range(5)], actor)
     await store.claim_tasks_async("p", 2, None, actor)
+    # Events wait for the oldest transaction open anywhere on the server: one
+    # of another session holds them back until it ends, so give it time to.
+    for _ in range(100):
+        every = await store.read_events_async(start, 100) or []
+        if len(every) == 7 and not await store.has_unread_events_async(start):
+            break
+        await asyncio.sleep(0.1)
 
     for after, limit in ((start, 100), (start, 3), ("0.0", 100)):
         expected = store.read_events(after, None, limit, check_horizon=False)
         assert await store.read_events_async(after, limit) == expected
     every = await store.read_events_async(start, 100) or []
     assert [event.kind.value for event in every] == ["CREATED"] * 5 + ["CLAIMED"] * 2
-    # Events wait for the oldest transaction open anywhere on the server: one
-    # of another session holds them back until it ends, so give it time to.
-    for _ in range(100):
-        if not await store.has_unread_events_async(start):
-            break
-        await asyncio.sleep(0.1)
     assert await store.has_unread_events_async(start) is False
     assert store.has_unread_events(start) is False
 
