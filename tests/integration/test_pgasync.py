@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy import create_engine, text
 
 from porch_server.db.engine import make_engine
-from porch_server.db.pgasync import AsyncStatements, Contended, RowView, _compile
+from porch_server.db.pgasync import AsyncStatements, Contended, RowView, _compile, row_class
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Unavailable
 from porch_server.models import Actor, Pipeline, Role
@@ -198,8 +198,10 @@ async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
 
 
 def test_rows_read_by_attribute() -> None:
-    row = RowView({"id": 3})  # type: ignore[arg-type]
-    assert row.id == 3
+    row = row_class(("id", "count"))((3, 4))
+    assert isinstance(row, RowView)
+    assert (row.id, row.count) == (3, 4)
+    assert row_class(("id", "count")) is type(row)
     with pytest.raises(AttributeError):
         _ = row.missing
 
