@@ -874,23 +874,7 @@ class Store:
                 )
                 results[indexes[0]] = await self._async.rows(_claim_with_events(), params)
                 continue
-            group = [claims[index] for index in indexes]
-            lasts = list(itertools.accumulate(claim.num_tasks for claim in group))
-            params = {
-                "now": now,
-                "in_pipeline_id": pipeline_id,
-                "num_tasks": lasts[-1],
-                "claim_afters": [
-                    last - claim.num_tasks for last, claim in zip(lasts, group, strict=True)
-                ],
-                "claim_lasts": lasts,
-                "claim_token_ids": [_actor_token_id(claim.actor) for claim in group],
-                "claim_descriptions": [claim.actor.description for claim in group],
-                "claim_lease_seconds": [claim.lease_seconds for claim in group],
-                "claim_lease_expire_times": [
-                    _deadline(now, claim.lease_seconds) for claim in group
-                ],
-            }
+            params = _claim_batch_params(now, pipeline_id, [claims[index] for index in indexes])
             shares: list[list[RowView]] = [[] for _ in indexes]
             for row in await self._async.rows(_claim_batch(), params):
                 shares[row.position - 1].append(row)
@@ -1367,6 +1351,23 @@ def _claim_params(
         "num_tasks": num_tasks,
         "claim_lease_seconds": lease_seconds,
         "claim_lease_expire_time": _deadline(now, lease_seconds),
+    }
+
+
+def _claim_batch_params(now: datetime, pipeline_id: int, group: Sequence[_Claim]) -> dict[str, Any]:
+    """The parameters of _claim_batch: each claimer takes the tasks after
+    those of the claimers before it, up to its own count."""
+    lasts = list(itertools.accumulate(claim.num_tasks for claim in group))
+    return {
+        "now": now,
+        "in_pipeline_id": pipeline_id,
+        "num_tasks": lasts[-1],
+        "claim_afters": [last - claim.num_tasks for last, claim in zip(lasts, group, strict=True)],
+        "claim_lasts": lasts,
+        "claim_token_ids": [_actor_token_id(claim.actor) for claim in group],
+        "claim_descriptions": [claim.actor.description for claim in group],
+        "claim_lease_seconds": [claim.lease_seconds for claim in group],
+        "claim_lease_expire_times": [_deadline(now, claim.lease_seconds) for claim in group],
     }
 
 

@@ -124,6 +124,14 @@ def test_concurrent_claimers_take_each_task_exactly_once(store: Store, pg_url: s
     assert store.list_tasks("p1", State.PENDING, 1, "").items == []
 
 
+def _two_claimers(pipeline_id: int, each: int) -> list[store_module._Claim]:
+    """Two claims of each tasks, without a lease, merged in one statement."""
+    return [
+        store_module._Claim(pipeline_id, each, None, Actor(None, description))
+        for description in ("a", "b")
+    ]
+
+
 def _bulk_insert(engine: Any, count: int, status: State) -> int:
     """Insert count tasks of pipeline p1 in status with one statement; return p1's id."""
     with engine.begin() as connection:
@@ -169,19 +177,12 @@ def test_claims_read_only_the_tasks_they_take_on_a_large_pending_backlog(
         one = store_module._claim_with_events()
         merged = store_module._claim_batch()
         now = datetime.now(UTC)
-        claimers = {
-            "claim_afters": [0, 100],
-            "claim_lasts": [100, 200],
-            "claim_token_ids": [None, None],
-            "claim_descriptions": ["a", "b"],
-            "claim_lease_seconds": [None, None],
-            "claim_lease_expire_times": [None, None],
-        }
+        claimers = _two_claimers(pipeline_id, 100)
         with engine.connect() as connection:
             connection.exec_driver_sql("ANALYZE task")
             for statement, params in (
                 (one, store_module._claim_params(now, pipeline_id, 100, None, SYSTEM)),
-                (merged, {"now": now, "in_pipeline_id": pipeline_id, "num_tasks": 200} | claimers),
+                (merged, store_module._claim_batch_params(now, pipeline_id, claimers)),
             ):
                 query = statement.compile(dialect=engine.dialect)
                 plan = "\n".join(
@@ -253,17 +254,8 @@ def test_a_claim_locks_only_what_its_answer_holds(store: Store, pg_url: str) -> 
             # One claim of 5, and two claimers of 3 together, uncommitted ...
             alone = store_module._claim_params(now, pipeline_id, 5, None, SYSTEM)
             taken = held.execute(store_module._claim_with_events(), alone).all()
-            together = {
-                "now": now,
-                "in_pipeline_id": pipeline_id,
-                "num_tasks": 6,
-                "claim_afters": [0, 3],
-                "claim_lasts": [3, 6],
-                "claim_token_ids": [None, None],
-                "claim_descriptions": ["a", "b"],
-                "claim_lease_seconds": [None, None],
-                "claim_lease_expire_times": [None, None],
-            }
+            claimers = _two_claimers(pipeline_id, 3)
+            together = store_module._claim_batch_params(now, pipeline_id, claimers)
             taken += held.execute(store_module._claim_batch(), together).all()
             assert [row.task_input_id for row in taken] == keys[:6]
             # ... leave the next two oldest to a claim beside them.
