@@ -12,6 +12,7 @@ status code and caller, on the same line instead of logging a second one.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import re
@@ -146,12 +147,19 @@ def _client(scope: Scope) -> str:
     if not client:
         return "-"
     host, port = client
+    return f"{_host(str(host))}:{port}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _host(host: str) -> str:
+    """The client's host as the line gives it (cached: a few clients make
+    most requests, and parsing an address costs more than the rest of the line)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         # Not an address: a proxy header (X-Forwarded-For) can put any text here.
-        return f"{_escaped_bytes(str(host).encode())}:{port}"
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+        return _escaped_bytes(host.encode())
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 def _escaped_bytes(data: bytes) -> str:
