@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -398,13 +398,25 @@ class _ArrayResponse(StreamingResponse):
 
 
 class _TranscodedRoutes(BaseRoute):
-    """Every HTTP binding of the services, as one Starlette route."""
+    """Every HTTP binding of the services, as one Starlette route.
 
-    def __init__(self, gateway: Gateway) -> None:
+    It comes first, since nearly every request is for it, but leaves the
+    gateway's own pages (`pages`, and every path under `page_prefixes`) to
+    their routes, whatever the bindings say.
+    """
+
+    def __init__(
+        self, gateway: Gateway, pages: Collection[str], page_prefixes: tuple[str, ...]
+    ) -> None:
         self.gateway = gateway
+        self.pages = frozenset(pages)
+        self.page_prefixes = page_prefixes
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         if scope["type"] != "http":
+            return Match.NONE, {}
+        path = _route_path(scope)
+        if path in self.pages or path.startswith(self.page_prefixes):
             return Match.NONE, {}
         raw_path = _raw_path(scope)
         match = self.gateway.routes.resolve(scope["method"], raw_path)
@@ -450,6 +462,15 @@ def _query_items(request: Request) -> list[tuple[str, str]]:
     return parse_qsl(query, keep_blank_values=True, errors="surrogateescape")
 
 
+def _route_path(scope: Scope) -> str:
+    """The decoded path as Starlette's routes match it: without the root path."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
+
+
 def _raw_path(scope: Scope) -> str:
     raw = scope.get("raw_path")
     if raw is None:
@@ -479,15 +500,18 @@ def create_app(options: GatewayOptions, upstream: UpstreamCalls | None = None) -
         for path in options.openapi_paths
         for each in (path, path + "/")
     ]
+    page_prefixes: tuple[str, ...] = ()
     if options.docs_path:
         routes.append(Route(options.docs_path, gateway.docs, methods=["GET"]))
         static = StaticFiles(packages=[("swagger_ui", "static")])
         routes.append(Mount(f"{options.docs_path}/static", app=static))
+        page_prefixes = (f"{options.docs_path}/static/",)
     if options.index_path:
         routes.append(Route(options.index_path, gateway.index, methods=["GET"]))
     if options.health_path:
         routes.append(Route(options.health_path, gateway.health, methods=["GET"]))
-    routes.append(_TranscodedRoutes(gateway))
+    pages = [route.path for route in routes if isinstance(route, Route)]
+    routes.insert(0, _TranscodedRoutes(gateway, pages, page_prefixes))
     middleware = [Middleware(AccessLog, logger=options.access_log)] if options.access_log else []
     app = Starlette(
         routes=routes,

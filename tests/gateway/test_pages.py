@@ -47,10 +47,7 @@ async def test_index_links_to_docs_and_names_the_target(
 
 async def test_index_names_the_public_target_instead_of_a_private_one() -> None:
     options = echo_options("unix:/run/private.sock", public_target="grpc.example.org:443")
-    app = gateway.create_app(options)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        page = await client.get("/")
+    [page] = await get_each(options, "/")
     assert "grpc.example.org:443" in page.text and "private.sock" not in page.text
 
 
@@ -77,11 +74,41 @@ async def test_healthz_is_503_when_the_server_is_down() -> None:
 
 async def test_openapi_served_at_every_configured_path(backend: Backend) -> None:
     options = echo_options(backend.target, openapi_paths=("/openapi.json", "/api/v1/openapi.json"))
+    first, second = await get_each(options, "/openapi.json", "/api/v1/openapi.json")
+    assert first.json() == second.json()
+    assert first.json()["info"]["title"] == "Echo"
+
+
+async def test_the_gateways_pages_win_over_bindings_on_their_paths(backend: Backend) -> None:
+    # Each page's path is one a binding matches too: GET /v1/count and
+    # GET /v1/echo/{text}, and /v1/files/{text=**}:read under the assets.
+    options = echo_options(
+        backend.target,
+        openapi_paths=("/v1/count",),
+        health_path="/v1/echo/healthz",
+        docs_path="/v1/files",
+    )
+    document, health, asset, missing, echoed, counted = await get_each(
+        options,
+        "/v1/count",
+        "/v1/echo/healthz",
+        "/v1/files/static/swagger-ui.css",
+        "/v1/files/static/nothing:read",
+        "/v1/echo/hello",
+        "/v1/count/2",
+    )
+    assert document.json()["info"]["title"] == "Echo"
+    assert health.json() == {"status": "SERVING"}
+    assert asset.status_code == 200 and "text/css" in asset.headers["content-type"]
+    assert missing.status_code == 404
+    assert echoed.json()["text"] == "hello"
+    assert counted.status_code == 200
+
+
+async def get_each(options: gateway.GatewayOptions, *paths: str) -> list[httpx.Response]:
+    """GET each path in turn from a gateway app made with options, in-process."""
     app = gateway.create_app(options)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as http:
-        first = await http.get("/openapi.json")
-        second = await http.get("/api/v1/openapi.json")
-    assert first.json() == second.json()
-    assert first.json()["info"]["title"] == "Echo"
+        return [await http.get(path) for path in paths]
