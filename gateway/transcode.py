@@ -106,10 +106,7 @@ def build_request(
     for path_text, value in overrides:
         set_field(request, path_text.split("."), value, f"{path_text!r}")
     for name, value in match.variables.items():
-        _check_utf8(f"path variable {name!r}", value)
-        _check_agrees(request, name, value)
-        _clear_leaf(request, name.split("."))
-        set_field(request, name.split("."), value, f"path variable {name!r}")
+        _set_path_variable(request, name, value)
     _check_field_masks(request)
     return request
 
@@ -193,25 +190,25 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         raise invalid_argument(f"invalid request body: {error}") from None
 
 
-def _check_agrees(request: Message, name: str, text: str) -> None:
-    """GatewayError (400) when the body or query set the field a path
-    variable sets to something else: which one was meant?"""
+def _set_path_variable(request: Message, name: str, text: str) -> None:
+    """Set the field a path variable names from its text, in place of what the
+    body or query gave it; GatewayError (400) when they gave it something
+    else (which one was meant?)."""
+    what = f"path variable {name!r}"
+    _check_utf8(what, text)
     path = name.split(".")
     # Reading does not set a message field: an unset one reads as defaults.
-    parent = _parent(request, path, f"path variable {name!r}")
-    field = _field(parent, path[-1])
-    if field is None or field.message_type is not None or field.is_repeated:
-        return
-    given = getattr(parent, path[-1])
-    if given != field.default_value and given != parse_scalar(field, text, name):
-        raise invalid_argument(f"{name} is {given!r} in the request but {text!r} in the path")
-
-
-def _clear_leaf(request: Message, path: list[str]) -> None:
-    parent = _parent(request, path, "")
+    parent = _parent(request, path, what)
     field = _field(parent, path[-1])
     if field is not None and not field.is_repeated:
+        if field.message_type is None:
+            given = getattr(parent, path[-1])
+            if given != field.default_value and given != parse_scalar(field, text, name):
+                raise invalid_argument(
+                    f"{name} is {given!r} in the request but {text!r} in the path"
+                )
         parent.ClearField(path[-1])
+    _set_in(parent, field, text, what)
 
 
 def _field(message: Message, name: str) -> FieldDescriptor | None:
@@ -221,7 +218,11 @@ def _field(message: Message, name: str) -> FieldDescriptor | None:
 def set_field(message: Message, path: list[str], text: str, what: str) -> None:
     """Set (or append to) the field at a dotted path from its text form."""
     parent = _parent(message, path, what)
-    field = _field(parent, path[-1])
+    _set_in(parent, _field(parent, path[-1]), text, what)
+
+
+def _set_in(parent: Message, field: FieldDescriptor | None, text: str, what: str) -> None:
+    """Set (or append to) parent's field from its text form."""
     if field is None:
         raise invalid_argument(f"unknown {what}: no such field")
     if is_map_field(field):
