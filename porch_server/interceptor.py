@@ -130,10 +130,11 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             start = time.perf_counter()
             token = None
             cancelled = False
+            authorization = _authorization(context.invocation_metadata())
             try:
                 # Identified first, so that the access line of a call refused
                 # (a revoked token, one without the right) names its token.
-                token = await self._identify(method, _authorization(context.invocation_metadata()))
+                token = await self._identify(method, authorization)
                 if token is not None:
                     auth.check_token(token)
                 request = read(data)
@@ -155,7 +156,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
-                _log_call(method, context, token, start, cancelled)
+                _log_call(method, context, token, authorization, start, cancelled)
 
         return serve
 
@@ -220,11 +221,17 @@ def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes
 
 
 def _log_call(
-    method: str, context: Context, token: Token | None, start: float, cancelled: bool
+    method: str,
+    context: Context,
+    token: Token | None,
+    authorization: Any,
+    start: float,
+    cancelled: bool,
 ) -> None:
-    """Write the call's access line: method, status code, time and caller. A
-    call through the gateway in this process adds them to the HTTP request's
-    line instead, which the gateway writes to the same logger.
+    """Write the call's access line: method, status code, time and caller
+    (token, the one found; authorization, the metadata value it was sent
+    as, or None). A call through the gateway in this process adds them to
+    the HTTP request's line instead, which the gateway writes to the same logger.
 
     A call whose task was cancelled is DEADLINE_EXCEEDED when its deadline
     has passed, else CANCELLED (the client left): grpc.aio's context does not
@@ -243,7 +250,7 @@ def _log_call(
     else:
         code = context.code() or grpc.StatusCode.OK
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-    who = _caller(token, _authorization(context.invocation_metadata()), code)
+    who = _caller(token, authorization, code)
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000
