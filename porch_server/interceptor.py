@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import grpc
@@ -31,6 +32,11 @@ SERVICE_PREFIX = "/porch.v1.PorchService/"
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+# The last secret hashed in this task and the tasks it starts, as
+# (authorization, its secret's hash): a call through the in-process gateway
+# is identified twice, by admit() and then by serve(), and hashes once.
+_HASHED: ContextVar[tuple[str, str] | None] = ContextVar("porch_hashed_secret", default=None)
 
 
 class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -107,7 +113,12 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         if isinstance(authorization, bytes):
             raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
-        secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
+        hashed = _HASHED.get()
+        if hashed is not None and hashed[0] == authorization:
+            secret_hash = hashed[1]
+        else:
+            secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
+            _HASHED.set((authorization, secret_hash))
         found = self._store.cached_token(secret_hash)
         if found is None:
             loop = asyncio.get_running_loop()

@@ -20,6 +20,7 @@ import psycopg2
 import pytest
 from sqlalchemy.engine import make_url
 
+from porch_server import auth
 from porch_server.models import Role
 from porch_server.service import UNANSWERED_CLAIM
 from tests.gateway.conftest import PorchHttp, bearer
@@ -611,3 +612,23 @@ async def test_index_names_the_grpc_address_clients_use(porch_http: PorchHttp) -
     page = await porch_http.client.get("/")
     assert page.status_code == 200
     assert f"<code>{porch_http.porch.target}</code>" in page.text
+
+
+async def test_each_call_hashes_its_secret_once(
+    porch_http: PorchHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process, the gateway has the token checked before it reads a body,
+    # and the call checks it again: the second check reuses the hash.
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    hashed: list[str] = []
+    real = auth.hash_secret
+
+    def counted(secret: str) -> str:
+        hashed.append(secret)
+        return real(secret)
+
+    monkeypatch.setattr(auth, "hash_secret", counted)
+    for calls in (1, 2):
+        response = await client.get("/v1/pipelines/p1", headers=wrapper)
+        assert response.status_code == 200, response.text
+        assert len(hashed) == calls
