@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_DB_URL, cpu_line, print_table
+from _common import DEFAULT_DB_URL, print_table
 from npg_routes import NPG_CPU_MS_PER_TASK, NPG_LIFECYCLE_PER_S, NPG_REGISTER_PER_S
 
 HERE = Path(__file__).parent
@@ -148,27 +149,71 @@ def print_targets(
         ["measurement", "target", "measured", "met", "rule"],
         rows,
     )
-    grpc_cpu = cpu_line(
-        "gRPC",
-        grpc["cpu_ms_per_task_lifecycle"],
-        grpc["clients_cpu_ms_per_task"],
-        grpc["postgres_cpu_ms_per_task"],
-        grpc["idle_share"],
-    )
+    print_cpu(echo, grpc, register, gateway)
     print(
-        f"\n{grpc_cpu}; server event loop on a CPU {grpc['loop_run_share']:.0%}"
+        f"gRPC lifecycle: server event loop on a CPU {grpc['loop_run_share']:.0%}"
         f" and runnable, waiting for one, {grpc['loop_wait_share']:.0%} of the time"
     )
+
+
+def print_cpu(
+    echo: dict[str, float],
+    grpc: dict[str, float],
+    register: dict[str, float],
+    gateway: dict[str, float] | None,
+) -> None:
+    """Print where the machine's CPU went in each load set against a limit,
+    per call or task, and what the cores would carry at that cost if they
+    never went idle: the arithmetic behind those targets."""
+    loads = [
+        ("gRPC echo, per call", *_echo_cpu(echo, "grpc_aio")),
+        (
+            "RegisterTask, per call",
+            register["register_task_server_cpu_ms"],
+            register["register_task_clients_cpu_ms"],
+            register["register_task_postgres_cpu_ms"],
+            register["register_task_idle_share"],
+        ),
+        (
+            "gRPC lifecycle, per task",
+            grpc["cpu_ms_per_task_lifecycle"],
+            grpc["clients_cpu_ms_per_task"],
+            grpc["postgres_cpu_ms_per_task"],
+            grpc["idle_share"],
+        ),
+        ("HTTP echo, per request", *_echo_cpu(echo, "http")),
+    ]
     if gateway is not None:
-        print(
-            cpu_line(
-                "HTTP",
+        loads.append(
+            (
+                "HTTP lifecycle, per task",
                 gateway["http_server_cpu_ms_per_task"],
                 gateway["http_clients_cpu_ms_per_task"],
                 gateway["http_postgres_cpu_ms_per_task"],
                 gateway["http_idle_share"],
             )
         )
+    cores = os.cpu_count() or 1
+    rows = []
+    for name, server, clients, postgres, idle in loads:
+        total = server + clients + postgres
+        rows.append((name, server, clients, postgres, total, idle * 100, cores * 1000 / total))
+    print_table(
+        f"where the machine's CPU went, ms; 'never idle': what its {cores} cores would carry"
+        " a second at that cost",
+        ["load", "server", "clients", "PostgreSQL", "all", "idle %", "never idle"],
+        rows,
+    )
+
+
+def _echo_cpu(echo: dict[str, float], kind: str) -> tuple[float, float, float, float]:
+    """An echo's CPU ms per call (server, clients, PostgreSQL: its background) and idle share."""
+    return (
+        echo[f"{kind}_server_cpu_ms"],
+        echo[f"{kind}_clients_cpu_ms"],
+        echo[f"{kind}_postgres_cpu_ms"],
+        echo[f"{kind}_idle_share"],
+    )
 
 
 def _row(name: str, target: float | None, measured: float, rule: str) -> tuple[Any, ...]:

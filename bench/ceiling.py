@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from _common import (
     add_json_option,
-    cpu_seconds,
+    cpu_split,
     free_port,
     percentile,
     print_table,
@@ -123,22 +123,30 @@ def http_client(url: str, seconds: float) -> tuple[int, float, list[float]]:
     return len(latencies), time.perf_counter() - start, latencies
 
 
-def measure(kind: str, clients: int, seconds: float) -> tuple[float, float, float, float]:
-    """Start an echo server of kind and load it from clients; return the rate, p50 and
-    p99 (ms) and the server's CPU seconds per call."""
+def measure(kind: str, clients: int, seconds: float) -> dict[str, float]:
+    """Start an echo server of kind and load it from clients; return its rate
+    (``per_s``), p50 and p99 (ms), and per call the CPU seconds of the server,
+    the client processes and PostgreSQL (its background work only), with the
+    share of the machine left idle."""
     process, match, _ = start_process([sys.executable, __file__, "--serve", kind], READY)
     try:
         client = http_client if kind == "http" else grpc_client
-        cpu = cpu_seconds([process.pid])
-        results = run_clients(client, [(match.group(1), seconds)] * clients)
-        cpu = cpu_seconds([process.pid]) - cpu
+        with cpu_split([process.pid]) as split:
+            results = run_clients(client, [(match.group(1), seconds)] * clients)
     finally:
         process.terminate()
         process.wait()
     latencies = [value for result in results for value in result[2]]
     calls = sum(result[0] for result in results)
-    rate = calls / max(result[1] for result in results)
-    return rate, percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000, cpu / calls
+    return {
+        "per_s": calls / max(result[1] for result in results),
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "server_cpu_s": split["server_s"] / calls,
+        "clients_cpu_s": split["clients_s"] / calls,
+        "postgres_cpu_s": split["postgres_s"] / calls,
+        "idle_share": split["idle_share"],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -157,12 +165,35 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     rows = []
     for kind in ("grpc-aio", "grpc-sync", "http"):
-        rate, p50, p99, cpu = measure(kind, args.clients, args.seconds)
-        figures[f"{kind.replace('-', '_')}_per_s"] = rate
-        rows.append((kind, rate, p50, p99, cpu * 1e6))
+        measured = measure(kind, args.clients, args.seconds)
+        key = kind.replace("-", "_")
+        figures[f"{key}_per_s"] = measured["per_s"]
+        figures[f"{key}_server_cpu_ms"] = measured["server_cpu_s"] * 1000
+        figures[f"{key}_clients_cpu_ms"] = measured["clients_cpu_s"] * 1000
+        figures[f"{key}_postgres_cpu_ms"] = measured["postgres_cpu_s"] * 1000
+        figures[f"{key}_idle_share"] = measured["idle_share"]
+        rows.append(
+            (
+                kind,
+                measured["per_s"],
+                measured["p50_ms"],
+                measured["p99_ms"],
+                measured["server_cpu_s"] * 1e6,
+                measured["clients_cpu_s"] * 1e6,
+                measured["idle_share"] * 100,
+            )
+        )
     print_table(
         f"transport ceiling: trivial echo, {args.clients} client processes",
-        ["server", "calls/s", "p50 ms", "p99 ms", "server CPU µs/call"],
+        [
+            "server",
+            "calls/s",
+            "p50 ms",
+            "p99 ms",
+            "CPU µs/call: server",
+            "clients",
+            "machine idle %",
+        ],
         rows,
     )
     write_json(args.json, figures)

@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     )
                 [values] = latencies.values()
                 figures[f"{key}_per_s"] = count / seconds
+                for part in ("server", "clients", "postgres"):
+                    figures[f"{key}_{part}_cpu_ms"] = split[f"{part}_s"] / count * 1000
+                figures[f"{key}_idle_share"] = split["idle_share"]
                 rows.append(_row(label, count, seconds, split, values))
             # The RegisterTask phase's tasks are pending too: claim them all.
             total = args.tasks + args.batch_tasks
