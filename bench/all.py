@@ -2,7 +2,10 @@
 
 Each script runs as its own process and hands its figures back through
 ``--json``; bench/gateway.py is included when it exists. The targets are
-ratios against limits measured in the same run (see bench/README.md).
+ratios against limits measured in the same run (see bench/README.md). A
+second table gives, for the loads those targets compare, where the
+machine's CPU went per call or task and what the cores would carry at
+that cost if they never idled.
 
     python bench/all.py [--db-url URL] [--clients W] [--quick]
 """
@@ -193,7 +196,7 @@ def print_cpu(
                 gateway["http_idle_share"],
             )
         )
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores these processes may run on
     rows = []
     for name, server, clients, postgres, idle in loads:
         total = server + clients + postgres
