@@ -5,6 +5,7 @@ Databases
     ``fresh_database(url)``: drop and re-create the database ``url`` names
     (PostgreSQL) or delete the file (SQLite), then ``porch db upgrade`` it;
     returns ``url``. Everything in that database is lost.
+    ``drop_database(url)``: drop the PostgreSQL database ``url`` names.
     ``sqlite_url(directory)``: a SQLite URL for a file in ``directory``.
     ``add_database_options(parser)`` / ``bench_database(args, scratch)``:
     the ``--db-url`` and ``--sqlite`` options, and the fresh database they
@@ -154,17 +155,30 @@ def fresh_database(url: str) -> str:
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
     else:
-        name = parsed.database
-        if not name or not re.fullmatch(r"[A-Za-z0-9_]+", name):
-            raise SystemExit(f"bench: refusing to re-create database {name!r}")
-        admin = psycopg2.connect(psycopg2_dsn(str(parsed.set(database="postgres"))))
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-            cursor.execute(f"CREATE DATABASE {name}")
-        admin.close()
+        _admin(url, "DROP DATABASE IF EXISTS {name} WITH (FORCE)", "CREATE DATABASE {name}")
     porch("db", "upgrade", "--db-url", url)
     return url
+
+
+def drop_database(url: str) -> None:
+    """Drop the PostgreSQL database at url, if it is there."""
+    _admin(url, "DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _admin(url: str, *statements: str) -> None:
+    """Run statements about url's PostgreSQL database ({name} in each) from the
+    server's postgres database; refuses a name that is not plain letters,
+    digits and underscores."""
+    parsed = make_url(url)
+    name = parsed.database
+    if not name or not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise SystemExit(f"bench: refusing to re-create or drop database {name!r}")
+    admin = psycopg2.connect(psycopg2_dsn(str(parsed.set(database="postgres"))))
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement.format(name=name))
+    admin.close()
 
 
 def porch(*args: str) -> str:

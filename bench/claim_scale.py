@@ -1,34 +1,50 @@
 """Claim latency as finished tasks pile up: 0, 100k and 1M DONE tasks in the table.
 
-At each level, P fresh PENDING tasks (newer than the finished ones) are
-claimed by one client in batches of K, and the latency of ClaimTasks is
-reported. The finished tasks are written straight into the task table (not
-through the server, and without their events, which a claim never reads).
-Exits non-zero on a duplicate or lost claim.
+Each level gets a database of its own, filled before anything is timed:
+PostgreSQL databases named after --db-url's with the level appended
+(``porch_bench_0``, ``porch_bench_100000``, ...), dropped at the end, or
+SQLite files in a scratch directory. The finished tasks are written
+straight into the task table (not through the server, and without their
+events, which a claim never reads), and PostgreSQL is checkpointed so that
+no level is timed while those writes are flushed. One server per level;
+then, in R rounds, each level in turn (the order rotating) gets P / R fresh
+PENDING tasks, newer than the finished ones, which one client claims in
+batches of K. Interleaving the levels puts each through the same changes
+of the machine's speed, so their ratio compares like with like. The
+latencies of ClaimTasks are pooled per level, each round's first call
+(which opens the client's connection) left out. Exits non-zero on a
+duplicate or lost claim.
 
     python bench/claim_scale.py [--db-url URL | --sqlite] [--levels 0 100000 1000000]
-                                [--pending P] [--batch K]
+                                [--pending P] [--rounds R] [--batch K]
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from collections.abc import Iterable
+from contextlib import ExitStack
+from pathlib import Path
 
 from _common import (
     Server,
     add_database_options,
     add_json_option,
-    bench_pipeline,
     check_claims,
+    create_pipeline_token,
+    drop_database,
+    fresh_database,
     grpc_channel,
     metadata,
     percentile,
     print_table,
     run_clients,
+    sqlite_url,
     write_json,
 )
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 PIPELINE = "scale"
 
@@ -85,39 +101,80 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add_database_options(parser)
     parser.add_argument("--levels", type=int, nargs="+", default=[0, 100_000, 1_000_000])
     parser.add_argument("--pending", type=int, default=2000, help="tasks claimed per level")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each level gets")
     parser.add_argument("--batch", type=int, default=10, help="tasks per ClaimTasks")
     add_json_option(parser)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.pending < args.rounds:
+        parser.error("--rounds must be at least 1 and at most --pending")
+    levels = sorted(set(args.levels))
     figures: dict[str, float] = {}
-    rows = []
-    with bench_pipeline(args, PIPELINE) as (url, secret):
+    with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack:
+        urls, secrets, setups = {}, {}, {}
+        for level in levels:
+            url = fresh_database(_level_url(args, scratch, level))
+            stack.callback(_drop, url)
+            started = time.monotonic()
+            secrets[level] = create_pipeline_token(url, PIPELINE)
+            add_tasks(url, 1, level + 1, "DONE")
+            urls[level], setups[level] = url, time.monotonic() - started
+        _checkpoint(urls.values())
+        servers = {level: stack.enter_context(Server(urls[level])) for level in levels}
+        latencies: dict[int, list[float]] = {level: [] for level in levels}
         # Numbers above every finished task's, so that pending tasks are the newest.
-        next_pending = 10 * max(args.levels) + 1
-        finished = 0
-        with Server(url) as server:
-            for level in sorted(args.levels):
-                started = time.monotonic()
-                add_tasks(url, finished + 1, level + 1, "DONE")
-                add_tasks(url, next_pending, next_pending + args.pending, "PENDING")
-                setup = time.monotonic() - started
-                finished, next_pending = level, next_pending + args.pending
-                [(claimed, latencies)] = run_clients(
-                    claim_client, [(server.target, secret, args.batch)]
+        next_pending = 10 * max(levels) + 1
+        for turn in range(args.rounds):
+            share = args.pending // args.rounds + (turn < args.pending % args.rounds)
+            for level in levels[turn % len(levels) :] + levels[: turn % len(levels)]:
+                add_tasks(urls[level], next_pending, next_pending + share, "PENDING")
+                next_pending += share
+                [(claimed, taken)] = run_clients(
+                    claim_client, [(servers[level].target, secrets[level], args.batch)]
                 )
-                check_claims(claimed, args.pending)
-                p50 = percentile(latencies, 50) * 1000
-                figures[f"claim_p50_ms_{level}"] = p50
-                rows.append(
-                    (f"{level:,}", len(latencies), p50, percentile(latencies, 99) * 1000, setup)
-                )
+                check_claims(claimed, share)
+                # Not the first call: it opens the client's connection.
+                latencies[level] += taken[1:]
+    rows = []
+    for level in levels:
+        p50 = percentile(latencies[level], 50) * 1000
+        figures[f"claim_p50_ms_{level}"] = p50
+        p99 = percentile(latencies[level], 99) * 1000
+        rows.append((f"{level:,}", len(latencies[level]), p50, p99, setups[level]))
     print_table(
         f"ClaimTasks of {args.batch} with finished tasks in the table, one client, "
-        f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
+        f"{args.rounds} rounds, {'SQLite' if args.sqlite else 'PostgreSQL'}",
         ["finished tasks", "claims", "p50 ms", "p99 ms", "setup s"],
         rows,
     )
     write_json(args.json, figures)
     return figures
+
+
+def _level_url(args: argparse.Namespace, scratch: str, level: int) -> str:
+    """The database of one level: --db-url's, its name suffixed, or a SQLite file."""
+    if args.sqlite:
+        directory = Path(scratch) / str(level)
+        directory.mkdir()
+        return sqlite_url(directory)
+    parsed = make_url(args.db_url)
+    return parsed.set(database=f"{parsed.database}_{level}").render_as_string(hide_password=False)
+
+
+def _checkpoint(urls: Iterable[str]) -> None:
+    """Flush what the levels' loads wrote, on PostgreSQL, before anything is timed."""
+    for url in urls:
+        engine = create_engine(url)
+        if engine.dialect.name == "postgresql":
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(text("CHECKPOINT"))
+        engine.dispose()
+
+
+def _drop(url: str) -> None:
+    """Drop a level's PostgreSQL database (its SQLite file goes with the scratch directory)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        drop_database(url)
 
 
 if __name__ == "__main__":
