@@ -157,6 +157,8 @@ def _level_url(args: argparse.Namespace, scratch: str, level: int) -> str:
         directory.mkdir()
         return sqlite_url(directory)
     parsed = make_url(args.db_url)
+    if not parsed.database:
+        raise SystemExit(f"bench: --db-url names no database: {args.db_url}")
     return parsed.set(database=f"{parsed.database}_{level}").render_as_string(hide_password=False)
 
 
