@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -113,12 +112,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         urls, secrets, setups = {}, {}, {}
         for level in levels:
             url = fresh_database(_level_url(args, scratch, level))
-            stack.callback(_drop, url)
+            if not args.sqlite:  # a SQLite file goes with the scratch directory
+                stack.callback(drop_database, url)
             started = time.monotonic()
             secrets[level] = create_pipeline_token(url, PIPELINE)
             add_tasks(url, 1, level + 1, "DONE")
             urls[level], setups[level] = url, time.monotonic() - started
-        _checkpoint(urls.values())
+        if not args.sqlite:
+            _checkpoint(url)
         servers = {level: stack.enter_context(Server(urls[level])) for level in levels}
         latencies: dict[int, list[float]] = {level: [] for level in levels}
         # Numbers above every finished task's, so that pending tasks are the newest.
@@ -162,21 +163,13 @@ def _level_url(args: argparse.Namespace, scratch: str, level: int) -> str:
     return parsed.set(database=f"{parsed.database}_{level}").render_as_string(hide_password=False)
 
 
-def _checkpoint(urls: Iterable[str]) -> None:
-    """Flush what the levels' loads wrote, on PostgreSQL, before anything is timed."""
-    for url in urls:
-        engine = create_engine(url)
-        if engine.dialect.name == "postgresql":
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-                connection.execute(text("CHECKPOINT"))
-        engine.dispose()
-
-
-def _drop(url: str) -> None:
-    """Drop a level's PostgreSQL database (its SQLite file goes with the scratch directory)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "postgresql":
-        drop_database(url)
+def _checkpoint(url: str) -> None:
+    """Flush what the levels' loads wrote before anything is timed: a
+    checkpoint covers every database of the PostgreSQL server at url."""
+    engine = create_engine(url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text("CHECKPOINT"))
+    engine.dispose()
 
 
 if __name__ == "__main__":
