@@ -4,7 +4,7 @@ The same client processes as the other benchmarks (W 'spawn' processes,
 sync grpc / httpx clients) call servers that do nothing, so the rates are
 what the transport alone allows on this machine.
 
-    python bench/ceiling.py [--clients W] [--seconds S]
+    python bench/ceiling.py [--clients W] [--seconds S] [--kinds KIND ...]
     python bench/ceiling.py --serve grpc-aio|grpc-sync|http   (one echo server)
 """
 
@@ -29,6 +29,7 @@ from _common import (
     write_json,
 )
 
+KINDS = ("grpc-aio", "grpc-sync", "http")
 METHOD = "/bench.Echo/Echo"
 READY = r"echo listening on (\S+)"
 PAYLOAD = b'{"pipeline": {"name": "bench"}, "task_input_id": "' + b"0" * 64 + b'"}'
@@ -155,8 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="per server")
     parser.add_argument(
-        "--serve", choices=["grpc-aio", "grpc-sync", "http"], help=argparse.SUPPRESS
+        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the echo servers to measure"
     )
+    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
     add_json_option(parser)
     args = parser.parse_args(argv)
     if args.serve:
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return {}
     figures: dict[str, float] = {}
     rows = []
-    for kind in ("grpc-aio", "grpc-sync", "http"):
+    for kind in args.kinds:
         measured = measure(kind, args.clients, args.seconds)
         key = kind.replace("-", "_")
         figures[f"{key}_per_s"] = measured["per_s"]
