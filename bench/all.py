@@ -7,11 +7,11 @@ second table gives, for the loads those targets compare, where the
 machine's CPU went per call or task and what the cores would carry at
 that cost if they never idled.
 
-With --rounds N, the limits and the loads set against them (both
-lifecycles and registration) run N times in turn, each target is taken
-against its own round's limits, and the tables give medians: the
-machine's speed drifts by a third within minutes, and a load measured
-minutes after its limit carries that drift into its ratio.
+The limits and the loads set against them (both lifecycles and
+registration) run in rounds: three, one with --quick, or --rounds N.
+Each target is taken against its own round's limits and the tables give
+medians: the machine's speed drifts by a third within minutes, and a load
+measured minutes after its limit carries that drift into its ratio.
 
     python bench/all.py [--db-url URL] [--clients W] [--quick] [--rounds N]
 """
@@ -63,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=1,
         help="measure the limits and the loads set against them this many times in turn;"
-        " the table gives medians",
+        " the table gives medians (default 3, with --quick 1)",
     )
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     db = ["--db-url", args.db_url]
