@@ -213,14 +213,18 @@ def print_targets(
         # Each round's figure against its own round's target: the median of
         # those ratios says whether the target held, not the two medians,
         # which may come from different rounds.
-        ratio = statistics.median(result[2] / _target(result) for result in results)
-        met = ratio <= 1 if lower_is_better else ratio >= 1
+        ratios = [result[2] / _target(result) for result in results if _target(result)]
+        ratio = statistics.median(ratios) if len(ratios) == len(results) else None
+        if ratio is None:  # a target of 0 (claim_scale.py run without an empty level)
+            met = _held(measured, target, lower_is_better)
+        else:
+            met = ratio <= 1 if lower_is_better else ratio >= 1
         sign = "≤" if lower_is_better else "≥"
         row = (
             name,
             f"{sign} {target:,.1f}",
             measured,
-            f"{ratio:.2f}",
+            "" if ratio is None else f"{ratio:.2f}",
             "yes" if met else "NO",
             rule,
         )
