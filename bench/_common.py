@@ -117,7 +117,9 @@ def write_transactions(url: str) -> int | None:
     try:
         with connection, connection.cursor() as cursor:
             cursor.execute("SELECT txid_current()")
-            return int(cursor.fetchone()[0])
+            row = cursor.fetchone()
+            assert row is not None, "SELECT txid_current() returns a row"
+            return int(row[0])
     finally:
         connection.close()
 

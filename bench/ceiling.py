@@ -43,7 +43,7 @@ async def _async_identity(request: bytes, context: object) -> bytes:
     return request
 
 
-def _handler(behaviour: object) -> grpc.GenericRpcHandler:
+def _handler(behaviour: object) -> grpc.GenericRpcHandler[Any, Any]:
     method = grpc.unary_unary_rpc_method_handler(behaviour)  # type: ignore[arg-type]
     return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": method})
 
@@ -102,7 +102,7 @@ def serve_http() -> None:
 def grpc_client(target: str, seconds: float) -> tuple[int, float, list[float]]:
     """Echo as fast as possible for seconds; return calls, elapsed, latencies."""
     channel = grpc.insecure_channel(target)
-    echo = channel.unary_unary(METHOD)
+    echo = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
     latencies = []
     start = time.perf_counter()
     while (now := time.perf_counter()) - start < seconds:

@@ -134,7 +134,7 @@ async def _watch(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
-        await channel.close()
+        await channel.close(grace=None)
     return {
         "delays": delays,
         "last": last_arrival[0],
