@@ -39,6 +39,9 @@ Processes and their accounting (Linux /proc)
     PostgreSQL's, the share left idle, and how the server's busiest
     event-loop thread spent the time (on a CPU, or runnable and waiting
     for one).
+    ``cpu_figures(prefix, split, count)``: a cpu_split's CPU per call or
+    task, as the figures ``PREFIX_{server,clients,postgres}_cpu_ms`` and
+    ``PREFIX_idle_share`` that all.py reads.
 
 Clients
     ``run_clients(function, arguments)``: run ``function(*arguments[i])`` in
@@ -382,6 +385,17 @@ def cpu_split(server_pids: Sequence[int]) -> Iterator[dict[str, float]]:
     )
     figures["loop_run_share"] = run / 1e9 / seconds
     figures["loop_wait_share"] = wait / 1e9 / seconds
+
+
+def cpu_figures(prefix: str, split: dict[str, float], count: int) -> dict[str, float]:
+    """A cpu_split's CPU ms per call or task (count of them), and its idle share,
+    as figures named after prefix."""
+    figures = {
+        f"{prefix}_{part}_cpu_ms": split[f"{part}_s"] / count * 1000
+        for part in ("server", "clients", "postgres")
+    }
+    figures[f"{prefix}_idle_share"] = split["idle_share"]
+    return figures
 
 
 def _postgres_cpu() -> dict[int, float]:

@@ -286,14 +286,8 @@ def print_cpu(
     per call or task, and what the cores would carry at that cost if they
     never went idle: the arithmetic behind those targets."""
     loads = [
-        ("gRPC echo, per call", *_echo_cpu(echo, "grpc_aio")),
-        (
-            "RegisterTask, per call",
-            register["register_task_server_cpu_ms"],
-            register["register_task_clients_cpu_ms"],
-            register["register_task_postgres_cpu_ms"],
-            register["register_task_idle_share"],
-        ),
+        ("gRPC echo, per call", *_cpu(echo, "grpc_aio")),
+        ("RegisterTask, per call", *_cpu(register, "register_task")),
         (
             "gRPC lifecycle, per task",
             grpc["cpu_ms_per_task_lifecycle"],
@@ -301,7 +295,7 @@ def print_cpu(
             grpc["postgres_cpu_ms_per_task"],
             grpc["idle_share"],
         ),
-        ("HTTP echo, per request", *_echo_cpu(echo, "http")),
+        ("HTTP echo, per request", *_cpu(echo, "http")),
     ]
     if gateway is not None:
         loads.append(
@@ -326,13 +320,14 @@ def print_cpu(
     )
 
 
-def _echo_cpu(echo: dict[str, float], kind: str) -> tuple[float, float, float, float]:
-    """An echo's CPU ms per call (server, clients, PostgreSQL: its background) and idle share."""
+def _cpu(figures: dict[str, float], prefix: str) -> tuple[float, float, float, float]:
+    """CPU ms per call of the server, clients and PostgreSQL, and the idle
+    share, from figures _common.cpu_figures named after prefix."""
     return (
-        echo[f"{kind}_server_cpu_ms"],
-        echo[f"{kind}_clients_cpu_ms"],
-        echo[f"{kind}_postgres_cpu_ms"],
-        echo[f"{kind}_idle_share"],
+        figures[f"{prefix}_server_cpu_ms"],
+        figures[f"{prefix}_clients_cpu_ms"],
+        figures[f"{prefix}_postgres_cpu_ms"],
+        figures[f"{prefix}_idle_share"],
     )
 
 

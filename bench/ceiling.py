@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from _common import (
     add_json_option,
+    cpu_figures,
     cpu_split,
     free_port,
     percentile,
@@ -124,11 +125,11 @@ def http_client(url: str, seconds: float) -> tuple[int, float, list[float]]:
     return len(latencies), time.perf_counter() - start, latencies
 
 
-def measure(kind: str, clients: int, seconds: float) -> dict[str, float]:
+def measure(kind: str, clients: int, seconds: float) -> tuple[dict[str, float], dict[str, float]]:
     """Start an echo server of kind and load it from clients; return its rate
-    (``per_s``), p50 and p99 (ms), and per call the CPU seconds of the server,
-    the client processes and PostgreSQL (its background work only), with the
-    share of the machine left idle."""
+    (``per_s``) with p50 and p99 (ms), and its cpu_figures (named after kind):
+    per call the CPU ms of the server, the client processes and PostgreSQL
+    (its background work only), with the share of the machine left idle."""
     process, match, _ = start_process([sys.executable, __file__, "--serve", kind], READY)
     try:
         client = http_client if kind == "http" else grpc_client
@@ -139,15 +140,12 @@ def measure(kind: str, clients: int, seconds: float) -> dict[str, float]:
         process.wait()
     latencies = [value for result in results for value in result[2]]
     calls = sum(result[0] for result in results)
-    return {
+    rate = {
         "per_s": calls / max(result[1] for result in results),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-        "server_cpu_s": split["server_s"] / calls,
-        "clients_cpu_s": split["clients_s"] / calls,
-        "postgres_cpu_s": split["postgres_s"] / calls,
-        "idle_share": split["idle_share"],
     }
+    return rate, cpu_figures(_key(kind), split, calls)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -167,22 +165,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     rows = []
     for kind in args.kinds:
-        measured = measure(kind, args.clients, args.seconds)
-        key = kind.replace("-", "_")
+        measured, cpu = measure(kind, args.clients, args.seconds)
+        key = _key(kind)
         figures[f"{key}_per_s"] = measured["per_s"]
-        figures[f"{key}_server_cpu_ms"] = measured["server_cpu_s"] * 1000
-        figures[f"{key}_clients_cpu_ms"] = measured["clients_cpu_s"] * 1000
-        figures[f"{key}_postgres_cpu_ms"] = measured["postgres_cpu_s"] * 1000
-        figures[f"{key}_idle_share"] = measured["idle_share"]
+        figures |= cpu
         rows.append(
             (
                 kind,
                 measured["per_s"],
                 measured["p50_ms"],
                 measured["p99_ms"],
-                measured["server_cpu_s"] * 1e6,
-                measured["clients_cpu_s"] * 1e6,
-                measured["idle_share"] * 100,
+                cpu[f"{key}_server_cpu_ms"] * 1000,
+                cpu[f"{key}_clients_cpu_ms"] * 1000,
+                cpu[f"{key}_idle_share"] * 100,
             )
         )
     print_table(
@@ -200,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     write_json(args.json, figures)
     return figures
+
+
+def _key(kind: str) -> str:
+    """The prefix of an echo's figures: grpc-aio's are grpc_aio_per_s, ..."""
+    return kind.replace("-", "_")
 
 
 if __name__ == "__main__":

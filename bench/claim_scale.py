@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             add_tasks(url, 1, level + 1, "DONE")
             urls[level], setups[level] = url, time.monotonic() - started
         if not args.sqlite:
-            _checkpoint(url)
+            _checkpoint(urls[levels[0]])
         servers = {level: stack.enter_context(Server(urls[level])) for level in levels}
         latencies: dict[int, list[float]] = {level: [] for level in levels}
         # Numbers above every finished task's, so that pending tasks are the newest.

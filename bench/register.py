@@ -22,6 +22,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    cpu_figures,
     cpu_split,
     grpc_channel,
     metadata,
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     )
                 [values] = latencies.values()
                 figures[f"{key}_per_s"] = count / seconds
-                for part in ("server", "clients", "postgres"):
-                    figures[f"{key}_{part}_cpu_ms"] = split[f"{part}_s"] / count * 1000
-                figures[f"{key}_idle_share"] = split["idle_share"]
+                figures |= cpu_figures(key, split, count)
                 rows.append(_row(label, count, seconds, split, values))
             # The RegisterTask phase's tasks are pending too: claim them all.
             total = args.tasks + args.batch_tasks
