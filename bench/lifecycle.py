@@ -89,19 +89,28 @@ def lifecycle_client(
             break
         for task in tasks:
             claimed.append(task.task_input_id)
-            for status in (porch_pb2.Task.RUNNING, porch_pb2.Task.DONE):
-                # Naming the claim, as the README's workflow does.
-                update = porch_pb2.UpdateTaskRequest(
-                    task=porch_pb2.Task(
-                        pipeline=pipeline,
-                        task_input_id=task.task_input_id,
-                        claim_number=task.claim_number,
-                        status=status,
-                    )
-                )
+            for update in status_updates(pipeline, task):
                 with timer("UpdateTask"):
                     stub.UpdateTask(update, metadata=auth)
     return start, time.time(), claimed, dict(timer.latencies)
+
+
+def status_updates(pipeline: Any, task: Any) -> list[Any]:
+    """The UpdateTaskRequests that report a claimed task RUNNING, then DONE,
+    naming its claim as the README's workflow does."""
+    from porch_stubs.v1 import porch_pb2
+
+    return [
+        porch_pb2.UpdateTaskRequest(
+            task=porch_pb2.Task(
+                pipeline=pipeline,
+                task_input_id=task.task_input_id,
+                claim_number=task.claim_number,
+                status=status,
+            )
+        )
+        for status in (porch_pb2.Task.RUNNING, porch_pb2.Task.DONE)
+    ]
 
 
 def register(target: str, secret: str, tasks: int, clients: int, batch: int, tag: str) -> Any:
