@@ -2,15 +2,17 @@
 
 One process runs porch's server (store, service, interceptor, commit
 coalescing, asyncpg, the access log) and calls it through the gateway's
-in-process upstream, the path `porch serve`'s own gateway takes, with no
-socket and no gRPC in between. W coroutines each claim K tasks, then report
+in-process upstream, the path `porch serve`'s own gateway takes: no socket
+and no gRPC transport in between, though each message is still serialized
+and read, as grpc would. W coroutines each claim K tasks, then report
 RUNNING and DONE for each, as lifecycle.py's client processes do over gRPC.
 
 The process's CPU per task is then porch's own work: what the server spends
-beyond the transport, and without client processes and PostgreSQL taking
-the same cores. It includes building the requests and reading the answers
-(a few µs a call). With more callers the status changes share larger
-batches, so the rows show what one commit costs beside the work per change.
+beyond the transport, without client processes taking the same cores
+(PostgreSQL still shares them). It includes building the requests and
+reading the answers (a few µs a call), and grpc's idle server threads.
+With more callers the status changes share larger batches, so the rows
+show what one commit costs beside the work per change.
 The last row runs the most callers with the access log off. One asyncpg
 round trip (`SELECT 1`) on porch's own connections is timed too
 (PostgreSQL). Exits non-zero on a task claimed twice or never claimed.
@@ -56,17 +58,41 @@ async def run(
     url: str, secret: str, tasks: int, callers: list[int], batch: int, log_file: Path
 ) -> tuple[list[tuple[Any, ...]], dict[str, float]]:
     """One row per number of callers, and one more with the access log off."""
-    from porch_stubs.v1 import porch_pb2
-
     server, config, engine, interceptor, stores = _porch_modules(
         "server", "config", "db.engine", "interceptor", "store"
     )
-    access_log = interceptor.log
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", filename=log_file
-    )
+    # The access log goes to a file, as the benchmarks' servers log it.
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     store = stores.Store(engine.make_engine(url))
-    running = await server.start(config.Config(db_url=url, grpc_port=0, http_port=None), store)
+    try:
+        running = await server.start(config.Config(db_url=url, grpc_port=0, http_port=None), store)
+        try:
+            return await _measure(running, store, interceptor.log, secret, tasks, callers, batch)
+        finally:
+            await server.stop(running, 1.0)
+    finally:
+        store.close()
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+async def _measure(
+    running: Any,
+    store: Any,
+    access_log: logging.Logger,
+    secret: str,
+    tasks: int,
+    callers: list[int],
+    batch: int,
+) -> tuple[list[tuple[Any, ...]], dict[str, float]]:
+    from porch_stubs.v1 import porch_pb2
+
     methods = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].methods_by_name
     auth = [("authorization", f"Bearer {secret}")]
     pipeline = porch_pb2.Pipeline(name=PIPELINE)
@@ -99,35 +125,32 @@ async def run(
     rows = []
     figures: dict[str, float] = {}
     runs = [(count, True) for count in callers] + [(max(callers), False)]
-    try:
-        for index, (count, logged) in enumerate(runs):
-            await register(f"run {index}")
-            access_log.setLevel(logging.INFO if logged else logging.WARNING)
-            claimed: list[str] = []
-            changes, batches = store.coalesced
-            cpu, start = _cpu(), time.perf_counter()
-            calls = sum(await asyncio.gather(*(caller(claimed) for _ in range(count))))
-            cpu, seconds = _cpu() - cpu, time.perf_counter() - start
-            check_claims(claimed, tasks)
-            changes, batches = store.coalesced[0] - changes, store.coalesced[1] - batches
-            key = f"w{count}" if logged else f"w{count}_quiet"
-            figures[f"{key}_cpu_ms_per_task"] = cpu / tasks * 1000
-            figures[f"{key}_tasks_per_s"] = tasks / seconds
-            rows.append(
-                (
-                    count,
-                    "on" if logged else "off",
-                    changes / batches if batches else float("nan"),
-                    tasks / seconds,
-                    cpu / tasks * 1000,
-                    cpu / calls * 1e6,
-                )
+    for index, (count, logged) in enumerate(runs):
+        await register(f"run {index}")
+        access_log.setLevel(logging.INFO if logged else logging.WARNING)
+        claimed: list[str] = []
+        changes, batches = store.coalesced
+        cpu, start = _cpu(), time.perf_counter()
+        calls = sum(await asyncio.gather(*(caller(claimed) for _ in range(count))))
+        cpu, seconds = _cpu() - cpu, time.perf_counter() - start
+        check_claims(claimed, tasks)
+        changes, batches = store.coalesced[0] - changes, store.coalesced[1] - batches
+        key = f"w{count}" if logged else f"w{count}_quiet"
+        figures[f"{key}_cpu_ms_per_task"] = cpu / tasks * 1000
+        figures[f"{key}_tasks_per_s"] = tasks / seconds
+        rows.append(
+            (
+                count,
+                "on" if logged else "off",
+                changes / batches if batches else float("nan"),
+                tasks / seconds,
+                cpu / tasks * 1000,
+                cpu / calls * 1e6,
             )
-        if running.statements is not None:
-            figures["round_trip_cpu_us"] = await _round_trip(running.statements.scalar)
-    finally:
-        await server.stop(running, 1.0)
-        store.close()
+        )
+    access_log.setLevel(logging.NOTSET)
+    if running.statements is not None:
+        figures["round_trip_cpu_us"] = await _round_trip(running.statements.scalar)
     return rows, figures
 
 
@@ -139,9 +162,12 @@ def _porch_modules(*names: str) -> list[Any]:
     saved = sys.path[:]
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
     try:
-        return [importlib.import_module(f"porch_server.{name}") for name in names]
+        modules = [importlib.import_module(f"porch_server.{name}") for name in names]
     finally:
         sys.path[:] = saved
+    if not hasattr(sys.modules["gateway"], "__path__"):
+        raise SystemExit("bench: bench/gateway.py was imported as the gateway package")
+    return modules
 
 
 async def _round_trip(scalar: Callable[[Any, Any], Awaitable[Any]]) -> float:
