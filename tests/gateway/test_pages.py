@@ -106,9 +106,12 @@ async def test_the_gateways_pages_win_over_bindings_on_their_paths(backend: Back
 
 
 async def get_each(options: gateway.GatewayOptions, *paths: str) -> list[httpx.Response]:
-    """GET each path in turn from a gateway app made with options, in-process."""
+    """GET each path in turn from a gateway app made with options, in-process;
+    the app's lifespan closes its upstream channel at the end."""
     app = gateway.create_app(options)
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
-    ) as http:
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as http,
+    ):
         return [await http.get(path) for path in paths]
