@@ -40,18 +40,13 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    cpu_seconds,
     print_table,
     write_json,
 )
 from lifecycle import PIPELINE, status_updates
 
 ROUND_TRIPS = 4000
-
-
-def _cpu() -> float:
-    """This process's user + system CPU seconds so far."""
-    times = os.times()
-    return times.user + times.system
 
 
 async def run(
@@ -130,9 +125,9 @@ async def _measure(
         access_log.setLevel(logging.INFO if logged else logging.WARNING)
         claimed: list[str] = []
         changes, batches = store.coalesced
-        cpu, start = _cpu(), time.perf_counter()
+        cpu, start = cpu_seconds([os.getpid()]), time.perf_counter()
         calls = sum(await asyncio.gather(*(caller(claimed) for _ in range(count))))
-        cpu, seconds = _cpu() - cpu, time.perf_counter() - start
+        cpu, seconds = cpu_seconds([os.getpid()]) - cpu, time.perf_counter() - start
         check_claims(claimed, tasks)
         changes, batches = store.coalesced[0] - changes, store.coalesced[1] - batches
         key = f"w{count}" if logged else f"w{count}_quiet"
@@ -177,10 +172,10 @@ async def _round_trip(scalar: Callable[[Any, Any], Awaitable[Any]]) -> float:
     statement = select(literal(1))
     for _ in range(200):
         await scalar(statement, {})
-    cpu = _cpu()
+    cpu = cpu_seconds([os.getpid()])
     for _ in range(ROUND_TRIPS):
         await scalar(statement, {})
-    return (_cpu() - cpu) / ROUND_TRIPS * 1e6
+    return (cpu_seconds([os.getpid()]) - cpu) / ROUND_TRIPS * 1e6
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
