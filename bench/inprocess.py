@@ -13,7 +13,9 @@ beyond the transport, without client processes taking the same cores
 reading the answers (a few µs a call), and grpc's idle server threads.
 With more callers the status changes share larger batches, so the rows
 show what one commit costs beside the work per change.
-The last row runs the most callers with the access log off. One asyncpg
+The last row runs the most callers with the access log off. A second
+table does the same for RegisterTask, one input a call from each of W
+callers, as register.py's client processes call it. One asyncpg
 round trip (`SELECT 1`) on porch's own connections is timed too
 (PostgreSQL). Exits non-zero on a task claimed twice or never claimed.
 
@@ -25,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +51,14 @@ from lifecycle import PIPELINE, status_updates
 
 ROUND_TRIPS = 4000
 
+Rows = list[tuple[Any, ...]]
+
 
 async def run(
     url: str, secret: str, tasks: int, callers: list[int], batch: int, log_file: Path
-) -> tuple[list[tuple[Any, ...]], dict[str, float]]:
-    """One row per number of callers, and one more with the access log off."""
+) -> tuple[Rows, Rows, dict[str, float]]:
+    """Lifecycle rows and RegisterTask rows: one per number of callers, and
+    one more with the access log off."""
     server, config, engine, interceptor, stores = _porch_modules(
         "server", "config", "db.engine", "interceptor", "store"
     )
@@ -85,7 +91,7 @@ async def _measure(
     tasks: int,
     callers: list[int],
     batch: int,
-) -> tuple[list[tuple[Any, ...]], dict[str, float]]:
+) -> tuple[Rows, Rows, dict[str, float]]:
     from porch_stubs.v1 import porch_pb2
 
     methods = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].methods_by_name
@@ -117,36 +123,64 @@ async def _measure(
                     await call("UpdateTask", update)
                     calls += 1
 
+    async def registrar(requests: Iterator[Any]) -> None:
+        for request in requests:  # shared: each request is taken by one registrar
+            await call("RegisterTask", request)
+
+    async def timed(
+        count: int,
+        logged: bool,
+        work: Callable[[], Awaitable[Any]],
+        coalesced: Callable[[], tuple[int, int]],
+    ) -> tuple[list[Any], float, float, float]:
+        """work() in count callers at once, the access log on or off: their
+        results, the CPU and wall seconds taken, and items per coalesced batch."""
+        access_log.setLevel(logging.INFO if logged else logging.WARNING)
+        items, batches = coalesced()
+        cpu, start = cpu_seconds([os.getpid()]), time.perf_counter()
+        results = await asyncio.gather(*(work() for _ in range(count)))
+        cpu, seconds = cpu_seconds([os.getpid()]) - cpu, time.perf_counter() - start
+        items, batches = coalesced()[0] - items, coalesced()[1] - batches
+        return results, cpu, seconds, items / batches if batches else float("nan")
+
     rows = []
     figures: dict[str, float] = {}
     runs = [(count, True) for count in callers] + [(max(callers), False)]
     for index, (count, logged) in enumerate(runs):
         await register(f"run {index}")
-        access_log.setLevel(logging.INFO if logged else logging.WARNING)
         claimed: list[str] = []
-        changes, batches = store.coalesced
-        cpu, start = cpu_seconds([os.getpid()]), time.perf_counter()
-        calls = sum(await asyncio.gather(*(caller(claimed) for _ in range(count))))
-        cpu, seconds = cpu_seconds([os.getpid()]) - cpu, time.perf_counter() - start
+        work = functools.partial(caller, claimed)
+        counts, cpu, seconds, per_batch = await timed(count, logged, work, lambda: store.coalesced)
         check_claims(claimed, tasks)
-        changes, batches = store.coalesced[0] - changes, store.coalesced[1] - batches
         key = f"w{count}" if logged else f"w{count}_quiet"
         figures[f"{key}_cpu_ms_per_task"] = cpu / tasks * 1000
         figures[f"{key}_tasks_per_s"] = tasks / seconds
+        on = "on" if logged else "off"
         rows.append(
-            (
-                count,
-                "on" if logged else "off",
-                changes / batches if batches else float("nan"),
-                tasks / seconds,
-                cpu / tasks * 1000,
-                cpu / calls * 1e6,
-            )
+            (count, on, per_batch, tasks / seconds, cpu / tasks * 1000, cpu / sum(counts) * 1e6)
         )
+    register_rows = []
+    for index, (count, logged) in enumerate(runs):
+        requests = []
+        for number in range(tasks):
+            request = porch_pb2.RegisterTaskRequest(task=porch_pb2.Task(pipeline=pipeline))
+            request.task.task_input.update(
+                {"bench": f"single {index}", "number": number, "path": f"/{number}.cram"}
+            )
+            requests.append(request)
+        registering = functools.partial(registrar, iter(requests))
+        _, cpu, seconds, per_batch = await timed(
+            count, logged, registering, lambda: store.coalesced_registrations
+        )
+        key = f"register_w{count}" if logged else f"register_w{count}_quiet"
+        figures[f"{key}_cpu_us_per_call"] = cpu / tasks * 1e6
+        figures[f"{key}_per_s"] = tasks / seconds
+        on = "on" if logged else "off"
+        register_rows.append((count, on, per_batch, tasks / seconds, cpu / tasks * 1e6))
     access_log.setLevel(logging.NOTSET)
     if running.statements is not None:
         figures["round_trip_cpu_us"] = await _round_trip(running.statements.scalar)
-    return rows, figures
+    return rows, register_rows, figures
 
 
 def _porch_modules(*names: str) -> list[Any]:
@@ -206,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tempfile.TemporaryDirectory() as logs,
         asyncio.Runner(loop_factory=loop_factory) as runner,
     ):
-        rows, figures = runner.run(
+        rows, register_rows, figures = runner.run(
             run(url, secret, args.tasks, callers, args.batch, Path(logs, "access.log"))
         )
     print_table(
@@ -214,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
         ["callers", "access log", "changes per batch", "tasks/s", "CPU ms/task", "CPU µs/call"],
         rows,
+    )
+    print_table(
+        f"RegisterTask in process, no transport: {args.tasks} registrations a row",
+        ["callers", "access log", "registrations per batch", "calls/s", "CPU µs/call"],
+        register_rows,
     )
     if "round_trip_cpu_us" in figures:
         print(f"\nasyncpg round trip (SELECT 1): {figures['round_trip_cpu_us']:.0f} µs of CPU")

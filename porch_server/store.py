@@ -946,6 +946,13 @@ class Store:
             return 0, 0
         return self._updates.items, self._updates.batches
 
+    @property
+    def coalesced_registrations(self) -> tuple[int, int]:
+        """Single registrations made through the coalescer, and the batches they took."""
+        if self._registering is None:
+            return 0, 0
+        return self._registering.items, self._registering.batches
+
     async def notify_watchers_async(self) -> bool:
         """notify_watchers on the event loop; False when only notify_watchers can."""
         if self._async is None:

@@ -348,6 +348,7 @@ async def test_concurrent_registrations_share_statements_per_pipeline_and_caller
     calls = [("p", {"n": n}, actor) for n in range(10)]
     calls += [("q", {"n": n}, other) for n in range(5)]
     calls += [("p", {"n": 3}, actor), ("q", {"n": 0}, other)]  # repeats within the batch
+    items, batches = store.coalesced_registrations
 
     results = await asyncio.gather(
         *(
@@ -362,6 +363,7 @@ async def test_concurrent_registrations_share_statements_per_pipeline_and_caller
         assert registration.task.pipeline.name == name
         assert registration.task.task_input == task_input
     assert [r.created for r in registrations] == [True] * 15 + [False, False]
+    assert store.coalesced_registrations == (items + len(calls), batches + 1)
     assert registrations[15].task == registrations[3].task
     assert store.get_task("q", registrations[10].task.task_input_id).status is State.PENDING
     events = store.list_task_events("q", registrations[10].task.task_input_id, 10, "").items
