@@ -3,7 +3,10 @@
 Three phases against one server: RegisterTask (one task per call) from W
 clients; RegisterTasks in batches of B from W clients; then ClaimTasks alone
 in batches of C from W clients until every task registered in batches is
-claimed (exits non-zero on a duplicate or lost claim).
+claimed (exits non-zero on a duplicate or lost claim). For each phase:
+tasks/s, latency, database commits per task (PostgreSQL; for RegisterTask,
+one over the registrations a commit carried), and where the machine's CPU
+went per task.
 
     python bench/register.py [--db-url URL | --sqlite] [--tasks N] [--batch-tasks M]
                              [--clients W] [--batch B] [--claim-batch C]
@@ -31,6 +34,7 @@ from _common import (
     py_spy,
     run_clients,
     write_json,
+    write_transactions,
 )
 from lifecycle import PIPELINE, register
 
@@ -79,26 +83,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             ]
             for key, label, count, batch in phases:
                 profile = _phase(args.profile, key)
+                before = write_transactions(url)
                 with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
                     seconds, latencies = register(
                         server.target, secret, count, args.clients, batch, key
                     )
+                commits = _commits(before, write_transactions(url), count)
                 [values] = latencies.values()
                 figures[f"{key}_per_s"] = count / seconds
                 figures |= cpu_figures(key, split, count)
-                rows.append(_row(label, count, seconds, split, values))
+                if commits is not None:
+                    figures[f"{key}_commits_per_task"] = commits
+                rows.append(_row(label, count, seconds, split, values, commits))
             # The RegisterTask phase's tasks are pending too: claim them all.
             total = args.tasks + args.batch_tasks
             profile = _phase(args.profile, "claim_tasks")
+            before = write_transactions(url)
             with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
                 results = run_clients(
                     claim_client, [(server.target, secret, args.claim_batch)] * args.clients
                 )
+            commits = _commits(before, write_transactions(url), total)
         check_claims([key for result in results for key in result[2]], total)
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
     claims = [value for result in results for value in result[3]["ClaimTasks"]]
     figures["claim_tasks_per_s"] = total / seconds
-    rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, split, claims))
+    rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, split, claims, commits))
     print_table(
         f"registration and claiming over gRPC: {args.clients} clients, "
         f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
@@ -109,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             "calls",
             "p50 ms",
             "p99 ms",
+            "commits/task",
             "CPU ms/task: server",
             "clients",
             "PostgreSQL",
@@ -124,8 +135,22 @@ def _phase(profile: str | None, key: str) -> str | None:
     return None if profile is None else f"{profile}.{key}"
 
 
+def _commits(before: int | None, after: int | None, tasks: int) -> float | None:
+    """Write transactions per task between two write_transactions readings
+    (the second reading's own left out); None on SQLite. The server's NOTIFYs
+    to other servers' watch hubs count too: a few a second at most."""
+    if before is None or after is None:
+        return None
+    return (after - before - 1) / tasks
+
+
 def _row(
-    label: str, tasks: int, seconds: float, split: dict[str, float], latencies: list[float]
+    label: str,
+    tasks: int,
+    seconds: float,
+    split: dict[str, float],
+    latencies: list[float],
+    commits: float | None,
 ) -> Any:
     """A phase's figures; where the machine's CPU went, per task (see _common.cpu_split)."""
     return (
@@ -135,6 +160,7 @@ def _row(
         len(latencies),
         percentile(latencies, 50) * 1000,
         percentile(latencies, 99) * 1000,
+        "-" if commits is None else commits,
         *(split[f"{part}_s"] / tasks * 1000 for part in ("server", "clients", "postgres")),
         split["idle_share"] * 100,
     )
