@@ -4,15 +4,28 @@ The same client processes as the other benchmarks (W 'spawn' processes,
 sync grpc / httpx clients) call servers that do nothing, so the rates are
 what the transport alone allows on this machine.
 
+One more kind, not measured unless asked for: grpc-aio-work, the grpc.aio
+echo whose handler also does in miniature what any registration must do
+beside the transport and the database (a Task message with a Struct input,
+the input's canonical JSON and its SHA-256, one access line to a file, the
+answer's bytes). Its server measures that work alone in a tight loop before
+it serves, and the table shows both: what the work costs on its own, and
+what it adds to the server's CPU per call when it runs between the calls'
+transport, beside the client processes.
+
     python bench/ceiling.py [--clients W] [--seconds S] [--kinds KIND ...]
-    python bench/ceiling.py --serve grpc-aio|grpc-sync|http   (one echo server)
+    python bench/ceiling.py --serve KIND   (one echo server)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
+import logging
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +44,9 @@ from _common import (
 )
 
 KINDS = ("grpc-aio", "grpc-sync", "http")
+# Measured only when asked for (--kinds): see the docstring.
+EXTRA_KINDS = ("grpc-aio-work",)
+TIGHT_LOOP_CALLS = 20_000
 METHOD = "/bench.Echo/Echo"
 READY = r"echo listening on (\S+)"
 PAYLOAD = b'{"pipeline": {"name": "bench"}, "task_input_id": "' + b"0" * 64 + b'"}'
@@ -49,12 +65,61 @@ def _handler(behaviour: object) -> grpc.GenericRpcHandler[Any, Any]:
     return grpc.method_handlers_generic_handler("bench.Echo", {"Echo": method})
 
 
-def serve_grpc_aio() -> None:
-    """A grpc.aio echo server, as porch's server is built (on the same event loop)."""
+class _RegistrationLikeWork:
+    """What any registration must do beside the transport and the database, in
+    miniature: see the module's docstring. The access lines go to a file in
+    a directory removed when the server ends."""
+
+    def __init__(self, directory: str) -> None:
+        from porch_stubs.v1 import porch_pb2
+
+        self._task = porch_pb2.Task
+        self._log = logging.getLogger("bench.echo.access")
+        handler = logging.FileHandler(f"{directory}/access.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        self._log.addHandler(handler)
+        self._log.setLevel(logging.INFO)
+        self._log.propagate = False
+        self._calls = 0
+
+    def __call__(self) -> bytes:
+        self._calls += 1
+        task = self._task()
+        task.pipeline.name = "bench"
+        task.task_input.update({"bench": "echo", "number": self._calls, "path": "/data/x.cram"})
+        text = json.dumps(
+            {key: task.task_input[key] for key in task.task_input},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        task.task_input_id = hashlib.sha256(text.encode()).hexdigest()
+        self._log.info("RegisterTask OK %s %s", task.task_input_id, text)
+        return task.SerializeToString()
+
+    def tight_loop_us(self) -> float:
+        """CPU µs per call of the work alone, called over and over."""
+        for _ in range(TIGHT_LOOP_CALLS // 10):
+            self()
+        start = time.process_time()
+        for _ in range(TIGHT_LOOP_CALLS):
+            self()
+        return (time.process_time() - start) / TIGHT_LOOP_CALLS * 1e6
+
+
+def serve_grpc_aio(work: _RegistrationLikeWork | None = None) -> None:
+    """A grpc.aio echo server, as porch's server is built (on the same event
+    loop); with work, each call does it too before it answers."""
+
+    async def working(request: bytes, context: object) -> bytes:
+        assert work is not None
+        work()
+        return request
 
     async def run() -> None:
+        if work is not None:
+            print(f"work alone: {work.tight_loop_us():.1f} µs per call", flush=True)
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((_handler(_async_identity),))
+        server.add_generic_rpc_handlers((_handler(_async_identity if work is None else working),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         print(f"echo listening on 127.0.0.1:{port}", flush=True)
@@ -130,7 +195,7 @@ def measure(kind: str, clients: int, seconds: float) -> tuple[dict[str, float], 
     (``per_s``) with p50 and p99 (ms), and its cpu_figures (named after kind):
     per call the CPU ms of the server, the client processes and PostgreSQL
     (its background work only), with the share of the machine left idle."""
-    process, match, _ = start_process([sys.executable, __file__, "--serve", kind], READY)
+    process, match, lines = start_process([sys.executable, __file__, "--serve", kind], READY)
     try:
         client = http_client if kind == "http" else grpc_client
         with cpu_split([process.pid]) as split:
@@ -145,6 +210,9 @@ def measure(kind: str, clients: int, seconds: float) -> tuple[dict[str, float], 
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
     }
+    for line in lines:
+        if line.startswith("work alone: "):
+            rate["work_alone_us"] = float(line.split()[2])
     return rate, cpu_figures(_key(kind), split, calls)
 
 
@@ -154,21 +222,33 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="per server")
     parser.add_argument(
-        "--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the echo servers to measure"
+        "--kinds",
+        nargs="+",
+        choices=KINDS + EXTRA_KINDS,
+        default=list(KINDS),
+        help="the echo servers to measure",
     )
-    parser.add_argument("--serve", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=KINDS + EXTRA_KINDS, help=argparse.SUPPRESS)
     add_json_option(parser)
     args = parser.parse_args(argv)
+    if args.serve == "grpc-aio-work":
+        with tempfile.TemporaryDirectory() as directory:
+            serve_grpc_aio(_RegistrationLikeWork(directory))
+        return {}
     if args.serve:
         {"grpc-aio": serve_grpc_aio, "grpc-sync": serve_grpc_sync, "http": serve_http}[args.serve]()
         return {}
     figures: dict[str, float] = {}
     rows = []
+    work_rows: list[tuple[str, float]] = []
     for kind in args.kinds:
         measured, cpu = measure(kind, args.clients, args.seconds)
         key = _key(kind)
         figures[f"{key}_per_s"] = measured["per_s"]
         figures |= cpu
+        if "work_alone_us" in measured:
+            figures[f"{key}_alone_us"] = measured["work_alone_us"]
+            work_rows.append((kind, measured["work_alone_us"]))
         rows.append(
             (
                 kind,
@@ -193,6 +273,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ],
         rows,
     )
+    if work_rows:
+        print_table(
+            "grpc-aio-work's work on its own, in a tight loop in its server before it serves",
+            ["server", "CPU µs/call, work alone"],
+            work_rows,
+        )
     write_json(args.json, figures)
     return figures
 
