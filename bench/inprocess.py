@@ -9,8 +9,9 @@ RUNNING and DONE for each, as lifecycle.py's client processes do over gRPC.
 
 The process's CPU per task is then porch's own work: what the server spends
 beyond the transport, without client processes taking the same cores
-(PostgreSQL still shares them). It includes building the requests and
-reading the answers (a few µs a call), and grpc's idle server threads.
+(PostgreSQL still shares them). It includes grpc's idle server threads,
+and for the lifecycle building the requests and reading the answers (a few
+µs a call); RegisterTask's requests are built before the clock starts.
 With more callers the status changes share larger batches, so the rows
 show what one commit costs beside the work per change.
 The last row runs the most callers with the access log off. A second

@@ -12,7 +12,10 @@ second for figures per call. Run it beside a benchmark, e.g.:
     python bench/register.py --tasks 40000
 
 Threads are grouped by their name in /proc (grpc names its own, such as
-event_engine; Python's threads keep the process's name).
+event_engine; Python's threads keep the process's name). A thread that
+ends while it is watched is not counted. --match takes the process with
+the lowest PID whose command line holds the text: with `porch serve
+--workers 2` that is the supervisor, so give a worker's --pid instead.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
-class Use:
+class Counters:
     """One thread's (or group's) counters: CPU seconds and context switches."""
 
     user: float = 0.0
@@ -38,7 +41,7 @@ class Use:
     waits: int = 0  # voluntary context switches
     preempted: int = 0  # involuntary ones
 
-    def add(self, other: Use, sign: int = 1) -> None:
+    def add(self, other: Counters, sign: int = 1) -> None:
         self.user += sign * other.user
         self.system += sign * other.system
         self.waits += sign * other.waits
@@ -60,7 +63,7 @@ def find(match: str) -> int:
     raise SystemExit(f"threads: no process's command line holds {match!r}")
 
 
-def snapshot(pid: int) -> dict[int, tuple[str, Use]]:
+def snapshot(pid: int) -> dict[int, tuple[str, Counters]]:
     """Each live thread's name and counters so far."""
     threads = {}
     for thread in _threads(pid):
@@ -74,7 +77,7 @@ def snapshot(pid: int) -> dict[int, tuple[str, Use]]:
         counts = dict(line.split(":", 1) for line in status.splitlines() if "ctxt_switches" in line)
         threads[thread] = (
             name,
-            Use(
+            Counters(
                 int(fields[11]) / TICKS,
                 int(fields[12]) / TICKS,
                 int(counts["voluntary_ctxt_switches"]),
@@ -84,17 +87,17 @@ def snapshot(pid: int) -> dict[int, tuple[str, Use]]:
     return threads
 
 
-def watch(pid: int, seconds: float) -> tuple[dict[str, tuple[int, Use]], float]:
+def watch(pid: int, seconds: float) -> tuple[dict[str, tuple[int, Counters]], float]:
     """Per thread name: how many threads, and what they used in `seconds`."""
     before = snapshot(pid)
     start = time.perf_counter()
     time.sleep(seconds)
     after = snapshot(pid)
     elapsed = time.perf_counter() - start
-    groups: dict[str, tuple[int, Use]] = {}
-    for thread, (name, use) in after.items():
-        count, total = groups.get(name, (0, Use()))
-        total.add(use)
+    groups: dict[str, tuple[int, Counters]] = {}
+    for thread, (name, counters) in after.items():
+        count, total = groups.get(name, (0, Counters()))
+        total.add(counters)
         if thread in before:
             total.add(before[thread][1], -1)
         groups[name] = (count + 1, total)
@@ -120,12 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         (
             name,
             count,
-            use.user / elapsed * 100,
-            use.system / elapsed * 100,
-            use.waits / elapsed,
-            use.preempted / elapsed,
+            counters.user / elapsed * 100,
+            counters.system / elapsed * 100,
+            counters.waits / elapsed,
+            counters.preempted / elapsed,
         )
-        for name, (count, use) in sorted(
+        for name, (count, counters) in sorted(
             groups.items(), key=lambda item: -(item[1][1].user + item[1][1].system)
         )
     ]
