@@ -6,6 +6,9 @@ Databases
     (PostgreSQL) or delete the file (SQLite), then ``porch db upgrade`` it;
     returns ``url``. Everything in that database is lost.
     ``drop_database(url)``: drop the PostgreSQL database ``url`` names.
+    ``write_transactions(url)`` / ``commits_between(before, after, count)``:
+    PostgreSQL's transaction-id counter, and the commits per call or task
+    between two of its readings (None on SQLite).
     ``sqlite_url(directory)``: a SQLite URL for a file in ``directory``.
     ``add_database_options(parser)`` / ``bench_database(args, scratch)``:
     the ``--db-url`` and ``--sqlite`` options, and the fresh database they
@@ -112,8 +115,8 @@ def psycopg2_dsn(url: str) -> str:
 def write_transactions(url: str) -> int | None:
     """PostgreSQL's transaction-id counter: every write transaction (each commit
     that changed something, a NOTIFY included) takes one id, this call too.
-    The difference of two readings, less one, counts the commits between.
-    None on SQLite."""
+    The difference of two readings, less one, counts the commits between
+    (commits_between). None on SQLite."""
     if make_url(url).get_backend_name() != "postgresql":
         return None
     connection = psycopg2.connect(psycopg2_dsn(url))
@@ -125,6 +128,16 @@ def write_transactions(url: str) -> int | None:
             return int(row[0])
     finally:
         connection.close()
+
+
+def commits_between(before: int | None, after: int | None, count: int) -> float | None:
+    """Write transactions per call or task (count of them) between two
+    write_transactions readings, the second reading's own left out; None on
+    SQLite. Besides the calls' commits they count the NOTIFYs that wake other
+    servers' watch hubs: one per 20 ms of writes at most."""
+    if before is None or after is None:
+        return None
+    return (after - before - 1) / count
 
 
 def sqlite_url(directory: str | Path) -> str:

@@ -141,7 +141,8 @@ async def _measure(
         cpu, start = cpu_seconds([os.getpid()]), time.perf_counter()
         results = await asyncio.gather(*(work() for _ in range(count)))
         cpu, seconds = cpu_seconds([os.getpid()]) - cpu, time.perf_counter() - start
-        items, batches = coalesced()[0] - items, coalesced()[1] - batches
+        after = coalesced()
+        items, batches = after[0] - items, after[1] - batches
         return results, cpu, seconds, items / batches if batches else float("nan")
 
     rows = []

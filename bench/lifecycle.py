@@ -22,6 +22,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    commits_between,
     cpu_seconds,
     cpu_split,
     grpc_channel,
@@ -194,9 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if not args.sqlite:
         figures["postgres_cpu_ms_per_task"] = split["postgres_s"] / args.tasks * 1000
-    if xid_registered is not None and xid_done is not None:
+    commits = commits_between(xid_registered, xid_done, args.tasks)
+    if commits is not None:
         # The reference: one commit per claim of K and per status change, 2 + 1/K.
-        figures["commits_per_task"] = (xid_done - xid_registered - 1) / args.tasks
+        figures["commits_per_task"] = commits
     backend = "SQLite" if args.sqlite else "PostgreSQL"
     print_table(
         f"lifecycle over gRPC: {args.tasks} tasks, {args.clients} clients, claim {args.batch}, "

@@ -5,7 +5,7 @@ clients; RegisterTasks in batches of B from W clients; then ClaimTasks alone
 in batches of C from W clients until every task registered in batches is
 claimed (exits non-zero on a duplicate or lost claim). For each phase:
 tasks/s, latency, database write transactions per call (PostgreSQL; see
-_commits), and where the machine's CPU went per task.
+_common.commits_between), and where the machine's CPU went per task.
 
     python bench/register.py [--db-url URL | --sqlite] [--tasks N] [--batch-tasks M]
                              [--clients W] [--batch B] [--claim-batch C]
@@ -24,6 +24,7 @@ from _common import (
     add_json_option,
     bench_pipeline,
     check_claims,
+    commits_between,
     cpu_figures,
     cpu_split,
     grpc_channel,
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         server.target, secret, count, args.clients, batch, key
                     )
                 [values] = latencies.values()
-                commits = _commits(before, write_transactions(url), len(values))
+                commits = commits_between(before, write_transactions(url), len(values))
                 figures[f"{key}_per_s"] = count / seconds
                 figures |= cpu_figures(key, split, count)
                 if commits is not None:
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
     claims = [value for result in results for value in result[3]["ClaimTasks"]]
     figures["claim_tasks_per_s"] = total / seconds
-    commits = _commits(before, after, len(claims))
+    commits = commits_between(before, after, len(claims))
     if commits is not None:
         figures["claim_tasks_commits_per_call"] = commits
     rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, split, claims, commits))
@@ -135,16 +136,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def _phase(profile: str | None, key: str) -> str | None:
     return None if profile is None else f"{profile}.{key}"
-
-
-def _commits(before: int | None, after: int | None, calls: int) -> float | None:
-    """Write transactions per call between two write_transactions readings
-    (the second reading's own left out); None on SQLite. Besides the calls'
-    commits they count the NOTIFYs that wake other servers' watch hubs, one
-    per 20 ms of writes at most: up to 0.03 a call at 1,700 calls a second."""
-    if before is None or after is None:
-        return None
-    return (after - before - 1) / calls
 
 
 def _row(
