@@ -237,24 +237,41 @@ def start_process(
     argv: Sequence[str], ready: str, timeout: float = 60.0
 ) -> tuple[subprocess.Popen[str], re.Match[str], list[str]]:
     """Start argv; wait for a stdout line matching ready. Returns the process, the
-    match and the lines read before it."""
+    match and the lines read before it.
+
+    The process gets a session of its own, as a service started by an init
+    system or a daemon does, and as PostgreSQL here has: Linux then shares
+    the CPU between sessions before their threads (autogroups), so the
+    server is not one thread among the 8 client processes' when they all
+    want a core. Every server the benchmarks start, porch's and the echoes
+    the limits are taken from, is started here, so the ratios compare like
+    with like. The caller stops it (it gets no Ctrl-C from the terminal)."""
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
     )
     assert process.stdout is not None
     deadline = time.monotonic() + timeout
     lines: list[str] = []
     pattern = re.compile(ready)
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            raise SystemExit(f"bench: {argv[0]} ended before it was ready:\n{''.join(lines)}")
-        lines.append(line)
-        match = pattern.search(line)
-        if match:
-            return process, match, lines
-    process.kill()
-    raise SystemExit(f"bench: {argv[0]} was not ready after {timeout} s")
+    try:
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                raise SystemExit(f"bench: {argv[0]} ended before it was ready:\n{''.join(lines)}")
+            lines.append(line)
+            match = pattern.search(line)
+            if match:
+                return process, match, lines
+        raise SystemExit(f"bench: {argv[0]} was not ready after {timeout} s")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def _children(pid: int) -> list[int]:
@@ -294,9 +311,13 @@ class Server:
                 self.admin_token = found.group(1)
         if self.http:
             self.http_url = match.group(1).rstrip("/")
-        if self.workers > 1:
-            _wait_for_workers(self.process.pid, self.workers - 1)
-        _wait_for_grpc(self.target)
+        try:
+            if self.workers > 1:
+                _wait_for_workers(self.process.pid, self.workers - 1)
+            _wait_for_grpc(self.target)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def pids(self) -> list[int]:
