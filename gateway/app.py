@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -34,11 +34,13 @@ from gateway.rules import (
     load_bindings,
     resolve_field,
 )
+from gateway.server import CLOSED_EXTENSION, ClosedWatch
 from gateway.streaming import Call, EventStreamFormat, StreamFormat, StreamResponse
 from gateway.transcode import build_request, encode_json, response_json
 from gateway.upstream import (
     HTTP_CODE_KEY,
     CallOptions,
+    UnaryReply,
     Upstream,
     UpstreamCalls,
     call_metadata,
@@ -120,22 +122,15 @@ class Gateway:
         self, request: Request, match: RouteMatch, message: Message, options: CallOptions
     ) -> Response:
         binding = match.binding
-        calling = asyncio.ensure_future(
-            self.upstream.unary_call(binding.method, message, options.metadata, options.timeout)
-        )
-        leaving = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((calling, leaving), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            leaving.cancel()
-            if not calling.done():
-                # The client went away (or this request was cancelled): cancel
-                # the call too, as a gRPC client's leaving would, so the server
-                # can undo what nobody will hear of (a claim, say).
-                calling.cancel()
-        if not calling.done():
-            raise GatewayError(grpc.StatusCode.CANCELLED, "the client closed the connection")
-        response, initial, trailing = calling.result()
+        # If the client goes away, the call is cancelled too, as a gRPC
+        # client's leaving would, so the server can undo what nobody will
+        # hear of (a claim, say).
+        call = self.upstream.unary_call(binding.method, message, options.metadata, options.timeout)
+        watch = request.scope.get("extensions", {}).get(CLOSED_EXTENSION)
+        if isinstance(watch, ClosedWatch):
+            response, initial, trailing = await _unless_closed(call, watch)
+        else:
+            response, initial, trailing = await _unless_disconnected(call, request)
         payload = response_json(binding, response)
         headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
         if trailing:
@@ -446,6 +441,51 @@ class _TranscodedRoutes(BaseRoute):
 
     def url_path_for(self, name: str, /, **path_params: Any) -> Any:
         raise NoMatchFound(name, path_params)
+
+
+async def _unless_closed(call: Awaitable[UnaryReply], watch: ClosedWatch) -> UnaryReply:
+    """Await call in this task; cancel it if the connection closes first."""
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    def leave() -> None:
+        nonlocal left
+        left = True
+        task.cancel()
+
+    watch.add(leave)
+    try:
+        answer = await call
+    except asyncio.CancelledError:
+        if left and task.uncancel() == 0:
+            raise _client_left() from None
+        raise
+    finally:
+        watch.remove(leave)
+    if left and task.uncancel() == 0:  # a call that finished despite the cancel
+        raise _client_left()
+    return answer
+
+
+async def _unless_disconnected(call: Awaitable[UnaryReply], request: Request) -> UnaryReply:
+    """Await call; cancel it if the client disconnects first. For servers
+    without a ClosedWatch: a second task waits for the disconnect."""
+    calling = asyncio.ensure_future(call)
+    leaving = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((calling, leaving), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not calling.done():
+            calling.cancel()
+    if not calling.done():
+        raise _client_left()
+    return calling.result()
+
+
+def _client_left() -> GatewayError:
+    return GatewayError(grpc.StatusCode.CANCELLED, "the client closed the connection")
 
 
 async def _disconnected(request: Request) -> None:

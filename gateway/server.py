@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -38,6 +38,45 @@ class ServerTLS:
     keyfile_password: str | None = None
 
 
+# The ASGI scope extension that carries a request's ClosedWatch.
+CLOSED_EXTENSION = "gateway.closed"
+
+
+class ClosedWatch:
+    """What runs when the connection a request came on closes.
+
+    uvicorn tells an app that its client left only through receive(), which
+    needs a task waiting on it for the whole call; a callback registered
+    here costs no task. The protocol below puts one in each request's scope
+    (scope["extensions"][CLOSED_EXTENSION]); other servers put none.
+    """
+
+    __slots__ = ("_callbacks", "closed")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def add(self, callback: Callable[[], object]) -> None:
+        """Run callback when the connection closes (at once if it has)."""
+        if self.closed:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+    def remove(self, callback: Callable[[], object]) -> None:
+        """Forget a callback added before; nothing if it has run."""
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def close(self) -> None:
+        """The connection closed: run the callbacks, once."""
+        self.closed = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 class _Server(uvicorn.Server):  # type: ignore[misc]
     # The embedding program owns the signal handlers; it calls HttpServer.stop().
     @contextlib.contextmanager
@@ -67,10 +106,15 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.head_seconds, self._head_too_slow
         )
+        # One per request not yet answered, oldest first (HTTP/1.1 pipelines).
+        self._closed_watches: list[ClosedWatch] = []
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         super().connection_lost(exc)
+        watches, self._closed_watches = self._closed_watches, []
+        for watch in watches:
+            watch.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -89,7 +133,16 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._stop_head_timer()
+        watch = ClosedWatch()
+        self._closed_watches.append(watch)
+        self.scope.setdefault("extensions", {})[CLOSED_EXTENSION] = watch
         super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # The oldest request is answered: its watch has nothing left to tell.
+        if self._closed_watches:
+            del self._closed_watches[0]
+        super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers any error raised while parsing with a 400.

@@ -56,6 +56,8 @@ class EchoState:
     things: dict[str, echo_pb2.Thing] = field(default_factory=dict)
     watch_started: asyncio.Event = field(default_factory=asyncio.Event)
     watch_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    sleep_started: asyncio.Event = field(default_factory=asyncio.Event)
+    sleep_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
@@ -70,7 +72,12 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
     ) -> echo_pb2.EchoMessage:  # type: ignore[override]
         await context.send_initial_metadata((("x-echo", "yes"),))
         if request.text == "sleep":
-            await asyncio.sleep(min(request.wait.ToTimedelta().total_seconds(), 5))
+            self.state.sleep_started.set()
+            try:
+                await asyncio.sleep(min(request.wait.ToTimedelta().total_seconds(), 5))
+            except asyncio.CancelledError:
+                self.state.sleep_cancelled.set()
+                raise
         reply = echo_pb2.EchoMessage()
         reply.CopyFrom(request)
         for key, value in context.invocation_metadata() or ():
