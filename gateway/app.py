@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-from collections.abc import AsyncIterator, Awaitable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -443,8 +443,11 @@ class _TranscodedRoutes(BaseRoute):
         raise NoMatchFound(name, path_params)
 
 
-async def _unless_closed(call: Awaitable[UnaryReply], watch: ClosedWatch) -> UnaryReply:
+async def _unless_closed(call: Coroutine[Any, Any, UnaryReply], watch: ClosedWatch) -> UnaryReply:
     """Await call in this task; cancel it if the connection closes first."""
+    if watch.closed:
+        call.close()
+        raise _client_left()
     task = asyncio.current_task()
     assert task is not None
     left = False
@@ -457,7 +460,8 @@ async def _unless_closed(call: Awaitable[UnaryReply], watch: ClosedWatch) -> Una
     watch.add(leave)
     try:
         answer = await call
-    except asyncio.CancelledError:
+    except BaseException:
+        # The call may have turned the cancel into an error of its own.
         if left and task.uncancel() == 0:
             raise _client_left() from None
         raise
@@ -468,7 +472,9 @@ async def _unless_closed(call: Awaitable[UnaryReply], watch: ClosedWatch) -> Una
     return answer
 
 
-async def _unless_disconnected(call: Awaitable[UnaryReply], request: Request) -> UnaryReply:
+async def _unless_disconnected(
+    call: Coroutine[Any, Any, UnaryReply], request: Request
+) -> UnaryReply:
     """Await call; cancel it if the client disconnects first. For servers
     without a ClosedWatch: a second task waits for the disconnect."""
     calling = asyncio.ensure_future(call)

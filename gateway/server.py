@@ -106,7 +106,10 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             self.head_seconds, self._head_too_slow
         )
-        # One per request not yet answered, oldest first (HTTP/1.1 pipelines).
+        # One per request not yet answered, oldest first. A request pipelined
+        # behind another stops uvicorn reading the socket until the first is
+        # answered, so a client that leaves meanwhile is noticed only then:
+        # the call in flight runs to its end, as it did before these watches.
         self._closed_watches: list[ClosedWatch] = []
 
     def connection_lost(self, exc: Exception | None) -> None:

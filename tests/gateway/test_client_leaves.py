@@ -32,8 +32,12 @@ async def _post_and_leave(port: int, backend: Backend) -> None:
 
 
 async def test_a_unary_call_is_cancelled_when_its_client_leaves(
-    live: Live, backend: Backend
+    live: Live, backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    async def second_task(*args: object) -> None:
+        raise AssertionError("gateway's own listener gives a watch: no second task")
+
+    monkeypatch.setattr(gateway_app, "_unless_disconnected", second_task)
     await _post_and_leave(live.server.port, backend)
     await asyncio.wait_for(backend.state.sleep_cancelled.wait(), 2)
     # Only that request's call was cancelled: the server goes on answering.
@@ -98,25 +102,52 @@ def test_a_watch_runs_its_callbacks_once_and_at_once_when_closed() -> None:
     assert ran == ["first", "late"]
 
 
-async def test_a_call_that_outlives_a_closed_connection_is_not_answered() -> None:
-    watch = ClosedWatch()
-    finished = asyncio.Event()
-
-    async def call() -> Any:
-        await asyncio.sleep(0)
-        finished.set()
-        return "answer"
-
-    watch.close()  # before the call starts: it is cancelled at its first wait
-    with pytest.raises(GatewayError) as raised:
-        await gateway_app._unless_closed(call(), watch)
-    assert (raised.value.code, raised.value.message) == (
+def _is_client_left(error: GatewayError) -> bool:
+    return (error.code, error.message) == (
         grpc.StatusCode.CANCELLED,
         "the client closed the connection",
     )
-    assert not finished.is_set()
+
+
+async def test_no_call_is_made_for_a_connection_already_closed() -> None:
+    watch = ClosedWatch()
+    started = False
+
+    async def call() -> Any:
+        nonlocal started
+        started = True
+
+    watch.close()
+    with pytest.raises(GatewayError) as raised:
+        await gateway_app._unless_closed(call(), watch)
+    assert _is_client_left(raised.value)
+    assert not started
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # no cancel left pending for this task
+
+
+async def test_a_call_that_turns_the_cancel_into_an_error_still_answers_client_left() -> None:
+    watch = ClosedWatch()
+
+    async def call() -> Any:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleaning up failed") from None
+
+    async def request() -> int:
+        with pytest.raises(GatewayError) as raised:
+            await gateway_app._unless_closed(call(), watch)
+        assert _is_client_left(raised.value)
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    serving = asyncio.create_task(request())
+    await asyncio.sleep(0.01)
+    watch.close()
+    assert await serving == 0
 
 
 async def test_a_cancel_from_elsewhere_is_not_taken_for_the_client_leaving() -> None:
