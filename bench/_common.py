@@ -77,10 +77,12 @@ gateway) and ``grpc_tasks_per_s`` (the same over gRPC in the same run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -269,9 +271,16 @@ def start_process(
                 return process, match, lines
         raise SystemExit(f"bench: {argv[0]} was not ready after {timeout} s")
     except BaseException:
-        process.kill()
-        process.wait()
+        _kill_session(process)
         raise
+
+
+def _kill_session(process: subprocess.Popen[str]) -> None:
+    """Kill a process started by start_process and whatever it started (its
+    session's process group): Ctrl-C does not reach them."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def _children(pid: int) -> list[int]:
@@ -331,8 +340,7 @@ class Server:
         try:
             self.process.wait(30)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            _kill_session(self.process)
         LOG_FILE.unlink(missing_ok=True)
         LOG_CONFIG.unlink(missing_ok=True)
 
