@@ -942,16 +942,12 @@ class Store:
     @property
     def coalesced(self) -> tuple[int, int]:
         """Status changes applied through the coalescer, and the batches they took."""
-        if self._updates is None:
-            return 0, 0
-        return self._updates.items, self._updates.batches
+        return _counts(self._updates)
 
     @property
     def coalesced_registrations(self) -> tuple[int, int]:
         """Single registrations made through the coalescer, and the batches they took."""
-        if self._registering is None:
-            return 0, 0
-        return self._registering.items, self._registering.batches
+        return _counts(self._registering)
 
     async def notify_watchers_async(self) -> bool:
         """notify_watchers on the event loop; False when only notify_watchers can."""
@@ -1329,6 +1325,11 @@ def _on(
         return await asyncio.get_running_loop().run_in_executor(executor, function, items)
 
     return run
+
+
+def _counts(coalescer: Coalescer[Any, Any] | None) -> tuple[int, int]:
+    """A coalescer's items and batches so far; none without one."""
+    return (0, 0) if coalescer is None else (coalescer.items, coalescer.batches)
 
 
 def _positions(keys: Iterable[Key_]) -> dict[Key_, list[int]]:
