@@ -11,7 +11,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +63,25 @@ def free_port() -> int:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     """`porch serve` as the README starts it, in an empty directory."""
+    with serving(tmp_path) as server:
+        yield server
+
+
+@contextmanager
+def serving(directory: Path, *options: str) -> Iterator[Served]:
+    """`porch serve` with options in directory, its log in serve.log there."""
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in [name for name in env if name.startswith("PORCH_")]:
         del env[name]  # the README's defaults, not this shell's settings
     http_port = free_port()
-    with (tmp_path / "serve.log").open("w") as log:
+    with (directory / "serve.log").open("w") as log:
         process = subprocess.Popen(
-            ["porch", "serve", "--grpc-port", "0", "--http-port", str(http_port)],
+            ["porch", "serve", "--grpc-port", "0", "--http-port", str(http_port), *options],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
-            cwd=tmp_path,
+            cwd=directory,
             env=env,
         )
     assert process.stdout is not None
@@ -90,12 +99,38 @@ def served(tmp_path: Path) -> Iterator[Served]:
     target = f"127.0.0.1:{grpc_port}"
     try:
         yield Served(
-            tmp_path, target, f"http://127.0.0.1:{http_port}", admin, env | {"PORCH_TARGET": target}
+            directory,
+            target,
+            f"http://127.0.0.1:{http_port}",
+            admin,
+            env | {"PORCH_TARGET": target},
         )
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 0
         process.stdout.close()
+
+
+@pytest.mark.parametrize("log_config", ["the README's", "none"])
+def test_the_log_config_that_turns_the_access_log_off(log_config: str, tmp_path: Path) -> None:
+    """The README's log config (Configuration) silences the access log and
+    keeps porch's other lines as they are by default."""
+    options = []
+    if log_config == "the README's":
+        (tmp_path / "logging.json").write_text(block("## Configuration", "json"))
+        options = ["--log-config", "logging.json"]
+    with serving(tmp_path, *options) as served:
+        served.run(["porch", "pipeline", "list"], "", PORCH_TOKEN=served.admin)
+        request = urllib.request.Request(
+            f"{served.http}/v1/pipelines", headers={"Authorization": f"Bearer {served.admin}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+    written = (tmp_path / "serve.log").read_text()
+    assert "uvicorn.error Application startup complete." in written
+    assert "porch shutting down: finishing calls in flight" in written
+    access_lines = [line for line in written.splitlines() if "ListPipelines OK" in line]
+    assert len(access_lines) == (0 if log_config == "the README's" else 2), written
 
 
 def test_the_porch_command_workflow(served: Served) -> None:

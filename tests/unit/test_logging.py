@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,16 +23,15 @@ def restored_logging() -> Iterator[None]:
         for logger in logging.Logger.manager.loggerDict.values()
         if isinstance(logger, logging.Logger)
     ]
-    kept = [(logger.disabled, logger.level, logger.propagate) for logger in loggers]
+    disabled = [logger.disabled for logger in loggers]
     yield
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
     root.handlers[:], root.level = handlers, level
-    # dictConfig may have silenced them all (disable_existing_loggers), or
-    # set the level of those it names.
-    for logger, (disabled, level, propagate) in zip(loggers, kept, strict=True):
-        logger.disabled, logger.level, logger.propagate = disabled, level, propagate
+    # dictConfig may have silenced them all (disable_existing_loggers).
+    for logger, was in zip(loggers, disabled, strict=True):
+        logger.disabled = was
 
 
 def test_a_log_config_that_names_no_logger_keeps_the_access_log(
@@ -62,42 +59,6 @@ def test_a_log_config_may_still_silence_existing_loggers(
     _setup_logging(path)
 
     assert interceptor.log.disabled
-
-
-class _Answered:
-    """What _log_call reads of a call that ended without an error."""
-
-    def code(self) -> None:
-        return None
-
-
-@pytest.mark.parametrize("access_log", ["on", "off"])
-def test_a_log_config_can_turn_the_access_log_off_and_keep_the_rest(
-    access_log: str,
-    tmp_path: Path,
-    restored_logging: None,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    # The README's example (Configuration), and the same without its last line.
-    config: dict[str, Any] = {
-        "version": 1,
-        "formatters": {"plain": {"format": "%(asctime)s %(name)s %(message)s"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
-        "root": {"level": "INFO", "handlers": ["stderr"]},
-    }
-    if access_log == "off":
-        config["loggers"] = {"porch.access": {"level": "WARNING"}}
-    path = tmp_path / "logging.json"
-    path.write_text(json.dumps(config))
-
-    _setup_logging(path)
-    started = time.perf_counter()
-    interceptor._log_call("GetTask", _Answered(), None, None, started, cancelled=False)  # type: ignore[arg-type]
-    interceptor.errors.info("a line of the server's own")
-
-    written = capsys.readouterr().err
-    assert "porch.server a line of the server's own" in written
-    assert ("porch.access GetTask OK" in written) is (access_log == "on")
 
 
 def test_a_driver_error_is_told_in_its_first_line() -> None:
