@@ -8,10 +8,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import Connection
 
 from porch_server.db.engine import make_engine, quote_schema, writer
+from porch_server.db.tables import metadata
+from porch_server.errors import FailedPrecondition
 
 _ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 
@@ -60,6 +62,35 @@ def create_schema(connection: Connection, schema: str | None) -> None:
     lock_migrations(connection)  # CREATE SCHEMA IF NOT EXISTS races with itself
     connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
     connection.commit()
+
+
+def check_tables_are_porchs(connection: Connection) -> None:
+    """Refuse to migrate where the tables are not porch's: tables named as
+    porch's with no record of its migrations (npg_porch names its tables
+    alike), or a record of a migration this porch does not know. The first
+    would fail at its first CREATE TABLE; the second has no way on."""
+    where = "the database"
+    if connection.dialect.name == "postgresql":
+        where = f"schema {connection.exec_driver_sql('SELECT current_schema()').scalar()}"
+    found = MigrationContext.configure(connection).get_current_revision()
+    if found is None:
+        clashing = sorted(set(inspect(connection).get_table_names()) & set(metadata.tables))
+        if clashing:
+            raise FailedPrecondition(
+                f"{where} already holds tables porch would create ({', '.join(clashing)}) "
+                "with no record of porch's migrations: another program's, npg_porch's "
+                "perhaps. Nothing was changed. Give porch a schema of its own "
+                "(--db-schema or PORCH_DB_SCHEMA) or a database of its own"
+            )
+    elif found not in _revisions():
+        raise FailedPrecondition(
+            f"{where} records migration {found!r}, which this porch does not know: "
+            "a newer porch or another program set it up. Nothing was changed"
+        )
+
+
+def _revisions() -> set[str]:
+    return {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
 
 
 def lock_migrations(connection: Connection) -> None:

@@ -107,6 +107,24 @@ def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
     assert (tmp_path / "npg.db").exists() and not (tmp_path / "porch.db").exists()
 
 
+def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE task (task_id INTEGER PRIMARY KEY, state TEXT)")
+    engine.dispose()
+    for command in (["db", "upgrade"], ["serve", "--grpc-port", "0", "--no-http"]):
+        done = subprocess.run(
+            [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, done.stderr
+        # serve logs its start first: the refusal is the last line.
+        assert done.stderr.splitlines()[-1].startswith(
+            "porch: the database already holds tables porch would create (task) with no record"
+        ), done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_token_and_events_commands_make_no_database_of_their_own(tmp_path: Path) -> None:
     # Run from a directory other than the server's, they would otherwise
     # make tokens the server never hears of.

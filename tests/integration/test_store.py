@@ -644,6 +644,85 @@ def test_upgrade_gives_old_ids_of_small_numbers_and_del_npg_porchs(bare_db_url: 
         store.close()
 
 
+# Two of npg_porch's tables, as its own schema names them.
+NPG_PORCH_TABLES = (
+    "CREATE TABLE pipeline (pipeline_id INTEGER PRIMARY KEY, name VARCHAR(50) UNIQUE)",
+    "CREATE TABLE token (token_id INTEGER PRIMARY KEY, token CHAR(32), pipeline_id INTEGER)",
+    "INSERT INTO pipeline VALUES (1, 'npg')",
+)
+
+
+def make_npg_porch_tables(url: str) -> None:
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        for statement in NPG_PORCH_TABLES:
+            connection.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def assert_npg_porch_tables_untouched(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        assert sorted(inspect(engine).get_table_names()) == ["pipeline", "token"]
+        columns = [column["name"] for column in inspect(engine).get_columns("pipeline")]
+        assert columns == ["pipeline_id", "name"]
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT * FROM pipeline").all() == [(1, "npg")]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_refuses_tables_of_porchs_names_that_are_not_porchs(bare_db_url: str) -> None:
+    make_npg_porch_tables(bare_db_url)
+    where = "the database" if bare_db_url.startswith("sqlite") else "schema public"
+    with pytest.raises(
+        FailedPrecondition,
+        match=rf"^{where} already holds tables porch would create \(pipeline, token\) with no "
+        r"record of porch's migrations: .* Nothing was changed. Give porch a schema of its own",
+    ):
+        migrate.upgrade(bare_db_url)
+    assert_npg_porch_tables_untouched(bare_db_url)
+
+
+@pytest.mark.postgres
+def test_a_schema_of_its_own_keeps_porch_beside_npg_porchs_tables(
+    postgres_server: PostgresServer,
+) -> None:
+    url = postgres_server.create_database()
+    try:
+        make_npg_porch_tables(url)
+        migrate.upgrade(url, "porch")
+        engine = make_engine(url, "porch")
+        try:
+            assert migrate.is_at_head(engine)
+        finally:
+            engine.dispose()
+        assert_npg_porch_tables_untouched(url)
+    finally:
+        postgres_server.drop_database(url)
+
+
+@pytest.mark.parametrize(
+    "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_refuses_a_migration_it_does_not_know(bare_db_url: str) -> None:
+    migrate.upgrade(bare_db_url)
+    engine = make_engine(bare_db_url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+        with pytest.raises(
+            FailedPrecondition, match=r"records migration '9999', which this porch does not know"
+        ):
+            migrate.upgrade(bare_db_url)
+        assert migrate.current_revision(engine) == "9999"
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
     "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )

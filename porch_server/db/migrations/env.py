@@ -25,6 +25,7 @@ def run_migrations(connection: Connection) -> None:
     )
     with context.begin_transaction():
         migrate.lock_migrations(connection)
+        migrate.check_tables_are_porchs(connection)
         context.run_migrations()
 
 
