@@ -217,12 +217,18 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
             _check_sqlite_file(url)
         migrate.upgrade(url, schema)
     engine = make_engine(url, schema)
-    if not migrate.is_at_head(engine):
+    found = migrate.current_revision(engine)
+    if found != migrate.head_revision():
         engine.dispose()
         where = make_url(url).render_as_string(hide_password=True)
         also = ""
         if schema is not None:
             where, also = f"{where}, schema {schema},", " and --db-schema"
+        if found is not None and found not in migrate.revisions():
+            raise SystemExit(
+                f"porch: the database at {where} records migration {found!r}, which this "
+                "porch does not know: a newer porch or another program set it up"
+            )
         raise SystemExit(
             f"porch: the database at {where} is not at the latest migration (or not "
             f"there at all); run `porch db upgrade` with the same --db-url{also}"

@@ -64,32 +64,49 @@ def create_schema(connection: Connection, schema: str | None) -> None:
     connection.commit()
 
 
-def check_tables_are_porchs(connection: Connection) -> None:
-    """Refuse to migrate where the tables are not porch's: tables named as
+def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
+    """Refuse to migrate where the tables are not porch's (found: the
+    revision the database records, or None): tables or views named as
     porch's with no record of its migrations (npg_porch names its tables
-    alike), or a record of a migration this porch does not know. The first
-    would fail at its first CREATE TABLE; the second has no way on."""
-    where = "the database"
+    alike), a record of a migration this porch does not know, or a record
+    of one of porch's with none of its tables (another program's, whose
+    revisions are numbered as porch's are). The first would fail at its
+    first CREATE TABLE; the others have no way on."""
+    schema, where, unchanged = None, "the database", "None of its tables was changed"
+    advice = "Give porch a database file of its own"
     if connection.dialect.name == "postgresql":
-        where = f"schema {connection.exec_driver_sql('SELECT current_schema()').scalar()}"
-    found = MigrationContext.configure(connection).get_current_revision()
+        # Tables in the schema porch's would go in; search_path may show others.
+        schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
+        where, unchanged = f"schema {schema}", "Nothing was changed"
+        advice = (
+            "Give porch a schema of its own (--db-schema or PORCH_DB_SCHEMA) "
+            "or a database of its own"
+        )
+    inspector = inspect(connection)
+    present = {*inspector.get_table_names(schema), *inspector.get_view_names(schema)}
     if found is None:
-        clashing = sorted(set(inspect(connection).get_table_names()) & set(metadata.tables))
+        clashing = sorted(present & set(metadata.tables))
         if clashing:
             raise FailedPrecondition(
                 f"{where} already holds tables porch would create ({', '.join(clashing)}) "
                 "with no record of porch's migrations: another program's, npg_porch's "
-                "perhaps. Nothing was changed. Give porch a schema of its own "
-                "(--db-schema or PORCH_DB_SCHEMA) or a database of its own"
+                f"perhaps. {unchanged}. {advice}"
             )
-    elif found not in _revisions():
+    elif found not in revisions():
         raise FailedPrecondition(
             f"{where} records migration {found!r}, which this porch does not know: "
-            "a newer porch or another program set it up. Nothing was changed"
+            f"a newer porch or another program set it up. {unchanged}"
+        )
+    elif not {"pipeline", "task"} <= present:
+        raise FailedPrecondition(
+            f"{where} records migration {found!r} but has no tables pipeline and task, "
+            f"which every porch migration has: the record is another program's, "
+            f"perhaps. {unchanged}. {advice}"
         )
 
 
-def _revisions() -> set[str]:
+def revisions() -> set[str]:
+    """Every migration revision shipped with porch."""
     return {script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions()}
 
 

@@ -125,6 +125,45 @@ def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: P
         assert "Traceback" not in done.stderr
 
 
+def test_db_upgrade_refuses_npg_porchs_tables_plainly_on_postgresql(postgres_server: Any) -> None:
+    url = postgres_server.create_database()
+    try:
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE task (task_id INTEGER PRIMARY KEY)")
+            connection.exec_driver_sql("CREATE TABLE event (event_id INTEGER PRIMARY KEY)")
+        engine.dispose()
+        done = subprocess.run(
+            [*PORCH, "db", "upgrade", "--db-url", url], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith("porch: schema public already holds tables porch would create")
+        assert "(event, task)" in last and "--db-schema" in last
+        assert "Traceback" not in done.stderr
+    finally:
+        postgres_server.drop_database(url)
+
+
+def test_commands_name_a_migration_this_porch_does_not_know(postgres_server: Any) -> None:
+    url = postgres_server.create_database()
+    try:
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+        engine.dispose()
+        for command in (["token", "list"], ["serve", "--grpc-port", "0", "--no-http"]):
+            done = subprocess.run(
+                [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode != 0
+            assert "records migration '9999', which this porch does not know" in done.stderr
+            assert "run `porch db upgrade`" not in done.stderr
+    finally:
+        postgres_server.drop_database(url)
+
+
 def test_token_and_events_commands_make_no_database_of_their_own(tmp_path: Path) -> None:
     # Run from a directory other than the server's, they would otherwise
     # make tokens the server never hears of.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
+from sqlalchemy.engine import make_url
 
 from porch_server import digest
 from porch_server import store as store_module
@@ -677,14 +678,57 @@ def assert_npg_porch_tables_untouched(url: str) -> None:
 )
 def test_upgrade_refuses_tables_of_porchs_names_that_are_not_porchs(bare_db_url: str) -> None:
     make_npg_porch_tables(bare_db_url)
-    where = "the database" if bare_db_url.startswith("sqlite") else "schema public"
+    if bare_db_url.startswith("sqlite"):
+        then = "None of its tables was changed. Give porch a database file of its own"
+        where = "the database"
+    else:
+        then = "Nothing was changed. Give porch a schema of its own [(]--db-schema"
+        where = f"schema {current_schema(bare_db_url)}"
     with pytest.raises(
         FailedPrecondition,
         match=rf"^{where} already holds tables porch would create \(pipeline, token\) with no "
-        r"record of porch's migrations: .* Nothing was changed. Give porch a schema of its own",
+        rf"record of porch's migrations: another program's, npg_porch's perhaps. {then}",
     ):
         migrate.upgrade(bare_db_url)
     assert_npg_porch_tables_untouched(bare_db_url)
+
+
+def current_schema(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.exec_driver_sql("SELECT current_schema()").scalar())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_upgrade_looks_only_in_the_schema_porchs_tables_go_in(
+    postgres_server: PostgresServer,
+) -> None:
+    # With a search_path of two schemas, porch's tables go in the first:
+    # npg_porch's in the second are no obstacle, and are left alone.
+    url = postgres_server.create_database()
+    try:
+        make_npg_porch_tables(url)
+        database = make_url(url).database
+        engine = make_engine(url)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE SCHEMA s2")
+            connection.exec_driver_sql(f'ALTER DATABASE "{database}" SET search_path = s2, public')
+        engine.dispose()
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        try:
+            assert migrate.is_at_head(engine)
+            assert "task" in inspect(engine).get_table_names(schema="s2")
+            with engine.connect() as connection:
+                rows = connection.exec_driver_sql("SELECT * FROM public.pipeline").all()
+                assert rows == [(1, "npg")]
+        finally:
+            engine.dispose()
+    finally:
+        postgres_server.drop_database(url)
 
 
 @pytest.mark.postgres
@@ -719,6 +763,25 @@ def test_upgrade_refuses_a_migration_it_does_not_know(bare_db_url: str) -> None:
         ):
             migrate.upgrade(bare_db_url)
         assert migrate.current_revision(engine) == "9999"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_refuses_porchs_revision_without_porchs_tables(bare_db_url: str) -> None:
+    # Another program's alembic record, numbered as porch's migrations are.
+    engine = make_engine(bare_db_url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32))")
+            connection.exec_driver_sql("INSERT INTO alembic_version VALUES ('0003')")
+        with pytest.raises(
+            FailedPrecondition, match=r"records migration '0003' but has no tables pipeline and"
+        ):
+            migrate.upgrade(bare_db_url)
+        assert inspect(engine).get_table_names() == ["alembic_version"]
     finally:
         engine.dispose()
 

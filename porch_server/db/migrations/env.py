@@ -25,7 +25,7 @@ def run_migrations(connection: Connection) -> None:
     )
     with context.begin_transaction():
         migrate.lock_migrations(connection)
-        migrate.check_tables_are_porchs(connection)
+        migrate.check_tables_are_porchs(connection, context.get_context().get_current_revision())
         context.run_migrations()
 
 
