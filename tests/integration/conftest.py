@@ -183,3 +183,14 @@ def every_task(store: Store, pipeline_name: str) -> list[Task]:
         tasks += page.items
         if not (token := page.next_page_token):
             return tasks
+
+
+def run_sql(url: str, *statements: str) -> None:
+    """Run statements on the database at url, in one transaction."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.exec_driver_sql(statement)
+    finally:
+        engine.dispose()

@@ -35,7 +35,7 @@ from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
-from .conftest import start_porch, start_server, stop_server
+from .conftest import run_sql, start_porch, start_server, stop_server
 
 PORCH = [sys.executable, "-m", "porch_server"]
 
@@ -109,10 +109,7 @@ def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
 
 def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("CREATE TABLE task (task_id INTEGER PRIMARY KEY, state TEXT)")
-    engine.dispose()
+    run_sql(url, "CREATE TABLE task (task_id INTEGER PRIMARY KEY, state TEXT)")
     for command in (["db", "upgrade"], ["serve", "--grpc-port", "0", "--no-http"]):
         done = subprocess.run(
             [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60
@@ -128,11 +125,11 @@ def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: P
 def test_db_upgrade_refuses_npg_porchs_tables_plainly_on_postgresql(postgres_server: Any) -> None:
     url = postgres_server.create_database()
     try:
-        engine = make_engine(url)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("CREATE TABLE task (task_id INTEGER PRIMARY KEY)")
-            connection.exec_driver_sql("CREATE TABLE event (event_id INTEGER PRIMARY KEY)")
-        engine.dispose()
+        run_sql(
+            url,
+            "CREATE TABLE task (task_id INTEGER PRIMARY KEY)",
+            "CREATE TABLE event (event_id INTEGER PRIMARY KEY)",
+        )
         done = subprocess.run(
             [*PORCH, "db", "upgrade", "--db-url", url], capture_output=True, text=True, timeout=60
         )
@@ -149,10 +146,7 @@ def test_commands_name_a_migration_this_porch_does_not_know(postgres_server: Any
     url = postgres_server.create_database()
     try:
         migrate.upgrade(url)
-        engine = make_engine(url)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
-        engine.dispose()
+        run_sql(url, "UPDATE alembic_version SET version_num = '9999'")
         for command in (["token", "list"], ["serve", "--grpc-port", "0", "--no-http"]):
             done = subprocess.run(
                 [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60

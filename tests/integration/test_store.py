@@ -28,7 +28,7 @@ from porch_server.models import SYSTEM, Actor, EventKind, Page, Pipeline, Role, 
 from porch_server.states import UPDATE_TRANSITIONS, State
 from porch_server.store import Store
 from tests.conftest import PostgresServer, SchemaDatabase
-from tests.integration.conftest import every_task
+from tests.integration.conftest import every_task, run_sql
 
 HASH = "a" * 64
 
@@ -653,14 +653,6 @@ NPG_PORCH_TABLES = (
 )
 
 
-def make_npg_porch_tables(url: str) -> None:
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        for statement in NPG_PORCH_TABLES:
-            connection.exec_driver_sql(statement)
-    engine.dispose()
-
-
 def assert_npg_porch_tables_untouched(url: str) -> None:
     engine = make_engine(url)
     try:
@@ -677,7 +669,7 @@ def assert_npg_porch_tables_untouched(url: str) -> None:
     "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
 def test_upgrade_refuses_tables_of_porchs_names_that_are_not_porchs(bare_db_url: str) -> None:
-    make_npg_porch_tables(bare_db_url)
+    run_sql(bare_db_url, *NPG_PORCH_TABLES)
     if bare_db_url.startswith("sqlite"):
         then = "None of its tables was changed. Give porch a database file of its own"
         where = "the database"
@@ -710,13 +702,13 @@ def test_upgrade_looks_only_in_the_schema_porchs_tables_go_in(
     # npg_porch's in the second are no obstacle, and are left alone.
     url = postgres_server.create_database()
     try:
-        make_npg_porch_tables(url)
         database = make_url(url).database
-        engine = make_engine(url)
-        with engine.begin() as connection:
-            connection.exec_driver_sql("CREATE SCHEMA s2")
-            connection.exec_driver_sql(f'ALTER DATABASE "{database}" SET search_path = s2, public')
-        engine.dispose()
+        run_sql(
+            url,
+            *NPG_PORCH_TABLES,
+            "CREATE SCHEMA s2",
+            f'ALTER DATABASE "{database}" SET search_path = s2, public',
+        )
         migrate.upgrade(url)
         engine = make_engine(url)
         try:
@@ -737,7 +729,7 @@ def test_a_schema_of_its_own_keeps_porch_beside_npg_porchs_tables(
 ) -> None:
     url = postgres_server.create_database()
     try:
-        make_npg_porch_tables(url)
+        run_sql(url, *NPG_PORCH_TABLES)
         migrate.upgrade(url, "porch")
         engine = make_engine(url, "porch")
         try:
@@ -754,10 +746,9 @@ def test_a_schema_of_its_own_keeps_porch_beside_npg_porchs_tables(
 )
 def test_upgrade_refuses_a_migration_it_does_not_know(bare_db_url: str) -> None:
     migrate.upgrade(bare_db_url)
+    run_sql(bare_db_url, "UPDATE alembic_version SET version_num = '9999'")
     engine = make_engine(bare_db_url)
     try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
         with pytest.raises(
             FailedPrecondition, match=r"records migration '9999', which this porch does not know"
         ):
@@ -772,11 +763,13 @@ def test_upgrade_refuses_a_migration_it_does_not_know(bare_db_url: str) -> None:
 )
 def test_upgrade_refuses_porchs_revision_without_porchs_tables(bare_db_url: str) -> None:
     # Another program's alembic record, numbered as porch's migrations are.
+    run_sql(
+        bare_db_url,
+        "CREATE TABLE alembic_version (version_num VARCHAR(32))",
+        "INSERT INTO alembic_version VALUES ('0003')",
+    )
     engine = make_engine(bare_db_url)
     try:
-        with engine.begin() as connection:
-            connection.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32))")
-            connection.exec_driver_sql("INSERT INTO alembic_version VALUES ('0003')")
         with pytest.raises(
             FailedPrecondition, match=r"records migration '0003' but has no tables pipeline and"
         ):
