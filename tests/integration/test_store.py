@@ -665,6 +665,15 @@ def assert_npg_porch_tables_untouched(url: str) -> None:
         engine.dispose()
 
 
+def current_schema(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return str(connection.exec_driver_sql("SELECT current_schema()").scalar())
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize(
     "bare_db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
 )
@@ -683,15 +692,6 @@ def test_upgrade_refuses_tables_of_porchs_names_that_are_not_porchs(bare_db_url:
     ):
         migrate.upgrade(bare_db_url)
     assert_npg_porch_tables_untouched(bare_db_url)
-
-
-def current_schema(url: str) -> str:
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            return str(connection.exec_driver_sql("SELECT current_schema()").scalar())
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.postgres
