@@ -694,51 +694,43 @@ def test_upgrade_refuses_tables_of_porchs_names_that_are_not_porchs(bare_db_url:
     assert_npg_porch_tables_untouched(bare_db_url)
 
 
-@pytest.mark.postgres
-def test_upgrade_looks_only_in_the_schema_porchs_tables_go_in(
-    postgres_server: PostgresServer,
-) -> None:
+@pytest.mark.parametrize(
+    "bare_db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_upgrade_looks_only_in_the_schema_porchs_tables_go_in(bare_db_url: str) -> None:
     # With a search_path of two schemas, porch's tables go in the first:
     # npg_porch's in the second are no obstacle, and are left alone.
-    url = postgres_server.create_database()
+    database = make_url(bare_db_url).database
+    run_sql(
+        bare_db_url,
+        *NPG_PORCH_TABLES,
+        "CREATE SCHEMA s2",
+        f'ALTER DATABASE "{database}" SET search_path = s2, public',
+    )
+    migrate.upgrade(bare_db_url)
+    engine = make_engine(bare_db_url)
     try:
-        database = make_url(url).database
-        run_sql(
-            url,
-            *NPG_PORCH_TABLES,
-            "CREATE SCHEMA s2",
-            f'ALTER DATABASE "{database}" SET search_path = s2, public',
-        )
-        migrate.upgrade(url)
-        engine = make_engine(url)
-        try:
-            assert migrate.is_at_head(engine)
-            assert "task" in inspect(engine).get_table_names(schema="s2")
-            with engine.connect() as connection:
-                rows = connection.exec_driver_sql("SELECT * FROM public.pipeline").all()
-                assert rows == [(1, "npg")]
-        finally:
-            engine.dispose()
+        assert migrate.is_at_head(engine)
+        assert "task" in inspect(engine).get_table_names(schema="s2")
+        with engine.connect() as connection:
+            rows = connection.exec_driver_sql("SELECT * FROM public.pipeline").all()
+            assert rows == [(1, "npg")]
     finally:
-        postgres_server.drop_database(url)
+        engine.dispose()
 
 
-@pytest.mark.postgres
-def test_a_schema_of_its_own_keeps_porch_beside_npg_porchs_tables(
-    postgres_server: PostgresServer,
-) -> None:
-    url = postgres_server.create_database()
+@pytest.mark.parametrize(
+    "bare_db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_schema_of_its_own_keeps_porch_beside_npg_porchs_tables(bare_db_url: str) -> None:
+    run_sql(bare_db_url, *NPG_PORCH_TABLES)
+    migrate.upgrade(bare_db_url, "porch")
+    engine = make_engine(bare_db_url, "porch")
     try:
-        run_sql(url, *NPG_PORCH_TABLES)
-        migrate.upgrade(url, "porch")
-        engine = make_engine(url, "porch")
-        try:
-            assert migrate.is_at_head(engine)
-        finally:
-            engine.dispose()
-        assert_npg_porch_tables_untouched(url)
+        assert migrate.is_at_head(engine)
     finally:
-        postgres_server.drop_database(url)
+        engine.dispose()
+    assert_npg_porch_tables_untouched(bare_db_url)
 
 
 @pytest.mark.parametrize(
