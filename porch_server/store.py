@@ -127,6 +127,12 @@ class _Claim:
     actor: Actor
 
 
+# An input to register: its pipeline's id, canonical JSON text and caller;
+# and what identifies it, its pipeline's id and task_input_id.
+_Input = tuple[int, str, Actor]
+_InputKey = tuple[int, str]
+
+
 @dataclass(frozen=True, slots=True)
 class _Registering:
     """One task input, as canonical JSON text, waiting to be registered."""
@@ -160,12 +166,6 @@ _EVENT_COLUMNS = (
 _XMIN = func.pg_snapshot_xmin(func.pg_current_snapshot()).cast(Text).cast(BigInteger)
 
 _NUM_TASKS = bindparam("num_tasks", type_=Integer)
-
-# A pipeline's tasks with any of these task_input_ids (PostgreSQL).
-_existing_tasks = select(task).where(
-    task.c.pipeline_id == _PIPELINE_ID,
-    task.c.task_input_id == func.any(bindparam("task_input_ids", type_=postgresql.ARRAY(Text))),
-)
 
 _notify = select(func.pg_notify(literal(CHANNEL), literal("")))
 
@@ -578,8 +578,8 @@ class Store:
         self, connection: Connection, pipeline_id: int, texts: Sequence[str], actor: Actor
     ) -> list[Registration]:
         ids, unique = _unique_texts(texts)
-        params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
-        created = {row.task_input_id: row for row in self._insert_tasks(connection, unique, params)}
+        inserted = self._insert_tasks(connection, pipeline_id, unique, actor)
+        created = {row.task_input_id: row for row in inserted}
         missing = [task_input_id for task_input_id in unique if task_input_id not in created]
         existing = {
             row.task_input_id: row for row in _select_tasks(connection, pipeline_id, missing)
@@ -587,14 +587,16 @@ class Store:
         return self._registrations(ids, created, existing)
 
     def _registrations(
-        self, ids: list[str], created: dict[str, Any], existing: dict[str, Any]
+        self, keys: list[Key_], created: dict[Key_, Any], existing: dict[Key_, Any]
     ) -> list[Registration]:
-        """One Registration per input, in order; only the first of repeats can be created."""
+        """One Registration per input, in order, by each input's key (its
+        task_input_id, or with its pipeline's id); only the first of repeats
+        can be created."""
         tasks = {key: self._to_task(row) for key, row in (created | existing).items()}
         registrations = []
-        for task_input_id in ids:
-            registrations.append(Registration(tasks[task_input_id], task_input_id in created))
-            created.pop(task_input_id, None)
+        for key in keys:
+            registrations.append(Registration(tasks[key], key in created))
+            created.pop(key, None)
         return registrations
 
     def get_task(self, pipeline_name: str, task_input_id: str) -> Task:
@@ -808,42 +810,30 @@ class Store:
             return [result]
         if self._async is None:
             return None
-        return await self._register_texts(self._pipeline_ids[pipeline_name], texts, actor)
+        pipeline_id = self._pipeline_ids[pipeline_name]
+        return await self._register_inputs([(pipeline_id, text, actor) for text in texts])
 
     async def _apply_registrations(self, items: Sequence[_Registering]) -> list[Registration]:
-        """Register single inputs together: one statement per pipeline and caller."""
-        groups = _positions((item.pipeline_name, item.actor) for item in items)
-        results: list[Registration | None] = [None] * len(items)
-        for (pipeline_name, actor), indexes in groups.items():
-            texts = [items[index].text for index in indexes]
-            pipeline_id = self._pipeline_ids[pipeline_name]
-            registered = await self._register_texts(pipeline_id, texts, actor)
-            for index, registration in zip(indexes, registered, strict=True):
-                results[index] = registration
-        done = [result for result in results if result is not None]
-        assert len(done) == len(items), "every registration belongs to one group"
-        return done
+        """Register single inputs of any pipelines and callers in one statement."""
+        return await self._register_inputs(
+            [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
+        )
 
-    async def _register_texts(
-        self, pipeline_id: int, texts: Sequence[str], actor: Actor
-    ) -> list[Registration]:
+    async def _register_inputs(self, inputs: Sequence[_Input]) -> list[Registration]:
         assert self._async is not None
-        ids, unique = _unique_texts(texts)
-        params = _event_params(_now(), actor, None) | {
-            "in_pipeline_id": pipeline_id,
-            "new_task_input_ids": list(unique),
-            "new_task_inputs": list(unique.values()),
-        }
-        rows = await self._async.rows(_register_with_events(), params)
-        created: dict[str, Any] = {row.task_input_id: row for row in rows}
-        missing = [task_input_id for task_input_id in unique if task_input_id not in created]
-        existing: dict[str, Any] = {}
+        keys, unique = _unique_inputs(inputs)
+        rows = await self._async.rows(_register_with_events(), _registration_params(unique))
+        created: dict[_InputKey, Any] = {(row.pipeline_id, row.task_input_id): row for row in rows}
+        missing = [key for key in unique if key not in created]
+        existing: dict[_InputKey, Any] = {}
         if missing:
-            found = await self._async.rows(
-                _existing_tasks, {"in_pipeline_id": pipeline_id, "task_input_ids": missing}
-            )
-            existing = {row.task_input_id: row for row in found}
-        return self._registrations(ids, created, existing)
+            wanted = {
+                "pipeline_ids": [pipeline_id for pipeline_id, _ in missing],
+                "task_input_ids": [task_input_id for _, task_input_id in missing],
+            }
+            found = await self._async.rows(_existing_tasks(), wanted)
+            existing = {(row.pipeline_id, row.task_input_id): row for row in found}
+        return self._registrations(keys, created, existing)
 
     async def claim_tasks_async(
         self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
@@ -1129,17 +1119,16 @@ class Store:
     # Statements whose form differs between the databases
 
     def _insert_tasks(
-        self, connection: Connection, unique: dict[str, str], params: dict[str, Any]
+        self, connection: Connection, pipeline_id: int, unique: dict[str, str], actor: Actor
     ) -> list[Row[Any]]:
-        """Insert the tasks that do not exist yet, each with its CREATED event."""
+        """Insert the tasks of a pipeline that do not exist yet, given as their
+        canonical texts by task_input_id, each with its CREATED event."""
         if not unique:
             return []
         if self._postgresql:
-            params = params | {
-                "new_task_input_ids": list(unique),
-                "new_task_inputs": list(unique.values()),
-            }
-            return list(connection.execute(_register_with_events(), params))
+            inputs = {(pipeline_id, key): (text, actor) for key, text in unique.items()}
+            return list(connection.execute(_register_with_events(), _registration_params(inputs)))
+        params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
         rows = list(
             connection.execute(
                 _register_sqlite,
@@ -1344,6 +1333,30 @@ def _unique_texts(texts: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """The task_input_id of each canonical text, and each distinct text by its id."""
     ids = [digest.digest_of(text) for text in texts]
     return ids, dict(zip(ids, texts, strict=True))
+
+
+def _unique_inputs(
+    inputs: Sequence[_Input],
+) -> tuple[list[_InputKey], dict[_InputKey, tuple[str, Actor]]]:
+    """The (pipeline id, task_input_id) of each input, and each distinct one's
+    text and caller, the first caller of repeats."""
+    keys = [(pipeline_id, digest.digest_of(text)) for pipeline_id, text, _ in inputs]
+    unique: dict[_InputKey, tuple[str, Actor]] = {}
+    for key, (_, text, actor) in zip(keys, inputs, strict=True):
+        unique.setdefault(key, (text, actor))
+    return keys, unique
+
+
+def _registration_params(inputs: dict[_InputKey, tuple[str, Actor]]) -> dict[str, Any]:
+    """_register_with_events' parameters: the inputs as parallel arrays."""
+    return {
+        "now": _now(),
+        "new_pipeline_ids": [pipeline_id for pipeline_id, _ in inputs],
+        "new_task_input_ids": [task_input_id for _, task_input_id in inputs],
+        "new_task_inputs": [text for text, _ in inputs.values()],
+        "new_token_ids": [_actor_token_id(actor) for _, actor in inputs.values()],
+        "new_descriptions": [actor.description for _, actor in inputs.values()],
+    }
 
 
 def _lease_seconds(lease: timedelta | None) -> int | None:
@@ -1594,33 +1607,41 @@ def _unread_after() -> Select[Any]:
 def _register_with_events() -> Select[Any]:
     """INSERT the new tasks ON CONFLICT DO NOTHING with their events (PostgreSQL).
 
-    Ids are drawn in the order given, so a batch is claimed in that order,
-    but rows are inserted in task_input_id order: concurrent registrations
-    then wait for each other's keys in one order and cannot deadlock.
+    The inputs come as parallel arrays, each of its own pipeline and caller,
+    so that registrations from many wrappers share one statement and one
+    commit. Ids are drawn in the order given, so a batch is claimed in that
+    order, but rows are inserted in (pipeline, task_input_id) order:
+    concurrent registrations then wait for each other's keys in one order
+    and cannot deadlock. Each CREATED event names its own input's caller.
     """
-    new = (
-        func.unnest(
-            bindparam("new_task_input_ids", type_=postgresql.ARRAY(Text)),
-            bindparam("new_task_inputs", type_=postgresql.ARRAY(Text)),
-        )
-        .table_valued("task_input_id", "task_input", with_ordinality="position")
-        .render_derived(name="new")
+    new = _rows_of_arrays(
+        "new",
+        [
+            ("new_pipeline_ids", "pipeline_id", Integer),
+            ("new_task_input_ids", "task_input_id", Text),
+            ("new_task_inputs", "task_input", Text),
+            ("new_token_ids", "token_id", Integer),
+            ("new_descriptions", "token_description", Text),
+        ],
     )
     sequence = select(func.pg_get_serial_sequence("task", "id")).scalar_subquery()
     numbered = (
-        select(func.nextval(sequence).label("id"), new.c.task_input_id, new.c.task_input)
+        select(
+            func.nextval(sequence).label("id"),
+            *(column for column in new.c if column.name != "position"),
+        )
         .order_by(new.c.position)
         .cte("numbered")
     )
     rows = select(
         numbered.c.id,
-        _PIPELINE_ID,
+        numbered.c.pipeline_id,
         numbered.c.task_input_id,
         numbered.c.task_input,
         _PENDING,
         _NOW,
         _NOW,
-    ).order_by(numbered.c.task_input_id)
+    ).order_by(numbered.c.pipeline_id, numbered.c.task_input_id)
     inserted = (
         postgresql.insert(task)
         .from_select(
@@ -1639,8 +1660,35 @@ def _register_with_events() -> Select[Any]:
         .returning(*task.c)
         .cte("inserted")
     )
-    events = _events_from(inserted, EventKind.CREATED, null(), _PENDING)
+    # RETURNING names only the task's columns: the caller of each comes from
+    # its input's row, found by the id drawn for it.
+    created = (
+        select(
+            inserted.c.id, inserted.c.pipeline_id, numbered.c.token_id, numbered.c.token_description
+        )
+        .join_from(inserted, numbered, numbered.c.id == inserted.c.id)
+        .order_by(inserted.c.id)
+        .cte("created")
+    )
+    who = (created.c.token_id, created.c.token_description, null())
+    events = _events_from(created, EventKind.CREATED, null(), _PENDING, who)
     return select(inserted).add_cte(events)
+
+
+@functools.cache
+def _existing_tasks() -> Select[Any]:
+    """The tasks with these (pipeline id, task_input_id) pairs, given as
+    parallel arrays (PostgreSQL)."""
+    wanted = _rows_of_arrays(
+        "wanted",
+        [("pipeline_ids", "pipeline_id", Integer), ("task_input_ids", "task_input_id", Text)],
+    )
+    return select(task).join_from(
+        task,
+        wanted,
+        (task.c.pipeline_id == wanted.c.pipeline_id)
+        & (task.c.task_input_id == wanted.c.task_input_id),
+    )
 
 
 @functools.cache

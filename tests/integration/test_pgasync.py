@@ -338,17 +338,33 @@ async def test_concurrent_updates_share_statements_and_each_gets_its_answer(
     assert running.lease_expire_time is not None and running.claim_time is not None
 
 
-async def test_concurrent_registrations_share_statements_per_pipeline_and_caller(
-    async_store: tuple[Store, Actor],
+async def test_concurrent_registrations_of_any_pipelines_and_callers_share_one_statement(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, actor = async_store
     store.create_pipeline(Pipeline(name="q", uri="https://example.org/q", version="1"))
     token = store.create_token(Role.PIPELINE, "q", "other wrapper", "k" * 64)
     other = Actor(token.token_id, token.description)
+    token = store.create_token(Role.PIPELINE, "p", "second wrapper", "m" * 64)
+    second = Actor(token.token_id, token.description)
+    [before] = store.register_tasks("q", [{"old": True}], other)
     calls = [("p", {"n": n}, actor) for n in range(10)]
     calls += [("q", {"n": n}, other) for n in range(5)]
     calls += [("p", {"n": 3}, actor), ("q", {"n": 0}, other)]  # repeats within the batch
+    calls += [("p", {"n": 4}, second)]  # a repeat from another caller
+    calls += [("q", {"old": True}, other)]  # registered before the batch
+    calls += [("p", {"second": n}, second) for n in range(3)]
     items, batches = store.coalesced_registrations
+    statements = store._async
+    assert statements is not None
+    sent = []
+    rows = statements.rows
+
+    async def counted(statement: Any, params: Any) -> Any:
+        sent.append(statement)
+        return await rows(statement, params)
+
+    monkeypatch.setattr(statements, "rows", counted)
 
     results = await asyncio.gather(
         *(
@@ -362,12 +378,31 @@ async def test_concurrent_registrations_share_statements_per_pipeline_and_caller
     for (name, task_input, _), registration in zip(calls, registrations, strict=True):
         assert registration.task.pipeline.name == name
         assert registration.task.task_input == task_input
-    assert [r.created for r in registrations] == [True] * 15 + [False, False]
+    created = [True] * 15 + [False] * 4 + [True] * 3
+    assert [r.created for r in registrations] == created
     assert store.coalesced_registrations == (items + len(calls), batches + 1)
+    # One statement registers them all; one more reads the tasks there before.
+    assert len(sent) == 2
     assert registrations[15].task == registrations[3].task
-    assert store.get_task("q", registrations[10].task.task_input_id).status is State.PENDING
-    events = store.list_task_events("q", registrations[10].task.task_input_id, 10, "").items
-    assert [(e.kind.value, e.token_id) for e in events] == [("CREATED", other.token_id)]
+    assert registrations[17].task == registrations[4].task
+    assert registrations[18].task == before.task
+    # Each input is its pipeline's, in the order given, and names its own caller.
+    for (name, task_input, who), registration in zip(calls, registrations, strict=True):
+        if not registration.created:
+            continue
+        key = registration.task.task_input_id
+        events = store.list_task_events(name, key, 10, "").items
+        assert [(e.kind.value, e.token_id, e.token_description) for e in events] == [
+            ("CREATED", who.token_id, who.description)
+        ]
+    events = store.list_task_events("p", registrations[4].task.task_input_id, 10, "").items
+    assert [e.token_id for e in events] == [actor.token_id]  # the first caller's
+    assert len(store.list_task_events("q", before.task.task_input_id, 10, "").items) == 1
+    made = [
+        r.task.task_input_id for r in registrations if r.created and r.task.pipeline.name == "p"
+    ]
+    claimed = store.claim_tasks("p", 100, None, actor)
+    assert [task.task_input_id for task in claimed] == made  # oldest first
 
 
 async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
