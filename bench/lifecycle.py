@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from _common import (
@@ -41,14 +42,21 @@ PIPELINE = "bench"
 
 
 def register_client(
-    target: str, secret: str, first: int, last: int, batch: int, tag: str
+    target: str,
+    secret: str,
+    first: int,
+    last: int,
+    batch: int,
+    tag: str,
+    pipeline_name: str = PIPELINE,
 ) -> tuple[float, float, dict[str, list[float]]]:
-    """Register tasks first..last-1, one RegisterTask each or RegisterTasks of batch."""
+    """Register tasks first..last-1 in pipeline_name, one RegisterTask each
+    or RegisterTasks of batch."""
     from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
     stub = porch_pb2_grpc.PorchServiceStub(grpc_channel(target))
     auth = metadata(secret)
-    pipeline = porch_pb2.Pipeline(name=PIPELINE)
+    pipeline = porch_pb2.Pipeline(name=pipeline_name)
     timer = Timer()
 
     def task(number: int) -> Any:
@@ -64,7 +72,7 @@ def register_client(
     else:
         for low in range(first, last, batch):
             tasks = [task(number) for number in range(low, min(low + batch, last))]
-            request = porch_pb2.RegisterTasksRequest(pipeline_name=PIPELINE, tasks=tasks)
+            request = porch_pb2.RegisterTasksRequest(pipeline_name=pipeline_name, tasks=tasks)
             with timer("RegisterTasks"):
                 stub.RegisterTasks(request, metadata=auth)
     return start, time.time(), dict(timer.latencies)
@@ -114,14 +122,25 @@ def status_updates(pipeline: Any, task: Any) -> list[Any]:
     ]
 
 
-def register(target: str, secret: str, tasks: int, clients: int, batch: int, tag: str) -> Any:
-    """Register tasks from clients processes; return (seconds, latencies)."""
+def register(
+    target: str,
+    secret: str,
+    tasks: int,
+    clients: int,
+    batch: int,
+    tag: str,
+    pipelines: Sequence[tuple[str, str]] = (),
+) -> Any:
+    """Register tasks from clients processes; return (seconds, latencies).
+    Given pipelines, (name, secret) pairs, client i registers in the i-th
+    modulo their number with its token; else all in PIPELINE with secret."""
+    pipelines = pipelines or [(PIPELINE, secret)]
     bounds = [tasks * index // clients for index in range(clients + 1)]
-    arguments = [
-        (target, secret, bounds[i], bounds[i + 1], batch, tag)
-        for i in range(clients)
-        if bounds[i] < bounds[i + 1]
-    ]
+    arguments = []
+    for i in range(clients):
+        if bounds[i] < bounds[i + 1]:
+            name, token = pipelines[i % len(pipelines)]
+            arguments.append((target, token, bounds[i], bounds[i + 1], batch, tag, name))
     results = run_clients(register_client, arguments)
     timer = Timer()
     for _, _, latencies in results:

@@ -7,13 +7,18 @@ claimed (exits non-zero on a duplicate or lost claim). For each phase:
 tasks/s, latency, database write transactions per call (PostgreSQL; see
 _common.commits_between), and where the machine's CPU went per task.
 
+With --pipelines P the clients are spread over P pipelines, client i
+registering in and claiming from the i-th modulo P with that pipeline's own
+token, as wrappers of different pipelines would.
+
     python bench/register.py [--db-url URL | --sqlite] [--tasks N] [--batch-tasks M]
-                             [--clients W] [--batch B] [--claim-batch C]
+                             [--clients W] [--batch B] [--claim-batch C] [--pipelines P]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from typing import Any
 
@@ -27,6 +32,7 @@ from _common import (
     commits_between,
     cpu_figures,
     cpu_split,
+    create_pipeline_token,
     grpc_channel,
     metadata,
     percentile,
@@ -39,13 +45,16 @@ from _common import (
 from lifecycle import PIPELINE, register
 
 
-def claim_client(target: str, secret: str, batch: int) -> tuple[float, float, list[str], Any]:
-    """Claim batches until none is left; report nothing else."""
+def claim_client(
+    target: str, secret: str, batch: int, pipeline_name: str = PIPELINE
+) -> tuple[float, float, list[str], Any]:
+    """Claim batches of pipeline_name until none is left; report nothing else."""
     from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
     stub = porch_pb2_grpc.PorchServiceStub(grpc_channel(target))
     auth = metadata(secret)
-    claim = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name=PIPELINE), num_tasks=batch)
+    pipeline = porch_pb2.Pipeline(name=pipeline_name)
+    claim = porch_pb2.ClaimTasksRequest(pipeline=pipeline, num_tasks=batch)
     timer = Timer()
     claimed: list[str] = []
     start = time.time()
@@ -69,13 +78,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--claim-batch", type=int, default=100, help="tasks per ClaimTasks")
     parser.add_argument("--workers", type=int, default=1, help="server processes")
     parser.add_argument(
+        "--pipelines",
+        type=int,
+        default=1,
+        help="spread the clients over this many pipelines, each with a token of its own",
+    )
+    parser.add_argument(
         "--profile", metavar="PREFIX", help="py-spy each phase (PREFIX.PHASE.PID.txt)"
     )
     add_json_option(parser)
     args = parser.parse_args(argv)
+    if not 1 <= args.pipelines <= args.clients:
+        parser.error("--pipelines must be between 1 and --clients")
     figures: dict[str, float] = {}
     rows = []
     with bench_pipeline(args, PIPELINE) as (url, secret):
+        pipelines = [(PIPELINE, secret)] + [
+            (name, create_pipeline_token(url, name))
+            for name in (f"{PIPELINE}{index}" for index in range(1, args.pipelines))
+        ]
         with Server(url, workers=args.workers) as server:
             phases: list[tuple[str, str, int, Any]] = [
                 ("register_task", "RegisterTask", args.tasks, 1),
@@ -86,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 before = write_transactions(url)
                 with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
                     seconds, latencies = register(
-                        server.target, secret, count, args.clients, batch, key
+                        server.target, secret, count, args.clients, batch, key, pipelines
                     )
                 [values] = latencies.values()
                 commits = commits_between(before, write_transactions(url), len(values))
@@ -100,9 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             profile = _phase(args.profile, "claim_tasks")
             before = write_transactions(url)
             with py_spy(server.pids(), profile), cpu_split(server.pids()) as split:
-                results = run_clients(
-                    claim_client, [(server.target, secret, args.claim_batch)] * args.clients
-                )
+                claimers = [
+                    (server.target, token, args.claim_batch, name)
+                    for name, token in itertools.islice(itertools.cycle(pipelines), args.clients)
+                ]
+                results = run_clients(claim_client, claimers)
             after = write_transactions(url)
         check_claims([key for result in results for key in result[2]], total)
     seconds = max(r[1] for r in results) - min(r[0] for r in results)
@@ -114,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows.append(_row(f"ClaimTasks of {args.claim_batch}", total, seconds, split, claims, commits))
     print_table(
         f"registration and claiming over gRPC: {args.clients} clients, "
-        f"{'SQLite' if args.sqlite else 'PostgreSQL'}",
+        + (f"{args.pipelines} pipelines each with its own token, " if args.pipelines > 1 else "")
+        + ("SQLite" if args.sqlite else "PostgreSQL"),
         [
             "call",
             "tasks",
