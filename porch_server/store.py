@@ -1667,7 +1667,6 @@ def _register_with_events() -> Select[Any]:
             inserted.c.id, inserted.c.pipeline_id, numbered.c.token_id, numbered.c.token_description
         )
         .join_from(inserted, numbered, numbered.c.id == inserted.c.id)
-        .order_by(inserted.c.id)
         .cte("created")
     )
     who = (created.c.token_id, created.c.token_description, null())
