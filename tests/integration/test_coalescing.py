@@ -106,6 +106,37 @@ async def test_store_registers_single_inputs_of_several_pipelines_together(
     assert repeat.task == first.task
 
 
+def test_wrappers_of_several_pipelines_register_together(porch: Porch) -> None:
+    names = ["p1", "p2", "p3", "p4"]
+    wrappers = {name: porch.stub(porch.pipeline(name)) for name in names}
+
+    def register(n: int) -> tuple[str, Any]:
+        name = names[n % 4]
+        task = pb.Task(pipeline=pb.Pipeline(name=name))
+        task.task_input.update({"n": n // 4 % 5})  # every input twice in every pipeline
+        return name, wrappers[name].RegisterTask(pb.RegisterTaskRequest(task=task))
+
+    with ThreadPoolExecutor(16) as pool:
+        registered = list(pool.map(register, range(40)))
+
+    store = porch.server.store
+    for name in names:
+        answers = [response for pipeline, response in registered if pipeline == name]
+        assert {response.task.pipeline.name for response in answers} == {name}
+        assert sum(response.created for response in answers) == 5
+        keys = {response.task.task_input_id for response in answers}
+        assert len(keys) == 5
+        for key in keys:
+            events = store.list_task_events(name, key, 10, "").items
+            assert [(e.kind.value, e.token_description) for e in events] == [
+                ("CREATED", f"{name} wrapper")
+            ]
+    # The same inputs in every pipeline: four tasks for each.
+    listed = porch.stub(porch.admin).ListTasks(pb.ListTasksRequest(page_size=100)).tasks
+    assert len(listed) == 20
+    assert len({task.task_input_id for task in listed}) == 5
+
+
 def test_concurrent_calls_each_get_their_own_answer(porch: Porch) -> None:
     wrapper = porch.stub(porch.pipeline("p1"))
     registered = []

@@ -347,12 +347,14 @@ async def test_concurrent_registrations_of_any_pipelines_and_callers_share_one_s
     other = Actor(token.token_id, token.description)
     token = store.create_token(Role.PIPELINE, "p", "second wrapper", "m" * 64)
     second = Actor(token.token_id, token.description)
-    [before] = store.register_tasks("q", [{"old": True}], other)
+    # The same input, registered before the batch in each pipeline.
+    [kept_p] = store.register_tasks("p", [{"kept": 1}], actor)
+    [kept_q] = store.register_tasks("q", [{"kept": 1}], other)
     calls = [("p", {"n": n}, actor) for n in range(10)]
     calls += [("q", {"n": n}, other) for n in range(5)]
     calls += [("p", {"n": 3}, actor), ("q", {"n": 0}, other)]  # repeats within the batch
     calls += [("p", {"n": 4}, second)]  # a repeat from another caller
-    calls += [("q", {"old": True}, other)]  # registered before the batch
+    calls += [("q", {"kept": 1}, other), ("p", {"kept": 1}, second)]
     calls += [("p", {"second": n}, second) for n in range(3)]
     items, batches = store.coalesced_registrations
     statements = store._async
@@ -378,16 +380,17 @@ async def test_concurrent_registrations_of_any_pipelines_and_callers_share_one_s
     for (name, task_input, _), registration in zip(calls, registrations, strict=True):
         assert registration.task.pipeline.name == name
         assert registration.task.task_input == task_input
-    created = [True] * 15 + [False] * 4 + [True] * 3
+    created = [True] * 15 + [False] * 5 + [True] * 3
     assert [r.created for r in registrations] == created
     assert store.coalesced_registrations == (items + len(calls), batches + 1)
     # One statement registers them all; one more reads the tasks there before.
     assert len(sent) == 2
     assert registrations[15].task == registrations[3].task
     assert registrations[17].task == registrations[4].task
-    assert registrations[18].task == before.task
-    # Each input is its pipeline's, in the order given, and names its own caller.
-    for (name, task_input, who), registration in zip(calls, registrations, strict=True):
+    assert registrations[18].task == kept_q.task
+    assert registrations[19].task == kept_p.task
+    # Each CREATED event names its own input's caller.
+    for (name, _, who), registration in zip(calls, registrations, strict=True):
         if not registration.created:
             continue
         key = registration.task.task_input_id
@@ -397,12 +400,15 @@ async def test_concurrent_registrations_of_any_pipelines_and_callers_share_one_s
         ]
     events = store.list_task_events("p", registrations[4].task.task_input_id, 10, "").items
     assert [e.token_id for e in events] == [actor.token_id]  # the first caller's
-    assert len(store.list_task_events("q", before.task.task_input_id, 10, "").items) == 1
+    for kept in (kept_p, kept_q):
+        key = kept.task.task_input_id
+        assert len(store.list_task_events(kept.task.pipeline.name, key, 10, "").items) == 1
+    # A pipeline's new tasks are claimed after its older one, in the order given.
     made = [
         r.task.task_input_id for r in registrations if r.created and r.task.pipeline.name == "p"
     ]
     claimed = store.claim_tasks("p", 100, None, actor)
-    assert [task.task_input_id for task in claimed] == made  # oldest first
+    assert [task.task_input_id for task in claimed] == [kept_p.task.task_input_id, *made]
 
 
 async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
