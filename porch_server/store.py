@@ -589,9 +589,9 @@ class Store:
     def _registrations(
         self, keys: list[Key_], created: dict[Key_, Any], existing: dict[Key_, Any]
     ) -> list[Registration]:
-        """One Registration per input, in order, by each input's key (its
-        task_input_id, or with its pipeline's id); only the first of repeats
-        can be created."""
+        """One Registration per input, in order, keys naming the inputs: by
+        task_input_id (one pipeline) or by (pipeline id, task_input_id).
+        Only the first of repeats can be created."""
         tasks = {key: self._to_task(row) for key, row in (created | existing).items()}
         registrations = []
         for key in keys:
@@ -774,9 +774,9 @@ class Store:
         connections, on SQLite in one write transaction per batch on executor.
         Without either they answer None, and callers use the blocking methods.
 
-        Status changes, single registrations and (PostgreSQL) claims arriving
-        while others are in flight share one commit (commit coalescing); each
-        gets its own answer.
+        Status changes and single registrations arriving while others are in
+        flight share one commit, whatever their pipelines (commit coalescing),
+        and so do (PostgreSQL) claims on one pipeline; each gets its own answer.
         """
         self._async = statements if self._postgresql else None
         self._updates = self._registering = self._claims = None
