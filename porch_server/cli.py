@@ -219,16 +219,25 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
     engine = make_engine(url, schema)
     found = migrate.current_revision(engine)
     if found != migrate.head_revision():
-        engine.dispose()
         where = make_url(url).render_as_string(hide_password=True)
         also = ""
         if schema is not None:
             where, also = f"{where}, schema {schema},", " and --db-schema"
         if found is not None and found not in migrate.revisions():
+            engine.dispose()
             raise SystemExit(
                 f"porch: the database at {where} records migration {found!r}, which this "
                 "porch does not know: a newer porch or another program set it up"
             )
+        # Tables that are not porch's (npg_porch's, say): `porch db upgrade`
+        # would refuse them, so say why now.
+        try:
+            with engine.connect() as connection:
+                migrate.check_tables_are_porchs(connection, found)
+        except PorchError as error:
+            raise SystemExit(f"porch: {error}") from None
+        finally:
+            engine.dispose()
         raise SystemExit(
             f"porch: the database at {where} is not at the latest migration (or not "
             f"there at all); run `porch db upgrade` with the same --db-url{also}"

@@ -77,6 +77,8 @@ def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
     if connection.dialect.name == "postgresql":
         # Tables in the schema porch's would go in; search_path may show others.
         schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
+        if schema is None:  # no schema on the search_path exists yet: nothing to clash with
+            return
         where, unchanged = f"schema {schema}", "Nothing was changed"
         advice = (
             "Give porch a schema of its own (--db-schema or PORCH_DB_SCHEMA) "

@@ -122,7 +122,7 @@ def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: P
         assert "Traceback" not in done.stderr
 
 
-def test_db_upgrade_refuses_npg_porchs_tables_plainly_on_postgresql(postgres_server: Any) -> None:
+def test_commands_refuse_npg_porchs_tables_plainly_on_postgresql(postgres_server: Any) -> None:
     url = postgres_server.create_database()
     try:
         run_sql(
@@ -130,15 +130,30 @@ def test_db_upgrade_refuses_npg_porchs_tables_plainly_on_postgresql(postgres_ser
             "CREATE TABLE task (task_id INTEGER PRIMARY KEY)",
             "CREATE TABLE event (event_id INTEGER PRIMARY KEY)",
         )
+        # Commands that would only open the store say the same, not to upgrade.
+        for command in (
+            ["db", "upgrade"],
+            ["serve", "--grpc-port", "0", "--no-http"],
+            ["token", "list"],
+        ):
+            done = subprocess.run(
+                [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 1, done.stderr
+            last = done.stderr.splitlines()[-1]
+            assert last.startswith("porch: schema "), done.stderr
+            assert "already holds tables porch would create (event, task)" in last
+            assert "--db-schema" in last
+            assert "Traceback" not in done.stderr
+        # A schema of porch's own that is not there yet holds nothing that clashes.
         done = subprocess.run(
-            [*PORCH, "db", "upgrade", "--db-url", url], capture_output=True, text=True, timeout=60
+            [*PORCH, "token", "list", "--db-url", url, "--db-schema", "porch"],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 1, done.stderr
-        last = done.stderr.splitlines()[-1]
-        assert last.startswith("porch: schema "), done.stderr
-        assert "already holds tables porch would create (event, task)" in last
-        assert "--db-schema" in last
-        assert "Traceback" not in done.stderr
+        assert "schema porch, is not at the latest migration" in done.stderr
     finally:
         postgres_server.drop_database(url)
 
