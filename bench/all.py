@@ -1,7 +1,9 @@
 """Run every benchmark in sequence and print each target beside what was measured.
 
 Each script runs as its own process and hands its figures back through
-``--json``; bench/gateway.py is included when it exists. The targets are
+``--json``; bench/gateway.py is included when it exists. RegisterTask is
+also run once with each client on a pipeline of its own, with its own
+token, and shown beside its target. The targets are
 ratios against limits measured in the same run (see bench/README.md). A
 second table gives, for the loads those targets compare, where the
 machine's CPU went per call or task and what the cores would carry at
@@ -110,7 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         sqlite = run("lifecycle", ["--sqlite", *clients, "--tasks", tasks], scratch)
         npg = run("npg_routes", [*db, *clients], scratch)
-    print_targets(rounds, scale, sqlite, npg, args.clients)
+        # RegisterTask as wrappers of different pipelines call it: each client
+        # on a pipeline of its own, with that pipeline's token. Once, beside.
+        spread = ["--pipelines", str(args.clients), "--tasks", tasks, "--batch-tasks", "1000"]
+        pipelines = run("register", [*db, *clients, *spread], scratch)
+    print_targets(rounds, scale, sqlite, npg, pipelines, args.clients)
 
 
 class Round(NamedTuple):
@@ -134,6 +140,7 @@ def targets(
     scale: dict[str, float],
     sqlite: dict[str, float],
     npg: dict[str, float],
+    pipelines: dict[str, float],
     clients: int,
 ) -> list[Target]:
     """Each target, what it comes to against one round's limits, and what was measured."""
@@ -147,6 +154,12 @@ def targets(
         ("  x npg_porch (31 tasks/s)", 15, grpc["tasks_per_s"] / NPG_PORCH_LIFECYCLE, "15x"),
         ("server CPU ms/task (register+claim+2 updates)", 2.0, grpc["cpu_ms_per_task"], "≤ 2"),
         ("RegisterTask, tasks/s", 0.5 * grpc_echo, register["register_task_per_s"], "50% echo"),
+        (
+            f"  same, {clients} pipelines, own tokens",
+            None,
+            pipelines["register_task_per_s"],
+            "",
+        ),
         ("RegisterTasks of 500, tasks/s", 10_000, register["register_tasks_per_s"], ""),
         ("ClaimTasks of 100, tasks/s", 5_000, register["claim_tasks_per_s"], ""),
         ("claim p50 with 1M finished, ms", 1.5 * empty, million, "1.5x empty"),
@@ -190,12 +203,13 @@ def print_targets(
     scale: dict[str, float],
     sqlite: dict[str, float],
     npg: dict[str, float],
+    pipelines: dict[str, float],
     clients: int,
 ) -> None:
     """Print each target, what it comes to in this run, what was measured, and
     whether it held: with several rounds, each target against its own round's
     limits, and the medians over the rounds."""
-    per_round = [targets(figures, scale, sqlite, npg, clients) for figures in rounds]
+    per_round = [targets(figures, scale, sqlite, npg, pipelines, clients) for figures in rounds]
     several = len(rounds) > 1
     headers = ["measurement", "target", "measured", "measured / target", "met", "rule"]
     if several:
