@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy.exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 
 import gateway
 from gateway import access
@@ -208,9 +208,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
     """Open the store named by the flags, refusing a schema that is not up to
-    date. A SQLite file is made and brought up to date only when create is
-    set (porch serve): a command run from another directory would otherwise
-    make a database of its own beside the server's."""
+    date. A SQLite file is brought up to date by any command, but made only
+    when create is set (porch serve): a command run from another directory
+    would otherwise make a database of its own beside the server's."""
     url, schema = db_settings(args.db_url, args.db_schema)
     if url.startswith("sqlite"):
         if not create:
@@ -219,30 +219,35 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
     engine = make_engine(url, schema)
     found = migrate.current_revision(engine)
     if found != migrate.head_revision():
-        where = make_url(url).render_as_string(hide_password=True)
-        also = ""
-        if schema is not None:
-            where, also = f"{where}, schema {schema},", " and --db-schema"
+        _refuse_outdated(engine, url, schema, found)
+    return Store(engine)
+
+
+def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | None) -> NoReturn:
+    """Exit naming why the database (at revision found) cannot be served
+    from, and what to do: `porch db upgrade`, unless that would refuse too."""
+    where = make_url(url).render_as_string(hide_password=True)
+    also = ""
+    if schema is not None:
+        where, also = f"{where}, schema {schema},", " and --db-schema"
+    try:
         if found is not None and found not in migrate.revisions():
-            engine.dispose()
             raise SystemExit(
                 f"porch: the database at {where} records migration {found!r}, which this "
                 "porch does not know: a newer porch or another program set it up"
             )
         # Tables that are not porch's (npg_porch's, say): `porch db upgrade`
         # would refuse them, so say why now.
-        try:
-            with engine.connect() as connection:
-                migrate.check_tables_are_porchs(connection, found)
-        except PorchError as error:
-            raise SystemExit(f"porch: {error}") from None
-        finally:
-            engine.dispose()
-        raise SystemExit(
-            f"porch: the database at {where} is not at the latest migration (or not "
-            f"there at all); run `porch db upgrade` with the same --db-url{also}"
-        )
-    return Store(engine)
+        with engine.connect() as connection:
+            migrate.check_tables_are_porchs(connection, found)
+    except PorchError as error:
+        raise SystemExit(f"porch: {error}") from None
+    finally:
+        engine.dispose()
+    raise SystemExit(
+        f"porch: the database at {where} is not at the latest migration (or not "
+        f"there at all); run `porch db upgrade` with the same --db-url{also}"
+    )
 
 
 def _check_sqlite_file(url: str) -> None:

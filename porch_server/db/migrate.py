@@ -65,8 +65,9 @@ def create_schema(connection: Connection, schema: str | None) -> None:
 
 
 def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
-    """Refuse to migrate where the tables are not porch's (found: the
-    revision the database records, or None): tables or views named as
+    """Refuse a database whose tables are not porch's, before a migration
+    or instead of advising one (found: the revision the database records,
+    or None): tables or views named as
     porch's with no record of its migrations (npg_porch names its tables
     alike), a record of a migration this porch does not know, or a record
     of one of porch's with none of its tables (another program's, whose
@@ -77,7 +78,7 @@ def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
     if connection.dialect.name == "postgresql":
         # Tables in the schema porch's would go in; search_path may show others.
         schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
-        if schema is None:  # no schema on the search_path exists yet: nothing to clash with
+        if schema is None:  # none on the search_path exists (or may be used): no clash
             return
         where, unchanged = f"schema {schema}", "Nothing was changed"
         advice = (
