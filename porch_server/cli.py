@@ -236,10 +236,12 @@ def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | 
                 f"porch: the database at {where} records migration {found!r}, which this "
                 "porch does not know: a newer porch or another program set it up"
             )
-        # Tables that are not porch's (npg_porch's, say): `porch db upgrade`
-        # would refuse them, so say why now.
+        # Tables that are not porch's (npg_porch's, say), or no schema to put
+        # porch's in: `porch db upgrade` would refuse, so say why now. A schema
+        # named here that is not there yet is one the upgrade will create.
         with engine.connect() as connection:
-            migrate.check_tables_are_porchs(connection, found)
+            if schema is None or migrate.schema_exists(connection, schema):
+                migrate.check_tables_are_porchs(connection, found)
     except PorchError as error:
         raise SystemExit(f"porch: {error}") from None
     finally:

@@ -8,12 +8,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
-from sqlalchemy.engine import Connection
+from sqlalchemy import Engine, exc, inspect
+from sqlalchemy.engine import Connection, make_url
 
 from porch_server.db.engine import make_engine, quote_schema, writer
 from porch_server.db.tables import metadata
-from porch_server.errors import FailedPrecondition
+from porch_server.errors import FailedPrecondition, first_line
 
 _ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 
@@ -21,19 +21,57 @@ _ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 # servers started together do not run the same migration twice.
 _MIGRATION_LOCK_KEY = 0x706F726368
 
+# PostgreSQL's SQLSTATE for a statement the role has no right to run.
+_INSUFFICIENT_PRIVILEGE = "42501"
+
 
 def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None:
     """Create porch's tables in the database at url, or bring them up to date
     (or up to revision)."""
     engine = make_engine(url, schema, pool_size=1)
+    creating = None
     try:
         with writer(engine).connect() as connection:
+            creating = schema
             create_schema(connection, schema)
+            creating = None
             config = _config()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+    except exc.ProgrammingError as error:
+        if getattr(error.orig, "pgcode", None) != _INSUFFICIENT_PRIVILEGE:
+            raise
+        raise FailedPrecondition(_refused(url, creating, first_line(error.orig))) from None
     finally:
         engine.dispose()
+
+
+def _refused(url: str, creating: str | None, reason: str) -> str:
+    """What to tell an operator whose role may not run porch's migrations
+    (creating: the schema the role may not create, if that was the step)."""
+    user = make_url(url).username
+    role = f"the role porch connects as ({user})" if user else "the role porch connects as"
+    if creating is not None:
+        return (
+            f"the database refused to let porch create schema {creating}: {reason}. "
+            f"Nothing was changed. Grant {role} the right to create schemas in the "
+            f"database, or create the schema for it (CREATE SCHEMA "
+            f"{quote_schema(creating)} AUTHORIZATION {_quoted(user) if user else '<role>'})"
+        )
+    return (
+        f"the database refused porch's migration: {reason}. Nothing was changed. "
+        f"`porch db upgrade` needs a role that may create tables in porch's schema "
+        f"(GRANT CREATE ON SCHEMA) and owns porch's tables once they are made; "
+        f"{role} is not one. Run it as such a role, or give porch a schema of its "
+        "own with --db-schema (or PORCH_DB_SCHEMA), which it creates if the role "
+        "may create schemas"
+    )
+
+
+def _quoted(name: str) -> str:
+    """name as a quoted SQL identifier, for a statement shown to an operator."""
+    escaped = name.replace('"', '""')
+    return f'"{escaped}"'
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -60,8 +98,19 @@ def create_schema(connection: Connection, schema: str | None) -> None:
     if schema is None or connection.dialect.name != "postgresql":
         return
     lock_migrations(connection)  # CREATE SCHEMA IF NOT EXISTS races with itself
-    connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
+    # Only when it is missing: even with IF NOT EXISTS, PostgreSQL asks for
+    # the right to create schemas, which a role given its schema need not have.
+    if not schema_exists(connection, schema):
+        connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
     connection.commit()
+
+
+def schema_exists(connection: Connection, schema: str) -> bool:
+    """True when the PostgreSQL schema exists."""
+    found = connection.exec_driver_sql(
+        "SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s", {"schema": schema}
+    )
+    return found.first() is not None
 
 
 def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
@@ -72,14 +121,23 @@ def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
     alike), a record of a migration this porch does not know, or a record
     of one of porch's with none of its tables (another program's, whose
     revisions are numbered as porch's are). The first would fail at its
-    first CREATE TABLE; the others have no way on."""
+    first CREATE TABLE; the others have no way on. On PostgreSQL, refuse
+    too a search_path on which no schema exists that the role may use."""
     schema, where, unchanged = None, "the database", "None of its tables was changed"
     advice = "Give porch a database file of its own"
     if connection.dialect.name == "postgresql":
         # Tables in the schema porch's would go in; search_path may show others.
         schema = connection.exec_driver_sql("SELECT current_schema()").scalar()
-        if schema is None:  # none on the search_path exists (or may be used): no clash
-            return
+        if schema is None:
+            # CREATE TABLE would fail with "no schema has been selected".
+            search_path = connection.exec_driver_sql("SHOW search_path").scalar()
+            raise FailedPrecondition(
+                f"the database has no schema to hold porch's tables: none on the "
+                f"search_path ({search_path}) exists, or the role porch connects as "
+                "may not use it. Nothing was changed. Give porch a schema of its own "
+                "with --db-schema (or PORCH_DB_SCHEMA), which it creates, or set the "
+                "role's search_path to one it may use"
+            )
         where, unchanged = f"schema {schema}", "Nothing was changed"
         advice = (
             "Give porch a schema of its own (--db-schema or PORCH_DB_SCHEMA) "

@@ -174,6 +174,74 @@ def test_commands_name_a_migration_this_porch_does_not_know(postgres_server: Any
         postgres_server.drop_database(url)
 
 
+def _refusal(*command: str) -> str:
+    """The last line a porch command that must fail wrote, checked for a traceback."""
+    done = subprocess.run([*PORCH, *command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr.splitlines()[-1]
+
+
+def test_a_search_path_with_no_schema_to_use_is_named(postgres_server: Any) -> None:
+    url = postgres_server.create_database()
+    name = make_url(url).database
+    try:
+        run_sql(url, f'ALTER DATABASE "{name}" SET search_path = nowhere')
+        for command in (["db", "upgrade"], ["serve", "--grpc-port", "0", "--no-http"]):
+            last = _refusal(*command, "--db-url", url)
+            assert last.startswith(
+                "porch: the database has no schema to hold porch's tables: none on the "
+                "search_path (nowhere) exists"
+            ), last
+            assert "--db-schema" in last
+        # The way it names works.
+        porch("db", "upgrade", "--db-url", url, "--db-schema", "porch")
+        porch("token", "list", "--db-url", url, "--db-schema", "porch")
+    finally:
+        postgres_server.drop_database(url)
+
+
+def test_a_role_that_may_not_migrate_is_told_which_right_it_lacks(
+    postgres_server: Any,
+) -> None:
+    url = postgres_server.create_database()
+    role = f"porch_test_role_{os.getpid()}"
+    run_sql(url, f'CREATE ROLE "{role}" LOGIN')
+    weak = make_url(url).set(username=role).render_as_string(hide_password=False)
+    try:
+        # PostgreSQL 15 lets no one but its owner create in the public schema.
+        last = _refusal("db", "upgrade", "--db-url", weak)
+        assert last.startswith(
+            "porch: the database refused porch's migration: permission denied for schema public."
+            " Nothing was changed."
+        ), last
+        assert f"the role porch connects as ({role}) is not one" in last
+        last = _refusal("db", "upgrade", "--db-url", weak, "--db-schema", "mine")
+        assert last.startswith(
+            "porch: the database refused to let porch create schema mine: permission denied"
+            " for database"
+        ), last
+        assert f'CREATE SCHEMA "mine" AUTHORIZATION "{role}"' in last
+        engine = make_engine(url)
+        with engine.connect() as connection:
+            made = connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname IN ('public', 'mine')"
+            ).scalar()
+            schemas = connection.exec_driver_sql(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'mine'"
+            ).scalar()
+        engine.dispose()
+        assert (made, schemas) == (0, 0)
+        # Given the schema it names, the role migrates and serves.
+        run_sql(url, f'CREATE SCHEMA mine AUTHORIZATION "{role}"')
+        porch("db", "upgrade", "--db-url", weak, "--db-schema", "mine")
+        porch("token", "list", "--db-url", weak, "--db-schema", "mine")
+    finally:
+        postgres_server.drop_database(url)
+        run_sql(postgres_server.base_url, f'DROP ROLE IF EXISTS "{role}"')
+
+
 def test_token_and_events_commands_make_no_database_of_their_own(tmp_path: Path) -> None:
     # Run from a directory other than the server's, they would otherwise
     # make tokens the server never hears of.
