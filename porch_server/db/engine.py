@@ -107,7 +107,8 @@ def _configure_sqlite_connection(dbapi_connection: Any, record: ConnectionPoolEn
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        # WAL mode is the file's own, set by migrate.upgrade once the file is
+        # known to be porch's: set here, it would change a file porch refuses.
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000}")
     finally:

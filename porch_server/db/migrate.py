@@ -38,12 +38,24 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
             config = _config()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+        if engine.dialect.name == "sqlite":
+            _use_wal(engine)
     except exc.ProgrammingError as error:
         if getattr(error.orig, "pgcode", None) != _INSUFFICIENT_PRIVILEGE:
             raise
         raise FailedPrecondition(_refused(url, creating, first_line(error.orig))) from None
     finally:
         engine.dispose()
+
+
+def _use_wal(engine: Engine) -> None:
+    """Put porch's SQLite file in WAL mode (readers do not wait for the
+    writer), which the file keeps. Outside any transaction, as SQLite requires."""
+    connection = engine.raw_connection()
+    try:
+        connection.cursor().execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
 
 
 def _refused(url: str, creating: str | None, reason: str) -> str:

@@ -12,6 +12,7 @@ import re
 import resource
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -107,8 +108,15 @@ def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
     assert (tmp_path / "npg.db").exists() and not (tmp_path / "porch.db").exists()
 
 
+def _journal_mode(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        [mode] = connection.execute("PRAGMA journal_mode").fetchone()
+    return str(mode)
+
+
 def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    path = tmp_path / "shared.db"
+    url = f"sqlite:///{path}"
     run_sql(url, "CREATE TABLE task (task_id INTEGER PRIMARY KEY, state TEXT)")
     for command in (["db", "upgrade"], ["serve", "--grpc-port", "0", "--no-http"]):
         done = subprocess.run(
@@ -120,6 +128,12 @@ def test_db_upgrade_and_serve_refuse_another_programs_tables_plainly(tmp_path: P
             "porch: the database already holds tables porch would create (task) with no record"
         ), done.stderr
         assert "Traceback" not in done.stderr
+    # The file refused is left as it was, in its own journal mode.
+    assert _journal_mode(path) == "delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.db"]
+    # porch's own file is put in WAL mode, which it keeps.
+    porch("db", "upgrade", "--db-url", f"sqlite:///{tmp_path / 'porch.db'}")
+    assert _journal_mode(tmp_path / "porch.db") == "wal"
 
 
 def test_commands_refuse_npg_porchs_tables_plainly_on_postgresql(postgres_server: Any) -> None:
