@@ -427,18 +427,23 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         given = request.task
         name = check_name("task.pipeline.name", given.pipeline.name)
         status = check_state("task.status", given.status, required=True)
+        named = request.task_input_id and check_task_input_id(request.task_input_id)
         if given.HasField("task_input"):
+            # The task's own id beside its input is ignored, as npg_porch
+            # ignored it (PUT /tasks); but the id a PATCH's path names must
+            # be the input's, or the call would change another task.
             task_id = digest_of(checked_task_input("task", given))
-            # npg_porch ignored an id its clients sent beside the input, and
-            # they send ids of their own; but a real id of another task (a
-            # PATCH's path names one) is a mistake, refused before any change.
-            named = given.task_input_id
-            if named != task_id and _looks_like_task_input_id(named):
+            if named and named != task_id:
                 raise InvalidArgument(
-                    f"task.task_input_id {named} is not the id of task.task_input, {task_id}"
+                    f"task_input_id {named} is not the id of task.task_input, {task_id}"
                 )
-        elif given.task_input_id:
-            task_id = check_task_input_id(given.task_input_id)
+        elif named or given.task_input_id:
+            task_id = named or check_task_input_id(given.task_input_id)
+            if given.task_input_id and given.task_input_id != task_id:
+                raise InvalidArgument(
+                    f"task_input_id {task_id} and task.task_input_id "
+                    f"{given.task_input_id} name different tasks"
+                )
         else:
             raise InvalidArgument("name the task with task.task_input or task.task_input_id")
         if len(request.message.encode()) > MAX_MESSAGE_BYTES:

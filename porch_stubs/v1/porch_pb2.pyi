@@ -898,12 +898,20 @@ class UpdateTaskRequest(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TASK_INPUT_ID_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     """Why the status changed, to help diagnose failures: at most 64 KiB."""
+    task_input_id: _builtins.str
+    """The task's id, as the PATCH route's path gives it. Beside
+    `task.task_input` it must be that input's id: a request naming one task
+    by id and another by input is refused before anything changes.
+    """
     @_builtins.property
     def task(self) -> Global___Task:
         """The task and its new status. The task is named by its pipeline's name
-        and either `task_input` or `task_input_id`.
+        and either `task_input` or an id (`task_input_id` below, or the task's
+        own). A `task.task_input_id` beside `task.task_input` is ignored, as
+        npg_porch ignored it: the input names the task.
         """
 
     def __init__(
@@ -911,10 +919,11 @@ class UpdateTaskRequest(_message.Message):
         *,
         task: Global___Task | None = ...,
         message: _builtins.str = ...,
+        task_input_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "task", b"task", "task_input_id", b"task_input_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -132,11 +132,15 @@ async def test_task_lifecycle(porch_http: PorchHttp) -> None:
     assert_npg_task(again.json(), "CLAIMED")
     assert again.json()["task_input_id"] == TASK_INPUT_ID
 
+    # A task_input_id sent beside the input is ignored, here the id of
+    # another input: the input names the task.
+    elsewhere = "5b20168824c67261308103cb16459e1f1fdaf36ffe7b958c291a1237bcf56a2b"
     for slash, status in (("", "RUNNING"), ("/", "DONE")):
-        body = task_body(TASK_INPUT, status)
+        body = task_body(TASK_INPUT, status) | {"task_input_id": elsewhere}
         updated = await client.put(f"/tasks{slash}", json=body, headers=wrapper)
         assert updated.status_code == 200
         assert_npg_task(updated.json(), status)
+        assert updated.json()["task_input_id"] == TASK_INPUT_ID
     illegal = await client.put("/tasks", json=task_body(TASK_INPUT, "RUNNING"), headers=wrapper)
     assert illegal.status_code == 400
     unknown = await client.put("/tasks", json=task_body({"id_run": 1}, "RUNNING"), headers=wrapper)

@@ -635,11 +635,17 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
         update("p1", task_id, State.CANCELLED, "x" * (64 * 1024 + 1)),
         "65536 bytes",
     )
-    # The id of one task beside the input of another names neither.
+    # The id of one task (as a PATCH's path gives it) beside the input of
+    # another names neither; and two ids that differ name none.
     other = wrapper.RegisterTask(register("p1", a=2)).task
-    both = pb.Task(pipeline=pb.Pipeline(name="p1"), task_input_id=task_id, status=State.CANCELLED)
-    both.task_input.update({"a": 2})
-    mismatch = fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, pb.UpdateTaskRequest(task=both))
+    by_input = pb.Task(pipeline=pb.Pipeline(name="p1"), status=State.CANCELLED)
+    by_input.task_input.update({"a": 2})
+    both = pb.UpdateTaskRequest(task=by_input, task_input_id=task_id)
+    mismatch = fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, both)
+    assert task_id in mismatch and other.task_input_id in mismatch
+    by_id = pb.Task(pipeline=pb.Pipeline(name="p1"), task_input_id=task_id, status=State.CANCELLED)
+    ids = pb.UpdateTaskRequest(task=by_id, task_input_id=other.task_input_id)
+    mismatch = fails(Code.INVALID_ARGUMENT, wrapper.UpdateTask, ids, "name different tasks")
     assert task_id in mismatch and other.task_input_id in mismatch
     assert (
         wrapper.GetTask(pb.GetTaskRequest(pipeline_name="p1", task_input_id=other.task_input_id))
