@@ -34,7 +34,7 @@ from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings, host_port, option_file
 from porch_server.db import migrate
-from porch_server.db.engine import make_engine
+from porch_server.db.engine import make_engine, shown_url
 from porch_server.errors import PorchError
 from porch_server.models import Role
 from porch_server.service import check_description, check_role_binding
@@ -226,7 +226,7 @@ def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
 def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | None) -> NoReturn:
     """Exit naming why the database (at revision found) cannot be served
     from, and what to do: `porch db upgrade`, unless that would refuse too."""
-    where = make_url(url).render_as_string(hide_password=True)
+    where = shown_url(url)
     also = ""
     if schema is not None:
         where, also = f"{where}, schema {schema},", " and --db-schema"
@@ -270,6 +270,8 @@ def _config(args: argparse.Namespace) -> Config:
     if args.no_http and args.http_port is not None:
         raise SystemExit("porch: --no-http serves no HTTP port: give --http-port or --no-http")
     http_port = None if args.no_http else 8080 if args.http_port is None else args.http_port
+    if http_port and http_port == args.grpc_port:
+        raise SystemExit(f"porch: --grpc-port and --http-port are both {http_port}: give two ports")
     if args.workers > 1 and (args.grpc_port == 0 or http_port == 0):
         raise SystemExit(
             "porch: --workers share their ports: give a fixed --grpc-port and --http-port"
@@ -749,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "db":
             _db_upgrade(args)
         elif args.command == "token":
-            _token(args)
+            _for_a_pipeline(lambda: _token(args))
         elif args.command == "gateway":
             _gateway(args)
         elif args.command == "openapi":
@@ -769,6 +771,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
         first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
         print(f"porch: cannot use the database: {first_line}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except sqlalchemy.exc.DBAPIError as error:  # an option libpq does not know, say
+        first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        print(f"porch: the database refused: {first_line}", file=sys.stderr)
         raise SystemExit(1) from None
     except ValueError as error:  # a database URL or schema name porch cannot use
         print(f"porch: {error}", file=sys.stderr)

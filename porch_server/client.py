@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -26,8 +27,15 @@ from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
 
 
+# Tasks a `porch task register` call sends at most, and bytes of request:
+# an answer holds each task again with its pipeline, within gRPC's 4 MiB.
+REGISTER_BATCH = 1000
+REGISTER_BATCH_BYTES = 1024 * 1024
+
 # gRPC's own forms of target, taken as they are: dns:///host:port, unix:path, …
 _GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+# What a token may hold: printable ASCII, no white space.
+_TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
@@ -108,7 +116,7 @@ def add_commands(commands: Any) -> None:
     )
     claim.add_argument(
         "--lease",
-        type=float,
+        type=_seconds,
         metavar="SECONDS",
         help="ask for a lease of SECONDS (at most 30 days): the tasks go back to PENDING "
         "unless reported on within it",
@@ -123,7 +131,7 @@ def add_commands(commands: Any) -> None:
     update.add_argument("--message", default="", help="a note for the task's history")
     update.add_argument(
         "--claim-number",
-        type=int,
+        type=_claim_number,
         default=0,
         metavar="N",
         help="refuse the update if the task has been claimed again since claim N"
@@ -147,6 +155,28 @@ def add_commands(commands: Any) -> None:
     watch.add_argument("--json", action="store_true", help="print each event as JSON")
     watch.add_argument("--bookmarks", action="store_true", help="also print keep-alive bookmarks")
     _add_client_flags(watch)
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def _claim_number(text: str) -> int:
+    """A claim's number, from 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a claim's number (a whole number from 1): {text!r}")
+    return value
 
 
 def client_tls(
@@ -184,7 +214,16 @@ def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, gr
 
 
 def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {args.token}")] if args.token else []
+    """The call's authorization; a token read from a file may end in a line break."""
+    token = (args.token or "").strip()
+    if not token:
+        return []
+    if not _TOKEN_TEXT.fullmatch(token):
+        raise SystemExit(
+            "porch: the token (--token or $PORCH_TOKEN) holds white space, control or "
+            "non-ASCII characters, which no porch token has"
+        )
+    return [("authorization", f"Bearer {token}")]
 
 
 def _print(message: Message) -> None:
@@ -193,22 +232,41 @@ def _print(message: Message) -> None:
     print(json.dumps(fields, ensure_ascii=False), flush=True)
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def _json_object(text: str, where: str = "") -> dict[str, Any]:
+    at = f"{where}: " if where else ""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"porch: not JSON: {text!r} ({error})") from None
+        raise SystemExit(f"porch: {at}not JSON: {text!r} ({error})") from None
     if not isinstance(value, dict):
-        raise SystemExit(f"porch: a task input must be a JSON object, got {text!r}")
+        raise SystemExit(f"porch: {at}a task input must be a JSON object, got {text!r}")
     return value
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     for text in args.inputs:
         if text == "-":
-            yield from (_json_object(line) for line in sys.stdin if line.strip())
+            for number, line in enumerate(sys.stdin, start=1):
+                if line.strip():
+                    yield _json_object(line, f"line {number} of stdin")
         else:
             yield _json_object(text)
+
+
+def _batches(tasks: list[porch_pb2.Task]) -> Iterator[list[porch_pb2.Task]]:
+    """tasks in calls of at most REGISTER_BATCH tasks and REGISTER_BATCH_BYTES
+    of request, well inside what a call and its answer may carry."""
+    batch: list[porch_pb2.Task] = []
+    size = 0
+    for task in tasks:
+        task_size = task.ByteSize()
+        if batch and (len(batch) == REGISTER_BATCH or size + task_size > REGISTER_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(task)
+        size += task_size
+    if batch:
+        yield batch
 
 
 def _pages(call: Any, request: Any, field: str, metadata: Any) -> Iterator[Message]:
@@ -311,14 +369,28 @@ def _dispatch(
                 _print(item)
         return
     if args.action == "register":
+        # Every input is read and checked before the first is sent.
         tasks = []
         for task_input in _inputs(args):
             task = _task(args.pipeline)
             task.task_input.update(task_input)
             tasks.append(task)
-        batch = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=tasks)
-        for result in stub.RegisterTasks(batch, metadata=metadata).results:
-            _print(result)
+        sent = 0
+        for batch in _batches(tasks):
+            registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
+            try:
+                results = stub.RegisterTasks(registering, metadata=metadata).results
+            except grpc.RpcError as error:
+                if not sent:
+                    raise
+                code = error.code()
+                raise SystemExit(
+                    f"porch: {code.name if code else 'error'}: {error.details()} (the first "
+                    f"{sent:,} tasks were registered: registering them again changes nothing)"
+                ) from None
+            for result in results:
+                _print(result)
+            sent += len(batch)
     elif args.action == "claim":
         claim = porch_pb2.ClaimTasksRequest(
             pipeline=porch_pb2.Pipeline(name=args.pipeline), num_tasks=args.num_tasks

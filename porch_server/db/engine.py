@@ -32,24 +32,47 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     """Return an engine for url; schema (PostgreSQL only) holds porch's tables."""
     try:
         parsed = make_url(url)
-    except exc.ArgumentError:
+    except exc.ArgumentError:  # its text may hold the password: not shown
         raise ValueError(f"not a database URL: {_without_password(url)!r}") from None
+    except ValueError as error:  # a port that is not a number
+        raise ValueError(f"not a database URL: {_without_password(url)!r} ({error})") from None
     try:
         backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     except exc.NoSuchModuleError:  # a scheme no installed dialect has
         backend, driver = parsed.drivername, ""
     if (backend, driver) not in (("sqlite", "pysqlite"), ("postgresql", "psycopg2")):
         raise ValueError(
-            f"unsupported database URL {parsed!r}: use sqlite:///FILE or "
+            f"unsupported database URL {shown_url(url)}: use sqlite:///FILE or "
             "postgresql://… (with porch's drivers, pysqlite and psycopg2)"
         )
     if backend == "sqlite":
         if schema is not None:
             raise ValueError("a schema can only be given for PostgreSQL")
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError(
+                f"{url} names no database file: use sqlite:///FILE (porch's tables "
+                "must outlive each connection, which an in-memory database does not)"
+            )
         return _make_sqlite_engine(url, pool_size)
     if backend == "postgresql":
         return _make_postgresql_engine(url, schema, pool_size)
-    raise ValueError(f"unsupported database URL {make_url(url)!r}: use sqlite or postgresql")
+    raise ValueError(f"unsupported database URL {shown_url(url)}: use sqlite or postgresql")
+
+
+def shown_url(url: str) -> str:
+    """url as porch shows it, a password in it (before the host, or as a
+    query parameter such as ?password=) as ***."""
+    try:
+        parsed = make_url(url)
+    except (exc.ArgumentError, ValueError):
+        return _without_password(url)
+    shown = parsed.set(query={}).render_as_string(hide_password=True)
+    pairs = [
+        f"{key}={'***' if 'password' in key.lower() else value}"
+        for key, values in parsed.query.items()
+        for value in (values if isinstance(values, tuple) else (values,))
+    ]
+    return f"{shown}?{'&'.join(pairs)}" if pairs else shown
 
 
 def _without_password(url: str) -> str:
@@ -71,9 +94,17 @@ def writer(engine: Engine) -> Engine:
 
 
 def quote_schema(schema: str) -> str:
-    """Return schema as a quoted SQL identifier, refusing anything unusual."""
+    """Return schema as a quoted SQL identifier, refusing anything unusual
+    and the names PostgreSQL keeps for itself."""
     if not _SCHEMA_NAME.fullmatch(schema):
+        if len(schema) > 63 and _SCHEMA_NAME.fullmatch(schema[:63]):
+            raise ValueError(f"invalid schema name {schema!r}: at most 63 characters")
         raise ValueError(f"invalid schema name {schema!r}: use letters, digits and _")
+    if schema.lower().startswith("pg_") or schema.lower() == "information_schema":
+        raise ValueError(
+            f"invalid schema name {schema!r}: PostgreSQL keeps pg_* and "
+            "information_schema for itself"
+        )
     return f'"{schema}"'
 
 

@@ -31,7 +31,7 @@ from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
-from porch_server.models import Role
+from porch_server.models import Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
@@ -39,6 +39,7 @@ from porch_stubs.v1 import porch_pb2_grpc
 from .conftest import run_sql, start_porch, start_server, stop_server
 
 PORCH = [sys.executable, "-m", "porch_server"]
+UPGRADE_PG = ["db", "upgrade", "--db-url", "postgresql://x@h/d"]
 
 
 def porch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
@@ -293,6 +294,15 @@ def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) ->
         )
         assert ", schema elsewhere, is not at the latest migration" in listed.stderr
         assert "with the same --db-url and --db-schema" in listed.stderr
+        # A password given as a query parameter is not shown either.
+        secret = subprocess.run(
+            [*PORCH, "token", "list", "--db-url", f"{url}?password=s3cret&sslmode=disable"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "?password=***&sslmode=disable is not at the latest" in secret.stderr
+        assert "s3cret" not in secret.stderr
         assert migrate.head_revision() in porch("db", "upgrade", "--db-url", url)
         engine = make_engine(url)
         assert migrate.is_at_head(engine)
@@ -604,10 +614,61 @@ def test_openapi_command_prints_the_document() -> None:
     assert "TaskStateEnum" in document["components"]["schemas"]
 
 
+def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: str) -> None:
+    store = Store(make_engine(sqlite_url))
+    store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
+    secret = new_secret()
+    store.create_token(Role.PIPELINE, "p", "loader", hash_secret(secret))
+    store.close()
+    process, target = start_server(sqlite_url)
+    try:
+
+        def register(lines: str, token: str = secret) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*PORCH, "task", "register", "--pipeline", "p", "-", "--target", target],
+                input=lines,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "PORCH_TOKEN": token},
+            )
+
+        # Nothing to register (a cron run with nothing new) is no error.
+        assert (register("").returncode, register("").stdout) == (0, "")
+        # A bad line stops the command before anything is sent, and is named.
+        bad = register('{"n": 1}\n\n{"n": 2\n')
+        assert bad.returncode == 1 and bad.stdout == ""
+        assert bad.stderr.startswith("porch: line 3 of stdin: not JSON: "), bad.stderr
+        # More than one call carries, and a token read from a file with its
+        # line break: every task is registered, each answer printed.
+        many = "".join(json.dumps({"n": n, "pad": "x" * 2000}) + "\n" for n in range(2500))
+        done = register(many, secret + "\r\n")
+        assert done.returncode == 0, done.stderr
+        answers = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [a["task"]["task_input"]["n"] for a in answers] == list(range(2500))
+        assert all(a["created"] for a in answers)
+    finally:
+        stop_server(process)
+
+
 def test_output_to_a_reader_that_left_ends_quietly() -> None:
     # As in `porch task list | head -1`: the reader is gone before porch writes.
     process = subprocess.Popen(
         [*PORCH, "openapi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    process.stdout.close()
+    _, errors = process.communicate(timeout=60)
+    assert (process.returncode, errors) == (141, "")
+
+
+def test_token_list_to_a_reader_that_left_ends_quietly(sqlite_url: str) -> None:
+    porch("token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url)
+    process = subprocess.Popen(
+        [*PORCH, "token", "list", "--db-url", sqlite_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     process.stdout.close()
@@ -708,6 +769,38 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["gateway", "--target", "h:1", "--host", "192.0.2.1"], "Cannot assign requested address"),
         (["serve", "--log-config", "missing.json"], "--log-config missing.json: No such file"),
         (["serve", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "--tls-cert c.pem: No such file"),
+        (["serve", "--grpc-port", "8088", "--http-port", "8088"], "are both 8088: give two"),
+        (["serve", "--db-url", "sqlite://"], "sqlite:// names no database file"),
+        (["db", "upgrade", "--db-url", "sqlite:///:memory:"], "names no database file"),
+        ([*UPGRADE_PG, "--db-schema", "pg_x"], "pg_*"),
+        ([*UPGRADE_PG, "--db-schema", "information_schema"], "keeps pg_* and information_schema"),
+        ([*UPGRADE_PG, "--db-schema", "a" * 64], "at most 63 characters"),
+        (["token", "list", "--db-url", "postgresql://x@h/d?bogus=1"], "the database refused: inv"),
+        (
+            ["token", "list", "--db-url", "postgresql://u:pw@h:abc/d"],
+            "u:***@h:abc/d' (invalid literal",
+        ),
+        (["task", "claim", "--pipeline", "p", "--lease", "inf"], "not a finite number: 'inf'"),
+        (["task", "claim", "--pipeline", "p", "--lease", "nan"], "not a finite number: 'nan'"),
+        (
+            [
+                "task",
+                "update",
+                "--pipeline",
+                "p",
+                "--id",
+                "a" * 64,
+                "--status",
+                "DONE",
+                "--claim-number",
+                "0",
+            ],
+            "not a claim's number (a whole number from 1): '0'",
+        ),
+        (
+            ["task", "register", "--pipeline", "p", "--token", "two words", "{}"],
+            "the token (--token or $PORCH_TOKEN) holds white space",
+        ),
     ],
 )
 def test_option_values_that_cannot_work_are_refused_in_one_line(
