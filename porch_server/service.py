@@ -364,8 +364,11 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     ) -> porch_pb2.ClaimTasksResponse:
         name = check_name("pipeline.name", request.pipeline.name)
         num_tasks = request.num_tasks if request.HasField("num_tasks") else 1
-        if not 1 <= num_tasks <= MAX_BATCH:
-            raise InvalidArgument(f"num_tasks must be from 1 to {MAX_BATCH}, got {num_tasks}")
+        if num_tasks < 1:
+            raise InvalidArgument(f"num_tasks must be at least 1, got {num_tasks}")
+        # Claims return up to num_tasks: a larger number than one call
+        # carries (npg_porch took any) claims as many as that.
+        num_tasks = min(num_tasks, MAX_BATCH)
         lease = check_lease(request.lease) if request.HasField("lease") else None
         actor = auth.caller_actor()
         claiming = asyncio.ensure_future(self._claim(name, num_tasks, lease, actor))

@@ -49,7 +49,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.GetPipelineRequest.name": name,
         "porch.v1.CreateTokenRequest.description": {"maxLength": MAX_NAME},
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
-        "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1, "maximum": MAX_BATCH},
+        "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
         "porch.v1.Task.claim_number": {"minimum": 0},
         "porch.v1.GetTaskRequest.task_input_id": task_input_id,
         "porch.v1.ListTaskEventsRequest.task_input_id": task_input_id,

@@ -837,7 +837,9 @@ class ClaimTasksRequest(_message.Message):
     NUM_TASKS_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     num_tasks: _builtins.int
-    """The most tasks to claim, at least 1 and at most 10000; 1 when unset."""
+    """The most tasks to claim, at least 1; 1 when unset. One call claims at
+    most 10000: a larger number claims that many.
+    """
     @_builtins.property
     def pipeline(self) -> Global___Pipeline:
         """The pipeline to claim from; only `name` is needed."""
