@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import logging
 import logging.config
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -32,7 +31,7 @@ from sqlalchemy.engine import Engine, make_url
 import gateway
 from gateway import access
 from porch_server import auth, client, server, web
-from porch_server.config import TLS, Config, db_settings, host_port, option_file
+from porch_server.config import TLS, Config, db_settings, finite_number, host_port, option_file
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url
 from porch_server.errors import PorchError
@@ -699,7 +698,7 @@ _MAX_DAYS = 36_500
 
 def _days(text: str) -> float:
     """A number of days from 0 to _MAX_DAYS."""
-    value = _number(text)
+    value = finite_number(text)
     if not 0 <= value <= _MAX_DAYS:
         raise argparse.ArgumentTypeError(f"not a number of days from 0 to {_MAX_DAYS}: {text!r}")
     return value
@@ -726,19 +725,9 @@ def _pool_size(text: str) -> int:
 
 def _positive(text: str) -> float:
     """A positive, finite number (of seconds)."""
-    value = _number(text)
+    value = finite_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
-    return value
-
-
-def _number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -21,7 +20,7 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway import ClientTLS, access, message_to_dict
-from porch_server.config import RECEIVE_LIMIT, check_pem, option_file
+from porch_server.config import RECEIVE_LIMIT, check_pem, finite_number, option_file
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -116,7 +115,7 @@ def add_commands(commands: Any) -> None:
     )
     claim.add_argument(
         "--lease",
-        type=_seconds,
+        type=finite_number,
         metavar="SECONDS",
         help="ask for a lease of SECONDS (at most 30 days): the tasks go back to PENDING "
         "unless reported on within it",
@@ -155,17 +154,6 @@ def add_commands(commands: Any) -> None:
     watch.add_argument("--json", action="store_true", help="print each event as JSON")
     watch.add_argument("--bookmarks", action="store_true", help="also print keep-alive bookmarks")
     _add_client_flags(watch)
-
-
-def _seconds(text: str) -> float:
-    """A finite number of seconds, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
 
 
 def _claim_number(text: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import ssl
 from collections.abc import Mapping
@@ -125,3 +127,14 @@ def db_settings(
         # npg_porch's DB_URL names no driver; psycopg2 is the one porch ships.
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     return url, schema
+
+
+def finite_number(text: str) -> float:
+    """A finite number, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
