@@ -119,8 +119,7 @@ class Task(_message.Message):
     task_input_id: _builtins.str
     """Lowercase hex SHA-256 of the canonical JSON of `task_input`. Computed by
     the server; a value sent by a client is ignored, except in UpdateTask
-    where it may name the task instead of `task_input` (given both, they
-    must name the same task).
+    where, without `task_input`, it names the task.
     """
     status: Global___Task.State.ValueType
     """The task's status. New tasks are always PENDING."""
