@@ -21,6 +21,8 @@ from google.protobuf.message import Message
 
 from gateway import ClientTLS, access, message_to_dict
 from porch_server.config import RECEIVE_LIMIT, check_pem, finite_number, option_file
+from porch_server.errors import InvalidArgument
+from porch_server.service import MAX_LEASE, checked_task_input
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
 STATES = [name for name in porch_pb2.Task.State.keys() if name != "STATE_UNSPECIFIED"]  # noqa: SIM118
@@ -231,14 +233,17 @@ def _json_object(text: str, where: str = "") -> dict[str, Any]:
     return value
 
 
-def _inputs(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    for text in args.inputs:
+def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each input, with where it came from."""
+    for argument, text in enumerate(args.inputs, start=1):
         if text == "-":
             for number, line in enumerate(sys.stdin, start=1):
                 if line.strip():
-                    yield _json_object(line, f"line {number} of stdin")
+                    where = f"line {number} of stdin"
+                    yield where, _json_object(line, where)
         else:
-            yield _json_object(text)
+            where = f"input {argument}"
+            yield where, _json_object(text, where)
 
 
 def _batches(tasks: list[porch_pb2.Task]) -> Iterator[list[porch_pb2.Task]]:
@@ -255,6 +260,41 @@ def _batches(tasks: list[porch_pb2.Task]) -> Iterator[list[porch_pb2.Task]]:
         size += task_size
     if batch:
         yield batch
+
+
+def _register(
+    stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any
+) -> None:
+    """Register the inputs, each checked as the server checks it before the
+    first is sent, in batches; print the answers once every batch is in, so
+    that a reader who leaves early (`| head`) cannot cut the registering short."""
+    tasks = []
+    for where, task_input in _inputs(args):
+        task = _task(args.pipeline)
+        try:
+            task.task_input.update(task_input)
+            checked_task_input("task", task)
+        except (InvalidArgument, ValueError) as error:
+            raise SystemExit(f"porch: {where}: {error}") from None
+        tasks.append(task)
+    answers: list[Message] = []
+    for batch in _batches(tasks):
+        registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
+        try:
+            answers += stub.RegisterTasks(registering, metadata=metadata).results
+        except grpc.RpcError as error:
+            if not answers:
+                raise
+            for answer in answers:
+                _print(answer)
+            code = error.code()
+            raise SystemExit(
+                f"porch: {code.name if code else 'error'}: {error.details()} (the "
+                f"{len(answers):,} tasks before it were registered, as printed: registering "
+                "them again changes nothing)"
+            ) from None
+    for answer in answers:
+        _print(answer)
 
 
 def _pages(call: Any, request: Any, field: str, metadata: Any) -> Iterator[Message]:
@@ -357,33 +397,17 @@ def _dispatch(
                 _print(item)
         return
     if args.action == "register":
-        # Every input is read and checked before the first is sent.
-        tasks = []
-        for task_input in _inputs(args):
-            task = _task(args.pipeline)
-            task.task_input.update(task_input)
-            tasks.append(task)
-        sent = 0
-        for batch in _batches(tasks):
-            registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
-            try:
-                results = stub.RegisterTasks(registering, metadata=metadata).results
-            except grpc.RpcError as error:
-                if not sent:
-                    raise
-                code = error.code()
-                raise SystemExit(
-                    f"porch: {code.name if code else 'error'}: {error.details()} (the first "
-                    f"{sent:,} tasks were registered: registering them again changes nothing)"
-                ) from None
-            for result in results:
-                _print(result)
-            sent += len(batch)
+        _register(stub, args, metadata)
     elif args.action == "claim":
         claim = porch_pb2.ClaimTasksRequest(
             pipeline=porch_pb2.Pipeline(name=args.pipeline), num_tasks=args.num_tasks
         )
         if args.lease is not None:
+            if not 0 < args.lease <= MAX_LEASE.total_seconds():
+                raise SystemExit(
+                    f"porch: --lease must be more than 0 and at most {MAX_LEASE.days} days "
+                    f"({MAX_LEASE.total_seconds():,.0f} s), got {args.lease:g}"
+                )
             claim.lease.FromNanoseconds(int(args.lease * 1e9))
         for task in stub.ClaimTasks(claim, metadata=metadata).tasks:
             _print(task)

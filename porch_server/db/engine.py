@@ -26,6 +26,8 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 
 _WRITE_OPTION = "porch_write"
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# A password given as a query parameter (?password=…, &sslpassword=…).
+_QUERY_PASSWORD = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
 
 
 def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
@@ -81,10 +83,11 @@ def _without_password(url: str) -> str:
     scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url
+    rest = _QUERY_PASSWORD.sub(r"\1***", rest)
     userinfo, at, host = rest.rpartition("@")
     user, colon, _ = userinfo.partition(":")
     if not at or not colon:
-        return url
+        return f"{scheme}{separator}{rest}"
     return f"{scheme}{separator}{user}:***@{host}"
 
 
@@ -100,7 +103,7 @@ def quote_schema(schema: str) -> str:
         if len(schema) > 63 and _SCHEMA_NAME.fullmatch(schema[:63]):
             raise ValueError(f"invalid schema name {schema!r}: at most 63 characters")
         raise ValueError(f"invalid schema name {schema!r}: use letters, digits and _")
-    if schema.lower().startswith("pg_") or schema.lower() == "information_schema":
+    if schema.startswith("pg_") or schema == "information_schema":
         raise ValueError(
             f"invalid schema name {schema!r}: PostgreSQL keeps pg_* and "
             "information_schema for itself"

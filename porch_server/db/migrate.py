@@ -43,7 +43,8 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
     except exc.ProgrammingError as error:
         if getattr(error.orig, "pgcode", None) != _INSUFFICIENT_PRIVILEGE:
             raise
-        raise FailedPrecondition(_refused(url, creating, first_line(error.orig))) from None
+        reason = first_line(error.orig)
+        raise FailedPrecondition(_refused(url, schema, creating, reason)) from None
     finally:
         engine.dispose()
 
@@ -58,11 +59,12 @@ def _use_wal(engine: Engine) -> None:
         connection.close()
 
 
-def _refused(url: str, creating: str | None, reason: str) -> str:
+def _refused(url: str, schema: str | None, creating: str | None, reason: str) -> str:
     """What to tell an operator whose role may not run porch's migrations
     (creating: the schema the role may not create, if that was the step)."""
     user = make_url(url).username
     role = f"the role porch connects as ({user})" if user else "the role porch connects as"
+    said = f"the database refused porch's migration: {reason}. Nothing was changed."
     if creating is not None:
         return (
             f"the database refused to let porch create schema {creating}: {reason}. "
@@ -70,13 +72,19 @@ def _refused(url: str, creating: str | None, reason: str) -> str:
             f"database, or create the schema for it (CREATE SCHEMA "
             f"{quote_schema(creating)} AUTHORIZATION {_quoted(user) if user else '<role>'})"
         )
+    if reason.startswith("must be owner of"):
+        # porch's tables are there, made by another role: a new schema
+        # would be a new, empty store.
+        return f"{said} Run `porch db upgrade` as the role that owns porch's tables"
+    if schema is not None:
+        return (
+            f"{said} Grant {role} CREATE on schema {schema}, or run `porch db upgrade` "
+            "as the schema's owner"
+        )
     return (
-        f"the database refused porch's migration: {reason}. Nothing was changed. "
-        f"`porch db upgrade` needs a role that may create tables in porch's schema "
-        f"(GRANT CREATE ON SCHEMA) and owns porch's tables once they are made; "
-        f"{role} is not one. Run it as such a role, or give porch a schema of its "
-        "own with --db-schema (or PORCH_DB_SCHEMA), which it creates if the role "
-        "may create schemas"
+        f"{said} Grant {role} CREATE on porch's schema (GRANT CREATE ON SCHEMA), or "
+        "give porch a schema of its own with --db-schema (or PORCH_DB_SCHEMA), which "
+        "it creates if the role may create schemas"
     )
 
 
@@ -146,9 +154,9 @@ def check_tables_are_porchs(connection: Connection, found: str | None) -> None:
             raise FailedPrecondition(
                 f"the database has no schema to hold porch's tables: none on the "
                 f"search_path ({search_path}) exists, or the role porch connects as "
-                "may not use it. Nothing was changed. Give porch a schema of its own "
-                "with --db-schema (or PORCH_DB_SCHEMA), which it creates, or set the "
-                "role's search_path to one it may use"
+                "may not use it. Nothing was changed. Grant the role USAGE and CREATE "
+                "on the schema, or name with --db-schema (or PORCH_DB_SCHEMA) one it "
+                "may use or create"
             )
         where, unchanged = f"schema {schema}", "Nothing was changed"
         advice = (

@@ -230,7 +230,7 @@ def test_a_role_that_may_not_migrate_is_told_which_right_it_lacks(
             "porch: the database refused porch's migration: permission denied for schema public."
             " Nothing was changed."
         ), last
-        assert f"the role porch connects as ({role}) is not one" in last
+        assert f"Grant the role porch connects as ({role}) CREATE on porch's schema" in last
         last = _refusal("db", "upgrade", "--db-url", weak, "--db-schema", "mine")
         assert last.startswith(
             "porch: the database refused to let porch create schema mine: permission denied"
@@ -635,10 +635,18 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
 
         # Nothing to register (a cron run with nothing new) is no error.
         assert (register("").returncode, register("").stdout) == (0, "")
-        # A bad line stops the command before anything is sent, and is named.
+        # A bad line stops the command before anything is sent, and is named:
+        # one that is not JSON, or one the server would refuse.
         bad = register('{"n": 1}\n\n{"n": 2\n')
         assert bad.returncode == 1 and bad.stdout == ""
         assert bad.stderr.startswith("porch: line 3 of stdin: not JSON: "), bad.stderr
+        late = "".join(f'{{"n": {n}}}\n' for n in range(1500)) + '{"n": NaN}\n'
+        refused = register(late)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert refused.stderr.startswith(
+            "porch: line 1501 of stdin: task.task_input holds a number that is not finite"
+        ), refused.stderr
+        assert register('{"n": 1}').stdout.count('"created": true') == 1  # nothing sent before
         # More than one call carries, and a token read from a file with its
         # line break: every task is registered, each answer printed.
         many = "".join(json.dumps({"n": n, "pad": "x" * 2000}) + "\n" for n in range(2500))
@@ -647,6 +655,22 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         answers = [json.loads(line) for line in done.stdout.splitlines()]
         assert [a["task"]["task_input"]["n"] for a in answers] == list(range(2500))
         assert all(a["created"] for a in answers)
+        # A reader that leaves at once (`| head -1`) does not cut it short.
+        reader_gone = subprocess.Popen(
+            [*PORCH, "task", "register", "--pipeline", "p", "-", "--target", target],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PORCH_TOKEN": secret},
+        )
+        assert reader_gone.stdout is not None
+        reader_gone.stdout.close()
+        more = "".join(json.dumps({"more": n}) + "\n" for n in range(2500))
+        _, errors = reader_gone.communicate(more, timeout=120)
+        assert (reader_gone.returncode, errors) == (141, "")
+        again = register(more)
+        assert again.stdout.count('"created": false') == 2500, again.stderr
     finally:
         stop_server(process)
 
