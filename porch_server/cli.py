@@ -34,7 +34,7 @@ from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings, finite_number, host_port, option_file
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url
-from porch_server.errors import PorchError
+from porch_server.errors import PorchError, first_line
 from porch_server.models import Role
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
@@ -758,12 +758,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
-        first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        print(f"porch: cannot use the database: {first_line}", file=sys.stderr)
+        print(f"porch: cannot use the database: {first_line(error.orig or error)}", file=sys.stderr)
         raise SystemExit(1) from None
     except sqlalchemy.exc.DBAPIError as error:  # an option libpq does not know, say
-        first_line = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
-        print(f"porch: the database refused: {first_line}", file=sys.stderr)
+        print(f"porch: the database refused: {first_line(error.orig or error)}", file=sys.stderr)
         raise SystemExit(1) from None
     except ValueError as error:  # a database URL or schema name porch cannot use
         print(f"porch: {error}", file=sys.stderr)

@@ -287,11 +287,9 @@ def _register(
                 raise
             for answer in answers:
                 _print(answer)
-            code = error.code()
             raise SystemExit(
-                f"porch: {code.name if code else 'error'}: {error.details()} (the "
-                f"{len(answers):,} tasks before it were registered, as printed: registering "
-                "them again changes nothing)"
+                f"{_failure(error)} (the {len(answers):,} tasks before it were registered, "
+                "as printed: registering them again changes nothing)"
             ) from None
     for answer in answers:
         _print(answer)
@@ -318,10 +316,15 @@ def run(args: argparse.Namespace) -> None:
     try:
         _dispatch(stub, args, _metadata(args))
     except grpc.RpcError as error:
-        code = error.code()
-        raise SystemExit(f"porch: {code.name if code else 'error'}: {error.details()}") from None
+        raise SystemExit(_failure(error)) from None
     finally:
         channel.close()
+
+
+def _failure(error: grpc.RpcError) -> str:
+    """A failed call's line: its status and the server's message."""
+    code = error.code()
+    return f"porch: {code.name if code else 'error'}: {error.details()}"
 
 
 def _event_line(event: porch_pb2.Event) -> str:
