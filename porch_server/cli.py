@@ -339,10 +339,13 @@ def _serve(args: argparse.Namespace) -> None:
     config = _config(args)
     _setup_logging(config.log_config)
     _raise_file_limit()
+    # A URL porch cannot use is refused before the ports are tried, and
+    # before the database is: it takes neither to find out.
+    make_engine(*db_settings(args.db_url, args.db_schema)).dispose()
+    if config.tls is not None:
+        config.tls.read()  # likewise a file that cannot be read
     ports = [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
     _check_ports_free(config.host, ports, config.workers > 1)
-    if config.tls is not None:
-        config.tls.read()  # a file that cannot be read stops us before the database
     store = _open_store(args, create=True)
     try:
         if not store.has_had_admin_token():

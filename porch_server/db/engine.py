@@ -50,6 +50,11 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     if backend == "sqlite":
         if schema is not None:
             raise ValueError("a schema can only be given for PostgreSQL")
+        if parsed.query:  # ?uri=true&mode=memory among them: not a file
+            raise ValueError(
+                f"{url} has query parameters ({', '.join(sorted(parsed.query))}): "
+                "porch opens a SQLite database by its file's path alone, sqlite:///FILE"
+            )
         if parsed.database in (None, "", ":memory:"):
             raise ValueError(
                 f"{url} names no database file: use sqlite:///FILE (porch's tables "
@@ -115,13 +120,16 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
     options = "-c timezone=UTC"
     if schema is not None:
         options += f" -c search_path={quote_schema(schema)}"
-    return create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        connect_args={"options": options, "application_name": "porch", "connect_timeout": 10},
-    )
+    try:
+        return create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            connect_args={"options": options, "application_name": "porch", "connect_timeout": 10},
+        )
+    except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
+        raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None
 
 
 def _make_sqlite_engine(url: str, pool_size: int) -> Engine:
