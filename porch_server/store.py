@@ -346,8 +346,8 @@ class Store:
         self._token_lock = threading.Lock()
         self._async: AsyncStatements | None = None
         self._updates: Coalescer[_Change, Task | PorchError | None] | None = None
-        self._registering: Coalescer[_Registering, Registration | PorchError] | None = None
-        self._claims: Coalescer[_Claim, Sequence[RowView]] | None = None
+        self._registering: Coalescer[_Registering, Registration | PorchError | None] | None = None
+        self._claims: Coalescer[_Claim, Sequence[RowView] | Exception | None] | None = None
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             contextlib.nullcontext() if self._postgresql else threading.Lock()
         )
@@ -805,6 +805,8 @@ class Store:
             return None
         if len(texts) == 1:
             result = await self._registering.submit(_Registering(pipeline_name, texts[0], actor))
+            if result is None:
+                return None
             if isinstance(result, PorchError):
                 raise result
             return [result]
@@ -813,11 +815,17 @@ class Store:
         pipeline_id = self._pipeline_ids[pipeline_name]
         return await self._register_inputs([(pipeline_id, text, actor) for text in texts])
 
-    async def _apply_registrations(self, items: Sequence[_Registering]) -> list[Registration]:
-        """Register single inputs of any pipelines and callers in one statement."""
-        return await self._register_inputs(
-            [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
-        )
+    async def _apply_registrations(
+        self, items: Sequence[_Registering]
+    ) -> Sequence[Registration | None]:
+        """Register single inputs of any pipelines and callers in one
+        statement; None for each when PostgreSQL refused it, and each goes
+        the blocking way, which words its own error."""
+        inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
+        try:
+            return await self._register_inputs(inputs)
+        except (Contended, Refused):
+            return [None] * len(items)
 
     async def _register_inputs(self, inputs: Sequence[_Input]) -> list[Registration]:
         assert self._async is not None
@@ -845,32 +853,58 @@ class Store:
         rows = await self._claims.submit(
             _Claim(pipeline_id, num_tasks, _lease_seconds(lease), actor)
         )
+        if rows is None:
+            return None
+        if isinstance(rows, Exception):
+            raise rows
         return [self._to_task(row) for row in rows]
 
-    async def _apply_claims(self, claims: Sequence[_Claim]) -> list[Sequence[RowView]]:
+    async def _apply_claims(
+        self, claims: Sequence[_Claim]
+    ) -> list[Sequence[RowView] | Exception | None]:
         """Make claims together: per pipeline, one statement expiring lapsed
         leases and one claiming for every claimer, oldest tasks to the
-        claimer that asked first. Each caller reads its own rows."""
+        claimer that asked first. Each caller reads its own rows.
+
+        Each pipeline's claims commit on their own, so a pipeline whose
+        statements fail fails only its own claimers: those of a pipeline
+        claimed before it hold tasks, and must get them. They get the error,
+        or None when PostgreSQL refused the statement (which changed
+        nothing) and the blocking way is to try once more."""
         assert self._async is not None
         now = _now()
-        results: list[Sequence[RowView]] = [[] for _ in claims]
+        results: list[Sequence[RowView] | Exception | None] = [[] for _ in claims]
         for pipeline_id, indexes in _positions(claim.pipeline_id for claim in claims).items():
-            expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
-            await self._async.scalar(_expire_with_events(True), expire)
-            if len(indexes) == 1:
-                claim = claims[indexes[0]]
-                params = _claim_params(
-                    now, pipeline_id, claim.num_tasks, claim.lease_seconds, claim.actor
-                )
-                results[indexes[0]] = await self._async.rows(_claim_with_events(), params)
-                continue
-            params = _claim_batch_params(now, pipeline_id, [claims[index] for index in indexes])
-            shares: list[list[RowView]] = [[] for _ in indexes]
-            for row in await self._async.rows(_claim_batch(), params):
-                shares[row.position - 1].append(row)
+            shares: Sequence[Sequence[RowView] | Exception | None]
+            try:
+                shares = await self._claim_in(now, pipeline_id, [claims[i] for i in indexes])
+            except (Contended, Refused):
+                shares = [None] * len(indexes)
+            except Exception as error:
+                shares = [error] * len(indexes)
             for index, share in zip(indexes, shares, strict=True):
                 results[index] = share
         return results
+
+    async def _claim_in(
+        self, now: datetime, pipeline_id: int, claims: Sequence[_Claim]
+    ) -> list[Sequence[RowView]]:
+        """Claims on one pipeline, expiring its lapsed leases first: each
+        claimer's rows."""
+        assert self._async is not None
+        expire = _event_params(now, None, None) | {"in_pipeline_id": pipeline_id}
+        await self._async.scalar(_expire_with_events(True), expire)
+        if len(claims) == 1:
+            [claim] = claims
+            params = _claim_params(
+                now, pipeline_id, claim.num_tasks, claim.lease_seconds, claim.actor
+            )
+            return [await self._async.rows(_claim_with_events(), params)]
+        params = _claim_batch_params(now, pipeline_id, claims)
+        shares: list[list[RowView]] = [[] for _ in claims]
+        for row in await self._async.rows(_claim_batch(), params):
+            shares[row.position - 1].append(row)
+        return list(shares)
 
     async def update_task_async(
         self,

@@ -16,7 +16,14 @@ import sqlalchemy as sa
 from sqlalchemy import create_engine, text
 
 from porch_server.db.engine import make_engine
-from porch_server.db.pgasync import AsyncStatements, Contended, RowView, _compile, row_class
+from porch_server.db.pgasync import (
+    AsyncStatements,
+    Contended,
+    Refused,
+    RowView,
+    _compile,
+    row_class,
+)
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Unavailable
 from porch_server.models import Actor, Pipeline, Role
@@ -437,6 +444,58 @@ async def test_a_batch_that_loses_a_deadlock_sends_each_change_alone(
     # for the one-change path, which the service then takes.
     assert results == [None, None, None]
     assert {store.get_task("p", t.task_input_id).status for t in claimed} == {State.CLAIMED}
+
+
+@pytest.mark.parametrize("failure", [Unavailable("database unavailable: lost"), Refused("no")])
+async def test_claims_on_a_pipeline_that_fail_leave_those_made_on_another_in_their_hands(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    store, actor = async_store
+    store.create_pipeline(Pipeline(name="q", uri="https://example.org/q", version="1"))
+    store.register_tasks("p", [{"n": n} for n in range(2)], actor)
+    store.register_tasks("q", [{"n": n} for n in range(2)], actor)
+    statements = store._async
+    assert statements is not None and store._claims is not None
+    q_id = store._pipeline_ids["q"]
+    run = statements.rows
+
+    async def fail_on_q(statement: Any, params: Any) -> Any:
+        if params.get("in_pipeline_id") == q_id:
+            raise failure
+        return await run(statement, params)
+
+    monkeypatch.setattr(statements, "rows", fail_on_q)
+    on_p, on_q = await asyncio.gather(
+        store.claim_tasks_async("p", 2, None, actor),
+        store.claim_tasks_async("q", 2, None, actor),
+        return_exceptions=True,
+    )
+    assert store._claims.batches == 1  # p's claim committed first, in the same batch
+    # The claim on p was made: its caller holds the tasks, and gets them.
+    assert isinstance(on_p, list) and len(on_p) == 2
+    assert [task.task_input_id for task in on_p] == [
+        t.task_input_id for t in every_task(store, "p")
+    ]
+    assert {task.status for task in every_task(store, "p")} == {State.CLAIMED}
+    # The claim on q failed alone: its caller gets the error, or None (the
+    # blocking path tries again) when PostgreSQL refused, changing nothing.
+    assert on_q is (failure if isinstance(failure, Unavailable) else None)
+    assert {task.status for task in every_task(store, "q")} == {State.PENDING}
+
+
+async def test_registrations_postgresql_refuses_go_the_blocking_way(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    statements = store._async
+    assert statements is not None
+
+    async def refuse(statement: Any, params: Any) -> Any:
+        raise Refused("canceling statement due to user request")
+
+    monkeypatch.setattr(statements, "rows", refuse)
+    assert await store.register_canonical_async("p", [ONE], actor) is None
+    assert every_task(store, "p") == []
 
 
 async def test_claims_and_changes_made_together_keep_count_of_claims(
