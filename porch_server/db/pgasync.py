@@ -230,15 +230,15 @@ class AsyncStatements:
             raise Unavailable("database unavailable: the connection pool is closed")
         records: list[asyncpg.Record]
         try:
-            if self._held_busy:
-                records = await self._pool.fetch(compiled.sql, *compiled.arguments(params))
-            else:
-                records = await self._fetch_held(
-                    self._pool, compiled.sql, compiled.arguments(params)
-                )
+            try:
+                records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
+            except asyncpg.InternalClientError:
+                # A session PostgreSQL ended (a restart, pg_terminate_backend)
+                # just before the statement was to go, its connection not yet
+                # seen closed: asyncpg refuses to send ("cannot switch to
+                # state …"), so nothing ran, and a fresh connection may.
+                records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
         except asyncpg.InternalClientError as error:
-            # A connection the server ended while it was in use reports
-            # "cannot switch to state …; another operation is in progress".
             raise Unavailable(
                 "database unavailable: the connection was lost during the call; try again"
             ) from error
@@ -257,6 +257,14 @@ class AsyncStatements:
         except asyncpg.PostgresError as error:
             raise Refused(str(error)) from error
         return records
+
+    async def _fetch_on(
+        self, pool: asyncpg.Pool, sql: str, arguments: list[Any]
+    ) -> list[asyncpg.Record]:
+        if self._held_busy:
+            records: list[asyncpg.Record] = await pool.fetch(sql, *arguments)
+            return records
+        return await self._fetch_held(pool, sql, arguments)
 
     async def _fetch_held(
         self, pool: asyncpg.Pool, sql: str, arguments: list[Any]

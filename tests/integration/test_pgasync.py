@@ -702,6 +702,48 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
     executor.shutdown()
 
 
+class EndedConnection:
+    """A connection to a session PostgreSQL ended, not yet seen closed:
+    asyncpg refuses to send on it."""
+
+    def is_closed(self) -> bool:
+        return False
+
+    async def fetch(self, *args: Any) -> Any:
+        raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2)")
+
+
+async def test_a_statement_asyncpg_would_not_send_goes_once_more_on_a_fresh_connection(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session PostgreSQL has just ended, whose connection asyncpg has not
+    # yet seen closed: it refuses to send the statement, so nothing ran.
+    store, actor = async_store
+    statements = store._async
+    assert statements is not None and statements._pool is not None
+    pool = statements._pool
+
+    class Pool:
+        """The real pool, but the ended connection comes first."""
+
+        def __init__(self) -> None:
+            self.given = 0
+
+        async def acquire(self) -> Any:
+            self.given += 1
+            return EndedConnection() if self.given == 1 else await pool.acquire()
+
+        async def release(self, connection: Any) -> None:
+            if not isinstance(connection, EndedConnection):
+                await pool.release(connection)
+
+    statements._give_back_held(pool)  # the next statement takes a connection
+    once_ended = Pool()
+    monkeypatch.setattr(statements, "_pool", once_ended)
+    [registered] = await store.register_canonical_async("p", [ONE], actor) or []
+    assert registered.created and once_ended.given == 2
+
+
 async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
     async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -709,21 +751,14 @@ async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
     statements = store._async
     assert statements is not None and statements._pool is not None
 
-    class LostConnection:
-        def is_closed(self) -> bool:
-            return False
-
-        async def fetch(self, *args: Any) -> Any:
-            raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2)")
-
     class LostPool:
-        async def acquire(self) -> LostConnection:
-            return LostConnection()
+        async def acquire(self) -> EndedConnection:
+            return EndedConnection()
 
-        async def release(self, connection: LostConnection) -> None:
+        async def release(self, connection: EndedConnection) -> None:
             pass
 
-        fetch = LostConnection.fetch
+        fetch = EndedConnection.fetch
 
     monkeypatch.setattr(statements, "_pool", LostPool())
     monkeypatch.setattr(statements, "_held", None)
