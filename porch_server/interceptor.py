@@ -37,6 +37,8 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 # (authorization, its secret's hash): a call through the in-process gateway
 # is identified twice, by admit() and then by serve(), and hashes once.
 _HASHED: ContextVar[tuple[str, str] | None] = ContextVar("porch_hashed_secret", default=None)
+# What _authorization finds when a call names more than one token.
+_GIVEN_TWICE = object()
 
 
 class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -108,6 +110,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """The token the call came with (its authorization metadata), revoked
         or not; None for an anonymous read the server allows. Unauthenticated
         for a missing, malformed or unknown token."""
+        if authorization is _GIVEN_TWICE:  # refused, as the gateway refuses it
+            raise Unauthenticated("malformed authorization: given more than once")
         is_read = auth.RULES[method].access is auth.Access.READ
         if not authorization and self._anonymous_reads and is_read:
             return None
@@ -211,11 +215,15 @@ def _check_read(request: Any) -> None:
 
 
 def _authorization(metadata: Iterable[tuple[str, Any]] | None) -> Any:
-    """The `authorization` value of a call's metadata, or None."""
+    """The `authorization` value of a call's metadata, None, or _GIVEN_TWICE:
+    which of two tokens is meant, porch cannot tell."""
+    found = None
     for key, value in metadata or ():
         if key == "authorization":
-            return value
-    return None
+            if found is not None:
+                return _GIVEN_TWICE
+            found = value
+    return found
 
 
 def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:

@@ -232,6 +232,9 @@ def test_authentication_failures(porch: Porch) -> None:
         request,
         "Bearer",
     )
+    # Two tokens: which is meant cannot be told, as the gateway also says.
+    twice = [("authorization", f"Bearer {porch.admin}"), ("authorization", "Bearer " + "A" * 43)]
+    fails(Code.UNAUTHENTICATED, lambda r: raw(r, metadata=twice), request, "more than once")
 
 
 def test_npg_porch_style_token_works(porch: Porch) -> None:
