@@ -272,6 +272,7 @@ def _register(
     for where, task_input in _inputs(args):
         task = _task(args.pipeline)
         try:
+            task.task_input.SetInParent()  # {} is an input too: given, though empty
             task.task_input.update(task_input)
             checked_task_input("task", task)
         except (InvalidArgument, ValueError) as error:
@@ -418,6 +419,7 @@ def _dispatch(
         task = _task(args.pipeline, task_input_id=args.id or "", status=args.status)
         task.claim_number = args.claim_number
         if args.input:
+            task.task_input.SetInParent()
             task.task_input.update(_json_object(args.input))
         update = porch_pb2.UpdateTaskRequest(task=task, message=args.message)
         _print(stub.UpdateTask(update, metadata=metadata))

@@ -103,7 +103,9 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
     """Return the task's input as canonical JSON, checking that it is there and
     not too large."""
     if not task.HasField("task_input"):
-        raise InvalidArgument(f"{field}.task_input is required")
+        raise InvalidArgument(
+            f"{field}.task_input is required (an empty input, {{}}, counts once it is set)"
+        )
     # Numbers take up to 11 bytes each in protobuf against 2 in JSON: bound
     # both forms, so that any task fits in a client's 4 MiB answer.
     if task.task_input.ByteSize() > MAX_TASK_INPUT_BYTES:

@@ -647,6 +647,9 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
             "porch: line 1501 of stdin: task.task_input holds a number that is not finite"
         ), refused.stderr
         assert register('{"n": 1}').stdout.count('"created": true') == 1  # nothing sent before
+        # An empty input is one too, as it is over HTTP.
+        empty = register("{}\n")
+        assert empty.returncode == 0 and '"created": true' in empty.stdout, empty.stderr
         # More than one call carries, and a token read from a file with its
         # line break: every task is registered, each answer printed.
         many = "".join(json.dumps({"n": n, "pad": "x" * 2000}) + "\n" for n in range(2500))
