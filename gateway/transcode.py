@@ -183,6 +183,11 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
                 f"{field}: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF"
                 " escape without its pair), which is not text"
             ) from None
+        if "Message too deep" in first:  # past json_format's 100 levels of messages
+            raise invalid_argument(
+                "the request body nests too deeply for protobuf to read (100 levels of "
+                "messages, two for each object or list in a task_input)"
+            ) from None
         raise invalid_argument(first) from None
     except OverflowError:
         raise invalid_argument("a number in the request body is too large") from None

@@ -206,8 +206,9 @@ def _check_read(request: Any) -> None:
         return
     if "MaxDepth" in request.reason:  # upb's "Exceeded upb_DecodeOptions_MaxDepth"
         raise InvalidArgument(
-            "the request nests deeper than the 100 levels protobuf reads: a task_input"
-            f" may nest at most {MAX_INPUT_DEPTH} levels"
+            "the request nests too deeply for protobuf to read (100 levels of messages,"
+            f" two for each object or list in a task_input): a task_input may nest at most"
+            f" {MAX_INPUT_DEPTH} levels"
         )
     raise InvalidArgument(
         f"the request could not be read ({request.reason}): it is not a valid message"

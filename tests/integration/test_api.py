@@ -785,7 +785,7 @@ def test_a_request_that_cannot_be_read_is_an_invalid_argument(
     too_deep = b"\x0a" + _varint(len(inner)) + inner
     metadata = [("authorization", f"Bearer {secret}")]
     for data, words in (
-        (too_deep, "nests deeper than the 100 levels protobuf reads: a task_input may nest at"),
+        (too_deep, "nests too deeply for protobuf to read (100 levels of messages, two for each"),
         (b"\x0a\xff\xff", "could not be read"),  # a length past the end
     ):
         with pytest.raises(grpc.RpcError) as raised:
