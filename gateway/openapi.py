@@ -25,6 +25,7 @@ from google.protobuf.descriptor import (
 from google.rpc import status_pb2
 
 from gateway.comments import Comments
+from gateway.jsonparse import offered_values
 from gateway.options import DocumentOptions, MethodOptions
 from gateway.rules import Binding, Variable, is_map_field, load_bindings, resolve_field
 
@@ -48,6 +49,7 @@ _INT64 = {
     FieldDescriptor.TYPE_UINT64: "uint64",
     FieldDescriptor.TYPE_FIXED64: "uint64",
 }
+_NULL_VALUE = "google.protobuf.NullValue"
 _NON_FINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
 _WRAPPERS = ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
 _WELL_KNOWN: dict[str, dict[str, Any]] = {
@@ -212,7 +214,17 @@ class _Builder:
                 )
                 continue
             comment = self.comments.get(field.full_name)
-            schema = self._constrained(field, self._field_schema(field))
+            if field.enum_type is not None and field.enum_type.full_name != _NULL_VALUE:
+                # The zero *_UNSPECIFIED value reads as no value, and is refused.
+                offered: dict[str, Any] = {
+                    "type": "string",
+                    "enum": [*offered_values(field.enum_type)],
+                }
+                is_list = _is_repeated(field)
+                schema = {"type": "array", "items": offered} if is_list else offered
+            else:
+                schema = self._field_schema(field)
+            schema = self._constrained(field, schema)
             required = top and _behaviour(field, field_behavior_pb2.REQUIRED)
             parameter = _parameter(name, "query", schema, comment, required)
             if _is_repeated(field):
@@ -237,7 +249,7 @@ class _Builder:
             required = False
         else:
             field = request.fields_by_name[binding.body]
-            schema = self._field_schema(field)
+            schema = self._constrained(field, self._field_schema(field))
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
@@ -337,7 +349,7 @@ class _Builder:
         return {**result, "description": comment} if comment else result
 
     def _enum_ref(self, enum: EnumDescriptor) -> dict[str, Any]:
-        if enum.full_name == "google.protobuf.NullValue":
+        if enum.full_name == _NULL_VALUE:
             return {"type": "null"}
         if enum.full_name not in self.schemas:
             self.enums[enum.full_name] = enum

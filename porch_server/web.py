@@ -53,6 +53,9 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.Task.claim_number": {"minimum": 0},
         "porch.v1.GetTaskRequest.task_input_id": task_input_id,
         "porch.v1.ListTaskEventsRequest.task_input_id": task_input_id,
+        "porch.v1.UpdateTaskRequest.task_input_id": task_input_id,
+        # A pipeline elsewhere is named by its name alone; one made needs all three.
+        "porch.v1.CreatePipelineRequest.pipeline": {"required": ["name", "uri", "version"]},
     }
     for message in porch_pb2.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:

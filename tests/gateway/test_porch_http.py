@@ -313,6 +313,13 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
         assert re.search(name["pattern"], pipeline) or status == 400
         body = {"name": pipeline, "uri": "u", "version": "1"}
         assert (await client.post("/v1/pipelines", json=body, headers=admin)).status_code == status
+    made = document["paths"]["/v1/pipelines"]["post"]["requestBody"]["content"]
+    assert made["application/json"]["schema"]["required"] == ["name", "uri", "version"]
+    for missing in ("uri", "version"):
+        body = {"name": "p_" + missing, "uri": "u", "version": "1"}
+        del body[missing]
+        response = await client.post("/v1/pipelines", json=body, headers=admin)
+        assert_error(response, 400, 3, missing)
     description = properties["porch.v1.CreateTokenRequest"]["description"]["maxLength"]
     for length, status in ((description, 201), (description + 1, 400)):
         body = {"pipeline_name": "p1", "description": "d" * length}
@@ -342,6 +349,12 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
     }
     pattern = parameters["PorchService_GetTask", "task_input_id"]["pattern"]
     assert re.fullmatch(pattern.strip("^$"), task_id)
+    assert parameters["PorchService_UpdateTask", "task_input_id"]["pattern"] == pattern
+    # A query's enum offers only what the server takes: not the zero value.
+    offered = parameters["PorchService_ListTasks", "status"]["enum"]
+    for status in ("STATE_UNSPECIFIED", *offered):
+        listed = await client.get(f"/v1/tasks?status={status}", headers=wrapper)
+        assert listed.status_code == (200 if status in offered else 400), status
     upper = await client.get(f"/v1/pipelines/p1/tasks/{task_id.upper()}", headers=wrapper)
     assert_error(upper, 400, 3, "64 lowercase hex digits")
     assert properties["porch.v1.Task"]["claim_number"]["minimum"] == 0

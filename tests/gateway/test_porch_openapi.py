@@ -57,7 +57,8 @@ def test_npg_porch_routes_are_operations(document: dict[str, Any]) -> None:
     tasks = paths["/tasks"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert tasks == {"type": "array", "items": {"$ref": "#/components/schemas/porch.v1.Task"}}
     status = next(p for p in paths["/tasks"]["get"]["parameters"] if p["name"] == "status")
-    assert status["schema"] == {"$ref": "#/components/schemas/porch.v1.Task.State"}
+    # The zero value reads as no filter, and is refused: not offered.
+    assert status["schema"] == {"type": "string", "enum": STATES}
 
 
 def test_a_route_that_always_creates_documents_only_201() -> None:
