@@ -33,7 +33,7 @@ from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings, finite_number, host_port, option_file
 from porch_server.db import migrate
-from porch_server.db.engine import make_engine, shown_url
+from porch_server.db.engine import make_engine, shown_url, sqlite_file
 from porch_server.errors import PorchError, first_line
 from porch_server.models import Role
 from porch_server.service import check_description, check_role_binding
@@ -252,8 +252,8 @@ def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | 
 
 
 def _check_sqlite_file(url: str) -> None:
-    path = make_url(url).database
-    if path and path != ":memory:" and not Path(path).exists():
+    path = sqlite_file(make_url(url))  # None, in memory: make_engine refuses it
+    if path is not None and not Path(path).exists():
         raise SystemExit(
             f"porch: no database at {url}: give the --db-url that porch serve uses "
             "(the default is porch.db in the current directory), or make one with "

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, create_engine, event, exc
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.util import asbool
 
 DEFAULT_URL = "sqlite:///porch.db"
 
@@ -50,12 +52,7 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     if backend == "sqlite":
         if schema is not None:
             raise ValueError("a schema can only be given for PostgreSQL")
-        if parsed.query:  # ?uri=true&mode=memory among them: not a file
-            raise ValueError(
-                f"{url} has query parameters ({', '.join(sorted(parsed.query))}): "
-                "porch opens a SQLite database by its file's path alone, sqlite:///FILE"
-            )
-        if parsed.database in (None, "", ":memory:"):
+        if sqlite_file(parsed) is None:
             raise ValueError(
                 f"{url} names no database file: use sqlite:///FILE (porch's tables "
                 "must outlive each connection, which an in-memory database does not)"
@@ -64,6 +61,18 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     if backend == "postgresql":
         return _make_postgresql_engine(url, schema, pool_size)
     raise ValueError(f"unsupported database URL {shown_url(url)}: use sqlite or postgresql")
+
+
+def sqlite_file(parsed: URL) -> str | None:
+    """The path of the file a SQLite URL names; None for an in-memory
+    database: sqlite:///:memory:, ?mode=memory, or a URI filename
+    (?uri=true) of :memory: or of no path."""
+    path = parsed.database or ""
+    if parsed.query.get("mode") == "memory":
+        return None
+    if asbool(parsed.query.get("uri", False)) and path.startswith("file:"):
+        path = urlsplit(path).path  # file:/a/b.db, file:///a/b.db, file::memory:
+    return None if path in ("", ":memory:") else path
 
 
 def shown_url(url: str) -> str:
