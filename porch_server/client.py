@@ -317,9 +317,21 @@ def run(args: argparse.Namespace) -> None:
     try:
         _dispatch(stub, args, _metadata(args))
     except grpc.RpcError as error:
-        raise SystemExit(_failure(error)) from None
+        raise SystemExit(_failure(error) + _tls_hint(args, error)) from None
     finally:
         channel.close()
+
+
+def _tls_hint(args: argparse.Namespace, error: grpc.RpcError) -> str:
+    """A hint for a plain connection closed at once, as a TLS server closes it."""
+    plain = not (args.tls or args.tls_ca or args.tls_cert or args.tls_key)
+    if (
+        plain
+        and error.code() == grpc.StatusCode.UNAVAILABLE
+        and "Socket closed" in str(error.details())
+    ):
+        return " (a server that expects TLS closes plain connections so: if it does, give --tls)"
+    return ""
 
 
 def _failure(error: grpc.RpcError) -> str:

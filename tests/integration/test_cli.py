@@ -383,6 +383,15 @@ def test_tls_on_the_grpc_port(sqlite_url: str, tmp_path: Path) -> None:
             porch_pb2_grpc.PorchServiceStub(plain).ListPipelines(
                 pb.ListPipelinesRequest(), timeout=3
             )
+        # The CLI without --tls says what the closed connection may mean.
+        listing = [*PORCH, "pipeline", "list", "--target", porch_server.target]
+        env = {**os.environ, "PORCH_TOKEN": porch_server.admin}
+        done = subprocess.run(listing, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 1 and "give --tls)" in done.stderr, done.stderr
+        ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+        verified = [*listing, "--tls-ca", str(tmp_path / "ca.pem")]
+        done = subprocess.run(verified, capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
     finally:
         porch_server.server.stop()
 
