@@ -670,6 +670,15 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         # An empty input is one too, as it is over HTTP.
         empty = register("{}\n")
         assert empty.returncode == 0 and '"created": true' in empty.stdout, empty.stderr
+        update = ["task", "update", "--pipeline", "p", "--input", "{}", "--status", "CANCELLED"]
+        cancelled = subprocess.run(
+            [*PORCH, *update, "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PORCH_TOKEN": secret},
+        )
+        assert '"status": "CANCELLED"' in cancelled.stdout, cancelled.stderr
         # More than one call carries, and a token read from a file with its
         # line break: every task is registered, each answer printed.
         many = "".join(json.dumps({"n": n, "pad": "x" * 2000}) + "\n" for n in range(2500))
