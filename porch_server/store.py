@@ -813,7 +813,10 @@ class Store:
         if self._async is None:
             return None
         pipeline_id = self._pipeline_ids[pipeline_name]
-        return await self._register_inputs([(pipeline_id, text, actor) for text in texts])
+        registered = await self._register_inputs([(pipeline_id, text, actor) for text in texts])
+        if registered is None or None in registered:
+            return None
+        return [registration for registration in registered if registration is not None]
 
     async def _apply_registrations(
         self, items: Sequence[_Registering]
@@ -822,15 +825,22 @@ class Store:
         statement; None for each when PostgreSQL refused it, and each goes
         the blocking way, which words its own error."""
         inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
-        try:
-            return await self._register_inputs(inputs)
-        except (Contended, Refused):
-            return [None] * len(items)
+        registered = await self._register_inputs(inputs)
+        return [None] * len(items) if registered is None else registered
 
-    async def _register_inputs(self, inputs: Sequence[_Input]) -> list[Registration]:
+    async def _register_inputs(
+        self, inputs: Sequence[_Input]
+    ) -> Sequence[Registration | None] | None:
+        """Register inputs in one statement, then read those that were there
+        already. None when PostgreSQL refused the first, changing nothing;
+        when it refused the read, the tasks made are answered and the rest
+        are None: each goes the blocking way, which finds its task."""
         assert self._async is not None
         keys, unique = _unique_inputs(inputs)
-        rows = await self._async.rows(_register_with_events(), _registration_params(unique))
+        try:
+            rows = await self._async.rows(_register_with_events(), _registration_params(unique))
+        except (Contended, Refused):
+            return None
         created: dict[_InputKey, Any] = {(row.pipeline_id, row.task_input_id): row for row in rows}
         missing = [key for key in unique if key not in created]
         existing: dict[_InputKey, Any] = {}
@@ -839,7 +849,12 @@ class Store:
                 "pipeline_ids": [pipeline_id for pipeline_id, _ in missing],
                 "task_input_ids": [task_input_id for _, task_input_id in missing],
             }
-            found = await self._async.rows(_existing_tasks(), wanted)
+            try:
+                found = await self._async.rows(_existing_tasks(), wanted)
+            except (Contended, Refused):
+                made = {key: self._to_task(row) for key, row in created.items()}
+                tasks = [made.pop(key, None) for key in keys]  # a repeat is not made twice
+                return [None if task is None else Registration(task, True) for task in tasks]
             existing = {(row.pipeline_id, row.task_input_id): row for row in found}
         return self._registrations(keys, created, existing)
 

@@ -34,6 +34,9 @@ from porch_server.db.engine import quote_schema
 from porch_server.errors import Unavailable
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
+# asyncpg's words when it will not start a statement on a connection (its
+# protocol's _set_state and _ensure_connected), before anything is sent.
+_NOT_SENT = re.compile(r"cannot switch to state |not connected$")
 CONNECT_TIMEOUT_SECONDS = 10.0
 
 
@@ -232,11 +235,14 @@ class AsyncStatements:
         try:
             try:
                 records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
-            except asyncpg.InternalClientError:
+            except asyncpg.InternalClientError as error:
                 # A session PostgreSQL ended (a restart, pg_terminate_backend)
                 # just before the statement was to go, its connection not yet
-                # seen closed: asyncpg refuses to send ("cannot switch to
-                # state …"), so nothing ran, and a fresh connection may.
+                # seen closed: asyncpg refuses to send it, so nothing ran, and
+                # another connection may. Other such errors come from reading
+                # an answer, the statement done: those are not tried again.
+                if not _NOT_SENT.match(str(error)) or self._pool is None:
+                    raise
                 records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
         except asyncpg.InternalClientError as error:
             raise Unavailable(

@@ -498,6 +498,36 @@ async def test_registrations_postgresql_refuses_go_the_blocking_way(
     assert every_task(store, "p") == []
 
 
+async def test_registrations_made_are_answered_when_the_read_after_is_refused(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    [there] = await store.register_canonical_async("p", [ONE], actor) or []
+    statements = store._async
+    assert statements is not None
+    run = statements.rows
+
+    async def refuse_the_read(statement: Any, params: Any) -> Any:
+        if "task_input_ids" in params:  # the read of tasks that were there
+            raise Refused("canceling statement due to statement timeout")
+        return await run(statement, params)
+
+    monkeypatch.setattr(statements, "rows", refuse_the_read)
+    new = canonical_json({"n": 2})
+    again, made = await asyncio.gather(
+        store.register_canonical_async("p", [ONE], actor),
+        store.register_canonical_async("p", [new], actor),
+    )
+    assert store._registering is not None and store._registering.batches == 2  # the two together
+    assert again is None  # the blocking way answers it
+    assert (
+        made is not None
+        and made[0].created
+        and made[0].task.task_input_id != there.task.task_input_id
+    )
+    assert await store.register_canonical_async("p", [ONE, new], actor) is None
+
+
 async def test_claims_and_changes_made_together_keep_count_of_claims(
     async_store: tuple[Store, Actor],
 ) -> None:
@@ -704,63 +734,86 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
 
 class EndedConnection:
     """A connection to a session PostgreSQL ended, not yet seen closed:
-    asyncpg refuses to send on it."""
+    asyncpg refuses to send on it (or, with words of its own, fails)."""
+
+    def __init__(self, words: str = "cannot switch to state 12; another operation (2)") -> None:
+        self.words = words
 
     def is_closed(self) -> bool:
         return False
 
     async def fetch(self, *args: Any) -> Any:
-        raise asyncpg.InternalClientError("cannot switch to state 12; another operation (2)")
+        raise asyncpg.InternalClientError(self.words)
 
 
-async def test_a_statement_asyncpg_would_not_send_goes_once_more_on_a_fresh_connection(
-    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held_busy", [False, True])
+@pytest.mark.parametrize(
+    "words", ["cannot switch to state 12; another operation (2)", "not connected"]
+)
+async def test_a_statement_asyncpg_would_not_send_goes_once_more_on_another_connection(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, held_busy: bool, words: str
 ) -> None:
     # A session PostgreSQL has just ended, whose connection asyncpg has not
     # yet seen closed: it refuses to send the statement, so nothing ran.
+    # Through the connection held, or the pool when that one is busy.
     store, actor = async_store
     statements = store._async
     assert statements is not None and statements._pool is not None
     pool = statements._pool
-
-    class Pool:
-        """The real pool, but the ended connection comes first."""
-
-        def __init__(self) -> None:
-            self.given = 0
-
-        async def acquire(self) -> Any:
-            self.given += 1
-            return EndedConnection() if self.given == 1 else await pool.acquire()
-
-        async def release(self, connection: Any) -> None:
-            if not isinstance(connection, EndedConnection):
-                await pool.release(connection)
-
+    once_ended = EndedFirst(pool, EndedConnection(words))
     statements._give_back_held(pool)  # the next statement takes a connection
-    once_ended = Pool()
     monkeypatch.setattr(statements, "_pool", once_ended)
+    monkeypatch.setattr(statements, "_held_busy", held_busy)
     [registered] = await store.register_canonical_async("p", [ONE], actor) or []
     assert registered.created and once_ended.given == 2
 
 
+class EndedFirst:
+    """A pool whose first connections (or fetches), times of them, are an
+    EndedConnection; the real pool after them."""
+
+    def __init__(self, pool: Any, ended: EndedConnection, times: int = 1) -> None:
+        self.pool, self.ended, self.times, self.given = pool, ended, times, 0
+
+    async def acquire(self) -> Any:
+        self.given += 1
+        return self.ended if self.given <= self.times else await self.pool.acquire()
+
+    async def release(self, connection: Any) -> None:
+        if connection is not self.ended:
+            await self.pool.release(connection)
+
+    async def fetch(self, *args: Any) -> Any:
+        self.given += 1
+        if self.given <= self.times:
+            return await self.ended.fetch(*args)
+        return await self.pool.fetch(*args)
+
+
+@pytest.mark.parametrize(
+    ("words", "times", "tries"),
+    [
+        # Refused to send, then lost again on the second connection.
+        ("cannot switch to state 12; another operation (2)", 2, 2),
+        # asyncpg's other internal errors come from reading an answer: the
+        # statement may have run, and must not run twice.
+        ("no decoder for OID 99999", 1, 1),
+    ],
+)
 async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
-    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+    async_store: tuple[Store, Actor],
+    monkeypatch: pytest.MonkeyPatch,
+    words: str,
+    times: int,
+    tries: int,
 ) -> None:
     store, actor = async_store
     statements = store._async
     assert statements is not None and statements._pool is not None
-
-    class LostPool:
-        async def acquire(self) -> EndedConnection:
-            return EndedConnection()
-
-        async def release(self, connection: EndedConnection) -> None:
-            pass
-
-        fetch = EndedConnection.fetch
-
-    monkeypatch.setattr(statements, "_pool", LostPool())
-    monkeypatch.setattr(statements, "_held", None)
+    pool = statements._pool
+    lost = EndedFirst(pool, EndedConnection(words), times)
+    statements._give_back_held(pool)
+    monkeypatch.setattr(statements, "_pool", lost)
     with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
         await store.claim_tasks_async("p", 1, None, actor)
+    assert lost.given == tries
