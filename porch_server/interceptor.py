@@ -207,8 +207,8 @@ def _check_read(request: Any) -> None:
     if "MaxDepth" in request.reason:  # upb's "Exceeded upb_DecodeOptions_MaxDepth"
         raise InvalidArgument(
             "the request nests too deeply for protobuf to read (100 levels of messages,"
-            f" two for each object or list in a task_input): a task_input may nest at most"
-            f" {MAX_INPUT_DEPTH} levels"
+            " of which each object or list in a task_input takes two or three): a"
+            f" task_input may nest at most {MAX_INPUT_DEPTH} levels"
         )
     raise InvalidArgument(
         f"the request could not be read ({request.reason}): it is not a valid message"
@@ -258,7 +258,8 @@ def _log_call(
     say so yet when the handler ends. A token's description is escaped, as
     it may hold anything, a line break included. A call that sent a token
     porch does not know (or cannot read) is from "unknown token"; one that
-    sent none, "anonymous"; one that failed before its token was looked up
+    sent none, "anonymous"; one that sent two, "two tokens"; one that failed
+    before its token was looked up
     (the database down, say), "token not checked".
     """
     if not log.isEnabledFor(logging.INFO):
@@ -283,6 +284,8 @@ def _caller(token: Token | None, authorization: Any, code: Any) -> str:
         return f"token {token.token_id} ({access.escape(token.description)})"
     if authorization is None:
         return "anonymous"
+    if authorization is _GIVEN_TWICE:
+        return "two tokens"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "unknown token"
     return "token not checked"  # the call failed before its token could be looked up

@@ -214,7 +214,7 @@ def test_token_errors(porch: Porch) -> None:
     fails(Code.INVALID_ARGUMENT, admin.RevokeToken, pb.RevokeTokenRequest())
 
 
-def test_authentication_failures(porch: Porch) -> None:
+def test_authentication_failures(porch: Porch, caplog: pytest.LogCaptureFixture) -> None:
     request = pb.GetPipelineRequest(name="p1")
     fails(Code.UNAUTHENTICATED, porch.stub().GetPipeline, request, "no token")
     fails(Code.UNAUTHENTICATED, porch.stub("A" * 43).GetPipeline, request, "unknown token")
@@ -234,7 +234,14 @@ def test_authentication_failures(porch: Porch) -> None:
     )
     # Two tokens: which is meant cannot be told, as the gateway also says.
     twice = [("authorization", f"Bearer {porch.admin}"), ("authorization", "Bearer " + "A" * 43)]
+    caplog.set_level(logging.INFO, "porch.access")
     fails(Code.UNAUTHENTICATED, lambda r: raw(r, metadata=twice), request, "more than once")
+    for _ in range(50):  # the line is written as the call ends, maybe after its answer
+        if any(" two tokens" in record.getMessage() for record in caplog.records):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError([record.getMessage() for record in caplog.records])
 
 
 def test_npg_porch_style_token_works(porch: Porch) -> None:
@@ -785,7 +792,7 @@ def test_a_request_that_cannot_be_read_is_an_invalid_argument(
     too_deep = b"\x0a" + _varint(len(inner)) + inner
     metadata = [("authorization", f"Bearer {secret}")]
     for data, words in (
-        (too_deep, "nests too deeply for protobuf to read (100 levels of messages, two for each"),
+        (too_deep, "nests too deeply for protobuf to read (100 levels of messages, of which each"),
         (b"\x0a\xff\xff", "could not be read"),  # a length past the end
     ):
         with pytest.raises(grpc.RpcError) as raised:
