@@ -100,6 +100,13 @@ class Gateway:
             return error_response(rpc_error_status(error), rpc_error_json(error))
 
     async def _read_body(self, request: Request) -> bytes:
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            message = (
+                f"the request body is sent with Content-Encoding {encoding}: send it "
+                "uncompressed (the gateway does not decode bodies)"
+            )
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, http_status=415)
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

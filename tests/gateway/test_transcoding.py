@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -483,6 +484,18 @@ async def test_body_star_takes_no_query_parameters(client: httpx.AsyncClient) ->
     response = await client.post("/v1/echo", json={}, params={"text": "x"})
     assert response.status_code == 400
     assert "'text'" in response.json()["message"]
+
+
+async def test_a_compressed_body_is_415_naming_its_encoding(client: httpx.AsyncClient) -> None:
+    body = gzip.compress(b'{"text": "hi"}')
+    headers = {"content-encoding": "gzip", "content-type": "application/json"}
+    response = await client.post("/v1/echo", content=body, headers=headers)
+    assert response.status_code == 415
+    assert response.json()["message"].startswith("the request body is sent with Content-Encoding")
+    plain = await client.post(
+        "/v1/echo", json={"text": "hi"}, headers={"content-encoding": "identity"}
+    )
+    assert plain.status_code == 200
 
 
 async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
