@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import URL, Connection, make_url
@@ -65,13 +64,17 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
 
 def sqlite_file(parsed: URL) -> str | None:
     """The path of the file a SQLite URL names; None for an in-memory
-    database: sqlite:///:memory:, ?mode=memory, or a URI filename
-    (?uri=true) of :memory: or of no path."""
+    database (sqlite:///:memory:, ?mode=memory). A URI filename (?uri=true)
+    is refused: what it names is SQLite's to read, after percent-decoding,
+    its own query, its VFS, and may be memory however it is spelt."""
+    if asbool(parsed.query.get("uri", False)):
+        raise ValueError(
+            f"{parsed.render_as_string()} is a SQLite URI filename (?uri=true), which "
+            "porch does not open: give the database file's path, sqlite:///FILE"
+        )
     path = parsed.database or ""
     if parsed.query.get("mode") == "memory":
         return None
-    if asbool(parsed.query.get("uri", False)) and path.startswith("file:"):
-        path = urlsplit(path).path  # file:/a/b.db, file:///a/b.db, file::memory:
     return None if path in ("", ":memory:") else path
 
 
