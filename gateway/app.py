@@ -100,13 +100,6 @@ class Gateway:
             return error_response(rpc_error_status(error), rpc_error_json(error))
 
     async def _read_body(self, request: Request) -> bytes:
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            message = (
-                f"the request body is sent with Content-Encoding {encoding}: send it "
-                "uncompressed (the gateway does not decode bodies)"
-            )
-            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, http_status=415)
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -123,6 +116,18 @@ class Gateway:
         except TimeoutError:
             message = f"the request body did not arrive within {seconds:g} s"
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message, 408) from None
+        encodings = [
+            coding.strip().lower()
+            for header in request.headers.getlist("content-encoding")
+            for coding in header.split(",")
+        ]
+        encoded = [coding for coding in encodings if coding not in ("", "identity")]
+        if size and encoded:
+            message = (
+                f"the request body is sent with Content-Encoding {', '.join(encoded)}: send "
+                "it uncompressed (the gateway does not decode bodies)"
+            )
+            raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, http_status=415)
         return b"".join(chunks)
 
     async def _unary(

@@ -496,6 +496,13 @@ async def test_a_compressed_body_is_415_naming_its_encoding(client: httpx.AsyncC
         "/v1/echo", json={"text": "hi"}, headers={"content-encoding": "identity"}
     )
     assert plain.status_code == 200
+    # Only a body is refused: a request without one carries nothing encoded.
+    bodiless = await client.get("/v1/echo/x", headers={"content-encoding": "gzip"})
+    assert bodiless.status_code == 200
+    # Every Content-Encoding header counts, each a list of codings.
+    twice = [("content-encoding", "identity"), ("content-encoding", "GZIP")]
+    response = await client.post("/v1/echo", content=body, headers=twice)
+    assert response.status_code == 415 and "Content-Encoding gzip:" in response.json()["message"]
 
 
 async def test_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
