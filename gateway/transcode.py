@@ -186,7 +186,7 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         if "Message too deep" in first:  # past json_format's 100 levels of messages
             raise invalid_argument(
                 "the request body nests too deeply for protobuf to read (100 levels of "
-                "messages, of which each object or list in a task_input takes two or three)"
+                "messages, two for each object or list in a task_input)"
             ) from None
         raise invalid_argument(first) from None
     except OverflowError:

@@ -35,7 +35,8 @@ from porch_server.errors import Unavailable
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # asyncpg's words when it will not start a statement on a connection (its
-# protocol's _set_state and _ensure_connected), before anything is sent.
+# protocol's _set_state and _ensure_connected): before the statement's Bind
+# and Execute are written (at most a Parse, which runs nothing).
 _NOT_SENT = re.compile(r"cannot switch to state |not connected$")
 CONNECT_TIMEOUT_SECONDS = 10.0
 
@@ -238,7 +239,7 @@ class AsyncStatements:
             except asyncpg.InternalClientError as error:
                 # A session PostgreSQL ended (a restart, pg_terminate_backend)
                 # just before the statement was to go, its connection not yet
-                # seen closed: asyncpg refuses to send it, so nothing ran, and
+                # seen closed: asyncpg refuses to run it, so nothing ran, and
                 # another connection may. Other such errors come from reading
                 # an answer, the statement done: those are not tried again.
                 if not _NOT_SENT.match(str(error)) or self._pool is None:

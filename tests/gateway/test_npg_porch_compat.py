@@ -309,7 +309,7 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
         ),
         (  # deep enough for json_format, not for JSON's parser
             '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 60 + "1" + "}" * 61,
-            "nests too deeply for protobuf to read (100 levels of messages, of which each",
+            "nests too deeply for protobuf to read (100 levels of messages, two for each",
         ),
         (  # deep enough for protobuf's binary form, not for JSON's parser
             '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 40 + "1" + "}" * 41,
