@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import sqlalchemy.exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 import gateway
 from gateway import access
@@ -252,7 +252,7 @@ def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | 
 
 
 def _check_sqlite_file(url: str) -> None:
-    path = sqlite_file(make_url(url))  # None, in memory: make_engine refuses it
+    path = sqlite_file(url)  # None, in memory: make_engine refuses it
     if path is not None and not Path(path).exists():
         raise SystemExit(
             f"porch: no database at {url}: give the --db-url that porch serve uses "

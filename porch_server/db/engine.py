@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import asbool
 
@@ -51,7 +51,7 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     if backend == "sqlite":
         if schema is not None:
             raise ValueError("a schema can only be given for PostgreSQL")
-        if sqlite_file(parsed) is None:
+        if sqlite_file(url) is None:
             raise ValueError(
                 f"{url} names no database file: use sqlite:///FILE (porch's tables "
                 "must outlive each connection, which an in-memory database does not)"
@@ -62,14 +62,15 @@ def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> 
     raise ValueError(f"unsupported database URL {shown_url(url)}: use sqlite or postgresql")
 
 
-def sqlite_file(parsed: URL) -> str | None:
+def sqlite_file(url: str) -> str | None:
     """The path of the file a SQLite URL names; None for an in-memory
     database (sqlite:///:memory:, ?mode=memory). A URI filename (?uri=true)
     is refused: what it names is SQLite's to read, after percent-decoding,
     its own query, its VFS, and may be memory however it is spelt."""
+    parsed = make_url(url)
     if asbool(parsed.query.get("uri", False)):
         raise ValueError(
-            f"{parsed.render_as_string()} is a SQLite URI filename (?uri=true), which "
+            f"{url} is a SQLite URI filename (?uri=true), which "
             "porch does not open: give the database file's path, sqlite:///FILE"
         )
     path = parsed.database or ""
