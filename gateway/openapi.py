@@ -214,12 +214,10 @@ class _Builder:
                 )
                 continue
             comment = self.comments.get(field.full_name)
-            if field.enum_type is not None and field.enum_type.full_name != _NULL_VALUE:
+            enum = field.enum_type
+            if enum is not None and enum.full_name != _NULL_VALUE:
                 # The zero *_UNSPECIFIED value reads as no value, and is refused.
-                offered: dict[str, Any] = {
-                    "type": "string",
-                    "enum": [*offered_values(field.enum_type)],
-                }
+                offered = self._enum_schema(enum, [*offered_values(enum)])
                 is_list = _is_repeated(field)
                 schema = {"type": "array", "items": offered} if is_list else offered
             else:
@@ -296,7 +294,9 @@ class _Builder:
             )
         schema = dict(self.schemas[full_name])
         if omit_zero and "enum" in schema:
-            schema.update(self._enum_schema(self.enums[full_name], omit_zero=True))
+            enum = self.enums[full_name]
+            names = [value.name for value in enum.values if value.number != 0]
+            schema.update(self._enum_schema(enum, names))
         return schema
 
     # Schemas of fields, messages and enums.
@@ -353,20 +353,19 @@ class _Builder:
             return {"type": "null"}
         if enum.full_name not in self.schemas:
             self.enums[enum.full_name] = enum
-            self.schemas[enum.full_name] = self._enum_schema(enum, omit_zero=False)
+            names = [value.name for value in enum.values]
+            self.schemas[enum.full_name] = self._enum_schema(enum, names)
         return {"$ref": f"#/components/schemas/{enum.full_name}"}
 
-    def _enum_schema(self, enum: EnumDescriptor, omit_zero: bool) -> dict[str, Any]:
-        values = [value for value in enum.values if not (omit_zero and value.number == 0)]
+    def _enum_schema(self, enum: EnumDescriptor, names: Sequence[str]) -> dict[str, Any]:
+        """A string schema offering names, the enum's and their comments its description."""
         lines = [self.comments.get(enum.full_name)]
-        documented = [
-            (value.name, self.comments.get(f"{enum.full_name}.{value.name}")) for value in values
-        ]
+        documented = [(name, self.comments.get(f"{enum.full_name}.{name}")) for name in names]
         if any(text for _, text in documented):
             lines.append(
                 "\n".join(f"- `{name}`: {' '.join(text.split())}" for name, text in documented)
             )
-        schema: dict[str, Any] = {"type": "string", "enum": [value.name for value in values]}
+        schema: dict[str, Any] = {"type": "string", "enum": [*names]}
         description = "\n\n".join(filter(None, lines))
         return {**schema, "description": description} if description else schema
 

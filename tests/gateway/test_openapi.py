@@ -104,7 +104,11 @@ async def test_parameters_are_typed(document: dict[str, Any]) -> None:
     assert parameters["text"]["required"] is True
     assert parameters["int32_value"]["schema"]["format"] == "int32"
     # The zero value reads as none given, and the transcoder refuses it.
-    assert parameters["color"]["schema"] == {"type": "string", "enum": ["RED", "GREEN", "BLUE"]}
+    color = parameters["color"]["schema"]
+    assert (color["type"], color["enum"]) == ("string", ["RED", "GREEN", "BLUE"])
+    # Each value offered keeps its comment; the one not offered is not named.
+    assert "- `RED`: Red." in color["description"]
+    assert "COLOR_UNSPECIFIED" not in color["description"]
     assert parameters["tags"]["schema"] == {"type": "array", "items": {"type": "string"}}
     assert parameters["tags"]["explode"] is True
     assert parameters["inner.child.label"]["in"] == "query"

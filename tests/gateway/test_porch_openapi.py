@@ -58,7 +58,8 @@ def test_npg_porch_routes_are_operations(document: dict[str, Any]) -> None:
     assert tasks == {"type": "array", "items": {"$ref": "#/components/schemas/porch.v1.Task"}}
     status = next(p for p in paths["/tasks"]["get"]["parameters"] if p["name"] == "status")
     # The zero value reads as no filter, and is refused: not offered.
-    assert status["schema"] == {"type": "string", "enum": STATES}
+    assert (status["schema"]["type"], status["schema"]["enum"]) == ("string", STATES)
+    assert "- `RUNNING`: Reported as running by its wrapper." in status["schema"]["description"]
 
 
 def test_a_route_that_always_creates_documents_only_201() -> None:
