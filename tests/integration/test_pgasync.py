@@ -817,3 +817,26 @@ async def test_a_connection_lost_in_use_is_unavailable_with_a_message_to_act_on(
     with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
         await store.claim_tasks_async("p", 1, None, actor)
     assert lost.given == tries
+
+
+async def test_a_statement_refused_as_the_pool_closes_is_not_sent_again(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server is stopping: its pool closes while asyncpg refuses the
+    # statement. There is no pool to try another connection of.
+    store, actor = async_store
+    statements = store._async
+    assert statements is not None and statements._pool is not None
+    pool = statements._pool
+
+    class EndedAsThePoolCloses(EndedConnection):
+        async def fetch(self, *args: Any) -> Any:
+            statements._pool = None
+            return await super().fetch(*args)
+
+    closing = EndedFirst(pool, EndedAsThePoolCloses("not connected"))
+    statements._give_back_held(pool)
+    monkeypatch.setattr(statements, "_pool", closing)
+    with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
+        await store.claim_tasks_async("p", 1, None, actor)
+    assert closing.given == 1
