@@ -286,10 +286,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         name = check_name("task.pipeline.name", request.task.pipeline.name)
         text = checked_task_input("task", request.task)
         actor = auth.caller_actor()
-        registered = await self._store.register_canonical_async(name, [text], actor)
-        if registered is None:
-            registered = await self._run(self._store.register_canonical, name, [text], actor)
-        [result] = registered
+        result = await self._store.register_canonical_async(name, text, actor)
+        if result is None:
+            [result] = await self._run(self._store.register_canonical, name, [text], actor)
         if result.created:
             self._hub.committed()
             context.set_trailing_metadata(CREATED)

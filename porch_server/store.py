@@ -798,25 +798,16 @@ class Store:
         )
 
     async def register_canonical_async(
-        self, pipeline_name: str, texts: Sequence[str], actor: Actor
-    ) -> list[Registration] | None:
-        """register_canonical from the event loop; None when only it can answer."""
+        self, pipeline_name: str, text: str, actor: Actor
+    ) -> Registration | None:
+        """register_canonical of one input, from the event loop; None when
+        only register_canonical can answer."""
         if self._registering is None or self._needs_blocking_path(pipeline_name):
             return None
-        if len(texts) == 1:
-            result = await self._registering.submit(_Registering(pipeline_name, texts[0], actor))
-            if result is None:
-                return None
-            if isinstance(result, PorchError):
-                raise result
-            return [result]
-        if self._async is None:
-            return None
-        pipeline_id = self._pipeline_ids[pipeline_name]
-        registered = await self._register_inputs([(pipeline_id, text, actor) for text in texts])
-        if registered is None or None in registered:
-            return None
-        return [registration for registration in registered if registration is not None]
+        result = await self._registering.submit(_Registering(pipeline_name, text, actor))
+        if isinstance(result, PorchError):
+            raise result
+        return result
 
     async def _apply_registrations(
         self, items: Sequence[_Registering]

@@ -13,7 +13,7 @@ import pytest
 
 from porch_server.db.engine import make_engine
 from porch_server.errors import FailedPrecondition, NotFound
-from porch_server.models import SYSTEM, Pipeline, Task
+from porch_server.models import SYSTEM, Pipeline, Registration, Task
 from porch_server.states import State
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
@@ -92,17 +92,15 @@ async def test_store_registers_single_inputs_of_several_pipelines_together(
     one = '{"i":1}'
     inputs = [("p1", one), ("p2", one), ("nope", "{}"), ("p1", one)]
     results = await asyncio.gather(
-        *(store.register_canonical_async(name, [text], SYSTEM) for name, text in inputs),
+        *(store.register_canonical_async(name, text, SYSTEM) for name, text in inputs),
         return_exceptions=True,
     )
-    first, second, missing, repeat = (
-        result if isinstance(result, BaseException) else result[0] for result in results
-    )
-    assert not isinstance(first, Exception) and first.created
-    assert not isinstance(second, Exception) and second.created
+    first, second, missing, repeat = results
+    assert isinstance(first, Registration) and first.created
+    assert isinstance(second, Registration) and second.created
     assert second.task.pipeline.name == "p2"
     assert isinstance(missing, NotFound)
-    assert not isinstance(repeat, Exception) and not repeat.created
+    assert isinstance(repeat, Registration) and not repeat.created
     assert repeat.task == first.task
 
 

@@ -26,7 +26,7 @@ from porch_server.db.pgasync import (
 )
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Unavailable
-from porch_server.models import Actor, Pipeline, Role
+from porch_server.models import Actor, Pipeline, Registration, Role
 from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
 from porch_server.store import Store
@@ -57,6 +57,13 @@ async def async_store(pg_url: str) -> AsyncIterator[tuple[Store, Actor]]:
     store.close()
 
 
+async def register_one(store: Store, name: str, text: str, actor: Actor) -> Registration:
+    """What the event loop's path answers for one input: it must answer."""
+    registration = await store.register_canonical_async(name, text, actor)
+    assert registration is not None, "the event loop's path left the input to the blocking one"
+    return registration
+
+
 def never(*args: Any) -> Any:
     raise AssertionError("the thread path ran")
 
@@ -67,8 +74,8 @@ async def test_register_claim_update_run_on_asyncpg(
     store, actor = async_store
     for name in ("register_tasks", "register_canonical", "claim_tasks", "update_task"):
         monkeypatch.setattr(store, name, never)
-    [first] = await store.register_canonical_async("p", [ONE], actor) or []
-    [again] = await store.register_canonical_async("p", [ONE], actor) or []
+    first = await register_one(store, "p", ONE, actor)
+    again = await register_one(store, "p", ONE, actor)
     assert first.created and not again.created
     assert again.task == first.task and first.task.status is State.PENDING
     claimed = await store.claim_tasks_async("p", 5, timedelta(minutes=5), actor)
@@ -89,14 +96,14 @@ async def test_what_asyncpg_cannot_answer_is_left_to_the_thread_path(
     async_store: tuple[Store, Actor],
 ) -> None:
     store, actor = async_store
-    [registered] = await store.register_canonical_async("p", [ONE], actor) or []
+    registered = await register_one(store, "p", ONE, actor)
     task_id = registered.task.task_input_id
     # An illegal move: the one statement refuses it, update_task says why.
     assert await store.update_task_async("p", task_id, State.DONE, None, actor) is None
     assert await store.update_task_async("p", "0" * 64, State.RUNNING, None, actor) is None
     # A pipeline this store has not read yet.
     assert await store.claim_tasks_async("elsewhere", 1, None, actor) is None
-    assert await store.register_canonical_async("elsewhere", ["{}"], actor) is None
+    assert await store.register_canonical_async("elsewhere", "{}", actor) is None
     assert store.get_task("p", task_id).status is State.PENDING
     assert len(store.list_task_events("p", task_id, 10, "").items) == 1
 
@@ -188,7 +195,7 @@ async def test_claimers_together_each_take_what_one_answer_holds(
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
     store, statements, actor = await open_store(pg_schema_db.url, pg_schema_db.schema)
     try:
-        [registered] = await store.register_canonical_async("p", [ONE], actor) or []
+        registered = await register_one(store, "p", ONE, actor)
         assert registered.created
         assert store.get_task("p", registered.task.task_input_id).status is State.PENDING
     finally:
@@ -377,12 +384,12 @@ async def test_concurrent_registrations_of_any_pipelines_and_callers_share_one_s
 
     results = await asyncio.gather(
         *(
-            store.register_canonical_async(name, [canonical_json(task_input)], who)
+            store.register_canonical_async(name, canonical_json(task_input), who)
             for name, task_input, who in calls
         )
     )
 
-    registrations = [result[0] for result in results if result is not None]
+    registrations = [result for result in results if result is not None]
     assert len(registrations) == len(calls)
     for (name, task_input, _), registration in zip(calls, registrations, strict=True):
         assert registration.task.pipeline.name == name
@@ -494,7 +501,7 @@ async def test_registrations_postgresql_refuses_go_the_blocking_way(
         raise Refused("canceling statement due to user request")
 
     monkeypatch.setattr(statements, "rows", refuse)
-    assert await store.register_canonical_async("p", [ONE], actor) is None
+    assert await store.register_canonical_async("p", ONE, actor) is None
     assert every_task(store, "p") == []
 
 
@@ -502,7 +509,7 @@ async def test_registrations_made_are_answered_when_the_read_after_is_refused(
     async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store, actor = async_store
-    [there] = await store.register_canonical_async("p", [ONE], actor) or []
+    there = await register_one(store, "p", ONE, actor)
     statements = store._async
     assert statements is not None
     run = statements.rows
@@ -515,17 +522,13 @@ async def test_registrations_made_are_answered_when_the_read_after_is_refused(
     monkeypatch.setattr(statements, "rows", refuse_the_read)
     new = canonical_json({"n": 2})
     again, made = await asyncio.gather(
-        store.register_canonical_async("p", [ONE], actor),
-        store.register_canonical_async("p", [new], actor),
+        store.register_canonical_async("p", ONE, actor),
+        store.register_canonical_async("p", new, actor),
     )
     assert store._registering is not None and store._registering.batches == 2  # the two together
     assert again is None  # the blocking way answers it
-    assert (
-        made is not None
-        and made[0].created
-        and made[0].task.task_input_id != there.task.task_input_id
-    )
-    assert await store.register_canonical_async("p", [ONE, new], actor) is None
+    assert made is not None and made.created
+    assert made.task.task_input_id != there.task.task_input_id
 
 
 async def test_claims_and_changes_made_together_keep_count_of_claims(
@@ -569,7 +572,9 @@ async def test_the_watch_hubs_reads_answer_as_the_thread_path_does(
 ) -> None:
     store, actor = async_store
     start = store.event_start_cursor()
-    await store.register_canonical_async("p", [canonical_json({"n": n}) for n in range(5)], actor)
+    await asyncio.gather(
+        *(store.register_canonical_async("p", canonical_json({"n": n}), actor) for n in range(5))
+    )
     await store.claim_tasks_async("p", 2, None, actor)
     # Events wait for the oldest transaction open anywhere on the server: one
     # of another session holds them back until it ends, so give it time to.
@@ -622,7 +627,7 @@ async def test_sessions_the_database_ended_are_replaced_unseen(
     async_store: tuple[Store, Actor], pg_url: str
 ) -> None:
     store, actor = async_store
-    [first] = await store.register_canonical_async("p", [ONE], actor) or []
+    first = await register_one(store, "p", ONE, actor)
     assert store.get_task("p", first.task.task_input_id).status is State.PENDING
     # One session on asyncpg and at least one in SQLAlchemy's pool.
     assert end_porch_sessions(pg_url) >= 2
@@ -631,7 +636,7 @@ async def test_sessions_the_database_ended_are_replaced_unseen(
     # restarting database refuses); the next statement opens what it needs.
     assert end_porch_sessions(pg_url) == 0
 
-    [second] = await store.register_canonical_async("p", [canonical_json({"n": 2})], actor) or []
+    second = await register_one(store, "p", canonical_json({"n": 2}), actor)
     assert second.created
     assert store.get_task("p", second.task.task_input_id).status is State.PENDING
 
@@ -764,7 +769,7 @@ async def test_a_statement_asyncpg_would_not_send_goes_once_more_on_another_conn
     statements._give_back_held(pool)  # the next statement takes a connection
     monkeypatch.setattr(statements, "_pool", once_ended)
     monkeypatch.setattr(statements, "_held_busy", held_busy)
-    [registered] = await store.register_canonical_async("p", [ONE], actor) or []
+    registered = await register_one(store, "p", ONE, actor)
     assert registered.created and once_ended.given == 2
 
 
