@@ -14,6 +14,7 @@ It never imports the services' implementation: only their descriptors.
 
 from gateway.app import Gateway, create_app
 from gateway.errors import HTTP_STATUS, GatewayError
+from gateway.jsonparse import inexact_integer
 from gateway.local import HandlerRegistry, LocalUpstream
 from gateway.openapi import build_openapi
 from gateway.options import (
@@ -46,6 +47,7 @@ __all__ = [
     "ServerTLS",
     "build_openapi",
     "create_app",
+    "inexact_integer",
     "integral_numbers",
     "load_bindings",
     "message_to_dict",

@@ -65,6 +65,10 @@ INTEGER_RANGES: dict[int, tuple[int, int]] = {
 }
 
 
+# A double holds every integer up to 2^53 in size exactly, and beyond it only some.
+_EXACT = 2**53
+
+
 class _NotPlain(Exception):
     """The body holds something only json_format reads."""
 
@@ -103,6 +107,10 @@ def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
         if type(data) is not kind:
             expected = "an object" if kind is dict else "a list"
             raise json_format.ParseError(f"{_where(path)}: expected {expected}, got {_kind(data)}")
+    if name in ("google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"):
+        inexact = inexact_integer(data, path)
+        if inexact is not None:
+            raise json_format.ParseError(inexact)
     if name.startswith("google.protobuf."):
         return  # well-known types have JSON forms of their own; json_format judges them
     if type(data) is not dict:
@@ -164,6 +172,33 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             raise json_format.ParseError(
                 f"{where}: expected one of {offered_names(enum)}, got {_given(value)}"
             )
+
+
+def inexact_integer(data: Any, path: str) -> str | None:
+    """Why data, the JSON of a Struct, ListValue or Value found at path,
+    cannot be read as it is: an integer in it that a double, the one kind
+    of number these hold, does not hold exactly. None when there is none."""
+    pending = [(path, data)]
+    while pending:
+        where, value = pending.pop()
+        # Pushed last to first, so the first such integer in the body is named.
+        if type(value) is dict:
+            keys = [(f"{where}.{key}" if where else key, item) for key, item in value.items()]
+            pending.extend(reversed(keys))
+        elif type(value) is list:
+            pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
+        elif type(value) is int and not -_EXACT <= value <= _EXACT:
+            try:
+                kept: int | None = int(float(value))
+            except OverflowError:
+                kept = None
+            if kept != value:
+                stored = "is past any double" if kept is None else f"would be stored as {kept}"
+                return (
+                    f"{_where(where)}: the integer {_given(value)} {stored} (protobuf keeps "
+                    "a JSON value's numbers as doubles, exact up to 2^53); send it as a string"
+                )
+    return None
 
 
 def integral(value: Any) -> int | None:
@@ -394,10 +429,10 @@ def _value(data: Any, message: Any, depth: int) -> None:
         message.bool_value = data
     elif kind is str:
         message.string_value = data
-    elif kind is int or kind is float:
+    elif kind is float or (kind is int and -_EXACT <= data <= _EXACT):
         message.number_value = data
     else:
-        raise _NotPlain
+        raise _NotPlain  # check_shapes tells a larger integer that a double holds
 
 
 def _timestamp(data: Any, message: Any) -> None:

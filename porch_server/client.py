@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from gateway import ClientTLS, access, message_to_dict
+from gateway import ClientTLS, access, inexact_integer, message_to_dict
 from porch_server.config import RECEIVE_LIMIT, check_pem, finite_number, option_file
 from porch_server.errors import InvalidArgument
 from porch_server.service import MAX_LEASE, checked_task_input
@@ -230,6 +230,9 @@ def _json_object(text: str, where: str = "") -> dict[str, Any]:
         raise SystemExit(f"porch: {at}not JSON: {text!r} ({error})") from None
     if not isinstance(value, dict):
         raise SystemExit(f"porch: {at}a task input must be a JSON object, got {text!r}")
+    inexact = inexact_integer(value, "")
+    if inexact is not None:
+        raise SystemExit(f"porch: {at}{inexact}")
     return value
 
 

@@ -144,8 +144,9 @@ class Task(_message.Message):
     @_builtins.property
     def task_input(self) -> _struct_pb2.Struct:
         """The JSON object that describes the work, at most 1 MiB both as
-        canonical JSON and as protobuf. Numbers beyond 2^53 lose precision: send
-        such values as strings.
+        canonical JSON and as protobuf. Its numbers are doubles, which hold
+        integers exactly up to 2^53: send larger ones as strings. Over HTTP, an
+        integer that a double would change is refused.
         """
 
     @_builtins.property

@@ -103,3 +103,48 @@ def test_the_porch_command_prints_integers(capsys: pytest.CaptureFixture[str]) -
     porch_client._print(task({"id_run": 1, "study_id": 100.0}))
     printed = json.loads(capsys.readouterr().out)
     assert json.dumps(printed["task_input"], sort_keys=True) == '{"id_run": 1, "study_id": 100}'
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (
+            {"n": EXACT + 1},
+            "data.n: the integer 9007199254740993 would be stored as 9007199254740992",
+        ),
+        ({"n": -EXACT - 1}, "data.n: the integer -9007199254740993 would be stored as"),
+        # The first in the body is named, however deep.
+        ({"a": [1, {"b": EXACT + 3}], "c": EXACT + 5}, "data.a[1].b: the integer 9007199254740995"),
+        # A float beside it sends the body the general way: the same check.
+        ({"f": 0.5, "n": EXACT + 1}, "data.n: the integer 9007199254740993"),
+        ({"n": 10**400}, "data.n: the integer 1000000000000000000000000000000000000000 is past"),
+    ],
+)
+async def test_an_integer_a_double_would_change_is_refused(
+    client: httpx.AsyncClient, data: dict[str, Any], named: str
+) -> None:
+    # A Struct holds numbers as doubles: stored, 2^53 + 1 would read back as
+    # 2^53, and two inputs differing only there would be one task.
+    response = await client.post("/v1/echo", content=json.dumps({"text": "n", "data": data}))
+    assert response.status_code == 400
+    message = response.json()["message"]
+    assert message.startswith(named), message
+    assert message.endswith(
+        "(protobuf keeps a JSON value's numbers as doubles, exact up to 2^53); send it as a string"
+    )
+
+
+async def test_integers_a_double_holds_exactly_pass_however_large(
+    client: httpx.AsyncClient,
+) -> None:
+    # Each as porch writes it back, so an answer sent again is read as it was.
+    data = {"at_2_53": EXACT, "above": 15000000000000000, "far": 2**60, "f": 0.5}
+    response = await client.post(
+        "/v1/echo", json={"text": "n", "data": data, "int64_value": str(EXACT + 1)}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == data
+    # Not in a Struct: an int64 field holds it exactly.
+    assert response.json()["int64_value"] == str(EXACT + 1)
+    response = await client.post("/v1/echo", content=f'{{"text": "n", "int64_value": {EXACT + 1}}}')
+    assert response.json()["int64_value"] == str(EXACT + 1)

@@ -301,7 +301,12 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
             'task.create_time: expected a time such as "2026-01-31T12:00:00Z" (RFC 3339),'
             ' got "yesterday"',
         ),
-        ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 400 + "}}", "too large"),
+        (
+            '{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 400 + "}}",
+            "task.task_input.n: the integer 1000000000000000000000000000000000000000 is past any"
+            " double (protobuf keeps a JSON value's numbers as doubles, exact up to 2^53); send it"
+            " as a string",
+        ),
         ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 5000 + "}}", "too long"),
         (
             '{"pipeline": {"name": "ptest"}, "task_input": ' + '{"x": ' * 1000 + "1" + "}" * 1001,

@@ -663,6 +663,12 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         assert refused.stderr.startswith(
             "porch: line 1501 of stdin: task.task_input holds a number that is not finite"
         ), refused.stderr
+        inexact = register('{"n": 1}\n{"ids": [1, 9007199254740993]}\n')
+        assert inexact.returncode == 1 and inexact.stdout == ""
+        assert inexact.stderr.startswith(
+            "porch: line 2 of stdin: ids[1]: the integer 9007199254740993 would be stored as "
+            "9007199254740992"
+        ), inexact.stderr
         assert register('{"n": 1}').stdout.count('"created": true') == 1  # nothing sent before
         # An empty input is one too, as it is over HTTP.
         empty = register("{}\n")
