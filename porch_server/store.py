@@ -144,6 +144,13 @@ class _Registering:
 
 # The parameters that many statements share.
 _NOW = bindparam("now", type_=UtcDateTime)
+# A change's time on PostgreSQL: the server's clock, but never before the
+# task's last change. A statement that took its time and then waited (for
+# its batch, a lock, a connection) may see changes stamped after it, and
+# another server's clock may run ahead. A claim's lease runs from it.
+# (SQLite: a writer takes the time once it holds the write lock.)
+_CHANGE_TIME = func.greatest(_NOW, task.c.update_time, type_=UtcDateTime)
+_SECOND = literal_column("interval '1 second'", Interval)
 _PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
 # A literal rather than a parameter: both planners match a partial index's
 # predicate only against the query's own text.
@@ -218,13 +225,16 @@ def _answer_holds(nth: ColumnElement[int], running: ColumnElement[int]) -> Colum
 
 
 def _claimed(
-    token_id: ColumnElement[Any], lease_seconds: ColumnElement[Any], lease_expire_time: Any
+    token_id: ColumnElement[Any],
+    lease_seconds: ColumnElement[Any],
+    lease_expire_time: Any,
+    at: ColumnElement[Any] = _CHANGE_TIME,
 ) -> dict[str, Any]:
-    """The columns a claim sets on each task it takes."""
+    """The columns a claim made at its time at sets on each task it takes."""
     return {
         "status": State.CLAIMED.value,
-        "update_time": _NOW,
-        "claim_time": _NOW,
+        "update_time": at,
+        "claim_time": at,
         "claim_number": task.c.claim_number + 1,
         "claimed_by_token_id": token_id,
         "lease_seconds": lease_seconds,
@@ -297,25 +307,26 @@ def _within_answer(candidates: CTE, name: str = "sized") -> Select[Any]:
 claim_candidates = _claim_candidates()
 
 
-def _claim(candidates: Select[Any]) -> Any:
+def _claim(candidates: Select[Any], postgresql: bool = True) -> Any:
     """Claim those of the candidates one answer holds."""
+    token_id = bindparam("actor_token_id", type_=Integer)
+    lease_seconds = bindparam("claim_lease_seconds", type_=Integer)
+    if postgresql:
+        claimed = _claimed(token_id, lease_seconds, _CHANGE_TIME + lease_seconds * _SECOND)
+    else:
+        deadline = bindparam("claim_lease_expire_time", type_=UtcDateTime)
+        claimed = _claimed(token_id, lease_seconds, deadline, _NOW)
     return (
         update(task)
         .where(task.c.id.in_(_within_answer(candidates.cte("candidates"))))
-        .values(
-            **_claimed(
-                bindparam("actor_token_id", type_=Integer),
-                bindparam("claim_lease_seconds", type_=Integer),
-                bindparam("claim_lease_expire_time", type_=UtcDateTime),
-            )
-        )
+        .values(**claimed)
         .returning(*task.c)
     )
 
 
 # SQLite: a claim holds the database's write lock, so nothing is skipped and
 # the oldest PENDING tasks are the candidates.
-_claim_sqlite = _claim(_pending(_NUM_TASKS, _input_length(postgresql=False)))
+_claim_sqlite = _claim(_pending(_NUM_TASKS, _input_length(postgresql=False)), postgresql=False)
 
 
 class Store:
@@ -637,8 +648,8 @@ class Store:
         self, pipeline_name: str, num_tasks: int, lease: timedelta | None, actor: Actor
     ) -> list[Task]:
         """Claim up to num_tasks of the oldest PENDING tasks, after expiring lapsed leases."""
-        now = _now()
         with self._statements() as connection:
+            now = _now()  # SQLite: the write lock held, after every change it can see
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             self._expire_leases(connection, now, pipeline_id)
             params = _claim_params(now, pipeline_id, num_tasks, _lease_seconds(lease), actor)
@@ -682,9 +693,9 @@ class Store:
         """Apply status changes in one write transaction: one commit for all.
         Each change gets its task, or the error update_task would raise for it
         alone; a change that fails writes nothing."""
-        now = _now()
         results: list[Task | PorchError] = []
         with self._write() as connection:
+            now = _now()  # SQLite: the write lock held, after every change it can see
             for change in changes:
                 params = _event_params(now, change.actor, change.message) | {
                     "in_task_input_id": change.task_input_id,
@@ -716,6 +727,7 @@ class Store:
         pipeline_id = self._find_pipeline_id(connection, pipeline_name)
         params["in_pipeline_id"] = pipeline_id
         if not self._postgresql:  # the write lock is held: nothing changes meanwhile
+            params["now"] = _now()  # after every change the task had
             current = _named_task(connection, params, pipeline_name, task_input_id)
             if _refused(current, status, params):
                 return self._to_task(current)
@@ -1428,7 +1440,6 @@ def _claim_batch_params(now: datetime, pipeline_id: int, group: Sequence[_Claim]
         "claim_token_ids": [_actor_token_id(claim.actor) for claim in group],
         "claim_descriptions": [claim.actor.description for claim in group],
         "claim_lease_seconds": [claim.lease_seconds for claim in group],
-        "claim_lease_expire_times": [_deadline(now, claim.lease_seconds) for claim in group],
     }
 
 
@@ -1570,7 +1581,8 @@ def _events_from(
     new: ColumnElement[Any],
     who: tuple[ColumnElement[Any], ...] | None = None,
 ) -> CTE:
-    """A data-modifying CTE writing one event per row of changed (PostgreSQL).
+    """A data-modifying CTE writing one event per row of changed (PostgreSQL),
+    at the time of the change: its row's update_time, else (a row made) now.
 
     who is each event's (token id, token description, message); by default
     the one caller's, from the actor_* and event_message parameters.
@@ -1581,7 +1593,8 @@ def _events_from(
             bindparam("actor_description", type_=Text),
             bindparam("event_message", type_=Text),
         )
-    values = select(_NOW, changed.c.id, changed.c.pipeline_id, literal(kind.value), old, new, *who)
+    at = changed.c.update_time if "update_time" in changed.c else _NOW
+    values = select(at, changed.c.id, changed.c.pipeline_id, literal(kind.value), old, new, *who)
     return insert(event).from_select(_EVENT_COLUMNS, values).cte("events")
 
 
@@ -1772,7 +1785,6 @@ def _claim_batch() -> Select[Any]:
             ("claim_token_ids", "token_id", Integer),
             ("claim_descriptions", "token_description", Text),
             ("claim_lease_seconds", "lease_seconds", Integer),
-            ("claim_lease_expire_times", "lease_expire_time", UtcDateTime),
         ],
     )
     # How many of its share of the preview each claimer's answer holds; the
@@ -1840,7 +1852,11 @@ def _claim_batch() -> Select[Any]:
         update(task)
         .where(task.c.id == assigned.c.id, _answer_holds(assigned.c.nth, assigned.c.running))
         .values(
-            **_claimed(assigned.c.token_id, assigned.c.lease_seconds, assigned.c.lease_expire_time)
+            **_claimed(
+                assigned.c.token_id,
+                assigned.c.lease_seconds,
+                _CHANGE_TIME + assigned.c.lease_seconds * _SECOND,
+            )
         )
         .returning(*task.c, assigned.c.position, assigned.c.token_description)
         .cte("claimed")
@@ -1874,11 +1890,15 @@ def _update_with_event(status: State) -> Select[Any]:
         .with_for_update()
         .cte("current")
     )
-    renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
+    renewed_lease = _CHANGE_TIME + task.c.lease_seconds * _SECOND
     changed = (
         update(task)
         .where(task.c.id == current.c.id)
-        .values(status=status.value, update_time=_NOW, **_status_effects(status, renewed_lease))
+        .values(
+            status=status.value,
+            update_time=_CHANGE_TIME,
+            **_status_effects(status, renewed_lease),
+        )
         .returning(*task.c, current.c.status.label("old_status"))
         .cte("changed")
     )
@@ -1940,7 +1960,7 @@ def _update_batch() -> Select[Any]:
         .cte("current")
     )
     new_status = current.c.new_status
-    renewed_lease = _NOW + task.c.lease_seconds * literal_column("interval '1 second'", Interval)
+    renewed_lease = _CHANGE_TIME + task.c.lease_seconds * _SECOND
     effects: dict[str, list[tuple[ColumnElement[bool], Any]]] = {}
     for status in sorted({new for targets in UPDATE_TRANSITIONS.values() for new in targets}):
         for name, value in _status_effects(status, renewed_lease).items():
@@ -1951,7 +1971,7 @@ def _update_batch() -> Select[Any]:
         .where(task.c.id == current.c.id)
         .values(
             status=new_status,
-            update_time=_NOW,
+            update_time=_CHANGE_TIME,
             **{name: case(*whens, else_=task.c[name]) for name, whens in effects.items()},
         )
         .returning(
@@ -2033,8 +2053,10 @@ def _expire_with_events(per_pipeline: bool) -> Select[Any]:
     expired = (
         update(task)
         .where(task.c.id == lapsed.c.id)
-        .values(status=State.PENDING.value, update_time=_NOW, **_clear_claim())
-        .returning(task.c.id, task.c.pipeline_id, lapsed.c.status.label("old_status"))
+        .values(status=State.PENDING.value, update_time=_CHANGE_TIME, **_clear_claim())
+        .returning(
+            task.c.id, task.c.pipeline_id, task.c.update_time, lapsed.c.status.label("old_status")
+        )
         .cte("expired")
     )
     events = _events_from(expired, EventKind.LEASE_EXPIRED, expired.c.old_status, _PENDING)

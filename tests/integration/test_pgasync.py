@@ -7,7 +7,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import create_engine, text
 
+from porch_server import store as store_module
 from porch_server.db.engine import make_engine
 from porch_server.db.pgasync import (
     AsyncStatements,
@@ -26,7 +27,7 @@ from porch_server.db.pgasync import (
 )
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Unavailable
-from porch_server.models import Actor, Pipeline, Registration, Role
+from porch_server.models import Actor, EventKind, Pipeline, Registration, Role
 from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
 from porch_server.store import Store
@@ -845,3 +846,34 @@ async def test_a_statement_refused_as_the_pool_closes_is_not_sent_again(
     with pytest.raises(Unavailable, match="the connection was lost during the call; try again"):
         await store.claim_tasks_async("p", 1, None, actor)
     assert closing.given == 1
+
+
+async def test_a_change_is_never_stamped_before_the_tasks_last(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A statement takes its time, then may wait (for its batch, a lock, a
+    # connection) while another change to the task commits; or another
+    # server's clock runs ahead of this one's. A task's history, and a claim's
+    # lease, still run forward from its last change.
+    store, actor = async_store
+    store.register_tasks("p", [{"n": n} for n in range(4)], actor)
+    behind = datetime.now(UTC) - timedelta(seconds=30)
+    monkeypatch.setattr(store_module, "_now", lambda: behind)
+    minute = timedelta(seconds=60)
+    [batched] = await store.claim_tasks_async("p", 1, minute, actor) or []
+    [alone] = store.claim_tasks("p", 1, minute, actor)
+    for claimed in (batched, alone):
+        assert claimed.claim_time is not None and claimed.claim_time >= claimed.create_time
+        assert claimed.update_time == claimed.claim_time
+        assert claimed.lease_expire_time == claimed.claim_time + minute
+    running = await store.update_task_async("p", batched.task_input_id, State.RUNNING, None, actor)
+    assert running is not None and running.update_time >= batched.update_time
+    assert running.lease_expire_time == running.update_time + minute
+    store.update_task("p", alone.task_input_id, State.DONE, None, actor)
+    for claimed in (batched, alone):
+        events = store.list_task_events("p", claimed.task_input_id, 10, "").items
+        assert [event.kind for event in events][1] is EventKind.CLAIMED
+        assert events[1].time == claimed.claim_time
+        times = [event.time for event in events]
+        assert times == sorted(times)
+        assert store.get_task("p", claimed.task_input_id).update_time == times[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -311,6 +312,32 @@ def test_page_tokens_only_continue_their_own_listing(store: Store) -> None:
 
 
 # Claims
+
+
+def test_a_sqlite_claim_takes_its_time_once_it_holds_the_write_lock(sqlite_url: str) -> None:
+    # Two server processes on one file: one's claim waits for the write lock
+    # while the other registers a task. The claim that then takes the task
+    # is not stamped before the task was made.
+    engines = [make_engine(sqlite_url) for _ in "ab"]
+    claiming, registering = (Store(engine) for engine in engines)
+    try:
+        add_pipeline(claiming, "p1")
+        actor = add_actor(claiming)
+        with ThreadPoolExecutor(1) as thread:
+            with claiming._write_lock:
+                claim = thread.submit(claiming.claim_tasks, "p1", 1, timedelta(seconds=60), actor)
+                time.sleep(0.05)  # the claim is waiting
+                [made] = registering.register_tasks("p1", [{"i": 1}], actor)
+            [claimed] = claim.result(timeout=30)
+        assert claimed.task_input_id == made.task.task_input_id
+        assert claimed.claim_time is not None and claimed.claim_time >= made.task.create_time
+        assert claimed.lease_expire_time == claimed.claim_time + timedelta(seconds=60)
+        events = claiming.list_task_events("p1", claimed.task_input_id, 10, "").items
+        assert [event.time for event in events] == [made.task.create_time, claimed.claim_time]
+    finally:
+        for store, engine in zip((claiming, registering), engines, strict=True):
+            store.close()
+            engine.dispose()
 
 
 def test_claim_oldest_first_with_events(store: Store) -> None:
