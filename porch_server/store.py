@@ -148,7 +148,7 @@ _NOW = bindparam("now", type_=UtcDateTime)
 # task's last change. A statement that took its time and then waited (for
 # its batch, a lock, a connection) may see changes stamped after it, and
 # another server's clock may run ahead. A claim's lease runs from it.
-# (SQLite: a writer takes the time once it holds the write lock.)
+# (SQLite: a claim or an update takes its time once it holds the write lock.)
 _CHANGE_TIME = func.greatest(_NOW, task.c.update_time, type_=UtcDateTime)
 _SECOND = literal_column("interval '1 second'", Interval)
 _PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
@@ -230,7 +230,7 @@ def _claimed(
     lease_expire_time: Any,
     at: ColumnElement[Any] = _CHANGE_TIME,
 ) -> dict[str, Any]:
-    """The columns a claim made at its time at sets on each task it takes."""
+    """The columns a claim sets on each task it takes, at being the claim's time."""
     return {
         "status": State.CLAIMED.value,
         "update_time": at,
