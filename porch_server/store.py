@@ -307,15 +307,8 @@ def _within_answer(candidates: CTE, name: str = "sized") -> Select[Any]:
 claim_candidates = _claim_candidates()
 
 
-def _claim(candidates: Select[Any], postgresql: bool = True) -> Any:
-    """Claim those of the candidates one answer holds."""
-    token_id = bindparam("actor_token_id", type_=Integer)
-    lease_seconds = bindparam("claim_lease_seconds", type_=Integer)
-    if postgresql:
-        claimed = _claimed(token_id, lease_seconds, _CHANGE_TIME + lease_seconds * _SECOND)
-    else:
-        deadline = bindparam("claim_lease_expire_time", type_=UtcDateTime)
-        claimed = _claimed(token_id, lease_seconds, deadline, _NOW)
+def _claim(candidates: Select[Any], claimed: dict[str, Any]) -> Any:
+    """Claim those of the candidates one answer holds, setting the columns claimed."""
     return (
         update(task)
         .where(task.c.id.in_(_within_answer(candidates.cte("candidates"))))
@@ -324,9 +317,17 @@ def _claim(candidates: Select[Any], postgresql: bool = True) -> Any:
     )
 
 
+# One claimer's claim: its token and lease, from these parameters.
+_CLAIMER = bindparam("actor_token_id", type_=Integer)
+_LEASE_SECONDS = bindparam("claim_lease_seconds", type_=Integer)
+
 # SQLite: a claim holds the database's write lock, so nothing is skipped and
-# the oldest PENDING tasks are the candidates.
-_claim_sqlite = _claim(_pending(_NUM_TASKS, _input_length(postgresql=False)), postgresql=False)
+# the oldest PENDING tasks are the candidates; its time and deadline are
+# taken under the lock.
+_claim_sqlite = _claim(
+    _pending(_NUM_TASKS, _input_length(postgresql=False)),
+    _claimed(_CLAIMER, _LEASE_SECONDS, bindparam("claim_lease_expire_time", UtcDateTime), _NOW),
+)
 
 
 class Store:
@@ -652,10 +653,12 @@ class Store:
             now = _now()  # SQLite: the write lock held, after every change it can see
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
             self._expire_leases(connection, now, pipeline_id)
-            params = _claim_params(now, pipeline_id, num_tasks, _lease_seconds(lease), actor)
+            lease_seconds = _lease_seconds(lease)
+            params = _claim_params(now, pipeline_id, num_tasks, lease_seconds, actor)
             if self._postgresql:
                 rows = connection.execute(_claim_with_events(), params).all()
             else:
+                params["claim_lease_expire_time"] = _deadline(now, lease_seconds)
                 rows = sorted(connection.execute(_claim_sqlite, params), key=lambda row: row.id)
                 self._record_events(
                     connection, rows, EventKind.CLAIMED, State.PENDING, State.CLAIMED, params
@@ -1423,7 +1426,6 @@ def _claim_params(
         "in_pipeline_id": pipeline_id,
         "num_tasks": num_tasks,
         "claim_lease_seconds": lease_seconds,
-        "claim_lease_expire_time": _deadline(now, lease_seconds),
     }
 
 
@@ -1746,7 +1748,9 @@ def _existing_tasks() -> Select[Any]:
 @functools.cache
 def _claim_with_events() -> Select[Any]:
     """The claim and its CLAIMED events in one statement (PostgreSQL)."""
-    claimed = _claim(claim_candidates).cte("claimed")
+    lease_expire_time = _CHANGE_TIME + _LEASE_SECONDS * _SECOND
+    columns = _claimed(_CLAIMER, _LEASE_SECONDS, lease_expire_time)
+    claimed = _claim(claim_candidates, columns).cte("claimed")
     events = _events_from(
         claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
     )

@@ -854,26 +854,43 @@ async def test_a_change_is_never_stamped_before_the_tasks_last(
     # A statement takes its time, then may wait (for its batch, a lock, a
     # connection) while another change to the task commits; or another
     # server's clock runs ahead of this one's. A task's history, and a claim's
-    # lease, still run forward from its last change.
+    # lease, still run forward from its last change: claims and updates
+    # alone and in batches, with a lease and without.
     store, actor = async_store
-    store.register_tasks("p", [{"n": n} for n in range(4)], actor)
+    store.register_tasks("p", [{"n": n} for n in range(6)], actor)
     behind = datetime.now(UTC) - timedelta(seconds=30)
     monkeypatch.setattr(store_module, "_now", lambda: behind)
     minute = timedelta(seconds=60)
-    [batched] = await store.claim_tasks_async("p", 1, minute, actor) or []
-    [alone] = store.claim_tasks("p", 1, minute, actor)
-    for claimed in (batched, alone):
-        assert claimed.claim_time is not None and claimed.claim_time >= claimed.create_time
-        assert claimed.update_time == claimed.claim_time
-        assert claimed.lease_expire_time == claimed.claim_time + minute
-    running = await store.update_task_async("p", batched.task_input_id, State.RUNNING, None, actor)
-    assert running is not None and running.update_time >= batched.update_time
-    assert running.lease_expire_time == running.update_time + minute
-    store.update_task("p", alone.task_input_id, State.DONE, None, actor)
-    for claimed in (batched, alone):
-        events = store.list_task_events("p", claimed.task_input_id, 10, "").items
+    leases = [minute, None, minute, None, minute]
+    assert store._claims is not None and store._updates is not None
+    together = await asyncio.gather(
+        *(store.claim_tasks_async("p", 1, lease, actor) for lease in leases[:4])
+    )
+    assert store._claims.batches < 4  # some went together
+    claimed = [task for tasks in together for task in tasks or []]
+    claimed += store.claim_tasks("p", 1, leases[4], actor)
+    assert len(claimed) == 5
+    for task, lease in zip(claimed, leases, strict=True):
+        assert task.claim_time is not None and task.claim_time >= task.create_time
+        assert task.update_time == task.claim_time
+        expected = None if lease is None else task.claim_time + lease
+        assert task.lease_expire_time == expected
+    updated = await asyncio.gather(
+        *(
+            store.update_task_async("p", task.task_input_id, State.RUNNING, None, actor)
+            for task in claimed[:4]
+        )
+    )
+    assert store.coalesced[1] < 4  # some went together
+    updated.append(store.update_task("p", claimed[4].task_input_id, State.RUNNING, None, actor))
+    for task, before, lease in zip(updated, claimed, leases, strict=True):
+        assert task is not None and task.update_time >= before.update_time
+        expected = None if lease is None else task.update_time + lease
+        assert task.lease_expire_time == expected
+    for task in claimed:
+        events = store.list_task_events("p", task.task_input_id, 10, "").items
         assert [event.kind for event in events][1] is EventKind.CLAIMED
-        assert events[1].time == claimed.claim_time
+        assert events[1].time == task.claim_time
         times = [event.time for event in events]
         assert times == sorted(times)
-        assert store.get_task("p", claimed.task_input_id).update_time == times[-1]
+        assert store.get_task("p", task.task_input_id).update_time == times[-1]
