@@ -32,7 +32,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.protojson import custom_enum_names
+from gateway.protojson import MAX_EXACT_INTEGER, custom_enum_names
 from gateway.rules import is_map_field
 
 # json_format.ParseDict's default: messages (each Struct and Value counts) nest this deep.
@@ -41,6 +41,8 @@ _TIMESTAMP = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
 )
 _EPOCH = datetime.datetime(1970, 1, 1)
+# A Struct key that reads as one name in a path.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A Duration in JSON: seconds, up to nine decimals, then "s" (the proto3 JSON mapping).
 _DURATION = re.compile(r"-?[0-9]+(?:\.[0-9]{0,9})?s")
 # The most a Duration holds: 10,000 years (google/protobuf/duration.proto).
@@ -63,10 +65,6 @@ INTEGER_RANGES: dict[int, tuple[int, int]] = {
     FieldDescriptor.CPPTYPE_UINT32: (0, 2**32 - 1),
     FieldDescriptor.CPPTYPE_UINT64: (0, 2**64 - 1),
 }
-
-
-# A double holds every integer up to 2^53 in size exactly, and beyond it only some.
-_EXACT = 2**53
 
 
 class _NotPlain(Exception):
@@ -177,28 +175,52 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
 def inexact_integer(data: Any, path: str) -> str | None:
     """Why data, the JSON of a Struct, ListValue or Value found at path,
     cannot be read as it is: an integer in it that a double, the one kind
-    of number these hold, does not hold exactly. None when there is none."""
+    of number these hold, does not hold. None when there is none.
+
+    A double holds an integer when it is the integer's value, or when the
+    integer is the double's shortest form written out in full, as
+    JavaScript and jq write 2^60 (1152921504606847000), which porch wrote
+    as 1.152921504606847e+18: sent back, it is the same number."""
     pending = [(path, data)]
     while pending:
         where, value = pending.pop()
         # Pushed last to first, so the first such integer in the body is named.
         if type(value) is dict:
-            keys = [(f"{where}.{key}" if where else key, item) for key, item in value.items()]
+            keys = [(_member(where, key), item) for key, item in value.items()]
             pending.extend(reversed(keys))
         elif type(value) is list:
             pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
-        elif type(value) is int and not -_EXACT <= value <= _EXACT:
+        elif type(value) is int and not -MAX_EXACT_INTEGER <= value <= MAX_EXACT_INTEGER:
             try:
-                kept: int | None = int(float(value))
+                kept = float(value)
             except OverflowError:
-                kept = None
-            if kept != value:
-                stored = "is past any double" if kept is None else f"would be stored as {kept}"
                 return (
-                    f"{_where(where)}: the integer {_given(value)} {stored} (protobuf keeps "
-                    "a JSON value's numbers as doubles, exact up to 2^53); send it as a string"
+                    f"{_where(where)}: the integer {_digits(value)} is past any double, the"
+                    " kind of number a JSON value holds in protobuf; send it as a string"
+                )
+            if int(kept) != value and decimal.Decimal(repr(kept)) != value:
+                return (
+                    f"{_where(where)}: the integer {_digits(value)} would be stored as"
+                    f" {_digits(int(kept))} (protobuf keeps a JSON value's numbers as doubles,"
+                    " exact up to 2^53); send it as a string"
                 )
     return None
+
+
+def _member(path: str, key: str) -> str:
+    """The path of an object's member: .key, or ["key"] for a key that would
+    not read as one name."""
+    if _NAME.fullmatch(key):
+        return f"{path}.{key}" if path else key
+    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+def _digits(number: int) -> str:
+    """An integer for an error: in full up to 40 digits, else its first ones and how many."""
+    text = str(number)
+    if len(text) <= 40:
+        return text
+    return f"{text[:24]}… ({len(text.lstrip('-'))} digits)"
 
 
 def integral(value: Any) -> int | None:
@@ -429,10 +451,10 @@ def _value(data: Any, message: Any, depth: int) -> None:
         message.bool_value = data
     elif kind is str:
         message.string_value = data
-    elif kind is float or (kind is int and -_EXACT <= data <= _EXACT):
+    elif kind is float or (kind is int and -MAX_EXACT_INTEGER <= data <= MAX_EXACT_INTEGER):
         message.number_value = data
     else:
-        raise _NotPlain  # check_shapes tells a larger integer that a double holds
+        raise _NotPlain  # a larger integer: check_shapes refuses it unless a double holds it
 
 
 def _timestamp(data: Any, message: Any) -> None:

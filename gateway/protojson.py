@@ -33,7 +33,9 @@ from gateway.rules import is_map_field
 Convert = Callable[[Any], Any]
 Printer = Callable[[Message], Any]
 
-_MAX_EXACT = float(2**53)
+# A double holds every integer up to this in size exactly, and beyond it only some.
+MAX_EXACT_INTEGER = 2**53
+_MAX_EXACT = float(MAX_EXACT_INTEGER)
 _JSON_VALUE_TYPES = frozenset(
     f"google.protobuf.{name}" for name in ("Struct", "Value", "ListValue")
 )

@@ -435,7 +435,7 @@ def _dispatch(
         task.claim_number = args.claim_number
         if args.input:
             task.task_input.SetInParent()
-            task.task_input.update(_json_object(args.input))
+            task.task_input.update(_json_object(args.input, "--input"))
         update = porch_pb2.UpdateTaskRequest(task=task, message=args.message)
         _print(stub.UpdateTask(update, metadata=metadata))
     elif args.action == "get":

@@ -117,7 +117,10 @@ def test_the_porch_command_prints_integers(capsys: pytest.CaptureFixture[str]) -
         ({"a": [1, {"b": EXACT + 3}], "c": EXACT + 5}, "data.a[1].b: the integer 9007199254740995"),
         # A float beside it sends the body the general way: the same check.
         ({"f": 0.5, "n": EXACT + 1}, "data.n: the integer 9007199254740993"),
-        ({"n": 10**400}, "data.n: the integer 1000000000000000000000000000000000000000 is past"),
+        # A key that would not read as a name is quoted.
+        ({"a.b": [EXACT + 1]}, 'data["a.b"][0]: the integer 9007199254740993'),
+        # 10^300 written out is 1e+300's shortest form; one more is no double's.
+        ({"n": 10**300 + 1}, "data.n: the integer 100000000000000000000000… (301 digits) would"),
     ],
 )
 async def test_an_integer_a_double_would_change_is_refused(
@@ -134,16 +137,30 @@ async def test_an_integer_a_double_would_change_is_refused(
     )
 
 
+async def test_an_integer_past_any_double_is_named_by_its_size(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/echo", content=json.dumps({"text": "n", "data": {"n": 10**400}})
+    )
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "data.n: the integer 100000000000000000000000… (401 digits) is past any double, the kind"
+        " of number a JSON value holds in protobuf; send it as a string"
+    )
+
+
 async def test_integers_a_double_holds_exactly_pass_however_large(
     client: httpx.AsyncClient,
 ) -> None:
-    # Each as porch writes it back, so an answer sent again is read as it was.
-    data = {"at_2_53": EXACT, "above": 15000000000000000, "far": 2**60, "f": 0.5}
+    # Each a double's value, or a double's shortest form written out in full:
+    # 2^60 comes back as 1.152921504606847e+18, which JavaScript and jq write
+    # as 1152921504606847000, and sent again it is the same number.
+    data = {"at_2_53": EXACT, "far": 2**60, "shortest": 1152921504606847000, "e300": 10**300}
     response = await client.post(
         "/v1/echo", json={"text": "n", "data": data, "int64_value": str(EXACT + 1)}
     )
     assert response.status_code == 200, response.text
-    assert response.json()["data"] == data
+    assert response.json()["data"] == {key: float(value) for key, value in data.items()}
+    assert response.json()["data"]["far"] == response.json()["data"]["shortest"]
     # Not in a Struct: an int64 field holds it exactly.
     assert response.json()["int64_value"] == str(EXACT + 1)
     response = await client.post("/v1/echo", content=f'{{"text": "n", "int64_value": {EXACT + 1}}}')

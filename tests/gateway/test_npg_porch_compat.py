@@ -178,6 +178,26 @@ async def test_a_claimed_task_sent_back_is_refused_once_claimed_again(
     assert (current.status_code, current.json()["status"]) == (200, "DONE")
 
 
+async def test_a_claimed_task_with_a_large_integer_goes_back_as_a_script_writes_it(
+    porch_http: PorchHttp,
+) -> None:
+    # 2^60 comes back as 1.152921504606847e+18; JavaScript and jq write that
+    # number out in full, 1152921504606847000, which is not 2^60 but reads as
+    # the same double. Sent back so, it names the same task.
+    client = porch_http.client
+    wrapper = await setup_pipeline(porch_http)
+    created = await client.post("/tasks", json=task_body({"run": 2**60}), headers=wrapper)
+    assert created.status_code == 201, created.text
+    [claimed] = json.loads((await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).text)
+    assert claimed["task_input"] == {"run": 1.152921504606847e18}
+    as_written = json.dumps(claimed | {"status": "RUNNING"}).replace(
+        "1.152921504606847e+18", "1152921504606847000"
+    )
+    running = await client.put("/tasks", content=as_written, headers=wrapper)
+    assert (running.status_code, running.json()["status"]) == (200, "RUNNING"), running.text
+    assert running.json()["task_input_id"] == created.json()["task_input_id"]
+
+
 async def test_claim_num_tasks_and_an_empty_claim(porch_http: PorchHttp) -> None:
     client = porch_http.client
     wrapper = await setup_pipeline(porch_http)
@@ -303,9 +323,8 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
         ),
         (
             '{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 400 + "}}",
-            "task.task_input.n: the integer 1000000000000000000000000000000000000000 is past any"
-            " double (protobuf keeps a JSON value's numbers as doubles, exact up to 2^53); send it"
-            " as a string",
+            "task.task_input.n: the integer 100000000000000000000000… (401 digits) is past any"
+            " double, the kind of number a JSON value holds in protobuf; send it as a string",
         ),
         ('{"pipeline": {"name": "ptest"}, "task_input": {"n": 1' + "0" * 5000 + "}}", "too long"),
         (
