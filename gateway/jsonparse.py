@@ -174,13 +174,11 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
 
 def inexact_integer(data: Any, path: str) -> str | None:
     """Why data, the JSON of a Struct, ListValue or Value found at path,
-    cannot be read as it is: an integer in it that a double, the one kind
-    of number these hold, does not hold. None when there is none.
-
-    A double holds an integer when it is the integer's value, or when the
-    integer is the double's shortest form written out in full, as
-    JavaScript and jq write 2^60 (1152921504606847000), which porch wrote
-    as 1.152921504606847e+18: sent back, it is the same number."""
+    cannot be read as it is: an integer in it that is not a double's value,
+    a double being the one kind of number these hold. None when there is
+    none. (JavaScript writes 2^60 as 1152921504606847000, its double's
+    shortest form, which is not 2^60: refused too, as any other integer a
+    double would change.)"""
     pending = [(path, data)]
     while pending:
         where, value = pending.pop()
@@ -192,35 +190,31 @@ def inexact_integer(data: Any, path: str) -> str | None:
             pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
         elif type(value) is int and not -MAX_EXACT_INTEGER <= value <= MAX_EXACT_INTEGER:
             try:
-                kept = float(value)
+                kept = int(float(value))
             except OverflowError:
                 return (
-                    f"{_where(where)}: the integer {_digits(value)} is past any double, the"
+                    f"{_where(where)}: the integer {_number(value)} is past any double, the"
                     " kind of number a JSON value holds in protobuf; send it as a string"
                 )
-            if int(kept) != value and decimal.Decimal(repr(kept)) != value:
+            if kept != value:
+                stored = _number(kept)
+                # Both shortened, the two could read alike.
+                becomes = (
+                    "is no double's value" if "…" in stored else f"would be stored as {stored}"
+                )
                 return (
-                    f"{_where(where)}: the integer {_digits(value)} would be stored as"
-                    f" {_digits(int(kept))} (protobuf keeps a JSON value's numbers as doubles,"
-                    " exact up to 2^53); send it as a string"
+                    f"{_where(where)}: the integer {_number(value)} {becomes} (protobuf keeps"
+                    " a JSON value's numbers as doubles, exact up to 2^53); send it as a string"
                 )
     return None
 
 
 def _member(path: str, key: str) -> str:
-    """The path of an object's member: .key, or ["key"] for a key that would
-    not read as one name."""
-    if _NAME.fullmatch(key):
+    """The path of an object's member: .key, or ["key"] (shortened) for a key
+    that would not read as one short name."""
+    if len(key) <= 40 and _NAME.fullmatch(key):
         return f"{path}.{key}" if path else key
-    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
-
-
-def _digits(number: int) -> str:
-    """An integer for an error: in full up to 40 digits, else its first ones and how many."""
-    text = str(number)
-    if len(text) <= 40:
-        return text
-    return f"{text[:24]}… ({len(text.lstrip('-'))} digits)"
+    return f"{path}[{_quoted(key)}]"
 
 
 def integral(value: Any) -> int | None:
@@ -283,8 +277,16 @@ def _given(value: Any) -> str:
     if type(value) is str:
         return _quoted(value)
     if type(value) in (int, float):
-        return json.dumps(value)[:40]
+        return _number(value)
     return _kind(value)
+
+
+def _number(value: float) -> str:
+    """A number for an error as JSON writes it; one of more than 40 digits by
+    its first ones and how many there are."""
+    text = json.dumps(value)
+    digits = len(text.lstrip("-"))
+    return text if digits <= 40 else f"{text[:24]}… ({digits} digits)"
 
 
 def _quoted(text: str) -> str:

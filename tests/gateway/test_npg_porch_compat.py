@@ -178,22 +178,30 @@ async def test_a_claimed_task_sent_back_is_refused_once_claimed_again(
     assert (current.status_code, current.json()["status"]) == (200, "DONE")
 
 
-async def test_a_claimed_task_with_a_large_integer_goes_back_as_a_script_writes_it(
+async def test_a_claimed_task_with_a_large_integer_goes_back_as_json_wrote_it(
     porch_http: PorchHttp,
 ) -> None:
-    # 2^60 comes back as 1.152921504606847e+18; JavaScript and jq write that
-    # number out in full, 1152921504606847000, which is not 2^60 but reads as
-    # the same double. Sent back so, it names the same task.
+    # 2^60 is a double's value and is kept; porch writes it 1.152921504606847e+18,
+    # and sent back so it names the same task. JavaScript and jq write that
+    # double 1152921504606847000, which is not 2^60: refused, as any integer
+    # a double would change, rather than read as a number it is not.
     client = porch_http.client
     wrapper = await setup_pipeline(porch_http)
     created = await client.post("/tasks", json=task_body({"run": 2**60}), headers=wrapper)
     assert created.status_code == 201, created.text
-    [claimed] = json.loads((await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).text)
-    assert claimed["task_input"] == {"run": 1.152921504606847e18}
-    as_written = json.dumps(claimed | {"status": "RUNNING"}).replace(
-        "1.152921504606847e+18", "1152921504606847000"
+    claim = await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)
+    assert '"task_input":{"run":1.152921504606847e+18}' in claim.text
+    [claimed] = claim.json()
+    as_sent = json.dumps(claimed | {"status": "RUNNING"})
+    as_javascript = as_sent.replace("1.152921504606847e+18", "1152921504606847000")
+    assert as_javascript != as_sent
+    refused = await client.put("/tasks", content=as_javascript, headers=wrapper)
+    assert refused.status_code == 400
+    assert refused.json()["message"].startswith(
+        "task.task_input.run: the integer 1152921504606847000 would be stored as"
+        " 1152921504606846976"
     )
-    running = await client.put("/tasks", content=as_written, headers=wrapper)
+    running = await client.put("/tasks", content=as_sent, headers=wrapper)
     assert (running.status_code, running.json()["status"]) == (200, "RUNNING"), running.text
     assert running.json()["task_input_id"] == created.json()["task_input_id"]
 
