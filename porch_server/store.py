@@ -150,7 +150,14 @@ _NOW = bindparam("now", type_=UtcDateTime)
 # another server's clock may run ahead. A claim's lease runs from it.
 # (SQLite: a claim or an update takes its time once it holds the write lock.)
 _CHANGE_TIME = func.greatest(_NOW, task.c.update_time, type_=UtcDateTime)
-_SECOND = literal_column("interval '1 second'", Interval)
+
+
+def _lease_deadline(lease_seconds: ColumnElement[Any]) -> ColumnElement[Any]:
+    """When a lease of lease_seconds, given at the change's time, lapses
+    (PostgreSQL): NULL without a lease. _deadline in SQL."""
+    return _CHANGE_TIME + lease_seconds * literal_column("interval '1 second'", Interval)
+
+
 _PIPELINE_ID = bindparam("in_pipeline_id", type_=Integer)
 # A literal rather than a parameter: both planners match a partial index's
 # predicate only against the query's own text.
@@ -828,25 +835,18 @@ class Store:
         self, items: Sequence[_Registering]
     ) -> Sequence[Registration | None]:
         """Register single inputs of any pipelines and callers in one
-        statement; None for each when PostgreSQL refused it, and each goes
-        the blocking way, which words its own error."""
-        inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
-        registered = await self._register_inputs(inputs)
-        return [None] * len(items) if registered is None else registered
-
-    async def _register_inputs(
-        self, inputs: Sequence[_Input]
-    ) -> Sequence[Registration | None] | None:
-        """Register inputs in one statement, then read those that were there
-        already. None when PostgreSQL refused the first, changing nothing;
-        when it refused the read, the tasks made are answered and the rest
-        are None: each goes the blocking way, which finds its task."""
+        statement, then read those that were there already. None for each
+        when PostgreSQL refused the statement, which changed nothing: each
+        goes the blocking way, which words its own error. When it refused
+        the read, the tasks made are answered and the rest are None: each
+        goes the blocking way, which finds its task."""
         assert self._async is not None
+        inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
         keys, unique = _unique_inputs(inputs)
         try:
             rows = await self._async.rows(_register_with_events(), _registration_params(unique))
         except (Contended, Refused):
-            return None
+            return [None] * len(keys)
         created: dict[_InputKey, Any] = {(row.pipeline_id, row.task_input_id): row for row in rows}
         missing = [key for key in unique if key not in created]
         existing: dict[_InputKey, Any] = {}
@@ -922,10 +922,10 @@ class Store:
             )
             return [await self._async.rows(_claim_with_events(), params)]
         params = _claim_batch_params(now, pipeline_id, claims)
-        shares: list[list[RowView]] = [[] for _ in claims]
+        shares: list[Sequence[RowView]] = [[] for _ in claims]
         for row in await self._async.rows(_claim_batch(), params):
             shares[row.position - 1].append(row)
-        return list(shares)
+        return shares
 
     async def update_task_async(
         self,
@@ -1748,8 +1748,7 @@ def _existing_tasks() -> Select[Any]:
 @functools.cache
 def _claim_with_events() -> Select[Any]:
     """The claim and its CLAIMED events in one statement (PostgreSQL)."""
-    lease_expire_time = _CHANGE_TIME + _LEASE_SECONDS * _SECOND
-    columns = _claimed(_CLAIMER, _LEASE_SECONDS, lease_expire_time)
+    columns = _claimed(_CLAIMER, _LEASE_SECONDS, _lease_deadline(_LEASE_SECONDS))
     claimed = _claim(claim_candidates, columns).cte("claimed")
     events = _events_from(
         claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
@@ -1859,7 +1858,7 @@ def _claim_batch() -> Select[Any]:
             **_claimed(
                 assigned.c.token_id,
                 assigned.c.lease_seconds,
-                _CHANGE_TIME + assigned.c.lease_seconds * _SECOND,
+                _lease_deadline(assigned.c.lease_seconds),
             )
         )
         .returning(*task.c, assigned.c.position, assigned.c.token_description)
@@ -1894,7 +1893,7 @@ def _update_with_event(status: State) -> Select[Any]:
         .with_for_update()
         .cte("current")
     )
-    renewed_lease = _CHANGE_TIME + task.c.lease_seconds * _SECOND
+    renewed_lease = _lease_deadline(task.c.lease_seconds)
     changed = (
         update(task)
         .where(task.c.id == current.c.id)
@@ -1964,7 +1963,7 @@ def _update_batch() -> Select[Any]:
         .cte("current")
     )
     new_status = current.c.new_status
-    renewed_lease = _CHANGE_TIME + task.c.lease_seconds * _SECOND
+    renewed_lease = _lease_deadline(task.c.lease_seconds)
     effects: dict[str, list[tuple[ColumnElement[bool], Any]]] = {}
     for status in sorted({new for targets in UPDATE_TRANSITIONS.values() for new in targets}):
         for name, value in _status_effects(status, renewed_lease).items():
