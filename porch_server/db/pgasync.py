@@ -233,9 +233,10 @@ class AsyncStatements:
         if self._pool is None:
             raise Unavailable("database unavailable: the connection pool is closed")
         records: list[asyncpg.Record]
+        arguments = compiled.arguments(params)
         try:
             try:
-                records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
+                records = await self._fetch_on(self._pool, compiled.sql, arguments)
             except asyncpg.InternalClientError as error:
                 # A session PostgreSQL ended (a restart, pg_terminate_backend)
                 # just before the statement was to go, its connection not yet
@@ -244,7 +245,7 @@ class AsyncStatements:
                 # an answer, the statement done: those are not tried again.
                 if not _NOT_SENT.match(str(error)) or self._pool is None:
                     raise
-                records = await self._fetch_on(self._pool, compiled.sql, compiled.arguments(params))
+                records = await self._fetch_on(self._pool, compiled.sql, arguments)
         except asyncpg.InternalClientError as error:
             raise Unavailable(
                 "database unavailable: the connection was lost during the call; try again"
