@@ -32,7 +32,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.protojson import MAX_EXACT_INTEGER, custom_enum_names
+from gateway.protojson import JSON_VALUE_TYPES, MAX_EXACT_INTEGER, custom_enum_names
 from gateway.rules import is_map_field
 
 # json_format.ParseDict's default: messages (each Struct and Value counts) nest this deep.
@@ -105,7 +105,7 @@ def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
         if type(data) is not kind:
             expected = "an object" if kind is dict else "a list"
             raise json_format.ParseError(f"{_where(path)}: expected {expected}, got {_kind(data)}")
-    if name in ("google.protobuf.Struct", "google.protobuf.ListValue", "google.protobuf.Value"):
+    if name in JSON_VALUE_TYPES:
         inexact = inexact_integer(data, path)
         if inexact is not None:
             raise json_format.ParseError(inexact)

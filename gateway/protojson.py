@@ -36,9 +36,7 @@ Printer = Callable[[Message], Any]
 # A double holds every integer up to this in size exactly, and beyond it only some.
 MAX_EXACT_INTEGER = 2**53
 _MAX_EXACT = float(MAX_EXACT_INTEGER)
-_JSON_VALUE_TYPES = frozenset(
-    f"google.protobuf.{name}" for name in ("Struct", "Value", "ListValue")
-)
+JSON_VALUE_TYPES = frozenset(f"google.protobuf.{name}" for name in ("Struct", "Value", "ListValue"))
 # Only these can hold a float somewhere inside; strings, bools and None are left alone.
 _MAY_HOLD_FLOATS = frozenset((dict, list, float))
 # How a field holds its messages in JSON: one, a list, or the values of an object.
@@ -309,7 +307,7 @@ def integral_numbers(value: Any) -> Any:
 
 
 def _fix_numbers(data: Any, descriptor: Descriptor) -> Any:
-    if descriptor.full_name in _JSON_VALUE_TYPES:
+    if descriptor.full_name in JSON_VALUE_TYPES:
         return integral_numbers(data)
     for name, child, shape in _value_fields(descriptor):
         value = data.get(name)
@@ -340,7 +338,7 @@ def _value_fields(descriptor: Descriptor) -> tuple[tuple[str, Descriptor, int], 
 
 def _holds_values(descriptor: Descriptor) -> bool:
     """Whether a message is, or reaches through its fields, a Struct, Value or ListValue."""
-    return reaches(descriptor, _JSON_VALUE_TYPES)
+    return reaches(descriptor, JSON_VALUE_TYPES)
 
 
 @functools.cache
