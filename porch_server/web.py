@@ -51,6 +51,9 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
         "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
         "porch.v1.Task.claim_number": {"minimum": 0},
+        # A task is never in the zero state, stored or asked for; an event's
+        # old_status is, before its task existed, so the enum keeps it.
+        "porch.v1.Task.status": {"$ref": "#/components/schemas/TaskStateEnum"},
         "porch.v1.GetTaskRequest.task_input_id": task_input_id,
         "porch.v1.ListTaskEventsRequest.task_input_id": task_input_id,
         "porch.v1.UpdateTaskRequest.task_input_id": task_input_id,

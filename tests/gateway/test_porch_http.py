@@ -361,6 +361,11 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
     body = {"task": {"status": "CANCELLED", "claim_number": -1}}
     negative = await client.patch(f"/v1/pipelines/p1/tasks/{task_id}", json=body, headers=wrapper)
     assert_error(negative, 400, 3, "claim_number")
+    # Nor is a task's status ever the zero value, stored or asked for.
+    state = properties["porch.v1.Task"]["status"]["$ref"].rpartition("/")[2]
+    assert document["components"]["schemas"][state]["enum"] == offered
+    unspecified = await update(porch_http, wrapper, task_id, "STATE_UNSPECIFIED")
+    assert_error(unspecified, 400, 3, "status")
     page_size = parameters["PorchService_ListTasks", "page_size"]["minimum"]
     below = await client.get("/v1/tasks", params={"page_size": page_size - 1}, headers=wrapper)
     assert_error(below, 400, 3, "page_size must not be negative")
