@@ -7,20 +7,27 @@ failing half-way when it upgrades a read lock. Write transactions run on the
 engine returned by ``writer(engine)``; both share one connection pool.
 
 On PostgreSQL, each connection's ``search_path`` is set to the schema given
-(npg_porch deploys into a non-default one) and its time zone to UTC.
+(npg_porch deploys into a non-default one) and its time zone to UTC, after
+the URL's own libpq ``options``; ``postgresql_session`` gives the settings
+every driver porch uses starts its connections with.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import URL, Engine, create_engine, event, exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import asbool
 
 DEFAULT_URL = "sqlite:///porch.db"
+
+# Seconds a new PostgreSQL connection may take, unless the URL's
+# connect_timeout says otherwise.
+CONNECT_TIMEOUT_SECONDS = 10
 
 # How long a SQLite writer waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
@@ -129,17 +136,64 @@ def quote_schema(schema: str) -> str:
     return f'"{schema}"'
 
 
-def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Engine:
-    options = "-c timezone=UTC"
+@dataclass(frozen=True)
+class Session:
+    """How each of porch's PostgreSQL connections starts, whichever driver opens it."""
+
+    # libpq's options: the URL's own, then porch's time zone and search_path.
+    options: str
+    application_name: str
+    # Seconds; None waits as long as connecting takes (libpq's 0 or less).
+    connect_timeout: int | None
+
+
+def postgresql_session(url: URL, schema: str | None) -> tuple[URL, Session]:
+    """url without the libpq settings porch starts each connection with, and
+    those settings: the URL's own where it gives them (options such as
+    ``-c statement_timeout=5s``, an application_name, a connect_timeout),
+    porch's time zone (UTC) and the schema's search_path coming after the
+    URL's options, so that they hold."""
+    query = url.query
+
+    def given(name: str) -> str | None:
+        value = query.get(name)
+        if isinstance(value, tuple):
+            raise ValueError(f"{name} is given {len(value)} times in the database URL")
+        return value
+
+    options = " ".join(filter(None, [given("options"), "-c timezone=UTC"]))
     if schema is not None:
         options += f" -c search_path={quote_schema(schema)}"
+    timeout_text = given("connect_timeout")
+    timeout: int | None = CONNECT_TIMEOUT_SECONDS
+    if timeout_text is not None:
+        try:
+            timeout = int(timeout_text)
+        except ValueError:
+            raise ValueError(
+                f"connect_timeout={timeout_text!r} in the database URL is not a whole "
+                "number of seconds"
+            ) from None
+        timeout = timeout if timeout > 0 else None
+    session = Session(options, given("application_name") or "porch", timeout)
+    rest = url.difference_update_query(["options", "application_name", "connect_timeout"])
+    return rest, session
+
+
+def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Engine:
+    rest, session = postgresql_session(make_url(url), schema)
+    connect_args = {
+        "options": session.options,
+        "application_name": session.application_name,
+        "connect_timeout": session.connect_timeout or 0,
+    }
     try:
         return create_engine(
-            url,
+            rest,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
-            connect_args={"options": options, "application_name": "porch", "connect_timeout": 10},
+            connect_args=connect_args,
         )
     except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
         raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None

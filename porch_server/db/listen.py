@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg2
 from sqlalchemy import Engine
 
 CHANNEL = "porch_events"
@@ -14,11 +13,16 @@ class Listener:
     """One autocommit connection, listening on CHANNEL; poll it when its socket is readable."""
 
     def __init__(self, engine: Engine) -> None:
-        dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._connection: Any = psycopg2.connect(dsn, connect_timeout=10, application_name="porch")
-        self._connection.autocommit = True
-        with self._connection.cursor() as cursor:
+        # Opened as the engine opens its connections (the URL's settings and
+        # porch's), then detached: it is held for as long as it listens.
+        pooled = engine.raw_connection()
+        pooled.detach()
+        connection: Any = pooled.dbapi_connection
+        connection.rollback()  # anything the engine's first-connect checks left open
+        connection.autocommit = True
+        with connection.cursor() as cursor:
             cursor.execute(f"LISTEN {CHANNEL}")
+        self._connection = connection
 
     def fileno(self) -> int:
         """The socket to wait on."""

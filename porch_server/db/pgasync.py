@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from porch_server.db.engine import quote_schema
+from porch_server.db.engine import postgresql_session
 from porch_server.errors import Unavailable
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
@@ -38,7 +38,6 @@ _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # protocol's _set_state and _ensure_connected): before the statement's Bind
 # and Execute are written (at most a Parse, which runs nothing).
 _NOT_SENT = re.compile(r"cannot switch to state |not connected$")
-CONNECT_TIMEOUT_SECONDS = 10.0
 
 
 class Contended(Exception):
@@ -163,9 +162,11 @@ class AsyncStatements:
     """A pool of asyncpg connections that runs SQLAlchemy statements."""
 
     def __init__(self, url: str, schema: str | None, pool_size: int) -> None:
-        # libpq's URL form, query (sslmode, host=/socket/dir, ...) included.
-        self._dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-        self._schema = schema
+        # libpq's URL form, query (sslmode, host=/socket/dir, ...) included
+        # but for what asyncpg would take as server settings: those porch
+        # starts each connection with, as its other connections start.
+        rest, self._session = postgresql_session(make_url(url), schema)
+        self._dsn = rest.set(drivername="postgresql").render_as_string(hide_password=False)
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         # A connection kept out of the pool for the statements that find it
@@ -180,9 +181,8 @@ class AsyncStatements:
 
     async def open(self) -> None:
         """Connect the pool; Unavailable when the database cannot be reached."""
-        settings = {"timezone": "UTC", "application_name": "porch"}
-        if self._schema is not None:
-            settings["search_path"] = quote_schema(self._schema)
+        session = self._session
+        settings = {"options": session.options, "application_name": session.application_name}
         # No floor of open connections (min_size=0): asyncpg would reopen a
         # lost one at once and log a traceback for each failed try while the
         # database restarts. A connection opens when a statement needs it.
@@ -191,7 +191,7 @@ class AsyncStatements:
             min_size=0,
             max_size=self._pool_size,
             server_settings=settings,
-            timeout=CONNECT_TIMEOUT_SECONDS,
+            timeout=session.connect_timeout,
             reset=_keep_session,
         )
         try:

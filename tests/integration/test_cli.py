@@ -224,6 +224,32 @@ def test_a_search_path_with_no_schema_to_use_is_named(postgres_server: Any) -> N
         postgres_server.drop_database(url)
 
 
+def test_a_search_path_in_the_urls_options_is_the_one_used(postgres_server: Any) -> None:
+    url = postgres_server.create_database()
+
+    def on_path(path: str) -> str:
+        options = {"options": f"-c search_path={path}"}
+        return make_url(url).update_query_dict(options).render_as_string(hide_password=False)
+
+    try:
+        run_sql(url, "CREATE SCHEMA s1")
+        last = _refusal("db", "upgrade", "--db-url", on_path("nowhere"))
+        assert "none on the search_path (nowhere) exists" in last, last
+        porch("db", "upgrade", "--db-url", on_path("s1"))
+        porch("token", "create", "--admin", "--description", "ops", "--db-url", on_path("s1"))
+        engine = make_engine(url)
+        try:
+            with engine.connect() as connection:
+                where = connection.exec_driver_sql(
+                    "SELECT table_schema FROM information_schema.tables WHERE table_name = 'token'"
+                ).scalars()
+                assert [*where] == ["s1"]
+        finally:
+            engine.dispose()
+    finally:
+        postgres_server.drop_database(url)
+
+
 def test_a_role_that_may_not_migrate_is_told_which_right_it_lacks(
     postgres_server: Any,
 ) -> None:

@@ -14,9 +14,11 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from porch_server import store as store_module
 from porch_server.db.engine import make_engine
+from porch_server.db.listen import Listener
 from porch_server.db.pgasync import (
     AsyncStatements,
     Contended,
@@ -200,6 +202,43 @@ async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
         assert registered.created
         assert store.get_task("p", registered.task.task_input_id).status is State.PENDING
     finally:
+        await statements.close()
+        store.close()
+
+
+async def test_the_urls_own_connection_settings_reach_every_connection(
+    pg_schema_db: SchemaDatabase,
+) -> None:
+    # The schema is named in the URL's options, not given apart: the engine,
+    # asyncpg and the listening connection must all look in it.
+    settings = {
+        "options": f"-c search_path={pg_schema_db.schema} -c statement_timeout=4321",
+        "application_name": "porch-test",
+        "connect_timeout": "5",  # libpq's, which asyncpg would send PostgreSQL as a setting
+    }
+    url = make_url(pg_schema_db.url).update_query_dict(settings)
+    store, statements, actor = await open_store(url.render_as_string(hide_password=False))
+    listener = Listener(store.engine)
+    try:
+        registered = await register_one(store, "p", ONE, actor)
+        assert store.get_task("p", registered.task.task_input_id).status is State.PENDING
+        shown = text(
+            "SELECT current_setting('statement_timeout'), current_setting('application_name'),"
+            " current_setting('TimeZone')"
+        )
+        [on_asyncpg] = await statements.rows(shown, {})
+        with store.engine.connect() as connection:
+            on_engine = connection.execute(shown).one()
+            listening = connection.execute(
+                text(
+                    "SELECT application_name FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+                )
+            ).scalars()
+            assert [*listening] == ["porch-test"]
+        assert tuple(on_asyncpg) == tuple(on_engine) == ("4321ms", "porch-test", "UTC")
+    finally:
+        listener.close()
         await statements.close()
         store.close()
 

@@ -1,10 +1,12 @@
-"""A database URL that cannot be parsed is named without its password."""
+"""A database URL that cannot be parsed is named without its password; the
+libpq settings a PostgreSQL URL gives are kept, with porch's after them."""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.engine import make_url
 
-from porch_server.db.engine import make_engine
+from porch_server.db.engine import CONNECT_TIMEOUT_SECONDS, make_engine, postgresql_session
 
 
 @pytest.mark.parametrize(
@@ -21,3 +23,33 @@ def test_an_unparsed_url_is_named_without_its_password(url: str, shown: str) -> 
     with pytest.raises(ValueError) as raised:
         make_engine(url)
     assert str(raised.value) == f"not a database URL: {shown!r}"
+
+
+def test_a_urls_libpq_settings_come_first_and_porchs_hold() -> None:
+    url = make_url(
+        "postgresql://u@h/db?sslmode=require&options=-c%20search_path%3Ds1&application_name=a"
+    )
+    rest, session = postgresql_session(url, "porch")
+    assert session.options == '-c search_path=s1 -c timezone=UTC -c search_path="porch"'
+    assert (session.application_name, session.connect_timeout) == ("a", CONNECT_TIMEOUT_SECONDS)
+    assert rest.render_as_string() == "postgresql://u@h/db?sslmode=require"
+    _, plain = postgresql_session(make_url("postgresql://u@h/db"), None)
+    assert (plain.options, plain.application_name) == ("-c timezone=UTC", "porch")
+
+
+@pytest.mark.parametrize(("given", "seconds"), [("5", 5), ("0", None), ("-1", None)])
+def test_a_urls_connect_timeout_is_libpqs(given: str, seconds: int | None) -> None:
+    _, session = postgresql_session(make_url(f"postgresql://u@h/db?connect_timeout={given}"), None)
+    assert session.connect_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("connect_timeout=5s", "connect_timeout='5s' in the database URL is not a whole number"),
+        ("options=-c%20a%3D1&options=-c%20b%3D2", "options is given 2 times in the database URL"),
+    ],
+)
+def test_a_urls_settings_porch_cannot_read_are_named(query: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_engine(f"postgresql+psycopg2://u@h/db?{query}")
