@@ -38,6 +38,9 @@ log = logging.getLogger("porch.server")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 MAX_NAME = 255
+# A new pipeline's uri and version, in characters: every task an answer holds
+# carries them, and a task must fit a client's 4 MiB answer with its input.
+MAX_PIPELINE_TEXT = {"uri": 2048, "version": MAX_NAME}
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
@@ -200,10 +203,13 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(
                 f"pipeline.name must not begin or end with white space, got {name!r}"
             )
-        for field in ("uri", "version"):
-            if not getattr(given, field).strip():
+        for field, longest in MAX_PIPELINE_TEXT.items():
+            value = getattr(given, field)
+            if not value.strip():
                 raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
-            check_text(f"pipeline.{field}", getattr(given, field))
+            if len(value) > longest:
+                raise InvalidArgument(f"pipeline.{field} is longer than {longest} characters")
+            check_text(f"pipeline.{field}", value)
         pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
         created = await self._run(self._store.create_pipeline, pipeline)
         context.set_trailing_metadata(CREATED)

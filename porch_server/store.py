@@ -37,11 +37,13 @@ from sqlalchemy import (
     Engine,
     Integer,
     Interval,
+    LargeBinary,
     Row,
     Select,
     Text,
     bindparam,
     case,
+    cast,
     create_engine,
     exc,
     exists,
@@ -206,23 +208,53 @@ MAX_TASK_INPUT_BYTES = 1024 * 1024
 # a page's next page goes on from there, and a claim's other candidates stay
 # PENDING.
 ANSWER_BYTES = 3 * 1024 * 1024
-# What a task adds to an answer besides its input, give or take.
-_TASK_OVERHEAD_BYTES = 300
+# The most a task or an event adds to an answer besides its input, message
+# and texts: its id, times and numbers, and the tags and lengths of its
+# fields, the texts' included (191 bytes for a task whose every field is at
+# its largest).
+_TASK_OVERHEAD_BYTES = 200
 
 
-def _answer_bytes(json_length: int) -> int:
+def _answer_bytes(json_length: int, pipeline_bytes: int) -> int:
     """At most what a task whose input is json_length characters of JSON
-    takes in an answer. As protobuf an input can take 5.5 times the bytes
-    of its JSON (a small number in a list: "0," against 11 bytes), and never
+    takes in an answer, its pipeline's name, uri and version taking
+    pipeline_bytes. As protobuf an input can take 5.5 times the bytes of
+    its JSON (a small number in a list: "0," against 11 bytes), and never
     more than MAX_TASK_INPUT_BYTES."""
-    return min(json_length * 11 // 2, MAX_TASK_INPUT_BYTES) + _TASK_OVERHEAD_BYTES
+    input_bytes = min(json_length * 11 // 2, MAX_TASK_INPUT_BYTES)
+    return input_bytes + pipeline_bytes + _TASK_OVERHEAD_BYTES
 
 
-def _answer_bytes_sql(json_length: ColumnElement[int]) -> ColumnElement[int]:
-    """_answer_bytes in SQL."""
+def _answer_bytes_sql(
+    json_length: ColumnElement[int], postgresql: bool = True
+) -> ColumnElement[int]:
+    """_answer_bytes in SQL, for a task of the pipeline in_pipeline_id."""
     estimate = json_length * 11 // 2
     bounded = case((estimate > MAX_TASK_INPUT_BYTES, MAX_TASK_INPUT_BYTES), else_=estimate)
-    return bounded + _TASK_OVERHEAD_BYTES
+    return bounded + _pipeline_bytes_sql(postgresql) + _TASK_OVERHEAD_BYTES
+
+
+def _pipeline_bytes(value: Pipeline) -> int:
+    """What a pipeline's name, uri and version take in UTF-8."""
+    return len(value.name.encode()) + len(value.uri.encode()) + len(value.version.encode())
+
+
+def _sqlite_octets(text: ColumnElement[str]) -> ColumnElement[int]:
+    """A text's length in UTF-8 on SQLite, which before 3.43 has no octet_length."""
+    return func.length(cast(text, LargeBinary))
+
+
+def _pipeline_bytes_sql(postgresql: bool) -> ColumnElement[int]:
+    """_pipeline_bytes of the pipeline in_pipeline_id, in SQL: looked up once
+    a statement."""
+
+    octets = func.octet_length if postgresql else _sqlite_octets
+    columns = pipeline_table.c
+    return (
+        select(octets(columns.name) + octets(columns.uri) + octets(columns.version))
+        .where(columns.id == _PIPELINE_ID)
+        .scalar_subquery()
+    )
 
 
 def _answer_holds(nth: ColumnElement[int], running: ColumnElement[int]) -> ColumnElement[bool]:
@@ -296,14 +328,14 @@ def _claim_candidates() -> Select[Any]:
     return _pending(fits, _input_length()).with_for_update(skip_locked=True)
 
 
-def _within_answer(candidates: CTE, name: str = "sized") -> Select[Any]:
+def _within_answer(candidates: CTE, name: str = "sized", postgresql: bool = True) -> Select[Any]:
     """The ids of the candidates (id, input_length) one answer holds: the
     oldest, then more while the answer stays within ANSWER_BYTES (name: of
     the CTE it adds)."""
     sized = select(
         candidates.c.id,
         func.row_number().over(order_by=candidates.c.id).label("nth"),
-        func.sum(_answer_bytes_sql(candidates.c.input_length))
+        func.sum(_answer_bytes_sql(candidates.c.input_length, postgresql))
         .over(order_by=candidates.c.id)
         .label("running"),
     ).cte(name)
@@ -314,14 +346,10 @@ def _within_answer(candidates: CTE, name: str = "sized") -> Select[Any]:
 claim_candidates = _claim_candidates()
 
 
-def _claim(candidates: Select[Any], claimed: dict[str, Any]) -> Any:
+def _claim(candidates: Select[Any], claimed: dict[str, Any], postgresql: bool = True) -> Any:
     """Claim those of the candidates one answer holds, setting the columns claimed."""
-    return (
-        update(task)
-        .where(task.c.id.in_(_within_answer(candidates.cte("candidates"))))
-        .values(**claimed)
-        .returning(*task.c)
-    )
+    held = _within_answer(candidates.cte("candidates"), postgresql=postgresql)
+    return update(task).where(task.c.id.in_(held)).values(**claimed).returning(*task.c)
 
 
 # One claimer's claim: its token and lease, from these parameters.
@@ -334,6 +362,7 @@ _LEASE_SECONDS = bindparam("claim_lease_seconds", type_=Integer)
 _claim_sqlite = _claim(
     _pending(_NUM_TASKS, _input_length(postgresql=False)),
     _claimed(_CLAIMER, _LEASE_SECONDS, bindparam("claim_lease_expire_time", UtcDateTime), _NOW),
+    postgresql=False,
 )
 
 
@@ -430,7 +459,8 @@ class Store:
             query = query.where(pipeline_table.c.name > after)
         with self._read() as connection:
             rows = connection.execute(query).all()
-        return _page(rows, page_size, "pipelines", filters, "name", self._remember_pipeline)
+        fitting = _fitting(rows, page_size, _pipeline_row_bytes)
+        return _page(rows, fitting, "pipelines", filters, "name", self._remember_pipeline)
 
     # Tokens
 
@@ -649,7 +679,7 @@ class Store:
                 query = query.where(task.c.pipeline_id == pipeline_id)
             rows = connection.execute(query).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})
-        fitting = _fitting(rows, page_size, _task_bytes)
+        fitting = _fitting(rows, page_size, self._task_bytes)
         return _page(rows, fitting, "tasks", filters, "id", self._to_task)
 
     def claim_tasks(
@@ -780,7 +810,7 @@ class Store:
             rows = connection.execute(query).all()
         return _page(
             rows,
-            _fitting(rows, page_size, _event_bytes),
+            _fitting(rows, page_size, lambda row: _event_bytes(row, pipeline_name)),
             "task_events",
             filters,
             "id",
@@ -1292,6 +1322,10 @@ class Store:
 
     # Rows to values
 
+    def _task_bytes(self, row: Row[Any]) -> int:
+        """At most what the task of row takes in an answer."""
+        return _answer_bytes(len(row.task_input), _pipeline_bytes(self._pipelines[row.pipeline_id]))
+
     def _to_task(self, row: Row[Any] | RowView) -> Task:
         return Task(
             pipeline=self._pipelines[row.pipeline_id],
@@ -1469,14 +1503,14 @@ def _fitting(rows: Sequence[Row[Any]], page_size: int, size: Callable[[Row[Any]]
     return page_size
 
 
-def _task_bytes(row: Row[Any]) -> int:
-    return _answer_bytes(len(row.task_input))
+def _event_bytes(row: Row[Any], pipeline_name: str) -> int:
+    # A message is up to 64 KiB; the ids, times and kinds take the rest.
+    texts = (row.message, row.token_description, pipeline_name)
+    return sum(len(text.encode()) for text in texts if text) + _TASK_OVERHEAD_BYTES
 
 
-def _event_bytes(row: Row[Any]) -> int:
-    # A message is up to 64 KiB; names, ids, times and the token's
-    # description take the rest.
-    return (len(row.message.encode()) if row.message else 0) + 2 * _TASK_OVERHEAD_BYTES
+def _pipeline_row_bytes(row: Row[Any]) -> int:
+    return _pipeline_bytes(Pipeline(row.name, row.uri, row.version)) + _TASK_OVERHEAD_BYTES
 
 
 def _page(

@@ -8,7 +8,7 @@ from typing import Any
 import gateway
 from porch_server.config import RECEIVE_LIMIT
 from porch_server.interceptor import ACCESS_LOG
-from porch_server.service import MAX_BATCH, MAX_NAME
+from porch_server.service import MAX_BATCH, MAX_NAME, MAX_PIPELINE_TEXT
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -46,6 +46,9 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
     limits: dict[str, dict[str, Any]] = {
         "porch.v1.Pipeline.name": name,
+        # Refused beyond these when a pipeline is created; other requests ignore them.
+        "porch.v1.Pipeline.uri": {"maxLength": MAX_PIPELINE_TEXT["uri"]},
+        "porch.v1.Pipeline.version": {"maxLength": MAX_PIPELINE_TEXT["version"]},
         "porch.v1.GetPipelineRequest.name": name,
         "porch.v1.CreateTokenRequest.description": {"maxLength": MAX_NAME},
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},

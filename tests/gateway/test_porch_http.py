@@ -313,6 +313,13 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
         assert re.search(name["pattern"], pipeline) or status == 400
         body = {"name": pipeline, "uri": "u", "version": "1"}
         assert (await client.post("/v1/pipelines", json=body, headers=admin)).status_code == status
+    for field in ("uri", "version"):
+        longest = properties["porch.v1.Pipeline"][field]["maxLength"]
+        for length, status in ((longest, 201), (longest + 1, 400)):
+            body = {"name": f"{field}{length}", "uri": "u", "version": "1"} | {field: "€" * length}
+            made = await client.post("/v1/pipelines", json=body, headers=admin)
+            assert made.status_code == status, made.text
+            assert status == 201 or f"pipeline.{field} is longer than {longest}" in made.text
     made = document["paths"]["/v1/pipelines"]["post"]["requestBody"]["content"]
     assert made["application/json"]["schema"]["required"] == ["name", "uri", "version"]
     for missing in ("uri", "version"):

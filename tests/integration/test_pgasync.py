@@ -36,6 +36,7 @@ from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2
 from tests.conftest import SchemaDatabase
 from tests.integration.conftest import every_task
+from tests.integration.test_store import LONG, answer_bytes
 
 pytestmark = pytest.mark.postgres
 
@@ -241,6 +242,19 @@ async def test_the_urls_own_connection_settings_reach_every_connection(
         listener.close()
         await statements.close()
         store.close()
+
+
+async def test_claims_together_count_the_pipeline_each_task_carries(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    store.create_pipeline(LONG)  # 3 KB in every task: 1,500 tasks pass 4 MiB
+    store.register_tasks(LONG.name, [{"n": n} for n in range(4000)], actor)
+    claims = [store.claim_tasks_async(LONG.name, 1500, None, actor) for _ in range(2)]
+    answers = await asyncio.gather(*claims)  # one statement: the claimers' shares
+    for claimed in answers:
+        assert claimed is not None and 900 < len(claimed) < 1500
+        assert answer_bytes(claimed) < 4 * 1024 * 1024
 
 
 async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
 
-from porch_server import digest
+from porch_server import digest, messages
 from porch_server import store as store_module
 from porch_server.cursors import cursor_key
 from porch_server.db import migrate
@@ -26,8 +26,10 @@ from porch_server.errors import (
     Unavailable,
 )
 from porch_server.models import SYSTEM, Actor, EventKind, Page, Pipeline, Role, Task, Token
+from porch_server.service import MAX_PIPELINE_TEXT
 from porch_server.states import UPDATE_TRANSITIONS, State
 from porch_server.store import Store
+from porch_stubs.v1 import porch_pb2 as pb
 from tests.conftest import PostgresServer, SchemaDatabase
 from tests.integration.conftest import every_task, run_sql
 
@@ -606,6 +608,33 @@ def test_a_claim_of_large_tasks_takes_what_one_answer_holds(store: Store) -> Non
     huge = "y" * (1000 * 1024)  # one alone passes the budget: it is still claimed
     store.register_tasks("p1", [{"huge": huge}], SYSTEM)
     assert [t.task_input["n"] for t in store.claim_tasks("p1", 1, None, SYSTEM)] == [2]
+
+
+# A pipeline whose name, uri and version take 3 KB in every task of an
+# answer: 1,500 such tasks pass a client's 4 MiB, however small their inputs.
+LONG = Pipeline(name="€" * 255, uri="u" * MAX_PIPELINE_TEXT["uri"], version="v" * 255)
+
+
+def answer_bytes(tasks: Sequence[Task]) -> int:
+    return pb.ClaimTasksResponse(tasks=[messages.task_message(t) for t in tasks]).ByteSize()
+
+
+def test_answers_count_the_pipeline_each_task_carries(store: Store) -> None:
+    store.create_pipeline(LONG)
+    store.register_tasks(LONG.name, [{"n": n} for n in range(2000)], SYSTEM)
+    claimed = store.claim_tasks(LONG.name, 10_000, None, SYSTEM)
+    assert 900 < len(claimed) < 2000 and answer_bytes(claimed) < 4 * 1024 * 1024
+    page = store.list_tasks(LONG.name, None, 10_000, "")
+    assert 900 < len(page.items) < 2000 and answer_bytes(page.items) < 4 * 1024 * 1024
+    assert page.next_page_token
+    # Pipelines whose uris take 6 KB each: 700 of them pass 4 MiB.
+    for n in range(700):
+        store.create_pipeline(Pipeline(name=f"p{n:03}", uri="€" * 2048, version="1"))
+    pipelines = store.list_pipelines("€" * 2048, None, 1000, "")
+    listed = pb.ListPipelinesResponse(pipelines=map(messages.pipeline_message, pipelines.items))
+    assert 400 < len(pipelines.items) < 700 and listed.ByteSize() < 4 * 1024 * 1024
+    rest = store.list_pipelines("€" * 2048, None, 1000, pipelines.next_page_token)
+    assert len(pipelines.items) + len(rest.items) == 700 and not rest.next_page_token
 
 
 @pytest.fixture
