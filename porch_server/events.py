@@ -8,8 +8,9 @@ concerns. Such a stream learns how far the hub has read when it sends a
 keep-alive, so its cursor still moves past other pipelines' events.
 
 A stream first replays what it missed from the database by itself, then
-follows the hub; one whose backlog grows past a bound goes back to
-replaying, so a slow client costs memory only up to that bound.
+follows the hub; one whose backlog grows past a bound (of events, and of
+their messages' characters) goes back to replaying, so a slow client costs
+memory only up to that bound.
 
 Wake-ups come from this server's own writes (``wake``), from PostgreSQL's
 LISTEN/NOTIFY when a listener is attached, and from a periodic poll, which
@@ -32,6 +33,10 @@ from porch_server.models import Event
 log = logging.getLogger("porch.events")
 
 READ_BATCH = 1000
+# A stream's backlog of live events: at most this many, whose messages
+# take at most this many characters (a message may hold 64 KiB).
+BACKLOG_EVENTS = 10_000
+BACKLOG_MESSAGE_CHARS = 4 * 1024 * 1024
 # Notifications to other servers are sent at most this often.
 NOTIFY_DELAY_SECONDS = 0.02
 # How soon to read again when committed events wait behind an older
@@ -67,12 +72,17 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 
 
 class Subscription:
-    """The events the hub read since a stream subscribed, up to a bound: every
-    event, or those of one pipeline (topic)."""
+    """The events the hub read since a stream subscribed, up to a bound (limit
+    events, whose messages take message_chars characters): every event, or
+    those of one pipeline (topic)."""
 
-    def __init__(self, limit: int, topic: str | None = None) -> None:
+    def __init__(
+        self, limit: int, topic: str | None = None, message_chars: int = BACKLOG_MESSAGE_CHARS
+    ) -> None:
         self.topic = topic
         self._limit = limit
+        self._message_chars = message_chars
+        self._chars = 0  # of the messages of the events held
         self._events: deque[Live] = deque()
         # The stream waiting in get(), if it is: one future, not an
         # asyncio.Event, as this is woken once per delivery on every stream.
@@ -81,15 +91,19 @@ class Subscription:
         self.overflowed = False
         self.closed = False
 
-    def put(self, events: list[Live]) -> None:
-        """Append events; past the bound, drop them all and mark the overflow."""
+    def put(self, events: list[Live], message_chars: int) -> None:
+        """Append events, whose messages take message_chars characters; past
+        the bound, drop them all and mark the overflow."""
         if self.overflowed:
             return
-        if len(self._events) + len(events) > self._limit:
+        chars = self._chars + message_chars
+        if len(self._events) + len(events) > self._limit or chars > self._message_chars:
             self._events.clear()
+            self._chars = 0
             self.overflowed = True
         else:
             self._events.extend(events)
+            self._chars = chars
         self._wake()
 
     def close(self) -> None:
@@ -126,6 +140,7 @@ class Subscription:
         self._ticked = False
         events = list(self._events)
         self._events.clear()
+        self._chars = 0
         return events
 
 
@@ -138,7 +153,8 @@ class EventHub:
         start_cursor: Callable[[], Awaitable[str]],
         poll_seconds: float,
         tick_seconds: float = 1.0,
-        backlog_limit: int = 10_000,
+        backlog_limit: int = BACKLOG_EVENTS,
+        backlog_message_chars: int = BACKLOG_MESSAGE_CHARS,
         notify: Callable[[], Awaitable[None]] | None = None,
         listen: Callable[[], Listening] | None = None,
         has_unread: Callable[[str], Awaitable[bool]] | None = None,
@@ -148,6 +164,7 @@ class EventHub:
         self._poll_seconds = poll_seconds
         self._tick_seconds = tick_seconds
         self._backlog_limit = backlog_limit
+        self._backlog_message_chars = backlog_message_chars
         self._notify = notify
         self._notify_timer: asyncio.TimerHandle | None = None
         self._stopped = False
@@ -263,7 +280,7 @@ class EventHub:
         if self._cursor is None:
             # Reading must start no later than the new stream's replay ends.
             self._cursor = await self._start_cursor()
-        subscription = Subscription(self._backlog_limit, topic)
+        subscription = Subscription(self._backlog_limit, topic, self._backlog_message_chars)
         self._topics.setdefault(topic, set()).add(subscription)
         return subscription
 
@@ -307,15 +324,16 @@ class EventHub:
         """Give each subscription the events of its topic."""
         live = [(cursor_key(event.cursor), event) for event in events]
         for subscription in self._topics.get(None, ()):
-            subscription.put(live)
+            subscription.put(live, _message_chars(live))
         if all(topic is None for topic in self._topics):
             return  # no stream follows a single pipeline
         by_topic: dict[str, list[Live]] = {}
         for item in live:
             by_topic.setdefault(item[1].pipeline_name, []).append(item)
         for topic, batch in by_topic.items():
+            chars = _message_chars(batch)
             for subscription in self._topics.get(topic, ()):
-                subscription.put(batch)
+                subscription.put(batch, chars)
 
     async def _read_new(self) -> None:
         while self._cursor is not None:
@@ -341,6 +359,10 @@ class EventHub:
                 else:
                     self._held_since = None
                 return
+
+
+def _message_chars(events: list[Live]) -> int:
+    return sum(len(event.message) for _, event in events if event.message)
 
 
 async def follow(

@@ -44,6 +44,9 @@ MAX_PIPELINE_TEXT = {"uri": 2048, "version": MAX_NAME}
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_BATCH = 10_000
 MAX_LEASE = timedelta(days=30)
+# The most of its events' messages a stream replaying history reads at once
+# (always one event): a stream whose client reads slowly holds its batch.
+REPLAY_MESSAGE_BYTES = 1024 * 1024
 # Sent with the response, as trailing metadata: the gateway answers 201 Created.
 CREATED = (("x-http-code", "201"),)
 # Serialized events kept for the streams that carry the same events: at
@@ -499,7 +502,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             await self._run(self._store.check_cursor, request.after)
 
         async def replay(after: str) -> list[Event]:
-            return await self._run(self._store.read_events, after, pipeline_name, 500)
+            read = functools.partial(self._store.read_events, message_bytes=REPLAY_MESSAGE_BYTES)
+            return await self._run(read, after, pipeline_name, 500)
 
         committed_before: Snapshot | None = None
 

@@ -1078,9 +1078,18 @@ class Store:
             return make_cursor(0, _last_event_id(connection)), None
 
     def read_events(
-        self, after: str, pipeline_name: str | None, limit: int, *, check_horizon: bool = True
+        self,
+        after: str,
+        pipeline_name: str | None,
+        limit: int,
+        *,
+        check_horizon: bool = True,
+        message_bytes: int | None = None,
     ) -> list[Event]:
-        """Return up to limit events after the cursor, in cursor order.
+        """Return up to limit events after the cursor, in cursor order, and
+        given message_bytes, only as many as keep their messages within it
+        (always one): a stream replaying history holds a batch in memory
+        until its client has taken it.
 
         On PostgreSQL only events below the oldest running transaction are
         read, so that no event can later appear before one already returned.
@@ -1103,11 +1112,31 @@ class Store:
             pipeline_id = self._pipeline_id_or_none(connection, pipeline_name)
             if pipeline_id is not None:
                 query = query.where(event.c.pipeline_id == pipeline_id)
+            if message_bytes is not None:
+                query = self._within_message_bytes(query, message_bytes)
             rows = connection.execute(query, _after(key) | {"read_limit": limit}).all()
             self._load_pipelines(connection, {row.pipeline_id for row in rows})
         return [
             _to_event(row, self._pipelines[row.pipeline_id].name, row.task_input_id) for row in rows
         ]
+
+    def _within_message_bytes(self, query: Select[Any], message_bytes: int) -> Select[Any]:
+        """The events of query whose messages, with those before them, take
+        at most message_bytes in UTF-8; the first whatever it takes. The
+        sizes are summed over the events' ids and lengths alone: the
+        messages of those left out are never read into a row."""
+        octets = func.octet_length if self._postgresql else _sqlite_octets
+        order = (event.c.xid, event.c.id) if self._postgresql else (event.c.id,)
+        size = func.coalesce(octets(event.c.message), 0).label("size")
+        read = query.with_only_columns(*order, size).subquery("read")
+        in_order = [read.c[column.name] for column in order]
+        sized = select(
+            read.c.id,
+            func.row_number().over(order_by=in_order).label("nth"),
+            func.sum(read.c.size).over(order_by=in_order).label("bytes"),
+        ).subquery("sized")
+        within = or_(sized.c.nth == 1, sized.c.bytes <= message_bytes)
+        return query.where(event.c.id.in_(select(sized.c.id).where(within)))
 
     async def read_events_async(self, after: str, limit: int) -> list[Event] | None:
         """read_events of every pipeline, without the horizon check, on the event

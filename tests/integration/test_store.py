@@ -610,6 +610,23 @@ def test_a_claim_of_large_tasks_takes_what_one_answer_holds(store: Store) -> Non
     assert [t.task_input["n"] for t in store.claim_tasks("p1", 1, None, SYSTEM)] == [2]
 
 
+def test_a_replay_reads_what_its_messages_allow(store: Store) -> None:
+    add_pipeline(store, "p1")
+    start = store.event_start_cursor()
+    [registered] = store.register_tasks("p1", [{"n": 1}], SYSTEM)
+    key = registered.task.task_input_id
+    store.claim_tasks("p1", 1, None, SYSTEM)
+    for message in ("é" * 3000, "b" * 4000, "c" * 1000, None):  # 6,000 bytes, then 4,000
+        store.update_task("p1", key, State.RUNNING, message, SYSTEM)
+    every = store.read_events(start, "p1", 100)
+    assert len(every) == 6
+    read = store.read_events(start, "p1", 100, message_bytes=10_000)
+    assert read == every[:4]  # CREATED, CLAIMED, and 10,000 bytes of messages
+    assert store.read_events(every[2].cursor, None, 100, message_bytes=1) == every[3:4]
+    assert store.read_events(every[3].cursor, None, 100, message_bytes=1) == every[4:5]
+    assert store.read_events(every[4].cursor, None, 100, message_bytes=1) == every[5:]
+
+
 # A pipeline whose name, uri and version take 3 KB in every task of an
 # answer: 1,500 such tasks pass a client's 4 MiB, however small their inputs.
 LONG = Pipeline(name="€" * 255, uri="u" * MAX_PIPELINE_TEXT["uri"], version="v" * 255)

@@ -14,7 +14,7 @@ from porch_server.models import Event, EventKind
 from porch_server.states import State
 
 
-def event(number: int, pipeline: str) -> Event:
+def event(number: int, pipeline: str, message: str | None = None) -> Event:
     return Event(
         cursor=f"0.{number}",
         time=datetime.now(UTC),
@@ -25,20 +25,21 @@ def event(number: int, pipeline: str) -> Event:
         new_status=State.PENDING,
         token_id=None,
         token_description=None,
-        message=None,
+        message=message,
     )
 
 
 @contextlib.asynccontextmanager
 async def running_hub(
     read_events: Callable[[str, int], Awaitable[list[Event]]],
+    **options: int,
 ) -> AsyncIterator[EventHub]:
     """A started hub reading with read_events from cursor 0.0, polling rarely."""
 
     async def start_cursor() -> str:
         return "0.0"
 
-    hub = EventHub(read_events, start_cursor, poll_seconds=60)
+    hub = EventHub(read_events, start_cursor, poll_seconds=60, **options)
     hub.start()
     try:
         yield hub
@@ -79,11 +80,11 @@ async def test_a_subscription_wakes_for_events_ticks_overflow_and_close() -> Non
     waiting = asyncio.create_task(subscription.get())
     await asyncio.sleep(0)
     assert not waiting.done()
-    subscription.put(live[:1])
+    subscription.put(live[:1], 0)
     assert await asyncio.wait_for(waiting, 5) == live[:1]
 
     # What came while the stream was busy is there at once, a tick included.
-    subscription.put(live[1:2])
+    subscription.put(live[1:2], 0)
     assert await asyncio.wait_for(subscription.get(), 5) == live[1:2]
     subscription.tick()
     assert await asyncio.wait_for(subscription.get(), 5) == []
@@ -94,7 +95,7 @@ async def test_a_subscription_wakes_for_events_ticks_overflow_and_close() -> Non
     assert await asyncio.wait_for(asleep, 5) == []
 
     # Past the bound the events are dropped and the stream told to replay.
-    subscription.put(live)
+    subscription.put(live, 0)
     assert subscription.overflowed and await asyncio.wait_for(subscription.get(), 5) == []
     subscription.resume()
     closing = asyncio.create_task(subscription.get())
@@ -103,13 +104,39 @@ async def test_a_subscription_wakes_for_events_ticks_overflow_and_close() -> Non
     assert await asyncio.wait_for(closing, 5) == [] and subscription.closed
 
 
+async def test_a_backlog_is_bounded_by_its_messages_too() -> None:
+    subscription = Subscription(limit=10, message_chars=100)
+    subscription.put([((0, 1), event(1, "p1"))], 60)
+    subscription.put([((0, 2), event(2, "p1"))], 40)
+    assert not subscription.overflowed
+    assert len(await asyncio.wait_for(subscription.get(), 5)) == 2  # taken: room again
+    subscription.put([((0, 3), event(3, "p1"))], 100)
+    subscription.put([((0, 4), event(4, "p1"))], 1)
+    assert subscription.overflowed and await asyncio.wait_for(subscription.get(), 5) == []
+
+
+async def test_the_hub_counts_what_each_stream_is_handed() -> None:
+    big = [event(n, "p1", message="m" * 3000) for n in range(1, 4)]
+
+    async def read_events(after: str, limit: int) -> list[Event]:
+        return big if after == "0.0" else []
+
+    async with running_hub(read_events, backlog_message_chars=8000) as hub:  # two of three
+        narrow = await hub.subscribe("p1")
+        wide = await hub.subscribe()
+        hub.wake()
+        for subscription in (narrow, wide):
+            await asyncio.wait_for(subscription.get(), 5)
+            assert subscription.overflowed
+
+
 async def test_a_cancelled_wait_leaves_the_subscription_usable() -> None:
     subscription = Subscription(limit=10)
     waiting = asyncio.create_task(subscription.get())
     await asyncio.sleep(0)
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
-    subscription.put([((0, 1), event(1, "p1"))])  # nobody waits: no error
+    subscription.put([((0, 1), event(1, "p1"))], 0)  # nobody waits: no error
     assert [key for key, _ in await asyncio.wait_for(subscription.get(), 5)] == [(0, 1)]
 
 
