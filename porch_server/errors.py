@@ -47,7 +47,16 @@ class PermissionDenied(PorchError):
 
 
 class Unavailable(PorchError):
-    """The database cannot be reached; the call may be retried."""
+    """The database cannot be reached; the call may be retried.
+
+    The cause, the driver's own words, may name the database's host, port
+    and name, and is for the server's log and porch's own commands, not for
+    callers: ``status.message_of`` leaves it out of an answer."""
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(f"{message}: {cause}" if cause else message)
+        self.message = message
+        self.cause = cause
 
 
 def first_line(error: BaseException | None) -> str:

@@ -19,7 +19,7 @@ from porch_server import auth
 from porch_server.errors import InvalidArgument, PorchError, Unauthenticated
 from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import Token
-from porch_server.status import code_of
+from porch_server.status import code_of, message_of
 from porch_server.store import Store
 
 ACCESS_LOG = "porch.access"
@@ -103,7 +103,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         except PorchError as error:  # the token's, or the database down while looking
             code = code_of(error)
             access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
-            return code, str(error)
+            return code, message_of(error)
         return None
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:
@@ -159,7 +159,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
-                await context.abort(code_of(error), str(error))
+                await context.abort(code_of(error), message_of(error))
             except asyncio.CancelledError:
                 cancelled = True
                 raise

@@ -1,10 +1,20 @@
-"""The one mapping from porch's errors to gRPC status codes."""
+"""The one mapping from porch's errors to gRPC status codes and answers."""
 
 from __future__ import annotations
+
+import logging
+import time
 
 import grpc
 
 from porch_server import errors
+
+log = logging.getLogger("porch.server")
+
+# Each cause of the database's unavailability is logged at most this often:
+# while it is down, every call would repeat it.
+CAUSE_LOG_SECONDS = 10.0
+_cause_logged: dict[str, float] = {}
 
 CODES: dict[type[errors.PorchError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -26,8 +36,22 @@ def code_of(error: errors.PorchError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def message_of(error: errors.PorchError) -> str:
+    """What the caller of a call that failed with error is told. The cause of
+    an Unavailable goes to the server's log instead."""
+    if not isinstance(error, errors.Unavailable) or error.cause is None:
+        return str(error)
+    now, text = time.monotonic(), str(error)
+    if now - _cause_logged.get(text, -CAUSE_LOG_SECONDS) >= CAUSE_LOG_SECONDS:
+        if len(_cause_logged) > 100:
+            _cause_logged.clear()
+        _cause_logged[text] = now
+        log.warning("%s", text)
+    return f"{error.message}; try again (the server's log says why)"
+
+
 async def abort(
     context: grpc.aio.ServicerContext[object, object], error: errors.PorchError
 ) -> None:
     """End the call with the status code and message of error."""
-    await context.abort(code_of(error), str(error))
+    await context.abort(code_of(error), message_of(error))

@@ -1387,14 +1387,13 @@ def _translate_errors() -> Iterator[None]:
     try:
         yield
     except (exc.OperationalError, exc.InterfaceError) as error:
-        raise Unavailable(f"the database is unavailable: {first_line(error.orig)}") from error
+        raise Unavailable("the database is unavailable", first_line(error.orig)) from error
     except exc.TimeoutError as error:
-        raise Unavailable(f"no database connection is free: {first_line(error)}") from error
+        raise Unavailable("no database connection is free", first_line(error)) from error
     except exc.DBAPIError as error:
         if error.connection_invalidated:
-            raise Unavailable(
-                f"the database connection was lost: {first_line(error.orig)}"
-            ) from error
+            cause = first_line(error.orig)
+            raise Unavailable("the database connection was lost", cause) from error
         raise
 
 

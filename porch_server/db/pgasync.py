@@ -31,7 +31,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from porch_server.db.engine import postgresql_session
-from porch_server.errors import Unavailable
+from porch_server.errors import Unavailable, first_line
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # asyncpg's words when it will not start a statement on a connection (its
@@ -199,7 +199,7 @@ class AsyncStatements:
             await pool.execute("SELECT 1")
         except (TimeoutError, OSError, asyncpg.PostgresError) as error:
             pool.terminate()
-            raise Unavailable(f"database unavailable: {error}") from error
+            raise Unavailable("the database is unavailable", first_line(error)) from error
         self._pool = pool
 
     async def close(self) -> None:
@@ -231,7 +231,7 @@ class AsyncStatements:
             entry = self._compiled[id(statement)] = (statement, _compile(statement))
         compiled = entry[1]
         if self._pool is None:
-            raise Unavailable("database unavailable: the connection pool is closed")
+            raise Unavailable("the database is unavailable: the connection pool is closed")
         records: list[asyncpg.Record]
         arguments = compiled.arguments(params)
         try:
@@ -248,7 +248,7 @@ class AsyncStatements:
                 records = await self._fetch_on(self._pool, compiled.sql, arguments)
         except asyncpg.InternalClientError as error:
             raise Unavailable(
-                "database unavailable: the connection was lost during the call; try again"
+                "the database is unavailable: the connection was lost during the call; try again"
             ) from error
         except (
             TimeoutError,
@@ -259,7 +259,7 @@ class AsyncStatements:
             asyncpg.TooManyConnectionsError,
             asyncpg.AdminShutdownError,
         ) as error:
-            raise Unavailable(f"database unavailable: {error}") from error
+            raise Unavailable("the database is unavailable", first_line(error)) from error
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as error:
             raise Contended(str(error)) from error
         except asyncpg.PostgresError as error:

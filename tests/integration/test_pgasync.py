@@ -261,7 +261,7 @@ async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
     statements = AsyncStatements(
         f"postgresql+psycopg2://postgres@127.0.0.1:{unused_port}/none", None, pool_size=1
     )
-    with pytest.raises(Unavailable, match="database unavailable"):
+    with pytest.raises(Unavailable, match="the database is unavailable: "):
         await statements.open()
 
 
