@@ -109,7 +109,10 @@ def authorize(method: str, token: Token, request: Any) -> None:
     if rule.access is Access.READ or (token.role is Role.ADMIN and rule.access is Access.ADMIN):
         return
     if rule.access is Access.ADMIN:
-        raise PermissionDenied(f"{method} needs an admin token; this is {_a(token.role)} token")
+        given = f"{_a(token.role)} token"
+        if token.pipeline_name is not None:
+            given += f" of pipeline '{token.pipeline_name}'"
+        raise PermissionDenied(f"{method} needs an admin token; this is {given}")
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
     if token.role is not Role.PIPELINE:

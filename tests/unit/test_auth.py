@@ -114,9 +114,9 @@ def test_wrong_pipeline_names_both_pipelines() -> None:
         (
             "CreatePipeline",
             Role.PIPELINE,
-            "CreatePipeline needs an admin token; this is a pipeline token",
+            "CreatePipeline needs an admin token; this is a pipeline token of pipeline 'p1'$",
         ),
-        ("CreateToken", Role.READER, "CreateToken needs an admin token; this is a reader token"),
+        ("CreateToken", Role.READER, "CreateToken needs an admin token; this is a reader token$"),
         ("ClaimTasks", Role.ADMIN, "needs a token of pipeline 'p1'; this is an admin token"),
         ("ClaimTasks", Role.READER, "needs a token of pipeline 'p1'; this is a reader token"),
     ],
