@@ -19,6 +19,7 @@ import re
 import time
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -131,15 +132,31 @@ def _target(scope: Scope) -> str:
     # printable ASCII escaped: a decoded path could hold a space or a line
     # break and forge a field or a whole log line.
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    query: bytes = _SECRET_IN_QUERY.sub(rb"\1***", scope.get("query_string", b""))
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        query = b"&".join(map(_hidden_secret, query.split(b"&")))
     return _escaped_bytes(raw + b"?" + query if query else raw)
 
 
-# A query parameter a client may have put a secret in (access_token=, token=,
-# api_key=, secret=, password=, and so page_token= too): its value is not logged.
-_SECRET_IN_QUERY = re.compile(
-    rb"((?:^|&)(?:[^&=]*[_-])?(?:access_token|token|key|secret|password)=)[^&]*", re.IGNORECASE
+# The name of a query parameter a client may have put a secret in, once
+# percent-decoded and lowercased: a token (access_token, sessiontoken, and
+# so page_token too), a key (api_key, apikey), a secret, a password (passwd,
+# pwd, pass, pw), an authorization or bearer value, a session, credentials,
+# or a signature (sig). Its value is not logged.
+_SECRET_NAME = re.compile(
+    rb"token|key|secret|passw|pwd|auth|bearer|session|credential|signature"
+    rb"|(?<![a-z])(?:pass|pw|sig)(?![a-z])"
 )
+
+
+def _hidden_secret(parameter: bytes) -> bytes:
+    """A query parameter as sent, but for the value of one named like a
+    secret, which is ***. The name is matched as the server reads it
+    (decoded): %74oken= is token=."""
+    name, equals, _ = parameter.partition(b"=")
+    if equals and _SECRET_NAME.search(unquote_to_bytes(name.replace(b"+", b" ")).lower()):
+        return name + b"=***"
+    return parameter
 
 
 def _client(scope: Scope) -> str:

@@ -147,6 +147,56 @@ async def test_a_secret_in_the_query_is_not_logged(caplog: pytest.LogCaptureFixt
     assert line.split(" ")[1] == "/paged?status=DONE&access_token=***&api_key=***&Token=***"
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "apikey=k3y",
+        "x-api-key=k3y",
+        "authorization=Bearer%20s3cret",
+        "auth=s3cret",
+        "bearer=s3cret",
+        "sessiontoken=s3cret",
+        "session_id=s3cret",
+        "passwd=s3cret",
+        "pwd=s3cret",
+        "pass=s3cret",
+        "credentials=s3cret",
+        "X-Amz-Signature=s3cret",
+        "sig=s3cret",
+        # Named as the server reads the name: decoded.
+        "%74oken=s3cret",
+        "api%5Fkey=s3cret",
+        "PASS%57ORD=s3cret",
+        "api+key=s3cret",
+    ],
+)
+async def test_any_parameter_named_like_a_secret_is_not_logged(
+    caplog: pytest.LogCaptureFixture, sent: str
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        await client.get(f"/paged?status=DONE&{sent}&after=0.1")
+
+    [line] = lines(caplog)
+    name = sent.partition("=")[0]
+    assert line.split(" ")[1] == f"/paged?status=DONE&{name}=***&after=0.1"
+
+
+async def test_porchs_own_parameters_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    query = (
+        "pipeline_name=p1&status=DONE&page_size=10&after=0.1&include_revoked=true"
+        "&uri=https://example.org/p&version=1&num_tasks=2&task_input_id=ab&pipeline.name=p1"
+    )
+    transport = httpx.ASGITransport(app=app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        await client.get(f"/paged?{query}&page_token=s3cret")
+
+    [line] = lines(caplog)
+    assert line.split(" ")[1] == f"/paged?{query}&page_token=***"
+
+
 async def test_text_that_could_break_a_line_is_escaped() -> None:
     assert access.escape("x)\nGET /forged\u2028 a\\b\x85 é\u00a0") == (
         "x)\\x0aGET /forged\\u2028 a\\x5cb\\x85 é\u00a0"
