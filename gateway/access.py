@@ -27,12 +27,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # all but printable ASCII, and the backslash that starts an escape.
 _UNPRINTABLE = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
 # Characters of other text that go in escaped: whatever could end a line
-# (Python's str.splitlines breaks at all of these), the invisible ones that
-# reorder or hide text (bidirectional controls, zero-width characters), and
-# the backslash.
-_LINE_BREAKING = re.compile(
-    r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\\]"
-)
+# (Python's str.splitlines breaks at all of these), and the invisible ones
+# that reorder or hide text (bidirectional controls, zero-width characters).
+_DISGUISING = r"\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
+# And the backslash, which starts an escape.
+_LINE_BREAKING = re.compile(rf"[{_DISGUISING}\\]")
+# In JSON text a backslash already starts one of JSON's own escapes.
+_DISGUISING_IN_JSON = re.compile(f"[{_DISGUISING}]")
 
 
 class _Notes:
@@ -83,6 +84,18 @@ def escape(text: str) -> str:
 def _escaped_character(match: re.Match[str]) -> str:
     number = ord(match[0])
     return f"\\x{number:02x}" if number < 0x100 else f"\\u{number:04x}"
+
+
+def escape_json(text: str) -> str:
+    """JSON text on one line (json.dumps's without indent, ensure_ascii=False)
+    with the characters escape escapes as JSON's \\uNNNN escapes: the same
+    JSON, and still one line of text that reads as it is (json.dumps escapes
+    only those below U+0020)."""
+    return _DISGUISING_IN_JSON.sub(_json_escaped_character, text)
+
+
+def _json_escaped_character(match: re.Match[str]) -> str:
+    return f"\\u{ord(match[0]):04x}"
 
 
 class AccessLog:

@@ -219,7 +219,7 @@ def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _print(message: Message) -> None:
     # Every field, as the gateway prints it: `"created": false` is there to read.
     fields = message_to_dict(message, always_print_fields_with_no_presence=True)
-    print(json.dumps(fields, ensure_ascii=False), flush=True)
+    print(access.escape_json(json.dumps(fields, ensure_ascii=False)), flush=True)
 
 
 def _json_object(text: str, where: str = "") -> dict[str, Any]:
@@ -352,9 +352,11 @@ def _event_line(event: porch_pb2.Event) -> str:
     if event.old_status:
         change = f"{porch_pb2.Task.State.Name(event.old_status)}->{change}"
     who = access.escape(event.token_description) if event.token_description else "porch"
-    message = f" {json.dumps(event.message, ensure_ascii=False)}" if event.message else ""
+    message = ""
+    if event.message:
+        message = f" {access.escape_json(json.dumps(event.message, ensure_ascii=False))}"
     return (
-        f"{event.time.ToJsonString()} {event.pipeline_name} {event.task_input_id} "
+        f"{event.time.ToJsonString()} {access.escape(event.pipeline_name)} {event.task_input_id} "
         f"{kind} {change} by {who}{message} cursor={event.cursor}"
     )
 
