@@ -24,6 +24,7 @@ import decimal
 import functools
 import json
 import re
+import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
@@ -282,11 +283,35 @@ def _given(value: Any) -> str:
 
 
 def _number(value: float) -> str:
-    """A number for an error as JSON writes it; one of more than 40 digits by
-    its first ones and how many there are."""
-    text = json.dumps(value)
+    """A number for an error as JSON writes it (shortened, as _number_text)."""
+    return _number_text(json.dumps(value))
+
+
+def _number_text(text: str) -> str:
+    """A number's JSON text for an error; one of more than 40 digits by its
+    first ones and how many there are."""
     digits = len(text.lstrip("-"))
     return text if digits <= 40 else f"{text[:24]}… ({digits} digits)"
+
+
+class _LongInteger(Exception):
+    """An integer of more digits than Python converts, by its text."""
+
+
+def _refuse_long(text: str) -> int:
+    if len(text.lstrip("-")) > sys.get_int_max_str_digits():
+        raise _LongInteger(text)
+    return 0  # its value is not wanted, only which integer is too long
+
+
+def too_long_integer(body: bytes) -> str:
+    """The first integer in body, JSON that json.loads refused for holding one
+    of more digits than Python converts, shown as an error shows a number."""
+    try:
+        json.loads(body, parse_int=_refuse_long)
+    except _LongInteger as error:
+        return _number_text(str(error))
+    raise ValueError("the body holds no integer of more digits than Python converts")
 
 
 def _quoted(text: str) -> str:

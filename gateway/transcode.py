@@ -27,6 +27,7 @@ from gateway.jsonparse import (
     merge_json_object,
     offered_names,
     offered_values,
+    too_long_integer,
 )
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
@@ -165,8 +166,11 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         raise invalid_argument(f"malformed JSON in the request body: {error}") from None
     except RecursionError:
         raise invalid_argument("the request body nests too deeply") from None
-    except ValueError as error:  # an integer of more digits than Python converts
-        raise invalid_argument(f"a number in the request body is too long: {error}") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise invalid_argument(
+            f"a number in the request body is too long: the integer {too_long_integer(body)}"
+            " is past any number a field or a JSON value holds; send it as a string"
+        ) from None
     if binding.body == "*":
         if not isinstance(data, dict):
             raise invalid_argument("the request body must be a JSON object")

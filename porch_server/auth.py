@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from porch_server.errors import PermissionDenied, Unauthenticated
+from porch_server.errors import PermissionDenied, Unauthenticated, shortened
 from porch_server.models import Actor, Role, Token
 
 _SECRET = re.compile(r"[A-Za-z0-9_\-]{32,128}")
@@ -116,12 +116,12 @@ def authorize(method: str, token: Token, request: Any) -> None:
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
     if token.role is not Role.PIPELINE:
-        named = f"pipeline '{pipeline}'" if pipeline else "the task's pipeline"
+        named = f"pipeline '{shortened(pipeline)}'" if pipeline else "the task's pipeline"
         raise PermissionDenied(f"{method} needs a token of {named}; this is {_a(token.role)} token")
     # A request naming no pipeline is invalid, and the service says so.
     if pipeline and pipeline != token.pipeline_name:
         raise PermissionDenied(
-            f"this token is for pipeline '{token.pipeline_name}', not '{pipeline}'"
+            f"this token is for pipeline '{token.pipeline_name}', not '{shortened(pipeline)}'"
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from porch_server.errors import InvalidArgument
+from porch_server.errors import InvalidArgument, shortened
 
 Key = tuple[int, int]
 
@@ -31,8 +31,7 @@ def cursor_key(cursor: str) -> Key:
     not one as make_cursor writes them (no leading zeros, each part in range)."""
     xid, dot, event_id = cursor.partition(".")
     if not (dot and _is_part(xid) and _is_part(event_id)):
-        shown = cursor if len(cursor) <= 60 else cursor[:60] + "…"
-        raise InvalidArgument(f"not an event cursor: {shown!r}")
+        raise InvalidArgument(f"not an event cursor: {shortened(cursor)!r}")
     return int(xid), int(event_id)
 
 

@@ -59,6 +59,14 @@ class Unavailable(PorchError):
         self.cause = cause
 
 
+def shortened(value: str) -> str:
+    """A value the client sent, for a message that quotes it: at most its
+    first 64 characters (a task_input_id whole), then "…". A value of any
+    length could otherwise make the message too long to send (gRPC's status
+    travels in metadata, which clients refuse past 8 to 16 KiB)."""
+    return value if len(value) <= 64 else value[:64] + "…"
+
+
 def first_line(error: BaseException | None) -> str:
     """The first line of error's message: database drivers add hints on lines
     of their own, which an answer or a log line should not carry."""

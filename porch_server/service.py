@@ -25,7 +25,13 @@ from porch_server import auth, messages
 from porch_server.config import GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key, Snapshot
 from porch_server.digest import canonical_json, digest_of
-from porch_server.errors import InvalidArgument, PorchError, Unauthenticated, Unavailable
+from porch_server.errors import (
+    InvalidArgument,
+    PorchError,
+    Unauthenticated,
+    Unavailable,
+    shortened,
+)
 from porch_server.events import EventHub, follow
 from porch_server.models import Actor, Event, Pipeline, Role, Task
 from porch_server.states import State
@@ -157,7 +163,9 @@ def check_task_input_id(value: str) -> str:
     if not value:
         raise InvalidArgument("task_input_id is required")
     if not _looks_like_task_input_id(value):
-        raise InvalidArgument(f"task_input_id must be 64 lowercase hex digits, got {value!r}")
+        raise InvalidArgument(
+            f"task_input_id must be 64 lowercase hex digits, got {shortened(value)!r}"
+        )
     return value
 
 
@@ -455,7 +463,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             if given.task_input_id and given.task_input_id != task_id:
                 raise InvalidArgument(
                     f"task_input_id {task_id} and task.task_input_id "
-                    f"{given.task_input_id} name different tasks"
+                    f"{shortened(given.task_input_id)} name different tasks"
                 )
         else:
             raise InvalidArgument("name the task with task.task_input or task.task_input_id")

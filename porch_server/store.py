@@ -78,6 +78,7 @@ from porch_server.errors import (
     PorchError,
     Unavailable,
     first_line,
+    shortened,
 )
 from porch_server.models import (
     Actor,
@@ -556,7 +557,7 @@ class Store:
         with self._write() as connection:
             row = connection.execute(statement, {"now": _now()}).first()
             if row is None:
-                raise NotFound(f"token {token_id} not found")
+                raise NotFound(f"token {shortened(token_id)} not found")
             self._load_pipelines(connection, [row.pipeline_id])
         revoked = self._to_token(row)
         with self._token_lock:
@@ -1408,7 +1409,7 @@ def _deadline(now: datetime, lease_seconds: int | None) -> datetime | None:
 def _token_key(token_id: str) -> int:
     """Return a token's row id; NotFound for an id that cannot be one."""
     if not (token_id.isascii() and token_id.isdecimal() and int(token_id) <= _MAX_TOKEN_ID):
-        raise NotFound(f"token {token_id} not found")
+        raise NotFound(f"token {shortened(token_id)} not found")
     return int(token_id)
 
 

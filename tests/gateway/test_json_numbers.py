@@ -150,6 +150,20 @@ async def test_an_integer_past_any_double_is_named_by_its_size(client: httpx.Asy
     )
 
 
+@pytest.mark.parametrize("sign", ["", "-"])
+async def test_an_integer_of_more_digits_than_python_reads_is_named_by_its_size(
+    client: httpx.AsyncClient, sign: str
+) -> None:
+    digits = "1" + "0" * 9_999
+    body = f'{{"text": "n", "data": {{"a": 1, "n": {sign}{digits}}}}}'
+    response = await client.post("/v1/echo", content=body)
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        f"a number in the request body is too long: the integer {sign}{digits[: 24 - len(sign)]}…"
+        " (10000 digits) is past any number a field or a JSON value holds; send it as a string"
+    )
+
+
 async def test_integers_a_double_holds_exactly_pass_however_large(
     client: httpx.AsyncClient,
 ) -> None:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from porch_server.digest import task_input_id
+from porch_server.errors import InvalidArgument
 from porch_server.models import Role
 from porch_server.service import _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
@@ -146,6 +147,45 @@ def test_an_unexpected_failure_is_internal_and_keeps_its_details_in_the_log(
     )
     assert message == "internal error: the server logged what went wrong"
     assert "detail for the operator only" in caplog.text
+
+
+def test_a_refusal_quotes_a_long_value_shortened(porch: Porch) -> None:
+    # gRPC sends the message in metadata, which clients refuse past 8 to 16
+    # KiB: quoted whole, a long value would turn the refusal into RESOURCE_EXHAUSTED.
+    long = "x" * 100_000
+    shown = "x" * 64 + "…"
+    admin, wrapper = porch.stub(porch.admin), porch.stub(porch.pipeline("p1"))
+    reader = porch.stub(porch.token(Role.READER))
+    fails(
+        Code.INVALID_ARGUMENT,
+        admin.GetTask,
+        pb.GetTaskRequest(pipeline_name="p1", task_input_id=long),
+        f"got '{shown}'",
+    )
+    fails(Code.NOT_FOUND, admin.RevokeToken, pb.RevokeTokenRequest(token_id=long), shown)
+    task = pb.Task(pipeline=pb.Pipeline(name=long))
+    task.task_input.update({"n": 1})
+    register = pb.RegisterTaskRequest(task=task)
+    fails(Code.PERMISSION_DENIED, wrapper.RegisterTask, register, f"not '{shown}'")
+    fails(Code.PERMISSION_DENIED, reader.RegisterTask, register, f"pipeline '{shown}'")
+    update = pb.Task(pipeline=pb.Pipeline(name="p1"), status=State.RUNNING, task_input_id=long)
+    fails(
+        Code.INVALID_ARGUMENT,
+        wrapper.UpdateTask,
+        pb.UpdateTaskRequest(task_input_id="a" * 64, task=update),
+        f"task.task_input_id {shown} name different tasks",
+    )
+
+
+def test_a_refusal_of_any_length_arrives_cut(porch: Porch, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: Any) -> None:
+        raise InvalidArgument("é" * 100_000)
+
+    monkeypatch.setattr(porch.server.store, "get_pipeline", refused)
+    message = fails(
+        Code.INVALID_ARGUMENT, porch.stub(porch.admin).GetPipeline, pb.GetPipelineRequest(name="p")
+    )
+    assert message == "é" * 1024 + "… (cut: the message was 200,000 bytes)"
 
 
 # -- tokens ------------------------------------------------------------------
