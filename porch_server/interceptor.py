@@ -170,6 +170,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise
             except grpc.aio.AbortError:
                 raise
+            except grpc.aio.InternalError:
+                # A message the transport could not send (context.write): its
+                # call is over, the client gone. grpc.aio cancels the task for
+                # that, but a write waiting for room can fail first. Ended as
+                # grpc.aio's cancelling would end it.
+                cancelled = True
+                raise asyncio.CancelledError from None
             except Exception:
                 # A fault of porch's, or a refusal the database gave no
                 # reason porch knows: the details go to the log, not the caller.

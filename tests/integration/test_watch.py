@@ -3,6 +3,7 @@ filters, pruning, shutdown and cancellation, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -273,6 +274,39 @@ def test_cancelled_streams_free_the_hub(fast_porch: Porch) -> None:
     while hub.watchers and time.monotonic() < deadline:
         time.sleep(0.05)
     assert hub.watchers == 0
+
+
+def test_a_stream_left_while_its_writes_wait_is_cancelled(
+    fast_porch: Porch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    wrapper = fast_porch.stub(fast_porch.pipeline("p1"))
+    task = register(wrapper, "p1", n=0)
+    wrapper.ClaimTasks(pb.ClaimTasksRequest(pipeline=pb.Pipeline(name="p1")))
+    # About 10 MB of events: more than the transport holds for a client that
+    # does not read (about 4 MB), so the server's writes wait for room.
+    for _ in range(150):
+        set_status(wrapper, task, State.RUNNING, "x" * service.MAX_MESSAGE_BYTES)
+    call: Any = fast_porch.stub(fast_porch.admin).WatchEvents(pb.WatchEventsRequest(after="0.0"))
+    next(call)
+    time.sleep(1)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while not (lines := watch_lines(caplog)):
+        assert time.monotonic() < deadline, "the stream was never logged"
+        time.sleep(0.05)
+    assert len(lines) == 1 and lines[0].startswith("WatchEvents CANCELLED "), lines
+    # A client that left is no fault of the server's: no error, no traceback.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def watch_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The access lines of WatchEvents calls."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "porch.access" and r.getMessage().startswith("WatchEvents ")
+    ]
 
 
 def test_many_watchers_share_one_read_per_wake_up(fast_porch: Porch) -> None:
