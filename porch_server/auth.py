@@ -103,16 +103,25 @@ def check_token(token: Token | None) -> Token:
     return token
 
 
-def authorize(method: str, token: Token, request: Any) -> None:
-    """Raise PermissionDenied unless token may call method with request."""
-    rule = RULES[method]
-    if rule.access is Access.READ or (token.role is Role.ADMIN and rule.access is Access.ADMIN):
-        return
-    if rule.access is Access.ADMIN:
+def check_role(method: str, token: Token) -> None:
+    """Raise PermissionDenied if token's role may not call method whatever the
+    request: the part of `authorize` that needs no request to be read."""
+    access = RULES[method].access
+    if access is Access.ADMIN and token.role is not Role.ADMIN:
         given = f"{_a(token.role)} token"
         if token.pipeline_name is not None:
             given += f" of pipeline '{token.pipeline_name}'"
         raise PermissionDenied(f"{method} needs an admin token; this is {given}")
+    if access is Access.WRITE and token.role is not Role.PIPELINE:
+        raise PermissionDenied(f"{method} needs a pipeline's token; this is {_a(token.role)} token")
+
+
+def authorize(method: str, token: Token, request: Any) -> None:
+    """Raise PermissionDenied unless token may call method with request."""
+    rule = RULES[method]
+    if rule.access is not Access.WRITE:
+        check_role(method, token)
+        return
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
     if token.role is not Role.PIPELINE:

@@ -593,6 +593,14 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
             assert_error(refused, 401, 16)
         else:
             assert_error(refused, 400, 3, "JSON")
+    # So is a token whose role may never make the call, whatever the body says.
+    reader = bearer(porch_http.token(Role.READER))
+    for path, who in (("/v1/pipelines/p1/tasks:batchRegister", reader), ("/v1/pipelines", wrapper)):
+        refused = await client.post(path, content=b"{", headers=who)
+        if porch_http.upstream == "in-process":
+            assert_error(refused, 403, 7, "needs a", "this is a")
+        else:
+            assert_error(refused, 400, 3, "JSON")
     [task_id] = await register(porch_http, wrapper, {"n": 1})
     illegal = await update(porch_http, wrapper, task_id, "DONE")
     assert_error(illegal, 400, 9, "PENDING", "DONE")
@@ -623,7 +631,8 @@ async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: Porch
     claim = await client.get("/v1/pipelines/p1/tasks:claim", headers=admin)
     assert (claim.status_code, claim.headers["allow"]) == (405, "POST")
     huge = {"task_input": {"blob": "x" * (5 * 1024 * 1024)}}
-    too_large = await client.post("/v1/pipelines/p1/tasks", json=huge, headers=admin)
+    wrapper = await porch_http.pipeline()
+    too_large = await client.post("/v1/pipelines/p1/tasks", json=huge, headers=wrapper)
     assert_error(too_large, 413, 8, "larger than")
     health = await client.get("/healthz")
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})

@@ -70,6 +70,17 @@ def claim(pipeline: str) -> porch_pb2.ClaimTasksRequest:
     return porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name=pipeline))
 
 
+def request_naming(method: str, pipeline: str) -> object:
+    """A request of method that names pipeline, where its rule looks for one."""
+    if method == "ClaimTasks":
+        return claim(pipeline)
+    if method == "RegisterTasks":
+        return porch_pb2.RegisterTasksRequest(pipeline_name=pipeline)
+    return porch_pb2.RegisterTaskRequest(
+        task=porch_pb2.Task(pipeline=porch_pb2.Pipeline(name=pipeline))
+    )
+
+
 def test_every_method_has_a_rule() -> None:
     methods = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].methods_by_name
     assert set(methods) == set(auth.RULES)
@@ -79,15 +90,7 @@ def test_role_matrix() -> None:
     admin, reader = token(Role.ADMIN), token(Role.READER)
     mine, other = token(Role.PIPELINE, "p1"), token(Role.PIPELINE, "p2")
     for method, rule in auth.RULES.items():
-        request = (
-            claim("p1")
-            if method == "ClaimTasks"
-            else porch_pb2.RegisterTaskRequest(
-                task=porch_pb2.Task(pipeline=porch_pb2.Pipeline(name="p1"))
-            )
-        )
-        if method == "RegisterTasks":
-            request = porch_pb2.RegisterTasksRequest(pipeline_name="p1")
+        request = request_naming(method, "p1")
         outcomes = {}
         for name, who in (("admin", admin), ("reader", reader), ("mine", mine), ("other", other)):
             try:
@@ -101,6 +104,27 @@ def test_role_matrix() -> None:
             auth.Access.WRITE: {"admin": False, "reader": False, "mine": True, "other": False},
         }[rule.access]
         assert outcomes == expected, method
+
+
+def test_the_role_alone_refuses_what_no_request_would_allow() -> None:
+    # check_role runs before the request is read (for the HTTP gateway, before
+    # its body arrives): it refuses exactly where authorize refuses even the
+    # request most in the token's favour, one naming the token's own pipeline.
+    for method in auth.RULES:
+        for who in (token(Role.ADMIN), token(Role.READER), token(Role.PIPELINE, "p1")):
+            try:
+                auth.check_role(method, who)
+                admitted = True
+            except PermissionDenied:
+                admitted = False
+            try:
+                auth.authorize(method, who, request_naming(method, "p1"))
+                allowed = True
+            except PermissionDenied:
+                allowed = False
+            assert admitted == allowed, (method, who.role)
+    with pytest.raises(PermissionDenied, match="RegisterTasks needs a pipeline's token; this is"):
+        auth.check_role("RegisterTasks", token(Role.READER))
 
 
 def test_wrong_pipeline_names_both_pipelines() -> None:

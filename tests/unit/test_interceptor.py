@@ -4,6 +4,7 @@ reads an HTTP request's body."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -11,10 +12,12 @@ import pytest
 
 from porch_server.errors import Unavailable
 from porch_server.interceptor import PorchInterceptor
+from porch_server.models import Role, Token
 
 pytestmark = pytest.mark.asyncio
 
 LIST_TASKS = "/porch.v1.PorchService/ListTasks"
+SERVICE = "/porch.v1.PorchService/"
 
 
 class _Store:
@@ -56,3 +59,44 @@ async def test_the_databases_own_words_go_to_the_log_not_to_the_caller(
         "the database is unavailable; try again (the server's log says why)",
     )
     assert 'server at "db.example.org", port 5432 failed' in caplog.text
+
+
+class _OneToken:
+    """A store that knows every secret as one token, of the given role."""
+
+    def __init__(self, role: Role) -> None:
+        pipeline = "p1" if role is Role.PIPELINE else None
+        self.token = Token("7", role, pipeline, "test", datetime.now(UTC))
+
+    def cached_token(self, secret_hash: str) -> Any:
+        return self.token
+
+    def find_token(self, secret_hash: str) -> Any:
+        return self.token
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "refused"),
+    [
+        (Role.READER, "RegisterTasks", True),
+        (Role.ADMIN, "ClaimTasks", True),
+        (Role.PIPELINE, "CreatePipeline", True),
+        # Which pipeline a wrapper may write to is for its request to say.
+        (Role.PIPELINE, "RegisterTasks", False),
+        (Role.READER, "ListTasks", False),
+        (Role.ADMIN, "CreateToken", False),
+    ],
+)
+async def test_a_role_that_may_never_make_the_call_is_refused_before_its_request(
+    role: Role, method: str, refused: bool
+) -> None:
+    with ThreadPoolExecutor(1) as executor:
+        interceptor = PorchInterceptor(_OneToken(role), executor, anonymous_reads=False)  # type: ignore[arg-type]
+        refusal = await interceptor.admit(
+            SERVICE + method, [("authorization", "Bearer " + "x" * 43)]
+        )
+    if refused:
+        assert refusal is not None and refusal[0] == grpc.StatusCode.PERMISSION_DENIED
+        assert f"{method} needs" in refusal[1]
+    else:
+        assert refusal is None
