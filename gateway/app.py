@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, quote
@@ -51,6 +53,12 @@ from gateway.upstream import (
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
+# A body larger than this is read into its message on a thread of its own:
+# the JSON is turned into protobuf in Python (0.4 s a MiB of small objects), which on
+# the event loop would hold up every other call of the process meanwhile.
+# Smaller ones, nearly all, are read at once, as a thread costs more than
+# they do.
+THREAD_BODY_BYTES = 64 * 1024
 # Statuses that cannot carry the JSON body every transcoded answer has.
 _BODILESS = {204, 205, 304}
 
@@ -69,6 +77,9 @@ class Gateway:
         document = build_openapi(options.services, options.document, options.methods)
         self.openapi = encode_json(document)
         self.closing = asyncio.Event()
+        # One thread for large bodies: Python's parsing holds the GIL, so a
+        # second thread would read no faster and take more of the loop's turns.
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="gateway-body")
 
     def close_streams(self) -> None:
         """End every open stream cleanly (the gateway is going away)."""
@@ -87,7 +98,7 @@ class Gateway:
             last_event_id = request.headers.get("last-event-id")
             if binding.server_streaming and options.last_event_id_field and last_event_id:
                 overrides.append((options.last_event_id_field, last_event_id))
-            message = build_request(match, _query_items(request), body, overrides)
+            message = await self._build_request(match, request, body, overrides)
             if binding.server_streaming:
                 timeout = call_timeout(request.headers, None)
                 call = self.upstream.stream_call(binding.method, message, metadata, timeout)
@@ -129,6 +140,20 @@ class Gateway:
             )
             raise GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, http_status=415)
         return b"".join(chunks)
+
+    async def _build_request(
+        self,
+        match: RouteMatch,
+        request: Request,
+        body: bytes,
+        overrides: Sequence[tuple[str, str]],
+    ) -> Message:
+        query = _query_items(request)
+        if len(body) <= THREAD_BODY_BYTES:
+            return build_request(match, query, body, overrides)
+        loop = asyncio.get_running_loop()
+        build = functools.partial(build_request, match, query, body, overrides)
+        return await loop.run_in_executor(self._reader, build)
 
     async def _unary(
         self, request: Request, match: RouteMatch, message: Message, options: CallOptions
@@ -254,6 +279,7 @@ window.ui = SwaggerUIBundle({{
             yield
         finally:
             self.close_streams()
+            self._reader.shutdown(wait=False)
             await self.upstream.close()
 
 

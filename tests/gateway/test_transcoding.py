@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
 
 import gateway
+from gateway import app as gateway_app
 from tests.gateway.conftest import (
     FAILING_TOTAL,
     LOOPING_TOTAL,
@@ -522,6 +526,32 @@ async def test_streamed_body_over_the_limit_is_413_without_content_length(live: 
     response = await live.client.post("/v1/echo", content=chunks())
     assert response.status_code == 413
     assert response.request.headers.get("transfer-encoding") == "chunked"
+
+
+async def test_a_large_body_is_read_while_other_calls_are_answered(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a large body into its message holds the event loop up no more:
+    # a small call is answered while the large one is still being read.
+    monkeypatch.setattr(gateway_app, "THREAD_BODY_BYTES", 1024)
+    reading, read = threading.Event(), threading.Event()
+    answered_meanwhile: list[bool] = []
+    build_request = gateway_app.build_request
+
+    def slow_build_request(*args: Any) -> Any:
+        if len(args[2]) > 1024:
+            reading.set()
+            answered_meanwhile.append(read.wait(3))
+        return build_request(*args)
+
+    monkeypatch.setattr(gateway_app, "build_request", slow_build_request)
+    large = asyncio.create_task(live.client.post("/v1/echo", json={"text": "x" * 2000}))
+    assert await asyncio.to_thread(reading.wait, 3)
+    small = await live.client.post("/v1/echo", json={"text": "hi"})
+    read.set()
+    assert small.json()["text"] == "hi"
+    assert (await large).json()["text"] == "x" * 2000
+    assert answered_meanwhile == [True]
 
 
 async def test_headers_are_forwarded_as_metadata(client: httpx.AsyncClient) -> None:
