@@ -6,15 +6,15 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import grpc
 import uvicorn
-from starlette.types import ASGIApp
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import ASGIApp, Message
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.errors import GatewayError
 from gateway.transcode import encode_json
@@ -25,6 +25,13 @@ from gateway.transcode import encode_json
 # by byte, or never finishes it, would otherwise hold its socket for ever.
 HEAD_SECONDS = 20.0
 HEAD_BYTES = 64 * 1024
+# A connection whose request was answered before its body arrived (see
+# _closing_unless_read) is closed at most this many seconds after the answer:
+# meanwhile what the client still sends is read and dropped, as a socket
+# closed with data unread would reset the connection, and the client could
+# lose the answer before it reads it.
+LINGER_SECONDS = 2.0
+_CONNECTION_CLOSE = (b"connection", b"close")
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,12 @@ class _HeadTooLarge(Exception):
 class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     """uvicorn's httptools protocol, with a deadline and a size bound on each
     request's head (uvicorn has neither: its keep-alive timer stops at the
-    first byte of the next request)."""
+    first byte of the next request), and an end to a connection whose
+    request was answered before its body arrived."""
 
     head_seconds = HEAD_SECONDS
     head_bytes = HEAD_BYTES
+    linger_seconds = LINGER_SECONDS
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
@@ -111,6 +120,8 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         # answered, so a client that leaves meanwhile is noticed only then:
         # the call in flight runs to its end, as it did before these watches.
         self._closed_watches: list[ClosedWatch] = []
+        # Set once a request is answered before its body has all arrived.
+        self._lingering = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -139,13 +150,57 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         watch = ClosedWatch()
         self._closed_watches.append(watch)
         self.scope.setdefault("extensions", {})[CLOSED_EXTENSION] = watch
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request to answer, not an upgrade
+            self.cycle.send = self._closing_unless_read(self.cycle)
 
     def on_response_complete(self) -> None:
         # The oldest request is answered: its watch has nothing left to tell.
         if self._closed_watches:
             del self._closed_watches[0]
         super().on_response_complete()
+        if self._lingering:
+            self._linger()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:  # else the rest of a body nobody reads
+            super().data_received(data)
+
+    def _closing_unless_read(
+        self, cycle: RequestResponseCycle
+    ) -> Callable[[Message], Awaitable[None]]:
+        """cycle's send, adding `Connection: close` to an answer begun before
+        the request's body has all arrived (a 401 or 413 that does not read
+        it, a 408 for one too slow). uvicorn would keep such a connection and
+        drop the rest of the body as it came: a client sending it a byte at a
+        time, each byte stopping the keep-alive timer, held the connection
+        for as long as it went on."""
+        send = cycle.send
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] != "http.response.start" or not cycle.more_body:
+                await send(message)
+                return
+            headers = [*message.get("headers", ()), _CONNECTION_CLOSE]
+            await send({**message, "headers": headers})
+            # The header has uvicorn close the connection as soon as the
+            # answer is sent; the client, still sending, would be reset and
+            # could lose the answer unread. The connection lingers instead.
+            cycle.keep_alive = True
+            self._lingering = True
+
+        return send_closing
+
+    def _linger(self) -> None:
+        """After an answer that closes the connection: end the sending side,
+        drop what still comes for up to LINGER_SECONDS, then close."""
+        self._unset_keepalive_if_required()
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(self.linger_seconds, self.transport.close)
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers any error raised while parsing with a 400.

@@ -1,9 +1,11 @@
-"""The HTTP listener bounds how long and how large a request's head may be."""
+"""The HTTP listener bounds how long and how large a request's head may be,
+and closes a connection whose request is answered before its body arrives."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -79,6 +81,50 @@ async def test_a_body_that_does_not_arrive_in_time_is_answered_408(backend: Back
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 408")
-        writer.close()
+        assert b"\r\nconnection: close\r\n" in head
+        await _closed_while_the_body_trickles_in(reader, writer)
     finally:
         await http.stop()
+
+
+async def test_an_answer_before_the_body_has_arrived_closes_the_connection(live: Live) -> None:
+    reader, writer = await _connect(live)
+    writer.write(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 413")
+    assert b"\r\nconnection: close\r\n" in head
+    await _closed_while_the_body_trickles_in(reader, writer)
+
+
+async def test_an_answer_after_the_whole_body_keeps_the_connection(live: Live) -> None:
+    reader, writer = await _connect(live)
+    for _ in range(2):
+        writer.write(
+            b'POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 15\r\n\r\n{"text": "hi"}\n'
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" not in head
+        length = re.search(rb"content-length: (\d+)", head)
+        assert length is not None
+        await reader.readexactly(int(length[1]))
+    writer.close()
+
+
+async def _closed_while_the_body_trickles_in(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Send the rest of the body a byte at a time, as the answer's body is
+    read, until the server closes the connection: AssertionError if it has
+    not within 2 s."""
+    for _ in range(20):
+        writer.write(b" ")
+        try:
+            if await asyncio.wait_for(reader.read(65536), 0.1) == b"":
+                break
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            break
+    else:
+        raise AssertionError("the connection is still open")
+    writer.close()
