@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route
 from starlette.staticfiles import StaticFiles
@@ -127,6 +127,8 @@ class Gateway:
         except TimeoutError:
             message = f"the request body did not arrive within {seconds:g} s"
             raise GatewayError(grpc.StatusCode.DEADLINE_EXCEEDED, message, 408) from None
+        except ClientDisconnect:  # the client left: no fault of the gateway's
+            raise _client_left() from None
         encodings = [
             coding.strip().lower()
             for header in request.headers.getlist("content-encoding")

@@ -342,6 +342,25 @@ async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(
         assert re.fullmatch(left, served), served
 
 
+async def test_a_client_that_leaves_before_its_body_has_arrived_is_499(
+    porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    _, writer = await asyncio.open_connection("127.0.0.1", porch_http.server.port)
+    writer.write(
+        b"POST /v1/pipelines HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+        b'Authorization: Bearer %s\r\n\r\n{"name' % porch_http.porch.admin.encode()
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+    [line] = await logged_lines(caplog, "porch.access", 1)
+    assert line.split(" ")[:3] == ["POST", "/v1/pipelines", "499"], line
+    # The client's leaving is no failure of the server's.
+    assert [record for record in caplog.records if record.levelno >= logging.WARNING] == []
+
+
 async def test_a_list_the_gateway_follows_page_by_page_is_one_line(
     porch_http: PorchHttp, caplog: pytest.LogCaptureFixture
 ) -> None:
