@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,6 +43,7 @@ from gateway.transcode import build_request, encode_json, response_json
 from gateway.upstream import (
     HTTP_CODE_KEY,
     CallOptions,
+    Metadata,
     UnaryReply,
     Upstream,
     UpstreamCalls,
@@ -91,8 +93,7 @@ class Gateway:
         options = self.options.methods.get(binding.method.full_name, MethodOptions())
         try:
             metadata = call_metadata(request.headers.items(), self.options.forward_headers)
-            # A caller the server would refuse anyway costs it no body to read.
-            await self.upstream.admit(binding.method, metadata)
+            await self._admit(request, binding.method, metadata)
             body = await self._read_body(request)
             overrides = []
             last_event_id = request.headers.get("last-event-id")
@@ -109,6 +110,19 @@ class Gateway:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
             return error_response(rpc_error_status(error), rpc_error_json(error))
+
+    async def _admit(self, request: Request, method: MethodDescriptor, metadata: Metadata) -> None:
+        """A caller the server would refuse anyway costs it no body to read. A
+        right it lacks, though, is judged with the request when the body is
+        small enough to read at once: the server's refusal can then say more
+        (which pipeline the call was for, say)."""
+        try:
+            await self.upstream.admit(method, metadata)
+        except grpc.aio.AioRpcError as error:
+            declared = request.headers.get("content-length", "0")
+            small = declared.isdigit() and int(declared) <= THREAD_BODY_BYTES
+            if error.code() is not grpc.StatusCode.PERMISSION_DENIED or not small:
+                raise
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.options.max_body_bytes

@@ -593,14 +593,18 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
             assert_error(refused, 401, 16)
         else:
             assert_error(refused, 400, 3, "JSON")
-    # So is a token whose role may never make the call, whatever the body says.
+    # So is a token whose role may never make the call, whatever a large body
+    # says; a small one is read, and the refusal names the pipeline.
     reader = bearer(porch_http.token(Role.READER))
     for path, who in (("/v1/pipelines/p1/tasks:batchRegister", reader), ("/v1/pipelines", wrapper)):
-        refused = await client.post(path, content=b"{", headers=who)
+        refused = await client.post(path, content=b"{" + b" " * 70_000, headers=who)
         if porch_http.upstream == "in-process":
             assert_error(refused, 403, 7, "needs a", "this is a")
         else:
             assert_error(refused, 400, 3, "JSON")
+    small = {"tasks": [{"task_input": {"n": 1}}]}
+    named = await client.post("/v1/pipelines/p1/tasks:batchRegister", json=small, headers=reader)
+    assert_error(named, 403, 7, "needs a token of pipeline 'p1'; this is a reader token")
     [task_id] = await register(porch_http, wrapper, {"n": 1})
     illegal = await update(porch_http, wrapper, task_id, "DONE")
     assert_error(illegal, 400, 9, "PENDING", "DONE")
