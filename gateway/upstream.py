@@ -174,6 +174,7 @@ class Upstream:
         time_limit: float | None,
     ) -> UnaryReply:
         """Call a unary method: its response and metadata, or AioRpcError."""
+        _check_size(message)
         call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
         response = await call
         return UnaryReply(
@@ -188,6 +189,7 @@ class Upstream:
         time_limit: float | None,
     ) -> grpc.aio.UnaryStreamCall[Message, Message]:
         """Start a server-streaming call."""
+        _check_size(message)
         return self.stream(method)(message, metadata=metadata, timeout=time_limit)
 
     async def admit(self, method: MethodDescriptor, metadata: Metadata) -> None:
@@ -234,6 +236,26 @@ def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) ->
             raise _malformed_authorization("given more than once")
         metadata.append((key, _metadata_value(key, value)))
     return metadata
+
+
+# What a gRPC server accepts in one message unless it says otherwise.
+SERVER_RECEIVE_BYTES = 4 * 1024 * 1024
+
+
+def _check_size(message: Message) -> None:
+    """GatewayError (413) for a request a gRPC server would refuse for its
+    size: JSON's numbers and objects can take several times their text's
+    bytes as protobuf, so a body within the HTTP limit may become one. The
+    server would refuse it with RESOURCE_EXHAUSTED, which reads as 429, a
+    request to retry."""
+    size = message.ByteSize()
+    if size > SERVER_RECEIVE_BYTES:
+        raise GatewayError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the request takes {size:,} bytes as protobuf, more than the "
+            f"{SERVER_RECEIVE_BYTES:,} a gRPC server accepts: send less in one request",
+            http_status=413,
+        )
 
 
 def _malformed_authorization(why: str) -> GatewayError:

@@ -638,6 +638,13 @@ async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: Porch
     wrapper = await porch_http.pipeline()
     too_large = await client.post("/v1/pipelines/p1/tasks", json=huge, headers=wrapper)
     assert_error(too_large, 413, 8, "larger than")
+    # Within the HTTP limit, but 16.5 MB as protobuf: small numbers take 11 bytes there.
+    numbers = b'{"task_input": {"l": [' + b",".join([b"1"] * 1_500_000) + b"]}}"
+    swollen = await client.post("/v1/pipelines/p1/tasks", content=numbers, headers=wrapper)
+    if porch_http.upstream == "in-process":
+        assert_error(swollen, 400, 3, "task.task_input is larger than 1048576 bytes as protobuf")
+    else:
+        assert_error(swollen, 413, 8, "16,500,0", "bytes as protobuf", "send less")
     health = await client.get("/healthz")
     assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
     for path in ("/openapi.json", "/api/v1/openapi.json"):
