@@ -112,17 +112,17 @@ class Gateway:
             return error_response(rpc_error_status(error), rpc_error_json(error))
 
     async def _admit(self, request: Request, method: MethodDescriptor, metadata: Metadata) -> None:
-        """A caller the server would refuse anyway costs it no body to read. A
-        right it lacks, though, is judged with the request when the body is
-        small enough to read at once: the server's refusal can then say more
-        (which pipeline the call was for, say)."""
-        try:
-            await self.upstream.admit(method, metadata)
-        except grpc.aio.AioRpcError as error:
-            declared = request.headers.get("content-length", "0")
+        """A caller the server would refuse whatever its request costs it no
+        body to read. Its rights are judged so only for a large body: with a
+        small one (declared, of at most THREAD_BODY_BYTES, or none) the
+        server judges them with the request in hand, and its refusal can say
+        more (which pipeline the call was for, say)."""
+        declared = request.headers.get("content-length")
+        if declared is None:
+            small = "transfer-encoding" not in request.headers
+        else:
             small = declared.isdigit() and int(declared) <= THREAD_BODY_BYTES
-            if error.code() is not grpc.StatusCode.PERMISSION_DENIED or not small:
-                raise
+        await self.upstream.admit(method, metadata, rights=not small)
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.options.max_body_bytes

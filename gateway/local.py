@@ -243,14 +243,15 @@ class LocalUpstream:
         """Start a server-streaming method; read its messages from the returned call."""
         return LocalStreamCall(self, method, message, metadata, time_limit)
 
-    async def admit(self, method: MethodDescriptor, metadata: Metadata) -> None:
-        """Ask each interceptor that has an `admit(path, metadata)` coroutine,
-        which gives (code, details) for a call it would refuse whatever its
-        request, else None; AioRpcError with the first refusal."""
+    async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
+        """Ask each interceptor that has an `admit(path, metadata, rights)`
+        coroutine, which gives (code, details) for a call it would refuse
+        whatever its request (with rights, judging the caller's rights too),
+        else None; AioRpcError with the first refusal."""
         path = method_path(method)
         for interceptor in self._interceptors:
             admit = getattr(interceptor, "admit", None)
-            refusal = None if admit is None else await admit(path, metadata)
+            refusal = None if admit is None else await admit(path, metadata, rights)
             if refusal is not None:
                 raise _rpc_error(*refusal)
 

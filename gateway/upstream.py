@@ -85,10 +85,11 @@ class UpstreamCalls(Protocol):
     ) -> StreamCall:
         """Start a server-streaming call."""
 
-    async def admit(self, method: MethodDescriptor, metadata: Metadata) -> None:
+    async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
         """AioRpcError when a call with this metadata would be refused whatever
-        its request (an unknown caller, say): the gateway asks before it reads
-        the request's body."""
+        its request (an unknown caller, say; with rights, also a caller whose
+        rights never allow the call): the gateway asks before it reads the
+        request's body."""
 
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""
@@ -192,7 +193,7 @@ class Upstream:
         _check_size(message)
         return self.stream(method)(message, metadata=metadata, timeout=time_limit)
 
-    async def admit(self, method: MethodDescriptor, metadata: Metadata) -> None:
+    async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
         """Nothing: a server at the end of a channel judges the call itself."""
 
     async def health(self, service: str, deadline: float) -> str:

@@ -285,10 +285,12 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
         "/v1/pipelines/p1/tasks", json={"task_input": {"run": 2}}, headers=elsewhere
     )
     assert wrong.status_code == 403
+    reader = bearer(porch_http.token(Role.READER, description="r"))
+    assert (await porch_http.client.get("/v1/tokens", headers=reader)).status_code == 403
 
     # A server in another thread may write its line just after its answer.
     logged = await logged_lines(
-        caplog, "porch.access", 4 if porch_http.upstream == "in-process" else 8
+        caplog, "porch.access", 5 if porch_http.upstream == "in-process" else 10
     )
     http = [line for line in logged if line.startswith(("POST ", "GET "))]
     grpc = [line for line in logged if not line.startswith(("POST ", "GET "))]
@@ -297,6 +299,7 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
         ["GET", "/v1/pipelines/p1/tasks", "401"],
         ["GET", "/v1/pipelines/p1/tasks", "401"],
         ["POST", "/v1/pipelines/p1/tasks", "403"],
+        ["GET", "/v1/tokens", "403"],
     ]
     if porch_http.upstream == "in-process":
         # The call's own line is folded into the HTTP request's line.
@@ -306,6 +309,8 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
         assert http[2].endswith(" ListTasks UNAUTHENTICATED unknown token")
         # A refused call names the token that made it.
         assert re.search(r" RegisterTask PERMISSION_DENIED token \d+ \(p2 wrapper\)$", http[3])
+        # Once, though the role alone refuses it.
+        assert re.search(r" ListTokens PERMISSION_DENIED token \d+ \(r\)$", http[4]), http[4]
     else:
         # Over a connection the server logs the call itself, as any gRPC call.
         assert [line.split(" ")[:2] for line in grpc] == [
@@ -313,9 +318,10 @@ async def test_porch_calls_through_the_gateway_log_one_line_each(
             ["ListTasks", "UNAUTHENTICATED"],
             ["ListTasks", "UNAUTHENTICATED"],
             ["RegisterTask", "PERMISSION_DENIED"],
+            ["ListTokens", "PERMISSION_DENIED"],
         ]
         # ... and the gateway, in another process as a rule, knows nothing to add.
-        assert [len(line.split(" ")) for line in http] == [5, 5, 5, 5]
+        assert [len(line.split(" ")) for line in http] == [5, 5, 5, 5, 5]
 
 
 async def test_a_stream_the_client_leaves_still_logs_its_call_on_its_line(

@@ -68,7 +68,7 @@ class _Pages:
         response = self.response(things=things, next_page_token=following)
         return response, (), ()
 
-    async def admit(self, *args: Any) -> None:
+    async def admit(self, *args: Any, **options: Any) -> None:
         pass
 
     async def close(self) -> None:

@@ -602,6 +602,17 @@ async def test_bad_requests_and_illegal_transitions_are_400(porch_http: PorchHtt
             assert_error(refused, 403, 7, "needs a", "this is a")
         else:
             assert_error(refused, 400, 3, "JSON")
+
+    # A body of undeclared length (chunked) counts as large.
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b"{"
+
+    path = "/v1/pipelines/p1/tasks:batchRegister"
+    unread = await client.post(path, content=chunked(), headers=reader)
+    if porch_http.upstream == "in-process":
+        assert_error(unread, 403, 7, "needs a pipeline's token; this is a reader token")
+    else:
+        assert_error(unread, 400, 3, "JSON")
     small = {"tasks": [{"task_input": {"n": 1}}]}
     named = await client.post("/v1/pipelines/p1/tasks:batchRegister", json=small, headers=reader)
     assert_error(named, 403, 7, "needs a token of pipeline 'p1'; this is a reader token")
