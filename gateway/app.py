@@ -74,7 +74,7 @@ class Gateway:
         _check_method_options(bindings, options.methods)
         self.routes = RouteTable(bindings)
         self.upstream: UpstreamCalls = upstream or Upstream(
-            options.target, options.tls, options.channel_options
+            options.target, options.tls, options.channel_options, options.max_request_bytes
         )
         document = build_openapi(options.services, options.document, options.methods)
         self.openapi = encode_json(document)

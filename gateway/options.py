@@ -88,6 +88,9 @@ class GatewayOptions:
     # Keyed by full method name, e.g. "pkg.v1.Service.Watch".
     methods: Mapping[str, MethodOptions] = field(default_factory=lambda: MappingProxyType({}))
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The largest request message the server accepts (gRPC's default): one
+    # larger is answered 413 before it is sent over a channel.
+    max_request_bytes: int = 4 * 1024 * 1024
     # Seconds a request's whole body may take to arrive: 4 MiB at 70 KB/s.
     max_body_seconds: float = 60.0
     # Deadline of unary calls, in seconds, unless the request sends Grpc-Timeout.

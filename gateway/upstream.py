@@ -106,10 +106,12 @@ class Upstream:
         target: str,
         tls: ClientTLS | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
+        max_request_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.target = target
         self._tls = tls
         self._channel_options = tuple(channel_options)
+        self._max_request_bytes = max_request_bytes
         self._channel: grpc.aio.Channel | None = None
         self._callables: dict[str, Any] = {}
 
@@ -175,12 +177,27 @@ class Upstream:
         time_limit: float | None,
     ) -> UnaryReply:
         """Call a unary method: its response and metadata, or AioRpcError."""
-        _check_size(message)
+        self._check_size(message)
         call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
         response = await call
         return UnaryReply(
             response, tuple(await call.initial_metadata()), tuple(await call.trailing_metadata())
         )
+
+    def _check_size(self, message: Message) -> None:
+        """GatewayError (413) for a request larger than the server accepts:
+        JSON's numbers and objects can take several times their text's bytes
+        as protobuf, so a body within the HTTP limit may become one. The
+        server would refuse it with RESOURCE_EXHAUSTED, which reads as 429,
+        a request to retry."""
+        size, limit = message.ByteSize(), self._max_request_bytes
+        if size > limit:
+            raise GatewayError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the request takes {size:,} bytes as protobuf, more than the {limit:,} "
+                "the gRPC server accepts: send less in one request",
+                http_status=413,
+            )
 
     def stream_call(
         self,
@@ -190,7 +207,7 @@ class Upstream:
         time_limit: float | None,
     ) -> grpc.aio.UnaryStreamCall[Message, Message]:
         """Start a server-streaming call."""
-        _check_size(message)
+        self._check_size(message)
         return self.stream(method)(message, metadata=metadata, timeout=time_limit)
 
     async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
@@ -237,26 +254,6 @@ def call_metadata(headers: Iterable[tuple[str, str]], forward: Iterable[str]) ->
             raise _malformed_authorization("given more than once")
         metadata.append((key, _metadata_value(key, value)))
     return metadata
-
-
-# What a gRPC server accepts in one message unless it says otherwise.
-SERVER_RECEIVE_BYTES = 4 * 1024 * 1024
-
-
-def _check_size(message: Message) -> None:
-    """GatewayError (413) for a request a gRPC server would refuse for its
-    size: JSON's numbers and objects can take several times their text's
-    bytes as protobuf, so a body within the HTTP limit may become one. The
-    server would refuse it with RESOURCE_EXHAUSTED, which reads as 429, a
-    request to retry."""
-    size = message.ByteSize()
-    if size > SERVER_RECEIVE_BYTES:
-        raise GatewayError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the request takes {size:,} bytes as protobuf, more than the "
-            f"{SERVER_RECEIVE_BYTES:,} a gRPC server accepts: send less in one request",
-            http_status=413,
-        )
 
 
 def _malformed_authorization(why: str) -> GatewayError:
