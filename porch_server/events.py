@@ -34,9 +34,12 @@ log = logging.getLogger("porch.events")
 
 READ_BATCH = 1000
 # A stream's backlog of live events: at most this many, whose messages
-# take at most this many characters (a message may hold 64 KiB).
+# take at most this many characters, enough for one read of the largest
+# messages (64 KiB): a read the hub hands to every stream must not send
+# them all back to replaying, each on its own. The events are the hub's,
+# shared by every stream that holds them.
 BACKLOG_EVENTS = 10_000
-BACKLOG_MESSAGE_CHARS = 4 * 1024 * 1024
+BACKLOG_MESSAGE_CHARS = READ_BATCH * 64 * 1024
 # Notifications to other servers are sent at most this often.
 NOTIFY_DELAY_SECONDS = 0.02
 # How soon to read again when committed events wait behind an older
