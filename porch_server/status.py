@@ -48,10 +48,3 @@ def message_of(error: errors.PorchError) -> str:
         _cause_logged[text] = now
         log.warning("%s", text)
     return f"{error.message}; try again (the server's log says why)"
-
-
-async def abort(
-    context: grpc.aio.ServicerContext[object, object], error: errors.PorchError
-) -> None:
-    """End the call with the status code and message of error."""
-    await context.abort(code_of(error), message_of(error))

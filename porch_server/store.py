@@ -226,9 +226,7 @@ def _answer_bytes(json_length: int, pipeline_bytes: int) -> int:
     return input_bytes + pipeline_bytes + _TASK_OVERHEAD_BYTES
 
 
-def _answer_bytes_sql(
-    json_length: ColumnElement[int], postgresql: bool = True
-) -> ColumnElement[int]:
+def _answer_bytes_sql(json_length: ColumnElement[int], postgresql: bool) -> ColumnElement[int]:
     """_answer_bytes in SQL, for a task of the pipeline in_pipeline_id."""
     estimate = json_length * 11 // 2
     bounded = case((estimate > MAX_TASK_INPUT_BYTES, MAX_TASK_INPUT_BYTES), else_=estimate)
@@ -248,7 +246,6 @@ def _sqlite_octets(text: ColumnElement[str]) -> ColumnElement[int]:
 def _pipeline_bytes_sql(postgresql: bool) -> ColumnElement[int]:
     """_pipeline_bytes of the pipeline in_pipeline_id, in SQL: looked up once
     a statement."""
-
     octets = func.octet_length if postgresql else _sqlite_octets
     columns = pipeline_table.c
     return (
@@ -301,7 +298,7 @@ def _previewed() -> CTE:
     return select(
         preview.c.id,
         func.row_number().over(order_by=preview.c.id).label("number"),
-        _answer_bytes_sql(preview.c.input_length).label("size"),
+        _answer_bytes_sql(preview.c.input_length, postgresql=True).label("size"),
     ).cte("previewed")
 
 
@@ -324,12 +321,12 @@ def _claim_candidates() -> Select[Any]:
     num_tasks, counted on a read without a lock. A task locked but not taken
     would be skipped by every claim running beside it, though PENDING."""
     preview = _pending(_NUM_TASKS, _input_length()).cte("preview")
-    held = _within_answer(preview, "preview_sized").subquery("held")
+    held = _within_answer(preview, "preview_sized", postgresql=True).subquery("held")
     fits = select(func.count()).select_from(held).scalar_subquery()
     return _pending(fits, _input_length()).with_for_update(skip_locked=True)
 
 
-def _within_answer(candidates: CTE, name: str = "sized", postgresql: bool = True) -> Select[Any]:
+def _within_answer(candidates: CTE, name: str, postgresql: bool) -> Select[Any]:
     """The ids of the candidates (id, input_length) one answer holds: the
     oldest, then more while the answer stays within ANSWER_BYTES (name: of
     the CTE it adds)."""
@@ -347,9 +344,9 @@ def _within_answer(candidates: CTE, name: str = "sized", postgresql: bool = True
 claim_candidates = _claim_candidates()
 
 
-def _claim(candidates: Select[Any], claimed: dict[str, Any], postgresql: bool = True) -> Any:
+def _claim(candidates: Select[Any], claimed: dict[str, Any], postgresql: bool) -> Any:
     """Claim those of the candidates one answer holds, setting the columns claimed."""
-    held = _within_answer(candidates.cte("candidates"), postgresql=postgresql)
+    held = _within_answer(candidates.cte("candidates"), "sized", postgresql)
     return update(task).where(task.c.id.in_(held)).values(**claimed).returning(*task.c)
 
 
@@ -1812,7 +1809,7 @@ def _existing_tasks() -> Select[Any]:
 def _claim_with_events() -> Select[Any]:
     """The claim and its CLAIMED events in one statement (PostgreSQL)."""
     columns = _claimed(_CLAIMER, _LEASE_SECONDS, _lease_deadline(_LEASE_SECONDS))
-    claimed = _claim(claim_candidates, columns).cte("claimed")
+    claimed = _claim(claim_candidates, columns, postgresql=True).cte("claimed")
     events = _events_from(
         claimed, EventKind.CLAIMED, literal(State.PENDING.value), claimed.c.status
     )
@@ -1902,7 +1899,7 @@ def _claim_batch() -> Select[Any]:
             numbered.c.id,
             ranges,
             func.row_number().over(partition_by=mine, order_by=oldest).label("nth"),
-            func.sum(_answer_bytes_sql(numbered.c.size))
+            func.sum(_answer_bytes_sql(numbered.c.size, postgresql=True))
             .over(partition_by=mine, order_by=oldest)
             .label("running"),
         )

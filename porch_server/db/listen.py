@@ -18,10 +18,14 @@ class Listener:
         pooled = engine.raw_connection()
         pooled.detach()
         connection: Any = pooled.dbapi_connection
-        connection.rollback()  # anything the engine's first-connect checks left open
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(f"LISTEN {CHANNEL}")
+        try:
+            connection.rollback()  # anything the engine's first-connect checks left open
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            connection.close()
+            raise
         self._connection = connection
 
     def fileno(self) -> int:
