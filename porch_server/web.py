@@ -46,9 +46,6 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
     limits: dict[str, dict[str, Any]] = {
         "porch.v1.Pipeline.name": name,
-        # Refused beyond these when a pipeline is created; other requests ignore them.
-        "porch.v1.Pipeline.uri": {"maxLength": MAX_PIPELINE_TEXT["uri"]},
-        "porch.v1.Pipeline.version": {"maxLength": MAX_PIPELINE_TEXT["version"]},
         "porch.v1.GetPipelineRequest.name": name,
         "porch.v1.CreateTokenRequest.description": {"maxLength": MAX_NAME},
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
@@ -60,8 +57,15 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.GetTaskRequest.task_input_id": task_input_id,
         "porch.v1.ListTaskEventsRequest.task_input_id": task_input_id,
         "porch.v1.UpdateTaskRequest.task_input_id": task_input_id,
-        # A pipeline elsewhere is named by its name alone; one made needs all three.
-        "porch.v1.CreatePipelineRequest.pipeline": {"required": ["name", "uri", "version"]},
+        # A pipeline elsewhere is named by its name alone; one made needs all
+        # three, its uri and version within bounds (a pipeline made before
+        # the bounds, or imported, may be answered with longer ones).
+        "porch.v1.CreatePipelineRequest.pipeline": {
+            "required": ["name", "uri", "version"],
+            "properties": {
+                field: {"maxLength": longest} for field, longest in MAX_PIPELINE_TEXT.items()
+            },
+        },
     }
     for message in porch_pb2.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:
