@@ -154,11 +154,12 @@ def _target(scope: Scope) -> str:
 # The name of a query parameter a client may have put a secret in, once
 # percent-decoded and lowercased: a token (access_token, sessiontoken, and
 # so page_token too), a key (api_key, apikey), a secret, a password (passwd,
-# pwd, pass, pw), an authorization or bearer value, a session, credentials,
-# or a signature (sig). Its value is not logged.
+# pwd, pass, pw) or passphrase, an authorization or bearer value, a session,
+# credentials, a signature (sig) or a one-time code (otp). Its value is not
+# logged.
 _SECRET_NAME = re.compile(
-    rb"token|key|secret|passw|pwd|auth|bearer|session|credential|signature"
-    rb"|(?<![a-z])(?:pass|pw|sig)(?![a-z])"
+    rb"token|key|secret|passw|passphrase|pwd|auth|bearer|session|credential|signature"
+    rb"|(?<![a-z])(?:pass|pw|sig|otp)(?![a-z])"
 )
 
 

@@ -163,6 +163,8 @@ async def test_a_secret_in_the_query_is_not_logged(caplog: pytest.LogCaptureFixt
         "credentials=s3cret",
         "X-Amz-Signature=s3cret",
         "sig=s3cret",
+        "passphrase=s3cret",
+        "otp=123456",
         # Named as the server reads the name: decoded.
         "%74oken=s3cret",
         "api%5Fkey=s3cret",
