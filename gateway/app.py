@@ -117,9 +117,12 @@ class Gateway:
         small one (declared, of at most THREAD_BODY_BYTES, or none) the
         server judges them with the request in hand, and its refusal can say
         more (which pipeline the call was for, say)."""
+        # A Transfer-Encoding overrides a Content-Length (RFC 9112, 6.3).
         declared = request.headers.get("content-length")
-        if declared is None:
-            small = "transfer-encoding" not in request.headers
+        if "transfer-encoding" in request.headers:
+            small = False
+        elif declared is None:
+            small = True
         else:
             small = declared.isdigit() and int(declared) <= THREAD_BODY_BYTES
         await self.upstream.admit(method, metadata, rights=not small)

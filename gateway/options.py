@@ -10,6 +10,8 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+# What a gRPC server accepts in one message unless told otherwise.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ class GatewayOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # The largest request message the server accepts (gRPC's default): one
     # larger is answered 413 before it is sent over a channel.
-    max_request_bytes: int = 4 * 1024 * 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     # Seconds a request's whole body may take to arrive: 4 MiB at 70 KB/s.
     max_body_seconds: float = 60.0
     # Deadline of unary calls, in seconds, unless the request sends Grpc-Timeout.

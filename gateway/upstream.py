@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import GatewayError, invalid_argument
-from gateway.options import ClientTLS
+from gateway.options import DEFAULT_MAX_REQUEST_BYTES, ClientTLS
 from gateway.transcode import message_class
 
 Metadata = list[tuple[str, str | bytes]]
@@ -106,7 +106,7 @@ class Upstream:
         target: str,
         tls: ClientTLS | None = None,
         channel_options: Sequence[tuple[str, str | int]] = (),
-        max_request_bytes: int = 4 * 1024 * 1024,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
         self.target = target
         self._tls = tls

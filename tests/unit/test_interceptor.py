@@ -100,3 +100,13 @@ async def test_a_role_that_may_never_make_the_call_is_refused_before_its_request
         assert f"{method} needs" in refusal[1]
     else:
         assert refusal is None
+
+
+async def test_rights_left_to_the_call_admit_a_known_token_of_any_role() -> None:
+    secret = [("authorization", "Bearer " + "x" * 43)]
+    with ThreadPoolExecutor(1) as executor:
+        reader = PorchInterceptor(_OneToken(Role.READER), executor, anonymous_reads=False)  # type: ignore[arg-type]
+        assert await reader.admit(SERVICE + "RegisterTasks", secret, rights=False) is None
+        unknown = PorchInterceptor(_Store(), executor, anonymous_reads=False)  # type: ignore[arg-type]
+        refusal = await unknown.admit(SERVICE + "RegisterTasks", [], rights=False)
+        assert refusal is not None and refusal[0] == grpc.StatusCode.UNAUTHENTICATED
