@@ -27,11 +27,6 @@ log = logging.getLogger(ACCESS_LOG)
 errors = logging.getLogger("porch.server")
 
 INTERNAL_ERROR = "internal error: the server logged what went wrong"
-# A status message travels in trailing metadata, each byte of it outside
-# printable ASCII percent-encoded as three, and clients refuse metadata past
-# 8 to 16 KiB: RESOURCE_EXHAUSTED would then stand in for the real status.
-# Longer messages are cut at this many bytes of UTF-8.
-MAX_STATUS_MESSAGE_BYTES = 2048
 
 SERVICE_PREFIX = "/porch.v1.PorchService/"
 
@@ -167,7 +162,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
-                await context.abort(code_of(error), _bounded(message_of(error)))
+                await context.abort(code_of(error), message_of(error))
             except asyncio.CancelledError:
                 cancelled = True
                 raise
@@ -189,15 +184,6 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 _log_call(method, context, token, authorization, start, cancelled)
 
         return serve
-
-
-def _bounded(message: str) -> str:
-    """message, cut at MAX_STATUS_MESSAGE_BYTES with a note saying so."""
-    data = message.encode()
-    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
-        return message
-    kept = data[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
-    return f"{kept}… (cut: the message was {len(data):,} bytes)"
 
 
 class _Unread:

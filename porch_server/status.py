@@ -11,6 +11,11 @@ from porch_server import errors
 
 log = logging.getLogger("porch.server")
 
+# A status message travels in trailing metadata, each byte of it outside
+# printable ASCII percent-encoded as three, and clients refuse metadata past
+# 8 to 16 KiB: RESOURCE_EXHAUSTED would then stand in for the real status.
+# Longer messages are cut at this many bytes of UTF-8.
+MAX_STATUS_MESSAGE_BYTES = 2048
 # Each cause of the database's unavailability is logged at most this often:
 # while it is down, every call would repeat it.
 CAUSE_LOG_SECONDS = 10.0
@@ -37,14 +42,24 @@ def code_of(error: errors.PorchError) -> grpc.StatusCode:
 
 
 def message_of(error: errors.PorchError) -> str:
-    """What the caller of a call that failed with error is told. The cause of
-    an Unavailable goes to the server's log instead."""
+    """What the caller of a call that failed with error is told, at most
+    MAX_STATUS_MESSAGE_BYTES of it. The cause of an Unavailable goes to the
+    server's log instead."""
     if not isinstance(error, errors.Unavailable) or error.cause is None:
-        return str(error)
+        return _bounded(str(error))
     now, text = time.monotonic(), str(error)
     if now - _cause_logged.get(text, -CAUSE_LOG_SECONDS) >= CAUSE_LOG_SECONDS:
         if len(_cause_logged) > 100:
             _cause_logged.clear()
         _cause_logged[text] = now
         log.warning("%s", text)
-    return f"{error.message}; try again (the server's log says why)"
+    return _bounded(f"{error.message}; try again (the server's log says why)")
+
+
+def _bounded(message: str) -> str:
+    """message, cut at MAX_STATUS_MESSAGE_BYTES with a note saying so."""
+    data = message.encode()
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    kept = data[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
+    return f"{kept}… (cut: the message was {len(data):,} bytes)"
