@@ -238,21 +238,23 @@ def _pipeline_bytes(value: Pipeline) -> int:
     return len(value.name.encode()) + len(value.uri.encode()) + len(value.version.encode())
 
 
-def _sqlite_octets(text: ColumnElement[str]) -> ColumnElement[int]:
-    """A text's length in UTF-8 on SQLite, which before 3.43 has no octet_length."""
+def _octet_length(text: ColumnElement[str], postgresql: bool) -> ColumnElement[int]:
+    """A text's length in UTF-8, in SQL. SQLite before 3.43 has no octet_length."""
+    if postgresql:
+        return func.octet_length(text)
     return func.length(cast(text, LargeBinary))
 
 
 def _pipeline_bytes_sql(postgresql: bool) -> ColumnElement[int]:
     """_pipeline_bytes of the pipeline in_pipeline_id, in SQL: looked up once
     a statement."""
-    octets = func.octet_length if postgresql else _sqlite_octets
     columns = pipeline_table.c
-    return (
-        select(octets(columns.name) + octets(columns.uri) + octets(columns.version))
-        .where(columns.id == _PIPELINE_ID)
-        .scalar_subquery()
+    octets = (
+        _octet_length(columns.name, postgresql)
+        + _octet_length(columns.uri, postgresql)
+        + _octet_length(columns.version, postgresql)
     )
+    return select(octets).where(columns.id == _PIPELINE_ID).scalar_subquery()
 
 
 def _answer_holds(nth: ColumnElement[int], running: ColumnElement[int]) -> ColumnElement[bool]:
@@ -676,8 +678,15 @@ class Store:
                     return Page(items=[], next_page_token="")
                 query = query.where(task.c.pipeline_id == pipeline_id)
             rows = connection.execute(query).all()
-            self._load_pipelines(connection, {row.pipeline_id for row in rows})
-        fitting = _fitting(rows, page_size, self._task_bytes)
+            pipeline_ids = {row.pipeline_id for row in rows}
+            self._load_pipelines(connection, pipeline_ids)
+        # Each pipeline's texts measured once, not once a task.
+        carried = {key: _pipeline_bytes(self._pipelines[key]) for key in pipeline_ids}
+
+        def task_bytes(row: Row[Any]) -> int:
+            return _answer_bytes(len(row.task_input), carried[row.pipeline_id])
+
+        fitting = _fitting(rows, page_size, task_bytes)
         return _page(rows, fitting, "tasks", filters, "id", self._to_task)
 
     def claim_tasks(
@@ -808,7 +817,7 @@ class Store:
             rows = connection.execute(query).all()
         return _page(
             rows,
-            _fitting(rows, page_size, lambda row: _event_bytes(row, pipeline_name)),
+            _fitting(rows, page_size, functools.partial(_event_bytes, len(pipeline_name.encode()))),
             "task_events",
             filters,
             "id",
@@ -1123,9 +1132,8 @@ class Store:
         at most message_bytes in UTF-8; the first whatever it takes. The
         sizes are summed over the events' ids and lengths alone: the
         messages of those left out are never read into a row."""
-        octets = func.octet_length if self._postgresql else _sqlite_octets
         order = (event.c.xid, event.c.id) if self._postgresql else (event.c.id,)
-        size = func.coalesce(octets(event.c.message), 0).label("size")
+        size = func.coalesce(_octet_length(event.c.message, self._postgresql), 0).label("size")
         read = query.with_only_columns(*order, size).subquery("read")
         in_order = [read.c[column.name] for column in order]
         sized = select(
@@ -1349,10 +1357,6 @@ class Store:
 
     # Rows to values
 
-    def _task_bytes(self, row: Row[Any]) -> int:
-        """At most what the task of row takes in an answer."""
-        return _answer_bytes(len(row.task_input), _pipeline_bytes(self._pipelines[row.pipeline_id]))
-
     def _to_task(self, row: Row[Any] | RowView) -> Task:
         return Task(
             pipeline=self._pipelines[row.pipeline_id],
@@ -1529,10 +1533,11 @@ def _fitting(rows: Sequence[Row[Any]], page_size: int, size: Callable[[Row[Any]]
     return page_size
 
 
-def _event_bytes(row: Row[Any], pipeline_name: str) -> int:
+def _event_bytes(pipeline_name_bytes: int, row: Row[Any]) -> int:
     # A message is up to 64 KiB; the ids, times and kinds take the rest.
-    texts = (row.message, row.token_description, pipeline_name)
-    return sum(len(text.encode()) for text in texts if text) + _TASK_OVERHEAD_BYTES
+    texts = (row.message, row.token_description)
+    carried = sum(len(text.encode()) for text in texts if text) + pipeline_name_bytes
+    return carried + _TASK_OVERHEAD_BYTES
 
 
 def _pipeline_row_bytes(row: Row[Any]) -> int:
