@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import math
 import threading
@@ -54,6 +53,7 @@ from sqlalchemy import (
     null,
     or_,
     select,
+    true,
     tuple_,
     update,
 )
@@ -1494,15 +1494,12 @@ def _claim_params(
 
 
 def _claim_batch_params(now: datetime, pipeline_id: int, group: Sequence[_Claim]) -> dict[str, Any]:
-    """The parameters of _claim_batch: each claimer takes the tasks after
-    those of the claimers before it, up to its own count."""
-    lasts = list(itertools.accumulate(claim.num_tasks for claim in group))
+    """The parameters of _claim_batch: the claimers in the order they arrived."""
     return {
         "now": now,
         "in_pipeline_id": pipeline_id,
-        "num_tasks": lasts[-1],
-        "claim_afters": [last - claim.num_tasks for last, claim in zip(lasts, group, strict=True)],
-        "claim_lasts": lasts,
+        "num_tasks": sum(claim.num_tasks for claim in group),
+        "claim_counts": [claim.num_tasks for claim in group],
         "claim_token_ids": [_actor_token_id(claim.actor) for claim in group],
         "claim_descriptions": [claim.actor.description for claim in group],
         "claim_lease_seconds": [claim.lease_seconds for claim in group],
@@ -1836,57 +1833,69 @@ def _claim_batch() -> Select[Any]:
     """Several claimers' claims on one pipeline, with their events, in one
     statement (PostgreSQL).
 
-    The claimers come as parallel arrays. The statement takes as many of the
-    oldest PENDING tasks as they asked for in all, numbers them oldest first,
-    and gives claimer k those numbered after claim_afters[k] up to
-    claim_lasts[k]; each row comes back with its claimer's 1-based position.
-    With fewer tasks pending, the claimers that asked first are served first.
-    A claimer whose share outgrows one answer (ANSWER_BYTES) gets its
-    oldest tasks that fit; the rest stay PENDING, and unlocked: the shares
-    are counted on an unlocked preview first, and only what fits is locked.
+    The claimers come as parallel arrays, in the order they arrived. Each
+    takes, after the tasks of the claimers before it, the oldest PENDING
+    tasks, as many as it asked for (claim_counts[k]) and one answer holds
+    (ANSWER_BYTES; always one); each row comes back with its claimer's
+    1-based position. With fewer tasks pending, the claimers that asked
+    first are served first. What a full answer leaves of its claimer's
+    count goes to the next claimer, and the rest stay PENDING, unlocked:
+    the shares are counted on an unlocked preview first, and only what
+    they hold is locked.
     """
     claimers = _rows_of_arrays(
         "claimers",
         [
-            ("claim_afters", "after", Integer),
-            ("claim_lasts", "last", Integer),
+            ("claim_counts", "asked", Integer),
             ("claim_token_ids", "token_id", Integer),
             ("claim_descriptions", "token_description", Text),
             ("claim_lease_seconds", "lease_seconds", Integer),
         ],
     )
-    # How many of its share of the preview each claimer's answer holds; the
-    # claimers' ranges are then these counts end to end, and only their sum
-    # is locked.
+    # How many tasks each claimer's answer holds, counted on the preview:
+    # claimer by claimer (a recursive CTE), each going on from where the one
+    # before it stopped. A claimer whose answer is full leaves tasks of what
+    # it asked for to the next; counting every claimer's share from what the
+    # ones before asked for would find none left for the next while they
+    # stay PENDING. The claimers' ranges are these counts end to end, and
+    # only their sum is locked.
     previewed = _previewed()
-    claimer, number = claimers.c.position, previewed.c.number
-    shares = (
+    prefix = select(
+        previewed.c.number,
+        func.sum(previewed.c.size).over(order_by=previewed.c.number).label("running"),
+    ).cte("prefix")
+    start = select(
+        cast(0, BigInteger).label("position"),
+        cast(0, BigInteger).label("upto"),
+        cast(0, BigInteger).label("base"),
+        cast(0, BigInteger).label("fit"),
+    ).cte("steps", recursive=True)
+    step = start.alias("step")
+    held = (
+        select(func.count().label("fit"), func.max(prefix.c.running).label("top"))
+        .where(
+            prefix.c.number > step.c.upto,
+            prefix.c.number <= step.c.upto + claimers.c.asked,
+            or_(
+                prefix.c.number == step.c.upto + 1,
+                prefix.c.running - step.c.base <= ANSWER_BYTES,
+            ),
+        )
+        .lateral("held")
+    )
+    steps = start.union_all(
         select(
             claimers.c.position,
-            func.row_number().over(partition_by=claimer, order_by=number).label("nth"),
-            func.sum(previewed.c.size).over(partition_by=claimer, order_by=number).label("running"),
+            step.c.upto + held.c.fit,
+            func.coalesce(held.c.top, step.c.base),
+            held.c.fit,
         )
-        .join_from(
-            previewed,
-            claimers,
-            (previewed.c.number > claimers.c.after) & (previewed.c.number <= claimers.c.last),
-        )
-        .cte("shares")
+        .join_from(step, claimers, claimers.c.position == step.c.position + 1)
+        .join(held, true())
     )
-    fits = (
-        select(shares.c.position, func.count().label("fit"))
-        .where(_answer_holds(shares.c.nth, shares.c.running))
-        .group_by(shares.c.position)
-        .cte("fits")
-    )
-    fit = func.coalesce(fits.c.fit, 0)
     ranges = (
-        select(
-            *claimers.c,
-            fit.label("fit"),
-            func.sum(fit).over(order_by=claimers.c.position).label("upto"),
-        )
-        .outerjoin_from(claimers, fits, fits.c.position == claimers.c.position)
+        select(*claimers.c, steps.c.fit, steps.c.upto)
+        .join_from(claimers, steps, steps.c.position == claimers.c.position)
         .cte("ranges")
     )
     total = select(func.coalesce(func.sum(ranges.c.fit), 0)).scalar_subquery()

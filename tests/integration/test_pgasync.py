@@ -196,6 +196,25 @@ async def test_claimers_together_each_take_what_one_answer_holds(
     assert [task.task_input["n"] for task in pending] == [4, 5, 6]
 
 
+async def test_a_claimer_after_one_whose_answer_is_full_takes_what_it_left(
+    async_store: tuple[Store, Actor],
+) -> None:
+    store, actor = async_store
+    large = "x" * (700 * 1024)  # an answer holds two of these
+    store.register_tasks("p", [{"n": n, "blob": large} for n in range(5)], actor)
+    first, second, third = await asyncio.gather(
+        store.claim_tasks_async("p", 5, None, actor),
+        store.claim_tasks_async("p", 3, None, actor),
+        store.claim_tasks_async("p", 1, None, actor),
+    )
+    assert store._claims is not None and store._claims.batches == 1  # one statement
+    # The first asked for every task but holds two: the others go on from
+    # there rather than from the five it asked for, and find tasks PENDING.
+    assert [t.task_input["n"] for t in first or []] == [0, 1]
+    assert [t.task_input["n"] for t in second or []] == [2, 3]
+    assert [t.task_input["n"] for t in third or []] == [4]
+
+
 async def test_a_schema_is_honoured(pg_schema_db: SchemaDatabase) -> None:
     store, statements, actor = await open_store(pg_schema_db.url, pg_schema_db.schema)
     try:
