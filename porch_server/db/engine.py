@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, exc
+from sqlalchemy.dialects.sqlite.base import SQLiteCompiler
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.util import asbool
@@ -206,9 +207,18 @@ def _make_sqlite_engine(url: str, pool_size: int) -> Engine:
         max_overflow=pool_size,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
     )
+    engine.dialect.statement_compiler = _SQLiteCompiler
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
     return engine
+
+
+class _SQLiteCompiler(SQLiteCompiler):
+    """SQLite's compiler with the table hints that SQLAlchemy's leaves out:
+    `Select.with_hint(table, "INDEXED BY name", "sqlite")`."""
+
+    def get_from_hint_text(self, table: Any, text: str | None) -> str | None:
+        return text
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:

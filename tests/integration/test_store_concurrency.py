@@ -165,6 +165,28 @@ def test_claim_uses_the_partial_index_on_a_large_backlog(store: Store, pg_url: s
         engine.dispose()
 
 
+def test_the_lease_check_of_a_claim_reads_the_lapsed_not_the_pipeline(
+    store: Store, pg_url: str
+) -> None:
+    # Statistics taken before the pipeline filled (autovacuum had not run)
+    # made the pipeline's index of every task look as cheap as the index of
+    # leases: each claim then read every task of the pipeline.
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("ANALYZE task")
+        pipeline_id = _bulk_insert(engine, 50_000, State.PENDING)
+        statement = store_module._expire_with_events(True)
+        params = store_module._event_params(datetime.now(UTC), None, None)
+        with engine.connect() as connection:
+            query = statement.compile(dialect=engine.dialect)
+            arguments = query.params | params | {"in_pipeline_id": pipeline_id}
+            plan = "\n".join(connection.exec_driver_sql(f"EXPLAIN {query}", arguments).scalars())
+        assert "ix_task_lease_expire_time" in plan and "ix_task_pipeline_id_id" not in plan, plan
+    finally:
+        engine.dispose()
+
+
 def test_claims_read_only_the_tasks_they_take_on_a_large_pending_backlog(
     store: Store, pg_url: str
 ) -> None:
