@@ -346,6 +346,38 @@ def error_response(
     return Response(encode_json(body), status_code=status, media_type=JSON, headers=headers)
 
 
+class _EndedAtShutdown:
+    """Answers a request that the HTTP server ends when its shutdown grace
+    runs out (it cancels the request's task) with 503 and a Status body, as
+    every other error is answered, where uvicorn would send a plain-text 500
+    and log a traceback. An answer already begun is cut off."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        begun = False
+
+        async def watched(message: Any) -> None:
+            nonlocal begun
+            begun = begun or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if begun:
+                return
+            body = status_json(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down and ended this call; try again",
+            )
+            await error_response(503, body, {"Connection": "close"})(scope, receive, send)
+
+
 class _PageFailed(Exception):
     """A later page of a bare-array answer failed after the answer began."""
 
@@ -616,6 +648,7 @@ def create_app(options: GatewayOptions, upstream: UpstreamCalls | None = None) -
     pages = [route.path for route in routes if isinstance(route, Route)]
     routes.insert(0, _TranscodedRoutes(gateway, pages, page_prefixes))
     middleware = [Middleware(AccessLog, logger=options.access_log)] if options.access_log else []
+    middleware.append(Middleware(_EndedAtShutdown))
     app = Starlette(
         routes=routes,
         middleware=middleware,

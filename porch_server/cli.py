@@ -51,6 +51,9 @@ FILE_LIMIT = 65_536
 # The largest --db-pool-size, far past what a PostgreSQL server allows by
 # default (max_connections is 100).
 MAX_POOL_SIZE = 1_000
+# After the grace period, how long a stopping server waits for statements
+# still running on its threads before it ends without them.
+STUCK_STATEMENT_SECONDS = 2.0
 
 
 def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
@@ -356,6 +359,7 @@ def _serve(args: argparse.Namespace) -> None:
         store.close()
     with _extra_workers(_run_worker, (config,), config.workers - 1):
         _run_worker(config)
+    leave_stuck_statements()
 
 
 @contextlib.contextmanager
@@ -426,9 +430,40 @@ def _extra_workers(
 
 def _run_worker(config: Config) -> None:
     """Serve until SIGTERM or SIGINT in this process."""
-    if multiprocessing.parent_process() is not None:
+    worker = multiprocessing.parent_process() is not None
+    if worker:
         _setup_logging(config.log_config)
     run_loop(_serve_async(config), config.event_loop)
+    if worker:
+        leave_stuck_statements()
+
+
+def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
+    """End the process now if, its calls ended, statements still run on its
+    threads after wait seconds.
+
+    Python waits for such threads at exit: a statement waiting for a lock
+    held elsewhere would hold a stopping server open as long as the lock is
+    held, whatever its grace period. Their connections close with the
+    process, and PostgreSQL rolls their transactions back (SQLite: the
+    journal does). Their callers were answered when the grace period ended.
+    """
+    deadline = time.monotonic() + wait
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning(
+            "stopping with %d database statement(s) still running: they are abandoned,"
+            " and their transactions rolled back",
+            len(stuck),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _freeze_startup_objects() -> None:
@@ -482,7 +517,7 @@ def _stop_on_signals() -> asyncio.Event:
     on serving the port alone."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stopping.set)
     parent = multiprocessing.parent_process()
     if parent is not None and parent.sentinel is not None:

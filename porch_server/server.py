@@ -31,6 +31,9 @@ log = logging.getLogger("porch.server")
 
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
 PRUNE_INTERVAL_SECONDS = 3600
+# After the grace period: how long the asyncpg connections have to come
+# back before they are closed in use.
+CLOSE_SECONDS = 2.0
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -115,9 +118,12 @@ async def stop(running: Running, grace: float) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await running.sweeper
     await running.server.stop(grace)
-    running.executor.shutdown(wait=True)
+    # The calls have ended. A statement still running on a thread (one waiting
+    # for a lock held elsewhere, say) is not waited for here: see
+    # cli.leave_stuck_statements.
+    running.executor.shutdown(wait=False, cancel_futures=True)
     if running.statements is not None:
-        await running.statements.close()
+        await running.statements.close(CLOSE_SECONDS)
 
 
 async def _async_statements(config: Config, store: Store) -> AsyncStatements | None:

@@ -202,13 +202,17 @@ class AsyncStatements:
             raise Unavailable("the database is unavailable", first_line(error)) from error
         self._pool = pool
 
-    async def close(self) -> None:
-        """Close every connection."""
+    async def close(self, patience: float | None = None) -> None:
+        """Close every connection once it is back, or after patience seconds
+        close those still in use too, ending their statements."""
         if self._pool is not None:
             pool, self._pool = self._pool, None
             if not self._held_busy:  # else its statement gives it back as it ends
                 self._give_back_held(pool)
-            await pool.close()  # once every connection is back
+            try:
+                await asyncio.wait_for(pool.close(), patience)
+            except TimeoutError:
+                pool.terminate()
 
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
         """Run one statement in autocommit; its rows."""

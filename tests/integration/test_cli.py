@@ -3,6 +3,7 @@ workers, the gateway alone, and a database that goes away."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import importlib.metadata
 import itertools
@@ -910,6 +911,59 @@ def test_the_shutdown_grace_is_the_operators() -> None:
     assert _config(_parser().parse_args(["serve"])).grace_seconds == 10
     args = _parser().parse_args(["serve", "--shutdown-grace-seconds", "120"])
     assert _config(args).grace_seconds == 120
+
+
+@pytest.mark.postgres
+def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: str) -> None:
+    store = Store(make_engine(pg_url))
+    secret = new_secret()
+    store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
+    store.close()
+    serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", "1"]
+    process = subprocess.Popen(
+        [*PORCH, *serve], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None and process.stderr is not None
+    lines = [process.stdout.readline() for _ in range(2)]
+    target, http = lines[0].split()[-1], lines[1].split()[-1].rstrip("/")
+    metadata = (("authorization", f"Bearer {secret}"),)
+    locker = psycopg2.connect(
+        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        with (
+            grpc.insecure_channel(target) as channel,
+            concurrent.futures.ThreadPoolExecutor(1) as threads,
+        ):
+            stub = porch_pb2_grpc.PorchServiceStub(channel)
+            stub.ListPipelines(pb.ListPipelinesRequest(), metadata=metadata, timeout=30)
+            locker.cursor().execute("LOCK TABLE pipeline IN ACCESS EXCLUSIVE MODE")
+            call = stub.ListPipelines.future(pb.ListPipelinesRequest(), metadata=metadata)
+            headers = {"Authorization": f"Bearer {secret}"}
+            answer = threads.submit(httpx.get, f"{http}/v1/pipelines", headers=headers, timeout=30)
+            time.sleep(1)  # both calls' statements wait for the lock
+            started = time.monotonic()
+            process.terminate()
+            # The grace period (1 s), then at most a few seconds more: not
+            # as long as the lock is held.
+            assert process.wait(timeout=20) == 0
+            assert time.monotonic() - started < 10
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=10)
+            # Over HTTP, the call ended is answered as porch answers errors.
+            ended = answer.result(timeout=10)
+            assert ended.status_code == 503, ended.text
+            assert ended.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+            assert "shutting down" in ended.json()["message"]
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        locker.rollback()
+        locker.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
 
 
 def connections_under_load(pg_url: str, *flags: str) -> int:
