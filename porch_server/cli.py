@@ -608,6 +608,8 @@ def _gateway(args: argparse.Namespace) -> None:
     _setup_logging(args.log_config)
     _raise_file_limit()
     tls = _tls(args)
+    if tls is not None:
+        tls.read()  # a file that cannot be used is named now, as `porch serve` does
     if args.workers < 1:
         raise SystemExit("porch: --workers must be at least 1")
     if args.workers > 1 and args.http_port == 0:

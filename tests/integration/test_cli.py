@@ -1069,6 +1069,11 @@ def test_tls_files_that_cannot_be_used_are_named_at_start(tmp_path: Path) -> Non
             ["gateway", "--target", "h:1", "--target-tls-cert", "b-cert.pem", *A_KEY],
             "--target-tls-key a-key.pem is not the key of --target-tls-cert b-cert.pem",
         ),
+        (
+            ["gateway", "--target", "h:1", "--tls-cert", "a-cert.pem", "--tls-key", "b-key.pem"],
+            "--tls-key b-key.pem is not the key of --tls-cert a-cert.pem",
+        ),
+        (["gateway", "--target", "h:1", *A_PAIR, "--tls-client-ca", "no.pem"], "--tls-client-ca"),
     ]
     for flags, message in cases:
         done = subprocess.run(
