@@ -20,7 +20,13 @@ import grpc
 from google.protobuf.message import Message
 
 from gateway import ClientTLS, access, inexact_integer, message_to_dict
-from porch_server.config import RECEIVE_LIMIT, check_pem, finite_number, option_file
+from porch_server.config import (
+    RECEIVE_LIMIT,
+    RECONNECT_BACKOFF,
+    check_pem,
+    finite_number,
+    option_file,
+)
 from porch_server.errors import InvalidArgument
 from porch_server.service import MAX_LEASE, checked_task_input
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
@@ -197,9 +203,11 @@ def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, gr
         credentials = grpc.ssl_channel_credentials(
             tls.root_certificates, tls.private_key, tls.certificate_chain
         )
-        channel = grpc.secure_channel(args.target, credentials, options=[RECEIVE_LIMIT])
+        channel = grpc.secure_channel(
+            args.target, credentials, options=[RECEIVE_LIMIT, RECONNECT_BACKOFF]
+        )
     else:
-        channel = grpc.insecure_channel(args.target, options=[RECEIVE_LIMIT])
+        channel = grpc.insecure_channel(args.target, options=[RECEIVE_LIMIT, RECONNECT_BACKOFF])
     return porch_pb2_grpc.PorchServiceStub(channel), channel
 
 

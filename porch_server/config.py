@@ -18,6 +18,10 @@ GRPC_MESSAGE_BYTES = 4 * 1024 * 1024
 # The largest answer porch's gateway and CLI take, should a server of
 # another version send more.
 RECEIVE_LIMIT = ("grpc.max_receive_message_length", 64 * 1024 * 1024)
+# The longest a channel waits between tries to reach a server it lost. gRPC's
+# own backoff grows to two minutes: `porch gateway` would go on answering
+# 503 that long after its server came back.
+RECONNECT_BACKOFF = ("grpc.max_reconnect_backoff_ms", 5_000)
 
 
 @dataclass(frozen=True, slots=True)
