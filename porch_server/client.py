@@ -334,14 +334,17 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _tls_hint(args: argparse.Namespace, error: grpc.RpcError) -> str:
-    """A hint for a plain connection closed at once, as a TLS server closes it."""
-    plain = not (args.tls or args.tls_ca or args.tls_cert or args.tls_key)
-    if (
-        plain
-        and error.code() == grpc.StatusCode.UNAVAILABLE
-        and "Socket closed" in str(error.details())
-    ):
+    """A hint for a connection closed at once: as a TLS server closes a plain
+    one, or one that requires client certificates closes one without."""
+    if error.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in str(error.details()):
+        return ""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
         return " (a server that expects TLS closes plain connections so: if it does, give --tls)"
+    if not args.tls_cert:
+        return (
+            " (a server that requires client certificates closes connections without one so:"
+            " if it does, give --tls-cert and --tls-key)"
+        )
     return ""
 
 

@@ -447,6 +447,7 @@ def test_the_cli_and_the_gateway_present_client_certificates(
             [*PORCH, "pipeline", "get", "mtls", *common], capture_output=True, text=True
         )
         assert refused.returncode != 0 and "UNAVAILABLE" in refused.stderr
+        assert "give --tls-cert and --tls-key)" in refused.stderr, refused.stderr
         half = subprocess.run(
             [*PORCH, "pipeline", "get", "mtls", *common, *pem[:2]], capture_output=True, text=True
         )
