@@ -127,10 +127,15 @@ def db_settings(
     """Resolve the database URL and schema: flags, then PORCH_*, then npg_porch's names."""
     url = db_url or environ.get("PORCH_DB_URL") or environ.get("DB_URL") or DEFAULT_DB_URL
     schema = db_schema or environ.get("PORCH_DB_SCHEMA") or environ.get("DB_SCHEMA") or None
-    if url.startswith("postgresql://"):
-        # npg_porch's DB_URL names no driver; psycopg2 is the one porch ships.
-        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    for scheme in _OTHER_POSTGRESQL_SCHEMES:
+        if url.startswith(scheme):
+            # psycopg2 is the driver porch ships. npg_porch's DB_URL names
+            # asyncpg, its driver, or none.
+            url = "postgresql+psycopg2://" + url.removeprefix(scheme)
     return url, schema
+
+
+_OTHER_POSTGRESQL_SCHEMES = ("postgresql://", "postgresql+asyncpg://")
 
 
 def finite_number(text: str) -> float:

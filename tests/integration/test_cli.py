@@ -837,7 +837,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["events", "prune", "--older-than-days", "1e9"], "not a number of days from 0"),
         (["serve", "--db-url", "notaurl"], "not a database URL: 'notaurl'"),
         (["db", "upgrade", "--db-url", "u:SECRETPW@h/x"], "not a database URL: 'u:***@h/x'"),
-        (["serve", "--db-url", "postgresql+asyncpg://u@h/d"], "unsupported database URL"),
+        (["serve", "--db-url", "postgresql+pg8000://u@h/d"], "unsupported database URL"),
         (["serve", "--db-url", "nonsense://x"], "unsupported database URL"),
         (["serve", "--no-http", "--http-port", "9000"], "--no-http serves no HTTP port"),
         (["pipeline", "list", "--target", "127.0.0.1"], "expected HOST:PORT"),

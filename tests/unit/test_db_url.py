@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.engine import make_url
 
+from porch_server.config import db_settings
 from porch_server.db.engine import CONNECT_TIMEOUT_SECONDS, make_engine, postgresql_session
 
 
@@ -53,3 +54,23 @@ def test_a_urls_connect_timeout_is_libpqs(given: str, seconds: int | None) -> No
 def test_a_urls_settings_porch_cannot_read_are_named(query: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_engine(f"postgresql+psycopg2://u@h/db?{query}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u@h:5433/db?sslmode=require",
+        "postgresql+asyncpg://u@h:5433/db?sslmode=require",  # npg_porch's own DB_URL
+        "postgresql+psycopg2://u@h:5433/db?sslmode=require",
+    ],
+)
+def test_a_postgresql_url_of_another_driver_takes_porchs(url: str) -> None:
+    assert db_settings(url, None, {}) == ("postgresql+psycopg2://u@h:5433/db?sslmode=require", None)
+
+
+def test_npg_porchs_variables_come_after_porchs() -> None:
+    npg = {"DB_URL": "postgresql+asyncpg://npg@h/db", "DB_SCHEMA": "npg"}
+    assert db_settings(None, None, npg) == ("postgresql+psycopg2://npg@h/db", "npg")
+    both = npg | {"PORCH_DB_URL": "sqlite:///p.db", "PORCH_DB_SCHEMA": "porch"}
+    assert db_settings(None, None, both) == ("sqlite:///p.db", "porch")
+    assert db_settings("sqlite:///f.db", "s", both) == ("sqlite:///f.db", "s")
