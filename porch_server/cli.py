@@ -798,16 +798,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as error:
-        print(f"porch: cannot use the database: {first_line(error.orig or error)}", file=sys.stderr)
+        said = first_line(error.orig or error)
+        print(f"porch: cannot use the database{_sqlite_named(args)}: {said}", file=sys.stderr)
         raise SystemExit(1) from None
     except sqlalchemy.exc.DBAPIError as error:  # an option libpq does not know, say
-        print(f"porch: the database refused: {first_line(error.orig or error)}", file=sys.stderr)
+        said = first_line(error.orig or error)
+        print(f"porch: the database{_sqlite_named(args)} refused: {said}", file=sys.stderr)
         raise SystemExit(1) from None
     except ValueError as error:  # a database URL or schema name porch cannot use
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _sqlite_named(args: argparse.Namespace) -> str:
+    """ " FILE" for a command on a SQLite database, whose driver's errors do
+    not name the file ("unable to open database file"); else nothing: a
+    PostgreSQL driver's errors name the server."""
+    if not hasattr(args, "db_url"):
+        return ""
+    url, _ = db_settings(args.db_url, getattr(args, "db_schema", None))
+    try:
+        path = sqlite_file(url) if url.startswith("sqlite") else None
+    except ValueError:
+        return ""
+    return "" if path is None else f" {Path(path).absolute()}"
 
 
 def _for_a_pipeline(command: Callable[[], None]) -> None:

@@ -118,6 +118,21 @@ def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
     assert (tmp_path / "npg.db").exists() and not (tmp_path / "porch.db").exists()
 
 
+def test_a_sqlite_file_that_cannot_be_used_is_named(tmp_path: Path) -> None:
+    (tmp_path / "notes.db").write_text("not a database\n")
+    (tmp_path / "folder.db").mkdir()
+    for name, said in (("notes.db", "refused: file is not a database"), ("folder.db", "unable")):
+        done = subprocess.run(
+            [*PORCH, "token", "list", "--db-url", f"sqlite:///{name}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 1, done.stderr
+        assert f" database {tmp_path / name}" in done.stderr and said in done.stderr, done.stderr
+
+
 def _journal_mode(path: Path) -> str:
     with contextlib.closing(sqlite3.connect(path)) as connection:
         [mode] = connection.execute("PRAGMA journal_mode").fetchone()
