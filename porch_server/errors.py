@@ -13,6 +13,18 @@
 ``service`` maps each to its gRPC status code in one table.
 """
 
+import time
+
+# A failure that repeats while the database is down (every call, every poll)
+# is logged at most this often for each text.
+REPEAT_LOG_SECONDS = 10.0
+_logged_at: dict[str, float] = {}
+
+# PostgreSQL's read_only_sql_transaction: a standby, or a database or role
+# set read-only. porch cannot write until its URL names a primary again.
+READ_ONLY_SQLSTATE = "25006"
+READ_ONLY_DATABASE = "the database is read-only (a standby?): porch cannot write to it"
+
 
 class PorchError(Exception):
     """Base of porch's errors; the message is meant for the person calling."""
@@ -71,3 +83,15 @@ def first_line(error: BaseException | None) -> str:
     """The first line of error's message: database drivers add hints on lines
     of their own, which an answer or a log line should not carry."""
     return str(error).strip().split("\n", 1)[0]
+
+
+def due_in_log(text: str) -> bool:
+    """Whether a repeated failure's text is due in the log: the first time,
+    then at most once every REPEAT_LOG_SECONDS."""
+    now = time.monotonic()
+    if now - _logged_at.get(text, -REPEAT_LOG_SECONDS) < REPEAT_LOG_SECONDS:
+        return False
+    if len(_logged_at) > 100:
+        _logged_at.clear()
+    _logged_at[text] = now
+    return True

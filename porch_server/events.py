@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from porch_server.cursors import Key, cursor_key
-from porch_server.errors import PorchError, first_line
+from porch_server.errors import PorchError, due_in_log, first_line
 from porch_server.models import Event
 
 log = logging.getLogger("porch.events")
@@ -247,7 +247,9 @@ class EventHub:
                     loop.add_reader(self._listener_fd, self._on_notification)
                     self.wake()  # anything sent while not listening
                 except Exception as error:  # the driver's own errors; polling goes on
-                    log.warning("cannot listen for events, polling instead: %s", first_line(error))
+                    said = f"cannot listen for events, polling instead: {first_line(error)}"
+                    if due_in_log(said):
+                        log.warning("%s", said)
             await asyncio.sleep(RELISTEN_SECONDS)
 
     def _on_notification(self) -> None:
@@ -313,11 +315,13 @@ class EventHub:
             try:
                 await self._read_new()
             except PorchError as error:
-                log.warning("reading new events failed: %s", first_line(error))
-            except Exception:
+                if due_in_log(said := f"reading new events failed: {first_line(error)}"):
+                    log.warning("%s", said)
+            except Exception as error:
                 # Whatever it was, the reader must go on: every stream of
                 # this server waits on it. The next pass reads again.
-                log.exception("reading new events failed")
+                if due_in_log(f"reading new events failed: {error!r}"):
+                    log.exception("reading new events failed")
 
     def _all(self) -> Iterator[Subscription]:
         for followers in self._topics.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import grpc
 
@@ -16,10 +15,6 @@ log = logging.getLogger("porch.server")
 # 8 to 16 KiB: RESOURCE_EXHAUSTED would then stand in for the real status.
 # Longer messages are cut at this many bytes of UTF-8.
 MAX_STATUS_MESSAGE_BYTES = 2048
-# Each cause of the database's unavailability is logged at most this often:
-# while it is down, every call would repeat it.
-CAUSE_LOG_SECONDS = 10.0
-_cause_logged: dict[str, float] = {}
 
 CODES: dict[type[errors.PorchError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -47,11 +42,7 @@ def message_of(error: errors.PorchError) -> str:
     server's log instead."""
     if not isinstance(error, errors.Unavailable) or error.cause is None:
         return _bounded(str(error))
-    now, text = time.monotonic(), str(error)
-    if now - _cause_logged.get(text, -CAUSE_LOG_SECONDS) >= CAUSE_LOG_SECONDS:
-        if len(_cause_logged) > 100:
-            _cause_logged.clear()
-        _cause_logged[text] = now
+    if errors.due_in_log(text := str(error)):  # each call would repeat it
         log.warning("%s", text)
     return _bounded(f"{error.message}; try again (the server's log says why)")
 

@@ -70,6 +70,8 @@ from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
+    READ_ONLY_DATABASE,
+    READ_ONLY_SQLSTATE,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -1400,6 +1402,8 @@ def _translate_errors() -> Iterator[None]:
         if error.connection_invalidated:
             cause = first_line(error.orig)
             raise Unavailable("the database connection was lost", cause) from error
+        if getattr(error.orig, "pgcode", None) == READ_ONLY_SQLSTATE:
+            raise Unavailable(READ_ONLY_DATABASE, first_line(error.orig)) from error
         raise
 
 

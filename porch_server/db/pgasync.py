@@ -31,7 +31,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from porch_server.db.engine import postgresql_session
-from porch_server.errors import Unavailable, first_line
+from porch_server.errors import READ_ONLY_DATABASE, Unavailable, first_line
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # asyncpg's words when it will not start a statement on a connection (its
@@ -264,6 +264,8 @@ class AsyncStatements:
             asyncpg.AdminShutdownError,
         ) as error:
             raise Unavailable("the database is unavailable", first_line(error)) from error
+        except asyncpg.ReadOnlySQLTransactionError as error:
+            raise Unavailable(READ_ONLY_DATABASE, first_line(error)) from error
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as error:
             raise Contended(str(error)) from error
         except asyncpg.PostgresError as error:

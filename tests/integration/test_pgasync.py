@@ -276,6 +276,31 @@ async def test_claims_together_count_the_pipeline_each_task_carries(
         assert answer_bytes(claimed) < 4 * 1024 * 1024
 
 
+async def test_a_read_only_database_is_unavailable_not_an_internal_error(pg_url: str) -> None:
+    # As after a fail-over that left the URL naming a standby.
+    store, statements, actor = await open_store(pg_url)
+    database = make_url(pg_url).database
+    try:
+        with store.engine.connect() as connection:
+            connection.execute(
+                text(f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+            )
+            connection.commit()
+        await statements.close()
+        store.engine.dispose()  # new sessions take the setting
+        statements = AsyncStatements(pg_url, None, pool_size=2)
+        await statements.open()
+        store.use_async(statements)
+        with pytest.raises(Unavailable, match=r"^the database is read-only \(a standby\?\)"):
+            await store.register_canonical_async("p", ONE, actor)
+        with pytest.raises(Unavailable, match="read-only"):
+            store.register_tasks("p", [{"n": 1}], actor)
+        assert store.get_pipeline("p").name == "p"  # reads go on
+    finally:
+        await statements.close()
+        store.close()
+
+
 async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
     statements = AsyncStatements(
         f"postgresql+psycopg2://postgres@127.0.0.1:{unused_port}/none", None, pool_size=1

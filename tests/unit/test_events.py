@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
+import pytest
+
+from porch_server.errors import Unavailable
 from porch_server.events import EventHub, Subscription
 from porch_server.models import Event, EventKind
 from porch_server.states import State
@@ -155,6 +159,28 @@ async def test_the_reader_goes_on_after_a_read_fails_unexpectedly() -> None:
         hub.wake()  # ... and the next one delivers
         assert [each.cursor for _, each in await asyncio.wait_for(stream.get(), 5)] == ["0.1"]
         hub.unsubscribe(stream)
+
+
+async def test_a_read_that_keeps_failing_is_logged_once_not_every_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reads = 0
+
+    async def read_events(after: str, limit: int) -> list[Event]:
+        nonlocal reads
+        reads += 1
+        raise Unavailable("the database is unavailable", "connection refused")
+
+    with caplog.at_level(logging.WARNING, logger="porch"):
+        async with running_hub(read_events) as hub:
+            stream = await hub.subscribe()
+            for _ in range(20):  # as many polls as a database down for a while gives
+                hub.wake()
+                await asyncio.sleep(0.01)
+            hub.unsubscribe(stream)
+    assert reads >= 10
+    failed = [r for r in caplog.records if "reading new events failed" in r.getMessage()]
+    assert len(failed) == 1, failed
 
 
 async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait() -> None:
