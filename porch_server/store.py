@@ -2097,6 +2097,13 @@ def _refused(current: Row[Any], status: State, params: dict[str, Any]) -> bool:
     old = State(current.status)
     if is_noop(old, status):
         return True
+    if old is State.PENDING and params["in_claim_number"] is not None:
+        # The claim named is still the latest, but no longer holds the task.
+        raise FailedPrecondition(
+            f"a task cannot go from PENDING to {status}: claim {current.claim_number} no longer"
+            " holds it (its lease lapsed, or it was released, and the task went back to"
+            " PENDING); claim it again"
+        )
     check_transition(old, status)
     return False
 

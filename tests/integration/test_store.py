@@ -403,6 +403,9 @@ def test_lapsed_leases_go_back_to_pending(store: Store) -> None:
     )
     assert (last.token_id, last.token_description) == (None, None)
     assert store.get_task("p1", renewed.task_input_id).status is State.RUNNING
+    # The lapsed claimer's late report, naming its claim, is told why it is refused.
+    with pytest.raises(FailedPrecondition, match=r"claim 1 no longer holds it \(its lease lapsed"):
+        store.update_task("p1", lapsing.task_input_id, State.RUNNING, None, actor, 1)
 
     # The renewed lease lapses too; the next claim takes both back, oldest first.
     time.sleep(0.6)
