@@ -1872,6 +1872,9 @@ def _claim_batch() -> Select[Any]:
         previewed.c.number,
         func.sum(previewed.c.size).over(order_by=previewed.c.number).label("running"),
     ).cte("prefix")
+    # Read once: left to the planner, the preview and its sums were read
+    # again for each claimer (1.3 s a statement with 64 claimers of 100).
+    prefix = prefix.prefix_with("MATERIALIZED")
     start = select(
         cast(0, BigInteger).label("position"),
         cast(0, BigInteger).label("upto"),
@@ -2097,7 +2100,11 @@ def _refused(current: Row[Any], status: State, params: dict[str, Any]) -> bool:
     old = State(current.status)
     if is_noop(old, status):
         return True
-    if old is State.PENDING and params["in_claim_number"] is not None:
+    if (
+        old is State.PENDING
+        and params["in_claim_number"] is not None
+        and status not in UPDATE_TRANSITIONS[old]
+    ):
         # The claim named is still the latest, but no longer holds the task.
         raise FailedPrecondition(
             f"a task cannot go from PENDING to {status}: claim {current.claim_number} no longer"

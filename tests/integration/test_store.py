@@ -403,9 +403,6 @@ def test_lapsed_leases_go_back_to_pending(store: Store) -> None:
     )
     assert (last.token_id, last.token_description) == (None, None)
     assert store.get_task("p1", renewed.task_input_id).status is State.RUNNING
-    # The lapsed claimer's late report, naming its claim, is told why it is refused.
-    with pytest.raises(FailedPrecondition, match=r"claim 1 no longer holds it \(its lease lapsed"):
-        store.update_task("p1", lapsing.task_input_id, State.RUNNING, None, actor, 1)
 
     # The renewed lease lapses too; the next claim takes both back, oldest first.
     time.sleep(0.6)
@@ -414,6 +411,21 @@ def test_lapsed_leases_go_back_to_pending(store: Store) -> None:
     kinds = [e.kind for e in store.list_task_events("p1", renewed.task_input_id, 10, "").items]
     assert kinds[-2:] == [EventKind.LEASE_EXPIRED, EventKind.CLAIMED]
     assert store.expire_leases() == 0
+
+
+def test_a_claimer_whose_lease_lapsed_is_told_so(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    store.register_tasks("p1", [{"i": 0}], actor)
+    [claimed] = store.claim_tasks("p1", 1, timedelta(seconds=1), actor)
+    time.sleep(1.1)
+    assert store.expire_leases() == 1
+    # Its late report, naming its claim, is told why it is refused ...
+    with pytest.raises(FailedPrecondition, match=r"claim 1 no longer holds it \(its lease lapsed"):
+        store.update_task("p1", claimed.task_input_id, State.RUNNING, None, actor, 1)
+    # ... and a move the table allows from PENDING is not refused for it.
+    cancelled = store.update_task("p1", claimed.task_input_id, State.CANCELLED, None, actor, 1)
+    assert cancelled.status is State.CANCELLED
 
 
 def test_finishing_clears_the_lease(store: Store) -> None:
