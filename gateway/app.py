@@ -369,6 +369,9 @@ class _EndedAtShutdown:
         try:
             await self.app(scope, receive, watched)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # answered here: the cancellation has been handled
             if begun:
                 return
             body = status_json(

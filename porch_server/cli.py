@@ -445,8 +445,10 @@ def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
     Python waits for such threads at exit: a statement waiting for a lock
     held elsewhere would hold a stopping server open as long as the lock is
     held, whatever its grace period. Their connections close with the
-    process, and PostgreSQL rolls their transactions back (SQLite: the
-    journal does). Their callers were answered when the grace period ended.
+    process; PostgreSQL rolls their transactions back once it sees the
+    session gone (one waiting on a lock, perhaps only when it is released),
+    and SQLite's journal does. Their callers were answered when the grace
+    period ended.
     """
     deadline = time.monotonic() + wait
     main = threading.main_thread()
@@ -456,8 +458,8 @@ def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
     stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
     if stuck:
         log.warning(
-            "stopping with %d database statement(s) still running: they are abandoned,"
-            " and their transactions rolled back",
+            "stopping with %d thread(s) still running (database statements): they are"
+            " abandoned with the process",
             len(stuck),
         )
         logging.shutdown()
@@ -518,7 +520,9 @@ def _stop_on_signals() -> asyncio.Event:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(signum, stopping.set)
+        # A SIGHUP ignored (nohup, a supervisor) stays ignored.
+        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, stopping.set)
     parent = multiprocessing.parent_process()
     if parent is not None and parent.sentinel is not None:
         loop.add_reader(parent.sentinel, stopping.set)
