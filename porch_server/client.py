@@ -21,8 +21,7 @@ from google.protobuf.message import Message
 
 from gateway import ClientTLS, access, inexact_integer, message_to_dict
 from porch_server.config import (
-    RECEIVE_LIMIT,
-    RECONNECT_BACKOFF,
+    CHANNEL_OPTIONS,
     check_pem,
     finite_number,
     option_file,
@@ -203,11 +202,9 @@ def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, gr
         credentials = grpc.ssl_channel_credentials(
             tls.root_certificates, tls.private_key, tls.certificate_chain
         )
-        channel = grpc.secure_channel(
-            args.target, credentials, options=[RECEIVE_LIMIT, RECONNECT_BACKOFF]
-        )
+        channel = grpc.secure_channel(args.target, credentials, options=CHANNEL_OPTIONS)
     else:
-        channel = grpc.insecure_channel(args.target, options=[RECEIVE_LIMIT, RECONNECT_BACKOFF])
+        channel = grpc.insecure_channel(args.target, options=CHANNEL_OPTIONS)
     return porch_pb2_grpc.PorchServiceStub(channel), channel
 
 

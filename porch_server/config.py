@@ -22,6 +22,8 @@ RECEIVE_LIMIT = ("grpc.max_receive_message_length", 64 * 1024 * 1024)
 # own backoff grows to two minutes: `porch gateway` would go on answering
 # 503 that long after its server came back.
 RECONNECT_BACKOFF = ("grpc.max_reconnect_backoff_ms", 5_000)
+# The options of every channel porch's gateway and CLI open to a server.
+CHANNEL_OPTIONS = (RECEIVE_LIMIT, RECONNECT_BACKOFF)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from importlib import metadata, resources
 from typing import Any
 
 import gateway
-from porch_server.config import RECEIVE_LIMIT, RECONNECT_BACKOFF
+from porch_server.config import CHANNEL_OPTIONS
 from porch_server.interceptor import ACCESS_LOG
 from porch_server.service import MAX_BATCH, MAX_NAME, MAX_PIPELINE_TEXT
 from porch_stubs.v1 import porch_pb2
@@ -105,7 +105,7 @@ def gateway_options(
         openapi_paths=OPENAPI_PATHS,
         # Calls through the gateway get one line, HTTP and gRPC side together.
         access_log=ACCESS_LOG,
-        channel_options=(RECEIVE_LIMIT, RECONNECT_BACKOFF),
+        channel_options=CHANNEL_OPTIONS,
         **extra,
     )
 
