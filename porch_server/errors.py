@@ -13,6 +13,7 @@
 ``service`` maps each to its gRPC status code in one table.
 """
 
+import logging
 import time
 
 # A failure that repeats while the database is down (every call, every poll)
@@ -95,3 +96,9 @@ def due_in_log(text: str) -> bool:
         _logged_at.clear()
     _logged_at[text] = now
     return True
+
+
+def warn_now_and_then(logger: logging.Logger, text: str) -> None:
+    """Log a repeated failure's text as a warning when it is due_in_log."""
+    if due_in_log(text):
+        logger.warning("%s", text)

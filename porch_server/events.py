@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 from porch_server.cursors import Key, cursor_key
-from porch_server.errors import PorchError, due_in_log, first_line
+from porch_server.errors import PorchError, due_in_log, first_line, warn_now_and_then
 from porch_server.models import Event
 
 log = logging.getLogger("porch.events")
@@ -248,8 +248,7 @@ class EventHub:
                     self.wake()  # anything sent while not listening
                 except Exception as error:  # the driver's own errors; polling goes on
                     said = f"cannot listen for events, polling instead: {first_line(error)}"
-                    if due_in_log(said):
-                        log.warning("%s", said)
+                    warn_now_and_then(log, said)
             await asyncio.sleep(RELISTEN_SECONDS)
 
     def _on_notification(self) -> None:
@@ -315,8 +314,7 @@ class EventHub:
             try:
                 await self._read_new()
             except PorchError as error:
-                if due_in_log(said := f"reading new events failed: {first_line(error)}"):
-                    log.warning("%s", said)
+                warn_now_and_then(log, f"reading new events failed: {first_line(error)}")
             except Exception as error:
                 # Whatever it was, the reader must go on: every stream of
                 # this server waits on it. The next pass reads again.

@@ -19,7 +19,7 @@ import gateway
 from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
-from porch_server.errors import PorchError, due_in_log, first_line
+from porch_server.errors import PorchError, first_line, warn_now_and_then
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
 from porch_server.models import Event
@@ -201,8 +201,7 @@ async def _sweep(
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
             new_status = health_pb2.HealthCheckResponse.SERVING
         except PorchError as error:
-            if due_in_log(said := f"database housekeeping failed: {first_line(error)}"):
-                log.warning("%s", said)
+            warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
             new_status = health_pb2.HealthCheckResponse.NOT_SERVING
         if new_status != status:
             status = new_status

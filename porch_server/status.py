@@ -42,8 +42,7 @@ def message_of(error: errors.PorchError) -> str:
     server's log instead."""
     if not isinstance(error, errors.Unavailable) or error.cause is None:
         return _bounded(str(error))
-    if errors.due_in_log(text := str(error)):  # each call would repeat it
-        log.warning("%s", text)
+    errors.warn_now_and_then(log, str(error))  # each call would repeat it
     return _bounded(f"{error.message}; try again (the server's log says why)")
 
 
