@@ -983,33 +983,54 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
 
 
 def connections_under_load(pg_url: str, *flags: str) -> int:
-    """The connections a server holds to its database after 200 concurrent calls."""
+    """The connections a server holds to its database with 200 calls waiting on a lock.
+
+    The task table is locked while the calls arrive, so every call the
+    server starts holds its connection until the count is taken, however
+    slowly the machine lets the calls overlap.
+    """
     process, target = start_server(pg_url, *flags)
     store = Store(make_engine(pg_url))
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    counting = psycopg2.connect(dsn)
+    counting.autocommit = True
+    locking = psycopg2.connect(dsn)
     try:
         secret = new_secret()
         store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
         store.close()
         metadata = (("authorization", f"Bearer {secret}"),)
+
+        def connections() -> int:
+            cursor = counting.cursor()
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid NOT IN (pg_backend_pid(), %s)",
+                (locking.get_backend_pid(),),
+            )
+            return int(cursor.fetchone()[0])
+
         with grpc.insecure_channel(target) as channel:
             stub = porch_pb2_grpc.PorchServiceStub(channel)
             request = pb.CreatePipelineRequest(pipeline=pb.Pipeline(name="p", uri="u", version="1"))
             with contextlib.suppress(grpc.RpcError):  # made by the first server already
                 stub.CreatePipeline(request, metadata=metadata)
+            locking.cursor().execute("LOCK TABLE task IN ACCESS EXCLUSIVE MODE")
             listing = pb.ListTasksRequest(pipeline_name="p")
             calls = [stub.ListTasks.future(listing, metadata=metadata) for _ in range(200)]
+            # The count settles once every connection the server will open waits on the lock.
+            counts = [connections()]
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and (len(counts) < 10 or counts[-10] != counts[-1]):
+                time.sleep(0.1)
+                counts.append(connections())
+            locking.rollback()
             for call in calls:
                 call.result(timeout=30)
-        with psycopg2.connect(
-            make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-        ) as counting:
-            cursor = counting.cursor()
-            cursor.execute(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-            return int(cursor.fetchone()[0])
+        return counts[-1]
     finally:
+        locking.close()
+        counting.close()
         stop_server(process)
 
 

@@ -325,9 +325,10 @@ def test_many_watchers_share_one_read_per_wake_up(fast_porch: Porch) -> None:
     reads = hub.reads - reads_before
     # A read per wake-up (a local write, and on PostgreSQL its notification
     # too), per poll interval, and per recheck of events held behind a
-    # transaction still open, which a loaded machine makes more of: a few
+    # transaction still open, which a loaded machine makes more of, and
+    # so do other tests' transactions on the same PostgreSQL server: a few
     # per write, not one per watcher (500 and more).
-    assert reads <= 5 * 10 + elapsed / 0.2 + 5, reads
+    assert reads <= 10 * 10 + elapsed / 0.2 + 10, reads
     for watcher in watchers:
         watcher.close()
 
