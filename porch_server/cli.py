@@ -35,7 +35,7 @@ from porch_server.config import TLS, Config, db_settings, finite_number, host_po
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
 from porch_server.errors import PorchError, first_line
-from porch_server.models import Role
+from porch_server.models import Role, Token
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
 
@@ -190,15 +190,22 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="manage tokens directly in the database")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
-    create = token_commands.add_parser("create", help="create a token; prints only the secret")
+    create = token_commands.add_parser(
+        "create", help="create a token; prints the secret on stdout, its id on stderr"
+    )
     role = create.add_mutually_exclusive_group(required=True)
     role.add_argument("--admin", action="store_true", help="an admin token")
     role.add_argument("--pipeline", metavar="NAME", help="a token for one pipeline's tasks")
     role.add_argument("--reader", action="store_true", help="a read-only token")
     create.add_argument("--description", required=True, help="what the token is for")
     _add_db_flags(create)
-    listing = token_commands.add_parser("list", help="list tokens (never their secrets)")
+    listing = token_commands.add_parser(
+        "list",
+        help="list tokens (never their secrets), a tab-separated line each:"
+        " id, role, pipeline, created, revoked, description",
+    )
     listing.add_argument("--all", action="store_true", help="include revoked tokens")
+    listing.add_argument("--pipeline", metavar="NAME", help="only this pipeline's tokens")
     _add_db_flags(listing)
     revoke = token_commands.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("token_id", help="the id `porch token list` shows")
@@ -697,19 +704,24 @@ def _token(args: argparse.Namespace) -> None:
             check_description(args.description)
             check_role_binding(role, args.pipeline)
             secret = auth.new_secret()
-            store.create_token(role, args.pipeline, args.description, auth.hash_secret(secret))
-            print(secret)
+            made = store.create_token(
+                role, args.pipeline, args.description, auth.hash_secret(secret)
+            )
+            print(secret, flush=True)
+            owner = f" of pipeline {made.pipeline_name}" if made.pipeline_name else ""
+            described = access.escape(made.description)
+            print(
+                f"porch: created {made.role} token {made.token_id}{owner}: {described}",
+                file=sys.stderr,
+            )
         elif args.token_command == "list":
+            if sys.stdout.isatty():
+                print("ID\tROLE\tPIPELINE\tCREATED\tREVOKED\tDESCRIPTION")
             page_token = ""
             while True:
-                page = store.list_tokens(None, None, args.all, 1000, page_token)
+                page = store.list_tokens(args.pipeline, None, args.all, 1000, page_token)
                 for token in page.items:
-                    revoked = (
-                        f" revoked {token.revoke_time:%Y-%m-%d %H:%M}" if token.revoke_time else ""
-                    )
-                    pipeline = f" pipeline={token.pipeline_name}" if token.pipeline_name else ""
-                    description = access.escape(token.description)
-                    print(f"{token.token_id}\t{token.role}{pipeline}\t{description}{revoked}")
+                    print(f"{token.token_id}\t{_token_line(token)}")
                 page_token = page.next_page_token
                 if not page_token:
                     break
@@ -723,6 +735,19 @@ def _token(args: argparse.Namespace) -> None:
                 print(f"porch: revoked {named}")
     finally:
         store.close()
+
+
+def _token_line(token: Token) -> str:
+    """A token's role, pipeline, times and description, tab-separated; "-" for none."""
+    revoked = _utc(token.revoke_time) if token.revoke_time else "-"
+    description = access.escape(token.description)
+    pipeline = token.pipeline_name or "-"
+    return f"{token.role}\t{pipeline}\t{_utc(token.create_time)}\t{revoked}\t{description}"
+
+
+def _utc(moment: datetime) -> str:
+    """A time in UTC to the second, as ISO 8601 writes it."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _port(text: str) -> int:

@@ -52,18 +52,31 @@ def porch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 
 
 def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
-    secret = porch("token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url)
+    created = subprocess.run(
+        [*PORCH, "token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url],
+        capture_output=True,
+        text=True,
+    )
+    # The secret alone on stdout, for $(...); what was made, with its id, on stderr.
+    secret = created.stdout
     assert len(secret.strip()) >= 43 and "\n" not in secret.strip()
+    assert created.stderr == "porch: created ADMIN token 1: ops\n"
     porch("token", "create", "--reader", "--description", "dash", "--db-url", sqlite_url)
     listing = porch("token", "list", "--db-url", sqlite_url)
-    assert "ADMIN\tops" in listing and "READER\tdash" in listing
     assert secret.strip() not in listing
-    token_id = listing.splitlines()[0].split("\t")[0]
-    assert "porch: revoked token" in porch("token", "revoke", token_id, "--db-url", sqlite_url)
-    again = porch("token", "revoke", token_id, "--db-url", sqlite_url)
-    assert f"token {token_id} (ops) was already revoked on " in again
+    rows = [line.split("\t") for line in listing.splitlines()]
+    assert [row[:3] + row[4:] for row in rows] == [
+        ["1", "ADMIN", "-", "-", "ops"],
+        ["2", "READER", "-", "-", "dash"],
+    ]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row[3]) for row in rows)
+    assert "porch: revoked token" in porch("token", "revoke", "1", "--db-url", sqlite_url)
+    again = porch("token", "revoke", "1", "--db-url", sqlite_url)
+    assert "token 1 (ops) was already revoked on " in again
     assert "ops" not in porch("token", "list", "--db-url", sqlite_url)
-    assert "revoked" in porch("token", "list", "--all", "--db-url", sqlite_url)
+    everything = porch("token", "list", "--all", "--db-url", sqlite_url)
+    revoked = everything.splitlines()[0].split("\t")
+    assert revoked[0] == "1" and revoked[4] >= revoked[3] and revoked[5] == "ops"
     failed = subprocess.run(
         [
             *PORCH,
@@ -82,11 +95,39 @@ def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
     assert failed.returncode == 1 and "pipeline 'nope' not found" in failed.stderr
 
 
+def test_token_list_shows_one_pipelines_tokens(sqlite_url: str) -> None:
+    store = Store(make_engine(sqlite_url))
+    try:
+        for name in ("p1", "p2"):
+            store.create_pipeline(Pipeline(name=name, uri="u", version="1"))
+    finally:
+        store.close()
+    for number, name in enumerate(("p1", "p2", "p1"), start=1):
+        made = ["token", "create", "--pipeline", name, "--description", "cron"]
+        created = subprocess.run(
+            [*PORCH, *made, "--db-url", sqlite_url], capture_output=True, text=True
+        )
+        assert (
+            created.stderr == f"porch: created PIPELINE token {number} of pipeline {name}: cron\n"
+        )
+    listing = porch("token", "list", "--pipeline", "p1", "--db-url", sqlite_url)
+    assert [line.split("\t")[:3] for line in listing.splitlines()] == [
+        ["1", "PIPELINE", "p1"],
+        ["3", "PIPELINE", "p1"],
+    ]
+    failed = subprocess.run(
+        [*PORCH, "token", "list", "--pipeline", "p3", "--db-url", sqlite_url],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 1 and "pipeline 'p3' not found" in failed.stderr
+
+
 def test_sqlite_urls_with_driver_options_still_work(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}?timeout=60"
     assert "porch: database schema is at" in porch("db", "upgrade", "--db-url", url)
     porch("token", "create", "--admin", "--description", "ops", "--db-url", url)
-    assert "ADMIN\tops" in porch("token", "list", "--db-url", url)
+    assert "\tADMIN\t-\t" in porch("token", "list", "--db-url", url)
     assert [path.name for path in tmp_path.iterdir() if "a.db" in path.name] == ["a.db"]
 
 
@@ -107,7 +148,7 @@ def test_a_description_from_elsewhere_stays_on_its_line(sqlite_url: str) -> None
         engine.dispose()
 
     [line] = porch("token", "list", "--db-url", sqlite_url).splitlines()
-    assert line.split("\t")[1:] == ["READER", "old\\x09one\\x0afrom npg_porch"]
+    assert line.split("\t")[5:] == ["old\\x09one\\x0afrom npg_porch"]
 
 
 def test_npg_porch_environment_names_are_honoured(tmp_path: Path) -> None:
