@@ -686,6 +686,13 @@ def _prune(args: argparse.Namespace) -> None:
         cutoff = datetime.now(UTC) - timedelta(days=args.older_than_days)
         pruned = store.prune_events(cutoff)
         print(f"porch: deleted {pruned} event(s) older than {cutoff:%Y-%m-%d %H:%M:%S} UTC")
+        kept = store.count_events_before(cutoff)
+        if kept:
+            print(
+                f"porch: {kept} older event(s) kept for now, so that no stream misses one:"
+                " a transaction still open on the database may yet write events before them,"
+                " or they follow an event still kept; run this again once it has ended"
+            )
     finally:
         store.close()
 

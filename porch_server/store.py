@@ -1219,6 +1219,17 @@ class Store:
                 )
             return int(deleted)
 
+    def count_events_before(self, before: datetime) -> int:
+        """How many events older than before there are (prune_events keeps some
+        for now: those after an event it keeps, and on PostgreSQL those that a
+        transaction still open may yet write events before)."""
+        with self._read() as connection:
+            return int(
+                connection.execute(
+                    select(func.count()).select_from(event).where(event.c.time < before)
+                ).scalar_one()
+            )
+
     # Transactions
 
     @contextmanager

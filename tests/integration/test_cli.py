@@ -32,7 +32,7 @@ from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
-from porch_server.models import Pipeline, Role
+from porch_server.models import SYSTEM, Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
@@ -121,6 +121,29 @@ def test_token_list_shows_one_pipelines_tokens(sqlite_url: str) -> None:
         text=True,
     )
     assert failed.returncode == 1 and "pipeline 'p3' not found" in failed.stderr
+
+
+@pytest.mark.postgres
+def test_events_prune_says_why_older_events_are_kept(pg_url: str) -> None:
+    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    store = Store(make_engine(pg_url))
+    holding = psycopg2.connect(dsn)
+    try:
+        store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
+        # A transaction open since before the events were written: streams
+        # must see any event it may still write before them.
+        holding.cursor().execute("SELECT pg_current_xact_id()")
+        store.register_tasks("p", [{"n": 1}, {"n": 2}], SYSTEM)
+        held = porch("events", "prune", "--older-than-days", "0", "--db-url", pg_url)
+        assert held.startswith("porch: deleted 0 event(s) older than "), held
+        assert "porch: 2 older event(s) kept for now" in held
+        assert "transaction still open" in held
+        holding.rollback()
+        done = porch("events", "prune", "--older-than-days", "0", "--db-url", pg_url)
+        assert done.startswith("porch: deleted 2 event(s) older than ") and "kept" not in done
+    finally:
+        holding.close()
+        store.close()
 
 
 def test_sqlite_urls_with_driver_options_still_work(tmp_path: Path) -> None:
