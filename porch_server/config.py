@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,8 @@ def db_settings(
     """Resolve the database URL and schema: flags, then PORCH_*, then npg_porch's names."""
     url = db_url or environ.get("PORCH_DB_URL") or environ.get("DB_URL") or DEFAULT_DB_URL
     schema = db_schema or environ.get("PORCH_DB_SCHEMA") or environ.get("DB_SCHEMA") or None
+    if url.startswith(_ASYNCPG_SCHEME):
+        url = _libpq_ssl(url)
     for scheme in _OTHER_POSTGRESQL_SCHEMES:
         if url.startswith(scheme):
             # psycopg2 is the driver porch ships. npg_porch's DB_URL names
@@ -137,7 +140,31 @@ def db_settings(
     return url, schema
 
 
-_OTHER_POSTGRESQL_SCHEMES = ("postgresql://", "postgresql+asyncpg://")
+_ASYNCPG_SCHEME = "postgresql+asyncpg://"
+_OTHER_POSTGRESQL_SCHEMES = ("postgresql://", _ASYNCPG_SCHEME)
+# What SQLAlchemy's asyncpg URLs write as ssl=..., in libpq's words.
+_SSL_MODES = {
+    **{
+        mode: mode for mode in ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+    },
+    "true": "require",
+    "false": "disable",
+}
+
+
+def _libpq_ssl(url: str) -> str:
+    """An asyncpg URL's ssl=MODE as libpq's sslmode=MODE, which psycopg2 and
+    asyncpg both take: libpq refuses a URL with ssl=. Other parameters are
+    left for libpq to accept or name."""
+    base, mark, query = url.partition("?")
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not mark or "sslmode" in dict(pairs):
+        return url
+    translated = [
+        ("sslmode", _SSL_MODES.get(value.lower(), value)) if key == "ssl" else (key, value)
+        for key, value in pairs
+    ]
+    return f"{base}?{urllib.parse.urlencode(translated, safe='/:')}"
 
 
 def finite_number(text: str) -> float:

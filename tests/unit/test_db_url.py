@@ -68,6 +68,26 @@ def test_a_postgresql_url_of_another_driver_takes_porchs(url: str) -> None:
     assert db_settings(url, None, {}) == ("postgresql+psycopg2://u@h:5433/db?sslmode=require", None)
 
 
+@pytest.mark.parametrize(
+    ("query", "translated"),
+    [
+        ("ssl=require", "sslmode=require"),
+        ("ssl=true", "sslmode=require"),
+        ("ssl=False", "sslmode=disable"),
+        ("ssl=verify-full&sslrootcert=/etc/ca.pem", "sslmode=verify-full&sslrootcert=/etc/ca.pem"),
+        ("host=/run/pg&ssl=prefer", "host=/run/pg&sslmode=prefer"),
+        ("ssl=require&sslmode=disable", "ssl=require&sslmode=disable"),  # left for libpq to refuse
+    ],
+)
+def test_npg_porchs_asyncpg_ssl_parameter_becomes_libpqs(query: str, translated: str) -> None:
+    url, _ = db_settings(f"postgresql+asyncpg://u@h/db?{query}", None, {})
+    assert url == f"postgresql+psycopg2://u@h/db?{translated}"
+
+
+def test_ssl_in_a_url_for_libpq_is_left_for_libpq_to_name() -> None:
+    assert db_settings("postgresql://u@h/db?ssl=require", None, {})[0].endswith("?ssl=require")
+
+
 def test_npg_porchs_variables_come_after_porchs() -> None:
     npg = {"DB_URL": "postgresql+asyncpg://npg@h/db", "DB_SCHEMA": "npg"}
     assert db_settings(None, None, npg) == ("postgresql+psycopg2://npg@h/db", "npg")
