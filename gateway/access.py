@@ -155,11 +155,11 @@ def _target(scope: Scope) -> str:
 # percent-decoded and lowercased: a token (access_token, sessiontoken, and
 # so page_token too), a key (api_key, apikey), a secret, a password (passwd,
 # pwd, pass, pw) or passphrase, an authorization or bearer value, a session,
-# credentials, a signature (sig) or a one-time code (otp). Its value is not
-# logged.
+# credentials, a signature (sig) or a one-time code or pass code (otp, totp,
+# hotp, passcode, pin). Its value is not logged.
 _SECRET_NAME = re.compile(
-    rb"token|key|secret|passw|passphrase|pwd|auth|bearer|session|credential|signature"
-    rb"|(?<![a-z])(?:pass|pw|sig|otp)(?![a-z])"
+    rb"token|key|secret|passw|passphrase|passcode|pwd|auth|bearer|session|credential|signature"
+    rb"|(?<![a-z])(?:pass|pw|sig|otp|totp|hotp|pin)(?![a-z])"
 )
 
 

@@ -165,6 +165,10 @@ async def test_a_secret_in_the_query_is_not_logged(caplog: pytest.LogCaptureFixt
         "sig=s3cret",
         "passphrase=s3cret",
         "otp=123456",
+        "totp=123456",
+        "mfa_totp=123456",
+        "passcode=123456",
+        "pin=1234",
         # Named as the server reads the name: decoded.
         "%74oken=s3cret",
         "api%5Fkey=s3cret",
