@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 from alembic import command
@@ -28,6 +30,7 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None:
     """Create porch's tables in the database at url, or bring them up to date
     (or up to revision)."""
+    _create_private_sqlite_file(url)
     engine = make_engine(url, schema, pool_size=1)
     creating = None
     try:
@@ -47,6 +50,21 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
         raise FailedPrecondition(_refused(url, schema, creating, reason)) from None
     finally:
         engine.dispose()
+
+
+def _create_private_sqlite_file(url: str) -> None:
+    """Create a SQLite file that does not exist yet readable and writable by
+    its owner only, as SQLite then creates its -wal and -shm files: it holds
+    the tasks' inputs and the tokens' hashes. A file that exists keeps its
+    mode; a path that cannot be made is left for SQLite to refuse."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
+        return
+    if path.startswith("file:") or parsed.query.get("uri") == "true":
+        return  # a SQLite URI, with options of its own
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _use_wal(engine: Engine) -> None:

@@ -146,6 +146,19 @@ def test_events_prune_says_why_older_events_are_kept(pg_url: str) -> None:
         store.close()
 
 
+def test_a_new_sqlite_file_is_its_owners_alone(tmp_path: Path) -> None:
+    made, kept = tmp_path / "new.db", tmp_path / "kept.db"
+    kept.touch(mode=0o644)
+    kept.chmod(0o644)  # whatever the umask
+    for path in (made, kept):
+        porch("db", "upgrade", "--db-url", f"sqlite:///{path}")
+    assert made.stat().st_mode & 0o777 == 0o600
+    assert kept.stat().st_mode & 0o777 == 0o644  # a file that exists keeps its mode
+    porch("token", "create", "--admin", "--description", "ops", "--db-url", f"sqlite:///{made}")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.glob("new.db*")}
+    assert set(modes.values()) == {0o600}, modes  # SQLite's -wal and -shm files too
+
+
 def test_sqlite_urls_with_driver_options_still_work(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}?timeout=60"
     assert "porch: database schema is at" in porch("db", "upgrade", "--db-url", url)
