@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, exc, inspect
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 
 from porch_server.db.engine import make_engine, quote_schema, writer
 from porch_server.db.tables import metadata
@@ -30,8 +30,8 @@ _INSUFFICIENT_PRIVILEGE = "42501"
 def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None:
     """Create porch's tables in the database at url, or bring them up to date
     (or up to revision)."""
-    _create_private_sqlite_file(url)
     engine = make_engine(url, schema, pool_size=1)
+    _create_private_sqlite_file(engine.url)
     creating = None
     try:
         with writer(engine).connect() as connection:
@@ -52,12 +52,11 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
         engine.dispose()
 
 
-def _create_private_sqlite_file(url: str) -> None:
+def _create_private_sqlite_file(parsed: URL) -> None:
     """Create a SQLite file that does not exist yet readable and writable by
     its owner only, as SQLite then creates its -wal and -shm files: it holds
     the tasks' inputs and the tokens' hashes. A file that exists keeps its
     mode; a path that cannot be made is left for SQLite to refuse."""
-    parsed = make_url(url)
     path = parsed.database
     if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
         return
