@@ -182,7 +182,10 @@ class EventHub:
         self._tasks: list[asyncio.Task[None]] = []
         # When the events now held back were first seen to be.
         self._held_since: float | None = None
+        # Reads of new events, and of those the reads that looked again for
+        # events held back behind an open transaction.
         self.reads = 0
+        self.rechecks = 0
 
     def start(self) -> None:
         """Start reading, and listening when the database can notify."""
@@ -340,6 +343,10 @@ class EventHub:
             for subscription in self._topics.get(topic, ()):
                 subscription.put(batch, chars)
 
+    def _recheck(self) -> None:
+        self.rechecks += 1
+        self._wake.set()
+
     async def _read_new(self) -> None:
         while self._cursor is not None:
             cursor = self._cursor
@@ -360,7 +367,7 @@ class EventHub:
                     delay = RECHECK_SECONDS
                     if now - self._held_since >= HELD_LONG_SECONDS:
                         delay = max(self._poll_seconds, RECHECK_SECONDS)
-                    loop.call_later(delay, self._wake.set)
+                    loop.call_later(delay, self._recheck)
                 else:
                     self._held_since = None
                 return

@@ -242,7 +242,15 @@ def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
     [first] = old.take(1)
     old.close()
     register(wrapper, "p1", n=1)
-    assert fast_porch.server.store.prune_events(datetime.now(UTC) + timedelta(seconds=1)) == 2
+    # Other transactions on the PostgreSQL server (other tests', say) hold
+    # events back from pruning while they are open, but not for long.
+    cutoff = datetime.now(UTC) + timedelta(seconds=1)
+    pruned = fast_porch.server.store.prune_events(cutoff)
+    deadline = time.monotonic() + 30
+    while pruned < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pruned += fast_porch.server.store.prune_events(cutoff)
+    assert pruned == 2
     with pytest.raises(grpc.RpcError) as raised:
         # Refused before any message: not even a bookmark holding the cursor.
         next(
@@ -315,20 +323,20 @@ def test_many_watchers_share_one_read_per_wake_up(fast_porch: Porch) -> None:
     watchers = [Watcher(fast_porch.stub(fast_porch.admin)) for _ in range(50)]
     for watcher in watchers:
         watcher.wait_for_bookmark()
-    reads_before = hub.reads
+    reads_before, rechecks_before = hub.reads, hub.rechecks
     started = time.monotonic()
     for n in range(10):
         register(wrapper, "p1", n=n)
     for watcher in watchers:
         assert len(watcher.take(10)) == 10
     elapsed = time.monotonic() - started
-    reads = hub.reads - reads_before
-    # A read per wake-up (a local write, and on PostgreSQL its notification
-    # too), per poll interval, and per recheck of events held behind a
-    # transaction still open, which a loaded machine makes more of, and
-    # so do other tests' transactions on the same PostgreSQL server: a few
-    # per write, not one per watcher (500 and more).
-    assert reads <= 10 * 10 + elapsed / 0.2 + 10, reads
+    # A read per wake-up: a local write, on PostgreSQL its notification too,
+    # and a poll interval; not one per watcher (500 and more). Not counted:
+    # looking again for events held back behind a transaction still open,
+    # which any on the PostgreSQL server makes (other tests' too), every
+    # 10 ms for their first second.
+    reads = hub.reads - reads_before - (hub.rechecks - rechecks_before)
+    assert reads <= 5 * 10 + elapsed / 0.2 + 5, reads
     for watcher in watchers:
         watcher.close()
 
