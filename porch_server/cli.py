@@ -688,11 +688,13 @@ def _prune(args: argparse.Namespace) -> None:
         print(f"porch: deleted {pruned} event(s) older than {cutoff:%Y-%m-%d %H:%M:%S} UTC")
         kept = store.count_events_before(cutoff)
         if kept:
-            print(
-                f"porch: {kept} older event(s) kept for now, so that no stream misses one:"
-                " a transaction still open on the database may yet write events before them,"
-                " or they follow an event still kept; run this again once it has ended"
+            why = (
+                " a transaction still open on the PostgreSQL server, in any database, may yet"
+                " write events before them; run this again once it has ended"
+                if not db_settings(args.db_url, args.db_schema)[0].startswith("sqlite")
+                else " they follow an event still kept (the clock went back?)"
             )
+            print(f"porch: {kept} older event(s) kept, so that no stream misses one:{why}")
     finally:
         store.close()
 
@@ -722,11 +724,13 @@ def _token(args: argparse.Namespace) -> None:
                 file=sys.stderr,
             )
         elif args.token_command == "list":
-            if sys.stdout.isatty():
-                print("ID\tROLE\tPIPELINE\tCREATED\tREVOKED\tDESCRIPTION")
             page_token = ""
+            header = sys.stdout.isatty()
             while True:
                 page = store.list_tokens(args.pipeline, None, args.all, 1000, page_token)
+                if header:  # once the pipeline is known to exist
+                    print("ID\tROLE\tPIPELINE\tCREATED\tREVOKED\tDESCRIPTION")
+                    header = False
                 for token in page.items:
                     print(f"{token.token_id}\t{_token_line(token)}")
                 page_token = page.next_page_token
@@ -737,7 +741,7 @@ def _token(args: argparse.Namespace) -> None:
             token = store.revoke_token(args.token_id)
             named = f"token {token.token_id} ({access.escape(token.description)})"
             if token.revoke_time is not None and token.revoke_time < before:
-                print(f"porch: {named} was already revoked on {token.revoke_time:%Y-%m-%d %H:%M}")
+                print(f"porch: {named} was already revoked on {_utc(token.revoke_time)}")
             else:
                 print(f"porch: revoked {named}")
     finally:
