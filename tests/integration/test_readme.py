@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ import pytest
 README = Path(__file__).resolve().parents[2] / "README.md"
 FIRST_ADMIN = re.compile(r"created the first admin token \(shown only now\): (\S+)")
 LISTENING = re.compile(r"gRPC listening on \S+:(\d+)")
+GATEWAY = re.compile(r"HTTP gateway on (http://[^/\s]+)")
 
 
 def block(heading: str, language: str) -> str:
@@ -54,12 +54,6 @@ class Served:
         return done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     """`porch serve` as the README starts it, in an empty directory."""
@@ -74,10 +68,9 @@ def serving(directory: Path, *options: str) -> Iterator[Served]:
     env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     for name in [name for name in env if name.startswith("PORCH_")]:
         del env[name]  # the README's defaults, not this shell's settings
-    http_port = free_port()
     with (directory / "serve.log").open("w") as log:
         process = subprocess.Popen(
-            ["porch", "serve", "--grpc-port", "0", "--http-port", str(http_port), *options],
+            ["porch", "serve", "--grpc-port", "0", "--http-port", "0", *options],
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
@@ -85,23 +78,25 @@ def serving(directory: Path, *options: str) -> Iterator[Served]:
             env=env,
         )
     assert process.stdout is not None
-    admin = grpc_port = None
+    admin = grpc_port = http = None
     for line in process.stdout:
         if found := FIRST_ADMIN.search(line):
             admin = found.group(1)
         if found := LISTENING.search(line):
             grpc_port = found.group(1)
-        if "HTTP gateway on" in line:
+        if found := GATEWAY.search(line):
+            http = found.group(1)
             break
     else:
         raise AssertionError(f"porch serve exited with {process.wait()} before serving")
     assert admin is not None and grpc_port is not None, "no first admin token or gRPC port"
+    assert http is not None
     target = f"127.0.0.1:{grpc_port}"
     try:
         yield Served(
             directory,
             target,
-            f"http://127.0.0.1:{http_port}",
+            http,
             admin,
             env | {"PORCH_TARGET": target},
         )
