@@ -9,6 +9,7 @@ import importlib.metadata
 import itertools
 import json
 import os
+import random
 import re
 import resource
 import signal
@@ -879,11 +880,22 @@ def test_a_vanished_database_is_unavailable(postgres_server: Any, pg_template: s
 
 
 def _free_port() -> int:
-    import socket
+    """A port free now, for a server that must be given one (--workers).
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    Taken below the range the system hands out for port 0 and for outgoing
+    connections, so that no other test's connection takes it before the
+    server binds it.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")
 
 
 def test_ports_in_use_or_out_of_range_are_one_line_errors(sqlite_url: str) -> None:
