@@ -186,6 +186,9 @@ class EventHub:
         # events held back behind an open transaction.
         self.reads = 0
         self.rechecks = 0
+        # The one recheck due, if any: reads while events are held back
+        # must not pile up timers, each of which would read again.
+        self._recheck_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start reading, and listening when the database can notify."""
@@ -204,6 +207,8 @@ class EventHub:
         self._stopped = True
         if self._notify_timer is not None:
             self._notify_timer.cancel()
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
         for subscription in self._all():
             subscription.close()
         for task in self._tasks:
@@ -343,7 +348,17 @@ class EventHub:
             for subscription in self._topics.get(topic, ()):
                 subscription.put(batch, chars)
 
+    def _recheck_by(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """Read again by due: one timer, moved earlier when need be."""
+        timer = self._recheck_timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self._recheck_timer = loop.call_at(due, self._recheck)
+
     def _recheck(self) -> None:
+        self._recheck_timer = None
         self.rechecks += 1
         self._wake.set()
 
@@ -367,7 +382,7 @@ class EventHub:
                     delay = RECHECK_SECONDS
                     if now - self._held_since >= HELD_LONG_SECONDS:
                         delay = max(self._poll_seconds, RECHECK_SECONDS)
-                    loop.call_later(delay, self._recheck)
+                    self._recheck_by(loop, now + delay)
                 else:
                     self._held_since = None
                 return

@@ -213,6 +213,40 @@ async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait()
         await hub.stop()
 
 
+async def test_wake_ups_while_events_are_held_back_do_not_pile_up_rechecks() -> None:
+    # Each read that finds events held back asks to look again soon: many
+    # wake-ups (writes, notifications) must not leave a timer each, every
+    # one of which would read again.
+    async def read_events(after: str, limit: int) -> list[Event]:
+        return []
+
+    async def start_cursor() -> str:
+        return "0.0"
+
+    async def has_unread(after: str) -> bool:
+        return True
+
+    hub = EventHub(read_events, start_cursor, poll_seconds=60, has_unread=has_unread)
+    hub.start()
+    try:
+        stream = await hub.subscribe()
+        for _ in range(200):
+            hub.wake()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.3)
+        woken_reads, rechecks = hub.reads, hub.rechecks
+        # The wake-ups read at most once each; then one recheck is due at a
+        # time, 10 ms apart: about 30 in 0.3 s, where a timer left by each
+        # read would read hundreds of times.
+        assert rechecks <= 45 and woken_reads <= 200 + 45, (woken_reads, rechecks)
+        before = hub.reads
+        await asyncio.sleep(0.3)
+        assert hub.reads - before <= 45, hub.reads - before
+        hub.unsubscribe(stream)
+    finally:
+        await hub.stop()
+
+
 def test_serialized_events_kept_for_streams_stay_within_their_bytes() -> None:
     from porch_server import service as service_module
 
