@@ -688,12 +688,12 @@ def _prune(args: argparse.Namespace) -> None:
         print(f"porch: deleted {pruned} event(s) older than {cutoff:%Y-%m-%d %H:%M:%S} UTC")
         kept = store.count_events_before(cutoff)
         if kept:
-            why = (
-                " a transaction still open on the PostgreSQL server, in any database, may yet"
-                " write events before them; run this again once it has ended"
-                if not db_settings(args.db_url, args.db_schema)[0].startswith("sqlite")
-                else " they follow an event still kept (the clock went back?)"
-            )
+            why = " they follow an event still kept, as a clock behind another's writes them"
+            if not db_settings(args.db_url, args.db_schema)[0].startswith("sqlite"):
+                why = (
+                    " a transaction still open on the PostgreSQL server, in any database, may"
+                    " yet write events before them (run this again once it has ended), or" + why
+                )
             print(f"porch: {kept} older event(s) kept, so that no stream misses one:{why}")
     finally:
         store.close()

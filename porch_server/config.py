@@ -160,6 +160,9 @@ def _libpq_ssl(url: str) -> str:
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
     if not mark or "sslmode" in dict(pairs):
         return url
+    given = sum(key == "ssl" for key, _ in pairs)
+    if given > 1:
+        raise ValueError(f"ssl is given {given} times in the database URL")
     translated = [
         ("sslmode", _SSL_MODES.get(value.lower(), value)) if key == "ssl" else (key, value)
         for key, value in pairs

@@ -60,8 +60,6 @@ def _create_private_sqlite_file(parsed: URL) -> None:
     path = parsed.database
     if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
         return
-    if path.startswith("file:") or parsed.query.get("uri") == "true":
-        return  # a SQLite URI, with options of its own
     with contextlib.suppress(OSError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 

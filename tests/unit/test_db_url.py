@@ -84,6 +84,11 @@ def test_npg_porchs_asyncpg_ssl_parameter_becomes_libpqs(query: str, translated:
     assert url == f"postgresql+psycopg2://u@h/db?{translated}"
 
 
+def test_ssl_given_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="ssl is given 2 times in the database URL"):
+        db_settings("postgresql+asyncpg://u@h/db?ssl=require&ssl=disable", None, {})
+
+
 def test_ssl_in_a_url_for_libpq_is_left_for_libpq_to_name() -> None:
     assert db_settings("postgresql://u@h/db?ssl=require", None, {})[0].endswith("?ssl=require")
 
