@@ -185,9 +185,11 @@ async def test_a_read_that_keeps_failing_is_logged_once_not_every_pass(
     assert len(failed) == 1, failed
 
 
-async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait() -> None:
-    # A transaction open for minutes (pg_dump, a report) holds back every
-    # event committed after it began: the hub must not ask 100 times a second.
+@contextlib.asynccontextmanager
+async def held_back_hub(poll_seconds: float) -> AsyncIterator[EventHub]:
+    """A started hub with one stream, on a database whose new events are all
+    held back behind a transaction that stays open."""
+
     async def read_events(after: str, limit: int) -> list[Event]:
         return []
 
@@ -197,10 +199,20 @@ async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait()
     async def has_unread(after: str) -> bool:
         return True
 
-    hub = EventHub(read_events, start_cursor, poll_seconds=0.5, has_unread=has_unread)
+    hub = EventHub(read_events, start_cursor, poll_seconds=poll_seconds, has_unread=has_unread)
     hub.start()
     try:
         stream = await hub.subscribe()
+        yield hub
+        hub.unsubscribe(stream)
+    finally:
+        await hub.stop()
+
+
+async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait() -> None:
+    # A transaction open for minutes (pg_dump, a report) holds back every
+    # event committed after it began: the hub must not ask 100 times a second.
+    async with held_back_hub(poll_seconds=0.5) as hub:
         hub.wake()
         await asyncio.sleep(0.5)
         soon = hub.reads  # 10 ms apart: porch's own transactions end soon
@@ -208,28 +220,13 @@ async def test_events_held_back_are_looked_for_less_often_the_longer_they_wait()
         # Held back past a second, then only every polling interval: about
         # 50 reads until 1 s and 3 after it, where every 10 ms would be 200.
         assert soon >= 20 and hub.reads - soon <= 80, (soon, hub.reads)
-        hub.unsubscribe(stream)
-    finally:
-        await hub.stop()
 
 
 async def test_wake_ups_while_events_are_held_back_do_not_pile_up_rechecks() -> None:
     # Each read that finds events held back asks to look again soon: many
     # wake-ups (writes, notifications) must not leave a timer each, every
     # one of which would read again.
-    async def read_events(after: str, limit: int) -> list[Event]:
-        return []
-
-    async def start_cursor() -> str:
-        return "0.0"
-
-    async def has_unread(after: str) -> bool:
-        return True
-
-    hub = EventHub(read_events, start_cursor, poll_seconds=60, has_unread=has_unread)
-    hub.start()
-    try:
-        stream = await hub.subscribe()
+    async with held_back_hub(poll_seconds=60) as hub:
         for _ in range(200):
             hub.wake()
             await asyncio.sleep(0)
@@ -242,9 +239,6 @@ async def test_wake_ups_while_events_are_held_back_do_not_pile_up_rechecks() -> 
         before = hub.reads
         await asyncio.sleep(0.3)
         assert hub.reads - before <= 45, hub.reads - before
-        hub.unsubscribe(stream)
-    finally:
-        await hub.stop()
 
 
 def test_serialized_events_kept_for_streams_stay_within_their_bytes() -> None:
