@@ -163,13 +163,19 @@ _SECRET_NAME = re.compile(
 )
 
 
+_CAMEL_WORD = re.compile(rb"([a-z0-9])([A-Z])")
+
+
 def _hidden_secret(parameter: bytes) -> bytes:
     """A query parameter as sent, but for the value of one named like a
     secret, which is ***. The name is matched as the server reads it
     (decoded): %74oken= is token=."""
     name, equals, _ = parameter.partition(b"=")
-    if equals and _SECRET_NAME.search(unquote_to_bytes(name.replace(b"+", b" ")).lower()):
-        return name + b"=***"
+    if equals:
+        read = unquote_to_bytes(name.replace(b"+", b" "))
+        # camelCase words apart, as snake_case's are: userPin as user_pin.
+        if _SECRET_NAME.search(_CAMEL_WORD.sub(rb"\1_\2", read).lower()):
+            return name + b"=***"
     return parameter
 
 

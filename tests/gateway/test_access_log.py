@@ -169,6 +169,9 @@ async def test_a_secret_in_the_query_is_not_logged(caplog: pytest.LogCaptureFixt
         "mfa_totp=123456",
         "passcode=123456",
         "pin=1234",
+        "userPin=1234",
+        "mfaTOTP=123456",
+        "x-Sig=s3cret",
         # Named as the server reads the name: decoded.
         "%74oken=s3cret",
         "api%5Fkey=s3cret",
