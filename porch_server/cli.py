@@ -689,7 +689,7 @@ def _prune(args: argparse.Namespace) -> None:
         kept = store.count_events_before(cutoff)
         if kept:
             why = " they follow an event still kept, as a clock behind another's writes them"
-            if not db_settings(args.db_url, args.db_schema)[0].startswith("sqlite"):
+            if store.engine.dialect.name == "postgresql":
                 why = (
                     " a transaction still open on the PostgreSQL server, in any database, may"
                     " yet write events before them (run this again once it has ended), or" + why

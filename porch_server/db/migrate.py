@@ -11,9 +11,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, exc, inspect
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.engine import Connection, make_url
 
-from porch_server.db.engine import make_engine, quote_schema, writer
+from porch_server.db.engine import make_engine, quote_schema, sqlite_file, writer
 from porch_server.db.tables import metadata
 from porch_server.errors import FailedPrecondition, first_line
 
@@ -31,7 +31,8 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
     """Create porch's tables in the database at url, or bring them up to date
     (or up to revision)."""
     engine = make_engine(url, schema, pool_size=1)
-    _create_private_sqlite_file(engine.url)
+    if engine.dialect.name == "sqlite":
+        _create_private_file(sqlite_file(url))
     creating = None
     try:
         with writer(engine).connect() as connection:
@@ -52,16 +53,14 @@ def upgrade(url: str, schema: str | None = None, revision: str = "head") -> None
         engine.dispose()
 
 
-def _create_private_sqlite_file(parsed: URL) -> None:
+def _create_private_file(path: str | None) -> None:
     """Create a SQLite file that does not exist yet readable and writable by
     its owner only, as SQLite then creates its -wal and -shm files: it holds
     the tasks' inputs and the tokens' hashes. A file that exists keeps its
     mode; a path that cannot be made is left for SQLite to refuse."""
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:":
-        return
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    if path is not None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _use_wal(engine: Engine) -> None:
