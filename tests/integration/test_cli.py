@@ -44,6 +44,13 @@ PORCH = [sys.executable, "-m", "porch_server"]
 UPGRADE_PG = ["db", "upgrade", "--db-url", "postgresql://x@h/d"]
 
 
+def connect(pg_url: str) -> Any:
+    """A psycopg2 connection of its own to the test database at pg_url."""
+    return psycopg2.connect(
+        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+
+
 def porch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
     done = subprocess.run(
         [*PORCH, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=60
@@ -128,9 +135,8 @@ def test_token_list_shows_one_pipelines_tokens(sqlite_url: str) -> None:
 
 @pytest.mark.postgres
 def test_events_prune_says_why_older_events_are_kept(pg_url: str) -> None:
-    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
     store = Store(make_engine(pg_url))
-    holding = psycopg2.connect(dsn)
+    holding = connect(pg_url)
     try:
         store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
         # A transaction open since before the events were written: streams
@@ -1049,9 +1055,7 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
     lines = [process.stdout.readline() for _ in range(2)]
     target, http = lines[0].split()[-1], lines[1].split()[-1].rstrip("/")
     metadata = (("authorization", f"Bearer {secret}"),)
-    locker = psycopg2.connect(
-        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    locker = connect(pg_url)
     try:
         with (
             grpc.insecure_channel(target) as channel,
@@ -1097,10 +1101,9 @@ def connections_under_load(pg_url: str, *flags: str) -> int:
     """
     process, target = start_server(pg_url, *flags)
     store = Store(make_engine(pg_url))
-    dsn = make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    counting = psycopg2.connect(dsn)
+    counting = connect(pg_url)
     counting.autocommit = True
-    locking = psycopg2.connect(dsn)
+    locking = connect(pg_url)
     try:
         secret = new_secret()
         store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
