@@ -50,6 +50,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._anonymous_reads = anonymous_reads
         # The wrapped handler of each method, built on its first call.
         self._handlers: dict[str, Handler] = {}
+        # Set once a stopping server's grace period is over: grpc.aio then
+        # cancels the calls left, and their clients are told UNAVAILABLE.
+        self.grace_over = False
 
     async def intercept_service(
         self,
@@ -181,7 +184,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
-                _log_call(method, context, token, authorization, start, cancelled)
+                cut = cancelled and self.grace_over
+                _log_call(method, context, token, authorization, start, cancelled, cut)
 
         return serve
 
@@ -257,16 +261,18 @@ def _log_call(
     authorization: Any,
     start: float,
     cancelled: bool,
+    cut: bool = False,
 ) -> None:
     """Write the call's access line: method, status code, time and caller
     (token, the one found; authorization, the metadata value it was sent
     as, or None). A call through the gateway in this process adds them to
     the HTTP request's line instead, which the gateway writes to the same logger.
 
-    A call whose task was cancelled is DEADLINE_EXCEEDED when its deadline
-    has passed, else CANCELLED (the client left): grpc.aio's context does not
-    say so yet when the handler ends. A token's description is escaped, as
-    it may hold anything, a line break included. A call that sent a token
+    A call whose task was cancelled is UNAVAILABLE when the server cut it
+    (cut: its grace period over, as it stops), else DEADLINE_EXCEEDED when
+    its deadline has passed, else CANCELLED (the client left): grpc.aio's
+    context does not say so yet when the handler ends. A token's
+    description is escaped, as it may hold anything, a line break included. A call that sent a token
     porch does not know (or cannot read) is from "unknown token"; one that
     sent none, "anonymous"; one that sent two, "two tokens"; one that failed
     before its token was looked up
@@ -274,7 +280,9 @@ def _log_call(
     """
     if not log.isEnabledFor(logging.INFO):
         return
-    if cancelled:
+    if cut:
+        code = grpc.StatusCode.UNAVAILABLE
+    elif cancelled:
         remaining = context.time_remaining()
         late = remaining is not None and remaining <= 0
         code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED

@@ -56,6 +56,7 @@ class Running:
     local: gateway.LocalUpstream
     # asyncpg connections for the busiest statements (PostgreSQL), or None.
     statements: AsyncStatements | None
+    interceptor: PorchInterceptor
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -107,7 +108,9 @@ async def start(config: Config, store: Store) -> Running:
     sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
     # The address the index page names: where clients reach this server's gRPC.
     local = gateway.LocalUpstream(registry.handlers, [interceptor], host_port(config.host, port))
-    return Running(server, port, health_servicer, executor, sweeper, hub, local, statements)
+    return Running(
+        server, port, health_servicer, executor, sweeper, hub, local, statements, interceptor
+    )
 
 
 async def stop(running: Running, grace: float) -> None:
@@ -117,13 +120,20 @@ async def stop(running: Running, grace: float) -> None:
     running.sweeper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await running.sweeper
+    # Marked before grpc.aio's own timer for the same moment cuts the calls.
+    grace_over = asyncio.get_running_loop().call_later(grace, _grace_over, running.interceptor)
     await running.server.stop(grace)
+    grace_over.cancel()
     # The calls have ended. A statement still running on a thread (one waiting
     # for a lock held elsewhere, say) is not waited for here: see
     # cli.leave_stuck_statements.
     running.executor.shutdown(wait=False, cancel_futures=True)
     if running.statements is not None:
         await running.statements.close(CLOSE_SECONDS)
+
+
+def _grace_over(interceptor: PorchInterceptor) -> None:
+    interceptor.grace_over = True
 
 
 async def _async_statements(config: Config, store: Store) -> AsyncStatements | None:

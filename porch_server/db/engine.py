@@ -15,6 +15,7 @@ every driver porch uses starts its connections with.
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ _WRITE_OPTION = "porch_write"
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # A password given as a query parameter (?password=…, &sslpassword=…).
 _QUERY_PASSWORD = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
+# psycopg2 connections taken from their pools and not given back yet, in
+# this process: those cancel_statements cancels.
+_IN_USE: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
@@ -189,7 +193,7 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
         "connect_timeout": session.connect_timeout or 0,
     }
     try:
-        return create_engine(
+        engine = create_engine(
             rest,
             pool_size=pool_size,
             max_overflow=pool_size,
@@ -198,6 +202,34 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
         )
     except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
         raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None
+    # Carried to the pools recreated from this one's.
+    event.listen(engine, "checkout", _taken)
+    event.listen(engine, "checkin", _given_back)
+    return engine
+
+
+def _taken(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+    _IN_USE.add(dbapi_connection)
+
+
+def _given_back(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    if dbapi_connection is not None:  # None: it was closed (invalidated)
+        _IN_USE.discard(dbapi_connection)
+
+
+def cancel_statements() -> int:
+    """Ask PostgreSQL to cancel what runs on each psycopg2 connection that
+    this process has taken from a pool and not given back; how many it asked
+    for. A statement waiting for a lock would otherwise go on once its
+    connection is closed, and could commit when the lock is released."""
+    asked = 0
+    for connection in list(_IN_USE):
+        try:
+            connection.cancel()
+        except Exception:  # psycopg2's errors: closed, or the server unreachable
+            continue
+        asked += 1
+    return asked
 
 
 def _make_sqlite_engine(url: str, pool_size: int) -> Engine:

@@ -1047,16 +1047,11 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
     secret = new_secret()
     store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
     store.close()
-    serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", "1"]
-    process = subprocess.Popen(
-        [*PORCH, *serve], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    assert process.stdout is not None and process.stderr is not None
-    lines = [process.stdout.readline() for _ in range(2)]
-    target, http = lines[0].split()[-1], lines[1].split()[-1].rstrip("/")
-    metadata = (("authorization", f"Bearer {secret}"),)
-    locker = connect(pg_url)
-    try:
+    with _stopping_server(pg_url) as (process, locker):
+        assert process.stdout is not None and process.stderr is not None
+        lines = [process.stdout.readline() for _ in range(2)]
+        target, http = lines[0].split()[-1], lines[1].split()[-1].rstrip("/")
+        metadata = (("authorization", f"Bearer {secret}"),)
         with (
             grpc.insecure_channel(target) as channel,
             concurrent.futures.ThreadPoolExecutor(1) as threads,
@@ -1082,12 +1077,80 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
             assert ended.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
             assert "shutting down" in ended.json()["message"]
         assert "Traceback" not in process.stderr.read()
+
+
+@pytest.mark.postgres
+def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(pg_url: str) -> None:
+    """A stopping server cuts the calls left when its grace period ends, and
+    their clients are told UNAVAILABLE: their statements, waiting for a lock,
+    must not commit once it is released. One update (asyncpg's statements)
+    and one batch registration (the threads' psycopg2 connections)."""
+    store = Store(make_engine(pg_url))
+    store.create_pipeline(Pipeline("cut", "u", "1"))
+    secret = new_secret()
+    store.create_token(Role.PIPELINE, "cut", "wrapper", hash_secret(secret))
+    store.create_token(Role.ADMIN, None, "admin", hash_secret(new_secret()))  # none printed
+    store.close()
+    with _stopping_server(pg_url) as (process, locker):
+        assert process.stdout is not None and process.stderr is not None
+        target = process.stdout.readline().split()[-1]
+        metadata = (("authorization", f"Bearer {secret}"),)
+        pipeline = pb.Pipeline(name="cut")
+        with grpc.insecure_channel(target) as channel:
+            stub = porch_pb2_grpc.PorchServiceStub(channel)
+            first = pb.Task(pipeline=pipeline)
+            first.task_input.update({"n": 1})
+            stub.RegisterTask(pb.RegisterTaskRequest(task=first), metadata=metadata, timeout=30)
+            claim = pb.ClaimTasksRequest(pipeline=pipeline, num_tasks=1)
+            [claimed] = stub.ClaimTasks(claim, metadata=metadata, timeout=30).tasks
+            # Reads go on; every write to the task table waits.
+            locker.cursor().execute("LOCK TABLE task IN SHARE MODE")
+            claimed.status = pb.Task.DONE
+            update = stub.UpdateTask.future(pb.UpdateTaskRequest(task=claimed), metadata=metadata)
+            second = pb.Task(pipeline=pipeline)
+            second.task_input.update({"n": 2})
+            batch = pb.RegisterTasksRequest(pipeline_name="cut", tasks=[second])
+            register = stub.RegisterTasks.future(batch, metadata=metadata)
+            time.sleep(1)  # both statements wait for the lock
+            process.terminate()
+            assert process.wait(timeout=20) == 0
+            for call in (update, register):
+                with pytest.raises(grpc.RpcError) as raised:
+                    call.result(timeout=10)
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        locker.rollback()  # the lock released: a statement left running would go on now
+        time.sleep(0.5)
+        cursor = locker.cursor()
+        cursor.execute("SELECT status FROM task ORDER BY id")
+        assert cursor.fetchall() == [("CLAIMED",)]
+        cursor.execute("SELECT count(*) FROM event")
+        assert cursor.fetchone() == (2,)  # created, claimed
+        locker.rollback()
+        log = process.stderr.read()
+        assert "Traceback" not in log
+        # The access lines say what the clients were told.
+        assert "UpdateTask UNAVAILABLE" in log, log
+        assert "RegisterTasks UNAVAILABLE" in log, log
+
+
+@contextlib.contextmanager
+def _stopping_server(pg_url: str) -> Iterator[tuple[subprocess.Popen[str], Any]]:
+    """`porch serve` on pg_url with a grace period of 1 s, its first lines
+    unread, and a psycopg2 connection of the test's own to lock tables with."""
+    serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", "1"]
+    process = subprocess.Popen(
+        [*PORCH, *serve], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    locker = connect(pg_url)
+    try:
+        yield process, locker
     finally:
         locker.rollback()
         locker.close()
         if process.poll() is None:
             process.kill()
             process.wait()
+        assert process.stdout is not None and process.stderr is not None
         process.stdout.close()
         process.stderr.close()
 
