@@ -195,6 +195,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         # token id -> (when asked, revoked): one question for every stream
         # of a token.
         self._revocations: dict[str, tuple[float, bool]] = {}
+        self._revocation_lookups: dict[str, asyncio.Future[bool]] = {}
         # Releases of claims whose calls ended first, kept until they finish.
         self._releasing: set[asyncio.Future[None]] = set()
 
@@ -555,19 +556,29 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         """Whether the token has been revoked, as the database said within
         REVOCATION_CHECK_SECONDS; not while the database cannot say. One
         stream asks the database at a time; meanwhile the token's other
-        streams take the previous answer."""
-        now = time.monotonic()
+        streams wait for its answer: the one before may be out of date."""
         asked = self._revocations.get(token_id)
-        if asked is not None and now - asked[0] < REVOCATION_CHECK_SECONDS:
+        if asked is not None and time.monotonic() - asked[0] < REVOCATION_CHECK_SECONDS:
             return asked[1]
-        if len(self._revocations) >= REVOCATIONS_KEPT:
-            self._revocations.clear()
-        before = asked is not None and asked[1]
-        self._revocations[token_id] = (now, before)
+        lookup = self._revocation_lookups.get(token_id)
+        if lookup is None:
+            before = asked is not None and asked[1]
+            lookup = asyncio.ensure_future(self._look_up_revocation(token_id, before))
+            self._revocation_lookups[token_id] = lookup
+            lookup.add_done_callback(lambda _: self._revocation_lookups.pop(token_id, None))
+        # Shielded: a stream that ends meanwhile leaves the others their answer.
+        return await asyncio.shield(lookup)
+
+    async def _look_up_revocation(self, token_id: str, before: bool) -> bool:
+        """Ask the database whether the token has been revoked, and keep the
+        answer; before (the last answer) while the database cannot say."""
+        now = time.monotonic()
         try:
             revoked = await self._run(self._store.is_revoked, token_id)
         except Unavailable:
-            return before
+            revoked = before  # asked again once REVOCATION_CHECK_SECONDS have passed
+        if len(self._revocations) >= REVOCATIONS_KEPT:
+            self._revocations.clear()
         self._revocations[token_id] = (now, revoked)
         return revoked
 

@@ -235,6 +235,42 @@ def test_a_stream_whose_token_was_revoked_delivers_no_later_event(
     assert watcher.events.empty()
 
 
+def test_a_tokens_streams_wait_for_the_revocation_check_in_flight(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two streams of one token, an event after its revocation: the first
+    # stream asks the database, slowly; the second must not send the event
+    # on the answer from before the revocation while it waits.
+    monkeypatch.setattr(service, "REVOCATION_CHECK_SECONDS", 0.1)
+    porch = start_porch(db_url, watch_poll_seconds=0.2, watch_keepalive_seconds=30)
+    try:
+        store = porch.server.store
+        asked = store.is_revoked
+
+        def slowly(token_id: str) -> bool:
+            time.sleep(0.5)
+            return asked(token_id)
+
+        monkeypatch.setattr(store, "is_revoked", slowly)
+        secret, token_id = dashboard(porch)
+        wrapper = porch.stub(porch.pipeline("p1"))
+        watchers = [Watcher(porch.stub(secret)) for _ in range(2)]
+        for watcher in watchers:
+            watcher.wait_for_bookmark()
+        porch.stub(porch.admin).RevokeToken(pb.RevokeTokenRequest(token_id=token_id))
+        time.sleep(0.2)  # what the streams were told at their start is out of date
+        register(wrapper, "p1", n=0)
+        for watcher in watchers:
+            assert watcher.ended.wait(5)
+            assert watcher.error is not None
+            assert watcher.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            assert watcher.events.empty()
+    finally:
+        for channel in porch.channels:
+            channel.close()
+        porch.server.stop()
+
+
 def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
     wrapper = fast_porch.stub(fast_porch.pipeline("p1"))
     register(wrapper, "p1", n=0)
