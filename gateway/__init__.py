@@ -14,7 +14,7 @@ It never imports the services' implementation: only their descriptors.
 
 from gateway.app import Gateway, create_app
 from gateway.errors import HTTP_STATUS, GatewayError
-from gateway.jsonparse import inexact_integer
+from gateway.jsonparse import NamedTwice, inexact_integer, too_long_integer, unique_keys
 from gateway.local import HandlerRegistry, LocalUpstream
 from gateway.openapi import build_openapi
 from gateway.options import (
@@ -41,6 +41,7 @@ __all__ = [
     "HttpServer",
     "LocalUpstream",
     "MethodOptions",
+    "NamedTwice",
     "PathTemplate",
     "RouteTable",
     "SchemaAlias",
@@ -53,4 +54,6 @@ __all__ = [
     "message_to_dict",
     "parse_template",
     "serve",
+    "too_long_integer",
+    "unique_keys",
 ]

@@ -304,7 +304,24 @@ def _refuse_long(text: str) -> int:
     return 0  # its value is not wanted, only which integer is too long
 
 
-def too_long_integer(body: bytes) -> str:
+class NamedTwice(ValueError):
+    """A JSON object with a key given twice: which value was meant?"""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads's object_pairs_hook for objects that name each key once;
+    NamedTwice ("names 'key' twice in one object") for one that does not."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise NamedTwice(f"names {key!r} twice in one object")
+            seen.add(key)
+    return value
+
+
+def too_long_integer(body: bytes | str) -> str:
     """The first integer in body, JSON that json.loads refused for holding one
     of more digits than Python converts, shown as an error shows a number."""
     try:

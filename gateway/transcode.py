@@ -23,11 +23,13 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import (
     INTEGER_RANGES,
+    NamedTwice,
     integral,
     merge_json_object,
     offered_names,
     offered_values,
     too_long_integer,
+    unique_keys,
 )
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
@@ -140,26 +142,11 @@ def _check_field_masks(message: Message) -> None:
                 _check_field_masks(item)
 
 
-class _NamedTwice(ValueError):
-    """A JSON object with a key given twice: which value was meant?"""
-
-
-def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _NamedTwice(f"the request body names {key!r} twice in one object")
-            seen.add(key)
-    return value
-
-
 def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     try:
-        data = json.loads(body, object_pairs_hook=_object)
-    except _NamedTwice as error:
-        raise invalid_argument(str(error)) from None
+        data = json.loads(body, object_pairs_hook=unique_keys)
+    except NamedTwice as error:
+        raise invalid_argument(f"the request body {error}") from None
     except UnicodeDecodeError as error:
         raise invalid_argument(f"request body is not UTF-8: {error}") from None
     except json.JSONDecodeError as error:

@@ -19,7 +19,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from gateway import ClientTLS, access, inexact_integer, message_to_dict
+from gateway import (
+    ClientTLS,
+    NamedTwice,
+    access,
+    inexact_integer,
+    message_to_dict,
+    too_long_integer,
+    unique_keys,
+)
 from porch_server.config import (
     CHANNEL_OPTIONS,
     check_pem,
@@ -230,9 +238,16 @@ def _print(message: Message) -> None:
 def _json_object(text: str, where: str = "") -> dict[str, Any]:
     at = f"{where}: " if where else ""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=unique_keys)
+    except NamedTwice as error:  # the gateway refuses it too: which value was meant?
+        raise SystemExit(f"porch: {at}the task input {error}") from None
     except json.JSONDecodeError as error:
         raise SystemExit(f"porch: {at}not JSON: {text!r} ({error})") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise SystemExit(
+            f"porch: {at}the integer {too_long_integer(text)} is past any number a task"
+            " input holds; send it as a string"
+        ) from None
     if not isinstance(value, dict):
         raise SystemExit(f"porch: {at}a task input must be a JSON object, got {text!r}")
     inexact = inexact_integer(value, "")

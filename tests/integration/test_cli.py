@@ -810,6 +810,16 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
             "porch: line 2 of stdin: ids[1]: the integer 9007199254740993 would be stored as "
             "9007199254740992"
         ), inexact.stderr
+        # A key given twice: which value was meant? The gateway refuses it too.
+        twice = register('{"n": 1}\n{"n": 2, "m": {"k": 1, "k": 2}}\n')
+        assert twice.returncode == 1 and twice.stdout == ""
+        assert (
+            twice.stderr == "porch: line 2 of stdin: the task input names 'k' twice in one object\n"
+        )
+        long = register('{"n": 1}\n{"n": 1' + "0" * 5000 + "}\n")
+        assert long.returncode == 1 and long.stdout == ""
+        assert long.stderr.startswith("porch: line 2 of stdin: the integer 1000"), long.stderr
+        assert "(5001 digits) is past any number a task input holds" in long.stderr
         assert register('{"n": 1}').stdout.count('"created": true') == 1  # nothing sent before
         # An empty input is one too, as it is over HTTP.
         empty = register("{}\n")
