@@ -12,6 +12,7 @@ import functools
 import logging
 import re
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -93,8 +94,24 @@ def check_name(field: str, value: str) -> str:
     if len(value) > MAX_NAME:
         raise InvalidArgument(f"{field} is longer than {MAX_NAME} characters")
     if "/" in value or not value.isprintable():
-        raise InvalidArgument(f"{field} must not contain '/' or control characters")
+        raise InvalidArgument(f"{field} {_unusable_character(value)}")
     return value
+
+
+def _unusable_character(name: str) -> str:
+    """What is wrong with the first character of name that no name may hold:
+    '/', or one that does not print (control and format characters, and
+    white space but the space), which a reader could not tell apart."""
+    for position, character in enumerate(name, start=1):
+        if character == "/":
+            return f"must not contain '/' (character {position})"
+        if not character.isprintable():
+            what = unicodedata.name(character, "a control character")
+            return (
+                f"must not contain U+{ord(character):04X} ({what}, character {position}):"
+                " a name may hold only printing characters and the plain space"
+            )
+    raise ValueError(f"{name!r} holds no character a name may not")
 
 
 def _registration_answer_bytes(

@@ -95,6 +95,16 @@ def test_pipeline_errors(porch: Porch) -> None:
     assert admin.CreatePipeline(pipeline_request("...")).name == "..."
     for spaced in ("  ", " p2", "p2 "):
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(spaced), "white space")
+    # A character a reader could not tell apart is named, with where it is.
+    unusable = {
+        "a/b": "must not contain '/' (character 2)",
+        "x\u00a0y": "must not contain U+00A0 (NO-BREAK SPACE, character 2)",
+        "x\u200by": "must not contain U+200B (ZERO WIDTH SPACE, character 2)",
+        "tab\there": "must not contain U+0009 (a control character, character 4)",
+    }
+    for name, named in unusable.items():
+        fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(name), named)
+    assert admin.CreatePipeline(pipeline_request("a b")).name == "a b"  # the space prints
     for field in ("uri", "version"):
         blank = pipeline_request("p2", **{field: " \t "})
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, blank, f"pipeline.{field} is required")
