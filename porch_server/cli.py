@@ -33,7 +33,7 @@ from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import TLS, Config, db_settings, finite_number, host_port, option_file
 from porch_server.db import migrate
-from porch_server.db.engine import cancel_statements, make_engine, shown_url, sqlite_file
+from porch_server.db.engine import make_engine, shown_url, sqlite_file
 from porch_server.errors import PorchError, first_line
 from porch_server.models import Role, Token
 from porch_server.service import check_description, check_role_binding
@@ -447,21 +447,16 @@ def _run_worker(config: Config) -> None:
 
 def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
     """End the process now if, its calls ended, statements still run on its
-    threads after wait seconds, and again after they were cancelled.
+    threads after wait seconds.
 
     Python waits for such threads at exit: a statement waiting for a lock
     held elsewhere would hold a stopping server open as long as the lock is
     held, whatever its grace period. Their callers were answered when the
-    grace period ended, so their statements are cancelled in PostgreSQL
-    first: one waiting for a lock would go on once its connection closed,
-    and one in autocommit would commit when the lock is released. Those
-    still running then are abandoned with the process: PostgreSQL rolls back
-    a transaction whose session is gone, as SQLite's journal does.
+    grace period ended, and server.stop has asked PostgreSQL to cancel
+    their statements; one that goes on all the same, or a SQLite write
+    waiting for its lock, is abandoned with the process.
     """
     stuck = _threads_after(wait)
-    if stuck and cancel_statements():
-        # Their callers were answered: no statement of theirs may commit now.
-        stuck = _threads_after(wait)
     if stuck:
         log.warning(
             "stopping with %d thread(s) still running (database statements): they are"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 import gateway
 from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
+from porch_server.db.engine import cancel_statements, connections_in_use
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
 from porch_server.errors import PorchError, first_line, warn_now_and_then
@@ -124,12 +126,21 @@ async def stop(running: Running, grace: float) -> None:
     grace_over = asyncio.get_running_loop().call_later(grace, _grace_over, running.interceptor)
     await running.server.stop(grace)
     grace_over.cancel()
-    # The calls have ended. A statement still running on a thread (one waiting
-    # for a lock held elsewhere, say) is not waited for here: see
-    # cli.leave_stuck_statements.
+    # The calls have ended, every caller answered. A statement still running
+    # (a claim's release, or one waiting for a lock held elsewhere) has
+    # CLOSE_SECONDS to end; then it is cancelled, so that none commits after
+    # its caller was told the call ended. A thread left running is not
+    # waited for here: see cli.leave_stuck_statements.
     running.executor.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + CLOSE_SECONDS
     if running.statements is not None:
         await running.statements.close(CLOSE_SECONDS)
+    # Given back on the executor's threads: there is no event to wait for.
+    while connections_in_use() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    if connections_in_use():
+        cancelled = cancel_statements()
+        log.warning("cancelled the statements of %d database connection(s) left in use", cancelled)
 
 
 def _grace_over(interceptor: PorchInterceptor) -> None:

@@ -217,6 +217,12 @@ def _given_back(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         _IN_USE.discard(dbapi_connection)
 
 
+def connections_in_use() -> int:
+    """How many psycopg2 connections this process has taken from a pool and
+    not given back."""
+    return len(_IN_USE)
+
+
 def cancel_statements() -> int:
     """Ask PostgreSQL to cancel what runs on each psycopg2 connection that
     this process has taken from a pool and not given back; how many it asked

@@ -18,6 +18,7 @@ and one PostgreSQL refused otherwise ``Refused``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # protocol's _set_state and _ensure_connected): before the statement's Bind
 # and Execute are written (at most a Parse, which runs nothing).
 _NOT_SENT = re.compile(r"cannot switch to state |not connected$")
+# How long close() waits for the statements it cancelled to end before it
+# closes their connections anyway.
+CANCEL_SECONDS = 2.0
 
 
 class Contended(Exception):
@@ -176,6 +180,8 @@ class AsyncStatements:
         self._held: asyncpg.Connection | None = None
         self._held_busy = False
         self._returning: set[asyncio.Future[None]] = set()
+        # The tasks running a statement now: close() cancels those left.
+        self._running: set[asyncio.Task[Any]] = set()
         # Keyed by the statement object; the value keeps the statement alive.
         self._compiled: dict[int, tuple[ClauseElement, _Compiled]] = {}
 
@@ -203,16 +209,24 @@ class AsyncStatements:
         self._pool = pool
 
     async def close(self, patience: float | None = None) -> None:
-        """Close every connection once it is back, or after patience seconds
-        close those still in use too, ending their statements."""
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            if not self._held_busy:  # else its statement gives it back as it ends
-                self._give_back_held(pool)
-            try:
-                await asyncio.wait_for(pool.close(), patience)
-            except TimeoutError:
-                pool.terminate()
+        """Close every connection once it is back. Statements still running
+        after patience seconds are cancelled first: one waiting for a lock
+        would go on in PostgreSQL once its connection closed, and commit when
+        the lock is released, long after its caller was told the call ended."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if not self._held_busy:  # else its statement gives it back as it ends
+            self._give_back_held(pool)
+        # Pool.close() terminates every connection when it is cancelled.
+        closing = asyncio.ensure_future(pool.close())
+        if not await _within(closing, patience):
+            for task in self._running:
+                task.cancel()  # asyncpg asks PostgreSQL to cancel its statement
+            if not await _within(closing, CANCEL_SECONDS):
+                closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
 
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
         """Run one statement in autocommit; its rows."""
@@ -238,6 +252,9 @@ class AsyncStatements:
             raise Unavailable("the database is unavailable: the connection pool is closed")
         records: list[asyncpg.Record]
         arguments = compiled.arguments(params)
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
         try:
             try:
                 records = await self._fetch_on(self._pool, compiled.sql, arguments)
@@ -270,6 +287,8 @@ class AsyncStatements:
             raise Contended(str(error)) from error
         except asyncpg.PostgresError as error:
             raise Refused(str(error)) from error
+        finally:
+            self._running.discard(task)
         return records
 
     async def _fetch_on(
@@ -310,3 +329,9 @@ class AsyncStatements:
             returning = asyncio.ensure_future(pool.release(connection))
             self._returning.add(returning)
             returning.add_done_callback(self._returning.discard)
+
+
+async def _within(future: asyncio.Future[Any], seconds: float | None) -> bool:
+    """Wait up to seconds (None: for ever) for future; whether it is done."""
+    done, _ = await asyncio.wait({future}, timeout=seconds)
+    return bool(done)

@@ -1090,11 +1090,15 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
 
 
 @pytest.mark.postgres
-def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(pg_url: str) -> None:
+@pytest.mark.parametrize("method", ["UpdateTask", "RegisterTask", "RegisterTasks"])
+def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(
+    pg_url: str, method: str
+) -> None:
     """A stopping server cuts the calls left when its grace period ends, and
-    their clients are told UNAVAILABLE: their statements, waiting for a lock,
-    must not commit once it is released. One update (asyncpg's statements)
-    and one batch registration (the threads' psycopg2 connections)."""
+    their clients are told UNAVAILABLE: a statement of theirs waiting for a
+    lock must not commit once it is released. An update and a registration
+    run on asyncpg's connections, each in its batch's task; a batch
+    registration on a thread's psycopg2 connection."""
     store = Store(make_engine(pg_url))
     store.create_pipeline(Pipeline("cut", "u", "1"))
     secret = new_secret()
@@ -1115,21 +1119,31 @@ def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(pg_url: st
             [claimed] = stub.ClaimTasks(claim, metadata=metadata, timeout=30).tasks
             # Reads go on; every write to the task table waits.
             locker.cursor().execute("LOCK TABLE task IN SHARE MODE")
-            claimed.status = pb.Task.DONE
-            update = stub.UpdateTask.future(pb.UpdateTaskRequest(task=claimed), metadata=metadata)
             second = pb.Task(pipeline=pipeline)
             second.task_input.update({"n": 2})
-            batch = pb.RegisterTasksRequest(pipeline_name="cut", tasks=[second])
-            register = stub.RegisterTasks.future(batch, metadata=metadata)
-            time.sleep(1)  # both statements wait for the lock
+            claimed.status = pb.Task.DONE
+            requests = {
+                "UpdateTask": pb.UpdateTaskRequest(task=claimed),
+                "RegisterTask": pb.RegisterTaskRequest(task=second),
+                "RegisterTasks": pb.RegisterTasksRequest(pipeline_name="cut", tasks=[second]),
+            }
+            call = getattr(stub, method).future(requests[method], metadata=metadata)
+            waiting = (
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            _poll(pg_url, waiting, 1)  # the call's statement waits for the lock
             process.terminate()
-            assert process.wait(timeout=20) == 0
-            for call in (update, register):
-                with pytest.raises(grpc.RpcError) as raised:
-                    call.result(timeout=10)
-                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert process.wait(timeout=30) == 0
+            with pytest.raises(grpc.RpcError) as raised:
+                call.result(timeout=10)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         locker.rollback()  # the lock released: a statement left running would go on now
-        time.sleep(0.5)
+        others = (
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name LIKE 'porch%'"
+        )
+        _poll(pg_url, others, 0)  # the server's sessions, ended or done
         cursor = locker.cursor()
         cursor.execute("SELECT status FROM task ORDER BY id")
         assert cursor.fetchall() == [("CLAIMED",)]
@@ -1138,9 +1152,27 @@ def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(pg_url: st
         locker.rollback()
         log = process.stderr.read()
         assert "Traceback" not in log
-        # The access lines say what the clients were told.
-        assert "UpdateTask UNAVAILABLE" in log, log
-        assert "RegisterTasks UNAVAILABLE" in log, log
+        # The access line says what the client was told.
+        assert f"{method} UNAVAILABLE" in log, log
+
+
+def _poll(pg_url: str, query: str, wanted: int, seconds: float = 30) -> None:
+    """Wait until the count query gives wanted, each time in a transaction of
+    its own: PostgreSQL reads pg_stat_activity once a transaction."""
+    deadline = time.monotonic() + seconds
+    watcher = connect(pg_url)
+    watcher.autocommit = True
+    try:
+        while True:
+            with watcher.cursor() as cursor:
+                cursor.execute(query)
+                (count,) = cursor.fetchone()
+            if count == wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        watcher.close()
+    assert count == wanted, (query, count)
 
 
 @contextlib.contextmanager
