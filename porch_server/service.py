@@ -98,17 +98,26 @@ def check_name(field: str, value: str) -> str:
     return value
 
 
+# What a character without a Unicode name that does not print is, by its category.
+_UNNAMED = {
+    "Cc": "a control character",
+    "Co": "a private-use character",
+    "Cs": "a surrogate",
+    "Cn": "an unassigned code point",
+}
+
+
 def _unusable_character(name: str) -> str:
     """What is wrong with the first character of name that no name may hold:
     '/', or one that does not print (control and format characters, and
     white space but the space), which a reader could not tell apart."""
     for position, character in enumerate(name, start=1):
         if character == "/":
-            return f"must not contain '/' (character {position})"
+            return f"must not contain '/' at character {position}"
         if not character.isprintable():
-            what = unicodedata.name(character, "a control character")
+            what = unicodedata.name(character, "") or _UNNAMED[unicodedata.category(character)]
             return (
-                f"must not contain U+{ord(character):04X} ({what}, character {position}):"
+                f"must not contain U+{ord(character):04X} ({what}) at character {position}:"
                 " a name may hold only printing characters and the plain space"
             )
     raise ValueError(f"{name!r} holds no character a name may not")

@@ -97,10 +97,12 @@ def test_pipeline_errors(porch: Porch) -> None:
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(spaced), "white space")
     # A character a reader could not tell apart is named, with where it is.
     unusable = {
-        "a/b": "must not contain '/' (character 2)",
-        "x\u00a0y": "must not contain U+00A0 (NO-BREAK SPACE, character 2)",
-        "x\u200by": "must not contain U+200B (ZERO WIDTH SPACE, character 2)",
-        "tab\there": "must not contain U+0009 (a control character, character 4)",
+        "a/b": "must not contain '/' at character 2",
+        "x\u00a0y": "must not contain U+00A0 (NO-BREAK SPACE) at character 2",
+        "x\u200by": "must not contain U+200B (ZERO WIDTH SPACE) at character 2",
+        "tab\there": "must not contain U+0009 (a control character) at character 4",
+        "x\ue000": "must not contain U+E000 (a private-use character) at character 2",
+        "x\u0378": "must not contain U+0378 (an unassigned code point) at character 2",
     }
     for name, named in unusable.items():
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, pipeline_request(name), named)
