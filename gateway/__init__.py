@@ -14,7 +14,14 @@ It never imports the services' implementation: only their descriptors.
 
 from gateway.app import Gateway, create_app
 from gateway.errors import HTTP_STATUS, GatewayError
-from gateway.jsonparse import NamedTwice, inexact_integer, too_long_integer, unique_keys
+from gateway.jsonparse import (
+    LostNumber,
+    NamedTwice,
+    inexact_integer,
+    nonzero_float,
+    too_long_integer,
+    unique_keys,
+)
 from gateway.local import HandlerRegistry, LocalUpstream
 from gateway.openapi import build_openapi
 from gateway.options import (
@@ -40,6 +47,7 @@ __all__ = [
     "HandlerRegistry",
     "HttpServer",
     "LocalUpstream",
+    "LostNumber",
     "MethodOptions",
     "NamedTwice",
     "PathTemplate",
@@ -52,6 +60,7 @@ __all__ = [
     "integral_numbers",
     "load_bindings",
     "message_to_dict",
+    "nonzero_float",
     "parse_template",
     "serve",
     "too_long_integer",

@@ -321,6 +321,25 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
+class LostNumber(ValueError):
+    """A number too small for a double: it would read as 0."""
+
+
+_NONZERO_DIGIT = re.compile(r"[1-9]")
+
+
+def nonzero_float(text: str) -> float:
+    """json.loads's parse_float: the double of a JSON number with a fraction
+    or exponent; LostNumber for one not 0 that a double holds only as 0
+    (1e-400, say), which would be stored as another number."""
+    value = float(text)
+    if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
+        raise LostNumber(
+            f"the number {_number_text(text)} is too small for a double, which would hold it as 0"
+        )
+    return value
+
+
 def too_long_integer(body: bytes | str) -> str:
     """The first integer in body, JSON that json.loads refused for holding one
     of more digits than Python converts, shown as an error shows a number."""

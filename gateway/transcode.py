@@ -23,9 +23,11 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import (
     INTEGER_RANGES,
+    LostNumber,
     NamedTwice,
     integral,
     merge_json_object,
+    nonzero_float,
     offered_names,
     offered_values,
     too_long_integer,
@@ -144,9 +146,11 @@ def _check_field_masks(message: Message) -> None:
 
 def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     try:
-        data = json.loads(body, object_pairs_hook=unique_keys)
+        data = json.loads(body, object_pairs_hook=unique_keys, parse_float=nonzero_float)
     except NamedTwice as error:
         raise invalid_argument(f"the request body {error}") from None
+    except LostNumber as error:
+        raise invalid_argument(f"{error}; send it as a string") from None
     except UnicodeDecodeError as error:
         raise invalid_argument(f"request body is not UTF-8: {error}") from None
     except json.JSONDecodeError as error:

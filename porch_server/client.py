@@ -21,10 +21,12 @@ from google.protobuf.message import Message
 
 from gateway import (
     ClientTLS,
+    LostNumber,
     NamedTwice,
     access,
     inexact_integer,
     message_to_dict,
+    nonzero_float,
     too_long_integer,
     unique_keys,
 )
@@ -238,9 +240,13 @@ def _print(message: Message) -> None:
 def _json_object(text: str, where: str = "") -> dict[str, Any]:
     at = f"{where}: " if where else ""
     try:
-        value = json.loads(text, object_pairs_hook=unique_keys)
+        value = json.loads(text, object_pairs_hook=unique_keys, parse_float=nonzero_float)
     except NamedTwice as error:  # the gateway refuses it too: which value was meant?
         raise SystemExit(f"porch: {at}the task input {error}") from None
+    except LostNumber as error:
+        raise SystemExit(f"porch: {at}{error}; send it as a string") from None
+    except RecursionError:
+        raise SystemExit(f"porch: {at}the task input nests too deeply") from None
     except json.JSONDecodeError as error:
         raise SystemExit(f"porch: {at}not JSON: {text!r} ({error})") from None
     except ValueError:  # an integer of more digits than Python converts

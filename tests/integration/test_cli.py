@@ -820,6 +820,15 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         assert long.returncode == 1 and long.stdout == ""
         assert long.stderr.startswith("porch: line 2 of stdin: the integer 1000"), long.stderr
         assert "(5001 digits) is past any number a task input holds" in long.stderr
+        tiny = register('{"n": 1}\n{"n": 1e-400}\n')
+        assert (tiny.returncode, tiny.stdout) == (1, "")
+        assert tiny.stderr == (
+            "porch: line 2 of stdin: the number 1e-400 is too small for a double, which would"
+            " hold it as 0; send it as a string\n"
+        )
+        deep = register('{"n": 1}\n{"a": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+        assert (deep.returncode, deep.stdout) == (1, "")
+        assert deep.stderr == "porch: line 2 of stdin: the task input nests too deeply\n"
         assert register('{"n": 1}').stdout.count('"created": true') == 1  # nothing sent before
         # An empty input is one too, as it is over HTTP.
         empty = register("{}\n")
