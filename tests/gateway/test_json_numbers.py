@@ -150,15 +150,21 @@ async def test_an_integer_past_any_double_is_named_by_its_size(client: httpx.Asy
     )
 
 
+async def refusal(client: httpx.AsyncClient, body: str) -> str:
+    """The message of the 400 the echo gives body."""
+    response = await client.post("/v1/echo", content=body)
+    assert response.status_code == 400
+    message: str = response.json()["message"]
+    return message
+
+
 @pytest.mark.parametrize("number", ["1e-400", "-2.5E-330", "0.00001e-399"])
 async def test_a_number_a_double_holds_only_as_0_is_refused(
     client: httpx.AsyncClient, number: str
 ) -> None:
     # Stored as 0, it would make {"n": 1e-400} and {"n": 0} one task.
     body = f'{{"text": "n", "data": {{"a": 0.0, "b": 0e7, "n": {number}}}}}'
-    response = await client.post("/v1/echo", content=body)
-    assert response.status_code == 400
-    assert response.json()["message"] == (
+    assert await refusal(client, body) == (
         f"the number {number} is too small for a double, which would hold it as 0;"
         " send it as a string"
     )
@@ -170,9 +176,7 @@ async def test_an_integer_of_more_digits_than_python_reads_is_named_by_its_size(
 ) -> None:
     digits = "1" + "0" * 9_999
     body = f'{{"text": "n", "data": {{"a": 1, "n": {sign}{digits}}}}}'
-    response = await client.post("/v1/echo", content=body)
-    assert response.status_code == 400
-    assert response.json()["message"] == (
+    assert await refusal(client, body) == (
         f"a number in the request body is too long: the integer {sign}{digits[: 24 - len(sign)]}…"
         " (10000 digits) is past any number a field or a JSON value holds; send it as a string"
     )
