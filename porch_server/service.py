@@ -248,6 +248,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             if len(value) > longest:
                 raise InvalidArgument(f"pipeline.{field} is longer than {longest} characters")
             check_text(f"pipeline.{field}", value)
+            control = _CONTROL.search(value)
+            if control is not None:  # a line break in a listing, an escape on a terminal
+                raise InvalidArgument(
+                    f"pipeline.{field} must not contain control characters or line breaks:"
+                    f" U+{ord(control.group()):04X} at character {control.start() + 1}"
+                )
         pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
         created = await self._run(self._store.create_pipeline, pipeline)
         context.set_trailing_metadata(CREATED)

@@ -110,6 +110,15 @@ def test_pipeline_errors(porch: Porch) -> None:
     for field in ("uri", "version"):
         blank = pipeline_request("p2", **{field: " \t "})
         fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, blank, f"pipeline.{field} is required")
+        for text, code_point, at in (
+            ("u\nv", "000A", 2),
+            ("1\x1b[31m", "001B", 2),
+            ("x\x85", "0085", 2),
+        ):
+            controlled = pipeline_request("p2", **{field: text})
+            named = f"pipeline.{field} must not contain control characters or line breaks:"
+            message = fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, controlled, named)
+            assert message.endswith(f"U+{code_point} at character {at}"), message
     assert admin.CreatePipeline(pipeline_request("p 2")).name == "p 2"
     fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name="nope"), "'nope' not found")
     fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(page_size=-1))
