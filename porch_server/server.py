@@ -138,8 +138,7 @@ async def stop(running: Running, grace: float) -> None:
     # Given back on the executor's threads: there is no event to wait for.
     while connections_in_use() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if connections_in_use():
-        cancelled = cancel_statements()
+    if connections_in_use() and (cancelled := cancel_statements()):
         log.warning("cancelled the statements of %d database connection(s) left in use", cancelled)
 
 

@@ -15,6 +15,7 @@ every driver porch uses starts its connections with.
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ _QUERY_PASSWORD = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
 # psycopg2 connections taken from their pools and not given back yet, in
 # this process: those cancel_statements cancels.
 _IN_USE: weakref.WeakSet[Any] = weakref.WeakSet()
+_IN_USE_LOCK = threading.Lock()
 
 
 def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
@@ -205,16 +207,24 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
     # Carried to the pools recreated from this one's.
     event.listen(engine, "checkout", _taken)
     event.listen(engine, "checkin", _given_back)
+    # A connection lost in use is invalidated first, and checked in as None.
+    event.listen(engine, "invalidate", _invalidated)
     return engine
 
 
 def _taken(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
-    _IN_USE.add(dbapi_connection)
+    with _IN_USE_LOCK:
+        _IN_USE.add(dbapi_connection)
 
 
 def _given_back(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-    if dbapi_connection is not None:  # None: it was closed (invalidated)
-        _IN_USE.discard(dbapi_connection)
+    if dbapi_connection is not None:
+        with _IN_USE_LOCK:
+            _IN_USE.discard(dbapi_connection)
+
+
+def _invalidated(dbapi_connection: Any, record: ConnectionPoolEntry, error: Any) -> None:
+    _given_back(dbapi_connection, record)
 
 
 def connections_in_use() -> int:
@@ -228,8 +238,10 @@ def cancel_statements() -> int:
     this process has taken from a pool and not given back; how many it asked
     for. A statement waiting for a lock would otherwise go on once its
     connection is closed, and could commit when the lock is released."""
+    with _IN_USE_LOCK:  # threads give theirs back meanwhile
+        in_use = list(_IN_USE)
     asked = 0
-    for connection in list(_IN_USE):
+    for connection in in_use:
         try:
             connection.cancel()
         except Exception:  # psycopg2's errors: closed, or the server unreachable

@@ -18,7 +18,6 @@ and one PostgreSQL refused otherwise ``Refused``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -221,12 +220,16 @@ class AsyncStatements:
         # Pool.close() terminates every connection when it is cancelled.
         closing = asyncio.ensure_future(pool.close())
         if not await _within(closing, patience):
-            for task in self._running:
-                task.cancel()  # asyncpg asks PostgreSQL to cancel its statement
+            for running in self._running:
+                running.cancel()  # asyncpg asks PostgreSQL to cancel its statement
             if not await _within(closing, CANCEL_SECONDS):
                 closing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await closing
+        except asyncio.CancelledError:
+            closer = asyncio.current_task()
+            if closer is not None and closer.cancelling():
+                raise  # close() itself was cancelled, not only the pool's closing
 
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
         """Run one statement in autocommit; its rows."""

@@ -1121,11 +1121,16 @@ def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(
         pipeline = pb.Pipeline(name="cut")
         with grpc.insecure_channel(target) as channel:
             stub = porch_pb2_grpc.PorchServiceStub(channel)
-            first = pb.Task(pipeline=pipeline)
-            first.task_input.update({"n": 1})
-            stub.RegisterTask(pb.RegisterTaskRequest(task=first), metadata=metadata, timeout=30)
-            claim = pb.ClaimTasksRequest(pipeline=pipeline, num_tasks=1)
-            [claimed] = stub.ClaimTasks(claim, metadata=metadata, timeout=30).tasks
+            for n in (0, 1):
+                first = pb.Task(pipeline=pipeline)
+                first.task_input.update({"n": n})
+                stub.RegisterTask(pb.RegisterTaskRequest(task=first), metadata=metadata, timeout=30)
+            claim = pb.ClaimTasksRequest(pipeline=pipeline, num_tasks=2)
+            done, claimed = stub.ClaimTasks(claim, metadata=metadata, timeout=30).tasks
+            # Each statement prepared already, as on a server that has run a while:
+            # else it would wait for the lock while being prepared, not yet run.
+            done.status = pb.Task.DONE
+            stub.UpdateTask(pb.UpdateTaskRequest(task=done), metadata=metadata, timeout=30)
             # Reads go on; every write to the task table waits.
             locker.cursor().execute("LOCK TABLE task IN SHARE MODE")
             second = pb.Task(pipeline=pipeline)
@@ -1155,9 +1160,9 @@ def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(
         _poll(pg_url, others, 0)  # the server's sessions, ended or done
         cursor = locker.cursor()
         cursor.execute("SELECT status FROM task ORDER BY id")
-        assert cursor.fetchall() == [("CLAIMED",)]
+        assert cursor.fetchall() == [("DONE",), ("CLAIMED",)]
         cursor.execute("SELECT count(*) FROM event")
-        assert cursor.fetchone() == (2,)  # created, claimed
+        assert cursor.fetchone() == (5,)  # created and claimed each, the one done
         locker.rollback()
         log = process.stderr.read()
         assert "Traceback" not in log
@@ -1189,6 +1194,8 @@ def _stopping_server(pg_url: str) -> Iterator[tuple[subprocess.Popen[str], Any]]
     """`porch serve` on pg_url with a grace period of 1 s, its first lines
     unread, and a psycopg2 connection of the test's own to lock tables with."""
     serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", "1"]
+    # No lease sweep to wait for a lock beside the tests' own calls.
+    serve += ["--lease-sweep-seconds", "3600"]
     process = subprocess.Popen(
         [*PORCH, *serve], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

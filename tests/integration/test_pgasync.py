@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from porch_server import store as store_module
-from porch_server.db.engine import make_engine
+from porch_server.db.engine import connections_in_use, make_engine
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import (
     AsyncStatements,
@@ -997,3 +997,23 @@ async def test_a_change_is_never_stamped_before_the_tasks_last(
         times = [event.time for event in events]
         assert times == sorted(times)
         assert store.get_task("p", task.task_input_id).update_time == times[-1]
+
+
+def test_a_psycopg2_connection_is_counted_in_use_until_given_back_or_lost(pg_url: str) -> None:
+    # A stopping server cancels what runs on the connections counted; one
+    # lost in use (invalidated, then given back as None) must leave the
+    # count, or every later stop would wait for it.
+    engine = make_engine(pg_url)
+    before = connections_in_use()
+    with engine.connect():
+        assert connections_in_use() == before + 1
+    assert connections_in_use() == before
+    with engine.connect() as lost:
+        pid = lost.execute(text("SELECT pg_backend_pid()")).scalar()
+        with engine.connect() as killer:
+            killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            killer.commit()
+        with pytest.raises(sa.exc.OperationalError):
+            lost.execute(text("SELECT 1"))
+    assert connections_in_use() == before
+    engine.dispose()
