@@ -334,9 +334,11 @@ def nonzero_float(text: str) -> float:
     (1e-400, say), which would be stored as another number."""
     value = float(text)
     if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
-        raise LostNumber(
-            f"the number {_number_text(text)} is too small for a double, which would hold it as 0"
-        )
+        mantissa, e, exponent = text.lower().partition("e")
+        if len(text) > 40:  # the exponent kept, which says why
+            short = mantissa if len(mantissa) <= 20 else f"{mantissa[:20]}…"
+            text = f"{short}{e}{_number_text(exponent)}"
+        raise LostNumber(f"the number {text} is too small for a double, which would hold it as 0")
     return value
 
 
