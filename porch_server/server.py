@@ -20,7 +20,7 @@ import gateway
 from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
 from porch_server.db.engine import cancel_statements, connections_in_use
 from porch_server.db.listen import Listener
-from porch_server.db.pgasync import AsyncStatements
+from porch_server.db.pgasync import CANCEL_SECONDS, AsyncStatements
 from porch_server.errors import PorchError, first_line, warn_now_and_then
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
@@ -138,8 +138,17 @@ async def stop(running: Running, grace: float) -> None:
     # Given back on the executor's threads: there is no event to wait for.
     while connections_in_use() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if connections_in_use() and (cancelled := cancel_statements()):
-        log.warning("cancelled the statements of %d database connection(s) left in use", cancelled)
+    if connections_in_use():
+        # On a thread: each cancel connects to PostgreSQL, which may not answer.
+        try:
+            cancelled = await asyncio.wait_for(asyncio.to_thread(cancel_statements), CANCEL_SECONDS)
+        except TimeoutError:
+            log.warning("could not cancel the statements of the database connections left in use")
+        else:
+            if cancelled:
+                log.warning(
+                    "cancelled the statements of %d database connection(s) left in use", cancelled
+                )
 
 
 def _grace_over(interceptor: PorchInterceptor) -> None:
