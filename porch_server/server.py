@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -18,9 +19,9 @@ from grpc_reflection.v1alpha import reflection
 
 import gateway
 from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
-from porch_server.db.engine import cancel_statements, connections_in_use
+from porch_server.db.engine import backend_pids, connections_in_use
 from porch_server.db.listen import Listener
-from porch_server.db.pgasync import CANCEL_SECONDS, AsyncStatements
+from porch_server.db.pgasync import AsyncStatements
 from porch_server.errors import PorchError, first_line, warn_now_and_then
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
@@ -138,17 +139,15 @@ async def stop(running: Running, grace: float) -> None:
     # Given back on the executor's threads: there is no event to wait for.
     while connections_in_use() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    if connections_in_use():
-        # On a thread: each cancel connects to PostgreSQL, which may not answer.
+    pids = backend_pids() if connections_in_use() else []
+    if pids and running.statements is not None:
         try:
-            cancelled = await asyncio.wait_for(asyncio.to_thread(cancel_statements), CANCEL_SECONDS)
-        except TimeoutError:
-            log.warning("could not cancel the statements of the database connections left in use")
+            cancelled = await running.statements.cancel_backends(pids)
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
+            log.warning("could not cancel the statements left running: %s", first_line(error))
         else:
             if cancelled:
-                log.warning(
-                    "cancelled the statements of %d database connection(s) left in use", cancelled
-                )
+                log.warning("cancelled %d database statement(s) left running", cancelled)
 
 
 def _grace_over(interceptor: PorchInterceptor) -> None:

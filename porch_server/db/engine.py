@@ -40,7 +40,7 @@ _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # A password given as a query parameter (?password=…, &sslpassword=…).
 _QUERY_PASSWORD = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
 # psycopg2 connections taken from their pools and not given back yet, in
-# this process: those cancel_statements cancels.
+# this process: those whose statements a stopping server cancels.
 _IN_USE: weakref.WeakSet[Any] = weakref.WeakSet()
 _IN_USE_LOCK = threading.Lock()
 
@@ -233,21 +233,20 @@ def connections_in_use() -> int:
     return len(_IN_USE)
 
 
-def cancel_statements() -> int:
-    """Ask PostgreSQL to cancel what runs on each psycopg2 connection that
-    this process has taken from a pool and not given back; how many it asked
-    for. A statement waiting for a lock would otherwise go on once its
-    connection is closed, and could commit when the lock is released."""
+def backend_pids() -> list[int]:
+    """The PostgreSQL backends of the psycopg2 connections this process has
+    taken from a pool and not given back, for a stopping server to cancel
+    their statements: psycopg2's own cancel holds the interpreter while it
+    connects, however long PostgreSQL takes to answer."""
     with _IN_USE_LOCK:  # threads give theirs back meanwhile
         in_use = list(_IN_USE)
-    asked = 0
+    pids = []
     for connection in in_use:
         try:
-            connection.cancel()
-        except Exception:  # psycopg2's errors: closed, or the server unreachable
+            pids.append(connection.get_backend_pid())
+        except Exception:  # psycopg2's InterfaceError: closed meanwhile
             continue
-        asked += 1
-    return asked
+    return pids
 
 
 def _make_sqlite_engine(url: str, pool_size: int) -> Engine:

@@ -231,6 +231,20 @@ class AsyncStatements:
             if closer is not None and closer.cancelling():
                 raise  # close() itself was cancelled, not only the pool's closing
 
+    async def cancel_backends(self, pids: Sequence[int]) -> int:
+        """Cancel what the PostgreSQL backends pids run, from a connection of
+        its own, within CANCEL_SECONDS; how many were running something."""
+        query = "SELECT count(*) FROM unnest($1::int[]) AS pid WHERE pg_cancel_backend(pid)"
+
+        async def cancel() -> int:
+            connection = await asyncpg.connect(self._dsn, timeout=CANCEL_SECONDS)
+            try:
+                return int(await connection.fetchval(query, list(pids)))
+            finally:
+                connection.terminate()
+
+        return await asyncio.wait_for(cancel(), CANCEL_SECONDS)
+
     async def rows(self, statement: ClauseElement, params: Mapping[str, Any]) -> Sequence[RowView]:
         """Run one statement in autocommit; its rows."""
         records = await self._fetch(statement, params)
