@@ -334,10 +334,11 @@ def nonzero_float(text: str) -> float:
     (1e-400, say), which would be stored as another number."""
     value = float(text)
     if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
-        mantissa, e, exponent = text.lower().partition("e")
-        if len(text) > 40:  # the exponent kept, which says why
-            short = mantissa if len(mantissa) <= 20 else f"{mantissa[:20]}…"
-            text = f"{short}{e}{_number_text(exponent)}"
+        at = max(text.find("e"), text.find("E"))
+        if at > 20 and len(text) - at <= 20:  # shortened, the exponent that says why kept
+            text = f"{text[:20]}…{text[at:]}"
+        else:
+            text = _number_text(text)
         raise LostNumber(f"the number {text} is too small for a double, which would hold it as 0")
     return value
 

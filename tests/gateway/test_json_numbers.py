@@ -165,7 +165,8 @@ async def refusal(client: httpx.AsyncClient, body: str) -> str:
         ("-2.5E-330", "-2.5E-330"),
         ("0.00001e-399", "0.00001e-399"),
         # Shortened, the exponent that says why is kept.
-        ("1." + "0" * 60 + "e-400", "1.000000000000000000…e-400"),
+        ("1." + "0" * 60 + "E-400", "1.000000000000000000…E-400"),
+        ("0." + "0" * 400 + "1", "0.0000000000000000000000… (403 digits)"),
     ],
 )
 async def test_a_number_a_double_holds_only_as_0_is_refused(
