@@ -333,8 +333,8 @@ def nonzero_float(text: str) -> float:
     or exponent; LostNumber for one not 0 that a double holds only as 0
     (1e-400, say), which would be stored as another number."""
     value = float(text)
-    if value == 0.0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
-        at = max(text.find("e"), text.find("E"))
+    at = max(text.find("e"), text.find("E"))  # the exponent's, or -1
+    if value == 0.0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
         if at > 20 and len(text) - at <= 20:  # shortened, the exponent that says why kept
             text = f"{text[:20]}…{text[at:]}"
         else:

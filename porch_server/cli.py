@@ -456,7 +456,12 @@ def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
     their statements; one that goes on all the same, or a SQLite write
     waiting for its lock, is abandoned with the process.
     """
-    stuck = _threads_after(wait)
+    deadline = time.monotonic() + wait
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
     if stuck:
         log.warning(
             "stopping with %d thread(s) still running (database statements): they are"
@@ -467,17 +472,6 @@ def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def _threads_after(wait: float) -> list[threading.Thread]:
-    """The threads but the main one still running after waiting up to wait
-    seconds for them."""
-    deadline = time.monotonic() + wait
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
-    return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
 
 
 def _freeze_startup_objects() -> None:

@@ -272,11 +272,11 @@ def _log_call(
     (cut: its grace period over, as it stops), else DEADLINE_EXCEEDED when
     its deadline has passed, else CANCELLED (the client left): grpc.aio's
     context does not say so yet when the handler ends. A token's
-    description is escaped, as it may hold anything, a line break included. A call that sent a token
-    porch does not know (or cannot read) is from "unknown token"; one that
-    sent none, "anonymous"; one that sent two, "two tokens"; one that failed
-    before its token was looked up
-    (the database down, say), "token not checked".
+    description is escaped, as it may hold anything, a line break included.
+    A call that sent a token porch does not know (or cannot read) is from
+    "unknown token"; one that sent none, "anonymous"; one that sent two,
+    "two tokens"; one that failed before its token was looked up (the
+    database down, say), "token not checked".
     """
     if not log.isEnabledFor(logging.INFO):
         return

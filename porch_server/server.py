@@ -139,7 +139,7 @@ async def stop(running: Running, grace: float) -> None:
     # Given back on the executor's threads: there is no event to wait for.
     while connections_in_use() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
-    pids = backend_pids() if connections_in_use() else []
+    pids = backend_pids()
     if pids and running.statements is not None:
         try:
             cancelled = await running.statements.cancel_backends(pids)

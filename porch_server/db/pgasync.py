@@ -237,7 +237,7 @@ class AsyncStatements:
         query = "SELECT count(*) FROM unnest($1::int[]) AS pid WHERE pg_cancel_backend(pid)"
 
         async def cancel() -> int:
-            connection = await asyncpg.connect(self._dsn, timeout=CANCEL_SECONDS)
+            connection = await asyncpg.connect(self._dsn)
             try:
                 return int(await connection.fetchval(query, list(pids)))
             finally:
