@@ -15,12 +15,10 @@ It never imports the services' implementation: only their descriptors.
 from gateway.app import Gateway, create_app
 from gateway.errors import HTTP_STATUS, GatewayError
 from gateway.jsonparse import (
-    LostNumber,
-    NamedTwice,
+    NotJson,
+    UnreadableJson,
     inexact_integer,
-    nonzero_float,
-    too_long_integer,
-    unique_keys,
+    read_json,
 )
 from gateway.local import HandlerRegistry, LocalUpstream
 from gateway.openapi import build_openapi
@@ -47,22 +45,20 @@ __all__ = [
     "HandlerRegistry",
     "HttpServer",
     "LocalUpstream",
-    "LostNumber",
     "MethodOptions",
-    "NamedTwice",
+    "NotJson",
     "PathTemplate",
     "RouteTable",
     "SchemaAlias",
     "ServerTLS",
+    "UnreadableJson",
     "build_openapi",
     "create_app",
     "inexact_integer",
     "integral_numbers",
     "load_bindings",
     "message_to_dict",
-    "nonzero_float",
     "parse_template",
+    "read_json",
     "serve",
-    "too_long_integer",
-    "unique_keys",
 ]

@@ -343,6 +343,39 @@ def nonzero_float(text: str) -> float:
     return value
 
 
+class UnreadableJson(ValueError):
+    """JSON that read_json refuses; its message names the problem."""
+
+
+class NotJson(UnreadableJson):
+    """Text that is not JSON at all."""
+
+
+def read_json(text: bytes | str, what: str) -> Any:
+    """json.loads(text) as porch reads JSON: a key named twice in one object,
+    a number a double holds only as 0, and an integer of more digits than
+    Python converts are refused rather than read as something else.
+    UnreadableJson for any of these or for text that is not JSON, its
+    message naming the text as what ("the request body", say)."""
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_float=nonzero_float)
+    except NamedTwice as error:
+        raise UnreadableJson(f"{what} {error}") from None
+    except LostNumber as error:
+        raise UnreadableJson(f"{error}; send it as a string") from None
+    except UnicodeDecodeError as error:
+        raise UnreadableJson(f"{what} is not UTF-8: {error}") from None
+    except json.JSONDecodeError as error:
+        raise NotJson(f"{what} is not JSON: {error}") from None
+    except RecursionError:
+        raise UnreadableJson(f"{what} nests too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise UnreadableJson(
+            f"{what} holds a number too long to read: the integer {too_long_integer(text)}"
+            " is past any number a field or a JSON value holds; send it as a string"
+        ) from None
+
+
 def too_long_integer(body: bytes | str) -> str:
     """The first integer in body, JSON that json.loads refused for holding one
     of more digits than Python converts, shown as an error shows a number."""

@@ -23,15 +23,12 @@ from google.protobuf.message import Message
 from gateway.errors import GatewayError, invalid_argument
 from gateway.jsonparse import (
     INTEGER_RANGES,
-    LostNumber,
-    NamedTwice,
+    UnreadableJson,
     integral,
     merge_json_object,
-    nonzero_float,
     offered_names,
     offered_values,
-    too_long_integer,
-    unique_keys,
+    read_json,
 )
 from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
@@ -146,22 +143,9 @@ def _check_field_masks(message: Message) -> None:
 
 def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     try:
-        data = json.loads(body, object_pairs_hook=unique_keys, parse_float=nonzero_float)
-    except NamedTwice as error:
-        raise invalid_argument(f"the request body {error}") from None
-    except LostNumber as error:
-        raise invalid_argument(f"{error}; send it as a string") from None
-    except UnicodeDecodeError as error:
-        raise invalid_argument(f"request body is not UTF-8: {error}") from None
-    except json.JSONDecodeError as error:
-        raise invalid_argument(f"malformed JSON in the request body: {error}") from None
-    except RecursionError:
-        raise invalid_argument("the request body nests too deeply") from None
-    except ValueError:  # an integer of more digits than Python converts
-        raise invalid_argument(
-            f"a number in the request body is too long: the integer {too_long_integer(body)}"
-            " is past any number a field or a JSON value holds; send it as a string"
-        ) from None
+        data = read_json(body, "the request body")
+    except UnreadableJson as error:
+        raise invalid_argument(str(error)) from None
     if binding.body == "*":
         if not isinstance(data, dict):
             raise invalid_argument("the request body must be a JSON object")

@@ -21,14 +21,12 @@ from google.protobuf.message import Message
 
 from gateway import (
     ClientTLS,
-    LostNumber,
-    NamedTwice,
+    NotJson,
+    UnreadableJson,
     access,
     inexact_integer,
     message_to_dict,
-    nonzero_float,
-    too_long_integer,
-    unique_keys,
+    read_json,
 )
 from porch_server.config import (
     CHANNEL_OPTIONS,
@@ -240,20 +238,11 @@ def _print(message: Message) -> None:
 def _json_object(text: str, where: str = "") -> dict[str, Any]:
     at = f"{where}: " if where else ""
     try:
-        value = json.loads(text, object_pairs_hook=unique_keys, parse_float=nonzero_float)
-    except NamedTwice as error:  # the gateway refuses it too: which value was meant?
-        raise SystemExit(f"porch: {at}the task input {error}") from None
-    except LostNumber as error:
-        raise SystemExit(f"porch: {at}{error}; send it as a string") from None
-    except RecursionError:
-        raise SystemExit(f"porch: {at}the task input nests too deeply") from None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"porch: {at}not JSON: {text!r} ({error})") from None
-    except ValueError:  # an integer of more digits than Python converts
-        raise SystemExit(
-            f"porch: {at}the integer {too_long_integer(text)} is past any number a task"
-            " input holds; send it as a string"
-        ) from None
+        value = read_json(text, "the task input")
+    except NotJson as error:  # the text as the shell passed it: were its quotes lost?
+        raise SystemExit(f"porch: {at}{error}, got {text!r}") from None
+    except UnreadableJson as error:
+        raise SystemExit(f"porch: {at}{error}") from None
     if not isinstance(value, dict):
         raise SystemExit(f"porch: {at}a task input must be a JSON object, got {text!r}")
     inexact = inexact_integer(value, "")

@@ -187,7 +187,8 @@ async def test_an_integer_of_more_digits_than_python_reads_is_named_by_its_size(
     digits = "1" + "0" * 9_999
     body = f'{{"text": "n", "data": {{"a": 1, "n": {sign}{digits}}}}}'
     assert await refusal(client, body) == (
-        f"a number in the request body is too long: the integer {sign}{digits[: 24 - len(sign)]}…"
+        "the request body holds a number too long to read: the integer"
+        f" {sign}{digits[: 24 - len(sign)]}…"
         " (10000 digits) is past any number a field or a JSON value holds; send it as a string"
     )
 

@@ -457,7 +457,7 @@ async def test_wrong_method_is_405_with_allow(client: httpx.AsyncClient) -> None
 @pytest.mark.parametrize(
     ("body", "named"),
     [
-        (b"{", "malformed JSON"),
+        (b"{", "the request body is not JSON"),
         (b"[1]", "JSON object"),
         (b'{"int32_value": "x"}', "int32_value"),
         (b'{"int32_value": 1e20}', "int32_value"),

@@ -797,7 +797,8 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         # one that is not JSON, or one the server would refuse.
         bad = register('{"n": 1}\n\n{"n": 2\n')
         assert bad.returncode == 1 and bad.stdout == ""
-        assert bad.stderr.startswith("porch: line 3 of stdin: not JSON: "), bad.stderr
+        assert bad.stderr.startswith("porch: line 3 of stdin: the task input is not JSON: ")
+        assert bad.stderr.endswith(", got '{\"n\": 2\\n'\n"), bad.stderr
         late = "".join(f'{{"n": {n}}}\n' for n in range(1500)) + '{"n": NaN}\n'
         refused = register(late)
         assert refused.returncode == 1 and refused.stdout == ""
@@ -818,8 +819,11 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         )
         long = register('{"n": 1}\n{"n": 1' + "0" * 5000 + "}\n")
         assert long.returncode == 1 and long.stdout == ""
-        assert long.stderr.startswith("porch: line 2 of stdin: the integer 1000"), long.stderr
-        assert "(5001 digits) is past any number a task input holds" in long.stderr
+        assert long.stderr.startswith(
+            "porch: line 2 of stdin: the task input holds a number too long to read: the"
+            " integer 1000"
+        ), long.stderr
+        assert "(5001 digits) is past any number a field or a JSON value holds" in long.stderr
         tiny = register('{"n": 1}\n{"n": 1e-400}\n')
         assert (tiny.returncode, tiny.stdout) == (1, "")
         assert tiny.stderr == (
