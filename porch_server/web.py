@@ -37,19 +37,36 @@ def _document() -> gateway.DocumentOptions:
     )
 
 
+# For the patterns below, which ECMA-262 and Python read alike: control
+# characters, and those with the line and paragraph separators.
+_CONTROLS = r"\u0000-\u001F\u007F-\u009F"
+_BREAKS = _CONTROLS + r"\u2028\u2029"
+
+
 def _field_schemas() -> dict[str, dict[str, Any]]:
     """The limits the service checks, stated in the document for clients
     that validate or generate requests from it. Each is a condition every
     accepted value meets; the comments and the error messages say the rest
-    (no control characters in names, a message's 64 KiB counted in bytes)."""
-    name = {"maxLength": MAX_NAME, "pattern": "^[^/]*$"}
+    (the other characters that do not print, which no name may hold either;
+    a lease's upper bound; a message's 64 KiB, counted in bytes)."""
+    name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_CONTROLS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
+    # Not blank, and on one line.
+    text = f"^[^{_BREAKS}]*[^\\s{_BREAKS}][^{_BREAKS}]*$"
     limits: dict[str, dict[str, Any]] = {
         "porch.v1.Pipeline.name": name,
         "porch.v1.GetPipelineRequest.name": name,
-        "porch.v1.CreateTokenRequest.description": {"maxLength": MAX_NAME},
+        "porch.v1.CreateTokenRequest.description": {
+            "minLength": 1,
+            "maxLength": MAX_NAME,
+            "pattern": text,
+        },
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
         "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
+        # Positive: neither negative nor zero (at most 30 days, as its comment says).
+        "porch.v1.ClaimTasksRequest.lease": {
+            "pattern": r"^(?!-)(?![0.]*s$)[0-9]+(\.[0-9]{1,9})?s$"
+        },
         "porch.v1.Task.claim_number": {"minimum": 0},
         # A task is never in the zero state, stored or asked for; an event's
         # old_status is, before its task existed, so the enum keeps it.
@@ -63,7 +80,16 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.CreatePipelineRequest.pipeline": {
             "required": ["name", "uri", "version"],
             "properties": {
-                field: {"maxLength": longest} for field, longest in MAX_PIPELINE_TEXT.items()
+                # No space at either end, and not "." or "..", which no URL could name.
+                "name": {
+                    "minLength": 1,
+                    "pattern": f"^[^/ {_CONTROLS}]([^/{_CONTROLS}]*[^/ {_CONTROLS}])?$",
+                    "not": {"enum": [".", ".."]},
+                },
+                **{
+                    field: {"minLength": 1, "maxLength": longest, "pattern": text}
+                    for field, longest in MAX_PIPELINE_TEXT.items()
+                },
             },
         },
     }

@@ -848,7 +848,8 @@ class ClaimTasksRequest(_message.Message):
     def lease(self) -> _duration_pb2.Duration:
         """Ask for a lease: unless an update to RUNNING (from CLAIMED, or again as
         a heartbeat) renews it within this time, the task goes back to PENDING.
-        Kept in whole seconds, a fraction rounded up. No lease when unset.
+        More than 0 and at most 30 days, kept in whole seconds, a fraction
+        rounded up. No lease when unset.
         """
 
     def __init__(
