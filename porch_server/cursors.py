@@ -47,10 +47,12 @@ def _is_part(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Which transactions had committed at one moment (PostgreSQL's snapshot).
+    """Which transactions were running at one moment (PostgreSQL's snapshot):
+    those from xmin below xmax that are in running. Every transaction below
+    xmin had ended; every one from xmax on had not yet begun.
 
-    A stream that starts "from now" begins at the snapshot's xmin, and skips
-    the events of transactions that had already committed then.
+    A stream that starts "from now" begins at (xmax, 0), and the watch hub
+    reads from (xmin, 0).
     """
 
     xmin: int
@@ -62,7 +64,3 @@ class Snapshot:
         """Read PostgreSQL's text form of a snapshot, 'xmin:xmax:xip,...'."""
         xmin, xmax, running = text.split(":")
         return cls(int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x))
-
-    def saw(self, xid: int) -> bool:
-        """True when transaction xid had committed (or aborted) at the snapshot."""
-        return xid < self.xmin or (xid < self.xmax and xid not in self.running)

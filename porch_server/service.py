@@ -24,7 +24,7 @@ from google.protobuf import duration_pb2
 
 from porch_server import auth, messages
 from porch_server.config import GRPC_MESSAGE_BYTES
-from porch_server.cursors import Key, Snapshot
+from porch_server.cursors import Key
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import (
     InvalidArgument,
@@ -546,17 +546,11 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             read = functools.partial(self._store.read_events, message_bytes=REPLAY_MESSAGE_BYTES)
             return await self._run(read, after, pipeline_name, 500)
 
-        committed_before: Snapshot | None = None
-
         def matches(event: Event, key: Key) -> bool:
-            if committed_before and committed_before.saw(key[0]):
-                return False  # committed before a "from now" stream started
             return pipeline_name is None or event.pipeline_name == pipeline_name
 
         async def start_cursor() -> str:
-            nonlocal committed_before
-            cursor, committed_before = await self._run(self._store.event_start)
-            return cursor
+            return await self._run(self._store.event_start_cursor)
 
         stream = follow(
             self._hub,

@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import psycopg2
 import pytest
+from sqlalchemy.engine import make_url
 
 from porch_server import auth, service
 from porch_server.cursors import cursor_key
@@ -188,6 +190,43 @@ def test_every_cursor_a_stream_hands_out_resumes(fast_porch: Porch) -> None:
         while task.task_input_id not in {event.task_input_id for event in arrived}:
             arrived += resumed.take(1)
         resumed.close()
+
+
+@pytest.mark.postgres
+def test_a_stream_from_now_resumed_at_its_cursors_brings_nothing_older(pg_url: str) -> None:
+    # Transaction `held` began writing before the stream started and ends
+    # after it; the registration of n=0 began after `held` and committed
+    # before the stream started. A stream resumed at any cursor it handed
+    # out brings back only what it would have gone on to deliver.
+    porch = start_porch(pg_url, watch_poll_seconds=0.2, watch_keepalive_seconds=0.5)
+    held = psycopg2.connect(
+        make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        admin = porch.stub(porch.admin)
+        wrapper = porch.stub(porch.pipeline("p1"))
+        held.cursor().execute("SELECT pg_current_xact_id()")
+        register(wrapper, "p1", n=0)
+        watcher = Watcher(admin)
+        start = watcher.wait_for_bookmark()
+        held.rollback()
+        new = register(wrapper, "p1", n=1)
+        [created] = watcher.take(1)
+        assert created.task_input_id == new.task_input_id
+        watcher.close()
+        after_created: list[pb.Task] = []
+        for cursor in (created.cursor, start.cursor):
+            resumed = Watcher(admin, after=cursor)
+            after_created.append(register(wrapper, "p1", n=cursor))
+            expected = after_created if cursor == created.cursor else [new, *after_created]
+            arrived = resumed.take(len(expected))
+            assert [e.task_input_id for e in arrived] == [t.task_input_id for t in expected]
+            resumed.close()
+    finally:
+        held.close()
+        for channel in porch.channels:
+            channel.close()
+        porch.server.stop()
 
 
 def dashboard(porch: Porch) -> tuple[str, str]:

@@ -27,8 +27,6 @@ def test_the_largest_cursor_is_read() -> None:
     assert cursor_key("9223372036854775807.0") == (2**63 - 1, 0)
 
 
-def test_snapshot_saw_what_had_ended() -> None:
-    snapshot = Snapshot.parse("100:105:100,103")
-    assert snapshot == Snapshot(100, 105, frozenset({100, 103}))
-    assert [xid for xid in range(98, 107) if snapshot.saw(xid)] == [98, 99, 101, 102, 104]
+def test_a_snapshot_is_read_from_postgresqls_text() -> None:
+    assert Snapshot.parse("100:105:100,103") == Snapshot(100, 105, frozenset({100, 103}))
     assert Snapshot.parse("7:7:").running == frozenset()
