@@ -1009,7 +1009,10 @@ class Store:
                 "in_pipeline_id": self._pipeline_ids[change.pipeline_name],
                 "in_claim_number": change.claim_number,
             }
-            rows = await self._async.rows(_update_with_event(change.status), params)
+            try:
+                rows = await self._async.rows(_update_with_event(change.status), params)
+            except (Contended, Refused):
+                return [None]  # it changed nothing: update_task words the error
             return [self._to_task(rows[0]) if rows else None]
         batch = {
             "now": now,

@@ -293,9 +293,14 @@ class AsyncStatements:
             OSError,
             asyncpg.InterfaceError,
             asyncpg.PostgresConnectionError,
-            asyncpg.CannotConnectNowError,
-            asyncpg.TooManyConnectionsError,
-            asyncpg.AdminShutdownError,
+            # What psycopg2 calls operational errors, the database's state and
+            # not the statement's values: too many connections, disk full (53),
+            # a database closed to connections or a lock_timeout (55), a
+            # statement_timeout, a shutdown, a cancel (57), an I/O error (58).
+            asyncpg.InsufficientResourcesError,
+            asyncpg.ObjectNotInPrerequisiteStateError,
+            asyncpg.OperatorInterventionError,
+            asyncpg.PostgresSystemError,
         ) as error:
             raise Unavailable("the database is unavailable", first_line(error)) from error
         except asyncpg.ReadOnlySQLTransactionError as error:

@@ -301,6 +301,46 @@ async def test_a_read_only_database_is_unavailable_not_an_internal_error(pg_url:
         store.close()
 
 
+@pytest.mark.parametrize("setting", ["lock_timeout=200", "statement_timeout=200"])
+async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
+    pg_url: str, setting: str
+) -> None:
+    # A timeout the operator set in the URL (the README's statement_timeout,
+    # say) ends a change waiting for a lock held elsewhere: try again.
+    url = make_url(pg_url).update_query_dict({"options": f"-c {setting}"})
+    store, statements, actor = await open_store(url.render_as_string(hide_password=False))
+    [made] = store.register_tasks("p", [{"n": 1}], actor)
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as connection:
+            connection.execute(text("SELECT 1 FROM task FOR UPDATE"))
+            with pytest.raises(Unavailable, match=r"^the database is unavailable: cancel"):
+                await store.update_task_async(
+                    "p", made.task.task_input_id, State.CANCELLED, None, actor
+                )
+        assert store.get_task("p", made.task.task_input_id).status is State.PENDING
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_single_change_postgresql_refuses_goes_the_blocking_way(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor = async_store
+    [made] = store.register_tasks("p", [{"n": 1}], actor)
+
+    async def refuse(*args: Any) -> Any:
+        raise Refused("a value PostgreSQL refused")
+
+    assert store._async is not None
+    monkeypatch.setattr(store._async, "rows", refuse)
+    task_id = made.task.task_input_id
+    assert await store.update_task_async("p", task_id, State.CANCELLED, None, actor) is None
+    assert store.get_task("p", task_id).status is State.PENDING
+
+
 async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
     statements = AsyncStatements(
         f"postgresql+psycopg2://postgres@127.0.0.1:{unused_port}/none", None, pool_size=1
