@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -137,6 +138,42 @@ def create_schema(connection: Connection, schema: str | None) -> None:
     if not schema_exists(connection, schema):
         connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_schema(schema)}")
     connection.commit()
+
+
+@contextlib.contextmanager
+def foreign_keys_unchecked(connection: Connection) -> Iterator[None]:
+    """On SQLite, foreign keys unchecked while the block runs, as SQLite's
+    own advice for changing a table's shape has it: a migration copies a
+    table, drops it and renames the copy, which the rows pointing at it
+    (a task's events) would refuse. check_foreign_keys checks them all
+    before the transaction commits. Elsewhere, nothing.
+
+    SQLite reads the setting only outside a transaction: the block must
+    begin the connection's transaction, not run inside one."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    raw = connection.connection.driver_connection
+    assert raw is not None and not connection.in_transaction()
+    raw.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        raw.execute("PRAGMA foreign_keys=ON")
+
+
+def check_foreign_keys(connection: Connection) -> None:
+    """On SQLite, refuse (and so roll back) a migration that left a row
+    pointing at none; elsewhere the database checks every statement."""
+    if connection.dialect.name != "sqlite":
+        return
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        table, row_id, parent, _ = broken[0]
+        raise FailedPrecondition(
+            f"the migration left {len(broken)} row(s) pointing at none, the first row"
+            f" {row_id} of {table}, which points into {parent}. Nothing was changed"
+        )
 
 
 def schema_exists(connection: Connection, schema: str) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from porch_server import digest, messages
 from porch_server import store as store_module
@@ -700,9 +701,16 @@ def store_old_tasks(url: str, tasks: Sequence[tuple[str, str, datetime | None]])
             " update_time, claim_time) VALUES ((SELECT id FROM pipeline), :id, :text, :status,"
             " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :claimed)"
         )
+        # Each with its CREATED event, which points at its task.
+        created = text(
+            "INSERT INTO event (time, task_id, pipeline_id, kind, new_status) SELECT"
+            " CURRENT_TIMESTAMP, id, pipeline_id, 'CREATED', 'PENDING' FROM task"
+            " WHERE task_input_id = :id"
+        )
         for canonical, status, claimed in tasks:
             values = {"id": digest.digest_of(canonical), "text": canonical}
             connection.execute(insert, values | {"status": status, "claimed": claimed})
+            connection.execute(created, values)
     engine.dispose()
 
 
@@ -884,8 +892,34 @@ def test_upgrade_counts_a_claim_already_made_as_the_first(bare_db_url: str) -> N
             store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 2)
         done = store.update_task("p", running.task_input_id, State.DONE, None, SYSTEM, 1)
         assert done.status is State.DONE
+        # The events of the tasks stored before are kept (SQLite copies the
+        # task table to add its column).
+        kinds = [e.kind.value for e in store.list_task_events("p", done.task_input_id, 9, "").items]
+        assert kinds == ["CREATED", "STATUS_CHANGED"]
     finally:
         store.close()
+
+
+def test_a_migration_that_leaves_a_row_pointing_at_none_is_refused(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    try:
+        with engine.connect() as connection:
+            with migrate.foreign_keys_unchecked(connection), connection.begin():
+                connection.exec_driver_sql(
+                    "INSERT INTO event (time, task_id, pipeline_id, kind)"
+                    " VALUES (CURRENT_TIMESTAMP, 7, 1, 'CREATED')"
+                )
+                with pytest.raises(FailedPrecondition, match="row 1 of event, which points"):
+                    migrate.check_foreign_keys(connection)
+                connection.rollback()
+            # Checked again once the block ends.
+            with pytest.raises(IntegrityError), connection.begin():
+                connection.exec_driver_sql(
+                    "INSERT INTO event (time, task_id, pipeline_id, kind)"
+                    " VALUES (CURRENT_TIMESTAMP, 7, 1, 'CREATED')"
+                )
+    finally:
+        engine.dispose()
 
 
 def test_on_sqlite_a_claim_reads_pending_tasks_and_lapsed_leases_by_their_indexes(

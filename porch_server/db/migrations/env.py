@@ -23,10 +23,11 @@ def run_migrations(connection: Connection) -> None:
         transactional_ddl=True,
         render_as_batch=connection.dialect.name == "sqlite",
     )
-    with context.begin_transaction():
+    with migrate.foreign_keys_unchecked(connection), context.begin_transaction():
         migrate.lock_migrations(connection)
         migrate.check_tables_are_porchs(connection, context.get_context().get_current_revision())
         context.run_migrations()
+        migrate.check_foreign_keys(connection)
 
 
 def run_from_command_line() -> None:
