@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
@@ -272,7 +273,8 @@ class HttpServer:
             http=_GuardedHttpTools,
             log_config=None,
             access_log=access_log,
-            timeout_graceful_shutdown=max(1, round(grace)),
+            # Whole seconds, not fewer than asked: the calls are cut no sooner.
+            timeout_graceful_shutdown=max(1, math.ceil(grace)),
             ssl_certfile=tls.certfile if tls else None,
             ssl_keyfile=tls.keyfile if tls else None,
             ssl_keyfile_password=tls.keyfile_password if tls else None,

@@ -513,9 +513,10 @@ async def _serve_async(config: Config) -> None:
         await stopping.wait()
         log.info("shutting down: finishing calls in flight")
     finally:
-        if http_server is not None:
-            await http_server.stop()
-        await server.stop(running, config.grace_seconds)
+        # Both stop taking calls at once and share one grace period.
+        await server.stop(
+            running, config.grace_seconds, http_server.stop() if http_server else None
+        )
         store.close()
 
 

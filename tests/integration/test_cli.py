@@ -27,6 +27,7 @@ import httpx
 import psycopg2
 import pytest
 import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 from porch_server.auth import hash_secret, new_secret
@@ -1064,13 +1065,19 @@ def test_the_shutdown_grace_is_the_operators() -> None:
     assert _config(args).grace_seconds == 120
 
 
-@pytest.mark.postgres
-def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: str) -> None:
+@contextlib.contextmanager
+def _listings_waiting_on_a_lock(
+    pg_url: str, grace: float = 1
+) -> Iterator[tuple[subprocess.Popen[str], grpc.Channel, Any, Any]]:
+    """A stopping server (see _stopping_server) with a ListPipelines call over
+    gRPC and a GET /v1/pipelines over HTTP, both waiting for a lock on the
+    pipeline table: the process, a channel to it, the gRPC call's future and
+    the HTTP answer's."""
     store = Store(make_engine(pg_url))
     secret = new_secret()
     store.create_token(Role.ADMIN, None, "admin", hash_secret(secret))
     store.close()
-    with _stopping_server(pg_url) as (process, locker):
+    with _stopping_server(pg_url, grace) as (process, locker):
         assert process.stdout is not None and process.stderr is not None
         lines = [process.stdout.readline() for _ in range(2)]
         target, http = lines[0].split()[-1], lines[1].split()[-1].rstrip("/")
@@ -1085,21 +1092,62 @@ def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: s
             call = stub.ListPipelines.future(pb.ListPipelinesRequest(), metadata=metadata)
             headers = {"Authorization": f"Bearer {secret}"}
             answer = threads.submit(httpx.get, f"{http}/v1/pipelines", headers=headers, timeout=30)
-            time.sleep(1)  # both calls' statements wait for the lock
-            started = time.monotonic()
-            process.terminate()
-            # The grace period (1 s), then at most a few seconds more: not
-            # as long as the lock is held.
-            assert process.wait(timeout=20) == 0
-            assert time.monotonic() - started < 10
-            with pytest.raises(grpc.RpcError):
-                call.result(timeout=10)
-            # Over HTTP, the call ended is answered as porch answers errors.
-            ended = answer.result(timeout=10)
-            assert ended.status_code == 503, ended.text
-            assert ended.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
-            assert "shutting down" in ended.json()["message"]
+            waiting = (
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            _poll(pg_url, waiting, 2)  # both calls' statements wait for the lock
+            yield process, channel, call, answer
+
+
+@pytest.mark.postgres
+def test_a_statement_waiting_on_a_lock_does_not_hold_a_stopping_server(pg_url: str) -> None:
+    with _listings_waiting_on_a_lock(pg_url) as (process, _, call, answer):
+        started = time.monotonic()
+        process.terminate()
+        # The grace period (1 s), then at most a few seconds more: not
+        # as long as the lock is held.
+        assert process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 10
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+        # Over HTTP, the call ended is answered as porch answers errors.
+        ended = answer.result(timeout=10)
+        assert ended.status_code == 503, ended.text
+        assert ended.json()["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "shutting down" in ended.json()["message"]
+        assert process.stderr is not None
         assert "Traceback" not in process.stderr.read()
+
+
+@pytest.mark.postgres
+def test_a_stopping_server_takes_no_grpc_call_while_http_calls_finish(pg_url: str) -> None:
+    """Both ports stop taking calls at once, and their calls in flight share
+    one grace period: the gRPC port does not go on serving while the HTTP
+    port's calls finish, nor get a grace period of its own after them."""
+    grace = 4
+    with _listings_waiting_on_a_lock(pg_url, grace) as (process, channel, call, answer):
+        health = health_pb2_grpc.HealthStub(channel)
+        started = time.monotonic()
+        process.terminate()
+        time.sleep(1)  # well within the grace period
+        try:
+            checked = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as error:  # turned away: as good
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+        else:
+            assert checked.status != health_pb2.HealthCheckResponse.SERVING
+        assert process.wait(timeout=30) == 0
+        # One grace period and the statements' cancel, not two grace periods.
+        assert time.monotonic() - started < 2 * grace, time.monotonic() - started
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+        assert answer.result(timeout=10).status_code == 503
+        assert process.stderr is not None
+        log = process.stderr.read()
+        assert "Traceback" not in log
+        # Each access line says what its client was told.
+        assert "ListPipelines CANCELLED" not in log, log
 
 
 @pytest.mark.postgres
@@ -1194,10 +1242,11 @@ def _poll(pg_url: str, query: str, wanted: int, seconds: float = 30) -> None:
 
 
 @contextlib.contextmanager
-def _stopping_server(pg_url: str) -> Iterator[tuple[subprocess.Popen[str], Any]]:
-    """`porch serve` on pg_url with a grace period of 1 s, its first lines
-    unread, and a psycopg2 connection of the test's own to lock tables with."""
-    serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", "1"]
+def _stopping_server(pg_url: str, grace: float = 1) -> Iterator[tuple[subprocess.Popen[str], Any]]:
+    """`porch serve` on pg_url with a grace period of 1 s (or grace), its
+    first lines unread, and a psycopg2 connection of the test's own to lock
+    tables with."""
+    serve = ["serve", "--db-url", pg_url, *ZERO_PORTS, "--shutdown-grace-seconds", str(grace)]
     # No lease sweep to wait for a lock beside the tests' own calls.
     serve += ["--lease-sweep-seconds", "3600"]
     process = subprocess.Popen(
