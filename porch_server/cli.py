@@ -277,7 +277,9 @@ def _config(args: argparse.Namespace) -> Config:
     if args.workers < 1:
         raise SystemExit("porch: --workers must be at least 1")
     if args.no_http and args.http_port is not None:
-        raise SystemExit("porch: --no-http serves no HTTP port: give --http-port or --no-http")
+        raise SystemExit(
+            "porch: --no-http and --http-port ask for no HTTP port and for one: give one of them"
+        )
     http_port = None if args.no_http else 8080 if args.http_port is None else args.http_port
     if http_port and http_port == args.grpc_port:
         raise SystemExit(f"porch: --grpc-port and --http-port are both {http_port}: give two ports")
@@ -786,9 +788,11 @@ def _days(text: str) -> float:
 
 def _positive_days(text: str) -> float:
     """A positive number of days, at most _MAX_DAYS."""
-    value = _days(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of days: {text!r}")
+    value = finite_number(text)
+    if not 0 < value <= _MAX_DAYS:
+        raise argparse.ArgumentTypeError(
+            f"not a number of days above 0 and at most {_MAX_DAYS}: {text!r}"
+        )
     return value
 
 
