@@ -7,8 +7,8 @@ message type, a printer that knows each field's conversion, and gives the
 same objects in the same key order: proto field names, enum names, 64-bit
 integers as strings, bytes as base64, the well-known types in their JSON
 forms. Two things differ, both by design of ``gateway.message_to_dict``: a
-number in a Struct, Value or ListValue that is integral and within ±2^53
-comes out as an int (``1``, not ``1.0``), and nothing else does.
+number in a Struct, Value or ListValue that is integral and below 10^21 in
+size comes out as an int (``1``, not ``1.0``), and nothing else does.
 
 What it does not print itself goes to json_format: ``Any``, extensions, and
 enums with custom JSON names.
@@ -35,7 +35,11 @@ Printer = Callable[[Message], Any]
 
 # A double holds every integer up to this in size exactly, and beyond it only some.
 MAX_EXACT_INTEGER = 2**53
-_MAX_EXACT = float(MAX_EXACT_INTEGER)
+# Whole numbers are written in full below this in size, as JavaScript writes
+# them (2^60 as 1152921504606846976, not 1.152921504606847e+18), and in
+# exponent form from it on (1e+21): a double that holds a whole number holds
+# that integer exactly, so it comes back as an integer sent was.
+_WHOLE_BELOW = 1e21
 JSON_VALUE_TYPES = frozenset(f"google.protobuf.{name}" for name in ("Struct", "Value", "ListValue"))
 # Only these can hold a float somewhere inside; strings, bools and None are left alone.
 _MAY_HOLD_FLOATS = frozenset((dict, list, float))
@@ -264,7 +268,7 @@ def _value(message: Any) -> Any:
                 f"Fail to serialize {kind} for Value.number_value, "
                 "which would parse as string_value"
             )
-        if number.is_integer() and -_MAX_EXACT <= number <= _MAX_EXACT:
+        if number.is_integer() and -_WHOLE_BELOW < number < _WHOLE_BELOW:
             return int(number)
         return number
     if which == "string_value":
@@ -291,10 +295,11 @@ def _list_value(message: Any) -> list[Any]:
 
 
 def integral_numbers(value: Any) -> Any:
-    """A JSON value with every integral float within ±2^53 as an int (lists and dicts in place)."""
+    """A JSON value with every integral float below 10^21 in size as an int
+    (lists and dicts in place)."""
     kind = type(value)
     if kind is float:
-        return int(value) if value.is_integer() and -_MAX_EXACT <= value <= _MAX_EXACT else value
+        return int(value) if value.is_integer() and -_WHOLE_BELOW < value < _WHOLE_BELOW else value
     if kind is dict:
         for key, item in value.items():
             if type(item) in _MAY_HOLD_FLOATS:

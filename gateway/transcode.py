@@ -326,8 +326,9 @@ def message_to_dict(message: Message, *, always_print_fields_with_no_presence: b
     """`json_format.MessageToDict` with proto field names, and JSON numbers as JSON has them.
 
     protobuf prints every `google.protobuf.Value` number as a float (`1.0`),
-    since a Value holds a double; here the integral ones within ±2^53 (where
-    a double is exact) are written as integers (`1`), as the client sent them.
+    since a Value holds a double; here the integral ones below 10^21 in size
+    are written as integers (`1`), as the client sent them, and as JavaScript
+    writes them.
     See gateway.protojson, which prints it.
     """
     return to_json_object(message, always_print_fields_with_no_presence)

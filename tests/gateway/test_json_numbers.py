@@ -40,11 +40,15 @@ def task(task_input: dict[str, Any]) -> porch_pb2.Task:
         (-EXACT, str(-EXACT)),
         (1.5, "1.5"),
         (0.1, "0.1"),
-        (float(EXACT * 2), "1.8014398509481984e+16"),
+        # Beyond 2^53 a whole double is still the integer sent, when one was.
+        (float(EXACT * 2), "18014398509481984"),
+        (2.0**60, "1152921504606846976"),
+        (-1e20, "-100000000000000000000"),
+        (1e21, "1e+21"),
         (1e300, "1e+300"),
     ],
 )
-def test_integral_numbers_within_2_to_the_53_are_integers(number: float, written: str) -> None:
+def test_integral_numbers_below_10_to_the_21_are_integers(number: float, written: str) -> None:
     rendered = message_to_dict(task({"n": number}))["task_input"]["n"]
     assert json.dumps(rendered) == written
 

@@ -181,7 +181,7 @@ async def test_a_claimed_task_sent_back_is_refused_once_claimed_again(
 async def test_a_claimed_task_with_a_large_integer_goes_back_as_json_wrote_it(
     porch_http: PorchHttp,
 ) -> None:
-    # 2^60 is a double's value and is kept; porch writes it 1.152921504606847e+18,
+    # 2^60 is a double's value and is kept; porch writes it as it was sent,
     # and sent back so it names the same task. JavaScript and jq write that
     # double 1152921504606847000, which is not 2^60: refused, as any integer
     # a double would change, rather than read as a number it is not.
@@ -190,10 +190,11 @@ async def test_a_claimed_task_with_a_large_integer_goes_back_as_json_wrote_it(
     created = await client.post("/tasks", json=task_body({"run": 2**60}), headers=wrapper)
     assert created.status_code == 201, created.text
     claim = await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)
-    assert '"task_input":{"run":1.152921504606847e+18}' in claim.text
+    assert '"task_input":{"run":1152921504606846976}' in claim.text
     [claimed] = claim.json()
+    assert claimed["task_input"]["run"] == 2**60
     as_sent = json.dumps(claimed | {"status": "RUNNING"})
-    as_javascript = as_sent.replace("1.152921504606847e+18", "1152921504606847000")
+    as_javascript = as_sent.replace("1152921504606846976", "1152921504606847000")
     assert as_javascript != as_sent
     refused = await client.put("/tasks", content=as_javascript, headers=wrapper)
     assert refused.status_code == 400
