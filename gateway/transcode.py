@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
@@ -90,17 +91,18 @@ def build_request(
     seen: set[str] = set()
     for key, value in query:
         _check_utf8(f"query parameter {key!r}", key + value)
-        path = key.split(".")
-        if key in seen:
+        path = _proto_names(binding.method.input_type, key.split("."))
+        named = ".".join(path)
+        if named in seen:
             field = resolve_field(binding.method.input_type, path)
             if field is not None and not field.is_repeated:
                 raise invalid_argument(f"query parameter {key!r} is given more than once")
-        seen.add(key)
+        seen.add(named)
         if binding.body == "*":
             raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
         if path[0] == body_field:
             raise invalid_argument(f"query parameter {key!r} names a field of the request body")
-        if key in binding.followed_fields:
+        if named in binding.followed_fields:
             raise invalid_argument(
                 f"unknown query parameter {key!r}: this route answers with every page at once"
             )
@@ -193,6 +195,27 @@ def _set_path_variable(request: Message, name: str, text: str) -> None:
                 )
         parent.ClearField(path[-1])
     _set_in(parent, field, text, what)
+
+
+def _proto_names(message: Descriptor, path: list[str]) -> list[str]:
+    """A query parameter's dotted path with each field named by its proto
+    name, where it was named by its JSON name (`pageSize` for `page_size`),
+    as the body may name it; names of no field are left as they are."""
+    names: list[str] = []
+    for position, name in enumerate(path):
+        field = message.fields_by_name.get(name) or _by_json_name(message).get(name)
+        if field is None:
+            return names + path[position:]
+        names.append(field.name)
+        if field.message_type is None:
+            return names + path[position + 1 :]
+        message = field.message_type
+    return names
+
+
+@functools.cache
+def _by_json_name(message: Descriptor) -> dict[str, FieldDescriptor]:
+    return {field.json_name: field for field in message.fields}
 
 
 def _field(message: Message, name: str) -> FieldDescriptor | None:

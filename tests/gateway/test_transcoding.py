@@ -230,6 +230,23 @@ async def test_a_singular_query_parameter_given_twice_is_refused(
     response = await client.get("/v1/echo/query?int32_value=1&int32_value=2")
     assert response.status_code == 400
     assert response.json()["message"] == "query parameter 'int32_value' is given more than once"
+    # Its JSON name names it too.
+    response = await client.get("/v1/echo/query?int32_value=1&int32Value=2")
+    assert response.status_code == 400
+    assert response.json()["message"] == "query parameter 'int32Value' is given more than once"
+
+
+async def test_query_parameters_are_read_by_json_name_too(client: httpx.AsyncClient) -> None:
+    # As the body's fields are: grpc-gateway's clients send either.
+    params = [("int32Value", "-2"), ("inner.child.label", "deep"), ("uint64Value", "7")]
+    response = await client.get("/v1/echo/query", params=params)
+    assert response.status_code == 200, response.text
+    echoed = response.json()
+    assert (echoed["int32_value"], echoed["uint64_value"]) == (-2, "7")
+    assert echoed["inner"]["child"]["label"] == "deep"
+    unknown = await client.get("/v1/echo/query", params=[("int32value", "1")])
+    assert unknown.status_code == 400
+    assert unknown.json()["message"] == "unknown query parameter 'int32value': no such field"
 
 
 async def test_two_authorizations_are_refused(client: httpx.AsyncClient) -> None:
