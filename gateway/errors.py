@@ -42,6 +42,11 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
+# What a 401 must say (RFC 9110, 11.6.1): how to authenticate. The gateway
+# forwards an Authorization header as gRPC's metadata, a bearer token.
+WWW_AUTHENTICATE = "WWW-Authenticate"
+BEARER_CHALLENGE = "Bearer"
+
 
 class GatewayError(Exception):
     """An error the gateway reports itself, as a gRPC code and a message."""

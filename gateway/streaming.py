@@ -19,7 +19,13 @@ import grpc
 from google.protobuf.message import Message
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, rpc_error_json, rpc_error_status
+from gateway.errors import (
+    BEARER_CHALLENGE,
+    WWW_AUTHENTICATE,
+    GatewayError,
+    rpc_error_json,
+    rpc_error_status,
+)
 from gateway.openapi import EVENT_STREAM, NDJSON
 from gateway.transcode import encode_json
 from gateway.upstream import HTTP_CODE_KEY, StreamCall, response_headers
@@ -164,11 +170,8 @@ class StreamResponse:
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def _send_error(self, send: Send, status: int, body: dict[str, Any]) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
+        headers = [(b"content-type", b"application/json")]
+        if status == 401:
+            headers.append((WWW_AUTHENTICATE.encode(), BEARER_CHALLENGE.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": encode_json(body), "more_body": False})

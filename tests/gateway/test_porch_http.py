@@ -54,6 +54,8 @@ def assert_error(response: httpx.Response, status: int, code: int, *words: str) 
     """An error answer: this HTTP status, google.rpc.Status JSON with this code and words."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
+    # A 401 says how to authenticate (RFC 9110); other answers need not.
+    assert response.headers.get("www-authenticate") == ("Bearer" if status == 401 else None)
     body = response.json()
     assert (body["code"], body["details"]) == (code, [])
     for word in words:
