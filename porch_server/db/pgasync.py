@@ -161,6 +161,22 @@ def _lost(connection: asyncpg.Connection) -> bool:
     return closed
 
 
+# Settings of libpq's own side of a connection that asyncpg does not know and
+# would send PostgreSQL as the session's, failing to connect ("unrecognized
+# configuration parameter"); psycopg2's connections keep them. Left out for
+# asyncpg's, as none makes a connection safer: those that do (gssencmode,
+# channel_binding) stay, and asyncpg fails on them, leaving every statement
+# to psycopg2's connections, rather than connect without what they ask.
+LIBPQ_CLIENT_ONLY = (
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "sslcompression",
+    "fallback_application_name",
+)
+
+
 class AsyncStatements:
     """A pool of asyncpg connections that runs SQLAlchemy statements."""
 
@@ -169,6 +185,7 @@ class AsyncStatements:
         # but for what asyncpg would take as server settings: those porch
         # starts each connection with, as its other connections start.
         rest, self._session = postgresql_session(make_url(url), schema)
+        rest = rest.difference_update_query(LIBPQ_CLIENT_ONLY)
         self._dsn = rest.set(drivername="postgresql").render_as_string(hide_password=False)
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None

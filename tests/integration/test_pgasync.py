@@ -235,6 +235,9 @@ async def test_the_urls_own_connection_settings_reach_every_connection(
         "options": f"-c search_path={pg_schema_db.schema} -c statement_timeout=4321",
         "application_name": "porch-test",
         "connect_timeout": "5",  # libpq's, which asyncpg would send PostgreSQL as a setting
+        # libpq's alone, which psycopg2 keeps and asyncpg's connections leave out.
+        "keepalives": "1",
+        "keepalives_idle": "30",
     }
     url = make_url(pg_schema_db.url).update_query_dict(settings)
     store, statements, actor = await open_store(url.render_as_string(hide_password=False))
