@@ -18,6 +18,7 @@ from gateway.jsonparse import (
     NotJson,
     UnreadableJson,
     inexact_integer,
+    member_path,
     read_json,
 )
 from gateway.local import HandlerRegistry, LocalUpstream
@@ -57,6 +58,7 @@ __all__ = [
     "inexact_integer",
     "integral_numbers",
     "load_bindings",
+    "member_path",
     "message_to_dict",
     "parse_template",
     "read_json",

@@ -185,7 +185,7 @@ def inexact_integer(data: Any, path: str) -> str | None:
         where, value = pending.pop()
         # Pushed last to first, so the first such integer in the body is named.
         if type(value) is dict:
-            keys = [(_member(where, key), item) for key, item in value.items()]
+            keys = [(member_path(where, key), item) for key, item in value.items()]
             pending.extend(reversed(keys))
         elif type(value) is list:
             pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
@@ -210,7 +210,7 @@ def inexact_integer(data: Any, path: str) -> str | None:
     return None
 
 
-def _member(path: str, key: str) -> str:
+def member_path(path: str, key: str) -> str:
     """The path of an object's member: .key, or ["key"] (shortened) for a key
     that would not read as one short name."""
     if len(key) <= 40 and _NAME.fullmatch(key):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import re
 import time
 import unicodedata
@@ -22,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
+from gateway import member_path
 from porch_server import auth, messages
 from porch_server.config import GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key
@@ -152,11 +154,28 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
         )
     try:
         canonical = canonical_json(messages.to_dict(task.task_input))
-    except InvalidArgument as error:  # "task_input holds a number that is not finite"
-        raise InvalidArgument(f"{field}.{error}") from None
+    except InvalidArgument:  # a number that is not finite: say where
+        where = _not_finite(f"{field}.task_input", messages.to_dict(task.task_input))
+        raise InvalidArgument(f"{where}; JSON has no such number") from None
     if len(canonical) > MAX_TASK_INPUT_BYTES:
         raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
     return canonical
+
+
+def _not_finite(path: str, data: Any) -> str:
+    """Where in data, the JSON of a Struct found at path, its first number
+    that is not finite is, and which it is."""
+    pending = [(path, data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(reversed([(member_path(where, k), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            pending.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+        elif isinstance(value, float) and not math.isfinite(value):
+            number = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+            return f"{where} holds a number that is not finite ({number})"
+    return f"{path} holds a number that is not finite"
 
 
 def check_lease(duration: duration_pb2.Duration) -> timedelta:

@@ -531,10 +531,15 @@ def test_register_errors(porch: Porch) -> None:
     numbers = register("p1", many=[0] * 200_000)
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, numbers, "bytes as protobuf")
     # A Struct can carry NaN and infinities; JSON, and so the digest, cannot.
+    # Where it is, and which, is named.
     nan = register("p1", nested={"n": float("nan")})
-    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, "task.task_input holds a number")
+    named = "task.task_input.nested.n holds a number that is not finite (NaN)"
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, named)
+    infinite = register("p1", a=[1, {"x y": [-float("inf")]}])
+    named = 'task.task_input.a[1]["x y"][0] holds a number that is not finite (-Infinity)'
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, infinite, named)
     batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[register("p1", n=1).task, nan.task])
-    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, batch, "tasks[1].task_input holds")
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, batch, "tasks[1].task_input.nested.n holds")
 
 
 def test_register_tasks_in_one_call(porch: Porch) -> None:

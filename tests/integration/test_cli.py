@@ -804,7 +804,7 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         refused = register(late)
         assert refused.returncode == 1 and refused.stdout == ""
         assert refused.stderr.startswith(
-            "porch: line 1501 of stdin: task.task_input holds a number that is not finite"
+            "porch: line 1501 of stdin: task.task_input.n holds a number that is not finite (NaN)"
         ), refused.stderr
         inexact = register('{"n": 1}\n{"ids": [1, 9007199254740993]}\n')
         assert inexact.returncode == 1 and inexact.stdout == ""
