@@ -159,6 +159,7 @@ class PorchServiceServicer:
 
     def RevokeToken(self, request, context):
         """Revoke a token. Admin only. Takes effect on the next call made with it.
+        Revoking a revoked token again succeeds and keeps its first revoke_time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

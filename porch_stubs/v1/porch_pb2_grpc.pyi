@@ -59,7 +59,9 @@ class PorchServiceStub:
     ListTokens: _grpc.UnaryUnaryMultiCallable[_porch_pb2.ListTokensRequest, _porch_pb2.ListTokensResponse]
     """List tokens (never their secrets). Admin only."""
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_porch_pb2.RevokeTokenRequest, _porch_pb2.Token]
-    """Revoke a token. Admin only. Takes effect on the next call made with it."""
+    """Revoke a token. Admin only. Takes effect on the next call made with it.
+    Revoking a revoked token again succeeds and keeps its first revoke_time.
+    """
     RegisterTask: _grpc.UnaryUnaryMultiCallable[_porch_pb2.RegisterTaskRequest, _porch_pb2.RegisterTaskResponse]
     """Register one task. Idempotent: registering the same `task_input` for the
     same pipeline again returns the stored task with `created` false.
@@ -121,7 +123,9 @@ class PorchServiceAsyncStub(PorchServiceStub):
     ListTokens: _aio.UnaryUnaryMultiCallable[_porch_pb2.ListTokensRequest, _porch_pb2.ListTokensResponse]  # type: ignore[assignment]
     """List tokens (never their secrets). Admin only."""
     RevokeToken: _aio.UnaryUnaryMultiCallable[_porch_pb2.RevokeTokenRequest, _porch_pb2.Token]  # type: ignore[assignment]
-    """Revoke a token. Admin only. Takes effect on the next call made with it."""
+    """Revoke a token. Admin only. Takes effect on the next call made with it.
+    Revoking a revoked token again succeeds and keeps its first revoke_time.
+    """
     RegisterTask: _aio.UnaryUnaryMultiCallable[_porch_pb2.RegisterTaskRequest, _porch_pb2.RegisterTaskResponse]  # type: ignore[assignment]
     """Register one task. Idempotent: registering the same `task_input` for the
     same pipeline again returns the stored task with `created` false.
@@ -216,7 +220,9 @@ class PorchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _porch_pb2.RevokeTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_porch_pb2.Token, _abc.Awaitable[_porch_pb2.Token]]:
-        """Revoke a token. Admin only. Takes effect on the next call made with it."""
+        """Revoke a token. Admin only. Takes effect on the next call made with it.
+        Revoking a revoked token again succeeds and keeps its first revoke_time.
+        """
 
     @_abc_1.abstractmethod
     def RegisterTask(
