@@ -34,6 +34,7 @@ from gateway.protojson import integral_numbers
 from gateway.rules import Binding, PathTemplate, RouteTable, load_bindings, parse_template
 from gateway.server import HttpServer, ServerTLS, serve
 from gateway.transcode import message_to_dict
+from gateway.upstream import Upstream
 
 __all__ = [
     "HTTP_STATUS",
@@ -53,6 +54,7 @@ __all__ = [
     "SchemaAlias",
     "ServerTLS",
     "UnreadableJson",
+    "Upstream",
     "build_openapi",
     "create_app",
     "inexact_integer",

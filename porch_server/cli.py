@@ -25,7 +25,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+import grpc
 import sqlalchemy.exc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
 import gateway
@@ -54,6 +56,8 @@ MAX_POOL_SIZE = 1_000
 # After the grace period, how long a stopping server waits for statements
 # still running on its threads before it ends without them.
 STUCK_STATEMENT_SECONDS = 2.0
+# How long `porch gateway` waits, as it starts, for its server to answer.
+TARGET_CHECK_SECONDS = 5.0
 
 
 def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
@@ -674,12 +678,37 @@ def _run_gateway(
             f"porch: HTTP gateway on {scheme}://{host_port(host, web.port)}/ for {options.target}",
             flush=True,
         )
+        checking = asyncio.ensure_future(_check_target(options))
         try:
             await stopping.wait()
         finally:
+            checking.cancel()
             await web.stop()
 
     run_loop(run(), "auto")
+
+
+async def _check_target(options: gateway.GatewayOptions) -> None:
+    """Log, with a hint where one fits, that the gateway's server cannot be
+    reached as it starts: else its only sign is each request's 503."""
+    upstream = gateway.Upstream(options.target, options.tls, options.channel_options)
+    try:
+        health = health_pb2_grpc.HealthStub(upstream.channel)
+        await health.Check(health_pb2.HealthCheckRequest(), timeout=TARGET_CHECK_SECONDS)
+    except grpc.aio.AioRpcError as error:
+        tls = options.tls
+        certificate = tls is not None and tls.certificate_chain is not None
+        hint = client.tls_hint(error, "--target-tls", tls is not None, certificate)
+        log.warning(
+            "the server at %s cannot be reached now (%s: %s)%s; requests are answered 503 until"
+            " it can be",
+            options.target,
+            error.code().name,
+            error.details(),
+            hint,
+        )
+    finally:
+        await upstream.close()
 
 
 def _prune(args: argparse.Namespace) -> None:

@@ -341,16 +341,23 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _tls_hint(args: argparse.Namespace, error: grpc.RpcError) -> str:
+    given = bool(args.tls or args.tls_ca or args.tls_cert or args.tls_key)
+    return tls_hint(error, "--tls", given, bool(args.tls_cert))
+
+
+def tls_hint(error: grpc.RpcError, flag: str, tls: bool, certificate: bool) -> str:
     """A hint for a connection closed at once: as a TLS server closes a plain
-    one, or one that requires client certificates closes one without."""
+    one, or one that requires client certificates closes one without. flag
+    names the options (--tls: --tls, --tls-cert, --tls-key); tls and
+    certificate say whether TLS and a client certificate were given."""
     if error.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in str(error.details()):
         return ""
-    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
-        return " (a server that expects TLS closes plain connections so: if it does, give --tls)"
-    if not args.tls_cert:
+    if not tls:
+        return f" (a server that expects TLS closes plain connections so: if it does, give {flag})"
+    if not certificate:
         return (
             " (a server that requires client certificates closes connections without one so:"
-            " if it does, give --tls-cert and --tls-key)"
+            f" if it does, give {flag}-cert and {flag}-key)"
         )
     return ""
 

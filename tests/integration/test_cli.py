@@ -568,13 +568,21 @@ def test_the_cli_and_the_gateway_present_client_certificates(
         assert "--tls-cert and --tls-key go together" in half.stderr
 
         upstream = ["--target", target, "--target-tls-ca", ca_file]
+        # Without a certificate, the gateway says so as it starts.
+        log = tmp_path / "gateway.log"
+        with running_gateway(*upstream, log=log):
+            _wait_for_text(log, "cannot be reached now")
+        warned = log.read_text()
+        assert f"the server at {target} cannot be reached now (UNAVAILABLE: " in warned
+        assert "give --target-tls-cert and --target-tls-key); requests are answered 503" in warned
         upstream += ["--target-tls-cert", cert_file, "--target-tls-key", key_file]
-        with running_gateway(*upstream) as http_port:
+        with running_gateway(*upstream, log=log) as http_port:
             answer = httpx.get(
                 f"http://127.0.0.1:{http_port}/pipelines/mtls",
                 headers={"Authorization": f"Bearer {porch_server.admin}"},
             )
         assert answer.status_code == 200 and answer.json()["uri"] == "u"
+        assert "cannot be reached" not in log.read_text()
     finally:
         porch_server.server.stop()
 
@@ -602,15 +610,18 @@ def test_workers_share_one_port_and_the_gateway_runs_alone(pg_url: str) -> None:
 
 
 @contextlib.contextmanager
-def running_gateway(*flags: str) -> Iterator[int]:
-    """`porch gateway` with flags on a free HTTP port, until the block ends."""
+def running_gateway(*flags: str, log: Path | None = None) -> Iterator[int]:
+    """`porch gateway` with flags on a free HTTP port, until the block ends;
+    what it logs written to log (anew) if given."""
     http_port = _free_port()
-    gateway = subprocess.Popen(
-        [*PORCH, "gateway", *flags, "--http-port", str(http_port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    with contextlib.ExitStack() as stack:
+        errors = stack.enter_context(log.open("w")) if log else subprocess.DEVNULL
+        gateway = subprocess.Popen(
+            [*PORCH, "gateway", *flags, "--http-port", str(http_port)],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
     assert gateway.stdout is not None
     try:
         assert "HTTP gateway on" in gateway.stdout.readline()
@@ -619,6 +630,12 @@ def running_gateway(*flags: str) -> Iterator[int]:
         gateway.terminate()
         gateway.wait(timeout=30)
         gateway.stdout.close()
+
+
+def _wait_for_text(path: Path, text: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while text not in path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _workers_of(pid: int) -> set[int]:
