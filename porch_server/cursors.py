@@ -48,11 +48,9 @@ def _is_part(text: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Which transactions were running at one moment (PostgreSQL's snapshot):
-    those from xmin below xmax that are in running. Every transaction below
-    xmin had ended; every one from xmax on had not yet begun.
-
-    A stream that starts "from now" begins at (xmax, 0), and the watch hub
-    reads from (xmin, 0).
+    every one below xmin had ended, and of those from xmin below xmax, the
+    ones in running had not. A stream that starts "from now" begins at
+    (xmin, 0).
     """
 
     xmin: int

@@ -194,7 +194,7 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
         return await loop.run_in_executor(executor, read)
 
     async def start_cursor() -> str:
-        return await loop.run_in_executor(executor, store.event_read_start)
+        return await loop.run_in_executor(executor, store.event_start_cursor)
 
     async def notify() -> None:
         if not await store.notify_watchers_async():

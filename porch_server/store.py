@@ -1078,8 +1078,9 @@ class Store:
                 f"cursor {after} names a transaction, which this server's cursors never do:"
                 " resume from a cursor porch gave, or from an empty cursor"
             )
-        # A cursor "from now" names the next transaction to begin then:
-        # (next_xid, 0) at most, though no event has that transaction yet.
+        # A cursor "from now" names the oldest transaction still running, or
+        # when none is, the next to begin: (next_xid, 0), though no event
+        # has that transaction yet.
         if (xid, min(event_id, 1)) > (next_xid, 0) or event_id > last_id:
             raise InvalidArgument(
                 f"cursor {after} is ahead of every event written: resume from a cursor "
@@ -1087,24 +1088,15 @@ class Store:
             )
 
     def event_start_cursor(self) -> str:
-        """Return the cursor meaning "from now": the events of writes that
-        begin later come after it, and no event written before.
+        """Return the cursor meaning "from now": every event committed later
+        comes after it.
 
-        On PostgreSQL that is (the next transaction to begin, 0), so a
-        transaction already writing, though it commits later, is not new:
-        a cursor meant as a position alone, so that a stream resumed at
-        any cursor it handed out goes on as it would have, bringing back
-        no event older than the stream."""
-        with self._read() as connection:
-            if self._postgresql:
-                return make_cursor(_current_snapshot(connection).xmax, 0)
-            return make_cursor(0, _last_event_id(connection))
-
-    def event_read_start(self) -> str:
-        """Return the cursor from which a reader of every new event starts
-        (the watch hub): no event committed later comes before it. On
-        PostgreSQL that is (the oldest transaction still running, 0), and
-        events committed before it may come after it too."""
+        On PostgreSQL that is (the oldest transaction still running, 0): the
+        point every stream has reached, as events wait there until that
+        transaction ends. So a stream from it may begin with events committed
+        just before it started, but misses none of a write under way then;
+        and, a cursor being a position alone, a stream resumed at any cursor
+        it handed out goes on as it would have."""
         with self._read() as connection:
             if self._postgresql:
                 return make_cursor(_current_snapshot(connection).xmin, 0)

@@ -193,11 +193,14 @@ def test_every_cursor_a_stream_hands_out_resumes(fast_porch: Porch) -> None:
 
 
 @pytest.mark.postgres
-def test_a_stream_from_now_resumed_at_its_cursors_brings_nothing_older(pg_url: str) -> None:
-    # Transaction `held` began writing before the stream started and ends
+def test_a_stream_from_now_resumed_at_any_of_its_cursors_goes_on_as_it_would_have(
+    pg_url: str,
+) -> None:
+    # Transaction `held` took its id before the stream started and ends
     # after it; the registration of n=0 began after `held` and committed
-    # before the stream started. A stream resumed at any cursor it handed
-    # out brings back only what it would have gone on to deliver.
+    # before the stream started. The stream starts where every stream has
+    # got to, below `held`: with n=0. Resumed at any cursor it handed out,
+    # a stream brings what the first one went on to bring, nothing else.
     porch = start_porch(pg_url, watch_poll_seconds=0.2, watch_keepalive_seconds=0.5)
     held = psycopg2.connect(
         make_url(pg_url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -206,21 +209,22 @@ def test_a_stream_from_now_resumed_at_its_cursors_brings_nothing_older(pg_url: s
         admin = porch.stub(porch.admin)
         wrapper = porch.stub(porch.pipeline("p1"))
         held.cursor().execute("SELECT pg_current_xact_id()")
-        register(wrapper, "p1", n=0)
+        registered = [register(wrapper, "p1", n=0)]
         watcher = Watcher(admin)
         start = watcher.wait_for_bookmark()
         held.rollback()
-        new = register(wrapper, "p1", n=1)
-        [created] = watcher.take(1)
-        assert created.task_input_id == new.task_input_id
+        registered.append(register(wrapper, "p1", n=1))
+        streamed = watcher.take(2)
         watcher.close()
-        after_created: list[pb.Task] = []
-        for cursor in (created.cursor, start.cursor):
+        ids = [t.task_input_id for t in registered]
+        assert [e.task_input_id for e in streamed] == ids
+        cursors = [start.cursor] + [e.cursor for e in streamed]
+        for number, cursor in enumerate(cursors):
             resumed = Watcher(admin, after=cursor)
-            after_created.append(register(wrapper, "p1", n=cursor))
-            expected = after_created if cursor == created.cursor else [new, *after_created]
+            registered.append(register(wrapper, "p1", n=cursor))
+            expected = ids[number:] + [t.task_input_id for t in registered[2:]]
             arrived = resumed.take(len(expected))
-            assert [e.task_input_id for e in arrived] == [t.task_input_id for t in expected]
+            assert [e.task_input_id for e in arrived] == expected, cursor
             resumed.close()
     finally:
         held.close()
