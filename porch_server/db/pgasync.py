@@ -305,6 +305,10 @@ class AsyncStatements:
             raise Unavailable(
                 "the database is unavailable: the connection was lost during the call; try again"
             ) from error
+        except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as error:
+            # A statement_timeout or lock_timeout (or a cancel) may be one row's
+            # doing, locked elsewhere: in a batch, each caller then goes alone.
+            raise Refused(str(error)) from error
         except (
             TimeoutError,
             OSError,
@@ -312,8 +316,8 @@ class AsyncStatements:
             asyncpg.PostgresConnectionError,
             # What psycopg2 calls operational errors, the database's state and
             # not the statement's values: too many connections, disk full (53),
-            # a database closed to connections or a lock_timeout (55), a
-            # statement_timeout, a shutdown, a cancel (57), an I/O error (58).
+            # a database closed to connections (55), a shutdown (57), an I/O
+            # error (58).
             asyncpg.InsufficientResourcesError,
             asyncpg.ObjectNotInPrerequisiteStateError,
             asyncpg.OperatorInterventionError,

@@ -317,11 +317,48 @@ async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
     try:
         with holder.begin() as connection:
             connection.execute(text("SELECT 1 FROM task FOR UPDATE"))
-            with pytest.raises(Unavailable, match=r"^the database is unavailable: cancel"):
+            # As the service calls it: the blocking way when asyncpg's cannot answer.
+            assert (
                 await store.update_task_async(
                     "p", made.task.task_input_id, State.CANCELLED, None, actor
                 )
+                is None
+            )
+            with pytest.raises(Unavailable, match=r"^the database is unavailable: cancel"):
+                store.update_task("p", made.task.task_input_id, State.CANCELLED, None, actor)
         assert store.get_task("p", made.task.task_input_id).status is State.PENDING
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_change_timed_out_in_a_batch_fails_only_its_own_caller(pg_url: str) -> None:
+    url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=200"})
+    store, statements, actor = await open_store(url.render_as_string(hide_password=False))
+    store.register_tasks("p", [{"n": n} for n in range(4)], actor)
+    locked, *others = every_task(store, "p")
+    holder = create_engine(pg_url)
+
+    async def cancel(task_id: str) -> Any:
+        changed = await store.update_task_async("p", task_id, State.CANCELLED, None, actor)
+        if changed is None:  # the blocking way, as the service goes
+            return await asyncio.to_thread(
+                store.update_task, "p", task_id, State.CANCELLED, None, actor
+            )
+        return changed
+
+    try:
+        with holder.begin() as connection:
+            connection.execute(
+                text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+                {"id": locked.task_input_id},
+            )
+            results = await asyncio.gather(
+                *(cancel(t.task_input_id) for t in [locked, *others]), return_exceptions=True
+            )
+        assert isinstance(results[0], Unavailable), results[0]
+        assert [r.status for r in results[1:]] == [State.CANCELLED] * 3, results
     finally:
         holder.dispose()
         await statements.close()
