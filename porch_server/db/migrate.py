@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -162,16 +163,22 @@ def foreign_keys_unchecked(connection: Connection) -> Iterator[None]:
         raw.execute("PRAGMA foreign_keys=ON")
 
 
-def check_foreign_keys(connection: Connection) -> None:
-    """On SQLite, refuse (and so roll back) a migration that left a row
-    pointing at none; elsewhere the database checks every statement."""
+def broken_foreign_keys(connection: Connection) -> list[tuple[Any, ...]]:
+    """On SQLite, the rows that point at none: (table, rowid, parent table,
+    key); elsewhere none, as the database checks every statement."""
     if connection.dialect.name != "sqlite":
-        return
-    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        return []
+    return [tuple(row) for row in connection.exec_driver_sql("PRAGMA foreign_key_check")]
+
+
+def check_foreign_keys(connection: Connection, before: Sequence[tuple[Any, ...]] = ()) -> None:
+    """Refuse (and so roll back) a migration that left a row pointing at
+    none, but for those in before (broken_foreign_keys before it ran)."""
+    broken = [row for row in broken_foreign_keys(connection) if row not in before]
     if broken:
         table, row_id, parent, _ = broken[0]
         raise FailedPrecondition(
-            f"the migration left {len(broken)} row(s) pointing at none, the first row"
+            f"the migration would leave {len(broken)} row(s) pointing at none, the first row"
             f" {row_id} of {table}, which points into {parent}. Nothing was changed"
         )
 

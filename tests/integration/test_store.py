@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -896,6 +898,26 @@ def test_upgrade_counts_a_claim_already_made_as_the_first(bare_db_url: str) -> N
         # task table to add its column).
         kinds = [e.kind.value for e in store.list_task_events("p", done.task_input_id, 9, "").items]
         assert kinds == ["CREATED", "STATUS_CHANGED"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("bare_db_url", ["sqlite"], indirect=True)
+def test_rows_pointing_at_none_before_a_migration_do_not_stop_it(bare_db_url: str) -> None:
+    # As a row deleted by hand in sqlite3's shell, whose foreign keys are off.
+    migrate.upgrade(bare_db_url, revision="0002")
+    store_old_tasks(bare_db_url, [(digest.canonical_json({"n": 1}), "PENDING", None)])
+    dangling = "INSERT INTO event (time, task_id, pipeline_id, kind) VALUES (?, 99, 1, 'CREATED')"
+    path = make_url(bare_db_url).database
+    assert path is not None
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute(dangling, (datetime.now(UTC).isoformat(),))
+        raw.commit()
+    migrate.upgrade(bare_db_url)  # to head, past 0003's copy of the task table
+    migrate.upgrade(bare_db_url)  # at head: nothing to do, nothing refused
+    store = Store(make_engine(bare_db_url))
+    try:
+        assert [task.claim_number for task in every_task(store, "p")] == [0]
     finally:
         store.close()
 
