@@ -153,9 +153,13 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
             f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes as protobuf"
         )
     try:
-        canonical = canonical_json(messages.to_dict(task.task_input))
+        data = messages.to_dict(task.task_input)
+    except InvalidArgument as error:  # "task_input nests deeper than ..."
+        raise InvalidArgument(f"{field}.{error}") from None
+    try:
+        canonical = canonical_json(data)
     except InvalidArgument:  # a number that is not finite: say where
-        where = _not_finite(f"{field}.task_input", messages.to_dict(task.task_input))
+        where = _not_finite(f"{field}.task_input", data)
         raise InvalidArgument(f"{where}; JSON has no such number") from None
     if len(canonical) > MAX_TASK_INPUT_BYTES:
         raise InvalidArgument(f"{field}.task_input is larger than {MAX_TASK_INPUT_BYTES} bytes")
@@ -164,12 +168,14 @@ def checked_task_input(field: str, task: porch_pb2.Task) -> str:
 
 def _not_finite(path: str, data: Any) -> str:
     """Where in data, the JSON of a Struct found at path, its first number
-    that is not finite is, and which it is."""
+    that is not finite is (keys taken in order, as in the canonical JSON),
+    and which it is."""
     pending = [(path, data)]
     while pending:
         where, value = pending.pop()
         if isinstance(value, dict):
-            pending.extend(reversed([(member_path(where, k), v) for k, v in value.items()]))
+            members = [(member_path(where, k), v) for k, v in sorted(value.items())]
+            pending.extend(reversed(members))
         elif isinstance(value, list):
             pending.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
         elif isinstance(value, float) and not math.isfinite(value):

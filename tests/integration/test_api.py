@@ -535,7 +535,7 @@ def test_register_errors(porch: Porch) -> None:
     nan = register("p1", nested={"n": float("nan")})
     named = "task.task_input.nested.n holds a number that is not finite (NaN)"
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, nan, named)
-    infinite = register("p1", a=[1, {"x y": [-float("inf")]}])
+    infinite = register("p1", z=float("nan"), a=[1, {"x y": [-float("inf")]}])
     named = 'task.task_input.a[1]["x y"][0] holds a number that is not finite (-Infinity)'
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTask, infinite, named)
     batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[register("p1", n=1).task, nan.task])
