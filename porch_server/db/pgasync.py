@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
@@ -164,17 +164,34 @@ def _lost(connection: asyncpg.Connection) -> bool:
 # Settings of libpq's own side of a connection that asyncpg does not know and
 # would send PostgreSQL as the session's, failing to connect ("unrecognized
 # configuration parameter"); psycopg2's connections keep them. Left out for
-# asyncpg's, as none makes a connection safer: those that do (gssencmode,
-# channel_binding) stay, and asyncpg fails on them, leaving every statement
-# to psycopg2's connections, rather than connect without what they ask.
-LIBPQ_CLIENT_ONLY = (
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "sslcompression",
-    "fallback_application_name",
-)
+# asyncpg's, each with the values that ask nothing asyncpg fails to do (None:
+# any value); with another (gssencmode=require, say) asyncpg fails, and every
+# statement goes to psycopg2's connections, rather than connect without it.
+LIBPQ_CLIENT_ONLY: dict[str, frozenset[str] | None] = {
+    "keepalives": None,
+    "keepalives_idle": None,
+    "keepalives_interval": None,
+    "keepalives_count": None,
+    "sslcompression": None,
+    "fallback_application_name": None,
+    "sslsni": None,
+    "gssencmode": frozenset(("disable", "prefer")),
+    "channel_binding": frozenset(("disable", "prefer")),
+    "gssdelegation": frozenset(("0",)),
+    "load_balance_hosts": frozenset(("disable",)),
+}
+
+
+def _asyncpg_dsn(url: URL) -> str:
+    """url as asyncpg's DSN, without the LIBPQ_CLIENT_ONLY settings it may leave out."""
+    dropped = []
+    for name, value in url.query.items():
+        if name in LIBPQ_CLIENT_ONLY and isinstance(value, str):
+            harmless = LIBPQ_CLIENT_ONLY[name]
+            if harmless is None or value in harmless:
+                dropped.append(name)
+    rest = url.difference_update_query(dropped)
+    return rest.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class AsyncStatements:
@@ -185,8 +202,7 @@ class AsyncStatements:
         # but for what asyncpg would take as server settings: those porch
         # starts each connection with, as its other connections start.
         rest, self._session = postgresql_session(make_url(url), schema)
-        rest = rest.difference_update_query(LIBPQ_CLIENT_ONLY)
-        self._dsn = rest.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = _asyncpg_dsn(rest)
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         # A connection kept out of the pool for the statements that find it

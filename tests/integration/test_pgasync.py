@@ -238,6 +238,7 @@ async def test_the_urls_own_connection_settings_reach_every_connection(
         # libpq's alone, which psycopg2 keeps and asyncpg's connections leave out.
         "keepalives": "1",
         "keepalives_idle": "30",
+        "gssencmode": "disable",  # asyncpg has no GSS encryption to turn off
     }
     url = make_url(pg_schema_db.url).update_query_dict(settings)
     store, statements, actor = await open_store(url.render_as_string(hide_password=False))
