@@ -694,7 +694,15 @@ async def _check_target(options: gateway.GatewayOptions) -> None:
     upstream = gateway.Upstream(options.target, options.tls, options.channel_options)
     try:
         health = health_pb2_grpc.HealthStub(upstream.channel)
-        await health.Check(health_pb2.HealthCheckRequest(), timeout=TARGET_CHECK_SECONDS)
+        checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=TARGET_CHECK_SECONDS)
+        if checked.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(checked.status)
+            log.warning(
+                "the server at %s answers %s now (its database unreachable, say; its log says"
+                " why); requests are answered 503 until it serves",
+                options.target,
+                status,
+            )
     except grpc.aio.AioRpcError as error:
         tls = options.tls
         certificate = tls is not None and tls.certificate_chain is not None

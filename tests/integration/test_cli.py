@@ -8,6 +8,7 @@ import contextlib
 import importlib.metadata
 import itertools
 import json
+import logging
 import os
 import random
 import re
@@ -1426,3 +1427,29 @@ def test_tls_files_that_cannot_be_used_are_named_at_start(tmp_path: Path) -> Non
         assert done.returncode == 1, done.stderr
         assert done.stderr.startswith(f"porch: {message}"), done.stderr
     assert not (tmp_path / "porch.db").exists()
+
+
+async def test_the_gateway_says_as_it_starts_that_its_server_does_not_serve(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from grpc_health.v1 import health
+
+    from porch_server import web
+    from porch_server.cli import _check_target
+
+    server = grpc.aio.server()
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        target = f"127.0.0.1:{port}"
+        for status, warned in (("SERVING", False), ("NOT_SERVING", True)):
+            await checker.set("", health_pb2.HealthCheckResponse.ServingStatus.Value(status))
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="porch"):
+                await _check_target(web.gateway_options(target))
+            said = f"the server at {target} answers NOT_SERVING now" in caplog.text
+            assert said == warned, caplog.text
+    finally:
+        await server.stop(None)
