@@ -37,10 +37,13 @@ def _document() -> gateway.DocumentOptions:
     )
 
 
-# For the patterns below, which ECMA-262 and Python read alike: control
-# characters, and those with the line and paragraph separators.
+# For the patterns below, written as ECMA-262 reads them (Python reads them
+# alike with re.fullmatch): control characters; those with the line and
+# paragraph separators; and the white space that Python's str.strip takes
+# off, named one by one, as ECMA-262's \s takes U+FEFF too and Python's not.
 _CONTROLS = r"\u0000-\u001F\u007F-\u009F"
 _BREAKS = _CONTROLS + r"\u2028\u2029"
+_SPACES = r" \u00A0\u1680\u2000-\u200A\u202F\u205F\u3000"
 
 
 def _field_schemas() -> dict[str, dict[str, Any]]:
@@ -52,7 +55,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_CONTROLS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
     # Not blank, and on one line.
-    text = f"^[^{_BREAKS}]*[^\\s{_BREAKS}][^{_BREAKS}]*$"
+    text = f"^[^{_BREAKS}]*[^{_SPACES}{_BREAKS}][^{_BREAKS}]*$"
     limits: dict[str, dict[str, Any]] = {
         "porch.v1.Pipeline.name": name,
         "porch.v1.GetPipelineRequest.name": name,
@@ -65,7 +68,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
         "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
         # Positive: neither negative nor zero (at most 30 days, as its comment says).
         "porch.v1.ClaimTasksRequest.lease": {
-            "pattern": r"^(?!-)(?![0.]*s$)[0-9]+(\.[0-9]{1,9})?s$"
+            "pattern": r"^(?!-)(?![0.]*s$)[0-9]+(\.[0-9]{0,9})?s$"
         },
         "porch.v1.Task.claim_number": {"minimum": 0},
         # A task is never in the zero state, stored or asked for; an event's

@@ -340,16 +340,27 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
     new_name = bounds["name"]
     for pipeline in ("a b", "é", " lead", "trail ", "a\x01b", "a\x85b", ".", ".."):
         fits = (
-            re.search(name["pattern"], pipeline)
-            and re.search(new_name["pattern"], pipeline)
+            re.fullmatch(name["pattern"], pipeline)
+            and re.fullmatch(new_name["pattern"], pipeline)
             and pipeline not in new_name["not"]["enum"]
         )
         body = {"name": pipeline, "uri": "u", "version": "1"}
         response = await client.post("/v1/pipelines", json=body, headers=admin)
         assert response.status_code == (201 if fits else 400), (pipeline, response.text)
     for field in ("uri", "version"):
-        for value in ("x y", " x ", "", " ", "\tx", "a\nb", "a\u2028b", "a\x9fb"):
-            fits = len(value) >= bounds[field]["minLength"] and re.search(
+        for value in (
+            "x y",
+            " x ",
+            "",
+            " ",
+            "\tx",
+            "a\nb",
+            "a\u2028b",
+            "a\x9fb",
+            "\ufeff",
+            "\u3000",
+        ):
+            fits = len(value) >= bounds[field]["minLength"] and re.fullmatch(
                 bounds[field]["pattern"], value
             )
             body = {"name": f"{field}_{len(value)}_{ord(value[-1:] or 'z')}", "uri": "u"}
@@ -357,7 +368,7 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
             response = await client.post("/v1/pipelines", json=body, headers=admin)
             assert response.status_code == (201 if fits else 400), (field, value, response.text)
     for text in ("d e", " d ", "", " ", "d\te", "d\ne", "d\u2029e"):
-        fits = len(text) >= description["minLength"] and re.search(description["pattern"], text)
+        fits = len(text) >= description["minLength"] and re.fullmatch(description["pattern"], text)
         body = {"pipeline_name": "p1", "description": text}
         response = await client.post("/v1/tokens", json=body, headers=admin)
         assert response.status_code == (201 if fits else 400), (text, response.text)
@@ -371,10 +382,10 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
     response = await client.post("/v1/pipelines/p1/tasks:claim", json=body, headers=wrapper)
     assert claim["maximum"] == 2**31 - 1 and response.status_code == 200
     lease = properties["porch.v1.ClaimTasksRequest"]["lease"]
-    for given in ("1s", "0.5s", "2592000s", "0.000000001s", "0s", "0.000s", "-1s", "-0.5s"):
+    for given in ("1s", "1.s", "0.5s", "2592000s", "0.000000001s", "0s", "0.s", "-1s", "-0.5s"):
         body = {"lease": given}
         response = await client.post("/v1/pipelines/p1/tasks:claim", json=body, headers=wrapper)
-        fits = re.search(lease["pattern"], given)
+        fits = re.fullmatch(lease["pattern"], given)
         assert response.status_code == (200 if fits else 400), (given, response.text)
     batch = properties["porch.v1.RegisterTasksRequest"]["tasks"]
     assert batch["maxItems"] == 10_000
