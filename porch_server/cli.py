@@ -520,9 +520,7 @@ async def _serve_async(config: Config) -> None:
         log.info("shutting down: finishing calls in flight")
     finally:
         # Both stop taking calls at once and share one grace period.
-        await server.stop(
-            running, config.grace_seconds, http_server.stop() if http_server else None
-        )
+        await server.stop(running, config.grace_seconds, http_server.stop if http_server else None)
         store.close()
 
 

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -118,11 +118,11 @@ async def start(config: Config, store: Store) -> Running:
 
 
 async def stop(
-    running: Running, grace: float, http_stopping: Awaitable[None] | None = None
+    running: Running, grace: float, stop_http: Callable[[], Awaitable[None]] | None = None
 ) -> None:
     """Stop taking calls, let calls in flight finish for up to grace seconds, then end.
-    http_stopping, the stop of an HTTP server whose calls this server serves
-    in process, runs beside the gRPC server's, within the same grace."""
+    stop_http, which stops an HTTP server whose calls this server serves in
+    process, runs beside the gRPC server's stop, within the same grace."""
     await running.health.enter_graceful_shutdown()
     await running.hub.stop()  # ends every WatchEvents stream, UNAVAILABLE
     running.sweeper.cancel()
@@ -132,8 +132,8 @@ async def stop(
     # and the HTTP server's, which starts later and waits whole seconds.
     grace_over = asyncio.get_running_loop().call_later(grace, _grace_over, running.interceptor)
     stopping: list[Awaitable[None]] = [running.server.stop(grace)]
-    if http_stopping is not None:
-        stopping.append(http_stopping)
+    if stop_http is not None:
+        stopping.append(stop_http())
     for failed in await asyncio.gather(*stopping, return_exceptions=True):
         if isinstance(failed, Exception):  # the rest of the stop must still run
             log.error("stopping failed: %r", failed)
