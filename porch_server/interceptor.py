@@ -254,6 +254,11 @@ def _bytes_or(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes
     return serialize_message
 
 
+# Seconds before its deadline within which a call its client ended is taken
+# to have ended for its deadline (see _log_call).
+DEADLINE_SLACK = 0.1
+
+
 def _log_call(
     method: str,
     context: Context,
@@ -270,8 +275,10 @@ def _log_call(
 
     A call whose task was cancelled is UNAVAILABLE when the server cut it
     (cut: its grace period over, as it stops), else DEADLINE_EXCEEDED when
-    its deadline has passed, else CANCELLED (the client left): grpc.aio's
-    context does not say so yet when the handler ends. A token's
+    its deadline has passed or is at most DEADLINE_SLACK away, else
+    CANCELLED (the client left): grpc.aio's context does not say so yet when
+    the handler ends. The slack is for the client's own timer, which started
+    as the call left it, before the server's, and so ends the call first. A token's
     description is escaped, as it may hold anything, a line break included.
     A call that sent a token porch does not know (or cannot read) is from
     "unknown token"; one that sent none, "anonymous"; one that sent two,
@@ -284,7 +291,7 @@ def _log_call(
         code = grpc.StatusCode.UNAVAILABLE
     elif cancelled:
         remaining = context.time_remaining()
-        late = remaining is not None and remaining <= 0
+        late = remaining is not None and remaining <= DEADLINE_SLACK
         code = grpc.StatusCode.DEADLINE_EXCEEDED if late else grpc.StatusCode.CANCELLED
     else:
         code = context.code() or grpc.StatusCode.OK
