@@ -66,7 +66,7 @@ from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
-from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView
+from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView, TimedOut
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
@@ -897,6 +897,10 @@ class Store:
             rows = await self._async.rows(_register_with_events(), _registration_params(unique))
         except (Contended, Refused):
             return [None] * len(keys)
+        except TimedOut:
+            if len(unique) == 1:
+                raise  # alone: no other caller's row to blame, nor to try again
+            return [None] * len(keys)
         created: dict[_InputKey, Any] = {(row.pipeline_id, row.task_input_id): row for row in rows}
         missing = [key for key in unique if key not in created]
         existing: dict[_InputKey, Any] = {}
@@ -907,7 +911,9 @@ class Store:
             }
             try:
                 found = await self._async.rows(_existing_tasks(), wanted)
-            except (Contended, Refused):
+            except (Contended, Refused, TimedOut) as error:
+                if isinstance(error, TimedOut) and len(unique) == 1:
+                    raise  # that one was there already: nothing made to answer
                 made = {key: self._to_task(row) for key, row in created.items()}
                 tasks = [made.pop(key, None) for key in keys]  # a repeat is not made twice
                 return [None if task is None else Registration(task, True) for task in tasks]
@@ -1026,10 +1032,11 @@ class Store:
         }
         try:
             rows = await self._async.rows(_update_batch(), batch)
-        except (Contended, Refused):
+        except (Contended, Refused, TimedOut):
             # Batches lock in id order, but should one still lose a deadlock
             # it changed nothing: each change then goes alone. So too when
-            # PostgreSQL refuses one change's values: only its caller fails.
+            # PostgreSQL refuses one change's values, or a timeout ends the
+            # batch (one task locked elsewhere, say): only its caller fails.
             return [None] * len(changes)
         applied = {row.position: row for row in rows}
         return [

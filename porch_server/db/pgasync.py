@@ -48,6 +48,13 @@ class Contended(Exception):
     failure) and changed nothing: the caller may run it again or otherwise."""
 
 
+class TimedOut(Unavailable):
+    """PostgreSQL ended the statement for a lock_timeout or statement_timeout
+    (or a cancel), having changed nothing. Alone, its caller is told to try
+    again; in a batch it may be one caller's doing (a row locked elsewhere),
+    and each caller may go alone."""
+
+
 class Refused(Exception):
     """PostgreSQL refused the statement (for one of its values, say) and it
     changed nothing: in a batch, one caller's data may be the cause."""
@@ -322,9 +329,7 @@ class AsyncStatements:
                 "the database is unavailable: the connection was lost during the call; try again"
             ) from error
         except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as error:
-            # A statement_timeout or lock_timeout (or a cancel) may be one row's
-            # doing, locked elsewhere: in a batch, each caller then goes alone.
-            raise Refused(str(error)) from error
+            raise TimedOut("the database is unavailable", first_line(error)) from error
         except (
             TimeoutError,
             OSError,
