@@ -697,7 +697,7 @@ async def _check_target(options: gateway.GatewayOptions) -> None:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(checked.status)
             log.warning(
                 "the server at %s answers %s now (its database unreachable, say; its log says"
-                " why); requests are answered 503 until it serves",
+                " why); /healthz answers 503 until it serves",
                 options.target,
                 status,
             )

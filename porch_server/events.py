@@ -44,8 +44,8 @@ BACKLOG_MESSAGE_CHARS = READ_BATCH * 64 * 1024
 NOTIFY_DELAY_SECONDS = 0.02
 # How soon to read again when committed events wait behind an older
 # transaction. Once they have waited HELD_LONG_SECONDS (not porch's own
-# transactions, then, but a pg_dump or a long report, which may hold them
-# back for minutes), only every polling interval.
+# transactions, then, but another program's that has written and stays
+# open, which may hold them back for minutes), only every polling interval.
 RECHECK_SECONDS = 0.01
 HELD_LONG_SECONDS = 1.0
 # How long to wait before listening again after the listening connection failed.
