@@ -52,7 +52,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     accepted value meets; the comments and the error messages say the rest
     (the other characters that do not print, which no name may hold either;
     a lease's upper bound; a message's 64 KiB, counted in bytes)."""
-    name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_CONTROLS}]*$"}
+    name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_BREAKS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
     # Not blank, and on one line.
     text = f"^[^{_BREAKS}]*[^{_SPACES}{_BREAKS}][^{_BREAKS}]*$"
@@ -86,7 +86,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
                 # No space at either end, and not "." or "..", which no URL could name.
                 "name": {
                     "minLength": 1,
-                    "pattern": f"^[^/ {_CONTROLS}]([^/{_CONTROLS}]*[^/ {_CONTROLS}])?$",
+                    "pattern": f"^[^/ {_BREAKS}]([^/{_BREAKS}]*[^/ {_BREAKS}])?$",
                     "not": {"enum": [".", ".."]},
                 },
                 **{

@@ -338,7 +338,7 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
         assert (await client.post("/v1/tokens", json=body, headers=admin)).status_code == status
     # What the patterns take, the server takes; what they refuse, it refuses.
     new_name = bounds["name"]
-    for pipeline in ("a b", "é", " lead", "trail ", "a\x01b", "a\x85b", ".", ".."):
+    for pipeline in ("a b", "é", " lead", "trail ", "a\x01b", "a\x85b", "a\u2028b", ".", ".."):
         fits = (
             re.fullmatch(name["pattern"], pipeline)
             and re.fullmatch(new_name["pattern"], pipeline)
