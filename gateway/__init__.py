@@ -18,7 +18,7 @@ from gateway.jsonparse import (
     NotJson,
     UnreadableJson,
     inexact_integer,
-    member_path,
+    json_leaves,
     read_json,
 )
 from gateway.local import HandlerRegistry, LocalUpstream
@@ -59,8 +59,8 @@ __all__ = [
     "create_app",
     "inexact_integer",
     "integral_numbers",
+    "json_leaves",
     "load_bindings",
-    "member_path",
     "message_to_dict",
     "parse_template",
     "read_json",

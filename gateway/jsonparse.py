@@ -25,7 +25,7 @@ import functools
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
@@ -180,16 +180,8 @@ def inexact_integer(data: Any, path: str) -> str | None:
     none. (JavaScript writes 2^60 as 1152921504606847000, its double's
     shortest form, which is not 2^60: refused too, as any other integer a
     double would change.)"""
-    pending = [(path, data)]
-    while pending:
-        where, value = pending.pop()
-        # Pushed last to first, so the first such integer in the body is named.
-        if type(value) is dict:
-            keys = [(member_path(where, key), item) for key, item in value.items()]
-            pending.extend(reversed(keys))
-        elif type(value) is list:
-            pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
-        elif type(value) is int and not -MAX_EXACT_INTEGER <= value <= MAX_EXACT_INTEGER:
+    for where, value in json_leaves(data, path):
+        if type(value) is int and not -MAX_EXACT_INTEGER <= value <= MAX_EXACT_INTEGER:
             try:
                 kept = int(float(value))
             except OverflowError:
@@ -210,7 +202,25 @@ def inexact_integer(data: Any, path: str) -> str | None:
     return None
 
 
-def member_path(path: str, key: str) -> str:
+def json_leaves(data: Any, path: str, *, sort_keys: bool = False) -> Iterator[tuple[str, Any]]:
+    """Each value in data, JSON as json.loads reads it, that is neither an
+    object nor a list, with its path from path (.key, ["key"], [index]), in
+    the order they are written: an object's members as they come, or by key
+    with sort_keys."""
+    pending = [(path, data)]
+    while pending:
+        where, value = pending.pop()
+        # Pushed last to first, so that they come out first to last.
+        if type(value) is dict:
+            items = sorted(value.items()) if sort_keys else value.items()
+            pending.extend(reversed([(_member(where, key), item) for key, item in items]))
+        elif type(value) is list:
+            pending.extend(reversed([(f"{where}[{i}]", item) for i, item in enumerate(value)]))
+        else:
+            yield where, value
+
+
+def _member(path: str, key: str) -> str:
     """The path of an object's member: .key, or ["key"] (shortened) for a key
     that would not read as one short name."""
     if len(key) <= 40 and _NAME.fullmatch(key):

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 
-from gateway import member_path
+from gateway import json_leaves
 from porch_server import auth, messages
 from porch_server.config import GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key
@@ -170,15 +170,8 @@ def _not_finite(path: str, data: Any) -> str:
     """Where in data, the JSON of a Struct found at path, its first number
     that is not finite is (keys taken in order, as in the canonical JSON),
     and which it is."""
-    pending = [(path, data)]
-    while pending:
-        where, value = pending.pop()
-        if isinstance(value, dict):
-            members = [(member_path(where, k), v) for k, v in sorted(value.items())]
-            pending.extend(reversed(members))
-        elif isinstance(value, list):
-            pending.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
-        elif isinstance(value, float) and not math.isfinite(value):
+    for where, value in json_leaves(data, path, sort_keys=True):
+        if type(value) is float and not math.isfinite(value):
             number = "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
             return f"{where} holds a number that is not finite ({number})"
     return f"{path} holds a number that is not finite"
