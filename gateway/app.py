@@ -26,9 +26,8 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.access import AccessLog
 from gateway.errors import (
-    BEARER_CHALLENGE,
-    WWW_AUTHENTICATE,
     GatewayError,
+    challenge_headers,
     rpc_error_json,
     rpc_error_status,
     status_json,
@@ -349,10 +348,8 @@ def success_status(metadata: Sequence[tuple[str, str | bytes]] | Any) -> int:
 def error_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> Response:
-    """An error as `google.rpc.Status` JSON; a 401 with the challenge HTTP
-    asks of it (RFC 9110, 11.6.1): a bearer token, as the gateway forwards."""
-    if status == 401:
-        headers = {WWW_AUTHENTICATE: BEARER_CHALLENGE, **(headers or {})}
+    """An error as `google.rpc.Status` JSON, with the headers its status asks."""
+    headers = {**challenge_headers(status), **(headers or {})}
     return Response(encode_json(body), status_code=status, media_type=JSON, headers=headers)
 
 

@@ -42,10 +42,12 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
-# What a 401 must say (RFC 9110, 11.6.1): how to authenticate. The gateway
-# forwards an Authorization header as gRPC's metadata, a bearer token.
-WWW_AUTHENTICATE = "WWW-Authenticate"
-BEARER_CHALLENGE = "Bearer"
+
+def challenge_headers(status: int) -> dict[str, str]:
+    """The headers an error answer with this HTTP status must carry: for a
+    401, how to authenticate (RFC 9110, 11.6.1), with a bearer token, as the
+    gateway forwards an Authorization header as gRPC's metadata."""
+    return {"www-authenticate": "Bearer"} if status == 401 else {}
 
 
 class GatewayError(Exception):

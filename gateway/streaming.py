@@ -19,13 +19,7 @@ import grpc
 from google.protobuf.message import Message
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import (
-    BEARER_CHALLENGE,
-    WWW_AUTHENTICATE,
-    GatewayError,
-    rpc_error_json,
-    rpc_error_status,
-)
+from gateway.errors import GatewayError, challenge_headers, rpc_error_json, rpc_error_status
 from gateway.openapi import EVENT_STREAM, NDJSON
 from gateway.transcode import encode_json
 from gateway.upstream import HTTP_CODE_KEY, StreamCall, response_headers
@@ -171,7 +165,6 @@ class StreamResponse:
 
     async def _send_error(self, send: Send, status: int, body: dict[str, Any]) -> None:
         headers = [(b"content-type", b"application/json")]
-        if status == 401:
-            headers.append((WWW_AUTHENTICATE.encode(), BEARER_CHALLENGE.encode()))
+        headers += [(k.encode(), v.encode()) for k, v in challenge_headers(status).items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": encode_json(body), "more_body": False})
