@@ -174,7 +174,8 @@ def broken_foreign_keys(connection: Connection) -> list[tuple[Any, ...]]:
 def check_foreign_keys(connection: Connection, before: Sequence[tuple[Any, ...]] = ()) -> None:
     """Refuse (and so roll back) a migration that left a row pointing at
     none, but for those in before (broken_foreign_keys before it ran)."""
-    broken = [row for row in broken_foreign_keys(connection) if row not in before]
+    known = set(before)
+    broken = [row for row in broken_foreign_keys(connection) if row not in known]
     if broken:
         table, row_id, parent, _ = broken[0]
         raise FailedPrecondition(
