@@ -1446,9 +1446,12 @@ def _deadline(now: datetime, lease_seconds: int | None) -> datetime | None:
 
 
 def _token_key(token_id: str) -> int:
-    """Return a token's row id; NotFound for an id that cannot be one."""
-    if not (token_id.isascii() and token_id.isdecimal() and int(token_id) <= _MAX_TOKEN_ID):
-        raise NotFound(f"token {shortened(token_id)} not found")
+    """Return a token's row id; InvalidArgument for an id that cannot be one."""
+    if not (token_id.isascii() and token_id.isdecimal() and 1 <= int(token_id) <= _MAX_TOKEN_ID):
+        raise InvalidArgument(
+            f"token_id must be a token's id, a whole number from 1 to {_MAX_TOKEN_ID:,},"
+            f" got {shortened(token_id)!r}"
+        )
     return int(token_id)
 
 

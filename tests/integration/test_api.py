@@ -183,7 +183,7 @@ def test_a_refusal_quotes_a_long_value_shortened(porch: Porch) -> None:
         pb.GetTaskRequest(pipeline_name="p1", task_input_id=long),
         f"got '{shown}'",
     )
-    fails(Code.NOT_FOUND, admin.RevokeToken, pb.RevokeTokenRequest(token_id=long), shown)
+    fails(Code.INVALID_ARGUMENT, admin.RevokeToken, pb.RevokeTokenRequest(token_id=long), shown)
     task = pb.Task(pipeline=pb.Pipeline(name=long))
     task.task_input.update({"n": 1})
     register = pb.RegisterTaskRequest(task=task)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -155,9 +156,13 @@ def test_token_errors(store: Store) -> None:
     store.create_token(Role.READER, None, "reader", HASH)
     with pytest.raises(AlreadyExists):
         store.create_token(Role.READER, None, "again", HASH)
-    for unknown in ("999", "x1", "", "-1", "99999999999999999999", "\u0661"):
-        with pytest.raises(NotFound, match="not found"):
-            store.revoke_token(unknown)
+    with pytest.raises(NotFound, match="token 999 not found"):
+        store.revoke_token("999")
+    for impossible in ("x1", "", "-1", "0", "2147483648", "99999999999999999999", "\u0661"):
+        shown = re.escape(f"from 1 to 2,147,483,647, got {impossible!r}")
+        with pytest.raises(InvalidArgument, match=shown):
+            store.revoke_token(impossible)
+    assert store.list_tokens(None, None, True, 10, None).items[0].revoke_time is None
 
 
 def test_list_tokens_filters_and_pages(store: Store) -> None:
