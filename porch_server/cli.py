@@ -813,22 +813,18 @@ def _port(text: str) -> int:
 _MAX_DAYS = 36_500
 
 
-def _days(text: str) -> float:
-    """A number of days from 0 to _MAX_DAYS."""
+def _days(text: str, above_zero: bool = False) -> float:
+    """A number of days from 0 (or above 0) to _MAX_DAYS."""
     value = finite_number(text)
-    if not 0 <= value <= _MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"not a number of days from 0 to {_MAX_DAYS}: {text!r}")
+    if not (value > 0 if above_zero else value >= 0) or value > _MAX_DAYS:
+        lowest = "above 0 and at most" if above_zero else "from 0 to"
+        raise argparse.ArgumentTypeError(f"not a number of days {lowest} {_MAX_DAYS}: {text!r}")
     return value
 
 
 def _positive_days(text: str) -> float:
-    """A positive number of days, at most _MAX_DAYS."""
-    value = finite_number(text)
-    if not 0 < value <= _MAX_DAYS:
-        raise argparse.ArgumentTypeError(
-            f"not a number of days above 0 and at most {_MAX_DAYS}: {text!r}"
-        )
-    return value
+    """A number of days above 0, at most _MAX_DAYS."""
+    return _days(text, above_zero=True)
 
 
 def _pool_size(text: str) -> int:
