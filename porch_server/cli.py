@@ -8,6 +8,7 @@ import contextlib
 import errno
 import gc
 import importlib.metadata
+import ipaddress
 import json
 import logging
 import logging.config
@@ -362,6 +363,7 @@ def _serve(args: argparse.Namespace) -> None:
         config.tls.read()  # likewise a file that cannot be read
     ports = [config.grpc_port] if config.http_port is None else [config.grpc_port, config.http_port]
     _check_ports_free(config.host, ports, config.workers > 1)
+    _warn_if_in_clear(config.host, config.tls)
     store = _open_store(args, create=True)
     try:
         if not store.has_had_admin_token():
@@ -582,6 +584,22 @@ def _check_ports_free(host: str, ports: Sequence[int], shared: bool) -> None:
                 ) from None
 
 
+def _warn_if_in_clear(host: str, tls: TLS | None) -> None:
+    """Warn that a server other machines can reach without TLS (on an address
+    not a loopback one) lets anyone on the way read its callers' tokens: it
+    may stand behind a proxy that ends TLS, so it is not refused."""
+    if tls is not None:
+        return
+    addresses = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if all(ipaddress.ip_address(address[4][0]).is_loopback for address in addresses):
+        return
+    log.warning(
+        "serving on %s without TLS: tokens and tasks cross the network in clear text;"
+        " give --tls-cert and --tls-key, unless a proxy in front of porch ends TLS",
+        host,
+    )
+
+
 def _http_server(
     options: gateway.GatewayOptions,
     host: str,
@@ -648,6 +666,7 @@ def _gateway(args: argparse.Namespace) -> None:
         args.shutdown_grace_seconds,
     )
     _check_ports_free(args.host, [args.http_port], args.workers > 1)
+    _warn_if_in_clear(args.host, tls)
     with _extra_workers(_run_gateway, run, args.workers - 1):
         _run_gateway(*run)
 

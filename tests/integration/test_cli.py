@@ -31,6 +31,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+from porch_server import cli
 from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
@@ -1386,6 +1387,33 @@ def test_serve_on_an_ipv6_address(sqlite_url: str) -> None:
         if process.stdout is not None:
             process.stdout.close()
         stop_server(process)
+
+
+def test_serving_beyond_loopback_without_tls_is_warned_of(
+    sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logged = tmp_path / "stderr"
+    with logged.open("w") as stderr:
+        process = subprocess.Popen(
+            [*PORCH, "serve", "--db-url", sqlite_url, "--host", "0.0.0.0", *ZERO_PORTS],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            assert "gRPC listening" in "".join(process.stdout.readline() for _ in range(2))
+        finally:
+            stop_server(process)
+    warning = "serving on 0.0.0.0 without TLS: tokens and tasks cross the network in clear text"
+    assert warning in logged.read_text()
+    tls = cli.TLS(tmp_path / "cert.pem", tmp_path / "key.pem", None)
+    with caplog.at_level(logging.WARNING, logger="porch"):
+        for quiet in (("127.0.0.1", None), ("localhost", None), ("::1", None), ("0.0.0.0", tls)):
+            cli._warn_if_in_clear(*quiet)
+        assert caplog.messages == []
+        cli._warn_if_in_clear("0.0.0.0", None)
+    assert [warning in message for message in caplog.messages] == [True]
 
 
 A_PAIR = ["--tls-cert", "a-cert.pem", "--tls-key", "a-key.pem"]
