@@ -54,6 +54,9 @@ FILE_LIMIT = 65_536
 # The largest --db-pool-size, far past what a PostgreSQL server allows by
 # default (max_connections is 100).
 MAX_POOL_SIZE = 1_000
+# The largest --max-streams: as many WatchEvents streams would hold about
+# 14 GB of a server's memory.
+MAX_STREAMS = 1_000_000
 # After the grace period, how long a stopping server waits for statements
 # still running on its threads before it ends without them.
 STUCK_STATEMENT_SECONDS = 2.0
@@ -133,8 +136,16 @@ def _parser() -> argparse.ArgumentParser:
         help="a quiet WatchEvents stream gets a BOOKMARK this often (default 15)",
     )
     serve.add_argument(
+        "--max-streams",
+        type=_from_one_to(MAX_STREAMS),
+        default=10_000,
+        metavar="N",
+        help="WatchEvents streams a server process keeps open at once; more are refused"
+        " (default 10,000)",
+    )
+    serve.add_argument(
         "--db-pool-size",
-        type=_pool_size,
+        type=_from_one_to(MAX_POOL_SIZE),
         default=10,
         metavar="N",
         help="database connections per pool; a server process holds at most 3 x N + 1 (default 10)",
@@ -306,6 +317,7 @@ def _config(args: argparse.Namespace) -> Config:
         event_retention_days=args.event_retention_days,
         watch_poll_seconds=args.watch_poll_seconds,
         watch_keepalive_seconds=args.watch_keepalive_seconds,
+        max_streams=args.max_streams,
         grace_seconds=args.shutdown_grace_seconds,
         event_loop=args.event_loop,
         db_pool_size=args.db_pool_size,
@@ -846,15 +858,19 @@ def _positive_days(text: str) -> float:
     return _days(text, above_zero=True)
 
 
-def _pool_size(text: str) -> int:
-    """A number of connections from 1 to MAX_POOL_SIZE."""
-    try:
-        size = int(text)
-    except ValueError:
-        size = 0
-    if not 1 <= size <= MAX_POOL_SIZE:
-        raise argparse.ArgumentTypeError(f"not a whole number from 1 to {MAX_POOL_SIZE}: {text!r}")
-    return size
+def _from_one_to(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to most."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"not a whole number from 1 to {most:,}: {text!r}")
+        return value
+
+    return whole_number
 
 
 def _positive(text: str) -> float:

@@ -108,6 +108,8 @@ class Config:
     db_pool_size: int = 10
     watch_poll_seconds: float = 0.5
     watch_keepalive_seconds: float = 15.0
+    # WatchEvents streams a server process keeps open at once.
+    max_streams: int = 10_000
     event_retention_days: float | None = None
     # "auto" (uvloop where installed), "uvloop" or "asyncio".
     event_loop: str = "auto"

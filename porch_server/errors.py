@@ -59,6 +59,11 @@ class PermissionDenied(PorchError):
     """The token is valid but lacks the right for this call."""
 
 
+class ResourceExhausted(PorchError):
+    """The server holds as many of something as it keeps (streams, say); the
+    call may be retried later."""
+
+
 class Unavailable(PorchError):
     """The database cannot be reached; the call may be retried.
 

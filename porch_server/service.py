@@ -31,6 +31,7 @@ from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import (
     InvalidArgument,
     PorchError,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     shortened,
@@ -228,12 +229,20 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     """The porch.v1 service, over a Store whose calls run on an executor."""
 
     def __init__(
-        self, store: Store, executor: Executor, hub: EventHub, keepalive_seconds: float
+        self,
+        store: Store,
+        executor: Executor,
+        hub: EventHub,
+        keepalive_seconds: float,
+        max_streams: int = 10_000,
     ) -> None:
         self._store = store
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
+        # WatchEvents streams open, and how many may be: each holds memory.
+        self._streams = 0
+        self._max_streams = max_streams
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
         self._encoded_bytes = 0
         # token id -> (when asked, revoked): one question for every stream
@@ -554,6 +563,18 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def WatchEvents(  # type: ignore[override]
         self, request: porch_pb2.WatchEventsRequest, context: Context
     ) -> None:
+        if self._streams >= self._max_streams:
+            raise ResourceExhausted(
+                f"this server has {self._streams:,} WatchEvents streams open, as many as it"
+                " keeps (porch serve --max-streams): try again later, or on another server"
+            )
+        self._streams += 1
+        try:
+            await self._watch(request, context)
+        finally:
+            self._streams -= 1
+
+    async def _watch(self, request: porch_pb2.WatchEventsRequest, context: Context) -> None:
         pipeline_name = request.pipeline_name or None
         if pipeline_name is not None:
             await self._run(self._store.get_pipeline, check_name("pipeline_name", pipeline_name))

@@ -229,6 +229,8 @@ class PorchServiceServicer:
         database. Reconnecting with the last cursor received misses nothing and
         repeats nothing. BOOKMARK events carry only a cursor and a time: they
         keep the stream alive and move the cursor past events the filter hides.
+        A server keeps a bounded number of streams open at once (`porch serve
+        --max-streams`); past it, a new one fails with RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,6 +95,8 @@ class PorchServiceStub:
     database. Reconnecting with the last cursor received misses nothing and
     repeats nothing. BOOKMARK events carry only a cursor and a time: they
     keep the stream alive and move the cursor past events the filter hides.
+    A server keeps a bounded number of streams open at once (`porch serve
+    --max-streams`); past it, a new one fails with RESOURCE_EXHAUSTED.
     """
 
 @_typing.type_check_only
@@ -159,6 +161,8 @@ class PorchServiceAsyncStub(PorchServiceStub):
     database. Reconnecting with the last cursor received misses nothing and
     repeats nothing. BOOKMARK events carry only a cursor and a time: they
     keep the stream alive and move the cursor past events the filter hides.
+    A server keeps a bounded number of streams open at once (`porch serve
+    --max-streams`); past it, a new one fails with RESOURCE_EXHAUSTED.
     """
 
 class PorchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -304,6 +308,8 @@ class PorchServiceServicer(metaclass=_abc_1.ABCMeta):
         database. Reconnecting with the last cursor received misses nothing and
         repeats nothing. BOOKMARK events carry only a cursor and a time: they
         keep the stream alive and move the cursor past events the filter hides.
+        A server keeps a bounded number of streams open at once (`porch serve
+        --max-streams`); past it, a new one fails with RESOURCE_EXHAUSTED.
         """
 
 def add_PorchServiceServicer_to_server(servicer: PorchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

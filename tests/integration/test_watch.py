@@ -372,6 +372,39 @@ def test_cancelled_streams_free_the_hub(fast_porch: Porch) -> None:
     assert hub.watchers == 0
 
 
+def test_streams_past_the_servers_most_are_refused_until_one_ends(db_url: str) -> None:
+    porch = start_porch(db_url, watch_keepalive_seconds=0.5, max_streams=2)
+    try:
+        client = porch.stub(porch.admin)
+        kept = [Watcher(client), Watcher(client, pipeline="nope")]  # refused: no such pipeline
+        kept[1].ended.wait(10)
+        assert kept[1].error is not None and kept[1].error.code() == grpc.StatusCode.NOT_FOUND
+        kept[1] = Watcher(client)
+        for watcher in kept:
+            watcher.wait_for_bookmark()
+        refused = Watcher(client)
+        assert refused.ended.wait(10) and refused.error is not None
+        assert refused.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "has 2 WatchEvents streams open, as many as it keeps" in refused.error.details()
+        kept[0].close()
+        deadline = time.monotonic() + 10
+        while True:  # the server notices the stream's end a moment after its client
+            again = Watcher(client)
+            while not (again.bookmarks or again.ended.is_set()):
+                time.sleep(0.01)
+            if again.bookmarks:
+                break
+            assert again.error is not None
+            assert again.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline
+        again.close()
+        kept[1].close()
+    finally:
+        for channel in porch.channels:
+            channel.close()
+        porch.server.stop()
+
+
 def test_a_stream_left_while_its_writes_wait_is_cancelled(
     fast_porch: Porch, caplog: pytest.LogCaptureFixture
 ) -> None:
