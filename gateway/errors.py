@@ -64,6 +64,22 @@ class GatewayError(Exception):
         return status_json(self.code, self.message)
 
 
+# The most characters of a value the caller sent that an error's message quotes.
+QUOTED_CHARACTERS = 64
+
+
+def quoted(value: object) -> str:
+    """A value the caller sent, for an error's message: repr of a string's
+    first QUOTED_CHARACTERS characters, with "…" after them when there were
+    more (of another value, its repr so cut). Quoted whole, a value could
+    make the message as long as the request."""
+    if isinstance(value, str):
+        cut = value[:QUOTED_CHARACTERS] + "…" if len(value) > QUOTED_CHARACTERS else value
+        return repr(cut)
+    shown = repr(value)
+    return shown[:QUOTED_CHARACTERS] + "…" if len(shown) > QUOTED_CHARACTERS else shown
+
+
 def invalid_argument(message: str) -> GatewayError:
     """A 400 naming what is wrong with the request."""
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -33,6 +33,7 @@ from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from gateway.errors import quoted
 from gateway.protojson import JSON_VALUE_TYPES, MAX_EXACT_INTEGER, custom_enum_names
 from gateway.rules import is_map_field
 
@@ -85,12 +86,13 @@ def merge_json_object(data: Any, message: Message) -> None:
     json_format.ParseDict(data, message)
 
 
-def check_shapes(data: Any, message: Message) -> None:
+def check_shapes(data: Any, message: Message, where: str = "") -> None:
     """json_format.ParseError naming the field where the body has something
     other than an object for a message, or other than a string for a string
     field. json_format itself would walk a string as if it were an object
-    (`no field named "s"`), or fail inside a regular expression."""
-    _check_shapes(data, message.DESCRIPTOR, "", 1)
+    (`no field named "s"`), or fail inside a regular expression. where names
+    data in the message when it is not the whole body."""
+    _check_shapes(data, message.DESCRIPTOR, where, 1)
 
 
 def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
@@ -326,7 +328,7 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise NamedTwice(f"names {key!r} twice in one object")
+                raise NamedTwice(f"names {quoted(key)} twice in one object")
             seen.add(key)
     return value
 

@@ -21,10 +21,11 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.errors import GatewayError, invalid_argument
+from gateway.errors import GatewayError, invalid_argument, quoted
 from gateway.jsonparse import (
     INTEGER_RANGES,
     UnreadableJson,
+    check_shapes,
     integral,
     merge_json_object,
     offered_names,
@@ -90,23 +91,27 @@ def build_request(
     body_field = binding.body if binding.body != "*" else None
     seen: set[str] = set()
     for key, value in query:
-        _check_utf8(f"query parameter {key!r}", key + value)
+        _check_utf8(f"query parameter {quoted(key)}", key + value)
         path = _proto_names(binding.method.input_type, key.split("."))
         named = ".".join(path)
         if named in seen:
             field = resolve_field(binding.method.input_type, path)
             if field is not None and not field.is_repeated:
-                raise invalid_argument(f"query parameter {key!r} is given more than once")
+                raise invalid_argument(f"query parameter {quoted(key)} is given more than once")
         seen.add(named)
         if binding.body == "*":
-            raise invalid_argument(f"unknown query parameter {key!r}: every field is in the body")
+            raise invalid_argument(
+                f"unknown query parameter {quoted(key)}: every field is in the body"
+            )
         if path[0] == body_field:
-            raise invalid_argument(f"query parameter {key!r} names a field of the request body")
+            raise invalid_argument(
+                f"query parameter {quoted(key)} names a field of the request body"
+            )
         if named in binding.followed_fields:
             raise invalid_argument(
-                f"unknown query parameter {key!r}: this route answers with every page at once"
+                f"unknown query parameter {quoted(key)}: this route answers with every page at once"
             )
-        set_field(request, path, value, f"query parameter {key!r}")
+        set_field(request, path, value, f"query parameter {quoted(key)}")
     for path_text, value in overrides:
         set_field(request, path_text.split("."), value, f"{path_text!r}")
     for name, value in match.variables.items():
@@ -191,7 +196,7 @@ def _set_path_variable(request: Message, name: str, text: str) -> None:
             given = getattr(parent, path[-1])
             if given != field.default_value and given != parse_scalar(field, text, name):
                 raise invalid_argument(
-                    f"{name} is {given!r} in the request but {text!r} in the path"
+                    f"{name} is {quoted(given)} in the request but {quoted(text)} in the path"
                 )
         parent.ClearField(path[-1])
     _set_in(parent, field, text, what)
@@ -250,7 +255,9 @@ def _parent(message: Message, path: list[str], what: str) -> Message:
     for name in path[:-1]:
         field = message.DESCRIPTOR.fields_by_name.get(name)
         if field is None or field.message_type is None or field.is_repeated:
-            raise invalid_argument(f"unknown {what}: {name!r} is not a singular message field")
+            raise invalid_argument(
+                f"unknown {what}: {quoted(name)} is not a singular message field"
+            )
         message = getattr(message, name)
     return message
 
@@ -271,9 +278,13 @@ def _parse_scalar_message(target: Message, text: str, what: str) -> None:
         if isinstance(value, bytes):
             value = base64.b64encode(value).decode()
     try:
+        check_shapes(value, target, f"invalid {what}")  # a Duration's or Timestamp's form
+    except json_format.ParseError as error:
+        raise invalid_argument(str(error)) from None
+    try:
         json_format.ParseDict(value, target)
-    except (json_format.ParseError, ValueError, TypeError) as error:
-        raise invalid_argument(f"invalid {what}: {error}") from None
+    except (json_format.ParseError, ValueError, TypeError):
+        raise invalid_argument(f"invalid {what}: {quoted(text)} is not a {full_name}") from None
 
 
 def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
@@ -288,25 +299,27 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
             return True
         if text.lower() in _FALSE:
             return False
-        raise invalid_argument(f"invalid {what}: {text!r} is not true or false")
+        raise invalid_argument(f"invalid {what}: {quoted(text)} is not true or false")
     if kind == FieldDescriptor.TYPE_ENUM:
         return _parse_enum(field, text, what)
     if kind in _FLOATS:
         try:
             value = float(text)
         except ValueError:
-            raise invalid_argument(f"invalid {what}: {text!r} is not a number") from None
+            raise invalid_argument(f"invalid {what}: {quoted(text)} is not a number") from None
         if (
             kind == FieldDescriptor.TYPE_FLOAT
             and math.isfinite(value)
             and abs(value) > 3.4028234663852886e38
         ):
-            raise invalid_argument(f"invalid {what}: {text!r} is out of range for a float")
+            raise invalid_argument(f"invalid {what}: {quoted(text)} is out of range for a float")
         return value
     low, high = INTEGER_RANGES[field.cpp_type]
     number = integral(text)
     if number is None or not low <= number <= high:
-        raise invalid_argument(f"invalid {what}: {text!r} is not an integer from {low} to {high}")
+        raise invalid_argument(
+            f"invalid {what}: {quoted(text)} is not an integer from {low} to {high}"
+        )
     return number
 
 
@@ -317,7 +330,7 @@ def _parse_bytes(text: str, what: str) -> bytes:
             return base64.urlsafe_b64decode(padded)
         return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError):
-        raise invalid_argument(f"invalid {what}: {text!r} is not base64") from None
+        raise invalid_argument(f"invalid {what}: {quoted(text)} is not base64") from None
 
 
 def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
@@ -332,7 +345,7 @@ def _parse_enum(field: FieldDescriptor, text: str, what: str) -> int:
     number = integral(text)
     if number is not None and number in offered.values():
         return number
-    raise invalid_argument(f"invalid {what}: {text!r} is not one of {offered_names(enum)}")
+    raise invalid_argument(f"invalid {what}: {quoted(text)} is not one of {offered_names(enum)}")
 
 
 def message_json(message: Message) -> Any:

@@ -14,7 +14,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.errors import GatewayError, invalid_argument
+from gateway.errors import GatewayError, invalid_argument, quoted
 from gateway.options import DEFAULT_MAX_REQUEST_BYTES, ClientTLS
 from gateway.transcode import message_class
 
@@ -262,16 +262,16 @@ def _malformed_authorization(why: str) -> GatewayError:
 
 def _metadata_value(key: str, value: str) -> str | bytes:
     if not _METADATA_KEY.fullmatch(key) or key.startswith("grpc-") or key in _RESERVED_KEYS:
-        raise invalid_argument(f"header for metadata key {key!r} cannot be forwarded")
+        raise invalid_argument(f"header for metadata key {quoted(key)} cannot be forwarded")
     if key.endswith("-bin"):
         try:
             return base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
         except (binascii.Error, ValueError):
-            raise invalid_argument(f"metadata {key!r} is not base64") from None
+            raise invalid_argument(f"metadata {quoted(key)} is not base64") from None
     if not value.isascii() or not value.isprintable():
         if key == "authorization":  # credentials no server can read: HTTP's 401
             raise _malformed_authorization("it has characters gRPC cannot carry")
-        raise invalid_argument(f"metadata {key!r} has characters gRPC cannot carry")
+        raise invalid_argument(f"metadata {quoted(key)} has characters gRPC cannot carry")
     return value
 
 
@@ -283,7 +283,7 @@ def call_timeout(headers: Mapping[str, str], default: float | None) -> float | N
     found = _TIMEOUT.fullmatch(text.strip())
     if found is None:
         raise invalid_argument(
-            f"Grpc-Timeout {text!r} is not a number and one of the units H M S m u n"
+            f"Grpc-Timeout {quoted(text)} is not a number and one of the units H M S m u n"
         )
     return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
 

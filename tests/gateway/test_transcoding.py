@@ -188,6 +188,37 @@ async def test_bad_query_parameter_is_400_naming_it(
     assert body["details"] == []
 
 
+async def test_an_error_quotes_at_most_64_characters_of_a_value_sent(
+    client: httpx.AsyncClient,
+) -> None:
+    long = "9" * 5_000
+    shown = "9" * 64 + "…"
+    refused = [
+        await client.get("/v1/echo/query", params={"int32_value": long}),
+        await client.get("/v1/echo/query", params={"color": long}),
+        await client.get("/v1/echo/query", params={"bool_value": long}),
+        await client.get("/v1/echo/query", params={"double_value": long + "x"}),
+        await client.get("/v1/echo/query", params={"bytes_value": long + "!"}),
+        await client.get("/v1/echo/query", params={"wait": long + "s"}),
+        await client.get("/v1/echo/query", params={"when": long}),
+        await client.get("/v1/echo/query", params={long: "1"}),
+        await client.get(f"/v1/echo/query?int32_value=1&{long}=1&{long}=2"),
+        await client.post("/v1/echo/from-path:shout", json={"text": long}),
+        await client.post("/v1/echo", content=f'{{"{long}": 1, "{long}": 2}}'.encode()),
+    ]
+    for response in refused:
+        message = response.json()["message"]
+        assert response.status_code == 400 and len(message) < 300, message
+        assert long[:100] not in message and ("9" * 40 + "…") in message, message
+    # A number of seconds a Duration cannot hold, in a query parameter, as in a body.
+    message = refused[5].json()["message"]
+    assert message.startswith("invalid query parameter 'wait': a duration is at most"), message
+    message = refused[0].json()["message"]
+    assert message == f"invalid query parameter 'int32_value': '{shown}' is not an integer" + (
+        " from -2147483648 to 2147483647"
+    )
+
+
 async def test_path_variable_is_percent_decoded(client: httpx.AsyncClient) -> None:
     response = await client.get("/v1/echo/a%2Fb%20c%3Ad")
     assert response.json()["text"] == "a/b c:d"
