@@ -1016,7 +1016,7 @@ class Store:
                 "in_claim_number": change.claim_number,
             }
             try:
-                rows = await self._async.rows(_update_with_event(change.status), params)
+                rows = await self._async.rows(_update_with_event(change.status, True), params)
             except (Contended, Refused):
                 return [None]  # it changed nothing: update_task words the error
             return [self._to_task(rows[0]) if rows else None]
@@ -1036,7 +1036,7 @@ class Store:
             # Batches lock in id order, but should one still lose a deadlock
             # it changed nothing: each change then goes alone. So too when
             # PostgreSQL refuses one change's values, or a timeout ends the
-            # batch (one task locked elsewhere, say): only its caller fails.
+            # batch (statement_timeout on a slow statement, say).
             return [None] * len(changes)
         applied = {row.position: row for row in rows}
         return [
@@ -1982,11 +1982,13 @@ def _claim_batch() -> Select[Any]:
 
 
 @functools.cache
-def _update_with_event(status: State) -> Select[Any]:
+def _update_with_event(status: State, skip_locked: bool = False) -> Select[Any]:
     """Move one task to status if its current state allows it, with the event (PostgreSQL).
 
     Returns no row when the task is missing or the move is not allowed; the
-    caller then finds out which.
+    caller then finds out which. With skip_locked, also when another
+    transaction holds the task: the coalesced changes, which run one batch at
+    a time, must not wait for it, so the change goes the blocking way, which does.
     """
     sources = [
         old for old in State if status in UPDATE_TRANSITIONS[old] and not is_noop(old, status)
@@ -2001,7 +2003,7 @@ def _update_with_event(status: State) -> Select[Any]:
             task.c.status.in_([old.value for old in sources]),
             _same_claim(bindparam("in_claim_number", type_=Integer), task.c.claim_number),
         )
-        .with_for_update()
+        .with_for_update(skip_locked=skip_locked)
         .cte("current")
     )
     renewed_lease = _lease_deadline(task.c.lease_seconds)
@@ -2028,7 +2030,9 @@ def _update_batch() -> Select[Any]:
     1-based position, for each change applied. A change the state table
     refuses, one of a missing task, and all but one of several changes to
     the same task come back as nothing: the caller then asks each alone.
-    Rows are locked in id order, so concurrent batches cannot deadlock.
+    Rows are locked in id order, so concurrent batches cannot deadlock. A
+    task another transaction holds comes back as nothing too, as in
+    _update_with_event with skip_locked: the batch does not wait for it.
     """
     requested = _rows_of_arrays(
         "requested",
@@ -2070,7 +2074,7 @@ def _update_batch() -> Select[Any]:
         )
         .where(allowed, _same_claim(requested.c.expected_claim, task.c.claim_number))
         .order_by(task.c.id)
-        .with_for_update(of=task)
+        .with_for_update(of=task, skip_locked=True)
         .cte("current")
     )
     new_status = current.c.new_status

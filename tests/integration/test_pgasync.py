@@ -305,6 +305,16 @@ async def test_a_read_only_database_is_unavailable_not_an_internal_error(pg_url:
         store.close()
 
 
+async def cancel(store: Store, actor: Actor, task_id: str) -> Any:
+    """Cancel a task as the service does: the coalesced way, else the blocking way."""
+    changed = await store.update_task_async("p", task_id, State.CANCELLED, None, actor)
+    if changed is None:
+        return await asyncio.to_thread(
+            store.update_task, "p", task_id, State.CANCELLED, None, actor
+        )
+    return changed
+
+
 @pytest.mark.parametrize("setting", ["lock_timeout=200", "statement_timeout=200"])
 async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
     pg_url: str, setting: str
@@ -318,11 +328,12 @@ async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
     try:
         with holder.begin() as connection:
             connection.execute(text("SELECT 1 FROM task FOR UPDATE"))
-            # Answered so at once, not left to the blocking way (None), which
-            # would wait as long again.
-            with pytest.raises(Unavailable, match=r"^the database is unavailable: cancel"):
-                await store.update_task_async(
-                    "p", made.task.task_input_id, State.CANCELLED, None, actor
+            # The coalesced way does not wait for the lock: the blocking way does.
+            task_id = made.task.task_input_id
+            assert await store.update_task_async("p", task_id, State.CANCELLED, None, actor) is None
+            with pytest.raises(Unavailable, match=r"^the database is unavailable: "):
+                await asyncio.to_thread(
+                    store.update_task, "p", task_id, State.CANCELLED, None, actor
                 )
         assert store.get_task("p", made.task.task_input_id).status is State.PENDING
     finally:
@@ -338,14 +349,6 @@ async def test_a_change_timed_out_in_a_batch_fails_only_its_own_caller(pg_url: s
     locked, *others = every_task(store, "p")
     holder = create_engine(pg_url)
 
-    async def cancel(task_id: str) -> Any:
-        changed = await store.update_task_async("p", task_id, State.CANCELLED, None, actor)
-        if changed is None:  # the blocking way, as the service goes
-            return await asyncio.to_thread(
-                store.update_task, "p", task_id, State.CANCELLED, None, actor
-            )
-        return changed
-
     try:
         with holder.begin() as connection:
             connection.execute(
@@ -353,10 +356,40 @@ async def test_a_change_timed_out_in_a_batch_fails_only_its_own_caller(pg_url: s
                 {"id": locked.task_input_id},
             )
             results = await asyncio.gather(
-                *(cancel(t.task_input_id) for t in [locked, *others]), return_exceptions=True
+                *(cancel(store, actor, t.task_input_id) for t in [locked, *others]),
+                return_exceptions=True,
             )
         assert isinstance(results[0], Unavailable), results[0]
         assert [r.status for r in results[1:]] == [State.CANCELLED] * 3, results
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_task_locked_elsewhere_holds_back_only_its_own_change(pg_url: str) -> None:
+    store, statements, actor = await open_store(pg_url)
+    store.register_tasks("p", [{"n": n} for n in range(4)], actor)
+    locked, *others = every_task(store, "p")
+    holder = create_engine(pg_url)
+
+    try:
+        with holder.connect() as connection:
+            transaction = connection.begin()
+            connection.execute(
+                text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+                {"id": locked.task_input_id},
+            )
+            waiting = asyncio.ensure_future(cancel(store, actor, locked.task_input_id))
+            await asyncio.sleep(0.2)  # its batch cut, or its statement sent
+            for batch in ([others[0]], others[1:]):  # a change alone, then a batch
+                done = await asyncio.wait_for(
+                    asyncio.gather(*(cancel(store, actor, t.task_input_id) for t in batch)), 10
+                )
+                assert [t.status for t in done] == [State.CANCELLED] * len(batch)
+            assert not waiting.done()
+            transaction.rollback()
+        assert (await asyncio.wait_for(waiting, 10)).status is State.CANCELLED
     finally:
         holder.dispose()
         await statements.close()
