@@ -384,17 +384,20 @@ def _serve(args: argparse.Namespace) -> None:
             print(f"porch: created the first admin token (shown only now): {secret}", flush=True)
     finally:
         store.close()
-    with _extra_workers(_run_worker, (config,), config.workers - 1):
-        _run_worker(config)
+    with _extra_workers(_run_worker, (config,), config.workers - 1) as stop_workers:
+        _run_worker(config, stop_workers)
     leave_stuck_statements()
 
 
 @contextlib.contextmanager
 def _extra_workers(
     target: Callable[..., None], args: tuple[Any, ...], count: int
-) -> Iterator[None]:
+) -> Iterator[Callable[[], None]]:
     """Run count more processes of target(*args) beside this one while the block
-    runs; then stop them (SIGTERM) and wait for them.
+    runs; then stop them (SIGTERM) and wait for them. The block is given a
+    function that stops them (SIGTERM) at once, without waiting: call it as
+    this process begins to stop, so that every process stops taking calls
+    at the same moment and they share one grace period.
 
     A process that ends on its own with an exit code other than 0 (killed, or
     crashed) is replaced, so the port keeps as many servers as asked for; one
@@ -402,7 +405,7 @@ def _extra_workers(
     its start waits longer before each new try, up to a minute.
     """
     if count < 1:
-        yield
+        yield lambda: None
         return
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -442,25 +445,29 @@ def _extra_workers(
                 workers[index].start()
                 started[index] = time.monotonic()
 
+    def stop() -> None:
+        stopping.set()  # first: a worker stopped is not replaced
+        for worker in workers:
+            worker.terminate()
+
     watcher = threading.Thread(target=replace_the_failed, name="porch-workers", daemon=True)
     watcher.start()
     try:
-        yield
+        yield stop
     finally:
-        stopping.set()
+        stop()
         watcher.join()
-        for worker in workers:
-            worker.terminate()
+        stop()  # again for one the watcher started meanwhile
         for worker in workers:
             worker.join()
 
 
-def _run_worker(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT in this process."""
+def _run_worker(config: Config, on_stop: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT in this process; then call on_stop first."""
     worker = multiprocessing.parent_process() is not None
     if worker:
         _setup_logging(config.log_config)
-    run_loop(_serve_async(config), config.event_loop)
+    run_loop(_serve_async(config, on_stop), config.event_loop)
     if worker:
         leave_stuck_statements()
 
@@ -506,7 +513,7 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve_async(config: Config) -> None:
+async def _serve_async(config: Config, on_stop: Callable[[], None] | None = None) -> None:
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
     stopping = _stop_on_signals()
     running = await server.start(config, store)
@@ -532,6 +539,8 @@ async def _serve_async(config: Config) -> None:
         _freeze_startup_objects()
         await stopping.wait()
         log.info("shutting down: finishing calls in flight")
+        if on_stop is not None:
+            on_stop()
     finally:
         # Both stop taking calls at once and share one grace period.
         await server.stop(running, config.grace_seconds, http_server.stop if http_server else None)
@@ -679,8 +688,8 @@ def _gateway(args: argparse.Namespace) -> None:
     )
     _check_ports_free(args.host, [args.http_port], args.workers > 1)
     _warn_if_in_clear(args.host, tls)
-    with _extra_workers(_run_gateway, run, args.workers - 1):
-        _run_gateway(*run)
+    with _extra_workers(_run_gateway, run, args.workers - 1) as stop_workers:
+        _run_gateway(*run, on_stop=stop_workers)
 
 
 def _run_gateway(
@@ -692,8 +701,9 @@ def _run_gateway(
     reuse_port: bool,
     log_config: Path | None,
     grace: float,
+    on_stop: Callable[[], None] | None = None,
 ) -> None:
-    """Serve the gateway until SIGTERM or SIGINT in this process."""
+    """Serve the gateway until SIGTERM or SIGINT in this process; then call on_stop first."""
     if multiprocessing.parent_process() is not None:
         _setup_logging(log_config)
     options = web.gateway_options(target, client_tls)
@@ -710,6 +720,8 @@ def _run_gateway(
         checking = asyncio.ensure_future(_check_target(options))
         try:
             await stopping.wait()
+            if on_stop is not None:
+                on_stop()
         finally:
             checking.cancel()
             await web.stop()

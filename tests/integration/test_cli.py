@@ -652,18 +652,27 @@ def _workers_of(pid: int) -> set[int]:
     return workers
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
-def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
-    admin = porch("token", "create", "--admin", "--description", "ops", "--db-url", pg_url).strip()
+def _serve_logging_to(
+    log: Path, db_url: str, *flags: str
+) -> tuple[subprocess.Popen[str], int, str]:
+    """`porch serve --no-http` with flags on a free gRPC port, logging to log:
+    the process, its port and an admin token."""
+    admin = porch("token", "create", "--admin", "--description", "ops", "--db-url", db_url).strip()
     port = _free_port()
-    log, workers = tmp_path / "serve.log", ["--workers", "3"]
     with log.open("w") as errors:
         process = subprocess.Popen(
-            [*PORCH, "serve", "--db-url", pg_url, "--no-http", "--grpc-port", str(port), *workers],
+            [*PORCH, "serve", "--db-url", db_url, "--no-http", "--grpc-port", str(port), *flags],
             stdout=subprocess.PIPE,
             stderr=errors,
             text=True,
         )
+    return process, port, admin
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    process, port, admin = _serve_logging_to(log, pg_url, "--workers", "3")
     try:
         assert process.stdout is not None
         assert "gRPC listening" in process.stdout.readline()
@@ -693,6 +702,62 @@ def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
         assert process.stdout is not None
         process.stdout.close()
     assert not any(Path(f"/proc/{worker}").exists() for worker in now)
+
+
+def test_every_worker_stops_taking_calls_when_the_first_process_does(
+    pg_url: str, tmp_path: Path
+) -> None:
+    # Calls held in flight in every process (each waits for a task locked
+    # here): the first process's grace period is then not over at once.
+    log, flags = tmp_path / "serve.log", ["--workers", "2", "--shutdown-grace-seconds", "30"]
+    process, port, admin = _serve_logging_to(log, pg_url, *flags)
+    holder = make_engine(pg_url)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(16)]
+    try:
+        assert process.stdout is not None
+        assert "gRPC listening" in process.stdout.readline()
+        metadata = [("authorization", f"Bearer {admin}")]
+        client = porch_pb2_grpc.PorchServiceStub(channels[0])
+        pipeline = pb.Pipeline(name="w", uri="u", version="1")
+        client.CreatePipeline(pb.CreatePipelineRequest(pipeline=pipeline), metadata=metadata)
+        wrapper = client.CreateToken(
+            pb.CreateTokenRequest(pipeline_name="w", description="wrapper"), metadata=metadata
+        ).token
+        tasks = []
+        for n in range(len(channels)):
+            task = pb.Task(pipeline=pb.Pipeline(name="w"))
+            task.task_input.update({"n": n})
+            request = pb.RegisterTaskRequest(task=task)
+            wrapping = [("authorization", f"Bearer {wrapper}")]
+            tasks.append(client.RegisterTask(request, metadata=wrapping).task)
+        with holder.begin() as connection:
+            connection.exec_driver_sql("SELECT 1 FROM task FOR UPDATE")
+            waiting = []
+            for channel, task in zip(channels, tasks, strict=True):
+                update = pb.Task(pipeline=task.pipeline, task_input_id=task.task_input_id)
+                update.status = pb.Task.CANCELLED
+                call = porch_pb2_grpc.PorchServiceStub(channel).UpdateTask.future(
+                    pb.UpdateTaskRequest(task=update),
+                    metadata=[("authorization", f"Bearer {wrapper}")],
+                )
+                waiting.append(call)
+            time.sleep(1)  # every call in flight
+            process.terminate()
+            deadline = time.monotonic() + 5
+            stopping = "shutting down: finishing calls in flight"
+            while log.read_text().count(stopping) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert log.read_text().count(stopping) == 2, log.read_text()
+        assert all(call.result(timeout=30).status == pb.Task.CANCELLED for call in waiting)
+        assert process.wait(timeout=30) == 0
+    finally:
+        for channel in channels:
+            channel.close()
+        holder.dispose()
+        if process.poll() is None:
+            process.kill()
+        assert process.stdout is not None
+        process.stdout.close()
 
 
 def test_workers_refuse_a_port_another_server_shares(sqlite_url: str) -> None:
