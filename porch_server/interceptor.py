@@ -110,6 +110,11 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             code = code_of(error)
             access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
             return code, message_of(error)
+        except Exception:  # as serve answers it: a fault, or a refusal porch has no word for
+            errors.exception("%s failed", method)
+            code = grpc.StatusCode.INTERNAL
+            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
+            return code, INTERNAL_ERROR
         return None
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:

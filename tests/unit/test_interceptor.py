@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from porch_server.errors import Unavailable
-from porch_server.interceptor import PorchInterceptor
+from porch_server.interceptor import INTERNAL_ERROR, PorchInterceptor
 from porch_server.models import Role, Token
 
 pytestmark = pytest.mark.asyncio
@@ -28,6 +28,13 @@ class _Store:
 
     def find_token(self, secret_hash: str) -> Any:
         raise Unavailable("the database is unavailable: try again")
+
+
+async def _admitted(method: str, store: Any) -> tuple[grpc.StatusCode, str] | None:
+    """The interceptor's refusal of a call of method with a token, over store."""
+    with ThreadPoolExecutor(1) as executor:
+        interceptor = PorchInterceptor(store, executor, anonymous_reads=False)
+        return await interceptor.admit(method, [("authorization", "Bearer " + "x" * 43)])
 
 
 async def test_a_database_down_while_the_token_is_looked_up_is_unavailable() -> None:
@@ -51,14 +58,28 @@ class _Unreachable(_Store):
 async def test_the_databases_own_words_go_to_the_log_not_to_the_caller(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with ThreadPoolExecutor(1) as executor:
-        interceptor = PorchInterceptor(_Unreachable(), executor, anonymous_reads=False)  # type: ignore[arg-type]
-        refusal = await interceptor.admit(LIST_TASKS, [("authorization", "Bearer " + "x" * 43)])
+    refusal = await _admitted(LIST_TASKS, _Unreachable())
     assert refusal == (
         grpc.StatusCode.UNAVAILABLE,
         "the database is unavailable; try again (the server's log says why)",
     )
     assert 'server at "db.example.org", port 5432 failed' in caplog.text
+
+
+class _Faulty(_Store):
+    """A store whose token lookup fails in a way porch has no word for
+    (the role lost its right to read the token table, say)."""
+
+    def find_token(self, secret_hash: str) -> Any:
+        raise RuntimeError("permission denied for table token")
+
+
+async def test_a_token_lookup_that_fails_otherwise_is_internal_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    refusal = await _admitted(LIST_TASKS, _Faulty())
+    assert refusal == (grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+    assert "ListTasks failed" in caplog.text and "permission denied" in caplog.text
 
 
 class _OneToken:
@@ -90,11 +111,7 @@ class _OneToken:
 async def test_a_role_that_may_never_make_the_call_is_refused_before_its_request(
     role: Role, method: str, refused: bool
 ) -> None:
-    with ThreadPoolExecutor(1) as executor:
-        interceptor = PorchInterceptor(_OneToken(role), executor, anonymous_reads=False)  # type: ignore[arg-type]
-        refusal = await interceptor.admit(
-            SERVICE + method, [("authorization", "Bearer " + "x" * 43)]
-        )
+    refusal = await _admitted(SERVICE + method, _OneToken(role))
     if refused:
         assert refusal is not None and refusal[0] == grpc.StatusCode.PERMISSION_DENIED
         assert f"{method} needs" in refusal[1]
