@@ -343,6 +343,10 @@ class AsyncStatements:
             asyncpg.ObjectNotInPrerequisiteStateError,
             asyncpg.OperatorInterventionError,
             asyncpg.PostgresSystemError,
+            # As a new connection is refused: no such database (a database
+            # renamed or dropped under the server), or the role refused.
+            asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError,
         ) as error:
             raise Unavailable("the database is unavailable", first_line(error)) from error
         except asyncpg.ReadOnlySQLTransactionError as error:

@@ -4,6 +4,7 @@ the thread path kept for what only it can answer (PostgreSQL only)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2
-from tests.conftest import SchemaDatabase
+from tests.conftest import PostgresServer, SchemaDatabase
 from tests.integration.conftest import every_task
 from tests.integration.test_store import LONG, answer_bytes
 
@@ -418,6 +419,24 @@ async def test_an_unreachable_database_is_unavailable(unused_port: int) -> None:
     )
     with pytest.raises(Unavailable, match="the database is unavailable: "):
         await statements.open()
+
+
+async def test_a_database_dropped_under_the_pool_is_unavailable(
+    postgres_server: PostgresServer,
+) -> None:
+    url = postgres_server.create_database()
+    statements = AsyncStatements(url, None, pool_size=1)
+    try:
+        await statements.open()
+        assert await statements.scalar(sa.select(sa.literal(1)), {}) == 1
+        postgres_server.drop_database(url)  # ending its sessions
+        with contextlib.suppress(Unavailable):  # the connection lost, maybe
+            await statements.scalar(sa.select(sa.literal(1)), {})
+        with pytest.raises(Unavailable, match="does not exist"):  # a new one refused
+            await statements.scalar(sa.select(sa.literal(1)), {})
+    finally:
+        await statements.close()
+        postgres_server.drop_database(url)
 
 
 def test_rows_read_by_attribute() -> None:
