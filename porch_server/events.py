@@ -236,7 +236,7 @@ class EventHub:
             try:
                 await self._notify()
             except PorchError as error:
-                log.warning("notifying other servers failed: %s", first_line(error))
+                warn_now_and_then(log, f"notifying other servers failed: {first_line(error)}")
             finally:
                 self._notify_timer = None
 
@@ -265,7 +265,7 @@ class EventHub:
             if self._listener.drain():
                 self.wake()
         except Exception as error:  # a lost connection; _keep_listening reconnects
-            log.warning("lost the listening connection: %s", first_line(error))
+            warn_now_and_then(log, f"lost the listening connection: {first_line(error)}")
             self._stop_listening()
 
     def _stop_listening(self) -> None:

@@ -254,3 +254,25 @@ def test_serialized_events_kept_for_streams_stay_within_their_bytes() -> None:
     assert len(kept) == service_module.ENCODED_EVENT_BYTES_KEPT // len(encoded[-1])
     assert list(kept) == [each.cursor for each in events[-len(kept) :]]  # the newest
     assert service._encoded(events[-1]) is encoded[-1]  # served from what is kept
+
+
+async def test_a_notify_that_keeps_failing_is_logged_now_and_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tries = 0
+
+    async def read_events(after: str, limit: int) -> list[Event]:
+        return []
+
+    async def notify() -> None:
+        nonlocal tries
+        tries += 1
+        raise Unavailable("the database is unavailable", "too many clients (notify test)")
+
+    async with running_hub(read_events, notify=notify) as hub:
+        for _ in range(5):
+            hub.committed()
+            await asyncio.sleep(0.05)
+    assert tries == 5
+    failed = [r for r in caplog.records if "notifying other servers failed" in r.getMessage()]
+    assert len(failed) == 1, caplog.text
