@@ -237,14 +237,16 @@ class _Builder:
         request = binding.method.input_type
         if binding.body == "*":
             schema = self._message_ref(request)
+            fields = self.schemas[request.full_name]
             paths = [variable.field_path for variable in binding.template.variables]
             # A field the path sets is not in the body; a message the path
             # sets a field of (pipeline, of pipeline.name) need not be.
             bound = {path[0] for path in paths if len(path) == 1}
             filled = {path[0] for path in paths if len(path) > 1}
             if bound or filled:
-                schema = self._without(request, bound, optional=filled)
-            required = False
+                schema = fields = self._without(request, bound, optional=filled)
+            # A body that must hold a field cannot be left out.
+            required = bool(fields.get("required"))
         else:
             field = request.fields_by_name[binding.body]
             schema = self._constrained(field, self._field_schema(field))

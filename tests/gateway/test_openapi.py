@@ -136,9 +136,14 @@ async def test_request_bodies(document: dict[str, Any]) -> None:
         "schema"
     ]
     assert star == {"$ref": "#/components/schemas/echo.v1.EchoMessage"}
-    shout = document["paths"]["/v1/echo/{text}:shout"]["post"]["requestBody"]["content"]
+    # A body that must hold a field (EchoMessage's text) is required; one
+    # whose required fields the path gives is not.
+    assert document["paths"]["/v1/echo"]["post"]["requestBody"]["required"] is True
+    shout_body = document["paths"]["/v1/echo/{text}:shout"]["post"]["requestBody"]
+    shout = shout_body["content"]
     assert "text" not in shout["application/json"]["schema"]["properties"]
     assert "required" not in shout["application/json"]["schema"]
+    assert shout_body["required"] is False
     field = document["paths"]["/v1/things"]["post"]["requestBody"]
     assert field["required"] is True
     assert field["content"]["application/json"]["schema"] == {

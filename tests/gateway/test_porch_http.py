@@ -302,6 +302,25 @@ async def test_a_claim_whose_client_left_goes_back_to_pending(
     assert (again["task_input_id"], again["claim_number"]) == (task_id, 2)
 
 
+async def test_a_body_the_document_requires_the_server_requires(porch_http: PorchHttp) -> None:
+    client, admin, wrapper = porch_http.client, porch_http.admin, await porch_http.pipeline()
+    document = (await client.get("/openapi.json")).json()
+    required = [
+        (method, path)
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if operation.get("requestBody", {}).get("required")
+    ]
+    assert ("post", "/v1/tokens") in required and ("post", "/v1/pipelines") in required
+    for method, path in required:
+        url = re.sub(r"\{[^}]*input_id\}", "a" * 64, re.sub(r"\{[^}]*name\}", "p1", path))
+        answer = await client.request(method, url, headers=admin)
+        if answer.status_code == 403:  # a wrapper's call
+            answer = await client.request(method, url, headers=wrapper)
+        assert answer.status_code == 400, (method, path, answer.text)
+        assert "required" in answer.json()["message"], (method, path, answer.text)
+
+
 async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchHttp) -> None:
     client, admin, wrapper = porch_http.client, porch_http.admin, await porch_http.pipeline()
     document = (await client.get("/openapi.json")).json()
