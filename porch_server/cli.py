@@ -34,7 +34,15 @@ from sqlalchemy.engine import Engine
 import gateway
 from gateway import access
 from porch_server import auth, client, server, web
-from porch_server.config import TLS, Config, db_settings, finite_number, host_port, option_file
+from porch_server.config import (
+    DEFAULT_MAX_STREAMS,
+    TLS,
+    Config,
+    db_settings,
+    finite_number,
+    host_port,
+    option_file,
+)
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
 from porch_server.errors import PorchError, first_line
@@ -138,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-streams",
         type=_from_one_to(MAX_STREAMS),
-        default=10_000,
+        default=DEFAULT_MAX_STREAMS,
         metavar="N",
         help="WatchEvents streams a server process keeps open at once; more are refused"
         " (default 10,000)",

@@ -27,6 +27,11 @@ RECONNECT_BACKOFF = ("grpc.max_reconnect_backoff_ms", 5_000)
 CHANNEL_OPTIONS = (RECEIVE_LIMIT, RECONNECT_BACKOFF)
 
 
+# WatchEvents streams a server process keeps open at once, by default: each
+# holds about 14 KB of its memory.
+DEFAULT_MAX_STREAMS = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class TLS:
     """A certificate and key to serve with, and optionally a CA to verify clients."""
@@ -109,7 +114,7 @@ class Config:
     watch_poll_seconds: float = 0.5
     watch_keepalive_seconds: float = 15.0
     # WatchEvents streams a server process keeps open at once.
-    max_streams: int = 10_000
+    max_streams: int = DEFAULT_MAX_STREAMS
     event_retention_days: float | None = None
     # "auto" (uvloop where installed), "uvloop" or "asyncio".
     event_loop: str = "auto"

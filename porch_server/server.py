@@ -83,7 +83,15 @@ async def start(config: Config, store: Store) -> Running:
     # with another that happens to use the same one.
     reuse_port = ("grpc.so_reuseport", 1 if config.workers > 1 else 0)
     server = grpc.aio.server(interceptors=[interceptor], options=[*GRPC_OPTIONS, reuse_port])
-    service = PorchService(store, executor, hub, config.watch_keepalive_seconds, config.max_streams)
+    service = PorchService(
+        store,
+        executor,
+        hub,
+        config.watch_keepalive_seconds,
+        config.max_streams,
+        # Half the threads at most for changes that may wait for a lock.
+        changes_alone=max(1, config.db_pool_size // 2),
+    )
     health_servicer = HealthServicer()
     registry = gateway.HandlerRegistry()
     for target in (server, registry.as_server):

@@ -8,6 +8,7 @@ raise porch errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -25,7 +26,7 @@ from google.protobuf import duration_pb2
 
 from gateway import json_leaves
 from porch_server import auth, messages
-from porch_server.config import GRPC_MESSAGE_BYTES
+from porch_server.config import DEFAULT_MAX_STREAMS, GRPC_MESSAGE_BYTES
 from porch_server.cursors import Key
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import (
@@ -234,12 +235,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         executor: Executor,
         hub: EventHub,
         keepalive_seconds: float,
-        max_streams: int = 10_000,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        changes_alone: int = 1,
     ) -> None:
         self._store = store
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
+        # Status changes going the blocking way at once (see _change_alone).
+        self._changes_alone = asyncio.Semaphore(changes_alone)
         # WatchEvents streams open, and how many may be: each holds memory.
         self._streams = 0
         self._max_streams = max_streams
@@ -256,6 +260,28 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         """Run a blocking store call off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+    async def _change_alone(self, *args: Any) -> Task:
+        """store.update_task(*args) on the executor, for a change the
+        coalesced way did not make: refused, or its task locked by another
+        transaction, for which it waits. Only so many run at once, each
+        holding its place until its thread is done (a cancelled call's
+        thread goes on waiting): however many wait for locks, the executor
+        keeps threads for reads, token checks and the other writes."""
+        await self._changes_alone.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            done = self._executor.submit(self._store.update_task, *args)
+        except BaseException:
+            self._changes_alone.release()
+            raise
+
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed at exit
+                loop.call_soon_threadsafe(self._changes_alone.release)
+
+        done.add_done_callback(release)
+        return await asyncio.wrap_future(done)
 
     async def CreatePipeline(
         self, request: porch_pb2.CreatePipelineRequest, context: Context
@@ -487,10 +513,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         releasing.add_done_callback(self._releasing.discard)
 
     async def _release_all(self, name: str, tasks: list[Task], actor: Actor) -> None:
+        failed: list[tuple[str, PorchError]] = []
         for task in tasks:
             try:
-                await self._run(
-                    self._store.update_task,
+                await self._change_alone(
                     name,
                     task.task_input_id,
                     State.PENDING,
@@ -499,7 +525,16 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                     task.claim_number,
                 )
             except PorchError as error:  # claimed again meanwhile, the database went away
-                log.warning("releasing task %s failed: %s", task.task_input_id, error)
+                failed.append((task.task_input_id, error))
+        if failed:  # one line for the claim, however many tasks it held
+            first, why = failed[0]
+            log.warning(
+                "releasing %d of the %d tasks of an unanswered claim failed, the first (%s): %s",
+                len(failed),
+                len(tasks),
+                first,
+                why,
+            )
         self._hub.committed()
 
     async def UpdateTask(
@@ -538,9 +573,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         message, actor = request.message or None, auth.caller_actor()
         task = await self._store.update_task_async(name, task_id, status, message, actor, claim)
         if task is None:
-            task = await self._run(
-                self._store.update_task, name, task_id, status, message, actor, claim
-            )
+            task = await self._change_alone(name, task_id, status, message, actor, claim)
         self._hub.committed()
         return messages.task_message(task)
 

@@ -51,8 +51,8 @@ class Contended(Exception):
 class TimedOut(Unavailable):
     """PostgreSQL ended the statement for a lock_timeout or statement_timeout
     (or a cancel), having changed nothing. Alone, its caller is told to try
-    again; in a batch it may be one caller's doing (a row locked elsewhere),
-    and each caller may go alone."""
+    again; in a batch it may be one caller's doing (an input that is slow to
+    store, say), and each caller may go alone."""
 
 
 class Refused(Exception):

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -18,6 +19,7 @@ from porch_server.errors import InvalidArgument
 from porch_server.models import Role
 from porch_server.service import _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
+from porch_stubs.v1 import porch_pb2_grpc
 
 from .conftest import Porch, start_porch
 
@@ -740,6 +742,45 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
         pb.ListTaskEventsRequest(pipeline_name="p1", task_input_id=task_id)
     )
     assert events.events[-1].message == "é" * (32 * 1024)
+
+
+def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
+    # Four threads for the database, of which changes that wait take two at most.
+    porch = start_porch(pg_url, db_pool_size=4)
+    holder = sa.create_engine(pg_url)
+    try:
+        secret = porch.pipeline("p1")
+        wrapper = porch.stub(secret)
+        raw = porch_pb2_grpc.PorchServiceStub(grpc.insecure_channel(porch.target))
+        metadata = [("authorization", f"Bearer {secret}")]
+        locked = wrapper.RegisterTask(register("p1", n=0)).task
+        other = wrapper.RegisterTask(register("p1", n=1)).task
+        with holder.begin() as connection:
+            connection.execute(
+                sa.text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+                {"id": locked.task_input_id},
+            )
+            cancel = update("p1", locked.task_input_id, pb.Task.CANCELLED)
+            waiting = [raw.UpdateTask.future(cancel, metadata=metadata) for _ in range(8)]
+            time.sleep(1.5)  # the token's check cached no more: it needs a thread too
+            get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=other.task_input_id)
+            assert raw.GetTask(get, metadata=metadata, timeout=10).status == pb.Task.PENDING
+            claimed = raw.ClaimTasks(claim("p1", 1), metadata=metadata, timeout=10).tasks
+            assert [task.task_input_id for task in claimed] == [other.task_input_id]
+            running = update("p1", other.task_input_id, pb.Task.RUNNING)
+            assert raw.UpdateTask(running, metadata=metadata, timeout=10).status == pb.Task.RUNNING
+            assert not any(call.done() for call in waiting)
+            connection.rollback()
+        # One change made, the others refused as changes of a task CANCELLED by then.
+        codes = [call.exception(timeout=30) and call.code() for call in waiting]
+        assert sorted(code.name if code else "OK" for code in codes) == [
+            "FAILED_PRECONDITION"
+        ] * 7 + ["OK"]
+    finally:
+        holder.dispose()
+        for channel in porch.channels:
+            channel.close()
+        porch.server.stop()
 
 
 def test_rerun_release_and_retry(porch: Porch) -> None:

@@ -343,7 +343,9 @@ async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
         store.close()
 
 
-async def test_a_change_timed_out_in_a_batch_fails_only_its_own_caller(pg_url: str) -> None:
+async def test_a_change_timed_out_waiting_for_a_lock_fails_only_its_own_caller(
+    pg_url: str,
+) -> None:
     url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=200"})
     store, statements, actor = await open_store(url.render_as_string(hide_password=False))
     store.register_tasks("p", [{"n": n} for n in range(4)], actor)
