@@ -237,7 +237,8 @@ class _Builder:
         request = binding.method.input_type
         if binding.body == "*":
             schema = self._message_ref(request)
-            fields = self.schemas[request.full_name]
+            # (A well-known type, google.protobuf.Empty say, has no schema of its own here.)
+            fields = self.schemas.get(request.full_name, {})
             paths = [variable.field_path for variable in binding.template.variables]
             # A field the path sets is not in the body; a message the path
             # sets a field of (pipeline, of pipeline.name) need not be.

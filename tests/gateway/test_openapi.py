@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 import pytest
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2
 from openapi_spec_validator import validate
 
 from gateway import DocumentOptions, build_openapi
@@ -207,3 +209,26 @@ async def test_field_schemas_add_the_servers_limits_wherever_the_field_appears()
     assert parameters["tags"]["schema"]["maxItems"] == 3
     untouched = build_openapi([ECHO_SERVICE], DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,)))
     assert "maxLength" not in schemas(untouched)["echo.v1.EchoMessage"]["properties"]["text"]
+
+
+async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
+    # A request with no schema of its own in the document, as the body.
+    pool = descriptor_pool.DescriptorPool()
+    for module in (descriptor_pb2, http_pb2, annotations_pb2, empty_pb2):
+        known = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(known)
+        pool.Add(known)
+    file = descriptor_pb2.FileDescriptorProto(
+        name="ping/v1/ping.proto",
+        package="ping.v1",
+        syntax="proto3",
+        dependency=["google/api/annotations.proto", "google/protobuf/empty.proto"],
+    )
+    method = file.service.add(name="PingService").method.add(
+        name="Ping", input_type=".google.protobuf.Empty", output_type=".google.protobuf.Empty"
+    )
+    rule = method.options.Extensions[annotations_pb2.http]
+    rule.post, rule.body = "/v1/ping", "*"
+    pool.Add(file)
+    document = build_openapi([pool.FindServiceByName("ping.v1.PingService")])
+    assert document["paths"]["/v1/ping"]["post"]["requestBody"]["required"] is False
