@@ -424,6 +424,8 @@ def _extra_workers(
         worker.start()
 
     stopped: set[int] = set()  # indexes of workers that ended with 0
+    # Held while a replacement starts: stop() sees it started, or never made.
+    replacing = threading.Lock()
 
     def replace_the_failed() -> None:
         while not stopping.is_set():
@@ -449,14 +451,18 @@ def _extra_workers(
                 )
                 if stopping.wait(delays[index]):
                     return
-                workers[index] = context.Process(target=target, args=args)
-                workers[index].start()
+                with replacing:
+                    if stopping.is_set():
+                        return
+                    workers[index] = context.Process(target=target, args=args)
+                    workers[index].start()
                 started[index] = time.monotonic()
 
     def stop() -> None:
-        stopping.set()  # first: a worker stopped is not replaced
-        for worker in workers:
-            worker.terminate()
+        with replacing:
+            stopping.set()  # so no worker stopped now is replaced
+            for worker in workers:
+                worker.terminate()
 
     watcher = threading.Thread(target=replace_the_failed, name="porch-workers", daemon=True)
     watcher.start()
@@ -465,7 +471,6 @@ def _extra_workers(
     finally:
         stop()
         watcher.join()
-        stop()  # again for one the watcher started meanwhile
         for worker in workers:
             worker.join()
 

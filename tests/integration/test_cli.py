@@ -9,6 +9,7 @@ import importlib.metadata
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -18,6 +19,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -704,6 +706,28 @@ def test_a_worker_that_dies_is_replaced(pg_url: str, tmp_path: Path) -> None:
     assert not any(Path(f"/proc/{worker}").exists() for worker in now)
 
 
+def _wait_for_lock_waiters(db_url: str, seconds: float = 10) -> None:
+    """Wait until sessions wait for locks on the database, and no more begin to."""
+    database = make_url(db_url).database
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        f" WHERE datname = '{database}' AND wait_event_type = 'Lock'"
+    )
+    engine = make_engine(db_url)
+    try:
+        deadline, seen, steady_since = time.monotonic() + seconds, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with engine.connect() as connection:
+                count = connection.exec_driver_sql(query).scalar()
+            if count != seen:
+                seen, steady_since = count, time.monotonic()
+            elif count and time.monotonic() - steady_since > 0.5:
+                return
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
 def test_every_worker_stops_taking_calls_when_the_first_process_does(
     pg_url: str, tmp_path: Path
 ) -> None:
@@ -715,7 +739,8 @@ def test_every_worker_stops_taking_calls_when_the_first_process_does(
     channels = [grpc.insecure_channel(f"127.0.0.1:{port}") for _ in range(16)]
     try:
         assert process.stdout is not None
-        assert "gRPC listening" in process.stdout.readline()
+        # Both processes listening, their signal handlers set.
+        assert all("gRPC listening" in process.stdout.readline() for _ in range(2))
         metadata = [("authorization", f"Bearer {admin}")]
         client = porch_pb2_grpc.PorchServiceStub(channels[0])
         pipeline = pb.Pipeline(name="w", uri="u", version="1")
@@ -741,14 +766,16 @@ def test_every_worker_stops_taking_calls_when_the_first_process_does(
                     metadata=[("authorization", f"Bearer {wrapper}")],
                 )
                 waiting.append(call)
-            time.sleep(1)  # every call in flight
+            _wait_for_lock_waiters(pg_url)  # calls in flight, in both processes most likely
             process.terminate()
             deadline = time.monotonic() + 5
             stopping = "shutting down: finishing calls in flight"
             while log.read_text().count(stopping) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert log.read_text().count(stopping) == 2, log.read_text()
-        assert all(call.result(timeout=30).status == pb.Task.CANCELLED for call in waiting)
+        # Made once the lock went, or (a call that had not arrived) refused as the server stopped.
+        codes = [call.exception(timeout=30) and call.code() for call in waiting]
+        assert set(codes) <= {None, grpc.StatusCode.UNAVAILABLE} and codes.count(None) >= 2
         assert process.wait(timeout=30) == 0
     finally:
         for channel in channels:
@@ -758,6 +785,27 @@ def test_every_worker_stops_taking_calls_when_the_first_process_does(
             process.kill()
         assert process.stdout is not None
         process.stdout.close()
+
+
+def test_workers_stopped_while_one_is_replaced_all_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    spawn = multiprocessing.get_context("spawn").Process
+    start, starts, replacing = spawn.start, [], threading.Event()
+
+    def slow_start(process: Any) -> None:
+        starts.append(process)
+        if len(starts) > 1:  # the replacement of the worker that failed
+            replacing.set()
+            time.sleep(0.5)
+        start(process)
+
+    monkeypatch.setattr(spawn, "start", slow_start)
+    with cli._extra_workers(os._exit, (1,), 1) as stop:  # a worker that fails at once
+        assert replacing.wait(30)
+        stop()  # while the replacement starts
+        for process in starts:
+            process.join(10)
+        assert not any(process.is_alive() for process in starts)
+    assert len(starts) == 2
 
 
 def test_workers_refuse_a_port_another_server_shares(sqlite_url: str) -> None:
