@@ -28,6 +28,7 @@ from gateway.access import AccessLog
 from gateway.errors import (
     GatewayError,
     challenge_headers,
+    quoted,
     rpc_error_json,
     rpc_error_status,
     status_json,
@@ -531,7 +532,7 @@ class _TranscodedRoutes(BaseRoute):
         match = scope.get("gateway.match")
         if match is None:
             allowed = ", ".join(scope["gateway.allowed"])
-            message = f"{scope['method']} is not allowed here; allowed: {allowed}"
+            message = f"{quoted(scope['method'])} is not allowed here; allowed: {allowed}"
             body = status_json(grpc.StatusCode.UNIMPLEMENTED, message)
             response: Response | StreamResponse = error_response(405, body, {"Allow": allowed})
         else:

@@ -7,6 +7,7 @@ Exception
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import grpc
@@ -78,6 +79,20 @@ def quoted(value: object) -> str:
         return repr(cut)
     shown = repr(value)
     return shown[:QUOTED_CHARACTERS] + "…" if len(shown) > QUOTED_CHARACTERS else shown
+
+
+# In a message of protobuf's or Python's own, which quote values whole: a
+# quoted run longer than quoted() leaves one, and a longer run of characters
+# other than quotes and white space (a value not in quotes).
+_LONG_QUOTE = re.compile(rf"""(['"])([^'"]{{{QUOTED_CHARACTERS}}})[^'"]+\1""")
+_LONG_RUN = re.compile(rf"""[^\s'"…]{{{QUOTED_CHARACTERS + 1},}}""")
+
+
+def shorten_values(message: str) -> str:
+    """message, a library's, with each value in it longer than
+    QUOTED_CHARACTERS cut as quoted() cuts a value."""
+    message = _LONG_QUOTE.sub(lambda found: f"{found[1]}{found[2]}…{found[1]}", message)
+    return _LONG_RUN.sub(lambda found: found[0][:QUOTED_CHARACTERS] + "…", message)
 
 
 def invalid_argument(message: str) -> GatewayError:

@@ -21,7 +21,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.errors import GatewayError, invalid_argument, quoted
+from gateway.errors import GatewayError, invalid_argument, quoted, shorten_values
 from gateway.jsonparse import (
     INTEGER_RANGES,
     UnreadableJson,
@@ -137,7 +137,7 @@ def _check_field_masks(message: Message) -> None:
                     mask.ToJsonString()
                 except ValueError as error:
                     raise invalid_argument(
-                        f"invalid field mask in {field.name!r}: {error}"
+                        f"invalid field mask in {field.name!r}: {shorten_values(str(error))}"
                     ) from None
         elif is_map_field(field):
             for item in value.values():
@@ -174,11 +174,11 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
                 "the request body nests too deeply for protobuf to read (100 levels of "
                 "messages, two for each object or list in a task_input)"
             ) from None
-        raise invalid_argument(first) from None
+        raise invalid_argument(shorten_values(first)) from None
     except OverflowError:
         raise invalid_argument("a number in the request body is too large") from None
     except (ValueError, TypeError, AttributeError, RecursionError) as error:
-        raise invalid_argument(f"invalid request body: {error}") from None
+        raise invalid_argument(f"invalid request body: {shorten_values(str(error))}") from None
 
 
 def _set_path_variable(request: Message, name: str, text: str) -> None:

@@ -292,7 +292,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             raise InvalidArgument(f"pipeline.name must not be {name!r}: no URL could name it")
         if name != name.strip():  # " p1" would pass for "p1" in every list
             raise InvalidArgument(
-                f"pipeline.name must not begin or end with white space, got {name!r}"
+                f"pipeline.name must not begin or end with white space, got {shortened(name)!r}"
             )
         for field, longest in MAX_PIPELINE_TEXT.items():
             value = getattr(given, field)
@@ -412,7 +412,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         for index, task in enumerate(request.tasks):
             if task.pipeline.name not in ("", name):
                 raise InvalidArgument(
-                    f"tasks[{index}] is of pipeline '{task.pipeline.name}', not '{name}'"
+                    f"tasks[{index}] is of pipeline '{shortened(task.pipeline.name)}',"
+                    f" not '{shortened(name)}'"
                 )
             texts.append(checked_task_input(f"tasks[{index}]", task))
         pipeline = self._store.known_pipeline(name)

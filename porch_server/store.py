@@ -443,7 +443,7 @@ class Store:
         with self._write() as connection:
             row = connection.execute(statement).first()
         if row is None:
-            raise AlreadyExists(f"pipeline '{pipeline.name}' already exists")
+            raise AlreadyExists(f"pipeline '{shortened(pipeline.name)}' already exists")
         return self._remember_pipeline(row)
 
     def known_pipeline(self, name: str) -> Pipeline | None:
@@ -1368,7 +1368,7 @@ class Store:
                 select(pipeline_table).where(pipeline_table.c.name == name)
             ).first()
             if row is None:
-                raise NotFound(f"pipeline '{name}' not found")
+                raise NotFound(f"pipeline '{shortened(name)}' not found")
             self._remember_pipeline(row)
             pipeline_id = row.id
         return pipeline_id
@@ -1557,7 +1557,7 @@ def _event_params(now: datetime, actor: Actor | None, message: str | None) -> di
 
 
 def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
-    return NotFound(f"task {task_input_id} of pipeline '{pipeline_name}' not found")
+    return NotFound(f"task {task_input_id} of pipeline '{shortened(pipeline_name)}' not found")
 
 
 def _fitting(rows: Sequence[Row[Any]], page_size: int, size: Callable[[Row[Any]], int]) -> int:

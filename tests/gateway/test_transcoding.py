@@ -205,6 +205,9 @@ async def test_an_error_quotes_at_most_64_characters_of_a_value_sent(
         await client.get(f"/v1/echo/query?int32_value=1&{long}=1&{long}=2"),
         await client.post("/v1/echo/from-path:shout", json={"text": long}),
         await client.post("/v1/echo", content=f'{{"{long}": 1, "{long}": 2}}'.encode()),
+        # protobuf's own words for a field mask and a wrapper, which quote them whole
+        await client.post("/v1/echo", json={"mask": "a_" + long}),
+        await client.post("/v1/echo", json={"wrapped": long[:100] + "Q"}),
     ]
     for response in refused:
         message = response.json()["message"]

@@ -198,6 +198,20 @@ def test_a_refusal_quotes_a_long_value_shortened(porch: Porch) -> None:
         pb.UpdateTaskRequest(task_input_id="a" * 64, task=update),
         f"task.task_input_id {shown} name different tasks",
     )
+    batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[task])
+    fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, batch, f"is of pipeline '{shown}', not")
+    # A name of up to 255 characters is shortened too.
+    named = "n" * 254
+    spaced = pipeline_request(named + " ")
+    fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, spaced, f"got '{named[:64]}…'")
+    message = fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name=named))
+    assert message == f"pipeline '{named[:64]}…' not found"
+    admin.CreatePipeline(pipeline_request(named))
+    message = fails(Code.ALREADY_EXISTS, admin.CreatePipeline, pipeline_request(named))
+    assert message == f"pipeline '{named[:64]}…' already exists"
+    get = pb.GetTaskRequest(pipeline_name=named, task_input_id="a" * 64)
+    message = fails(Code.NOT_FOUND, admin.GetTask, get)
+    assert message == f"task {'a' * 64} of pipeline '{named[:64]}…' not found"
 
 
 def test_a_refusal_of_any_length_arrives_cut(porch: Porch, monkeypatch: pytest.MonkeyPatch) -> None:
