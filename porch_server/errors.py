@@ -77,6 +77,15 @@ class Unavailable(PorchError):
         self.cause = cause
 
 
+class Locked(Unavailable):
+    """The task is locked by another transaction, and the change was asked
+    not to wait for it."""
+
+
+# PostgreSQL's lock_not_available: a NOWAIT lock refused, or lock_timeout.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
 def shortened(value: str) -> str:
     """A value the client sent, for a message that quotes it: at most its
     first 64 characters (a task_input_id whole), then "…". A value of any

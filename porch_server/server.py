@@ -89,8 +89,8 @@ async def start(config: Config, store: Store) -> Running:
         hub,
         config.watch_keepalive_seconds,
         config.max_streams,
-        # Half the threads at most for changes that may wait for a lock.
-        changes_alone=max(1, config.db_pool_size // 2),
+        # Half the threads at most for changes that wait for a lock.
+        lock_waits=config.db_pool_size // 2,
     )
     health_servicer = HealthServicer()
     registry = gateway.HandlerRegistry()

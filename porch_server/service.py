@@ -31,6 +31,7 @@ from porch_server.cursors import Key
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import (
     InvalidArgument,
+    Locked,
     PorchError,
     ResourceExhausted,
     Unauthenticated,
@@ -236,14 +237,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         hub: EventHub,
         keepalive_seconds: float,
         max_streams: int = DEFAULT_MAX_STREAMS,
-        changes_alone: int = 1,
+        lock_waits: int = 1,
     ) -> None:
         self._store = store
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
-        # Status changes going the blocking way at once (see _change_alone).
-        self._changes_alone = asyncio.Semaphore(changes_alone)
+        # Status changes waiting for a lock at once (see _wait_and_change).
+        self._lock_waits = lock_waits
+        self._waiting_places = asyncio.Semaphore(lock_waits)
         # WatchEvents streams open, and how many may be: each holds memory.
         self._streams = 0
         self._max_streams = max_streams
@@ -261,24 +263,34 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
 
-    async def _change_alone(self, *args: Any) -> Task:
-        """store.update_task(*args) on the executor, for a change the
-        coalesced way did not make: refused, or its task locked by another
-        transaction, for which it waits. Only so many run at once, each
-        holding its place until its thread is done (a cancelled call's
-        thread goes on waiting): however many wait for locks, the executor
-        keeps threads for reads, token checks and the other writes."""
-        await self._changes_alone.acquire()
+    async def _change(self, *args: Any) -> Task:
+        """store.update_task(*args), for a change the coalesced way did not
+        make: refused (which it words), or its task locked by another
+        transaction, for which it waits in _wait_and_change."""
+        try:
+            return await self._run(functools.partial(self._store.update_task, wait=False), *args)
+        except Locked:
+            return await self._wait_and_change(*args)
+
+    async def _wait_and_change(self, *args: Any) -> Task:
+        """store.update_task(*args) on the executor, waiting for its task's
+        lock. Only so many wait at once, each holding its place until its
+        thread is done (a cancelled call's thread goes on waiting): however
+        many wait, the executor keeps threads for reads, token checks and the
+        other writes. With no place at all (one database thread), Locked."""
+        if self._lock_waits == 0:
+            raise Locked("the task is locked by another transaction; try again")
+        await self._waiting_places.acquire()
         loop = asyncio.get_running_loop()
         try:
             done = self._executor.submit(self._store.update_task, *args)
         except BaseException:
-            self._changes_alone.release()
+            self._waiting_places.release()
             raise
 
         def release(_: object) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed at exit
-                loop.call_soon_threadsafe(self._changes_alone.release)
+                loop.call_soon_threadsafe(self._waiting_places.release)
 
         done.add_done_callback(release)
         return await asyncio.wrap_future(done)
@@ -517,7 +529,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         failed: list[tuple[str, PorchError]] = []
         for task in tasks:
             try:
-                await self._change_alone(
+                await self._change(
                     name,
                     task.task_input_id,
                     State.PENDING,
@@ -574,7 +586,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         message, actor = request.message or None, auth.caller_actor()
         task = await self._store.update_task_async(name, task_id, status, message, actor, claim)
         if task is None:
-            task = await self._change_alone(name, task_id, status, message, actor, claim)
+            task = await self._change(name, task_id, status, message, actor, claim)
         self._hub.committed()
         return messages.task_message(task)
 

@@ -70,11 +70,13 @@ from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
+    LOCK_NOT_AVAILABLE,
     READ_ONLY_DATABASE,
     READ_ONLY_SQLSTATE,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    Locked,
     NotFound,
     OutOfRange,
     PorchError,
@@ -730,10 +732,12 @@ class Store:
         message: str | None,
         actor: Actor,
         claim_number: int | None = None,
+        wait: bool = True,
     ) -> Task:
         """Move a task to status, recording an event; FailedPrecondition if the
         move is illegal, or if claim_number is given and the task has been
-        claimed again since that claim."""
+        claimed again since that claim. With wait false, Locked at once when
+        another transaction holds the task (PostgreSQL), instead of waiting."""
         params = _event_params(_now(), actor, message) | {
             "in_task_input_id": task_input_id,
             "in_claim_number": claim_number,
@@ -743,11 +747,11 @@ class Store:
             # BEGIN/COMMIT round trips. Only a refused move needs the transaction.
             with self._read() as connection:
                 params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
-                row = connection.execute(_update_with_event(status), params).first()
+                row = _move(connection, status, params, wait)
             if row is not None:
                 return self._to_task(row)
         with self._write() as connection:
-            return self._update_in(connection, pipeline_name, task_input_id, status, params)
+            return self._update_in(connection, pipeline_name, task_input_id, status, params, wait)
 
     def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
         """Apply status changes in one write transaction: one commit for all.
@@ -782,6 +786,7 @@ class Store:
         task_input_id: str,
         status: State,
         params: dict[str, Any],
+        wait: bool = True,
     ) -> Task:
         """update_task inside a write transaction; it raises before writing anything."""
         pipeline_id = self._find_pipeline_id(connection, pipeline_name)
@@ -793,7 +798,7 @@ class Store:
                 return self._to_task(current)
             return self._to_task(self._update_sqlite(connection, current, status, params))
         for _ in range(_UPDATE_ATTEMPTS):
-            row = connection.execute(_update_with_event(status), params).first()
+            row = _move(connection, status, params, wait)
             if row is not None:
                 return self._to_task(row)
             current = _named_task(connection, params, pipeline_name, task_input_id)
@@ -1981,14 +1986,32 @@ def _claim_batch() -> Select[Any]:
     return select(claimed).add_cte(events).order_by(claimed.c.id)
 
 
+def _move(
+    connection: Connection, status: State, params: dict[str, Any], wait: bool
+) -> Row[Any] | None:
+    """_update_with_event's row; without wait, Locked at once when another
+    transaction holds the task."""
+    try:
+        return connection.execute(_update_with_event(status, nowait=not wait), params).first()
+    except exc.OperationalError as error:
+        if wait or getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+            raise
+        raise Locked(
+            f"task {params['in_task_input_id']} is locked by another transaction"
+        ) from error
+
+
 @functools.cache
-def _update_with_event(status: State, skip_locked: bool = False) -> Select[Any]:
+def _update_with_event(
+    status: State, skip_locked: bool = False, nowait: bool = False
+) -> Select[Any]:
     """Move one task to status if its current state allows it, with the event (PostgreSQL).
 
     Returns no row when the task is missing or the move is not allowed; the
     caller then finds out which. With skip_locked, also when another
     transaction holds the task: the coalesced changes, which run one batch at
-    a time, must not wait for it, so the change goes the blocking way, which does.
+    a time, must not wait for it, so the change goes the blocking way. With
+    nowait, PostgreSQL refuses the statement then (lock_not_available).
     """
     sources = [
         old for old in State if status in UPDATE_TRANSITIONS[old] and not is_noop(old, status)
@@ -2003,7 +2026,7 @@ def _update_with_event(status: State, skip_locked: bool = False) -> Select[Any]:
             task.c.status.in_([old.value for old in sources]),
             _same_claim(bindparam("in_claim_number", type_=Integer), task.c.claim_number),
         )
-        .with_for_update(skip_locked=skip_locked)
+        .with_for_update(skip_locked=skip_locked, nowait=nowait)
         .cte("current")
     )
     renewed_lease = _lease_deadline(task.c.lease_seconds)

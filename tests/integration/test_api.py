@@ -758,6 +758,14 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
     assert events.events[-1].message == "é" * (32 * 1024)
 
 
+def lock(connection: sa.Connection, task: pb.Task) -> None:
+    """Hold the task's row locked in connection's transaction, as a session left open would."""
+    connection.execute(
+        sa.text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+        {"id": task.task_input_id},
+    )
+
+
 def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
     # Four threads for the database, of which changes that wait take two at most.
     porch = start_porch(pg_url, db_pool_size=4)
@@ -769,11 +777,9 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
         metadata = [("authorization", f"Bearer {secret}")]
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         other = wrapper.RegisterTask(register("p1", n=1)).task
+        pending = wrapper.RegisterTask(register("p1", n=2)).task
         with holder.begin() as connection:
-            connection.execute(
-                sa.text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
-                {"id": locked.task_input_id},
-            )
+            lock(connection, locked)
             cancel = update("p1", locked.task_input_id, pb.Task.CANCELLED)
             waiting = [raw.UpdateTask.future(cancel, metadata=metadata) for _ in range(8)]
             time.sleep(1.5)  # the token's check cached no more: it needs a thread too
@@ -783,6 +789,11 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
             assert [task.task_input_id for task in claimed] == [other.task_input_id]
             running = update("p1", other.task_input_id, pb.Task.RUNNING)
             assert raw.UpdateTask(running, metadata=metadata, timeout=10).status == pb.Task.RUNNING
+            # A change refused goes the blocking way too, and is answered at once.
+            with pytest.raises(grpc.RpcError) as refused:
+                refuse = update("p1", pending.task_input_id, pb.Task.RUNNING)
+                raw.UpdateTask(refuse, metadata=metadata, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert not any(call.done() for call in waiting)
             connection.rollback()
         # One change made, the others refused as changes of a task CANCELLED by then.
@@ -790,6 +801,26 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
         assert sorted(code.name if code else "OK" for code in codes) == [
             "FAILED_PRECONDITION"
         ] * 7 + ["OK"]
+    finally:
+        holder.dispose()
+        for channel in porch.channels:
+            channel.close()
+        porch.server.stop()
+
+
+def test_with_one_database_thread_a_change_to_a_locked_task_is_unavailable(pg_url: str) -> None:
+    porch = start_porch(pg_url, db_pool_size=1)  # waiting would take the only thread
+    holder = sa.create_engine(pg_url)
+    try:
+        wrapper = porch.stub(porch.pipeline("p1"))
+        locked = wrapper.RegisterTask(register("p1", n=0)).task
+        with holder.begin() as connection:
+            lock(connection, locked)
+            cancel = update("p1", locked.task_input_id, pb.Task.CANCELLED)
+            fails(Code.UNAVAILABLE, wrapper.UpdateTask, cancel, "locked by another transaction")
+            get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=locked.task_input_id)
+            assert wrapper.GetTask(get).status == pb.Task.PENDING
+        assert wrapper.UpdateTask(cancel).status == pb.Task.CANCELLED
     finally:
         holder.dispose()
         for channel in porch.channels:
