@@ -88,11 +88,20 @@ _LONG_QUOTE = re.compile(rf"""(['"])([^'"]{{{QUOTED_CHARACTERS}}})[^'"]+\1""")
 _LONG_RUN = re.compile(rf"""[^\s'"…]{{{QUOTED_CHARACTERS + 1},}}""")
 
 
+# The most characters of such a message kept: a value with white space in
+# it and not in quotes is not found as one.
+_MOST_OF_A_MESSAGE = 1024
+
+
 def shorten_values(message: str) -> str:
     """message, a library's, with each value in it longer than
-    QUOTED_CHARACTERS cut as quoted() cuts a value."""
+    QUOTED_CHARACTERS cut as quoted() cuts a value, and the whole cut at
+    _MOST_OF_A_MESSAGE characters (saying so)."""
     message = _LONG_QUOTE.sub(lambda found: f"{found[1]}{found[2]}…{found[1]}", message)
-    return _LONG_RUN.sub(lambda found: found[0][:QUOTED_CHARACTERS] + "…", message)
+    message = _LONG_RUN.sub(lambda found: found[0][:QUOTED_CHARACTERS] + "…", message)
+    if len(message) <= _MOST_OF_A_MESSAGE:
+        return message
+    return f"{message[:_MOST_OF_A_MESSAGE]}… (cut: the message was {len(message):,} characters)"
 
 
 def invalid_argument(message: str) -> GatewayError:

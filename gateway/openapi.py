@@ -257,7 +257,10 @@ class _Builder:
     def _without(
         self, message: Descriptor, fields: set[str], optional: AbstractSet[str] = frozenset()
     ) -> dict[str, Any]:
-        schema = dict(self.schemas[message.full_name])
+        known = self.schemas.get(message.full_name)
+        if known is None:  # a well-known type: its JSON form is its own
+            return self._message_ref(message)
+        schema = dict(known)
         schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in fields}
         required = [name for name in schema.get("required", []) if name not in fields | optional]
         schema.pop("required", None)

@@ -110,7 +110,7 @@ def check_role(method: str, token: Token) -> None:
     if access is Access.ADMIN and token.role is not Role.ADMIN:
         given = f"{_a(token.role)} token"
         if token.pipeline_name is not None:
-            given += f" of pipeline '{token.pipeline_name}'"
+            given += f" of pipeline '{shortened(token.pipeline_name)}'"
         raise PermissionDenied(f"{method} needs an admin token; this is {given}")
     if access is Access.WRITE and token.role is not Role.PIPELINE:
         raise PermissionDenied(f"{method} needs a pipeline's token; this is {_a(token.role)} token")
@@ -130,7 +130,8 @@ def authorize(method: str, token: Token, request: Any) -> None:
     # A request naming no pipeline is invalid, and the service says so.
     if pipeline and pipeline != token.pipeline_name:
         raise PermissionDenied(
-            f"this token is for pipeline '{token.pipeline_name}', not '{shortened(pipeline)}'"
+            f"this token is for pipeline '{shortened(token.pipeline_name or '')}',"
+            f" not '{shortened(pipeline)}'"
         )
 
 

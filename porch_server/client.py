@@ -452,7 +452,7 @@ def _dispatch(
             if not 0 < args.lease <= MAX_LEASE.total_seconds():
                 raise SystemExit(
                     f"porch: --lease must be more than 0 and at most {MAX_LEASE.days} days "
-                    f"({MAX_LEASE.total_seconds():,.0f} s), got {args.lease:,.15g}"
+                    f"({MAX_LEASE.total_seconds():,.0f} s), got {args.lease:,}"
                 )
             claim.lease.FromNanoseconds(int(args.lease * 1e9))
         for task in stub.ClaimTasks(claim, metadata=metadata).tasks:

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 from google.api import annotations_pb2, http_pb2
-from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, wrappers_pb2
 from openapi_spec_validator import validate
 
 from gateway import DocumentOptions, build_openapi
@@ -214,7 +214,7 @@ async def test_field_schemas_add_the_servers_limits_wherever_the_field_appears()
 async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
     # A request with no schema of its own in the document, as the body.
     pool = descriptor_pool.DescriptorPool()
-    for module in (descriptor_pb2, http_pb2, annotations_pb2, empty_pb2):
+    for module in (descriptor_pb2, http_pb2, annotations_pb2, empty_pb2, wrappers_pb2):
         known = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(known)
         pool.Add(known)
@@ -222,13 +222,25 @@ async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
         name="ping/v1/ping.proto",
         package="ping.v1",
         syntax="proto3",
-        dependency=["google/api/annotations.proto", "google/protobuf/empty.proto"],
+        dependency=[
+            "google/api/annotations.proto",
+            "google/protobuf/empty.proto",
+            "google/protobuf/wrappers.proto",
+        ],
     )
-    method = file.service.add(name="PingService").method.add(
-        name="Ping", input_type=".google.protobuf.Empty", output_type=".google.protobuf.Empty"
-    )
-    rule = method.options.Extensions[annotations_pb2.http]
-    rule.post, rule.body = "/v1/ping", "*"
+    service = file.service.add(name="PingService")
+    for name, request, path in (
+        ("Ping", "Empty", "/v1/ping"),
+        ("Say", "StringValue", "/v1/say/{value}"),  # the body less what the path gives
+    ):
+        method = service.method.add(
+            name=name,
+            input_type=f".google.protobuf.{request}",
+            output_type=".google.protobuf.Empty",
+        )
+        rule = method.options.Extensions[annotations_pb2.http]
+        rule.post, rule.body = path, "*"
     pool.Add(file)
     document = build_openapi([pool.FindServiceByName("ping.v1.PingService")])
     assert document["paths"]["/v1/ping"]["post"]["requestBody"]["required"] is False
+    assert document["paths"]["/v1/say/{value}"]["post"]["requestBody"]["required"] is False

@@ -213,6 +213,10 @@ async def test_an_error_quotes_at_most_64_characters_of_a_value_sent(
         message = response.json()["message"]
         assert response.status_code == 400 and len(message) < 300, message
         assert long[:100] not in message and ("9" * 40 + "…") in message, message
+    # A value protobuf's words give whole and out of quotes, with spaces: the message is cut.
+    spaced = await client.post("/v1/echo", json={"double_value": ("9" * 64 + " ") * 100})
+    message = spaced.json()["message"]
+    assert len(message) < 1100 and message.endswith("… (cut: the message was 6,587 characters)")
     # A number of seconds a Duration cannot hold, in a query parameter, as in a body.
     message = refused[5].json()["message"]
     assert message.startswith("invalid query parameter 'wait': a duration is at most"), message

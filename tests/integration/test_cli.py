@@ -724,6 +724,7 @@ def _wait_for_lock_waiters(db_url: str, seconds: float = 10) -> None:
             elif count and time.monotonic() - steady_since > 0.5:
                 return
             time.sleep(0.05)
+        assert seen > 0, "no call reached the database's locks"
     finally:
         engine.dispose()
 
@@ -1133,7 +1134,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--max-streams", "0"], "--max-streams: not a whole number from 1 to 1,000,000"),
         (
             ["task", "claim", "--pipeline", "p", "--lease", "2592001", "--target", "h:1"],
-            "got 2,592,001\n",
+            "got 2,592,001.0\n",
         ),
         (["serve", "--db-pool-size", "0"], "not a whole number from 1 to 1,000: '0'"),
         (["serve", "--db-pool-size", "2.5"], "not a whole number from 1 to 1,000: '2.5'"),
