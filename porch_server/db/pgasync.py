@@ -362,7 +362,7 @@ class AsyncStatements:
     async def _fetch_on(
         self, pool: asyncpg.Pool, sql: str, arguments: list[Any]
     ) -> list[asyncpg.Record]:
-        if self._held_busy:
+        if self._held_busy or self._pool_size < 2:  # one alone is never held
             records: list[asyncpg.Record] = await pool.fetch(sql, *arguments)
             return records
         return await self._fetch_held(pool, sql, arguments)
