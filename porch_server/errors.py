@@ -8,7 +8,10 @@
     ├── OutOfRange           a cursor older than the events kept
     ├── Unauthenticated      missing, unknown, malformed or revoked token
     ├── PermissionDenied     a valid token without the right
+    ├── ResourceExhausted    as many streams open as the server keeps
     └── Unavailable          the database cannot be reached
+        ├── Locked           a task locked elsewhere, for a change not to wait
+        └── TimedOut         (porch_server.db.pgasync) a statement timed out
 
 ``service`` maps each to its gRPC status code in one table.
 """
@@ -82,7 +85,7 @@ class Locked(Unavailable):
     not to wait for it."""
 
 
-# PostgreSQL's lock_not_available: a NOWAIT lock refused, or lock_timeout.
+# PostgreSQL's lock_not_available: a NOWAIT lock refused, or a lock_timeout.
 LOCK_NOT_AVAILABLE = "55P03"
 
 

@@ -199,6 +199,10 @@ _task_named = select(task).where(
 # How often an update that the state table allows is tried again when its
 # task changed between the attempt and the look at why it was refused.
 _UPDATE_ATTEMPTS = 10
+# How long a change asked not to wait waits for a lock on the whole task
+# table, for which PostgreSQL has no NOWAIT (and so not the role's own
+# lock_timeout, which its waiting for the task's lock keeps).
+_BRIEF_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 
 _insert_event = insert(event)
 
@@ -742,16 +746,29 @@ class Store:
             "in_task_input_id": task_input_id,
             "in_claim_number": claim_number,
         }
-        if self._postgresql:
+        if self._postgresql and wait:
             # The move and its event are one statement: run alone, it needs no
             # BEGIN/COMMIT round trips. Only a refused move needs the transaction.
             with self._read() as connection:
                 params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
-                row = _move(connection, status, params, wait)
+                row = connection.execute(_update_with_event(status), params).first()
             if row is not None:
                 return self._to_task(row)
         with self._write() as connection:
-            return self._update_in(connection, pipeline_name, task_input_id, status, params, wait)
+            if wait or not self._postgresql:
+                return self._update_in(connection, pipeline_name, task_input_id, status, params)
+            # The task's row locked elsewhere refuses the move at once (NOWAIT);
+            # a lock on the whole table (an index built, a migration) has no
+            # NOWAIT, and is waited for only briefly.
+            connection.exec_driver_sql(_BRIEF_LOCK_TIMEOUT)
+            try:
+                return self._update_in(
+                    connection, pipeline_name, task_input_id, status, params, nowait=True
+                )
+            except exc.OperationalError as error:
+                if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                raise Locked(f"task {task_input_id} is locked by another transaction") from error
 
     def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
         """Apply status changes in one write transaction: one commit for all.
@@ -786,9 +803,11 @@ class Store:
         task_input_id: str,
         status: State,
         params: dict[str, Any],
-        wait: bool = True,
+        nowait: bool = False,
     ) -> Task:
-        """update_task inside a write transaction; it raises before writing anything."""
+        """update_task inside a write transaction; it raises before writing
+        anything. With nowait, PostgreSQL refuses the move at once should
+        another transaction hold the task (lock_not_available)."""
         pipeline_id = self._find_pipeline_id(connection, pipeline_name)
         params["in_pipeline_id"] = pipeline_id
         if not self._postgresql:  # the write lock is held: nothing changes meanwhile
@@ -798,7 +817,7 @@ class Store:
                 return self._to_task(current)
             return self._to_task(self._update_sqlite(connection, current, status, params))
         for _ in range(_UPDATE_ATTEMPTS):
-            row = _move(connection, status, params, wait)
+            row = connection.execute(_update_with_event(status, nowait=nowait), params).first()
             if row is not None:
                 return self._to_task(row)
             current = _named_task(connection, params, pipeline_name, task_input_id)
@@ -1984,21 +2003,6 @@ def _claim_batch() -> Select[Any]:
     pending = literal(State.PENDING.value)
     events = _events_from(claimed, EventKind.CLAIMED, pending, claimed.c.status, who)
     return select(claimed).add_cte(events).order_by(claimed.c.id)
-
-
-def _move(
-    connection: Connection, status: State, params: dict[str, Any], wait: bool
-) -> Row[Any] | None:
-    """_update_with_event's row; without wait, Locked at once when another
-    transaction holds the task."""
-    try:
-        return connection.execute(_update_with_event(status, nowait=not wait), params).first()
-    except exc.OperationalError as error:
-        if wait or getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
-            raise
-        raise Locked(
-            f"task {params['in_task_input_id']} is locked by another transaction"
-        ) from error
 
 
 @functools.cache

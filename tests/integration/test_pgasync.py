@@ -29,7 +29,7 @@ from porch_server.db.pgasync import (
     row_class,
 )
 from porch_server.digest import canonical_json
-from porch_server.errors import FailedPrecondition, Unavailable
+from porch_server.errors import FailedPrecondition, Locked, Unavailable
 from porch_server.models import Actor, EventKind, Pipeline, Registration, Role
 from porch_server.service import UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
@@ -439,6 +439,41 @@ async def test_a_database_dropped_under_the_pool_is_unavailable(
     finally:
         await statements.close()
         postgres_server.drop_database(url)
+
+
+async def test_a_change_not_to_wait_waits_briefly_for_a_lock_on_the_table(pg_url: str) -> None:
+    # PostgreSQL has no NOWAIT for the table's lock (an index built, say).
+    store, statements, actor = await open_store(pg_url)
+    [made] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = made.task.task_input_id
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as connection:
+            connection.execute(text("LOCK TABLE task IN EXCLUSIVE MODE"))  # reads go on
+            with pytest.raises(Locked, match="is locked by another transaction"):
+                await asyncio.wait_for(
+                    asyncio.to_thread(
+                        store.update_task, "p", task_id, State.CANCELLED, None, actor, wait=False
+                    ),
+                    10,
+                )
+        assert store.update_task("p", task_id, State.CANCELLED, None, actor, wait=False)
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_pool_of_one_connection_runs_statements_that_overlap(pg_url: str) -> None:
+    statements = AsyncStatements(pg_url, None, pool_size=1)
+    await statements.open()
+    try:
+        slow = asyncio.ensure_future(statements.scalar(sa.select(sa.func.pg_sleep(0.2)), {}))
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(statements.scalar(sa.select(sa.literal(1)), {}), 10) == 1
+        await slow
+    finally:
+        await statements.close()
 
 
 def test_rows_read_by_attribute() -> None:
