@@ -740,8 +740,9 @@ class Store:
     ) -> Task:
         """Move a task to status, recording an event; FailedPrecondition if the
         move is illegal, or if claim_number is given and the task has been
-        claimed again since that claim. With wait false, Locked at once when
-        another transaction holds the task (PostgreSQL), instead of waiting."""
+        claimed again since that claim. With wait false (PostgreSQL), Locked
+        instead of waiting when another transaction holds the task (at once)
+        or the whole table (after _BRIEF_LOCK_TIMEOUT)."""
         params = _event_params(_now(), actor, message) | {
             "in_task_input_id": task_input_id,
             "in_claim_number": claim_number,
