@@ -91,27 +91,22 @@ def build_request(
     body_field = binding.body if binding.body != "*" else None
     seen: set[str] = set()
     for key, value in query:
-        _check_utf8(f"query parameter {quoted(key)}", key + value)
+        what = f"query parameter {quoted(key)}"
+        _check_utf8(what, key + value)
         path = _proto_names(binding.method.input_type, key.split("."))
         named = ".".join(path)
         if named in seen:
             field = resolve_field(binding.method.input_type, path)
             if field is not None and not field.is_repeated:
-                raise invalid_argument(f"query parameter {quoted(key)} is given more than once")
+                raise invalid_argument(f"{what} is given more than once")
         seen.add(named)
         if binding.body == "*":
-            raise invalid_argument(
-                f"unknown query parameter {quoted(key)}: every field is in the body"
-            )
+            raise invalid_argument(f"unknown {what}: every field is in the body")
         if path[0] == body_field:
-            raise invalid_argument(
-                f"query parameter {quoted(key)} names a field of the request body"
-            )
+            raise invalid_argument(f"{what} names a field of the request body")
         if named in binding.followed_fields:
-            raise invalid_argument(
-                f"unknown query parameter {quoted(key)}: this route answers with every page at once"
-            )
-        set_field(request, path, value, f"query parameter {quoted(key)}")
+            raise invalid_argument(f"unknown {what}: this route answers with every page at once")
+        set_field(request, path, value, what)
     for path_text, value in overrides:
         set_field(request, path_text.split("."), value, f"{path_text!r}")
     for name, value in match.variables.items():
