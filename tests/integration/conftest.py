@@ -69,6 +69,12 @@ class Porch:
         self.server.store.create_token(role, pipeline, description, auth.hash_secret(secret))
         return secret
 
+    def stop(self) -> None:
+        """Close the channels the test opened, then stop the server."""
+        for channel in self.channels:
+            channel.close()
+        self.server.stop()
+
     def pipeline(self, name: str = "p1") -> str:
         """Create a pipeline and return a pipeline token for it."""
         self.stub(self.admin).CreatePipeline(
@@ -118,9 +124,7 @@ def start_porch(db_url: str, schema: str | None = None, **options: object) -> Po
 def porch(db_url: str) -> Iterator[Porch]:
     running = start_porch(db_url)
     yield running
-    for channel in running.channels:
-        channel.close()
-    running.server.stop()
+    running.stop()
 
 
 LISTENING = re.compile(r"gRPC listening on \S+:(\d+)")

@@ -803,9 +803,7 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
         ] * 7 + ["OK"]
     finally:
         holder.dispose()
-        for channel in porch.channels:
-            channel.close()
-        porch.server.stop()
+        porch.stop()
 
 
 def test_with_one_database_thread_a_change_to_a_locked_task_is_unavailable(pg_url: str) -> None:
@@ -823,9 +821,7 @@ def test_with_one_database_thread_a_change_to_a_locked_task_is_unavailable(pg_ur
         assert wrapper.UpdateTask(cancel).status == pb.Task.CANCELLED
     finally:
         holder.dispose()
-        for channel in porch.channels:
-            channel.close()
-        porch.server.stop()
+        porch.stop()
 
 
 def test_rerun_release_and_retry(porch: Porch) -> None:

@@ -92,9 +92,7 @@ def set_status(client: Client, task: pb.Task, status: int, message: str = "") ->
 def fast_porch(db_url: str) -> Any:
     porch = start_porch(db_url, watch_poll_seconds=0.2, watch_keepalive_seconds=0.5)
     yield porch
-    for channel in porch.channels:
-        channel.close()
-    porch.server.stop()
+    porch.stop()
 
 
 def test_from_now_sees_only_new_events(fast_porch: Porch) -> None:
@@ -237,9 +235,7 @@ def test_a_stream_from_now_resumed_at_any_of_its_cursors_goes_on_as_it_would_hav
             resumed.close()
     finally:
         held.close()
-        for channel in porch.channels:
-            channel.close()
-        porch.server.stop()
+        porch.stop()
 
 
 def dashboard(porch: Porch) -> tuple[str, str]:
@@ -318,9 +314,7 @@ def test_a_tokens_streams_wait_for_the_revocation_check_in_flight(
             assert watcher.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
             assert watcher.events.empty()
     finally:
-        for channel in porch.channels:
-            channel.close()
-        porch.server.stop()
+        porch.stop()
 
 
 def test_pruned_cursor_is_out_of_range(fast_porch: Porch) -> None:
@@ -400,9 +394,7 @@ def test_streams_past_the_servers_most_are_refused_until_one_ends(db_url: str) -
         again.close()
         kept[1].close()
     finally:
-        for channel in porch.channels:
-            channel.close()
-        porch.server.stop()
+        porch.stop()
 
 
 def test_a_stream_left_while_its_writes_wait_is_cancelled(
