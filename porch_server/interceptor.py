@@ -107,15 +107,14 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if rights:
                     auth.check_role(method, token)
         except PorchError as error:  # the token's, or the database down while looking
-            code = code_of(error)
-            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
-            return code, message_of(error)
+            code, message = code_of(error), message_of(error)
         except Exception:  # as serve answers it: a fault, or a refusal porch has no word for
             errors.exception("%s failed", method)
-            code = grpc.StatusCode.INTERNAL
-            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
-            return code, INTERNAL_ERROR
-        return None
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
+        else:
+            return None
+        access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
+        return code, message
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:
         """The token the call came with (its authorization metadata), revoked
