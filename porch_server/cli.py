@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_STREAMS,
         metavar="N",
         help="WatchEvents streams a server process keeps open at once; more are refused"
-        " (default 10,000)",
+        f" (default {DEFAULT_MAX_STREAMS:,})",
     )
     serve.add_argument(
         "--db-pool-size",
