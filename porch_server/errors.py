@@ -10,8 +10,9 @@
     ├── PermissionDenied     a valid token without the right
     ├── ResourceExhausted    as many streams open as the server keeps
     └── Unavailable          the database cannot be reached
-        ├── Locked           a task locked elsewhere, for a change not to wait
+        ├── Locked           a task locked elsewhere, for a write not to wait
         └── TimedOut         (porch_server.db.pgasync) a statement timed out
+            └── LockTimedOut     ... waiting for a lock
 
 ``service`` maps each to its gRPC status code in one table.
 """
@@ -81,8 +82,8 @@ class Unavailable(PorchError):
 
 
 class Locked(Unavailable):
-    """The task is locked by another transaction, and the change was asked
-    not to wait for it."""
+    """A task is locked by another transaction, and the change or the
+    registration was asked not to wait for it."""
 
 
 # PostgreSQL's lock_not_available: a NOWAIT lock refused, or a lock_timeout.

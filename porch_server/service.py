@@ -39,7 +39,7 @@ from porch_server.errors import (
     shortened,
 )
 from porch_server.events import EventHub, follow
-from porch_server.models import Actor, Event, Pipeline, Role, Task
+from porch_server.models import Actor, Event, Pipeline, Registration, Role, Task
 from porch_server.states import State
 from porch_server.store import MAX_TASK_INPUT_BYTES, Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
@@ -243,7 +243,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
-        # Status changes waiting for a lock at once (see _wait_and_change).
+        # Writes waiting for a lock at once (see _wait_for_lock).
         self._lock_waits = lock_waits
         self._waiting_places = asyncio.Semaphore(lock_waits)
         # WatchEvents streams open, and how many may be: each holds memory.
@@ -266,24 +266,33 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _change(self, *args: Any) -> Task:
         """store.update_task(*args), for a change the coalesced way did not
         make: refused (which it words), or its task locked by another
-        transaction, for which it waits in _wait_and_change."""
+        transaction, for which it waits in _wait_for_lock."""
         try:
             return await self._run(functools.partial(self._store.update_task, wait=False), *args)
         except Locked:
-            return await self._wait_and_change(*args)
+            return await self._wait_for_lock(self._store.update_task, *args)
 
-    async def _wait_and_change(self, *args: Any) -> Task:
-        """store.update_task(*args) on the executor, waiting for its task's
-        lock. Only so many wait at once, each holding its place until its
-        thread is done (a cancelled call's thread goes on waiting): however
-        many wait, the executor keeps threads for reads, token checks and the
+    async def _register(self, *args: Any) -> list[Registration]:
+        """store.register_canonical(*args), waiting in _wait_for_lock should
+        a task of the inputs be locked by another transaction."""
+        register = self._store.register_canonical
+        try:
+            return await self._run(functools.partial(register, wait=False), *args)
+        except Locked:
+            return await self._wait_for_lock(register, *args)
+
+    async def _wait_for_lock(self, write: Callable[..., T], *args: Any) -> T:
+        """write(*args) (a store method that waits for locks) on the executor.
+        Only so many wait at once, each holding its place until its thread
+        is done (a cancelled call's thread goes on waiting): however many
+        wait, the executor keeps threads for reads, token checks and the
         other writes. With no place at all (one database thread), Locked."""
         if self._lock_waits == 0:
-            raise Locked("the task is locked by another transaction; try again")
+            raise Locked("a task is locked by another transaction; try again")
         await self._waiting_places.acquire()
         loop = asyncio.get_running_loop()
         try:
-            done = self._executor.submit(self._store.update_task, *args)
+            done = self._executor.submit(write, *args)
         except BaseException:
             self._waiting_places.release()
             raise
@@ -403,7 +412,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         actor = auth.caller_actor()
         result = await self._store.register_canonical_async(name, text, actor)
         if result is None:
-            [result] = await self._run(self._store.register_canonical, name, [text], actor)
+            [result] = await self._register(name, [text], actor)
         if result.created:
             self._hub.committed()
             context.set_trailing_metadata(CREATED)
@@ -438,7 +447,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 f"bytes, more than the {GRPC_MESSAGE_BYTES:,} a gRPC client accepts by default: "
                 "send them in smaller batches"
             )
-        results = await self._run(self._store.register_canonical, name, texts, auth.caller_actor())
+        results = await self._register(name, texts, auth.caller_actor())
         if any(r.created for r in results):
             self._hub.committed()
             context.set_trailing_metadata(CREATED)  # 201 through the gateway

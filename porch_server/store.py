@@ -66,7 +66,14 @@ from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
 from porch_server.db.engine import writer
 from porch_server.db.listen import CHANNEL
-from porch_server.db.pgasync import AsyncStatements, Contended, Refused, RowView, TimedOut
+from porch_server.db.pgasync import (
+    AsyncStatements,
+    Contended,
+    LockTimedOut,
+    Refused,
+    RowView,
+    TimedOut,
+)
 from porch_server.db.tables import UtcDateTime, event, event_horizon, task, token
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
@@ -201,8 +208,12 @@ _task_named = select(task).where(
 _UPDATE_ATTEMPTS = 10
 # How long a change asked not to wait waits for a lock on the whole task
 # table, for which PostgreSQL has no NOWAIT (and so not the role's own
-# lock_timeout, which its waiting for the task's lock keeps).
-_BRIEF_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
+# lock_timeout, which its waiting for the task's lock keeps); and how long
+# a registration asked not to wait waits for a task's row, which INSERT …
+# ON CONFLICT waits for when another transaction has changed it and not
+# yet ended (it has no NOWAIT, nor SKIP LOCKED).
+_BRIEF_LOCK = "100ms"
+_BRIEF_LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{_BRIEF_LOCK}'"
 
 _insert_event = insert(event)
 
@@ -614,13 +625,26 @@ class Store:
         return self.register_canonical(pipeline_name, texts, actor)
 
     def register_canonical(
-        self, pipeline_name: str, texts: Sequence[str], actor: Actor
+        self, pipeline_name: str, texts: Sequence[str], actor: Actor, wait: bool = True
     ) -> list[Registration]:
         """register_tasks for inputs given as their canonical JSON texts
-        (digest.canonical_json), which the caller has made already."""
+        (digest.canonical_json), which the caller has made already. With wait
+        false (PostgreSQL), Locked instead of waiting more than _BRIEF_LOCK
+        for a lock: an input's task changed by a transaction still open, say."""
         with self._statements() as connection:
             pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-            return self._register_in(connection, pipeline_id, texts, actor)
+            if wait or not self._postgresql:
+                return self._register_in(connection, pipeline_id, texts, actor)
+            try:
+                return self._register_in(connection, pipeline_id, texts, actor, brief=True)
+            except exc.OperationalError as error:
+                if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                raise Locked(
+                    "a task of these inputs is locked by another transaction"
+                    if len(texts) > 1
+                    else "the input's task is locked by another transaction"
+                ) from error
 
     def _register_blocking(self, items: Sequence[_Registering]) -> list[Registration | PorchError]:
         """Register single inputs of any pipelines and callers together: on
@@ -643,10 +667,15 @@ class Store:
         return [result for result in results if result is not None]
 
     def _register_in(
-        self, connection: Connection, pipeline_id: int, texts: Sequence[str], actor: Actor
+        self,
+        connection: Connection,
+        pipeline_id: int,
+        texts: Sequence[str],
+        actor: Actor,
+        brief: bool = False,
     ) -> list[Registration]:
         ids, unique = _unique_texts(texts)
-        inserted = self._insert_tasks(connection, pipeline_id, unique, actor)
+        inserted = self._insert_tasks(connection, pipeline_id, unique, actor, brief)
         created = {row.task_input_id: row for row in inserted}
         missing = [task_input_id for task_input_id in unique if task_input_id not in created]
         existing = {
@@ -919,8 +948,11 @@ class Store:
         inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
         keys, unique = _unique_inputs(inputs)
         try:
-            rows = await self._async.rows(_register_with_events(), _registration_params(unique))
-        except (Contended, Refused):
+            statement = _register_with_events(brief=True)
+            rows = await self._async.rows(statement, _registration_params(unique))
+        except (Contended, Refused, LockTimedOut):
+            # A task locked elsewhere: each goes the blocking way, where the
+            # one locked waits for its lock alone.
             return [None] * len(keys)
         except TimedOut:
             if len(unique) == 1:
@@ -1300,15 +1332,22 @@ class Store:
     # Statements whose form differs between the databases
 
     def _insert_tasks(
-        self, connection: Connection, pipeline_id: int, unique: dict[str, str], actor: Actor
+        self,
+        connection: Connection,
+        pipeline_id: int,
+        unique: dict[str, str],
+        actor: Actor,
+        brief: bool = False,
     ) -> list[Row[Any]]:
         """Insert the tasks of a pipeline that do not exist yet, given as their
-        canonical texts by task_input_id, each with its CREATED event."""
+        canonical texts by task_input_id, each with its CREATED event; brief:
+        see _register_with_events (PostgreSQL)."""
         if not unique:
             return []
         if self._postgresql:
             inputs = {(pipeline_id, key): (text, actor) for key, text in unique.items()}
-            return list(connection.execute(_register_with_events(), _registration_params(inputs)))
+            statement = _register_with_events(brief)
+            return list(connection.execute(statement, _registration_params(inputs)))
         params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
         rows = list(
             connection.execute(
@@ -1787,7 +1826,7 @@ def _unread_after() -> Select[Any]:
 
 
 @functools.cache
-def _register_with_events() -> Select[Any]:
+def _register_with_events(brief: bool = False) -> Select[Any]:
     """INSERT the new tasks ON CONFLICT DO NOTHING with their events (PostgreSQL).
 
     The inputs come as parallel arrays, each of its own pipeline and caller,
@@ -1796,6 +1835,13 @@ def _register_with_events() -> Select[Any]:
     order, but rows are inserted in (pipeline, task_input_id) order:
     concurrent registrations then wait for each other's keys in one order
     and cannot deadlock. Each CREATED event names its own input's caller.
+
+    brief: the statement waits at most _BRIEF_LOCK for a row lock, then
+    fails with lock_not_available, having changed nothing. It sets its own
+    lock_timeout, for its own transaction only, before its first row is
+    inserted: one statement in autocommit, with no SET and no BEGIN/COMMIT
+    round trips. (A lock on a whole table is taken before the statement
+    runs, so it is waited for as before.)
     """
     new = _rows_of_arrays(
         "new",
@@ -1808,14 +1854,16 @@ def _register_with_events() -> Select[Any]:
         ],
     )
     sequence = select(func.pg_get_serial_sequence("task", "id")).scalar_subquery()
-    numbered = (
-        select(
-            func.nextval(sequence).label("id"),
-            *(column for column in new.c if column.name != "position"),
-        )
-        .order_by(new.c.position)
-        .cte("numbered")
-    )
+    numbering = select(
+        func.nextval(sequence).label("id"),
+        *(column for column in new.c if column.name != "position"),
+    ).order_by(new.c.position)
+    if brief:
+        # Run once, before the first row reaches the INSERT (which takes
+        # them all sorted): set_config's third argument makes it local.
+        timeout = func.set_config("lock_timeout", _BRIEF_LOCK, True)
+        numbering = numbering.where(select(timeout).scalar_subquery().is_not(None))
+    numbered = numbering.cte("numbered")
     rows = select(
         numbered.c.id,
         numbered.c.pipeline_id,

@@ -55,6 +55,10 @@ class TimedOut(Unavailable):
     store, say), and each caller may go alone."""
 
 
+class LockTimedOut(TimedOut):
+    """The statement waited for a lock longer than its lock_timeout."""
+
+
 class Refused(Exception):
     """PostgreSQL refused the statement (for one of its values, say) and it
     changed nothing: in a batch, one caller's data may be the cause."""
@@ -328,7 +332,9 @@ class AsyncStatements:
             raise Unavailable(
                 "the database is unavailable: the connection was lost during the call; try again"
             ) from error
-        except (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError) as error:
+        except asyncpg.LockNotAvailableError as error:
+            raise LockTimedOut("the database is unavailable", first_line(error)) from error
+        except asyncpg.QueryCanceledError as error:
             raise TimedOut("the database is unavailable", first_line(error)) from error
         except (
             TimeoutError,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -759,22 +761,42 @@ def test_update_errors_leave_the_task_unchanged(porch: Porch) -> None:
 
 
 def lock(connection: sa.Connection, task: pb.Task) -> None:
-    """Hold the task's row locked in connection's transaction, as a session left open would."""
+    """Hold the task's row locked in connection's transaction, as a session
+    left open after an update would: a registration of its input waits too."""
     connection.execute(
-        sa.text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+        sa.text("UPDATE task SET update_time = update_time WHERE task_input_id = :id"),
         {"id": task.task_input_id},
     )
 
 
-def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
-    # Four threads for the database, of which changes that wait take two at most.
-    porch = start_porch(pg_url, db_pool_size=4)
+@contextlib.contextmanager
+def porch_beside_a_lock_holder(pg_url: str, db_pool_size: int) -> Iterator[tuple[Porch, sa.Engine]]:
+    """A server with db_pool_size database threads, and an engine of its
+    database whose transactions hold locks as other sessions would."""
+    porch = start_porch(pg_url, db_pool_size=db_pool_size)
     holder = sa.create_engine(pg_url)
     try:
+        yield porch, holder
+    finally:
+        holder.dispose()
+        porch.stop()
+
+
+def bare_stub(
+    porch: Porch, secret: str
+) -> tuple[porch_pb2_grpc.PorchServiceStub, list[tuple[str, str]]]:
+    """grpc's own stub, for calls made as futures, and the metadata they need."""
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    return porch_pb2_grpc.PorchServiceStub(channel), [("authorization", f"Bearer {secret}")]
+
+
+def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
+    # Four threads for the database, of which changes that wait take two at most.
+    with porch_beside_a_lock_holder(pg_url, db_pool_size=4) as (porch, holder):
         secret = porch.pipeline("p1")
         wrapper = porch.stub(secret)
-        raw = porch_pb2_grpc.PorchServiceStub(grpc.insecure_channel(porch.target))
-        metadata = [("authorization", f"Bearer {secret}")]
+        raw, metadata = bare_stub(porch, secret)
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         other = wrapper.RegisterTask(register("p1", n=1)).task
         pending = wrapper.RegisterTask(register("p1", n=2)).task
@@ -801,27 +823,53 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
         assert sorted(code.name if code else "OK" for code in codes) == [
             "FAILED_PRECONDITION"
         ] * 7 + ["OK"]
-    finally:
-        holder.dispose()
-        porch.stop()
 
 
-def test_with_one_database_thread_a_change_to_a_locked_task_is_unavailable(pg_url: str) -> None:
-    porch = start_porch(pg_url, db_pool_size=1)  # waiting would take the only thread
-    holder = sa.create_engine(pg_url)
-    try:
+def test_registrations_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
+    with porch_beside_a_lock_holder(pg_url, db_pool_size=4) as (porch, holder):
+        secret = porch.pipeline("p1")
+        wrapper = porch.stub(secret)
+        raw, metadata = bare_stub(porch, secret)
+        locked = wrapper.RegisterTask(register("p1", n=0)).task
+        with holder.begin() as connection:
+            lock(connection, locked)
+            again = register("p1", n=0)
+            waiting = [raw.RegisterTask.future(again, metadata=metadata) for _ in range(6)]
+            tasks = [again.task, register("p1", n=9).task]
+            both = pb.RegisterTasksRequest(pipeline_name="p1", tasks=tasks)
+            waiting.append(raw.RegisterTasks.future(both, metadata=metadata))
+            time.sleep(1.5)  # the token's check cached no more: it needs a thread too
+            for n in range(1, 4):  # single registrations, one after another
+                made = raw.RegisterTask(register("p1", n=n), metadata=metadata, timeout=10)
+                assert made.created
+            batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[register("p1", n=4).task])
+            assert raw.RegisterTasks(batch, metadata=metadata, timeout=10).results[0].created
+            claimed = raw.ClaimTasks(claim("p1", 1), metadata=metadata, timeout=10).tasks
+            assert [t.task_input_id for t in claimed] != [locked.task_input_id]
+            assert not any(call.done() for call in waiting)
+            connection.rollback()
+        answers = [call.result(timeout=30) for call in waiting]
+        assert all(answer.task == locked and not answer.created for answer in answers[:-1])
+        assert [(t.task.task_input_id, t.created) for t in answers[-1].results] == [
+            (locked.task_input_id, False),
+            (task_input_id({"n": 9}), True),
+        ]
+
+
+def test_with_one_database_thread_a_write_to_a_locked_task_is_unavailable(pg_url: str) -> None:
+    # Waiting would take the only thread.
+    with porch_beside_a_lock_holder(pg_url, db_pool_size=1) as (porch, holder):
         wrapper = porch.stub(porch.pipeline("p1"))
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         with holder.begin() as connection:
             lock(connection, locked)
             cancel = update("p1", locked.task_input_id, pb.Task.CANCELLED)
             fails(Code.UNAVAILABLE, wrapper.UpdateTask, cancel, "locked by another transaction")
+            again = register("p1", n=0)
+            fails(Code.UNAVAILABLE, wrapper.RegisterTask, again, "locked by another transaction")
             get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=locked.task_input_id)
             assert wrapper.GetTask(get).status == pb.Task.PENDING
         assert wrapper.UpdateTask(cancel).status == pb.Task.CANCELLED
-    finally:
-        holder.dispose()
-        porch.stop()
 
 
 def test_rerun_release_and_retry(porch: Porch) -> None:

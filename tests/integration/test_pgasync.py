@@ -399,6 +399,53 @@ async def test_a_task_locked_elsewhere_holds_back_only_its_own_change(pg_url: st
         store.close()
 
 
+async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_url: str) -> None:
+    # INSERT ... ON CONFLICT waits for a row changed by a transaction still
+    # open; a row only locked FOR UPDATE it passes.
+    store, statements, actor = await open_store(pg_url)
+    [locked, _] = store.register_tasks("p", [{"n": 1}, {"n": 2}], actor)
+    locked_text = canonical_json({"n": 1})
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as connection:
+            connection.execute(
+                text("UPDATE task SET update_time = update_time WHERE task_input_id = :id"),
+                {"id": locked.task.task_input_id},
+            )
+            # Alone, and in a batch with others: each goes the blocking way.
+            alone = store.register_canonical_async("p", locked_text, actor)
+            assert await asyncio.wait_for(alone, 5) is None
+            batch = [
+                store.register_canonical_async("p", text_, actor)
+                for text_ in (locked_text, canonical_json({"n": 2}), canonical_json({"n": 3}))
+            ]
+            assert await asyncio.wait_for(asyncio.gather(*batch), 5) == [None] * 3
+            with pytest.raises(Locked, match="the input's task is locked by another"):
+                await asyncio.to_thread(
+                    store.register_canonical, "p", [locked_text], actor, wait=False
+                )
+            texts = [canonical_json({"n": 3}), locked_text]
+            with pytest.raises(Locked, match="a task of these inputs is locked by another"):
+                await asyncio.to_thread(store.register_canonical, "p", texts, actor, wait=False)
+            # Nothing of the batch refused was made; another input is.
+            assert len(every_task(store, "p")) == 2
+            four = await register_one(store, "p", canonical_json({"n": 4}), actor)
+            assert four.created
+            waiting = asyncio.ensure_future(
+                asyncio.to_thread(store.register_canonical, "p", texts, actor)
+            )
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            connection.rollback()
+        made, found = await asyncio.wait_for(waiting, 10)
+        assert made.created and not found.created and found.task == locked.task
+        assert (await register_one(store, "p", locked_text, actor)).task == locked.task
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
 async def test_a_single_change_postgresql_refuses_goes_the_blocking_way(
     async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
