@@ -77,7 +77,7 @@ def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
         "--shutdown-grace-seconds",
         type=_positive,
         default=10.0,
-        help="on SIGTERM, how long calls in flight may go on (default 10)",
+        help="on SIGTERM, SIGINT or SIGHUP, how long calls in flight may go on (default 10)",
     )
 
 
