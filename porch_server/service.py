@@ -15,8 +15,8 @@ import math
 import re
 import time
 import unicodedata
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -71,6 +71,9 @@ REVOCATION_CHECK_SECONDS = 5.0
 REVOCATIONS_KEPT = 10_000
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
+# With no thread to wait on for a lock (one database thread), a write that
+# found its task locked is tried again, without waiting, after each pause.
+LOCKED_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4)
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
 # What may not be in a token description: control characters and anything
 # else that breaks a line.
@@ -243,9 +246,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         self._executor = executor
         self._hub = hub
         self._keepalive_seconds = keepalive_seconds
-        # Writes waiting for a lock at once (see _wait_for_lock).
+        # Writes waiting for a lock at once (see _wait_for_lock), and of
+        # the single registrations among them, (pipeline name, input) -> how
+        # many.
         self._lock_waits = lock_waits
         self._waiting_places = asyncio.Semaphore(lock_waits)
+        self._inputs_waiting: Counter[Hashable] = Counter()
         # WatchEvents streams open, and how many may be: each holds memory.
         self._streams = 0
         self._max_streams = max_streams
@@ -266,43 +272,91 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _change(self, *args: Any) -> Task:
         """store.update_task(*args), for a change the coalesced way did not
         make: refused (which it words), or its task locked by another
-        transaction, for which it waits in _wait_for_lock."""
-        try:
-            return await self._run(functools.partial(self._store.update_task, wait=False), *args)
-        except Locked:
-            return await self._wait_for_lock(self._store.update_task, *args)
+        transaction (see _write)."""
+        return await self._write(self._store.update_task, *args)
 
-    async def _register(self, *args: Any) -> list[Registration]:
-        """store.register_canonical(*args), waiting in _wait_for_lock should
-        a task of the inputs be locked by another transaction."""
+    async def _write(self, write: Callable[..., T], *args: Any) -> T:
+        """write(*args, wait=False) (update_task or register_canonical) on
+        the executor; should a task it writes be locked by another
+        transaction, write(*args) waiting for the lock in _wait_for_lock."""
+        try:
+            return await self._run(functools.partial(write, wait=False), *args)
+        except Locked as locked:
+            return await self._wait_for_lock(locked, write, *args)
+
+    async def _register_one(self, name: str, text: str, actor: Actor) -> Registration:
+        """A single registration: in a batch with others' (the store's
+        coalescer), or the blocking way when that leaves it (see _write).
+        While another call of the same input waits for its task's lock, it
+        goes straight to _wait_for_lock: each such call would otherwise hold
+        a batch of other registrations back for the lock's brief wait."""
+        key = (name, text)
+        if self._inputs_waiting and key in self._inputs_waiting:
+            locked = Locked("the input's task is locked by another transaction")
+        else:
+            try:
+                result = await self._store.register_canonical_async(name, text, actor)
+                if result is None:
+                    [result] = await self._write(
+                        self._store.register_canonical, name, [text], actor
+                    )
+                return result
+            except Locked as error:  # alone in its batch, the lock its own
+                locked = error
         register = self._store.register_canonical
-        try:
-            return await self._run(functools.partial(register, wait=False), *args)
-        except Locked:
-            return await self._wait_for_lock(register, *args)
+        [result] = await self._wait_for_lock(locked, register, name, [text], actor, waiting=key)
+        return result
 
-    async def _wait_for_lock(self, write: Callable[..., T], *args: Any) -> T:
-        """write(*args) (a store method that waits for locks) on the executor.
-        Only so many wait at once, each holding its place until its thread
-        is done (a cancelled call's thread goes on waiting): however many
-        wait, the executor keeps threads for reads, token checks and the
-        other writes. With no place at all (one database thread), Locked."""
+    async def _wait_for_lock(
+        self, locked: Locked, write: Callable[..., T], *args: Any, waiting: Hashable = None
+    ) -> T:
+        """write(*args) (a store method that waits for locks) on the executor,
+        for a write that was locked trying not to wait. Only so many wait at
+        once, each holding its place until its thread is done (a cancelled
+        call's thread goes on waiting): however many wait, the executor keeps
+        threads for reads, token checks and the other writes. waiting, when
+        given, is in _inputs_waiting until then.
+
+        With no place at all (one database thread), write(*args, wait=False)
+        is tried again after each of LOCKED_RETRY_PAUSES (another transaction
+        registering or changing the same task ends soon; a session left open
+        does not), and then locked raised."""
         if self._lock_waits == 0:
-            raise Locked("a task is locked by another transaction; try again")
-        await self._waiting_places.acquire()
-        loop = asyncio.get_running_loop()
+            for pause in LOCKED_RETRY_PAUSES:
+                await asyncio.sleep(pause)
+                with contextlib.suppress(Locked):
+                    return await self._run(functools.partial(write, wait=False), *args)
+            raise locked
+        if waiting is not None:
+            self._inputs_waiting[waiting] += 1
+        try:
+            await self._waiting_places.acquire()
+        except BaseException:
+            self._stop_waiting(waiting)
+            raise
         try:
             done = self._executor.submit(write, *args)
         except BaseException:
-            self._waiting_places.release()
+            self._leave_place(waiting)
             raise
+        loop = asyncio.get_running_loop()
 
-        def release(_: object) -> None:
+        def finished(_: object) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed at exit
-                loop.call_soon_threadsafe(self._waiting_places.release)
+                loop.call_soon_threadsafe(self._leave_place, waiting)
 
-        done.add_done_callback(release)
+        done.add_done_callback(finished)
         return await asyncio.wrap_future(done)
+
+    def _leave_place(self, waiting: Hashable) -> None:
+        self._waiting_places.release()
+        self._stop_waiting(waiting)
+
+    def _stop_waiting(self, waiting: Hashable) -> None:
+        if waiting is not None:
+            self._inputs_waiting[waiting] -= 1
+            if not self._inputs_waiting[waiting]:
+                del self._inputs_waiting[waiting]
 
     async def CreatePipeline(
         self, request: porch_pb2.CreatePipelineRequest, context: Context
@@ -410,9 +464,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         name = check_name("task.pipeline.name", request.task.pipeline.name)
         text = checked_task_input("task", request.task)
         actor = auth.caller_actor()
-        result = await self._store.register_canonical_async(name, text, actor)
-        if result is None:
-            [result] = await self._register(name, [text], actor)
+        result = await self._register_one(name, text, actor)
         if result.created:
             self._hub.committed()
             context.set_trailing_metadata(CREATED)
@@ -447,7 +499,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 f"bytes, more than the {GRPC_MESSAGE_BYTES:,} a gRPC client accepts by default: "
                 "send them in smaller batches"
             )
-        results = await self._register(name, texts, auth.caller_actor())
+        results = await self._write(
+            self._store.register_canonical, name, texts, auth.caller_actor()
+        )
         if any(r.created for r in results):
             self._hub.committed()
             context.set_trailing_metadata(CREATED)  # 201 through the gateway

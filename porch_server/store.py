@@ -630,21 +630,21 @@ class Store:
         """register_tasks for inputs given as their canonical JSON texts
         (digest.canonical_json), which the caller has made already. With wait
         false (PostgreSQL), Locked instead of waiting more than _BRIEF_LOCK
-        for a lock: an input's task changed by a transaction still open, say."""
-        with self._statements() as connection:
-            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-            if wait or not self._postgresql:
+        for a lock: on an input's task changed by a transaction still open,
+        or being registered by another, or on the whole table."""
+        if wait or not self._postgresql:
+            with self._statements() as connection:
+                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
                 return self._register_in(connection, pipeline_id, texts, actor)
+        with self._write() as connection:
+            connection.exec_driver_sql(_BRIEF_LOCK_TIMEOUT)
             try:
-                return self._register_in(connection, pipeline_id, texts, actor, brief=True)
+                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+                return self._register_in(connection, pipeline_id, texts, actor)
             except exc.OperationalError as error:
                 if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
                     raise
-                raise Locked(
-                    "a task of these inputs is locked by another transaction"
-                    if len(texts) > 1
-                    else "the input's task is locked by another transaction"
-                ) from error
+                raise _input_locked(len(texts)) from error
 
     def _register_blocking(self, items: Sequence[_Registering]) -> list[Registration | PorchError]:
         """Register single inputs of any pipelines and callers together: on
@@ -667,15 +667,10 @@ class Store:
         return [result for result in results if result is not None]
 
     def _register_in(
-        self,
-        connection: Connection,
-        pipeline_id: int,
-        texts: Sequence[str],
-        actor: Actor,
-        brief: bool = False,
+        self, connection: Connection, pipeline_id: int, texts: Sequence[str], actor: Actor
     ) -> list[Registration]:
         ids, unique = _unique_texts(texts)
-        inserted = self._insert_tasks(connection, pipeline_id, unique, actor, brief)
+        inserted = self._insert_tasks(connection, pipeline_id, unique, actor)
         created = {row.task_input_id: row for row in inserted}
         missing = [task_input_id for task_input_id in unique if task_input_id not in created]
         existing = {
@@ -927,7 +922,9 @@ class Store:
         self, pipeline_name: str, text: str, actor: Actor
     ) -> Registration | None:
         """register_canonical of one input, from the event loop; None when
-        only register_canonical can answer."""
+        only register_canonical can answer. Locked when the input came alone
+        in its batch and waited for a lock more than _BRIEF_LOCK: its task
+        changed by a transaction not yet ended, say."""
         if self._registering is None or self._needs_blocking_path(pipeline_name):
             return None
         result = await self._registering.submit(_Registering(pipeline_name, text, actor))
@@ -937,22 +934,27 @@ class Store:
 
     async def _apply_registrations(
         self, items: Sequence[_Registering]
-    ) -> Sequence[Registration | None]:
+    ) -> Sequence[Registration | Locked | None]:
         """Register single inputs of any pipelines and callers in one
         statement, then read those that were there already. None for each
         when PostgreSQL refused the statement, which changed nothing: each
         goes the blocking way, which words its own error. When it refused
         the read, the tasks made are answered and the rest are None: each
-        goes the blocking way, which finds its task."""
+        goes the blocking way, which finds its task. When the statement
+        waited for a lock more than _BRIEF_LOCK, Locked for an input alone;
+        of several, None for each, as the lock may be any one's."""
         assert self._async is not None
         inputs = [(self._pipeline_ids[item.pipeline_name], item.text, item.actor) for item in items]
         keys, unique = _unique_inputs(inputs)
         try:
             statement = _register_with_events(brief=True)
             rows = await self._async.rows(statement, _registration_params(unique))
-        except (Contended, Refused, LockTimedOut):
-            # A task locked elsewhere: each goes the blocking way, where the
-            # one locked waits for its lock alone.
+        except LockTimedOut:
+            if len(unique) == 1:  # its own lock to wait for, if anything
+                return [_input_locked(1) for _ in keys]
+            # Each goes the blocking way, where the one locked waits alone.
+            return [None] * len(keys)
+        except (Contended, Refused):
             return [None] * len(keys)
         except TimedOut:
             if len(unique) == 1:
@@ -1332,22 +1334,15 @@ class Store:
     # Statements whose form differs between the databases
 
     def _insert_tasks(
-        self,
-        connection: Connection,
-        pipeline_id: int,
-        unique: dict[str, str],
-        actor: Actor,
-        brief: bool = False,
+        self, connection: Connection, pipeline_id: int, unique: dict[str, str], actor: Actor
     ) -> list[Row[Any]]:
         """Insert the tasks of a pipeline that do not exist yet, given as their
-        canonical texts by task_input_id, each with its CREATED event; brief:
-        see _register_with_events (PostgreSQL)."""
+        canonical texts by task_input_id, each with its CREATED event."""
         if not unique:
             return []
         if self._postgresql:
             inputs = {(pipeline_id, key): (text, actor) for key, text in unique.items()}
-            statement = _register_with_events(brief)
-            return list(connection.execute(statement, _registration_params(inputs)))
+            return list(connection.execute(_register_with_events(), _registration_params(inputs)))
         params = _event_params(_now(), actor, None) | {"in_pipeline_id": pipeline_id}
         rows = list(
             connection.execute(
@@ -1825,6 +1820,14 @@ def _unread_after() -> Select[Any]:
     return select(exists().where(tuple_(event.c.xid, event.c.id) > after, event.c.xid >= _XMIN))
 
 
+def _input_locked(inputs: int) -> Locked:
+    return Locked(
+        "a task of these inputs is locked by another transaction"
+        if inputs > 1
+        else "the input's task is locked by another transaction"
+    )
+
+
 @functools.cache
 def _register_with_events(brief: bool = False) -> Select[Any]:
     """INSERT the new tasks ON CONFLICT DO NOTHING with their events (PostgreSQL).
@@ -1836,12 +1839,13 @@ def _register_with_events(brief: bool = False) -> Select[Any]:
     concurrent registrations then wait for each other's keys in one order
     and cannot deadlock. Each CREATED event names its own input's caller.
 
-    brief: the statement waits at most _BRIEF_LOCK for a row lock, then
+    brief: the statement waits at most _BRIEF_LOCK for a row's lock (a
+    task changed, or being registered, by a transaction not yet ended), then
     fails with lock_not_available, having changed nothing. It sets its own
     lock_timeout, for its own transaction only, before its first row is
     inserted: one statement in autocommit, with no SET and no BEGIN/COMMIT
     round trips. (A lock on a whole table is taken before the statement
-    runs, so it is waited for as before.)
+    runs, so it is waited for as any statement waits.)
     """
     new = _rows_of_arrays(
         "new",

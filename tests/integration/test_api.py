@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -837,8 +838,14 @@ def test_registrations_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url
             waiting = [raw.RegisterTask.future(again, metadata=metadata) for _ in range(6)]
             tasks = [again.task, register("p1", n=9).task]
             both = pb.RegisterTasksRequest(pipeline_name="p1", tasks=tasks)
-            waiting.append(raw.RegisterTasks.future(both, metadata=metadata))
+            batch_waiting = raw.RegisterTasks.future(both, metadata=metadata)
             time.sleep(1.5)  # the token's check cached no more: it needs a thread too
+            # While those wait, more of the same input go straight to wait
+            # too, holding back no batch of other registrations.
+            batches = porch.server.store._registering.batches  # type: ignore[union-attr]
+            waiting += [raw.RegisterTask.future(again, metadata=metadata) for _ in range(4)]
+            time.sleep(0.5)
+            assert porch.server.store._registering.batches == batches  # type: ignore[union-attr]
             for n in range(1, 4):  # single registrations, one after another
                 made = raw.RegisterTask(register("p1", n=n), metadata=metadata, timeout=10)
                 assert made.created
@@ -846,11 +853,12 @@ def test_registrations_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url
             assert raw.RegisterTasks(batch, metadata=metadata, timeout=10).results[0].created
             claimed = raw.ClaimTasks(claim("p1", 1), metadata=metadata, timeout=10).tasks
             assert [t.task_input_id for t in claimed] != [locked.task_input_id]
-            assert not any(call.done() for call in waiting)
+            assert not any(call.done() for call in [*waiting, batch_waiting])
             connection.rollback()
         answers = [call.result(timeout=30) for call in waiting]
-        assert all(answer.task == locked and not answer.created for answer in answers[:-1])
-        assert [(t.task.task_input_id, t.created) for t in answers[-1].results] == [
+        assert all(answer.task == locked and not answer.created for answer in answers)
+        results = batch_waiting.result(timeout=30).results
+        assert [(t.task.task_input_id, t.created) for t in results] == [
             (locked.task_input_id, False),
             (task_input_id({"n": 9}), True),
         ]
@@ -869,7 +877,16 @@ def test_with_one_database_thread_a_write_to_a_locked_task_is_unavailable(pg_url
             fails(Code.UNAVAILABLE, wrapper.RegisterTask, again, "locked by another transaction")
             get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=locked.task_input_id)
             assert wrapper.GetTask(get).status == pb.Task.PENDING
-        assert wrapper.UpdateTask(cancel).status == pb.Task.CANCELLED
+        # A lock held briefly (another registration of the input, say) is
+        # waited for on the event loop, trying again.
+        answers = []
+        for call, request in [(wrapper.RegisterTask, again), (wrapper.UpdateTask, cancel)]:
+            with holder.connect() as connection:
+                connection.begin()
+                lock(connection, locked)
+                threading.Timer(0.3, connection.rollback).start()
+                answers.append(call(request))
+        assert not answers[0].created and answers[1].status == pb.Task.CANCELLED
 
 
 def test_rerun_release_and_retry(porch: Porch) -> None:

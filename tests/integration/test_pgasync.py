@@ -412,14 +412,18 @@ async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_u
                 text("UPDATE task SET update_time = update_time WHERE task_input_id = :id"),
                 {"id": locked.task.task_input_id},
             )
-            # Alone, and in a batch with others: each goes the blocking way.
+            # Alone, it is Locked; in a batch with others, each goes the
+            # blocking way. Either after 100 ms, not the role's lock_timeout.
+            start = asyncio.get_running_loop().time()
             alone = store.register_canonical_async("p", locked_text, actor)
-            assert await asyncio.wait_for(alone, 5) is None
+            with pytest.raises(Locked, match="the input's task is locked by another"):
+                await asyncio.wait_for(alone, 5)
             batch = [
                 store.register_canonical_async("p", text_, actor)
                 for text_ in (locked_text, canonical_json({"n": 2}), canonical_json({"n": 3}))
             ]
             assert await asyncio.wait_for(asyncio.gather(*batch), 5) == [None] * 3
+            assert asyncio.get_running_loop().time() - start < 1.5
             with pytest.raises(Locked, match="the input's task is locked by another"):
                 await asyncio.to_thread(
                     store.register_canonical, "p", [locked_text], actor, wait=False
@@ -488,7 +492,7 @@ async def test_a_database_dropped_under_the_pool_is_unavailable(
         postgres_server.drop_database(url)
 
 
-async def test_a_change_not_to_wait_waits_briefly_for_a_lock_on_the_table(pg_url: str) -> None:
+async def test_a_write_not_to_wait_waits_briefly_for_a_lock_on_the_table(pg_url: str) -> None:
     # PostgreSQL has no NOWAIT for the table's lock (an index built, say).
     store, statements, actor = await open_store(pg_url)
     [made] = store.register_tasks("p", [{"n": 1}], actor)
@@ -504,7 +508,14 @@ async def test_a_change_not_to_wait_waits_briefly_for_a_lock_on_the_table(pg_url
                     ),
                     10,
                 )
+            with pytest.raises(Locked, match="the input's task is locked by another"):
+                await asyncio.wait_for(
+                    asyncio.to_thread(store.register_canonical, "p", [ONE], actor, wait=False),
+                    10,
+                )
         assert store.update_task("p", task_id, State.CANCELLED, None, actor, wait=False)
+        [again] = store.register_canonical("p", [ONE], actor, wait=False)
+        assert not again.created
     finally:
         holder.dispose()
         await statements.close()
