@@ -287,9 +287,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _register_one(self, name: str, text: str, actor: Actor) -> Registration:
         """A single registration: in a batch with others' (the store's
         coalescer), or the blocking way when that leaves it (see _write).
-        While another call of the same input waits for its task's lock, it
-        goes straight to _wait_for_lock: each such call would otherwise hold
-        a batch of other registrations back for the lock's brief wait."""
+        While another call of the same input holds a place in _wait_for_lock,
+        it goes straight there too: each such call would otherwise hold a
+        batch of other registrations back for the lock's brief wait."""
         key = (name, text)
         if self._inputs_waiting and key in self._inputs_waiting:
             locked = Locked("the input's task is locked by another transaction")
@@ -315,7 +315,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         once, each holding its place until its thread is done (a cancelled
         call's thread goes on waiting): however many wait, the executor keeps
         threads for reads, token checks and the other writes. waiting, when
-        given, is in _inputs_waiting until then.
+        given, is in _inputs_waiting while the call holds its place.
 
         With no place at all (one database thread), write(*args, wait=False)
         is tried again after each of LOCKED_RETRY_PAUSES (another transaction
@@ -327,13 +327,11 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 with contextlib.suppress(Locked):
                     return await self._run(functools.partial(write, wait=False), *args)
             raise locked
+        await self._waiting_places.acquire()
+        # Counted once it has a place: while queued for one (behind writes
+        # waiting for other tasks' locks), its own task may be free again.
         if waiting is not None:
             self._inputs_waiting[waiting] += 1
-        try:
-            await self._waiting_places.acquire()
-        except BaseException:
-            self._stop_waiting(waiting)
-            raise
         try:
             done = self._executor.submit(write, *args)
         except BaseException:

@@ -793,7 +793,9 @@ class Store:
             except exc.OperationalError as error:
                 if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
                     raise
-                raise Locked(f"task {task_input_id} is locked by another transaction") from error
+                raise Locked(
+                    f"task {task_input_id}, or the task table, is locked by another transaction"
+                ) from error
 
     def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
         """Apply status changes in one write transaction: one commit for all.
@@ -1484,6 +1486,11 @@ def _translate_errors() -> Iterator[None]:
     try:
         yield
     except (exc.OperationalError, exc.InterfaceError) as error:
+        if getattr(error.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:  # lock_timeout
+            raise Locked(
+                "another transaction held a lock this call needs for longer than"
+                " PostgreSQL's lock_timeout; try again"
+            ) from error
         raise Unavailable("the database is unavailable", first_line(error.orig)) from error
     except exc.TimeoutError as error:
         raise Unavailable("no database connection is free", first_line(error)) from error
@@ -1821,11 +1828,8 @@ def _unread_after() -> Select[Any]:
 
 
 def _input_locked(inputs: int) -> Locked:
-    return Locked(
-        "a task of these inputs is locked by another transaction"
-        if inputs > 1
-        else "the input's task is locked by another transaction"
-    )
+    tasks = "a task of these inputs" if inputs > 1 else "the input's task"
+    return Locked(f"{tasks}, or the task table, is locked by another transaction")
 
 
 @functools.cache

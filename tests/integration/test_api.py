@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -24,7 +24,7 @@ from porch_server.service import _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
-from .conftest import Porch, start_porch
+from .conftest import Client, Porch, start_porch
 
 State = pb.Task.State
 Code = grpc.StatusCode
@@ -770,34 +770,38 @@ def lock(connection: sa.Connection, task: pb.Task) -> None:
     )
 
 
+class BesideALock(NamedTuple):
+    """A server, pipeline p1 with a wrapper's token, and an engine of the
+    server's database whose transactions hold locks as other sessions would."""
+
+    porch: Porch
+    holder: sa.Engine
+    wrapper: Client
+    # grpc's own stub, for calls made as futures, and the metadata they need.
+    raw: porch_pb2_grpc.PorchServiceStub
+    metadata: list[tuple[str, str]]
+
+
 @contextlib.contextmanager
-def porch_beside_a_lock_holder(pg_url: str, db_pool_size: int) -> Iterator[tuple[Porch, sa.Engine]]:
-    """A server with db_pool_size database threads, and an engine of its
-    database whose transactions hold locks as other sessions would."""
+def beside_a_lock(pg_url: str, db_pool_size: int) -> Iterator[BesideALock]:
+    """BesideALock, its server with db_pool_size database threads."""
     porch = start_porch(pg_url, db_pool_size=db_pool_size)
     holder = sa.create_engine(pg_url)
     try:
-        yield porch, holder
+        secret = porch.pipeline("p1")
+        channel = grpc.insecure_channel(porch.target)
+        porch.channels.append(channel)
+        raw = porch_pb2_grpc.PorchServiceStub(channel)
+        metadata = [("authorization", f"Bearer {secret}")]
+        yield BesideALock(porch, holder, porch.stub(secret), raw, metadata)
     finally:
         holder.dispose()
         porch.stop()
 
 
-def bare_stub(
-    porch: Porch, secret: str
-) -> tuple[porch_pb2_grpc.PorchServiceStub, list[tuple[str, str]]]:
-    """grpc's own stub, for calls made as futures, and the metadata they need."""
-    channel = grpc.insecure_channel(porch.target)
-    porch.channels.append(channel)
-    return porch_pb2_grpc.PorchServiceStub(channel), [("authorization", f"Bearer {secret}")]
-
-
 def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
     # Four threads for the database, of which changes that wait take two at most.
-    with porch_beside_a_lock_holder(pg_url, db_pool_size=4) as (porch, holder):
-        secret = porch.pipeline("p1")
-        wrapper = porch.stub(secret)
-        raw, metadata = bare_stub(porch, secret)
+    with beside_a_lock(pg_url, db_pool_size=4) as (_, holder, wrapper, raw, metadata):
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         other = wrapper.RegisterTask(register("p1", n=1)).task
         pending = wrapper.RegisterTask(register("p1", n=2)).task
@@ -827,10 +831,7 @@ def test_changes_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str)
 
 
 def test_registrations_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url: str) -> None:
-    with porch_beside_a_lock_holder(pg_url, db_pool_size=4) as (porch, holder):
-        secret = porch.pipeline("p1")
-        wrapper = porch.stub(secret)
-        raw, metadata = bare_stub(porch, secret)
+    with beside_a_lock(pg_url, db_pool_size=4) as (porch, holder, wrapper, raw, metadata):
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         with holder.begin() as connection:
             lock(connection, locked)
@@ -864,10 +865,33 @@ def test_registrations_waiting_for_a_lock_leave_the_server_to_other_calls(pg_url
         ]
 
 
+def test_a_registration_queued_behind_other_waits_does_not_hold_its_input(pg_url: str) -> None:
+    # Two database threads: one place for a write that waits for a lock.
+    with beside_a_lock(pg_url, db_pool_size=2) as (_, holder, wrapper, raw, metadata):
+        held = wrapper.RegisterTask(register("p1", n=0)).task
+        freed = wrapper.RegisterTask(register("p1", n=1)).task
+        with holder.begin() as connection:
+            lock(connection, held)
+            cancel = update("p1", held.task_input_id, pb.Task.CANCELLED)
+            holding = raw.UpdateTask.future(cancel, metadata=metadata)  # takes the place
+            time.sleep(0.5)
+            with holder.begin() as brief:
+                lock(brief, freed)
+                queued = raw.RegisterTask.future(register("p1", n=1), metadata=metadata)
+                time.sleep(0.5)  # locked, it queues for the place
+                brief.rollback()
+            # Its input free again, another call of it is answered at once.
+            again = raw.RegisterTask(register("p1", n=1), metadata=metadata, timeout=5)
+            assert again.task == freed and not again.created
+            assert not queued.done() and not holding.done()
+            connection.rollback()
+        assert holding.result(timeout=30).status == pb.Task.CANCELLED
+        assert queued.result(timeout=30).task == freed
+
+
 def test_with_one_database_thread_a_write_to_a_locked_task_is_unavailable(pg_url: str) -> None:
     # Waiting would take the only thread.
-    with porch_beside_a_lock_holder(pg_url, db_pool_size=1) as (porch, holder):
-        wrapper = porch.stub(porch.pipeline("p1"))
+    with beside_a_lock(pg_url, db_pool_size=1) as (_, holder, wrapper, *_):
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         with holder.begin() as connection:
             lock(connection, locked)
@@ -884,8 +908,10 @@ def test_with_one_database_thread_a_write_to_a_locked_task_is_unavailable(pg_url
             with holder.connect() as connection:
                 connection.begin()
                 lock(connection, locked)
-                threading.Timer(0.3, connection.rollback).start()
+                release = threading.Timer(0.3, connection.rollback)
+                release.start()
                 answers.append(call(request))
+                release.join()
         assert not answers[0].created and answers[1].status == pb.Task.CANCELLED
 
 
