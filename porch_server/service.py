@@ -296,13 +296,14 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         else:
             try:
                 result = await self._store.register_canonical_async(name, text, actor)
+            except Locked as error:  # alone in its batch, the lock its own
+                locked = error
+            else:
                 if result is None:
                     [result] = await self._write(
                         self._store.register_canonical, name, [text], actor
                     )
                 return result
-            except Locked as error:  # alone in its batch, the lock its own
-                locked = error
         register = self._store.register_canonical
         [result] = await self._wait_for_lock(locked, register, name, [text], actor, waiting=key)
         return result

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any, NamedTuple
+from unittest import mock
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from porch_server.digest import task_input_id
 from porch_server.errors import InvalidArgument
 from porch_server.models import Role
-from porch_server.service import _registration_answer_bytes
+from porch_server.service import LOCKED_RETRY_PAUSES, _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
 
@@ -891,14 +892,21 @@ def test_a_registration_queued_behind_other_waits_does_not_hold_its_input(pg_url
 
 def test_with_one_database_thread_a_write_to_a_locked_task_is_unavailable(pg_url: str) -> None:
     # Waiting would take the only thread.
-    with beside_a_lock(pg_url, db_pool_size=1) as (_, holder, wrapper, *_):
+    with beside_a_lock(pg_url, db_pool_size=1) as (porch, holder, wrapper, *_):
         locked = wrapper.RegisterTask(register("p1", n=0)).task
         with holder.begin() as connection:
             lock(connection, locked)
             cancel = update("p1", locked.task_input_id, pb.Task.CANCELLED)
             fails(Code.UNAVAILABLE, wrapper.UpdateTask, cancel, "locked by another transaction")
             again = register("p1", n=0)
-            fails(Code.UNAVAILABLE, wrapper.RegisterTask, again, "locked by another transaction")
+            store = porch.server.store
+            with mock.patch.object(store, "register_canonical", wraps=store.register_canonical):
+                fails(Code.UNAVAILABLE, wrapper.RegisterTask, again, "locked by another")
+                # Tried again without waiting after each pause.
+                tries = store.register_canonical.call_args_list  # type: ignore[attr-defined]
+                assert [call.kwargs for call in tries] == [{"wait": False}] * len(
+                    LOCKED_RETRY_PAUSES
+                )
             get = pb.GetTaskRequest(pipeline_name="p1", task_input_id=locked.task_input_id)
             assert wrapper.GetTask(get).status == pb.Task.PENDING
         # A lock held briefly (another registration of the input, say) is

@@ -31,7 +31,7 @@ from porch_server.db.pgasync import (
 from porch_server.digest import canonical_json
 from porch_server.errors import FailedPrecondition, Locked, Unavailable
 from porch_server.models import Actor, EventKind, Pipeline, Registration, Role
-from porch_server.service import UNANSWERED_CLAIM, PorchService
+from porch_server.service import LOCKED_RETRY_PAUSES, UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2
@@ -405,6 +405,15 @@ async def test_a_task_locked_elsewhere_holds_back_only_its_own_change(pg_url: st
         store.close()
 
 
+def change_left_open(connection: sa.Connection, task_input_id: str) -> None:
+    """Change the task's row in connection's transaction, as a session left
+    open after an update would: a registration of its input waits for it."""
+    connection.execute(
+        text("UPDATE task SET update_time = update_time WHERE task_input_id = :id"),
+        {"id": task_input_id},
+    )
+
+
 async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_url: str) -> None:
     # INSERT ... ON CONFLICT waits for a row changed by a transaction still
     # open; a row only locked FOR UPDATE it passes.
@@ -414,10 +423,7 @@ async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_u
     holder = create_engine(pg_url)
     try:
         with holder.begin() as connection:
-            connection.execute(
-                text("UPDATE task SET update_time = update_time WHERE task_input_id = :id"),
-                {"id": locked.task.task_input_id},
-            )
+            change_left_open(connection, locked.task.task_input_id)
             # Alone, it is Locked; in a batch with others, each goes the
             # blocking way. Either after 100 ms, not the role's lock_timeout.
             start = asyncio.get_running_loop().time()
@@ -458,6 +464,38 @@ async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_u
         assert (await register_one(store, "p", locked_text, actor)).task == locked.task
     finally:
         holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_registration_locked_in_a_batch_with_no_place_to_wait_is_tried_again_once_over(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, statements, actor = await open_store(pg_url)
+    [locked] = store.register_tasks("p", [{"n": 1}], actor)
+    # As when its batch, with another input, waited past its brief lock_timeout.
+    monkeypatch.setattr(store, "register_canonical_async", lambda *args: asyncio.sleep(0))
+    tries = []
+    register = store.register_canonical
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        tries.append(kwargs)
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(store, "register_canonical", counted)
+    executor = ThreadPoolExecutor(1)
+    service = PorchService(store, executor, Hub(), 15.0, lock_waits=0)  # type: ignore[arg-type]
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as connection:
+            change_left_open(connection, locked.task.task_input_id)
+            with pytest.raises(Locked, match="the input's task, or the task table, is locked"):
+                await service._register_one("p", ONE, actor)
+        # Once without waiting, then again after each pause: not twice over.
+        assert tries == [{"wait": False}] * (1 + len(LOCKED_RETRY_PAUSES))
+    finally:
+        holder.dispose()
+        executor.shutdown()
         await statements.close()
         store.close()
 
