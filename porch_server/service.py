@@ -296,14 +296,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         else:
             try:
                 result = await self._store.register_canonical_async(name, text, actor)
-            except Locked as error:  # alone in its batch, the lock its own
-                locked = error
-            else:
-                if result is None:
-                    [result] = await self._write(
-                        self._store.register_canonical, name, [text], actor
-                    )
+                if result is not None:
+                    return result
+                # Left to the blocking way (see _write), counted in
+                # _inputs_waiting should it wait.
+                attempt = functools.partial(self._store.register_canonical, wait=False)
+                [result] = await self._run(attempt, name, [text], actor)
                 return result
+            except Locked as error:  # the lock its own: not yet waited for
+                locked = error
         register = self._store.register_canonical
         [result] = await self._wait_for_lock(locked, register, name, [text], actor, waiting=key)
         return result

@@ -78,6 +78,7 @@ from porch_server.db.tables import UtcDateTime, event, event_horizon, task, toke
 from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
     LOCK_NOT_AVAILABLE,
+    LOCK_TIMED_OUT,
     READ_ONLY_DATABASE,
     READ_ONLY_SQLSTATE,
     AlreadyExists,
@@ -1487,10 +1488,7 @@ def _translate_errors() -> Iterator[None]:
         yield
     except (exc.OperationalError, exc.InterfaceError) as error:
         if getattr(error.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:  # lock_timeout
-            raise Locked(
-                "another transaction held a lock this call needs for longer than"
-                " PostgreSQL's lock_timeout; try again"
-            ) from error
+            raise Locked(LOCK_TIMED_OUT, first_line(error.orig)) from error
         raise Unavailable("the database is unavailable", first_line(error.orig)) from error
     except exc.TimeoutError as error:
         raise Unavailable("no database connection is free", first_line(error)) from error

@@ -31,7 +31,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from porch_server.db.engine import postgresql_session
-from porch_server.errors import READ_ONLY_DATABASE, Unavailable, first_line
+from porch_server.errors import LOCK_TIMED_OUT, READ_ONLY_DATABASE, Unavailable, first_line
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
 # asyncpg's words when it will not start a statement on a connection (its
@@ -333,7 +333,7 @@ class AsyncStatements:
                 "the database is unavailable: the connection was lost during the call; try again"
             ) from error
         except asyncpg.LockNotAvailableError as error:
-            raise LockTimedOut("the database is unavailable", first_line(error)) from error
+            raise LockTimedOut(LOCK_TIMED_OUT, first_line(error)) from error
         except asyncpg.QueryCanceledError as error:
             raise TimedOut("the database is unavailable", first_line(error)) from error
         except (

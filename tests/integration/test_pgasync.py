@@ -28,8 +28,8 @@ from porch_server.db.pgasync import (
     _compile,
     row_class,
 )
-from porch_server.digest import canonical_json
-from porch_server.errors import FailedPrecondition, Locked, Unavailable
+from porch_server.digest import canonical_json, digest_of
+from porch_server.errors import LOCK_TIMED_OUT, FailedPrecondition, Locked, Unavailable
 from porch_server.models import Actor, EventKind, Pipeline, Registration, Role
 from porch_server.service import LOCKED_RETRY_PAUSES, UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
@@ -319,7 +319,7 @@ async def cancel(store: Store, actor: Actor, task_id: str) -> Any:
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
-        ("lock_timeout=200", "^another transaction held a lock this call needs for longer than"),
+        ("lock_timeout=200", "^another transaction held a lock longer than PostgreSQL's lock_"),
         ("statement_timeout=200", "^the database is unavailable: "),
     ],
 )
@@ -343,6 +343,29 @@ async def test_a_change_timed_out_waiting_is_unavailable_not_an_internal_error(
                     store.update_task, "p", task_id, State.CANCELLED, None, actor
                 )
         assert store.get_task("p", made.task.task_input_id).status is State.PENDING
+    finally:
+        holder.dispose()
+        await statements.close()
+        store.close()
+
+
+async def test_a_statement_postgresqls_lock_timeout_ends_says_so(pg_url: str) -> None:
+    url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=200"})
+    store, statements, actor = await open_store(url.render_as_string(hide_password=False))
+    [made] = store.register_tasks("p", [{"n": 1}], actor)
+    holder = create_engine(pg_url)
+    try:
+        with holder.begin() as connection:
+            connection.execute(text("LOCK TABLE task IN SHARE MODE"))  # writes wait
+            task_id = made.task.task_input_id
+            changing = store.update_task_async("p", task_id, State.CANCELLED, None, actor)
+            with pytest.raises(Unavailable) as ended:
+                await asyncio.wait_for(changing, 10)
+            assert ended.value.message == LOCK_TIMED_OUT
+            claiming = store.claim_tasks_async("p", 1, None, actor)
+            with pytest.raises(Unavailable) as ended:
+                await asyncio.wait_for(claiming, 10)
+            assert ended.value.message == LOCK_TIMED_OUT
     finally:
         holder.dispose()
         await statements.close()
@@ -468,36 +491,61 @@ async def test_a_registration_of_a_task_locked_elsewhere_waits_only_briefly(pg_u
         store.close()
 
 
-async def test_a_registration_locked_in_a_batch_with_no_place_to_wait_is_tried_again_once_over(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.asynccontextmanager
+async def left_to_wait(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, lock_waits: int
+) -> AsyncIterator[tuple[Store, PorchService, Actor, sa.Connection]]:
+    """A store whose task of ONE another transaction (the connection's) has
+    changed and not ended, and a PorchService on it with lock_waits places
+    to wait. Single registrations are left to the blocking way, as when
+    their batch held other inputs and waited past its brief lock_timeout."""
     store, statements, actor = await open_store(pg_url)
     [locked] = store.register_tasks("p", [{"n": 1}], actor)
-    # As when its batch, with another input, waited past its brief lock_timeout.
     monkeypatch.setattr(store, "register_canonical_async", lambda *args: asyncio.sleep(0))
-    tries = []
-    register = store.register_canonical
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        tries.append(kwargs)
-        return register(*args, **kwargs)
-
-    monkeypatch.setattr(store, "register_canonical", counted)
-    executor = ThreadPoolExecutor(1)
-    service = PorchService(store, executor, Hub(), 15.0, lock_waits=0)  # type: ignore[arg-type]
+    executor = ThreadPoolExecutor(4)
+    service = PorchService(store, executor, Hub(), 15.0, lock_waits=lock_waits)  # type: ignore[arg-type]
     holder = create_engine(pg_url)
     try:
         with holder.begin() as connection:
             change_left_open(connection, locked.task.task_input_id)
-            with pytest.raises(Locked, match="the input's task, or the task table, is locked"):
-                await service._register_one("p", ONE, actor)
-        # Once without waiting, then again after each pause: not twice over.
-        assert tries == [{"wait": False}] * (1 + len(LOCKED_RETRY_PAUSES))
+            yield store, service, actor, connection
     finally:
         holder.dispose()
         executor.shutdown()
         await statements.close()
         store.close()
+
+
+async def test_a_registration_locked_in_a_batch_with_no_place_to_wait_is_tried_again_once_over(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with left_to_wait(pg_url, monkeypatch, lock_waits=0) as (store, service, actor, _):
+        tries = []
+        register = store.register_canonical
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            tries.append(kwargs)
+            return register(*args, **kwargs)
+
+        monkeypatch.setattr(store, "register_canonical", counted)
+        with pytest.raises(Locked, match="the input's task, or the task table, is locked"):
+            await service._register_one("p", ONE, actor)
+        # Once without waiting, then again after each pause: not twice over.
+        assert tries == [{"wait": False}] * (1 + len(LOCKED_RETRY_PAUSES))
+
+
+async def test_a_registration_left_to_the_blocking_way_that_waits_is_known_to_wait(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with left_to_wait(pg_url, monkeypatch, lock_waits=2) as (_, service, actor, holding):
+        waiting = asyncio.ensure_future(service._register_one("p", ONE, actor))
+        await asyncio.sleep(0.5)
+        # So that more calls of its input go straight to wait behind it.
+        assert dict(service._inputs_waiting) == {("p", ONE): 1}
+        holding.rollback()
+        assert (await asyncio.wait_for(waiting, 10)).task.task_input_id == digest_of(ONE)
+        await asyncio.sleep(0.1)  # the place is left from the executor's thread
+        assert not service._inputs_waiting
 
 
 async def test_a_single_change_postgresql_refuses_goes_the_blocking_way(
