@@ -23,7 +23,7 @@ from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
 from porch_server.db.engine import backend_pids, connections_in_use
 from porch_server.db.listen import Listener
 from porch_server.db.pgasync import AsyncStatements
-from porch_server.errors import PorchError, first_line, warn_now_and_then
+from porch_server.errors import Locked, PorchError, first_line, warn_now_and_then
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
 from porch_server.models import Event
@@ -247,6 +247,12 @@ async def _sweep(
                 if pruned:
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
             new_status = health_pb2.HealthCheckResponse.SERVING
+        except Locked as error:
+            # The database answers; a lock held elsewhere (an index being
+            # built, say) holds every server alike: none of them is to be
+            # taken out of service for it. The next sweep tries again.
+            warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
+            new_status = status
         except PorchError as error:
             warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
             new_status = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -1,0 +1,64 @@
+"""The server's housekeeping and the health it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from porch_server.config import Config
+from porch_server.errors import LOCK_TIMED_OUT, Locked, PorchError, Unavailable
+from porch_server.server import _sweep
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health:
+    """The health service's set(), remembered."""
+
+    def __init__(self) -> None:
+        self.set_to: list[tuple[str, Any]] = []
+
+    async def set(self, name: str, status: Any) -> None:
+        self.set_to.append((name, status))
+
+
+async def health_after(*failures: PorchError | None) -> list[Any]:
+    """The statuses the sweep sets while its lease sweeps fail in turn (None: succeeds)."""
+    outcomes = list(failures)
+    swept = threading.Event()
+
+    class Store:
+        def expire_leases(self) -> int:
+            failure = outcomes.pop(0) if outcomes else None
+            if not outcomes:
+                swept.set()
+            if failure is not None:
+                raise failure
+            return 0
+
+    health = Health()
+    with ThreadPoolExecutor(1) as executor:
+        sweeping = asyncio.ensure_future(
+            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, health)  # type: ignore[arg-type]
+        )
+        assert await asyncio.to_thread(swept.wait, 10)
+        await asyncio.sleep(0.05)  # its health set, from the last sweep
+        sweeping.cancel()
+    return [status for name, status in health.set_to if name == ""]
+
+
+async def test_a_database_out_of_reach_takes_the_server_out_of_service_until_back() -> None:
+    down = Unavailable("the database is unavailable", "connection refused")
+    assert await health_after(down, down, None) == [NOT_SERVING, SERVING]
+
+
+async def test_a_lock_held_elsewhere_leaves_the_servers_health_as_it_was() -> None:
+    locked = Locked(LOCK_TIMED_OUT, "canceling statement due to lock timeout")
+    assert await health_after(locked, locked, None) == []
+    down = Unavailable("the database is unavailable", "connection refused")
+    assert await health_after(down, locked, None) == [NOT_SERVING, SERVING]
