@@ -275,14 +275,14 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         transaction (see _write)."""
         return await self._write(self._store.update_task, *args)
 
-    async def _write(self, write: Callable[..., T], *args: Any) -> T:
+    async def _write(self, write: Callable[..., T], *args: Any, waiting: Hashable = None) -> T:
         """write(*args, wait=False) (update_task or register_canonical) on
         the executor; should a task it writes be locked by another
         transaction, write(*args) waiting for the lock in _wait_for_lock."""
         try:
             return await self._run(functools.partial(write, wait=False), *args)
         except Locked as locked:
-            return await self._wait_for_lock(locked, write, *args)
+            return await self._wait_for_lock(locked, write, *args, waiting=waiting)
 
     async def _register_one(self, name: str, text: str, actor: Actor) -> Registration:
         """A single registration: in a batch with others' (the store's
@@ -291,21 +291,18 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         it goes straight there too: each such call would otherwise hold a
         batch of other registrations back for the lock's brief wait."""
         key = (name, text)
+        register = self._store.register_canonical
         if self._inputs_waiting and key in self._inputs_waiting:
             locked = Locked("the input's task is locked by another transaction")
         else:
             try:
                 result = await self._store.register_canonical_async(name, text, actor)
-                if result is not None:
-                    return result
-                # Left to the blocking way (see _write), counted in
-                # _inputs_waiting should it wait.
-                attempt = functools.partial(self._store.register_canonical, wait=False)
-                [result] = await self._run(attempt, name, [text], actor)
-                return result
-            except Locked as error:  # the lock its own: not yet waited for
+            except Locked as error:  # alone in its batch, the lock its own
                 locked = error
-        register = self._store.register_canonical
+            else:
+                if result is None:
+                    [result] = await self._write(register, name, [text], actor, waiting=key)
+                return result
         [result] = await self._wait_for_lock(locked, register, name, [text], actor, waiting=key)
         return result
 
