@@ -36,6 +36,7 @@ from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import (
     DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_TOKEN,
     TLS,
     Config,
     db_settings,
@@ -150,6 +151,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="WatchEvents streams a server process keeps open at once; more are refused"
         f" (default {DEFAULT_MAX_STREAMS:,})",
+    )
+    serve.add_argument(
+        "--max-streams-per-token",
+        type=_from_one_to(MAX_STREAMS),
+        default=DEFAULT_MAX_STREAMS_PER_TOKEN,
+        metavar="N",
+        help="of those, the streams one token may hold (the anonymous readers of"
+        f" --anonymous-reads count as one) (default {DEFAULT_MAX_STREAMS_PER_TOKEN:,})",
     )
     serve.add_argument(
         "--db-pool-size",
@@ -326,6 +335,7 @@ def _config(args: argparse.Namespace) -> Config:
         watch_poll_seconds=args.watch_poll_seconds,
         watch_keepalive_seconds=args.watch_keepalive_seconds,
         max_streams=args.max_streams,
+        max_streams_per_token=args.max_streams_per_token,
         grace_seconds=args.shutdown_grace_seconds,
         event_loop=args.event_loop,
         db_pool_size=args.db_pool_size,

@@ -30,6 +30,10 @@ CHANNEL_OPTIONS = (RECEIVE_LIMIT, RECONNECT_BACKOFF)
 # WatchEvents streams a server process keeps open at once, by default: each
 # holds about 14 KB of its memory.
 DEFAULT_MAX_STREAMS = 10_000
+# ... and of them, those one token may hold (the anonymous readers of
+# --anonymous-reads together count as one): no single caller takes every
+# place.
+DEFAULT_MAX_STREAMS_PER_TOKEN = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,7 @@ class Config:
     watch_keepalive_seconds: float = 15.0
     # WatchEvents streams a server process keeps open at once.
     max_streams: int = DEFAULT_MAX_STREAMS
+    max_streams_per_token: int = DEFAULT_MAX_STREAMS_PER_TOKEN
     event_retention_days: float | None = None
     # "auto" (uvloop where installed), "uvloop" or "asyncio".
     event_loop: str = "auto"

@@ -89,6 +89,7 @@ async def start(config: Config, store: Store) -> Running:
         hub,
         config.watch_keepalive_seconds,
         config.max_streams,
+        config.max_streams_per_token,
         # Half the threads at most for changes that wait for a lock.
         lock_waits=config.db_pool_size // 2,
     )

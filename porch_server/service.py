@@ -26,7 +26,11 @@ from google.protobuf import duration_pb2
 
 from gateway import json_leaves
 from porch_server import auth, messages
-from porch_server.config import DEFAULT_MAX_STREAMS, GRPC_MESSAGE_BYTES
+from porch_server.config import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_TOKEN,
+    GRPC_MESSAGE_BYTES,
+)
 from porch_server.cursors import Key
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import (
@@ -240,6 +244,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         hub: EventHub,
         keepalive_seconds: float,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_streams_per_token: int = DEFAULT_MAX_STREAMS_PER_TOKEN,
         lock_waits: int = 1,
     ) -> None:
         self._store = store
@@ -255,6 +260,9 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         # WatchEvents streams open, and how many may be: each holds memory.
         self._streams = 0
         self._max_streams = max_streams
+        # ... by token id (None: the anonymous readers), and how many one may hold.
+        self._streams_of: Counter[str | None] = Counter()
+        self._max_streams_per_token = max_streams_per_token
         self._encoded_events: OrderedDict[str, bytes] = OrderedDict()
         self._encoded_bytes = 0
         # token id -> (when asked, revoked): one question for every stream
@@ -674,11 +682,23 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 f"this server has {self._streams:,} WatchEvents streams open, as many as it"
                 " keeps (porch serve --max-streams): try again later, or on another server"
             )
+        token_id = auth.caller_actor().token_id
+        held = self._streams_of[token_id]
+        if held >= self._max_streams_per_token:
+            caller = "the anonymous readers have" if token_id is None else "this token has"
+            raise ResourceExhausted(
+                f"{caller} {held:,} WatchEvents streams open on this server, as many as one"
+                " token may (porch serve --max-streams-per-token): close one, or wait"
+            )
         self._streams += 1
+        self._streams_of[token_id] += 1
         try:
             await self._watch(request, context)
         finally:
             self._streams -= 1
+            self._streams_of[token_id] -= 1
+            if not self._streams_of[token_id]:
+                del self._streams_of[token_id]
 
     async def _watch(self, request: porch_pb2.WatchEventsRequest, context: Context) -> None:
         pipeline_name = request.pipeline_name or None

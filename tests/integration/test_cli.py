@@ -1132,6 +1132,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--workers", "2", "--grpc-port", "50999", "--http-port", "0"], "fixed"),
         (["serve", "--shutdown-grace-seconds", "0"], "not a positive number: '0'"),
         (["serve", "--max-streams", "0"], "--max-streams: not a whole number from 1 to 1,000,000"),
+        (["serve", "--max-streams-per-token", "x"], "--max-streams-per-token: not a whole"),
         (
             ["task", "claim", "--pipeline", "p", "--lease", "2592001", "--target", "h:1"],
             "got 2,592,001.0\n",

@@ -376,23 +376,59 @@ def test_streams_past_the_servers_most_are_refused_until_one_ends(db_url: str) -
         kept[1] = Watcher(client)
         for watcher in kept:
             watcher.wait_for_bookmark()
-        refused = Watcher(client)
-        assert refused.ended.wait(10) and refused.error is not None
-        assert refused.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "has 2 WatchEvents streams open, as many as it keeps" in refused.error.details()
+        assert "has 2 WatchEvents streams open, as many as it keeps" in refused_stream(client)
         kept[0].close()
-        deadline = time.monotonic() + 10
-        while True:  # the server notices the stream's end a moment after its client
-            again = Watcher(client)
-            while not (again.bookmarks or again.ended.is_set()):
-                time.sleep(0.01)
-            if again.bookmarks:
-                break
-            assert again.error is not None
-            assert again.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() < deadline
-        again.close()
+        reopened(client).close()
         kept[1].close()
+    finally:
+        porch.stop()
+
+
+def refused_stream(client: Client) -> str:
+    """The details of the RESOURCE_EXHAUSTED a new stream of client's gets."""
+    refused = Watcher(client)
+    assert refused.ended.wait(10) and refused.error is not None
+    assert refused.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    return str(refused.error.details())
+
+
+def reopened(client: Client) -> Watcher:
+    """A stream of client's, opened once a stream that held its place has
+    ended: the server notices a stream's end a moment after its client."""
+    deadline = time.monotonic() + 10
+    while True:
+        again = Watcher(client)
+        while not (again.bookmarks or again.ended.is_set()):
+            time.sleep(0.01)
+        if again.bookmarks:
+            return again
+        assert again.error is not None
+        assert again.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() < deadline
+
+
+def test_one_token_holds_at_most_its_share_of_a_servers_streams(db_url: str) -> None:
+    porch = start_porch(
+        db_url, watch_keepalive_seconds=0.5, max_streams_per_token=2, anonymous_reads=True
+    )
+    try:
+        reader, anonymous = porch.stub(porch.token(Role.READER)), porch.stub()
+        kept = [Watcher(reader), Watcher(reader)]
+        for watcher in kept:
+            watcher.wait_for_bookmark()
+        details = refused_stream(reader)
+        assert "this token has 2 WatchEvents streams open on this server" in details
+        assert "--max-streams-per-token" in details
+        # Another token has a share of its own; the anonymous readers one together.
+        kept.append(Watcher(porch.stub(porch.admin)))
+        kept += [Watcher(anonymous), Watcher(anonymous)]
+        for watcher in kept:
+            watcher.wait_for_bookmark()
+        assert "the anonymous readers have 2 WatchEvents" in refused_stream(anonymous)
+        kept[0].close()
+        kept.append(reopened(reader))
+        for watcher in kept:
+            watcher.close()
     finally:
         porch.stop()
 
