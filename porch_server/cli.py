@@ -36,7 +36,7 @@ from gateway import access
 from porch_server import auth, client, server, web
 from porch_server.config import (
     DEFAULT_MAX_STREAMS,
-    DEFAULT_MAX_STREAMS_PER_TOKEN,
+    STREAMS_PER_TOKEN_SHARE,
     TLS,
     Config,
     db_settings,
@@ -155,10 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-streams-per-token",
         type=_from_one_to(MAX_STREAMS),
-        default=DEFAULT_MAX_STREAMS_PER_TOKEN,
         metavar="N",
         help="of those, the streams one token may hold (the anonymous readers of"
-        f" --anonymous-reads count as one) (default {DEFAULT_MAX_STREAMS_PER_TOKEN:,})",
+        f" --anonymous-reads count as one) (default: 1/{STREAMS_PER_TOKEN_SHARE} of"
+        " --max-streams, at least 1)",
     )
     serve.add_argument(
         "--db-pool-size",
@@ -320,6 +320,14 @@ def _config(args: argparse.Namespace) -> Config:
         raise SystemExit(
             "porch: --workers share their ports: give a fixed --grpc-port and --http-port"
         )
+    per_token = args.max_streams_per_token
+    if per_token is None:
+        per_token = max(1, args.max_streams // STREAMS_PER_TOKEN_SHARE)
+    elif per_token > args.max_streams:
+        raise SystemExit(
+            f"porch: --max-streams-per-token {per_token:,} is more than --max-streams"
+            f" {args.max_streams:,}: a token can hold no more streams than the server keeps"
+        )
     return Config(
         db_url=url,
         db_schema=schema,
@@ -335,7 +343,7 @@ def _config(args: argparse.Namespace) -> Config:
         watch_poll_seconds=args.watch_poll_seconds,
         watch_keepalive_seconds=args.watch_keepalive_seconds,
         max_streams=args.max_streams,
-        max_streams_per_token=args.max_streams_per_token,
+        max_streams_per_token=per_token,
         grace_seconds=args.shutdown_grace_seconds,
         event_loop=args.event_loop,
         db_pool_size=args.db_pool_size,

@@ -32,8 +32,9 @@ CHANNEL_OPTIONS = (RECEIVE_LIMIT, RECONNECT_BACKOFF)
 DEFAULT_MAX_STREAMS = 10_000
 # ... and of them, those one token may hold (the anonymous readers of
 # --anonymous-reads together count as one): no single caller takes every
-# place.
-DEFAULT_MAX_STREAMS_PER_TOKEN = 1_000
+# place. Unless given, a tenth of the streams kept.
+STREAMS_PER_TOKEN_SHARE = 10
+DEFAULT_MAX_STREAMS_PER_TOKEN = DEFAULT_MAX_STREAMS // STREAMS_PER_TOKEN_SHARE
 
 
 @dataclass(frozen=True, slots=True)

@@ -685,10 +685,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         token_id = auth.caller_actor().token_id
         held = self._streams_of[token_id]
         if held >= self._max_streams_per_token:
-            caller = "the anonymous readers have" if token_id is None else "this token has"
+            limit = "porch serve --max-streams-per-token"
+            if token_id is None:
+                raise ResourceExhausted(
+                    f"the anonymous readers have {held:,} WatchEvents streams open on this"
+                    f" server, as many as they may together ({limit}): wait, or send a token"
+                )
             raise ResourceExhausted(
-                f"{caller} {held:,} WatchEvents streams open on this server, as many as one"
-                " token may (porch serve --max-streams-per-token): close one, or wait"
+                f"token {token_id} has {held:,} WatchEvents streams open on this server,"
+                f" as many as one token may ({limit}): close one, or wait"
             )
         self._streams += 1
         self._streams_of[token_id] += 1

@@ -1134,6 +1134,10 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         (["serve", "--max-streams", "0"], "--max-streams: not a whole number from 1 to 1,000,000"),
         (["serve", "--max-streams-per-token", "x"], "--max-streams-per-token: not a whole"),
         (
+            ["serve", "--max-streams", "5", "--max-streams-per-token", "6"],
+            "--max-streams-per-token 6 is more than --max-streams 5",
+        ),
+        (
             ["task", "claim", "--pipeline", "p", "--lease", "2592001", "--target", "h:1"],
             "got 2,592,001.0\n",
         ),
@@ -1202,6 +1206,17 @@ def test_the_shutdown_grace_is_the_operators() -> None:
     assert _config(_parser().parse_args(["serve"])).grace_seconds == 10
     args = _parser().parse_args(["serve", "--shutdown-grace-seconds", "120"])
     assert _config(args).grace_seconds == 120
+
+
+def test_a_tokens_share_of_the_streams_follows_the_streams_kept() -> None:
+    from porch_server.cli import _config, _parser
+
+    def share(*flags: str) -> int:
+        return _config(_parser().parse_args(["serve", *flags])).max_streams_per_token
+
+    assert share() == 1_000
+    assert (share("--max-streams", "50"), share("--max-streams", "5")) == (5, 1)
+    assert share("--max-streams", "50", "--max-streams-per-token", "50") == 50
 
 
 @contextlib.contextmanager
