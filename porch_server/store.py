@@ -637,15 +637,9 @@ class Store:
             with self._statements() as connection:
                 pipeline_id = self._find_pipeline_id(connection, pipeline_name)
                 return self._register_in(connection, pipeline_id, texts, actor)
-        with self._write() as connection:
-            connection.exec_driver_sql(_BRIEF_LOCK_TIMEOUT)
-            try:
-                pipeline_id = self._find_pipeline_id(connection, pipeline_name)
-                return self._register_in(connection, pipeline_id, texts, actor)
-            except exc.OperationalError as error:
-                if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
-                    raise
-                raise _input_locked(len(texts)) from error
+        with self._write_not_waiting(lambda: _input_locked(len(texts))) as connection:
+            pipeline_id = self._find_pipeline_id(connection, pipeline_name)
+            return self._register_in(connection, pipeline_id, texts, actor)
 
     def _register_blocking(self, items: Sequence[_Registering]) -> list[Registration | PorchError]:
         """Register single inputs of any pipelines and callers together: on
@@ -780,23 +774,15 @@ class Store:
                 row = connection.execute(_update_with_event(status), params).first()
             if row is not None:
                 return self._to_task(row)
-        with self._write() as connection:
-            if wait or not self._postgresql:
+        if wait or not self._postgresql:
+            with self._write() as connection:
                 return self._update_in(connection, pipeline_name, task_input_id, status, params)
-            # The task's row locked elsewhere refuses the move at once (NOWAIT);
-            # a lock on the whole table (an index built, a migration) has no
-            # NOWAIT, and is waited for only briefly.
-            connection.exec_driver_sql(_BRIEF_LOCK_TIMEOUT)
-            try:
-                return self._update_in(
-                    connection, pipeline_name, task_input_id, status, params, nowait=True
-                )
-            except exc.OperationalError as error:
-                if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
-                    raise
-                raise Locked(
-                    f"task {task_input_id}, or the task table, is locked by another transaction"
-                ) from error
+        # The task's row locked elsewhere refuses the move at once (NOWAIT).
+        locked = f"task {task_input_id}, or the task table, is locked by another transaction"
+        with self._write_not_waiting(lambda: Locked(locked)) as connection:
+            return self._update_in(
+                connection, pipeline_name, task_input_id, status, params, nowait=True
+            )
 
     def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
         """Apply status changes in one write transaction: one commit for all.
@@ -1078,7 +1064,9 @@ class Store:
                 "in_claim_number": change.claim_number,
             }
             try:
-                rows = await self._async.rows(_update_with_event(change.status, True), params)
+                rows = await self._async.rows(
+                    _update_with_event(change.status, skip_locked=True), params
+                )
             except (Contended, Refused):
                 return [None]  # it changed nothing: update_task words the error
             return [self._to_task(rows[0]) if rows else None]
@@ -1318,6 +1306,21 @@ class Store:
         # 100 ms and let a waiting writer miss many chances to run.
         with self._write_lock, _translate_errors(), self._writer.begin() as connection:
             yield connection
+
+    @contextmanager
+    def _write_not_waiting(self, refusal: Callable[[], Locked]) -> Iterator[Connection]:
+        """A write transaction (PostgreSQL) whose statements wait at most
+        _BRIEF_LOCK for a lock, a NOWAIT one not at all: refusal() is raised
+        for one refused so. A lock on the whole table (an index built, a
+        migration) has no NOWAIT: it too is waited for only briefly."""
+        with self._write() as connection:
+            connection.exec_driver_sql(_BRIEF_LOCK_TIMEOUT)
+            try:
+                yield connection
+            except exc.OperationalError as error:
+                if getattr(error.orig, "pgcode", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                raise refusal() from error
 
     @contextmanager
     def _statements(self) -> Iterator[Connection]:
