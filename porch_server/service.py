@@ -135,6 +135,13 @@ def _unusable_character(name: str) -> str:
     raise ValueError(f"{name!r} holds no character a name may not")
 
 
+def _count_down(counter: Counter[Any], key: Any) -> None:
+    """One fewer of key in counter, which then keeps no key it has none of."""
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
+
+
 def _registration_answer_bytes(
     pipeline: porch_pb2.Pipeline, tasks: Sequence[porch_pb2.Task]
 ) -> int:
@@ -289,8 +296,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         transaction, write(*args) waiting for the lock in _wait_for_lock."""
         try:
             return await self._run(functools.partial(write, wait=False), *args)
-        except Locked as locked:
-            return await self._wait_for_lock(locked, write, *args, waiting=waiting)
+        except Locked:
+            return await self._wait_for_lock(write, *args, waiting=waiting)
 
     async def _register_one(self, name: str, text: str, actor: Actor) -> Registration:
         """A single registration: in a batch with others' (the store's
@@ -300,25 +307,23 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         batch of other registrations back for the lock's brief wait."""
         key = (name, text)
         register = self._store.register_canonical
-        if self._inputs_waiting and key in self._inputs_waiting:
-            locked = Locked("the input's task is locked by another transaction")
-        else:
+        if not (self._inputs_waiting and key in self._inputs_waiting):
             try:
                 result = await self._store.register_canonical_async(name, text, actor)
-            except Locked as error:  # alone in its batch, the lock its own
-                locked = error
+            except Locked:  # alone in its batch, the lock its own
+                pass
             else:
                 if result is None:
                     [result] = await self._write(register, name, [text], actor, waiting=key)
                 return result
-        [result] = await self._wait_for_lock(locked, register, name, [text], actor, waiting=key)
+        [result] = await self._wait_for_lock(register, name, [text], actor, waiting=key)
         return result
 
     async def _wait_for_lock(
-        self, locked: Locked, write: Callable[..., T], *args: Any, waiting: Hashable = None
+        self, write: Callable[..., T], *args: Any, waiting: Hashable = None
     ) -> T:
         """write(*args) (a store method that waits for locks) on the executor,
-        for a write that was locked trying not to wait. Only so many wait at
+        for a write that was Locked trying not to wait. Only so many wait at
         once, each holding its place until its thread is done (a cancelled
         call's thread goes on waiting): however many wait, the executor keeps
         threads for reads, token checks and the other writes. waiting, when
@@ -327,13 +332,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         With no place at all (one database thread), write(*args, wait=False)
         is tried again after each of LOCKED_RETRY_PAUSES (another transaction
         registering or changing the same task ends soon; a session left open
-        does not), and then locked raised."""
+        does not), and the last try's Locked raised."""
         if self._lock_waits == 0:
-            for pause in LOCKED_RETRY_PAUSES:
+            attempt = functools.partial(write, wait=False)
+            for pause in LOCKED_RETRY_PAUSES[:-1]:
                 await asyncio.sleep(pause)
                 with contextlib.suppress(Locked):
-                    return await self._run(functools.partial(write, wait=False), *args)
-            raise locked
+                    return await self._run(attempt, *args)
+            await asyncio.sleep(LOCKED_RETRY_PAUSES[-1])
+            return await self._run(attempt, *args)
         await self._waiting_places.acquire()
         # Counted once it has a place: while queued for one (behind writes
         # waiting for other tasks' locks), its own task may be free again.
@@ -359,9 +366,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
 
     def _stop_waiting(self, waiting: Hashable) -> None:
         if waiting is not None:
-            self._inputs_waiting[waiting] -= 1
-            if not self._inputs_waiting[waiting]:
-                del self._inputs_waiting[waiting]
+            _count_down(self._inputs_waiting, waiting)
 
     async def CreatePipeline(
         self, request: porch_pb2.CreatePipelineRequest, context: Context
@@ -701,9 +706,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             await self._watch(request, context)
         finally:
             self._streams -= 1
-            self._streams_of[token_id] -= 1
-            if not self._streams_of[token_id]:
-                del self._streams_of[token_id]
+            _count_down(self._streams_of, token_id)
 
     async def _watch(self, request: porch_pb2.WatchEventsRequest, context: Context) -> None:
         pipeline_name = request.pipeline_name or None
