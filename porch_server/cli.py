@@ -43,6 +43,7 @@ from porch_server.config import (
     finite_number,
     host_port,
     option_file,
+    streams_per_token,
 )
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
@@ -322,7 +323,7 @@ def _config(args: argparse.Namespace) -> Config:
         )
     per_token = args.max_streams_per_token
     if per_token is None:
-        per_token = max(1, args.max_streams // STREAMS_PER_TOKEN_SHARE)
+        per_token = streams_per_token(args.max_streams)
     elif per_token > args.max_streams:
         raise SystemExit(
             f"porch: --max-streams-per-token {per_token:,} is more than --max-streams"

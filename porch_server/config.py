@@ -32,9 +32,16 @@ CHANNEL_OPTIONS = (RECEIVE_LIMIT, RECONNECT_BACKOFF)
 DEFAULT_MAX_STREAMS = 10_000
 # ... and of them, those one token may hold (the anonymous readers of
 # --anonymous-reads together count as one): no single caller takes every
-# place. Unless given, a tenth of the streams kept.
+# place. Unless given, a tenth of the streams kept, at least one.
 STREAMS_PER_TOKEN_SHARE = 10
-DEFAULT_MAX_STREAMS_PER_TOKEN = DEFAULT_MAX_STREAMS // STREAMS_PER_TOKEN_SHARE
+
+
+def streams_per_token(max_streams: int) -> int:
+    """The streams one token may hold unless given, of max_streams."""
+    return max(1, max_streams // STREAMS_PER_TOKEN_SHARE)
+
+
+DEFAULT_MAX_STREAMS_PER_TOKEN = streams_per_token(DEFAULT_MAX_STREAMS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,7 +90,7 @@ async def start(config: Config, store: Store) -> Running:
         config.watch_keepalive_seconds,
         config.max_streams,
         config.max_streams_per_token,
-        # Half the threads at most for changes that wait for a lock.
+        # Half the threads at most for writes that wait for a lock.
         lock_waits=config.db_pool_size // 2,
     )
     health_servicer = HealthServicer()
@@ -248,15 +248,13 @@ async def _sweep(
                 if pruned:
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
             new_status = health_pb2.HealthCheckResponse.SERVING
-        except Locked as error:
-            # The database answers; a lock held elsewhere (an index being
-            # built, say) holds every server alike: none of them is to be
-            # taken out of service for it. The next sweep tries again.
-            warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
-            new_status = status
         except PorchError as error:
             warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
-            new_status = health_pb2.HealthCheckResponse.NOT_SERVING
+            # But the database answers when a lock held elsewhere (an index
+            # being built, say) is the cause: it holds every server alike,
+            # and none of them is to be taken out of service for it.
+            locked = isinstance(error, Locked)
+            new_status = status if locked else health_pb2.HealthCheckResponse.NOT_SERVING
         if new_status != status:
             status = new_status
             for name in ("", SERVICE_NAME):
