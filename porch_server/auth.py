@@ -43,6 +43,11 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def is_secret(text: str) -> bool:
+    """True when text has the form of a token's secret, porch's or npg_porch's."""
+    return _SECRET.fullmatch(text) is not None
+
+
 def bearer_secret(authorization: str | None) -> str:
     """Return the secret of an `authorization: Bearer …` value, or raise Unauthenticated."""
     if not authorization:
@@ -51,7 +56,7 @@ def bearer_secret(authorization: str | None) -> str:
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
         raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
-    if not _SECRET.fullmatch(secret):
+    if not is_secret(secret):
         raise Unauthenticated(
             "not a porch token: tokens are 32 to 128 letters, digits, '-' and '_'"
         )

@@ -99,6 +99,31 @@ def check_text(field: str, value: str) -> str:
     return value
 
 
+def checked_new_pipeline(given: porch_pb2.Pipeline) -> Pipeline:
+    """Return the pipeline to create, if its name, uri and version are usable."""
+    name = check_name("pipeline.name", given.name)
+    if name in (".", ".."):  # HTTP clients remove such path segments
+        raise InvalidArgument(f"pipeline.name must not be {name!r}: no URL could name it")
+    if name != name.strip():  # " p1" would pass for "p1" in every list
+        raise InvalidArgument(
+            f"pipeline.name must not begin or end with white space, got {shortened(name)!r}"
+        )
+    for field, longest in MAX_PIPELINE_TEXT.items():
+        value = getattr(given, field)
+        if not value.strip():
+            raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
+        if len(value) > longest:
+            raise InvalidArgument(f"pipeline.{field} is longer than {longest} characters")
+        check_text(f"pipeline.{field}", value)
+        control = _CONTROL.search(value)
+        if control is not None:  # a line break in a listing, an escape on a terminal
+            raise InvalidArgument(
+                f"pipeline.{field} must not contain control characters or line breaks:"
+                f" U+{ord(control.group()):04X} at character {control.start() + 1}"
+            )
+    return Pipeline(name=name, uri=given.uri, version=given.version)
+
+
 def check_name(field: str, value: str) -> str:
     """Return value if it is a usable name (1 to 255 characters, no '/')."""
     if not value:
@@ -371,28 +396,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def CreatePipeline(
         self, request: porch_pb2.CreatePipelineRequest, context: Context
     ) -> porch_pb2.Pipeline:
-        given = request.pipeline
-        name = check_name("pipeline.name", given.name)
-        if name in (".", ".."):  # HTTP clients remove such path segments
-            raise InvalidArgument(f"pipeline.name must not be {name!r}: no URL could name it")
-        if name != name.strip():  # " p1" would pass for "p1" in every list
-            raise InvalidArgument(
-                f"pipeline.name must not begin or end with white space, got {shortened(name)!r}"
-            )
-        for field, longest in MAX_PIPELINE_TEXT.items():
-            value = getattr(given, field)
-            if not value.strip():
-                raise InvalidArgument(f"pipeline.{field} is required to create a pipeline")
-            if len(value) > longest:
-                raise InvalidArgument(f"pipeline.{field} is longer than {longest} characters")
-            check_text(f"pipeline.{field}", value)
-            control = _CONTROL.search(value)
-            if control is not None:  # a line break in a listing, an escape on a terminal
-                raise InvalidArgument(
-                    f"pipeline.{field} must not contain control characters or line breaks:"
-                    f" U+{ord(control.group()):04X} at character {control.start() + 1}"
-                )
-        pipeline = Pipeline(name=name, uri=given.uri, version=given.version)
+        pipeline = checked_new_pipeline(request.pipeline)
         created = await self._run(self._store.create_pipeline, pipeline)
         context.set_trailing_metadata(CREATED)
         return messages.pipeline_message(created)
