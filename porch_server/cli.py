@@ -33,7 +33,7 @@ from sqlalchemy.engine import Engine
 
 import gateway
 from gateway import access
-from porch_server import auth, client, server, web
+from porch_server import auth, client, npg_porch, server, web
 from porch_server.config import (
     DEFAULT_MAX_STREAMS,
     STREAMS_PER_TOKEN_SHARE,
@@ -47,7 +47,7 @@ from porch_server.config import (
 )
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
-from porch_server.errors import PorchError, first_line
+from porch_server.errors import FailedPrecondition, PorchError, first_line
 from porch_server.models import Role, Token
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
@@ -221,6 +221,27 @@ def _parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", help="create or upgrade the schema")
     _add_db_flags(upgrade)
+    imports = db_commands.add_parser(
+        "import-npg-porch",
+        help="copy an npg_porch database's pipelines, tokens, tasks and events into porch's",
+        description="Copy an npg_porch 2 database's pipelines, tokens, tasks and events into"
+        " porch's database, in one transaction: all of it or, on any error, nothing."
+        " What porch has already is left as it is, so a second run adds only what is new."
+        " Stop npg_porch first: its later changes are not copied.",
+    )
+    imports.add_argument(
+        "--from-db-url",
+        required=True,
+        metavar="URL",
+        help="npg_porch's database, as its DB_URL names it (read only)",
+    )
+    imports.add_argument(
+        "--from-db-schema", metavar="SCHEMA", help="npg_porch's schema, as its DB_SCHEMA names it"
+    )
+    imports.add_argument(
+        "--dry-run", action="store_true", help="check and count everything, then write nothing"
+    )
+    _add_db_flags(imports)
 
     token = commands.add_parser("token", help="manage tokens directly in the database")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
@@ -817,6 +838,51 @@ def _db_upgrade(args: argparse.Namespace) -> None:
     print(f"porch: database schema is at {migrate.head_revision()}")
 
 
+def _import_npg_porch(args: argparse.Namespace) -> None:
+    source = db_settings(args.from_db_url, args.from_db_schema, environ={})
+    if source == db_settings(args.db_url, args.db_schema):
+        raise FailedPrecondition(
+            "npg_porch's database and porch's are the same: name porch's with --db-url and"
+            " --db-schema (npg_porch's DB_URL and DB_SCHEMA name it when PORCH_DB_URL and"
+            " PORCH_DB_SCHEMA are not set)"
+        )
+    store = _open_store(args)
+    try:
+        with npg_porch.reading(*source) as npg:
+            zone = npg.time_zone()
+            counts = store.import_records(npg, keep=not args.dry_run)
+    except PorchError as error:
+        print(f"porch: {error}; nothing was imported", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        store.close()
+    print(f"porch: npg_porch's times were read as {zone}")
+    done = "would import" if args.dry_run else "imported"
+    print(
+        f"porch: {done} {counts.pipelines_added:,} pipeline(s), {counts.tokens_added:,} token(s),"
+        f" {counts.tasks_added:,} task(s) and {counts.events_added:,} event(s)"
+    )
+    if counts.pipelines_found or counts.tokens_found or counts.tasks_found:
+        print(
+            f"porch: left as they were in porch: {counts.pipelines_found:,} pipeline(s),"
+            f" {counts.tokens_found:,} token(s), {counts.tasks_found:,} task(s) with their own"
+            f" events ({counts.events_left:,} of npg_porch's events of them not copied)"
+        )
+    for changed in npg.changed_ids:
+        print(
+            f"porch: task {changed.npg_porch_id} of pipeline {changed.pipeline_name}"
+            f" is task {changed.porch_id} in porch"
+        )
+    if npg.changed_ids:
+        print(
+            f"porch: {len(npg.changed_ids):,} task(s) have ids of porch's own: porch computes"
+            " a task's id from its input as it holds it, where npg_porch wrote a number otherwise"
+            " (a whole number sent with a fraction, or one beyond 2^53)"
+        )
+    if args.dry_run:
+        print("porch: nothing was written (--dry-run)")
+
+
 def _token(args: argparse.Namespace) -> None:
     store = _open_store(args)
     try:
@@ -931,8 +997,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "serve":
             _serve(args)
-        elif args.command == "db":
+        elif args.command == "db" and args.db_command == "upgrade":
             _db_upgrade(args)
+        elif args.command == "db":
+            _import_npg_porch(args)
         elif args.command == "token":
             _for_a_pipeline(lambda: _token(args))
         elif args.command == "gateway":

@@ -107,3 +107,63 @@ class Page(Generic[T]):
 
     items: list[T]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedPipeline:
+    """A pipeline read from another tracker's database; key is its id there."""
+
+    key: int
+    pipeline: Pipeline
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedToken:
+    """A token read from another tracker's database, by the hash of its secret."""
+
+    key: int
+    role: Role
+    pipeline_key: int | None
+    description: str
+    secret_hash: str
+    create_time: datetime
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedTask:
+    """A task read from another tracker's database, its input already canonical."""
+
+    key: int
+    pipeline_key: int
+    task_input: str
+    task_input_id: str
+    status: State
+    create_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedEvent:
+    """One change to an imported task: its kind, the status it left the task
+    in, and the token (by its key there) that made it."""
+
+    task_key: int
+    time: datetime
+    kind: EventKind
+    status: State
+    token_key: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportCounts:
+    """What an import added, and what it found already there and left as it was."""
+
+    pipelines_added: int
+    pipelines_found: int
+    tokens_added: int
+    tokens_found: int
+    tasks_added: int
+    tasks_found: int
+    events_added: int
+    events_left: int

@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     CTE,
@@ -96,6 +96,11 @@ from porch_server.models import (
     Actor,
     Event,
     EventKind,
+    ImportCounts,
+    ImportedEvent,
+    ImportedPipeline,
+    ImportedTask,
+    ImportedToken,
     Page,
     Pipeline,
     Registration,
@@ -118,6 +123,8 @@ _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 # this many seconds.
 TOKEN_CACHE_SECONDS = 1.0
 _TOKEN_CACHE_LIMIT = 10_000
+# Rows an import writes a statement.
+_IMPORT_BATCH = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -1423,6 +1430,32 @@ class Store:
             [common | {"task_id": row.id, "pipeline_id": row.pipeline_id} for row in rows],
         )
 
+    # Imports
+
+    def import_records(self, source: ImportSource, keep: bool = True) -> ImportCounts:
+        """Copy source's pipelines, tokens, tasks and events in one transaction.
+
+        What porch holds already is left as it is: a pipeline found by name
+        or a token by its secret is taken as it is (FailedPrecondition if it
+        differs), and a task found by its input keeps its own history, the
+        source's events of it left out. With keep false the transaction is
+        rolled back: the counts say what an import would do.
+        """
+        with self._write() as connection:
+            importing = _Importing(connection, self._insert, self._postgresql)
+            importing.add_pipelines(source.pipelines())
+            importing.add_tokens(source.tokens())
+            for tasks in source.tasks():
+                importing.add_tasks(tasks)
+            for events in source.events():
+                importing.add_events(events)
+            importing.finish_tasks()
+            if not keep:
+                connection.rollback()
+        if keep:
+            self.notify_watchers()
+        return importing.counts()
+
     # Pipelines by name and id, cached
 
     def _find_pipeline_id(self, connection: Connection, name: str) -> int:
@@ -1482,6 +1515,312 @@ class Store:
             create_time=row.create_time,
             revoke_time=row.revoke_time,
         )
+
+
+class ImportSource(Protocol):
+    """Records read from another tracker's database, for Store.import_records:
+    tasks in batches, events in batches in the order they happened."""
+
+    def pipelines(self) -> Iterable[ImportedPipeline]: ...
+
+    def tokens(self) -> Iterable[ImportedToken]: ...
+
+    def tasks(self) -> Iterable[Sequence[ImportedTask]]: ...
+
+    def events(self) -> Iterable[Sequence[ImportedEvent]]: ...
+
+
+@dataclass(slots=True)
+class _ImportedRow:
+    """An imported task as porch stored it, and what its events replayed so far say."""
+
+    id: int
+    pipeline_id: int
+    status: State
+    create_time: datetime
+    replayed: State | None = None
+    last_change: datetime | None = None
+    claims: int = 0
+    claim_time: datetime | None = None
+    claimed_by: int | None = None
+
+
+class _Importing:
+    """One import's writes, on one connection in one transaction, with what it
+    has mapped so far: the source's keys to porch's ids."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        insert: Callable[[Any], postgresql.Insert | sqlite.Insert],
+        postgresql: bool,
+    ) -> None:
+        self._connection = connection
+        self._insert = insert
+        self._postgresql = postgresql
+        self._pipelines: dict[int, int] = {}
+        self._tokens: dict[int, tuple[int, str]] = {}
+        self._tasks: dict[int, _ImportedRow] = {}
+        self._task_keys: dict[int, int] = {}  # porch's task id -> the source's key
+        self._found = {"pipelines": 0, "tokens": 0, "tasks": 0}
+        self._events = self._events_left = 0
+
+    def add_pipelines(self, pipelines: Iterable[ImportedPipeline]) -> None:
+        for item in pipelines:
+            given = item.pipeline
+            statement = (
+                self._insert(pipeline_table)
+                .values(
+                    name=given.name,
+                    uri=given.uri,
+                    version=given.version,
+                    create_time=item.create_time,
+                )
+                .on_conflict_do_nothing(index_elements=[pipeline_table.c.name])
+                .returning(pipeline_table.c.id)
+            )
+            pipeline_id = self._connection.scalar(statement)
+            if pipeline_id is None:
+                pipeline_id = self._found_pipeline(given)
+            self._pipelines[item.key] = pipeline_id
+
+    def _found_pipeline(self, given: Pipeline) -> int:
+        """The id of the pipeline porch has by given's name; FailedPrecondition
+        unless it has given's uri and version."""
+        row = self._connection.execute(
+            select(pipeline_table).where(pipeline_table.c.name == given.name)
+        ).one()
+        if (row.uri, row.version) != (given.uri, given.version):
+            raise FailedPrecondition(
+                f"pipeline '{shortened(given.name)}' is in porch already, with uri"
+                f" {shortened(row.uri)!r} and version {shortened(row.version)!r},"
+                f" not {shortened(given.uri)!r} and {shortened(given.version)!r}"
+            )
+        self._found["pipelines"] += 1
+        return int(row.id)
+
+    def add_tokens(self, tokens: Iterable[ImportedToken]) -> None:
+        for item in tokens:
+            pipeline_id = None if item.pipeline_key is None else self._pipelines[item.pipeline_key]
+            statement = (
+                self._insert(token)
+                .values(
+                    token_hash=item.secret_hash,
+                    role=item.role.value,
+                    pipeline_id=pipeline_id,
+                    description=item.description,
+                    create_time=item.create_time,
+                    revoke_time=item.revoke_time,
+                )
+                .on_conflict_do_nothing(index_elements=[token.c.token_hash])
+                .returning(token.c.id, token.c.description)
+            )
+            row = self._connection.execute(statement).first()
+            if row is None:
+                row = self._found_token(item, pipeline_id)
+            self._tokens[item.key] = (row.id, row.description)
+
+    def _found_token(self, item: ImportedToken, pipeline_id: int | None) -> Row[Any]:
+        """The token porch has with item's secret; FailedPrecondition unless
+        it has item's role and pipeline."""
+        row = self._connection.execute(
+            select(token).where(token.c.token_hash == item.secret_hash)
+        ).one()
+        if (row.role, row.pipeline_id) != (item.role.value, pipeline_id):
+            raise FailedPrecondition(
+                f"the source's token {item.key} has the secret of porch's token {row.id},"
+                " a token of another role or pipeline"
+            )
+        self._found["tokens"] += 1
+        return row
+
+    def add_tasks(self, tasks: Sequence[ImportedTask]) -> None:
+        """Insert the tasks porch does not have yet; FailedPrecondition for
+        two of the source's that porch takes as one (the same input)."""
+        if not tasks:
+            return
+        statement = (
+            self._insert(task)
+            .on_conflict_do_nothing(index_elements=[task.c.pipeline_id, task.c.task_input_id])
+            .returning(task.c.id, task.c.pipeline_id, task.c.task_input_id)
+        )
+        wheres = [(self._pipelines[item.pipeline_key], item.task_input_id) for item in tasks]
+        rows = [
+            {
+                "pipeline_id": pipeline_id,
+                "task_input_id": task_input_id,
+                "task_input": item.task_input,
+                "status": item.status.value,
+                "create_time": item.create_time,
+                "update_time": item.create_time,
+            }
+            for item, (pipeline_id, task_input_id) in zip(tasks, wheres, strict=True)
+        ]
+        added = {
+            (row.pipeline_id, row.task_input_id): row.id
+            for row in self._connection.execute(statement, rows)
+        }
+        there = self._tasks_there(wheres, added)
+        for item, where in zip(tasks, wheres, strict=True):
+            task_id = added.get(where)
+            twin = self._task_keys.get(task_id if task_id is not None else there[where])
+            if twin is not None:
+                raise FailedPrecondition(
+                    f"the source's tasks {twin} and {item.key} are one task for porch, which"
+                    f" computes an id from the input as it reads it: {shortened(item.task_input)}"
+                )
+            if task_id is None:
+                self._found["tasks"] += 1
+                continue
+            self._task_keys[task_id] = item.key
+            self._tasks[item.key] = _ImportedRow(task_id, where[0], item.status, item.create_time)
+
+    def _tasks_there(
+        self, wheres: list[tuple[int, str]], added: dict[tuple[int, str], int]
+    ) -> dict[tuple[int, str], int]:
+        """The ids of the tasks at wheres that were there before this statement."""
+        missing: dict[int, list[str]] = {}
+        for where in wheres:
+            if where not in added:
+                missing.setdefault(where[0], []).append(where[1])
+        there = {}
+        for pipeline_id, task_input_ids in missing.items():  # by the unique index
+            query = select(task.c.id, task.c.task_input_id).where(
+                task.c.pipeline_id == pipeline_id, task.c.task_input_id.in_(task_input_ids)
+            )
+            for row in self._connection.execute(query):
+                there[pipeline_id, row.task_input_id] = row.id
+        return there
+
+    def add_events(self, events: Sequence[ImportedEvent]) -> None:
+        """Insert the events of the tasks this import added, in order,
+        replaying each task's status and claims."""
+        rows = []
+        for item in events:
+            imported = self._tasks.get(item.task_key)
+            if imported is None:  # a task porch had already keeps its own history
+                self._events_left += 1
+                continue
+            token_id, description = (
+                (None, None) if item.token_key is None else self._tokens[item.token_key]
+            )
+            old = None if item.kind is EventKind.CREATED else imported.replayed
+            rows.append(
+                {
+                    "time": item.time,
+                    "task_id": imported.id,
+                    "pipeline_id": imported.pipeline_id,
+                    "kind": item.kind.value,
+                    "old_status": None if old is None else old.value,
+                    "new_status": item.status.value,
+                    "token_id": token_id,
+                    "token_description": description,
+                    "message": None,
+                }
+            )
+            imported.replayed, imported.last_change = item.status, item.time
+            if item.kind is EventKind.CLAIMED:
+                imported.claims += 1
+                imported.claim_time, imported.claimed_by = item.time, token_id
+        if rows and self._postgresql:  # one statement, not one an event
+            arrays = {f"in_{key}s": [row[key] for row in rows] for key in rows[0]}
+            self._connection.execute(_insert_imported_events(), arrays)
+        elif rows:
+            self._connection.execute(_insert_event, rows)
+        self._events += len(rows)
+
+    def finish_tasks(self) -> None:
+        """Set each imported task's update time and claim from its events."""
+        changed = [row for row in self._tasks.values() if row.last_change is not None]
+        for start in range(0, len(changed), _IMPORT_BATCH):
+            rows = [_finished(row) for row in changed[start : start + _IMPORT_BATCH]]
+            if self._postgresql:  # one statement, not one a task
+                arrays = {f"{key}s": [row[key] for row in rows] for key in rows[0]}
+                self._connection.execute(_finish_imported_tasks(), arrays)
+            else:
+                self._connection.execute(_finish_imported_task, rows)
+
+    def counts(self) -> ImportCounts:
+        return ImportCounts(
+            pipelines_added=len(self._pipelines) - self._found["pipelines"],
+            pipelines_found=self._found["pipelines"],
+            tokens_added=len(self._tokens) - self._found["tokens"],
+            tokens_found=self._found["tokens"],
+            tasks_added=len(self._tasks),
+            tasks_found=self._found["tasks"],
+            events_added=self._events,
+            events_left=self._events_left,
+        )
+
+
+_finish_imported_task = (
+    update(task)
+    .where(task.c.id == bindparam("in_id", type_=BigInteger))
+    .values(
+        update_time=bindparam("in_update_time", type_=UtcDateTime),
+        claim_number=bindparam("in_claim_number", type_=Integer),
+        claim_time=bindparam("in_claim_time", type_=UtcDateTime),
+        claimed_by_token_id=bindparam("in_claimer", type_=Integer),
+    )
+)
+
+
+@functools.cache
+def _insert_imported_events() -> Any:
+    """Insert events given as parallel arrays (PostgreSQL), in the arrays' order."""
+    columns = [
+        ("time", UtcDateTime),
+        ("task_id", BigInteger),
+        ("pipeline_id", Integer),
+        ("kind", Text),
+        ("old_status", Text),
+        ("new_status", Text),
+        ("token_id", Integer),
+        ("token_description", Text),
+        ("message", Text),
+    ]
+    given = _rows_of_arrays("given", [(f"in_{name}s", name, kind) for name, kind in columns])
+    names = [name for name, _ in columns]
+    rows = select(*(given.c[name] for name in names)).order_by(given.c.position)
+    return insert(event).from_select(names, rows)
+
+
+@functools.cache
+def _finish_imported_tasks() -> Any:
+    """_finish_imported_task for many tasks at once, as parallel arrays (PostgreSQL)."""
+    finished = _rows_of_arrays(
+        "finished",
+        [
+            ("in_ids", "id", BigInteger),
+            ("in_update_times", "update_time", UtcDateTime),
+            ("in_claim_numbers", "claims", Integer),
+            ("in_claim_times", "claim_time", UtcDateTime),
+            ("in_claimers", "claimed_by", Integer),
+        ],
+    )
+    return (
+        update(task)
+        .where(task.c.id == finished.c.id)
+        .values(
+            update_time=finished.c.update_time,
+            claim_number=finished.c.claims,
+            claim_time=finished.c.claim_time,
+            claimed_by_token_id=finished.c.claimed_by,
+        )
+    )
+
+
+def _finished(row: _ImportedRow) -> dict[str, Any]:
+    """An imported task's update time and claim, once its events are replayed:
+    as porch keeps them, the claim's time and token only while not PENDING."""
+    claimed = row.status is not State.PENDING
+    return {
+        "in_id": row.id,
+        "in_update_time": max(row.create_time, row.last_change or row.create_time),
+        "in_claim_number": row.claims,
+        "in_claim_time": row.claim_time if claimed else None,
+        "in_claimer": row.claimed_by if claimed else None,
+    }
 
 
 @contextmanager

@@ -1,0 +1,335 @@
+"""npg_porch's database, read for `porch db import-npg-porch`.
+
+npg_porch 2 keeps its pipelines, tokens, tasks and their events in four
+tables (`pipeline`, `token`, `task`, `event`). They are read in one
+read-only snapshot and given to the store as porch keeps such things:
+
+- A task's id is computed from its input as porch computes ids. That is
+  npg_porch's own id except where npg_porch wrote a whole number sent with a
+  fraction as a float (`100.0`, where porch writes `100`); such tasks are
+  listed in `changed_ids`.
+- Times carry no time zone there. On PostgreSQL they are read in the time
+  zone its server gives a session, as npg_porch's sessions had it; on SQLite
+  as UTC, which its `CURRENT_TIMESTAMP` writes.
+- The event texts "Created", "Task claimed" and "Task changed, new status X"
+  become CREATED, CLAIMED and STATUS_CHANGED events.
+- A token bound to a pipeline becomes a PIPELINE token of it. One bound to
+  none, which npg_porch let create pipelines, becomes an ADMIN token. Its
+  secret is kept as porch keeps its own: by its SHA-256 only.
+
+Anything porch would refuse from a client (a pipeline name with '/', an
+input that is not a JSON object) is an InvalidArgument naming the row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import struct_pb2
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    cast,
+    create_engine,
+    func,
+    inspect,
+    select,
+    union_all,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
+
+from porch_server import auth
+from porch_server.digest import digest_of
+from porch_server.errors import FailedPrecondition, InvalidArgument, shortened
+from porch_server.models import (
+    EventKind,
+    ImportedEvent,
+    ImportedPipeline,
+    ImportedTask,
+    ImportedToken,
+    Role,
+)
+from porch_server.service import check_description, checked_new_pipeline, checked_task_input
+from porch_server.states import State
+from porch_stubs.v1 import porch_pb2
+
+# Rows read at a time.
+BATCH = 5_000
+
+_TABLES = MetaData()
+_pipeline = Table(
+    "pipeline",
+    _TABLES,
+    Column("pipeline_id", Integer),
+    Column("name", Text),
+    Column("repository_uri", Text),
+    Column("version", Text),
+)
+_token = Table(
+    "token",
+    _TABLES,
+    Column("token_id", Integer),
+    Column("token", Text),
+    Column("description", Text),
+    Column("pipeline_id", Integer),
+    Column("date_issued", DateTime),
+    Column("date_revoked", DateTime),
+)
+_task = Table(
+    "task",
+    _TABLES,
+    Column("task_id", Integer),
+    Column("pipeline_id", Integer),
+    Column("job_descriptor", Text),
+    Column("definition", Text),
+    Column("state", Text),
+    Column("created", DateTime),
+)
+_event = Table(
+    "event",
+    _TABLES,
+    Column("event_id", Integer),
+    Column("task_id", Integer),
+    Column("time", DateTime),
+    Column("change", Text),
+    Column("token_id", Integer),
+)
+
+_STATUS_CHANGE = re.compile(r"Task changed, new status (?:TaskStateEnum\.)?([A-Z]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedId:
+    """A task whose id in porch is not the one npg_porch gave it."""
+
+    pipeline_name: str
+    npg_porch_id: str
+    porch_id: str
+
+
+class NpgPorchSource:
+    """npg_porch's rows, read on one connection in one snapshot, as an ImportSource."""
+
+    def __init__(self, connection: Connection, postgresql: bool) -> None:
+        self._connection = connection
+        self._postgresql = postgresql
+        self._pipeline_names: dict[int, str] = {}
+        self._token_keys: set[int] = set()
+        self.changed_ids: list[ChangedId] = []
+
+    def time_zone(self) -> str:
+        """The time zone npg_porch's times are read in."""
+        if not self._postgresql:
+            return "UTC"
+        return str(self._connection.scalar(select(func.current_setting("TimeZone"))))
+
+    def pipelines(self) -> Iterator[ImportedPipeline]:
+        first_use = self._first_use()
+        for row in self._connection.execute(select(_pipeline).order_by(_pipeline.c.pipeline_id)):
+            given = porch_pb2.Pipeline(
+                name=row.name or "", uri=row.repository_uri or "", version=row.version or ""
+            )
+            try:
+                pipeline = checked_new_pipeline(given)
+            except InvalidArgument as error:
+                raise InvalidArgument(f"npg_porch's pipeline {row.pipeline_id}: {error}") from None
+            self._pipeline_names[row.pipeline_id] = pipeline.name
+            created = first_use.get(row.pipeline_id) or datetime.now(UTC)
+            yield ImportedPipeline(row.pipeline_id, pipeline, created)
+
+    def _first_use(self) -> dict[int, datetime]:
+        """When each pipeline was first used (a task or a token made), which
+        npg_porch does not record of the pipeline itself."""
+        uses = union_all(
+            select(_task.c.pipeline_id, self._time(_task.c.created).label("time")),
+            select(_token.c.pipeline_id, self._time(_token.c.date_issued).label("time")),
+        ).subquery()
+        query = select(uses.c.pipeline_id, func.min(uses.c.time)).group_by(uses.c.pipeline_id)
+        return {key: _utc(time) for key, time in self._connection.execute(query) if time}
+
+    def tokens(self) -> Iterator[ImportedToken]:
+        query = select(
+            _token.c.token_id,
+            _token.c.token,
+            _token.c.description,
+            _token.c.pipeline_id,
+            self._time(_token.c.date_issued).label("issued"),
+            self._time(_token.c.date_revoked).label("revoked"),
+        ).order_by(_token.c.token_id)
+        for row in self._connection.execute(query):
+            yield self._token(row)
+            self._token_keys.add(row.token_id)
+
+    def _token(self, row: Any) -> ImportedToken:
+        where = f"npg_porch's token {row.token_id}"
+        if not auth.is_secret(row.token or ""):
+            raise InvalidArgument(
+                f"{where} has a secret that is not one porch accepts"
+                " (32 to 128 letters, digits, '-' and '_')"
+            )
+        try:
+            description = check_description(row.description or "")
+        except InvalidArgument as error:
+            raise InvalidArgument(f"{where}: {error}") from None
+        if row.pipeline_id is not None and row.pipeline_id not in self._pipeline_names:
+            raise InvalidArgument(f"{where} is of pipeline {row.pipeline_id}, which is not there")
+        if row.issued is None:
+            raise InvalidArgument(f"{where} has no date_issued")
+        return ImportedToken(
+            key=row.token_id,
+            role=Role.ADMIN if row.pipeline_id is None else Role.PIPELINE,
+            pipeline_key=row.pipeline_id,
+            description=description,
+            secret_hash=auth.hash_secret(row.token),
+            create_time=_utc(row.issued),
+            revoke_time=None if row.revoked is None else _utc(row.revoked),
+        )
+
+    def tasks(self) -> Iterator[list[ImportedTask]]:
+        query = select(
+            _task.c.task_id,
+            _task.c.pipeline_id,
+            _task.c.job_descriptor,
+            cast(_task.c.definition, Text).label("definition"),
+            _task.c.state,
+            self._time(_task.c.created).label("created"),
+        ).order_by(_task.c.task_id)
+        for rows in self._batches(query):
+            yield [self._task(row) for row in rows]
+
+    def _task(self, row: Any) -> ImportedTask:
+        name = self._pipeline_names.get(row.pipeline_id)
+        if name is None:
+            raise InvalidArgument(
+                f"npg_porch's task {row.task_id} is of pipeline {row.pipeline_id},"
+                " which is not there"
+            )
+        where = f"npg_porch's task {row.task_id} (pipeline '{shortened(name)}')"
+        canonical = _canonical_input(where, row.definition)
+        if row.state not in State.__members__:
+            raise InvalidArgument(f"{where} has status {shortened(str(row.state))!r}, not porch's")
+        if row.created is None:
+            raise InvalidArgument(f"{where} has no creation time")
+        task_input_id = digest_of(canonical)
+        if task_input_id != row.job_descriptor:
+            self.changed_ids.append(ChangedId(name, str(row.job_descriptor), task_input_id))
+        return ImportedTask(
+            key=row.task_id,
+            pipeline_key=row.pipeline_id,
+            task_input=canonical,
+            task_input_id=task_input_id,
+            status=State(row.state),
+            create_time=_utc(row.created),
+        )
+
+    def events(self) -> Iterator[list[ImportedEvent]]:
+        time = self._time(_event.c.time).label("time")
+        query = select(
+            _event.c.event_id, _event.c.task_id, time, _event.c.change, _event.c.token_id
+        ).order_by(time, _event.c.event_id)
+        for rows in self._batches(query):
+            yield [self._event(row) for row in rows]
+
+    def _event(self, row: Any) -> ImportedEvent:
+        kind, status = _change(row.event_id, row.change)
+        if row.time is None:
+            raise InvalidArgument(f"npg_porch's event {row.event_id} has no time")
+        token_key = row.token_id if row.token_id in self._token_keys else None
+        return ImportedEvent(row.task_id, _utc(row.time), kind, status, token_key)
+
+    def _time(self, column: Any) -> Any:
+        """column as a time with a time zone: on PostgreSQL a timestamp
+        without one is read in the session's (a no-op for one with)."""
+        return cast(column, DateTime(timezone=True)) if self._postgresql else column
+
+    def _batches(self, query: Any) -> Iterator[Sequence[Any]]:
+        yield from self._connection.execute(query.execution_options(yield_per=BATCH)).partitions()
+
+
+@contextmanager
+def reading(url: str, schema: str | None) -> Iterator[NpgPorchSource]:
+    """Open npg_porch's database at url (its tables in schema, if given) and
+    read it in one read-only snapshot; FailedPrecondition if its tables are
+    not npg_porch 2's."""
+    url = url.replace("sqlite+aiosqlite:", "sqlite:", 1)
+    engine = create_engine(url, poolclass=NullPool)
+    postgresql = engine.dialect.name == "postgresql"
+    options: dict[str, Any] = {"schema_translate_map": {None: schema}}
+    if postgresql:
+        options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+    try:
+        with engine.connect() as connection:
+            connection.execution_options(**options)
+            with connection.begin():
+                _check_tables(connection, schema)
+                yield NpgPorchSource(connection, postgresql)
+    finally:
+        engine.dispose()
+
+
+def _check_tables(connection: Connection, schema: str | None) -> None:
+    """FailedPrecondition naming the first of npg_porch's tables or columns not there."""
+    inspector = inspect(connection)
+    where = f"schema {schema!r}" if schema else "the database"
+    for table in _TABLES.sorted_tables:
+        if not inspector.has_table(table.name, schema=schema):
+            raise FailedPrecondition(f"{where} holds no npg_porch table '{table.name}'")
+        there = {column["name"] for column in inspector.get_columns(table.name, schema=schema)}
+        for column in table.columns:
+            if column.name not in there:
+                raise FailedPrecondition(
+                    f"{where} holds no npg_porch 2 database: its table '{table.name}'"
+                    f" has no column '{column.name}'"
+                )
+
+
+def _canonical_input(where: str, definition: str | None) -> str:
+    """A task's definition as canonical JSON, checked as a registration's input is."""
+    try:
+        data = json.loads(definition or "null")
+    except ValueError:
+        raise InvalidArgument(f"{where} has a definition that is not JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{where} has a definition that is not a JSON object")
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(data)
+    except (ValueError, TypeError) as error:
+        raise InvalidArgument(f"{where} has a definition porch cannot hold: {error}") from None
+    try:
+        return checked_task_input("task", porch_pb2.Task(task_input=struct))
+    except InvalidArgument as error:
+        raise InvalidArgument(f"{where}: {error}") from None
+
+
+def _change(event_id: int, change: str | None) -> tuple[EventKind, State]:
+    """The kind of an npg_porch event, and the status it left its task in."""
+    if change == "Created":
+        return EventKind.CREATED, State.PENDING
+    if change == "Task claimed":
+        return EventKind.CLAIMED, State.CLAIMED
+    matched = _STATUS_CHANGE.fullmatch(change or "")
+    if matched and matched.group(1) in State.__members__:
+        return EventKind.STATUS_CHANGED, State(matched.group(1))
+    raise InvalidArgument(
+        f"npg_porch's event {event_id} records {shortened(str(change))!r}, none of the changes"
+        " npg_porch 2 records ('Created', 'Task claimed', 'Task changed, new status …')"
+    )
+
+
+def _utc(moment: datetime) -> datetime:
+    """moment in UTC; one without a time zone (SQLite's) is taken as UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
