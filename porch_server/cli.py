@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
@@ -36,6 +36,7 @@ from gateway import access
 from porch_server import auth, client, npg_porch, server, web
 from porch_server.config import (
     DEFAULT_MAX_STREAMS,
+    NPG_PORCH_VARIABLES,
     STREAMS_PER_TOKEN_SHARE,
     TLS,
     Config,
@@ -48,7 +49,7 @@ from porch_server.config import (
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
 from porch_server.errors import FailedPrecondition, PorchError, first_line
-from porch_server.models import Role, Token
+from porch_server.models import ImportCounts, Role, Token
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
 
@@ -83,13 +84,15 @@ def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_db_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db-url",
-        help="SQLAlchemy URL (default: $PORCH_DB_URL, $DB_URL, or sqlite:///porch.db)",
+def _add_db_flags(parser: argparse.ArgumentParser, npg_porchs: bool = True) -> None:
+    """--db-url and --db-schema, whose defaults are npg_porch's variables too
+    unless those name another database (npg_porchs false)."""
+    url, schema = (
+        ("$PORCH_DB_URL, $DB_URL,", " or $DB_SCHEMA") if npg_porchs else ("$PORCH_DB_URL", "")
     )
+    parser.add_argument("--db-url", help=f"SQLAlchemy URL (default: {url} or sqlite:///porch.db)")
     parser.add_argument(
-        "--db-schema", help="PostgreSQL schema (default: $PORCH_DB_SCHEMA or $DB_SCHEMA)"
+        "--db-schema", help=f"PostgreSQL schema (default: $PORCH_DB_SCHEMA{schema})"
     )
 
 
@@ -241,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
     imports.add_argument(
         "--dry-run", action="store_true", help="check and count everything, then write nothing"
     )
-    _add_db_flags(imports)
+    _add_db_flags(imports, npg_porchs=False)
 
     token = commands.add_parser("token", help="manage tokens directly in the database")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
@@ -270,12 +273,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open_store(args: argparse.Namespace, create: bool = False) -> Store:
-    """Open the store named by the flags, refusing a schema that is not up to
-    date. A SQLite file is brought up to date by any command, but made only
-    when create is set (porch serve): a command run from another directory
-    would otherwise make a database of its own beside the server's."""
-    url, schema = db_settings(args.db_url, args.db_schema)
+def _open_store(
+    args: argparse.Namespace, create: bool = False, environ: Mapping[str, str] = os.environ
+) -> Store:
+    """Open the store named by the flags (or environ), refusing a schema that
+    is not up to date. A SQLite file is brought up to date by any command, but
+    made only when create is set (porch serve): a command run from another
+    directory would otherwise make a database of its own beside the server's."""
+    url, schema = db_settings(args.db_url, args.db_schema, environ)
     if url.startswith("sqlite"):
         if not create:
             _check_sqlite_file(url)
@@ -840,27 +845,47 @@ def _db_upgrade(args: argparse.Namespace) -> None:
 
 def _import_npg_porch(args: argparse.Namespace) -> None:
     source = db_settings(args.from_db_url, args.from_db_schema, environ={})
-    if source == db_settings(args.db_url, args.db_schema):
+    # npg_porch's own variables name the database read here, never porch's.
+    environ = {key: value for key, value in os.environ.items() if key not in NPG_PORCH_VARIABLES}
+    target = db_settings(args.db_url, args.db_schema, environ)
+    if source == target:
         raise FailedPrecondition(
             "npg_porch's database and porch's are the same: name porch's with --db-url and"
-            " --db-schema (npg_porch's DB_URL and DB_SCHEMA name it when PORCH_DB_URL and"
-            " PORCH_DB_SCHEMA are not set)"
+            " --db-schema, or PORCH_DB_URL and PORCH_DB_SCHEMA"
         )
-    store = _open_store(args)
+    read, written = _described(*source), _described(*target)
+    print(f"porch: copying npg_porch's database {read} into porch's {written}")
+    try:
+        store = _open_store(args, environ=environ)
+    except sqlalchemy.exc.DBAPIError as error:
+        said = first_line(error.orig or error)
+        _not_imported(f"cannot use porch's database {written}: {said}")
     try:
         with npg_porch.reading(*source) as npg:
             zone = npg.time_zone()
             counts = store.import_records(npg, keep=not args.dry_run)
     except PorchError as error:
-        print(f"porch: {error}; nothing was imported", file=sys.stderr)
-        raise SystemExit(1) from None
+        _not_imported(str(error))
     finally:
         store.close()
+    _print_import(counts, zone, args.dry_run)
+
+
+def _described(url: str, schema: str | None) -> str:
+    return shown_url(url) + (f", schema {schema}" if schema else "")
+
+
+def _not_imported(why: str) -> NoReturn:
+    print(f"porch: {why}; nothing was imported", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _print_import(counts: ImportCounts, zone: str, dry_run: bool) -> None:
     print(f"porch: npg_porch's times were read as {zone}")
-    done = "would import" if args.dry_run else "imported"
     print(
-        f"porch: {done} {counts.pipelines_added:,} pipeline(s), {counts.tokens_added:,} token(s),"
-        f" {counts.tasks_added:,} task(s) and {counts.events_added:,} event(s)"
+        f"porch: {'would import' if dry_run else 'imported'} {counts.pipelines_added:,}"
+        f" pipeline(s), {counts.tokens_added:,} token(s), {counts.tasks_added:,} task(s) and"
+        f" {counts.events_added:,} event(s)"
     )
     if counts.pipelines_found or counts.tokens_found or counts.tasks_found:
         print(
@@ -868,18 +893,23 @@ def _import_npg_porch(args: argparse.Namespace) -> None:
             f" {counts.tokens_found:,} token(s), {counts.tasks_found:,} task(s) with their own"
             f" events ({counts.events_left:,} of npg_porch's events of them not copied)"
         )
-    for changed in npg.changed_ids:
+    if counts.events_of_no_task:
         print(
-            f"porch: task {changed.npg_porch_id} of pipeline {changed.pipeline_name}"
-            f" is task {changed.porch_id} in porch"
+            f"porch: {counts.events_of_no_task:,} of npg_porch's events are of no task there,"
+            " and were not copied"
         )
-    if npg.changed_ids:
+    for changed in counts.changed_ids:
         print(
-            f"porch: {len(npg.changed_ids):,} task(s) have ids of porch's own: porch computes"
-            " a task's id from its input as it holds it, where npg_porch wrote a number otherwise"
-            " (a whole number sent with a fraction, or one beyond 2^53)"
+            f"porch: task {changed.former_id} of pipeline {changed.pipeline_name}"
+            f" is task {changed.task_input_id} in porch"
         )
-    if args.dry_run:
+    if counts.changed_ids:
+        print(
+            f"porch: {len(counts.changed_ids):,} task(s) have ids of porch's own: porch computes"
+            " a task's id from its input, where npg_porch wrote a whole number sent with a"
+            " fraction (100.0) as it was sent, or computed the id otherwise"
+        )
+    if dry_run:
         print("porch: nothing was written (--dry-run)")
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DB_URL = "sqlite:///porch.db"
+# npg_porch's names for its database, honoured after porch's own.
+NPG_PORCH_VARIABLES = ("DB_URL", "DB_SCHEMA")
 # What a gRPC client or server takes in one message unless told otherwise.
 # porch's server keeps its answers within it, and takes no more itself: a
 # call is read whole before its token is checked.
@@ -148,8 +150,9 @@ def db_settings(
     db_url: str | None, db_schema: str | None, environ: Mapping[str, str] = os.environ
 ) -> tuple[str, str | None]:
     """Resolve the database URL and schema: flags, then PORCH_*, then npg_porch's names."""
-    url = db_url or environ.get("PORCH_DB_URL") or environ.get("DB_URL") or DEFAULT_DB_URL
-    schema = db_schema or environ.get("PORCH_DB_SCHEMA") or environ.get("DB_SCHEMA") or None
+    npg_url, npg_schema = NPG_PORCH_VARIABLES
+    url = db_url or environ.get("PORCH_DB_URL") or environ.get(npg_url) or DEFAULT_DB_URL
+    schema = db_schema or environ.get("PORCH_DB_SCHEMA") or environ.get(npg_schema) or None
     if url.startswith(_ASYNCPG_SCHEME):
         url = _libpq_ssl(url)
     for scheme in _OTHER_POSTGRESQL_SCHEMES:

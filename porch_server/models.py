@@ -141,6 +141,7 @@ class ImportedTask:
     task_input_id: str
     status: State
     create_time: datetime
+    former_id: str | None = None  # the id it had there, when not porch's
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +149,7 @@ class ImportedEvent:
     """One change to an imported task: its kind, the status it left the task
     in, and the token (by its key there) that made it."""
 
-    task_key: int
+    task_key: int | None
     time: datetime
     kind: EventKind
     status: State
@@ -156,8 +157,18 @@ class ImportedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ChangedTaskId:
+    """An imported task whose id in porch is not the one it had."""
+
+    pipeline_name: str
+    former_id: str
+    task_input_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class ImportCounts:
-    """What an import added, and what it found already there and left as it was."""
+    """What an import added, what it found already there and left as it was,
+    and what it could not place."""
 
     pipelines_added: int
     pipelines_found: int
@@ -167,3 +178,5 @@ class ImportCounts:
     tasks_found: int
     events_added: int
     events_left: int
+    events_of_no_task: int
+    changed_ids: tuple[ChangedTaskId, ...]

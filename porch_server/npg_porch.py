@@ -12,7 +12,8 @@ read-only snapshot and given to the store as porch keeps such things:
   zone its server gives a session, as npg_porch's sessions had it; on SQLite
   as UTC, which its `CURRENT_TIMESTAMP` writes.
 - The event texts "Created", "Task claimed" and "Task changed, new status X"
-  become CREATED, CLAIMED and STATUS_CHANGED events.
+  become CREATED, CLAIMED and STATUS_CHANGED events, in the order npg_porch
+  numbered them: its times, without a zone, repeat an hour a year.
 - A token bound to a pipeline becomes a PIPELINE token of it. One bound to
   none, which npg_porch let create pipelines, becomes an ADMIN token. Its
   secret is kept as porch keeps its own: by its SHA-256 only.
@@ -25,10 +26,11 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -41,17 +43,29 @@ from sqlalchemy import (
     Text,
     cast,
     create_engine,
+    event,
+    exc,
     func,
     inspect,
+    make_url,
     select,
     union_all,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from gateway import inexact_integer
 from porch_server import auth
+from porch_server.db.engine import shown_url
 from porch_server.digest import digest_of
-from porch_server.errors import FailedPrecondition, InvalidArgument, shortened
+from porch_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    first_line,
+    shortened,
+)
+from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import (
     EventKind,
     ImportedEvent,
@@ -109,32 +123,43 @@ _event = Table(
 _STATUS_CHANGE = re.compile(r"Task changed, new status (?:TaskStateEnum\.)?([A-Z]+)")
 
 
-@dataclass(frozen=True, slots=True)
-class ChangedId:
-    """A task whose id in porch is not the one npg_porch gave it."""
-
-    pipeline_name: str
-    npg_porch_id: str
-    porch_id: str
-
-
 class NpgPorchSource:
     """npg_porch's rows, read on one connection in one snapshot, as an ImportSource."""
 
-    def __init__(self, connection: Connection, postgresql: bool) -> None:
+    def __init__(self, connection: Connection, postgresql: bool, shown: str) -> None:
         self._connection = connection
         self._postgresql = postgresql
+        self._shown = shown
         self._pipeline_names: dict[int, str] = {}
         self._token_keys: set[int] = set()
-        self.changed_ids: list[ChangedId] = []
+
+    def check_tables(self, schema: str | None) -> None:
+        """FailedPrecondition naming the schema, or the first of npg_porch's
+        tables or columns, not there."""
+        with self._reading():
+            _check_tables(self._connection, schema, self._shown)
 
     def time_zone(self) -> str:
         """The time zone npg_porch's times are read in."""
         if not self._postgresql:
             return "UTC"
-        return str(self._connection.scalar(select(func.current_setting("TimeZone"))))
+        with self._reading():
+            return str(self._connection.scalar(select(func.current_setting("TimeZone"))))
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Name npg_porch's database in its driver's errors: they are read
+        where porch's own database is written, and must not pass for its."""
+        try:
+            yield
+        except exc.DBAPIError as error:
+            raise _unreadable(self._shown, error) from None
 
     def pipelines(self) -> Iterator[ImportedPipeline]:
+        with self._reading():
+            yield from self._pipelines()
+
+    def _pipelines(self) -> Iterator[ImportedPipeline]:
         first_use = self._first_use()
         for row in self._connection.execute(select(_pipeline).order_by(_pipeline.c.pipeline_id)):
             given = porch_pb2.Pipeline(
@@ -159,6 +184,10 @@ class NpgPorchSource:
         return {key: _utc(time) for key, time in self._connection.execute(query) if time}
 
     def tokens(self) -> Iterator[ImportedToken]:
+        with self._reading():
+            yield from self._tokens()
+
+    def _tokens(self) -> Iterator[ImportedToken]:
         query = select(
             _token.c.token_id,
             _token.c.token,
@@ -184,19 +213,22 @@ class NpgPorchSource:
             raise InvalidArgument(f"{where}: {error}") from None
         if row.pipeline_id is not None and row.pipeline_id not in self._pipeline_names:
             raise InvalidArgument(f"{where} is of pipeline {row.pipeline_id}, which is not there")
-        if row.issued is None:
-            raise InvalidArgument(f"{where} has no date_issued")
         return ImportedToken(
             key=row.token_id,
             role=Role.ADMIN if row.pipeline_id is None else Role.PIPELINE,
             pipeline_key=row.pipeline_id,
             description=description,
             secret_hash=auth.hash_secret(row.token),
-            create_time=_utc(row.issued),
+            # npg_porch dated its tokens itself: one made by hand may have no date.
+            create_time=datetime.now(UTC) if row.issued is None else _utc(row.issued),
             revoke_time=None if row.revoked is None else _utc(row.revoked),
         )
 
     def tasks(self) -> Iterator[list[ImportedTask]]:
+        with self._reading():
+            yield from self._tasks()
+
+    def _tasks(self) -> Iterator[list[ImportedTask]]:
         query = select(
             _task.c.task_id,
             _task.c.pipeline_id,
@@ -217,13 +249,13 @@ class NpgPorchSource:
             )
         where = f"npg_porch's task {row.task_id} (pipeline '{shortened(name)}')"
         canonical = _canonical_input(where, row.definition)
+        if row.state is None:
+            raise InvalidArgument(f"{where} has no status")
         if row.state not in State.__members__:
             raise InvalidArgument(f"{where} has status {shortened(str(row.state))!r}, not porch's")
         if row.created is None:
             raise InvalidArgument(f"{where} has no creation time")
         task_input_id = digest_of(canonical)
-        if task_input_id != row.job_descriptor:
-            self.changed_ids.append(ChangedId(name, str(row.job_descriptor), task_input_id))
         return ImportedTask(
             key=row.task_id,
             pipeline_key=row.pipeline_id,
@@ -231,13 +263,18 @@ class NpgPorchSource:
             task_input_id=task_input_id,
             status=State(row.state),
             create_time=_utc(row.created),
+            former_id=None if task_input_id == row.job_descriptor else str(row.job_descriptor),
         )
 
     def events(self) -> Iterator[list[ImportedEvent]]:
+        with self._reading():
+            yield from self._events()
+
+    def _events(self) -> Iterator[list[ImportedEvent]]:
         time = self._time(_event.c.time).label("time")
         query = select(
             _event.c.event_id, _event.c.task_id, time, _event.c.change, _event.c.token_id
-        ).order_by(time, _event.c.event_id)
+        ).order_by(_event.c.event_id)
         for rows in self._batches(query):
             yield [self._event(row) for row in rows]
 
@@ -262,26 +299,71 @@ def reading(url: str, schema: str | None) -> Iterator[NpgPorchSource]:
     """Open npg_porch's database at url (its tables in schema, if given) and
     read it in one read-only snapshot; FailedPrecondition if its tables are
     not npg_porch 2's."""
-    url = url.replace("sqlite+aiosqlite:", "sqlite:", 1)
-    engine = create_engine(url, poolclass=NullPool)
+    shown = shown_url(url)
+    engine = _engine(url)
     postgresql = engine.dialect.name == "postgresql"
     options: dict[str, Any] = {"schema_translate_map": {None: schema}}
     if postgresql:
         options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
     try:
-        with engine.connect() as connection:
+        with _connected(engine, shown) as connection:
             connection.execution_options(**options)
             with connection.begin():
-                _check_tables(connection, schema)
-                yield NpgPorchSource(connection, postgresql)
+                source = NpgPorchSource(connection, postgresql, shown)
+                source.check_tables(schema)
+                yield source
     finally:
         engine.dispose()
 
 
-def _check_tables(connection: Connection, schema: str | None) -> None:
-    """FailedPrecondition naming the first of npg_porch's tables or columns not there."""
+def _engine(url: str) -> Engine:
+    """An engine that only reads the database at url: PostgreSQL through
+    porch's driver, whatever npg_porch's was; a SQLite file opened read-only
+    (refused if it is not there), each read transaction begun explicitly so
+    that it is one snapshot."""
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "postgresql":
+            return create_engine(parsed.set(drivername="postgresql+psycopg2"), poolclass=NullPool)
+        if parsed.get_backend_name() != "sqlite" or not parsed.database:
+            raise InvalidArgument(
+                "--from-db-url must name a PostgreSQL database or a SQLite file,"
+                f" got {shown_url(url)}"
+            )
+    except exc.ArgumentError as error:
+        raise InvalidArgument(f"--from-db-url is not a database URL: {error}") from None
+    path = urllib.parse.quote(str(Path(parsed.database).absolute()))
+    engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true", poolclass=NullPool)
+    event.listen(engine, "connect", _leave_transactions_to_sqlalchemy)
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
+    return engine
+
+
+def _unreadable(shown: str, error: exc.DBAPIError) -> Unavailable:
+    return Unavailable(f"cannot read npg_porch's database {shown}", first_line(error.orig))
+
+
+def _leave_transactions_to_sqlalchemy(dbapi_connection: Any, record: Any) -> None:
+    dbapi_connection.isolation_level = None  # sqlite3 would begin none before a SELECT
+
+
+@contextmanager
+def _connected(engine: Engine, shown: str) -> Iterator[Connection]:
+    try:
+        connection = engine.connect()
+    except exc.DBAPIError as error:
+        raise _unreadable(shown, error) from None
+    with connection:
+        yield connection
+
+
+def _check_tables(connection: Connection, schema: str | None, shown: str) -> None:
     inspector = inspect(connection)
-    where = f"schema {schema!r}" if schema else "the database"
+    where = f"npg_porch's database {shown}"
+    if schema is not None:
+        if schema not in inspector.get_schema_names():
+            raise FailedPrecondition(f"{where} has no schema {schema!r}")
+        where += f", schema {schema!r},"
     for table in _TABLES.sorted_tables:
         if not inspector.has_table(table.name, schema=schema):
             raise FailedPrecondition(f"{where} holds no npg_porch table '{table.name}'")
@@ -289,7 +371,7 @@ def _check_tables(connection: Connection, schema: str | None) -> None:
         for column in table.columns:
             if column.name not in there:
                 raise FailedPrecondition(
-                    f"{where} holds no npg_porch 2 database: its table '{table.name}'"
+                    f"{where} holds no npg_porch 2 tables: its table '{table.name}'"
                     f" has no column '{column.name}'"
                 )
 
@@ -300,8 +382,15 @@ def _canonical_input(where: str, definition: str | None) -> str:
         data = json.loads(definition or "null")
     except ValueError:
         raise InvalidArgument(f"{where} has a definition that is not JSON") from None
+    except RecursionError:
+        raise InvalidArgument(f"{where}: {_TOO_DEEP}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"{where} has a definition that is not a JSON object")
+    if _nests_deeper(data, MAX_INPUT_DEPTH):
+        raise InvalidArgument(f"{where}: {_TOO_DEEP}")
+    inexact = inexact_integer(data, "task_input")
+    if inexact is not None:  # what porch refuses from a client, rather than rounded
+        raise InvalidArgument(f"{where}: {inexact.removesuffix('; send it as a string')}")
     struct = struct_pb2.Struct()
     try:
         struct.update(data)
@@ -311,6 +400,23 @@ def _canonical_input(where: str, definition: str | None) -> str:
         return checked_task_input("task", porch_pb2.Task(task_input=struct))
     except InvalidArgument as error:
         raise InvalidArgument(f"{where}: {error}") from None
+
+
+_TOO_DEEP = f"task_input nests deeper than {MAX_INPUT_DEPTH} levels"
+
+
+def _nests_deeper(data: dict[str, Any], most: int) -> bool:
+    """True when objects and lists nest in data, itself one, deeper than most."""
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        inner = value.values() if type(value) is dict else value if type(value) is list else ()
+        for item in inner:
+            if type(item) is dict or type(item) is list:
+                if depth + 1 > most:
+                    return True
+                pending.append((item, depth + 1))
+    return False
 
 
 def _change(event_id: int, change: str | None) -> tuple[EventKind, State]:

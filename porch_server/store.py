@@ -94,6 +94,7 @@ from porch_server.errors import (
 )
 from porch_server.models import (
     Actor,
+    ChangedTaskId,
     Event,
     EventKind,
     ImportCounts,
@@ -1519,7 +1520,7 @@ class Store:
 
 class ImportSource(Protocol):
     """Records read from another tracker's database, for Store.import_records:
-    tasks in batches, events in batches in the order they happened."""
+    tasks in batches, events in batches in the order they were made."""
 
     def pipelines(self) -> Iterable[ImportedPipeline]: ...
 
@@ -1559,11 +1560,14 @@ class _Importing:
         self._insert = insert
         self._postgresql = postgresql
         self._pipelines: dict[int, int] = {}
+        self._pipeline_names: dict[int, str] = {}
         self._tokens: dict[int, tuple[int, str]] = {}
         self._tasks: dict[int, _ImportedRow] = {}
         self._task_keys: dict[int, int] = {}  # porch's task id -> the source's key
-        self._found = {"pipelines": 0, "tokens": 0, "tasks": 0}
-        self._events = self._events_left = 0
+        self._tasks_found: set[int] = set()
+        self._changed_ids: list[ChangedTaskId] = []
+        self._found = {"pipelines": 0, "tokens": 0}
+        self._events = self._events_left = self._events_of_no_task = 0
 
     def add_pipelines(self, pipelines: Iterable[ImportedPipeline]) -> None:
         for item in pipelines:
@@ -1583,6 +1587,7 @@ class _Importing:
             if pipeline_id is None:
                 pipeline_id = self._found_pipeline(given)
             self._pipelines[item.key] = pipeline_id
+            self._pipeline_names[item.key] = given.name
 
     def _found_pipeline(self, given: Pipeline) -> int:
         """The id of the pipeline porch has by given's name; FailedPrecondition
@@ -1666,14 +1671,19 @@ class _Importing:
             twin = self._task_keys.get(task_id if task_id is not None else there[where])
             if twin is not None:
                 raise FailedPrecondition(
-                    f"the source's tasks {twin} and {item.key} are one task for porch, which"
-                    f" computes an id from the input as it reads it: {shortened(item.task_input)}"
+                    f"the source's tasks {twin} and {item.key} of pipeline"
+                    f" '{shortened(self._pipeline_names[item.pipeline_key])}' are one task for"
+                    " porch, which computes an id from the input as it reads it:"
+                    f" {shortened(item.task_input)}"
                 )
             if task_id is None:
-                self._found["tasks"] += 1
+                self._tasks_found.add(item.key)
                 continue
             self._task_keys[task_id] = item.key
             self._tasks[item.key] = _ImportedRow(task_id, where[0], item.status, item.create_time)
+            if item.former_id is not None:
+                name = self._pipeline_names[item.pipeline_key]
+                self._changed_ids.append(ChangedTaskId(name, item.former_id, item.task_input_id))
 
     def _tasks_there(
         self, wheres: list[tuple[int, str]], added: dict[tuple[int, str], int]
@@ -1697,17 +1707,23 @@ class _Importing:
         replaying each task's status and claims."""
         rows = []
         for item in events:
-            imported = self._tasks.get(item.task_key)
+            imported = None if item.task_key is None else self._tasks.get(item.task_key)
             if imported is None:  # a task porch had already keeps its own history
-                self._events_left += 1
+                if item.task_key in self._tasks_found:
+                    self._events_left += 1
+                else:
+                    self._events_of_no_task += 1
                 continue
             token_id, description = (
                 (None, None) if item.token_key is None else self._tokens[item.token_key]
             )
             old = None if item.kind is EventKind.CREATED else imported.replayed
+            # Never before the task's last change: a clock without a time
+            # zone goes back an hour a year.
+            time = max(item.time, imported.last_change or imported.create_time)
             rows.append(
                 {
-                    "time": item.time,
+                    "time": time,
                     "task_id": imported.id,
                     "pipeline_id": imported.pipeline_id,
                     "kind": item.kind.value,
@@ -1718,10 +1734,12 @@ class _Importing:
                     "message": None,
                 }
             )
-            imported.replayed, imported.last_change = item.status, item.time
+            imported.replayed, imported.last_change = item.status, time
             if item.kind is EventKind.CLAIMED:
                 imported.claims += 1
-                imported.claim_time, imported.claimed_by = item.time, token_id
+                imported.claim_time, imported.claimed_by = time, token_id
+            elif item.status is State.PENDING:  # released: as porch clears a claim
+                imported.claim_time = imported.claimed_by = None
         if rows and self._postgresql:  # one statement, not one an event
             arrays = {f"in_{key}s": [row[key] for row in rows] for key in rows[0]}
             self._connection.execute(_insert_imported_events(), arrays)
@@ -1747,9 +1765,11 @@ class _Importing:
             tokens_added=len(self._tokens) - self._found["tokens"],
             tokens_found=self._found["tokens"],
             tasks_added=len(self._tasks),
-            tasks_found=self._found["tasks"],
+            tasks_found=len(self._tasks_found),
             events_added=self._events,
             events_left=self._events_left,
+            events_of_no_task=self._events_of_no_task,
+            changed_ids=tuple(self._changed_ids),
         )
 
 

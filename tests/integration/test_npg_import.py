@@ -29,20 +29,21 @@ from .conftest import start_porch
 
 NPG_SCHEMA = "npg"
 PIPELINE = {"name": "npg_test", "uri": "https://github.com/wtsi-npg/npg_test", "version": "0.1"}
-# Tables as npg_porch 2's models make them: times without a time zone,
-# inputs as JSON, a task's id its own column.
+# Tables as npg_porch 2's models make them: times without a time zone (and
+# without defaults: npg_porch set them itself), inputs as JSON, a task's id
+# its own column.
 TABLES = {
     "postgresql": [
         "CREATE TABLE pipeline (pipeline_id SERIAL PRIMARY KEY, name VARCHAR NOT NULL UNIQUE,"
         " repository_uri VARCHAR NOT NULL, version VARCHAR NOT NULL)",
         "CREATE TABLE token (token_id SERIAL PRIMARY KEY, token VARCHAR(32) UNIQUE,"
         " description VARCHAR NOT NULL, pipeline_id INTEGER REFERENCES pipeline,"
-        " date_issued TIMESTAMP DEFAULT now(), date_revoked TIMESTAMP)",
+        " date_issued TIMESTAMP, date_revoked TIMESTAMP)",
         "CREATE TABLE task (task_id SERIAL PRIMARY KEY, pipeline_id INTEGER REFERENCES pipeline,"
-        " job_descriptor VARCHAR, definition JSON, state VARCHAR, created TIMESTAMP DEFAULT now(),"
+        " job_descriptor VARCHAR, definition JSON, state VARCHAR, created TIMESTAMP,"
         " CONSTRAINT unique_tasks UNIQUE (pipeline_id, job_descriptor))",
         "CREATE TABLE event (event_id SERIAL PRIMARY KEY, task_id INTEGER REFERENCES task,"
-        " time TIMESTAMP DEFAULT now(), change VARCHAR,"
+        " time TIMESTAMP, change VARCHAR,"
         " token_id INTEGER NOT NULL REFERENCES token)",
     ],
     "sqlite": [
@@ -384,7 +385,7 @@ def test_a_dry_run_counts_and_writes_nothing(
         ),
         (
             TWIN_OF_TASK_3,
-            "the source's tasks 3 and 4 are one task for porch",
+            "the source's tasks 3 and 4 of pipeline 'npg_test' are one task for porch",
         ),
     ],
 )
@@ -458,24 +459,171 @@ def test_a_database_that_is_not_npg_porchs_is_named(
         cli.main(["db", "import-npg-porch", "--from-db-url", db_url, "--db-url", porchs])
 
     said = capsys.readouterr().err
-    assert "holds no npg_porch 2 database: its table" in said
+    assert "holds no npg_porch 2 tables: its table 'event' has no column 'event_id'" in said
     assert "nothing was imported" in said
 
 
-def test_npg_porchs_environment_alone_does_not_name_porchs_database_too(
-    npg_porch: NpgPorch, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_npg_porchs_environment_names_only_the_database_read(
+    npg_porch: NpgPorch,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     npg = npg_porch
     npg.pipeline(**PIPELINE)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     monkeypatch.setenv("DB_URL", npg.url)
     if npg.schema:
         monkeypatch.setenv("DB_SCHEMA", npg.schema)
     schema = ["--from-db-schema", npg.schema] if npg.schema else []
 
+    # With only npg_porch's variables set, porch's database is its default.
     with pytest.raises(SystemExit) as stopped:
         cli.main(["db", "import-npg-porch", "--from-db-url", npg.url, *schema])
+    assert "no database at sqlite:///porch.db" in str(stopped.value.code)
+    assert "into porch's sqlite:///porch.db\n" in capsys.readouterr().out
 
+    # Named as the same database, it is refused before anything is opened.
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(
+            ["db", "import-npg-porch", "--from-db-url", npg.url, *schema, "--db-url", npg.url]
+            + (["--db-schema", npg.schema] if npg.schema else [])
+        )
     assert stopped.value.code == 1
-    assert "npg_porch's database and porch's are the same: name porch's with --db-url" in (
-        capsys.readouterr().err
+    assert "npg_porch's database and porch's are the same" in capsys.readouterr().err
+
+
+def test_a_history_is_replayed_in_npg_porchs_order_as_porch_would_have_made_it(
+    npg_porch: NpgPorch, db_url: str
+) -> None:
+    npg = npg_porch
+    pipeline_id = npg.pipeline(**PIPELINE)
+    wrapper = npg.token("my wrapper", pipeline_id, "2024-07-01 10:00:00")
+    # Claimed, released, cancelled; written across the hour the clocks went
+    # back, so that the later events carry earlier times.
+    released = npg.task(
+        pipeline_id,
+        '{"n": 1}',
+        [
+            ("2024-10-27 01:50:00", "Created", wrapper),
+            ("2024-10-27 01:10:00", "Task claimed", wrapper),
+            ("2024-10-27 01:20:00", "Task changed, new status PENDING", wrapper),
+            ("2024-10-27 01:30:00", "Task changed, new status CANCELLED", wrapper),
+        ],
     )
+
+    import_npg(npg, db_url)
+
+    store = Store(make_engine(db_url))
+    try:
+        task = store.get_task("npg_test", released)
+        events = store.list_task_events("npg_test", released, 100, "").items
+    finally:
+        store.close()
+    assert [(e.kind, e.old_status, e.new_status) for e in events] == [
+        (EventKind.CREATED, None, State.PENDING),
+        (EventKind.CLAIMED, State.PENDING, State.CLAIMED),
+        (EventKind.STATUS_CHANGED, State.CLAIMED, State.PENDING),
+        (EventKind.STATUS_CHANGED, State.PENDING, State.CANCELLED),
+    ]
+    times = [e.time for e in events]
+    assert times == sorted(times) and times[0] == task.create_time
+    assert (task.status, task.claim_number) == (State.CANCELLED, 1)
+    assert (task.claim_time, task.claimed_by_token_id) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("definition", "named"),
+    [
+        (
+            '{"huge": 1152921504606846977}',
+            "task_input.huge: the integer 1152921504606846977 would be stored as"
+            " 1152921504606846976",
+        ),
+        ('{"n": 1' + "0" * 400 + "}", "is past any double"),
+        ('{"a": ' + "[" * 60 + "]" * 60 + "}", "task_input nests deeper than 32 levels"),
+        ('{"a": ' + "[" * 3000 + "]" * 3000 + "}", "task_input nests deeper than 32 levels"),
+    ],
+)
+def test_an_input_porch_would_refuse_or_change_is_named(
+    npg_porch: NpgPorch,
+    db_url: str,
+    definition: str,
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    npg = npg_porch
+    pipeline_id = npg.pipeline(**PIPELINE)
+    npg.token("my wrapper", pipeline_id, "2024-07-01 10:00:00")
+    npg.run(
+        "INSERT INTO task (pipeline_id, job_descriptor, definition, state, created)"
+        " VALUES (:p, 'x', :d, 'PENDING', '2024-07-01 11:00:00')",
+        p=pipeline_id,
+        d=definition,
+    )
+
+    with pytest.raises(SystemExit):
+        import_npg(npg, db_url)
+
+    said = capsys.readouterr().err
+    assert said.startswith("porch: npg_porch's task 1 (pipeline 'npg_test'): ")
+    assert named in said and said.rstrip().endswith("; nothing was imported")
+    assert "Traceback" not in said
+
+
+def test_odd_rows_npg_porch_allowed_are_imported_and_accounted_for(
+    npg_porch: NpgPorch, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    npg = npg_porch
+    pipeline_id = npg.pipeline(**PIPELINE)
+    wrapper = npg.token("my wrapper", pipeline_id, "2024-07-01 10:00:00")
+    floated = npg.task(pipeline_id, '{"n": 2.0}', [("2024-07-01 11:00:00", "Created", wrapper)])
+    # An admin token made by hand, undated; an event of no task.
+    by_hand = "0123456789abcdef0123456789abcdef"
+    npg.run("INSERT INTO token (token, description) VALUES (:s, 'by hand')", s=by_hand)
+    npg.run(
+        "INSERT INTO event (task_id, time, change, token_id) VALUES (NULL, :t, 'Created', 1)",
+        t="2024-07-01 12:00:00",
+    )
+    before = datetime.now(UTC)
+
+    import_npg(npg, db_url)
+
+    said = capsys.readouterr().out
+    assert "imported 1 pipeline(s), 2 token(s), 1 task(s) and 1 event(s)" in said
+    assert "porch: 1 of npg_porch's events are of no task there, and were not copied" in said
+    store = Store(make_engine(db_url))
+    try:
+        made = store.find_token(hash_secret(by_hand))
+        assert made is not None and made.role is Role.ADMIN
+        assert made.create_time >= before
+    finally:
+        store.close()
+
+    # A second run lists no task as renamed again: it added none.
+    import_npg(npg, db_url)
+    again = capsys.readouterr().out
+    assert f"task {floated} of pipeline npg_test is task" in said
+    assert "have ids of porch's own" not in again and floated not in again
+
+
+def test_a_database_or_schema_not_there_is_named_and_not_made(
+    npg_porch: NpgPorch, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.db"
+    for source in (
+        ["--from-db-url", f"sqlite:///{missing}"],
+        ["--from-db-url", npg_porch.url, "--from-db-schema", "npgporch"],
+        ["--from-db-url", "postgresql://postgres@127.0.0.1:1/npg_porch"],
+        ["--from-db-url", "not a url"],
+        ["--from-db-url", "mysql://root@127.0.0.1/npg_porch"],
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(["db", "import-npg-porch", *source, "--db-url", db_url])
+        said = capsys.readouterr().err
+        assert stopped.value.code == 1, said
+        assert said.startswith("porch: ") and said.rstrip().endswith("; nothing was imported")
+        assert "Traceback" not in said
+        assert "npg_porch" in said or "--from-db-url" in said
+    assert not missing.exists()
