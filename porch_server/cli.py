@@ -48,7 +48,7 @@ from porch_server.config import (
 )
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
-from porch_server.errors import FailedPrecondition, PorchError, first_line
+from porch_server.errors import FailedPrecondition, PorchError, Unavailable, first_line
 from porch_server.models import ImportCounts, Role, Token
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
@@ -220,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_db_flags(prune)
 
-    db = commands.add_parser("db", help="manage the database schema")
+    db = commands.add_parser("db", help="manage the database: its schema, an import from npg_porch")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", help="create or upgrade the schema")
     _add_db_flags(upgrade)
@@ -239,7 +239,10 @@ def _parser() -> argparse.ArgumentParser:
         help="npg_porch's database, as its DB_URL names it (read only)",
     )
     imports.add_argument(
-        "--from-db-schema", metavar="SCHEMA", help="npg_porch's schema, as its DB_SCHEMA names it"
+        "--from-db-schema",
+        metavar="SCHEMA",
+        help="npg_porch's schema, as its DB_SCHEMA names it (default, on PostgreSQL:"
+        f" {npg_porch.DEFAULT_SCHEMA}, npg_porch's own)",
     )
     imports.add_argument(
         "--dry-run", action="store_true", help="check and count everything, then write nothing"
@@ -864,6 +867,10 @@ def _import_npg_porch(args: argparse.Namespace) -> None:
         with npg_porch.reading(*source) as npg:
             zone = npg.time_zone()
             counts = store.import_records(npg, keep=not args.dry_run)
+    except npg_porch.Unreadable as error:
+        _not_imported(str(error))
+    except Unavailable as error:  # read-only, say, which the source is meant to be
+        _not_imported(f"porch's database {written}: {error}")
     except PorchError as error:
         _not_imported(str(error))
     finally:

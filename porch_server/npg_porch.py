@@ -24,8 +24,10 @@ input that is not a JSON object) is an InvalidArgument naming the row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -80,6 +82,8 @@ from porch_stubs.v1 import porch_pb2
 
 # Rows read at a time.
 BATCH = 5_000
+# Where npg_porch keeps its tables on PostgreSQL when its DB_SCHEMA is not set.
+DEFAULT_SCHEMA = "npg_porch"
 
 _TABLES = MetaData()
 _pipeline = Table(
@@ -147,13 +151,29 @@ class NpgPorchSource:
             return str(self._connection.scalar(select(func.current_setting("TimeZone"))))
 
     @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """One read-only transaction, rolled back at the end: by then porch's
+        may have been committed, and a connection lost since changes nothing."""
+        transaction = self._connection.begin()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(exc.DBAPIError):
+                transaction.rollback()
+
+    @contextmanager
     def _reading(self) -> Iterator[None]:
-        """Name npg_porch's database in its driver's errors: they are read
-        where porch's own database is written, and must not pass for its."""
+        """Name npg_porch's database in its driver's errors and in values
+        that cannot be read (a time out of range): they are read where
+        porch's own database is written, and must not pass for its."""
         try:
             yield
         except exc.DBAPIError as error:
             raise _unreadable(self._shown, error) from None
+        except (ValueError, OverflowError) as error:
+            raise InvalidArgument(
+                f"npg_porch's database {self._shown} holds a value porch cannot read: {error}"
+            ) from None
 
     def pipelines(self) -> Iterator[ImportedPipeline]:
         with self._reading():
@@ -263,7 +283,7 @@ class NpgPorchSource:
             task_input_id=task_input_id,
             status=State(row.state),
             create_time=_utc(row.created),
-            former_id=None if task_input_id == row.job_descriptor else str(row.job_descriptor),
+            former_id=None if row.job_descriptor in (None, task_input_id) else row.job_descriptor,
         )
 
     def events(self) -> Iterator[list[ImportedEvent]]:
@@ -296,20 +316,22 @@ class NpgPorchSource:
 
 @contextmanager
 def reading(url: str, schema: str | None) -> Iterator[NpgPorchSource]:
-    """Open npg_porch's database at url (its tables in schema, if given) and
-    read it in one read-only snapshot; FailedPrecondition if its tables are
-    not npg_porch 2's."""
+    """Open npg_porch's database at url (its tables in schema: by default
+    npg_porch's own, DEFAULT_SCHEMA, on PostgreSQL) and read it in one
+    read-only snapshot; FailedPrecondition if its tables are not npg_porch 2's."""
     shown = shown_url(url)
     engine = _engine(url)
     postgresql = engine.dialect.name == "postgresql"
+    if postgresql and schema is None:
+        schema = DEFAULT_SCHEMA
     options: dict[str, Any] = {"schema_translate_map": {None: schema}}
     if postgresql:
         options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
     try:
         with _connected(engine, shown) as connection:
             connection.execution_options(**options)
-            with connection.begin():
-                source = NpgPorchSource(connection, postgresql, shown)
+            source = NpgPorchSource(connection, postgresql, shown)
+            with source.snapshot():
                 source.check_tables(schema)
                 yield source
     finally:
@@ -325,22 +347,30 @@ def _engine(url: str) -> Engine:
         parsed = make_url(url)
         if parsed.get_backend_name() == "postgresql":
             return create_engine(parsed.set(drivername="postgresql+psycopg2"), poolclass=NullPool)
-        if parsed.get_backend_name() != "sqlite" or not parsed.database:
-            raise InvalidArgument(
-                "--from-db-url must name a PostgreSQL database or a SQLite file,"
-                f" got {shown_url(url)}"
-            )
-    except exc.ArgumentError as error:
+    except (exc.ArgumentError, ValueError) as error:
         raise InvalidArgument(f"--from-db-url is not a database URL: {error}") from None
-    path = urllib.parse.quote(str(Path(parsed.database).absolute()))
-    engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true", poolclass=NullPool)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        raise InvalidArgument(
+            f"--from-db-url must name a PostgreSQL database or a SQLite file, got {shown_url(url)}"
+        )
+    # A URI of sqlite3's own: SQLAlchemy would read its escapes ('%3F') once more.
+    uri = f"file:{urllib.parse.quote(str(Path(parsed.database).absolute()))}?mode=ro"
+    engine = create_engine(
+        "sqlite://",
+        creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+        poolclass=NullPool,
+    )
     event.listen(engine, "connect", _leave_transactions_to_sqlalchemy)
     event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN"))
     return engine
 
 
-def _unreadable(shown: str, error: exc.DBAPIError) -> Unavailable:
-    return Unavailable(f"cannot read npg_porch's database {shown}", first_line(error.orig))
+class Unreadable(Unavailable):
+    """npg_porch's database cannot be read; porch's may be quite well."""
+
+
+def _unreadable(shown: str, error: exc.DBAPIError) -> Unreadable:
+    return Unreadable(f"cannot read npg_porch's database {shown}", first_line(error.orig))
 
 
 def _leave_transactions_to_sqlalchemy(dbapi_connection: Any, record: Any) -> None:

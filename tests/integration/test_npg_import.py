@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import urllib.parse
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,15 +21,15 @@ from sqlalchemy import create_engine, text
 from porch_server import cli
 from porch_server.auth import hash_secret
 from porch_server.db import migrate
-from porch_server.db.engine import make_engine
+from porch_server.db.engine import make_engine, shown_url
 from porch_server.models import EventKind, Pipeline, Role
 from porch_server.states import State
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
 
-from .conftest import start_porch
+from .conftest import run_sql, start_porch
 
-NPG_SCHEMA = "npg"
+NPG_SCHEMA = "npg_porch"  # npg_porch's own, where DB_SCHEMA is not set
 PIPELINE = {"name": "npg_test", "uri": "https://github.com/wtsi-npg/npg_test", "version": "0.1"}
 # Tables as npg_porch 2's models make them: times without a time zone (and
 # without defaults: npg_porch set them itself), inputs as JSON, a task's id
@@ -170,14 +172,20 @@ class NpgPorch:
 @pytest.fixture
 def npg_porch(db_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NpgPorch]:
     """An empty npg_porch database beside this test's porch database, of the
-    same kind; on PostgreSQL in a schema of its own, with the time zone of
-    a server in London."""
+    same kind."""
     if db_url.startswith("sqlite"):
         database = NpgPorch(f"sqlite:///{tmp_path / 'npg_porch.db'}", None)
         yield database
         database.close()
         return
-    postgres_server = request.getfixturevalue("postgres_server")
+    with npg_porch_on_postgresql(request.getfixturevalue("postgres_server")) as database:
+        yield database
+
+
+@contextmanager
+def npg_porch_on_postgresql(postgres_server: Any) -> Iterator[NpgPorch]:
+    """An empty npg_porch database on PostgreSQL, in npg_porch's own schema,
+    with the time zone of a server in London."""
     url = postgres_server.create_database()
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     name = engine.url.database
@@ -185,16 +193,16 @@ def npg_porch(db_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> It
         connection.exec_driver_sql(f"ALTER DATABASE \"{name}\" SET timezone = 'Europe/London'")
     engine.dispose()
     database = NpgPorch(url, NPG_SCHEMA)
-    yield database
-    database.close()
-    postgres_server.drop_database(url)
+    try:
+        yield database
+    finally:
+        database.close()
+        postgres_server.drop_database(url)
 
 
 def import_npg(npg: NpgPorch, db_url: str, *flags: str) -> None:
-    schema = ["--from-db-schema", npg.schema] if npg.schema else []
-    cli.main(
-        ["db", "import-npg-porch", "--from-db-url", npg.url, *schema, "--db-url", db_url, *flags]
-    )
+    """Import npg into db_url, its schema (on PostgreSQL) found by default."""
+    cli.main(["db", "import-npg-porch", "--from-db-url", npg.url, "--db-url", db_url, *flags])
 
 
 def at(moment: str, *, london: bool) -> datetime:
@@ -455,8 +463,9 @@ def test_a_database_that_is_not_npg_porchs_is_named(
     migrate.upgrade(porchs)
 
     # porch's own tables have npg_porch's names, not its columns.
+    schema = [] if db_url.startswith("sqlite") else ["--from-db-schema", "public"]
     with pytest.raises(SystemExit):
-        cli.main(["db", "import-npg-porch", "--from-db-url", db_url, "--db-url", porchs])
+        cli.main(["db", "import-npg-porch", "--from-db-url", db_url, *schema, "--db-url", porchs])
 
     said = capsys.readouterr().err
     assert "holds no npg_porch 2 tables: its table 'event' has no column 'event_id'" in said
@@ -627,3 +636,84 @@ def test_a_database_or_schema_not_there_is_named_and_not_made(
         assert "Traceback" not in said
         assert "npg_porch" in said or "--from-db-url" in said
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("directory", ["what?", "a#b", "50%25", "with space"])
+def test_a_sqlite_file_is_read_wherever_it_is_and_never_made(
+    directory: str, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / directory).mkdir()
+    # As a URL names any path: its special characters escaped.
+    url = f"sqlite:///{urllib.parse.quote(str(tmp_path / directory))}"
+    npg = NpgPorch(f"{url}/npg_porch.db", None)
+    npg.pipeline(**PIPELINE)
+    npg.close()
+    before = sorted(tmp_path.rglob("*"))
+
+    import_npg(npg, sqlite_url, "--dry-run")
+    assert "would import 1 pipeline(s)" in capsys.readouterr().out
+    missing = ["--from-db-url", f"{url}/x.db", "--db-url", sqlite_url]
+    with pytest.raises(SystemExit):
+        cli.main(["db", "import-npg-porch", *missing])
+    assert "unable to open database file; nothing was imported" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_time_porch_cannot_read_is_named(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    npg = NpgPorch(f"sqlite:///{tmp_path / 'npg_porch.db'}", None)
+    pipeline_id = npg.pipeline(**PIPELINE)
+    wrapper = npg.token("my wrapper", pipeline_id, "2024-07-01 10:00:00")
+    npg.task(pipeline_id, '{"n": 1}', [("yesterday", "Created", wrapper)])
+    npg.close()
+
+    with pytest.raises(SystemExit):
+        import_npg(npg, sqlite_url)
+
+    said = capsys.readouterr().err
+    assert "npg_porch's database sqlite:///" in said
+    assert "holds a value porch cannot read: Invalid isoformat string: 'yesterday'" in said
+    assert said.rstrip().endswith("; nothing was imported")
+
+
+@pytest.mark.postgres
+def test_porchs_database_refusing_writes_is_named_as_porchs(
+    pg_url: str, npg_porch: NpgPorch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    npg_porch.pipeline(**PIPELINE)
+    name = pg_url.rpartition("/")[2]
+    run_sql(pg_url, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+
+    with pytest.raises(SystemExit):
+        import_npg(npg_porch, pg_url)
+
+    said = capsys.readouterr().err
+    assert said.startswith(
+        f"porch: porch's database {shown_url(pg_url)}: the database is read-only"
+    )
+
+
+@pytest.mark.postgres
+def test_npg_porchs_connection_lost_after_porchs_commit_is_no_failure(
+    postgres_server: Any,
+    sqlite_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with npg_porch_on_postgresql(postgres_server) as npg:
+        npg.pipeline(**PIPELINE)
+        imported = Store.import_records
+
+        def then_lose_npg_porch(store: Store, *args: Any, **kwargs: Any) -> Any:
+            counts = imported(store, *args, **kwargs)
+            npg.run(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            return counts
+
+        monkeypatch.setattr(Store, "import_records", then_lose_npg_porch)
+        import_npg(npg, sqlite_url)
+
+    assert "imported 1 pipeline(s)" in capsys.readouterr().out
