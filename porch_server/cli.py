@@ -48,7 +48,13 @@ from porch_server.config import (
 )
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine, shown_url, sqlite_file
-from porch_server.errors import FailedPrecondition, PorchError, Unavailable, first_line
+from porch_server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PorchError,
+    Unavailable,
+    first_line,
+)
 from porch_server.models import ImportCounts, Role, Token
 from porch_server.service import check_description, check_role_binding
 from porch_server.store import Store
@@ -847,11 +853,15 @@ def _db_upgrade(args: argparse.Namespace) -> None:
 
 
 def _import_npg_porch(args: argparse.Namespace) -> None:
-    source = db_settings(args.from_db_url, args.from_db_schema, environ={})
+    if not args.from_db_url.strip():  # "$DB_URL" with DB_URL not set
+        raise InvalidArgument("--from-db-url is empty: give npg_porch's database URL, its DB_URL")
+    source = npg_porch.source_settings(
+        *db_settings(args.from_db_url, args.from_db_schema, environ={})
+    )
     # npg_porch's own variables name the database read here, never porch's.
     environ = {key: value for key, value in os.environ.items() if key not in NPG_PORCH_VARIABLES}
     target = db_settings(args.db_url, args.db_schema, environ)
-    if source == target:
+    if _same_tables(source, target):
         raise FailedPrecondition(
             "npg_porch's database and porch's are the same: name porch's with --db-url and"
             " --db-schema, or PORCH_DB_URL and PORCH_DB_SCHEMA"
@@ -876,6 +886,12 @@ def _import_npg_porch(args: argparse.Namespace) -> None:
     finally:
         store.close()
     _print_import(counts, zone, args.dry_run)
+
+
+def _same_tables(one: tuple[str, str | None], other: tuple[str, str | None]) -> bool:
+    """True when two databases and schemas (PostgreSQL's public when none is
+    named) are the same."""
+    return (one[0], one[1] or "public") == (other[0], other[1] or "public")
 
 
 def _described(url: str, schema: str | None) -> str:

@@ -25,6 +25,7 @@ input that is not a JSON object) is an InvalidArgument naming the row.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import re
 import sqlite3
@@ -163,17 +164,29 @@ class NpgPorchSource:
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
-        """Name npg_porch's database in its driver's errors and in values
-        that cannot be read (a time out of range): they are read where
-        porch's own database is written, and must not pass for its."""
+        """Name npg_porch's database in its driver's errors: they are read
+        where porch's own database is written, and must not pass for its."""
         try:
             yield
         except exc.DBAPIError as error:
-            raise _unreadable(self._shown, error) from None
-        except (ValueError, OverflowError) as error:
-            raise InvalidArgument(
-                f"npg_porch's database {self._shown} holds a value porch cannot read: {error}"
-            ) from None
+            raise _unreadable(self._shown, error, self._postgresql) from None
+
+    def _rows(self, query: Any, table: str) -> Iterator[Sequence[Any]]:
+        """query's rows, a batch at a time; InvalidArgument naming the table
+        for a value its driver cannot read (a time out of range, a number
+        where SQLite should hold a time)."""
+        batches = self._connection.execute(query.execution_options(yield_per=BATCH)).partitions()
+        while True:
+            try:
+                rows = next(batches, None)
+            except (ValueError, OverflowError, TypeError) as error:
+                raise InvalidArgument(
+                    f"npg_porch's database {self._shown} holds a value in its table"
+                    f" '{table}' that porch cannot read: {error}"
+                ) from None
+            if rows is None:
+                return
+            yield rows
 
     def pipelines(self) -> Iterator[ImportedPipeline]:
         with self._reading():
@@ -181,7 +194,8 @@ class NpgPorchSource:
 
     def _pipelines(self) -> Iterator[ImportedPipeline]:
         first_use = self._first_use()
-        for row in self._connection.execute(select(_pipeline).order_by(_pipeline.c.pipeline_id)):
+        query = select(_pipeline).order_by(_pipeline.c.pipeline_id)
+        for row in itertools.chain.from_iterable(self._rows(query, "pipeline")):
             given = porch_pb2.Pipeline(
                 name=row.name or "", uri=row.repository_uri or "", version=row.version or ""
             )
@@ -201,7 +215,8 @@ class NpgPorchSource:
             select(_token.c.pipeline_id, self._time(_token.c.date_issued).label("time")),
         ).subquery()
         query = select(uses.c.pipeline_id, func.min(uses.c.time)).group_by(uses.c.pipeline_id)
-        return {key: _utc(time) for key, time in self._connection.execute(query) if time}
+        rows = itertools.chain.from_iterable(self._rows(query, "task' or 'token"))
+        return {key: _utc(time, f"pipeline {key}'s first use") for key, time in rows if time}
 
     def tokens(self) -> Iterator[ImportedToken]:
         with self._reading():
@@ -216,7 +231,7 @@ class NpgPorchSource:
             self._time(_token.c.date_issued).label("issued"),
             self._time(_token.c.date_revoked).label("revoked"),
         ).order_by(_token.c.token_id)
-        for row in self._connection.execute(query):
+        for row in itertools.chain.from_iterable(self._rows(query, "token")):
             yield self._token(row)
             self._token_keys.add(row.token_id)
 
@@ -240,8 +255,8 @@ class NpgPorchSource:
             description=description,
             secret_hash=auth.hash_secret(row.token),
             # npg_porch dated its tokens itself: one made by hand may have no date.
-            create_time=datetime.now(UTC) if row.issued is None else _utc(row.issued),
-            revoke_time=None if row.revoked is None else _utc(row.revoked),
+            create_time=datetime.now(UTC) if row.issued is None else _utc(row.issued, where),
+            revoke_time=None if row.revoked is None else _utc(row.revoked, where),
         )
 
     def tasks(self) -> Iterator[list[ImportedTask]]:
@@ -257,7 +272,7 @@ class NpgPorchSource:
             _task.c.state,
             self._time(_task.c.created).label("created"),
         ).order_by(_task.c.task_id)
-        for rows in self._batches(query):
+        for rows in self._rows(query, "task"):
             yield [self._task(row) for row in rows]
 
     def _task(self, row: Any) -> ImportedTask:
@@ -282,7 +297,7 @@ class NpgPorchSource:
             task_input=canonical,
             task_input_id=task_input_id,
             status=State(row.state),
-            create_time=_utc(row.created),
+            create_time=_utc(row.created, where),
             former_id=None if row.job_descriptor in (None, task_input_id) else row.job_descriptor,
         )
 
@@ -295,7 +310,7 @@ class NpgPorchSource:
         query = select(
             _event.c.event_id, _event.c.task_id, time, _event.c.change, _event.c.token_id
         ).order_by(_event.c.event_id)
-        for rows in self._batches(query):
+        for rows in self._rows(query, "event"):
             yield [self._event(row) for row in rows]
 
     def _event(self, row: Any) -> ImportedEvent:
@@ -303,15 +318,13 @@ class NpgPorchSource:
         if row.time is None:
             raise InvalidArgument(f"npg_porch's event {row.event_id} has no time")
         token_key = row.token_id if row.token_id in self._token_keys else None
-        return ImportedEvent(row.task_id, _utc(row.time), kind, status, token_key)
+        time = _utc(row.time, f"npg_porch's event {row.event_id}")
+        return ImportedEvent(row.task_id, time, kind, status, token_key)
 
     def _time(self, column: Any) -> Any:
         """column as a time with a time zone: on PostgreSQL a timestamp
         without one is read in the session's (a no-op for one with)."""
         return cast(column, DateTime(timezone=True)) if self._postgresql else column
-
-    def _batches(self, query: Any) -> Iterator[Sequence[Any]]:
-        yield from self._connection.execute(query.execution_options(yield_per=BATCH)).partitions()
 
 
 @contextmanager
@@ -319,11 +332,10 @@ def reading(url: str, schema: str | None) -> Iterator[NpgPorchSource]:
     """Open npg_porch's database at url (its tables in schema: by default
     npg_porch's own, DEFAULT_SCHEMA, on PostgreSQL) and read it in one
     read-only snapshot; FailedPrecondition if its tables are not npg_porch 2's."""
+    url, schema = source_settings(url, schema)
     shown = shown_url(url)
     engine = _engine(url)
     postgresql = engine.dialect.name == "postgresql"
-    if postgresql and schema is None:
-        schema = DEFAULT_SCHEMA
     options: dict[str, Any] = {"schema_translate_map": {None: schema}}
     if postgresql:
         options |= {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
@@ -336,6 +348,14 @@ def reading(url: str, schema: str | None) -> Iterator[NpgPorchSource]:
                 yield source
     finally:
         engine.dispose()
+
+
+def source_settings(url: str, schema: str | None) -> tuple[str, str | None]:
+    """npg_porch's database URL and the schema its tables are in: on
+    PostgreSQL, when none is named, npg_porch's own DEFAULT_SCHEMA."""
+    if schema is None and url.startswith("postgresql"):
+        return url, DEFAULT_SCHEMA
+    return url, schema
 
 
 def _engine(url: str) -> Engine:
@@ -354,7 +374,7 @@ def _engine(url: str) -> Engine:
             f"--from-db-url must name a PostgreSQL database or a SQLite file, got {shown_url(url)}"
         )
     # A URI of sqlite3's own: SQLAlchemy would read its escapes ('%3F') once more.
-    uri = f"file:{urllib.parse.quote(str(Path(parsed.database).absolute()))}?mode=ro"
+    uri = f"file://{urllib.parse.quote(str(Path(parsed.database).absolute()))}?mode=ro"
     engine = create_engine(
         "sqlite://",
         creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
@@ -369,8 +389,14 @@ class Unreadable(Unavailable):
     """npg_porch's database cannot be read; porch's may be quite well."""
 
 
-def _unreadable(shown: str, error: exc.DBAPIError) -> Unreadable:
-    return Unreadable(f"cannot read npg_porch's database {shown}", first_line(error.orig))
+def _unreadable(shown: str, error: exc.DBAPIError, postgresql: bool) -> Unreadable:
+    said = first_line(error.orig)
+    if not postgresql and "readonly" in said:
+        said += (
+            " (a SQLite file in WAL mode, or with a journal a crash left, is read only"
+            " where its directory may be written: copy its files somewhere that may be)"
+        )
+    return Unreadable(f"cannot read npg_porch's database {shown}", said)
 
 
 def _leave_transactions_to_sqlalchemy(dbapi_connection: Any, record: Any) -> None:
@@ -382,7 +408,7 @@ def _connected(engine: Engine, shown: str) -> Iterator[Connection]:
     try:
         connection = engine.connect()
     except exc.DBAPIError as error:
-        raise _unreadable(shown, error) from None
+        raise _unreadable(shown, error, engine.dialect.name == "postgresql") from None
     with connection:
         yield connection
 
@@ -464,8 +490,11 @@ def _change(event_id: int, change: str | None) -> tuple[EventKind, State]:
     )
 
 
-def _utc(moment: datetime) -> datetime:
+def _utc(moment: datetime, where: str) -> datetime:
     """moment in UTC; one without a time zone (SQLite's) is taken as UTC."""
     if moment.tzinfo is None:
         return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise InvalidArgument(f"{where} has a time out of range: {moment}") from None

@@ -638,13 +638,15 @@ def test_a_database_or_schema_not_there_is_named_and_not_made(
     assert not missing.exists()
 
 
-@pytest.mark.parametrize("directory", ["what?", "a#b", "50%25", "with space"])
+@pytest.mark.parametrize("directory", ["what?", "a#b", "50%25", "with space", "slashed"])
 def test_a_sqlite_file_is_read_wherever_it_is_and_never_made(
     directory: str, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / directory).mkdir()
-    # As a URL names any path: its special characters escaped.
-    url = f"sqlite:///{urllib.parse.quote(str(tmp_path / directory))}"
+    # As a URL names any path: its special characters escaped, and (POSIX
+    # allows it) with one slash more in front.
+    twice = "/" if directory == "slashed" else ""
+    url = f"sqlite:///{twice}{urllib.parse.quote(str(tmp_path / directory))}"
     npg = NpgPorch(f"{url}/npg_porch.db", None)
     npg.pipeline(**PIPELINE)
     npg.close()
@@ -659,22 +661,58 @@ def test_a_sqlite_file_is_read_wherever_it_is_and_never_made(
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize(
+    ("spoil", "named"),
+    [
+        ("UPDATE task SET created = 'yesterday'", "Invalid isoformat string: 'yesterday'"),
+        # SQLite keeps a number where a time was declared; its driver cannot read it.
+        ("UPDATE event SET time = 1719828000", "argument must be str"),
+    ],
+)
 def test_a_time_porch_cannot_read_is_named(
-    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spoil: str, named: str, sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     npg = NpgPorch(f"sqlite:///{tmp_path / 'npg_porch.db'}", None)
     pipeline_id = npg.pipeline(**PIPELINE)
     wrapper = npg.token("my wrapper", pipeline_id, "2024-07-01 10:00:00")
-    npg.task(pipeline_id, '{"n": 1}', [("yesterday", "Created", wrapper)])
+    npg.task(pipeline_id, '{"n": 1}', [("2024-07-01 11:00:00", "Created", wrapper)])
+    npg.run(spoil)
     npg.close()
 
     with pytest.raises(SystemExit):
         import_npg(npg, sqlite_url)
 
     said = capsys.readouterr().err
-    assert "npg_porch's database sqlite:///" in said
-    assert "holds a value porch cannot read: Invalid isoformat string: 'yesterday'" in said
-    assert said.rstrip().endswith("; nothing was imported")
+    table = spoil.split()[1]
+    assert f"holds a value in its table '{table}' that porch cannot read: " in said
+    assert named in said and said.rstrip().endswith("; nothing was imported")
+
+
+def test_npg_porchs_and_porchs_tables_may_share_a_database_in_schemas_of_their_own(
+    postgres_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with npg_porch_on_postgresql(postgres_server) as npg:
+        npg.pipeline(**PIPELINE)
+        migrate.upgrade(npg.url)  # porch's tables in public, npg_porch's in npg_porch
+
+        import_npg(npg, npg.url)
+
+        said = capsys.readouterr().out
+        assert f"copying npg_porch's database {shown_url(npg.url)}, schema npg_porch into" in said
+        assert "imported 1 pipeline(s)" in said
+        with pytest.raises(SystemExit):
+            import_npg(npg, npg.url, "--db-schema", "npg_porch")
+        assert "npg_porch's database and porch's are the same" in capsys.readouterr().err
+
+
+def test_an_empty_source_url_is_refused(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["db", "import-npg-porch", "--from-db-url", "", "--db-url", sqlite_url])
+    assert "porch: --from-db-url is empty: give npg_porch's database URL" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.postgres
