@@ -436,8 +436,8 @@ def _canonical_input(where: str, definition: str | None) -> str:
     """A task's definition as canonical JSON, checked as a registration's input is."""
     try:
         data = json.loads(definition or "null")
-    except ValueError:
-        raise InvalidArgument(f"{where} has a definition that is not JSON") from None
+    except ValueError as error:  # not JSON, or an integer of too many digits
+        raise InvalidArgument(f"{where}: its definition cannot be read: {error}") from None
     except RecursionError:
         raise InvalidArgument(f"{where}: {_TOO_DEEP}") from None
     if not isinstance(data, dict):

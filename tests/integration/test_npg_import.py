@@ -551,6 +551,7 @@ def test_a_history_is_replayed_in_npg_porchs_order_as_porch_would_have_made_it(
             " 1152921504606846976",
         ),
         ('{"n": 1' + "0" * 400 + "}", "is past any double"),
+        ('{"n": 1' + "0" * 5000 + "}", "its definition cannot be read: Exceeds the limit"),
         ('{"a": ' + "[" * 60 + "]" * 60 + "}", "task_input nests deeper than 32 levels"),
         ('{"a": ' + "[" * 3000 + "]" * 3000 + "}", "task_input nests deeper than 32 levels"),
     ],
