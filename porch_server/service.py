@@ -387,9 +387,6 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
 
     def _leave_place(self, waiting: Hashable) -> None:
         self._waiting_places.release()
-        self._stop_waiting(waiting)
-
-    def _stop_waiting(self, waiting: Hashable) -> None:
         if waiting is not None:
             _count_down(self._inputs_waiting, waiting)
 

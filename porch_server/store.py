@@ -1554,11 +1554,11 @@ class _Importing:
         self,
         connection: Connection,
         insert: Callable[[Any], postgresql.Insert | sqlite.Insert],
-        postgresql: bool,
+        on_postgresql: bool,
     ) -> None:
         self._connection = connection
         self._insert = insert
-        self._postgresql = postgresql
+        self._postgresql = on_postgresql
         self._pipelines: dict[int, int] = {}
         self._pipeline_names: dict[int, str] = {}
         self._tokens: dict[int, tuple[int, str]] = {}
@@ -1740,11 +1740,7 @@ class _Importing:
                 imported.claim_time, imported.claimed_by = time, token_id
             elif item.status is State.PENDING:  # released: as porch clears a claim
                 imported.claim_time = imported.claimed_by = None
-        if rows and self._postgresql:  # one statement, not one an event
-            arrays = {f"in_{key}s": [row[key] for row in rows] for key in rows[0]}
-            self._connection.execute(_insert_imported_events(), arrays)
-        elif rows:
-            self._connection.execute(_insert_event, rows)
+        self._execute_many(_insert_event, _insert_imported_events(), rows)
         self._events += len(rows)
 
     def finish_tasks(self) -> None:
@@ -1752,11 +1748,19 @@ class _Importing:
         changed = [row for row in self._tasks.values() if row.last_change is not None]
         for start in range(0, len(changed), _IMPORT_BATCH):
             rows = [_finished(row) for row in changed[start : start + _IMPORT_BATCH]]
-            if self._postgresql:  # one statement, not one a task
-                arrays = {f"{key}s": [row[key] for row in rows] for key in rows[0]}
-                self._connection.execute(_finish_imported_tasks(), arrays)
-            else:
-                self._connection.execute(_finish_imported_task, rows)
+            self._execute_many(_finish_imported_task, _finish_imported_tasks(), rows)
+
+    def _execute_many(self, statement: Any, by_arrays: Any, rows: list[dict[str, Any]]) -> None:
+        """statement for each of rows; on PostgreSQL by_arrays once instead,
+        each of the rows' keys given as the array {key}s: one statement, not
+        one a row."""
+        if not rows:
+            return
+        if self._postgresql:
+            arrays = {f"{key}s": [row[key] for row in rows] for key in rows[0]}
+            self._connection.execute(by_arrays, arrays)
+        else:
+            self._connection.execute(statement, rows)
 
     def counts(self) -> ImportCounts:
         return ImportCounts(
@@ -1799,7 +1803,7 @@ def _insert_imported_events() -> Any:
         ("token_description", Text),
         ("message", Text),
     ]
-    given = _rows_of_arrays("given", [(f"in_{name}s", name, kind) for name, kind in columns])
+    given = _rows_of_arrays("given", [(f"{name}s", name, kind) for name, kind in columns])
     names = [name for name, _ in columns]
     rows = select(*(given.c[name] for name in names)).order_by(given.c.position)
     return insert(event).from_select(names, rows)
