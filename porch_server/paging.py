@@ -41,7 +41,7 @@ def decode_page_token(
     try:
         padded = token + "=" * (-len(token) % 4)
         fingerprint, last_key = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-    except (ValueError, TypeError, UnicodeError, binascii.Error) as error:
+    except (ValueError, TypeError, UnicodeError, binascii.Error, RecursionError) as error:
         raise InvalidArgument(_INVALID) from error
     if fingerprint != _fingerprint(listing, filters) or type(last_key) is not key_type:
         raise InvalidArgument(_INVALID)

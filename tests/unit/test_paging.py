@@ -69,6 +69,8 @@ def _b64(raw: bytes) -> str:
         _b64(b"7"),
         _b64(b"\xff\xfe"),
         _b64(b'["0000000000000000", true]'),
+        # Nested deeper than json's recursion allows: an error, not a crash.
+        _b64(b"[" * 100_000 + b"]" * 100_000),
     ],
 )
 def test_garbage_is_rejected(token: str) -> None:
