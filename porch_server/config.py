@@ -16,7 +16,7 @@ DEFAULT_DB_URL = "sqlite:///porch.db"
 NPG_PORCH_VARIABLES = ("DB_URL", "DB_SCHEMA")
 # What a gRPC client or server takes in one message unless told otherwise.
 # porch's server keeps its answers within it, and takes no more itself: a
-# call is read whole before its token is checked.
+# call from a known token is read whole before the rest of it is checked.
 GRPC_MESSAGE_BYTES = 4 * 1024 * 1024
 # The largest answer porch's gateway and CLI take, should a server of
 # another version send more.

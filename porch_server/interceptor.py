@@ -61,29 +61,68 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     ) -> Handler:
         full_method = handler_call_details.method
         wrapped = self._handlers.get(full_method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not full_method.startswith(SERVICE_PREFIX):
-            return handler
-        method = full_method.removeprefix(SERVICE_PREFIX)
-        # The request reaches serve as bytes, read only once its caller is
-        # known: a body built to be costly to read costs an unknown caller nothing.
-        read = _tolerant(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                self._serving(method, read, handler.unary_unary),  # type: ignore[arg-type]
-                response_serializer=handler.response_serializer,
-            )
-        elif handler.unary_stream is not None:
-            wrapped = grpc.unary_stream_rpc_method_handler(
-                self._serving(method, read, handler.unary_stream),  # type: ignore[arg-type]
-                response_serializer=_bytes_or(handler.response_serializer),
-            )
-        else:
-            return handler
-        self._handlers[full_method] = wrapped
-        return wrapped
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or not full_method.startswith(SERVICE_PREFIX):
+                return handler
+            method = full_method.removeprefix(SERVICE_PREFIX)
+            # The request reaches serve as bytes, read only once its caller is
+            # known: a body built to be costly to read costs an unknown caller nothing.
+            read = _tolerant(handler.request_deserializer)
+            if handler.unary_unary is not None:
+                wrapped = grpc.unary_unary_rpc_method_handler(
+                    self._serving(method, read, handler.unary_unary),  # type: ignore[arg-type]
+                    response_serializer=handler.response_serializer,
+                )
+            elif handler.unary_stream is not None:
+                wrapped = grpc.unary_stream_rpc_method_handler(
+                    self._serving(method, read, handler.unary_stream),  # type: ignore[arg-type]
+                    response_serializer=_bytes_or(handler.response_serializer),
+                )
+            else:
+                return handler
+            self._handlers[full_method] = wrapped
+        refusing = await self._refusing(
+            full_method.removeprefix(SERVICE_PREFIX),
+            handler_call_details.invocation_metadata,
+            wrapped.response_streaming,
+        )
+        return wrapped if refusing is None else refusing
+
+    async def _refusing(
+        self, method: str, metadata: Iterable[tuple[str, Any]] | None, streaming: bool
+    ) -> Handler | None:
+        """A handler that refuses the call without reading its request, when
+        its token alone settles that (missing, malformed, unknown or revoked,
+        or the database down while it is looked up), else None.
+
+        grpc reads a unary call's request whole before its handler runs: up
+        to 4 MiB, held while the call lasts, and a caller may open many
+        calls at once. A handler that takes a stream of requests is started
+        once the call's metadata has arrived and never asks for the
+        message, so an unknown caller is answered at once and most of what
+        it sent is never held. A token that is known and valid gets the
+        usual handler, which checks it again (from the caches, without a
+        round trip) with the rest of the call.
+        """
+        if method not in auth.RULES:
+            return None
+        start = time.perf_counter()
+        authorization = _authorization(metadata)
+        token, refusal = await self._refusal(method, authorization, rights=False)
+        if refusal is None:
+            return None
+        code, message = refusal
+
+        async def refuse(requests: Any, context: Context) -> None:
+            try:
+                await context.abort(code, message)
+            finally:
+                _log_call(method, context, token, authorization, start, cancelled=False)
+
+        if streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     async def admit(
         self, path: str, metadata: Iterable[tuple[str, Any]], rights: bool = True
@@ -99,6 +138,17 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if method not in auth.RULES:
             return None
         authorization = _authorization(metadata)
+        token, refusal = await self._refusal(method, authorization, rights)
+        if refusal is not None:
+            code = refusal[0]
+            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
+        return refusal
+
+    async def _refusal(
+        self, method: str, authorization: Any, rights: bool
+    ) -> tuple[Token | None, tuple[grpc.StatusCode, str] | None]:
+        """The token a call came with, if one was found, and why the call is
+        refused whatever its request (see admit), or None."""
         token = None
         try:
             token = await self._identify(method, authorization)
@@ -107,14 +157,11 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if rights:
                     auth.check_role(method, token)
         except PorchError as error:  # the token's, or the database down while looking
-            code, message = code_of(error), message_of(error)
+            return token, (code_of(error), message_of(error))
         except Exception:  # as serve answers it: a fault, or a refusal porch has no word for
             errors.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
-        else:
-            return None
-        access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
-        return code, message
+            return token, (grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+        return token, None
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:
         """The token the call came with (its authorization metadata), revoked

@@ -484,12 +484,78 @@ def test_an_input_nested_as_deep_as_allowed_comes_back_in_every_answer(
 
 
 def test_a_call_larger_than_4_mib_is_refused_unread(porch: Porch) -> None:
-    # A call is read whole before its token is checked: its size is bounded
-    # for anyone, token or not.
-    anonymous = porch.stub()
+    # A known token's call is read whole before the rest of it is checked
+    # (a reader's, here, whose rights the request would not pass): its size
+    # is bounded. A stranger's is refused for its token before it is read.
+    reader = porch.stub(porch.token(Role.READER))
     tasks = [register("p1", blob="x" * 1_000_000).task for _ in range(5)]
     request = pb.RegisterTasksRequest(pipeline_name="p1", tasks=tasks)
-    fails(Code.RESOURCE_EXHAUSTED, anonymous.RegisterTasks, request, "larger than max")
+    fails(Code.RESOURCE_EXHAUSTED, reader.RegisterTasks, request, "larger than max")
+    fails(Code.UNAUTHENTICATED, porch.stub().RegisterTasks, request, "no token")
+
+
+def test_a_caller_its_token_refuses_is_answered_before_its_request_arrives(
+    porch: Porch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc holds a unary request whole until its handler runs: a caller
+    # refused for its token alone is answered from the call's metadata, so
+    # that many large calls from a stranger are never held. A call whose
+    # message never comes shows it: it is answered all the same.
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    pending = threading.Event()
+
+    def never_sent() -> Iterator[pb.RegisterTasksRequest]:
+        pending.wait(10)
+        return
+        yield
+
+    caplog.set_level(logging.INFO, "porch.access")
+    stream = channel.stream_unary(
+        "/porch.v1.PorchService/RegisterTasks",
+        request_serializer=pb.RegisterTasksRequest.SerializeToString,
+        response_deserializer=pb.RegisterTasksResponse.FromString,
+    )
+    watching = channel.stream_stream(
+        "/porch.v1.PorchService/WatchEvents",
+        request_serializer=pb.WatchEventsRequest.SerializeToString,
+        response_deserializer=pb.Event.FromString,
+    )
+    try:
+        for metadata, refusal in [
+            ([], "no token"),
+            ([("authorization", "Bearer " + "A" * 43)], "unknown token"),
+            ([("authorization", "Basic x")], "Bearer"),
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                stream(never_sent(), metadata=metadata, timeout=5)
+            assert refused.value.code() == Code.UNAUTHENTICATED, refused.value
+            assert refusal in refused.value.details()
+            with pytest.raises(grpc.RpcError) as refused:
+                next(watching(never_sent(), metadata=metadata, timeout=5))
+            assert refused.value.code() == Code.UNAUTHENTICATED, refused.value
+        # A revoked token, found in the database and refused there.
+        admin = porch.stub(porch.admin)
+        admin.CreatePipeline(pipeline_request("p1"))
+        made = admin.CreateToken(pb.CreateTokenRequest(pipeline_name="p1", description="w"))
+        admin.RevokeToken(pb.RevokeTokenRequest(token_id=made.token_id))
+        with pytest.raises(grpc.RpcError) as refused:
+            stream(never_sent(), metadata=[("authorization", f"Bearer {made.token}")], timeout=5)
+        assert refused.value.code() == Code.UNAUTHENTICATED, refused.value
+        assert "revoked" in refused.value.details()
+        # A valid token's call waits for its message, as any call does.
+        with pytest.raises(grpc.RpcError) as waited:
+            stream(never_sent(), metadata=[("authorization", f"Bearer {porch.admin}")], timeout=1)
+        assert waited.value.code() == Code.DEADLINE_EXCEEDED, waited.value
+    finally:
+        pending.set()
+    for _ in range(50):  # the line is written as the call ends, maybe after its answer
+        lines = [record.getMessage() for record in caplog.records]
+        if any(line.startswith("RegisterTasks UNAUTHENTICATED") for line in lines):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(lines)
 
 
 def test_a_page_of_long_event_messages_fits_a_default_client(porch: Porch) -> None:
