@@ -688,6 +688,61 @@ def _warn_if_in_clear(host: str, tls: TLS | None) -> None:
     )
 
 
+def _warn_if_target_in_clear(target: str, tls: gateway.ClientTLS | None) -> None:
+    """Warn that a gateway passing its callers' tokens to a server on another
+    machine without TLS lets anyone on the way read them, whatever TLS its
+    callers came with. A target whose host is not known yet, or that gRPC
+    resolves its own way (xds:, say), is left alone."""
+    if tls is not None or target.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return
+    hosts = _target_hosts(target)
+    if not hosts:
+        return
+    try:
+        addresses = [
+            address[4][0]
+            for host in hosts
+            for address in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+        ]
+    except (socket.gaierror, UnicodeError):
+        return  # cannot be reached now: _check_target says so
+    if all(ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses):
+        return
+    log.warning(
+        "passing calls to %s without TLS: callers' tokens and tasks cross the network in"
+        " clear text; give --target-tls (with --target-tls-ca for a private CA), unless that"
+        " network is one you trust",
+        target,
+    )
+
+
+def _target_hosts(target: str) -> list[str]:
+    """The hosts a gRPC target names: HOST:PORT, [IPv6]:PORT, dns:[//AUTHORITY/]HOST[:PORT],
+    ipv4:ADDRESS:PORT,… or ipv6:[ADDRESS]:PORT,…; none for a target of another form."""
+    if target.startswith("dns:"):
+        name = target.removeprefix("dns:")
+        if name.startswith("//"):
+            name = name[2:].partition("/")[2]
+        names = [name]
+    elif target.startswith(("ipv4:", "ipv6:")):
+        names = target[5:].split(",")
+    elif ":" in target and not target.startswith(client.GRPC_SCHEMES):
+        names = [target]
+    else:
+        return []
+    hosts = []
+    for name in names:
+        if name.startswith("["):
+            host = name[1:].partition("]")[0]
+        elif name.count(":") == 1:
+            host = name.partition(":")[0]
+        else:
+            host = name
+        if host:
+            hosts.append(host)
+    return hosts
+
+
 def _http_server(
     options: gateway.GatewayOptions,
     host: str,
@@ -755,6 +810,7 @@ def _gateway(args: argparse.Namespace) -> None:
     )
     _check_ports_free(args.host, [args.http_port], args.workers > 1)
     _warn_if_in_clear(args.host, tls)
+    _warn_if_target_in_clear(args.target, target_tls)
     with _extra_workers(_run_gateway, run, args.workers - 1) as stop_workers:
         _run_gateway(*run, on_stop=stop_workers)
 

@@ -47,7 +47,7 @@ REGISTER_BATCH = 1000
 REGISTER_BATCH_BYTES = 1024 * 1024
 
 # gRPC's own forms of target, taken as they are: dns:///host:port, unix:path, …
-_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
 # What a token may hold: printable ASCII, no white space.
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
@@ -61,7 +61,7 @@ WATCH_RETRY_SECONDS = (1.0, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 def grpc_target(text: str) -> str:
     """A server's address, HOST:PORT ([IPv6]:PORT) or one of gRPC's own
     forms (dns:///HOST:PORT, unix:PATH, …): for argparse."""
-    if text.startswith(_GRPC_SCHEMES):
+    if text.startswith(GRPC_SCHEMES):
         return text
     found = _HOST_PORT.fullmatch(text)
     if found is None or not 0 < int(found.group(2)) < 65536:

@@ -33,6 +33,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
+import gateway
 from porch_server import cli
 from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
@@ -1549,6 +1550,47 @@ def test_serving_beyond_loopback_without_tls_is_warned_of(
         assert caplog.messages == []
         cli._warn_if_in_clear("0.0.0.0", None)
     assert [warning in message for message in caplog.messages] == [True]
+
+
+def test_a_gateway_passing_tokens_beyond_loopback_without_tls_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its callers may reach it over HTTPS: the hop to its server is the one
+    # a reader on the way would see.
+    quiet = [
+        "127.0.0.1:50051",
+        "localhost:50051",
+        "[::1]:50051",
+        "dns:///localhost:50051",
+        "dns:localhost:50051",
+        "ipv4:127.0.0.1:50051,127.0.0.2:50051",
+        "ipv6:[::1]:50051",
+        "unix:/run/porch.sock",
+        "xds:///porch",
+        "no-such-host.invalid:50051",  # not known now: the start's own check says so
+    ]
+    loud = [
+        "192.0.2.2:50051",
+        "dns:///192.0.2.2:50051",
+        "dns://8.8.8.8/192.0.2.2:50051",
+        "ipv4:127.0.0.1:50051,192.0.2.2:50051",
+        "ipv6:[2001:db8::1]:50051",
+        "[2001:db8::1]:50051",
+    ]
+    with caplog.at_level(logging.WARNING, logger="porch"):
+        for target in quiet:
+            cli._warn_if_target_in_clear(target, None)
+        for target in loud:
+            cli._warn_if_target_in_clear(target, gateway.ClientTLS())
+        assert caplog.messages == []
+        for target in loud:
+            cli._warn_if_target_in_clear(target, None)
+    warning = "without TLS: callers' tokens and tasks cross the network in clear text"
+    assert [
+        f"passing calls to {target} " in message
+        for target, message in zip(loud, caplog.messages, strict=True)
+    ] == [True] * len(loud)
+    assert all(warning in message for message in caplog.messages)
 
 
 A_PAIR = ["--tls-cert", "a-cert.pem", "--tls-key", "a-key.pem"]
