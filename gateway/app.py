@@ -135,6 +135,20 @@ class Gateway:
         await self.upstream.admit(method, metadata, rights=not small)
 
     async def _read_body(self, request: Request) -> bytes:
+        transfer = [
+            coding.strip().lower()
+            for header in request.headers.getlist("transfer-encoding")
+            for coding in header.split(",")
+        ]
+        unknown = [coding for coding in transfer if coding != "chunked"]
+        if unknown:
+            # The server undoes only chunked: the body would be read still
+            # encoded, as if it were not (RFC 9112, 6.1).
+            message = (
+                f"the request body is sent with Transfer-Encoding {', '.join(unknown)}: the"
+                " gateway takes only chunked"
+            )
+            raise GatewayError(grpc.StatusCode.UNIMPLEMENTED, message, http_status=501)
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

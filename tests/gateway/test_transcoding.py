@@ -545,6 +545,24 @@ async def test_body_star_takes_no_query_parameters(client: httpx.AsyncClient) ->
     assert "'text'" in response.json()["message"]
 
 
+async def test_a_transfer_coding_other_than_chunked_is_501_naming_it(
+    client: httpx.AsyncClient,
+) -> None:
+    # Read as it came, a gzip-coded body would be taken for JSON that is not.
+    for codings in (["gzip, chunked"], ["chunked", "GZIP, chunked"], ["compress"]):
+        headers = [("content-type", "application/json")]
+        headers += [("transfer-encoding", coding) for coding in codings]
+        response = await client.post("/v1/echo", content=b'{"text": "hi"}', headers=headers)
+        assert response.status_code == 501, codings
+        message = response.json()["message"]
+        assert message.startswith("the request body is sent with Transfer-Encoding g") or (
+            "Transfer-Encoding compress:" in message
+        ), message
+    chunked = [("content-type", "application/json"), ("transfer-encoding", "Chunked")]
+    response = await client.post("/v1/echo", content=b'{"text": "hi"}', headers=chunked)
+    assert response.status_code == 200, response.text
+
+
 async def test_a_compressed_body_is_415_naming_its_encoding(client: httpx.AsyncClient) -> None:
     body = gzip.compress(b'{"text": "hi"}')
     headers = {"content-encoding": "gzip", "content-type": "application/json"}
