@@ -324,9 +324,16 @@ def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | 
         raise SystemExit(f"porch: {error}") from None
     finally:
         engine.dispose()
+    elsewhere = ""
+    if schema is None and engine.dialect.name == "postgresql":
+        # Its own schema forgotten, an upgrade would make a second, empty porch.
+        elsewhere = (
+            "; if porch's tables are in a schema of their own, name it with --db-schema"
+            " (or PORCH_DB_SCHEMA) instead"
+        )
     raise SystemExit(
         f"porch: the database at {where} is not at the latest migration (or not "
-        f"there at all); run `porch db upgrade` with the same --db-url{also}"
+        f"there at all); run `porch db upgrade` with the same --db-url{also}{elsewhere}"
     )
 
 

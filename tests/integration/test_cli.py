@@ -438,6 +438,8 @@ def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) ->
         )
         assert done.returncode != 0
         assert "not at the latest migration" in done.stderr and "porch db upgrade" in done.stderr
+        # With no schema named, porch's tables may be in one that was forgotten.
+        assert "name it with --db-schema (or PORCH_DB_SCHEMA) instead" in done.stderr
         # A schema is named, with its option: a misspelt one would be made anew.
         schema = ["--db-schema", "elsewhere"]
         listed = subprocess.run(
@@ -448,6 +450,7 @@ def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) ->
         )
         assert ", schema elsewhere, is not at the latest migration" in listed.stderr
         assert "with the same --db-url and --db-schema" in listed.stderr
+        assert "PORCH_DB_SCHEMA" not in listed.stderr
         # A password given as a query parameter is not shown either.
         secret = subprocess.run(
             [*PORCH, "token", "list", "--db-url", f"{url}?password=s3cret&sslmode=disable"],
