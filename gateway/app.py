@@ -13,7 +13,6 @@ from typing import Any
 from urllib.parse import parse_qsl, quote
 
 import grpc
-from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -50,7 +49,7 @@ from gateway.transcode import build_request, encode_json, response_json
 from gateway.upstream import (
     HTTP_CODE_KEY,
     CallOptions,
-    Metadata,
+    OpenUnary,
     UnaryReply,
     Upstream,
     UpstreamCalls,
@@ -98,10 +97,24 @@ class Gateway:
         """Answer one request bound to a gRPC method."""
         binding = match.binding
         options = self.options.methods.get(binding.method.full_name, MethodOptions())
+        opened: OpenUnary | None = None
         try:
             metadata = call_metadata(request.headers.items(), self.options.forward_headers)
-            await self._admit(request, binding.method, metadata)
-            body = await self._read_body(request)
+            large = _large_body(request)
+            # A caller the server would refuse whatever its request costs it no
+            # body to read. Its rights are judged so only for a large body: with a
+            # small one the server judges them with the request in hand, and its
+            # refusal can say more (which pipeline the call was for, say).
+            await self.upstream.admit(binding.method, metadata, rights=large)
+            timeout = call_timeout(request.headers, self.options.default_timeout)
+            if large and not binding.server_streaming:
+                # Over a channel, the call begins before a large body is read,
+                # so that a server that refuses the caller does so at once.
+                opened = self.upstream.open_unary(binding.method, metadata, timeout)
+            if opened is None:
+                body = await self._read_body(request)
+            else:
+                body = await _unless_answered(self._read_body(request), opened)
             overrides = []
             last_event_id = request.headers.get("last-event-id")
             if binding.server_streaming and options.last_event_id_field and last_event_id:
@@ -111,28 +124,16 @@ class Gateway:
                 timeout = call_timeout(request.headers, None)
                 call = self.upstream.stream_call(binding.method, message, metadata, timeout)
                 return self._stream_response(request, match, options, call)
-            timeout = call_timeout(request.headers, self.options.default_timeout)
-            return await self._unary(request, match, message, CallOptions(metadata, timeout))
+            return await self._unary(
+                request, match, message, CallOptions(metadata, timeout), opened
+            )
         except GatewayError as error:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
             return error_response(rpc_error_status(error), rpc_error_json(error))
-
-    async def _admit(self, request: Request, method: MethodDescriptor, metadata: Metadata) -> None:
-        """A caller the server would refuse whatever its request costs it no
-        body to read. Its rights are judged so only for a large body: with a
-        small one (declared, of at most THREAD_BODY_BYTES, or none) the
-        server judges them with the request in hand, and its refusal can say
-        more (which pipeline the call was for, say)."""
-        # A Transfer-Encoding overrides a Content-Length (RFC 9112, 6.3).
-        declared = request.headers.get("content-length")
-        if "transfer-encoding" in request.headers:
-            small = False
-        elif declared is None:
-            small = True
-        else:
-            small = declared.isdigit() and int(declared) <= THREAD_BODY_BYTES
-        await self.upstream.admit(method, metadata, rights=not small)
+        finally:
+            if opened is not None:
+                opened.close()
 
     async def _read_body(self, request: Request) -> bytes:
         transfer = [
@@ -196,13 +197,23 @@ class Gateway:
         return await loop.run_in_executor(self._reader, build)
 
     async def _unary(
-        self, request: Request, match: RouteMatch, message: Message, options: CallOptions
+        self,
+        request: Request,
+        match: RouteMatch,
+        message: Message,
+        options: CallOptions,
+        opened: OpenUnary | None = None,
     ) -> Response:
         binding = match.binding
         # If the client goes away, the call is cancelled too, as a gRPC
         # client's leaving would, so the server can undo what nobody will
         # hear of (a claim, say).
-        call = self.upstream.unary_call(binding.method, message, options.metadata, options.timeout)
+        if opened is not None:
+            call = opened.send(message)
+        else:
+            call = self.upstream.unary_call(
+                binding.method, message, options.metadata, options.timeout
+            )
         watch = request.scope.get("extensions", {}).get(CLOSED_EXTENSION)
         if isinstance(watch, ClosedWatch):
             response, initial, trailing = await _unless_closed(call, watch)
@@ -602,6 +613,36 @@ async def _unless_disconnected(
     if not calling.done():
         raise _client_left()
     return calling.result()
+
+
+def _large_body(request: Request) -> bool:
+    """Whether a request's body is large: declared of more than
+    THREAD_BODY_BYTES, or of a length not declared (chunked)."""
+    # A Transfer-Encoding overrides a Content-Length (RFC 9112, 6.3).
+    declared = request.headers.get("content-length")
+    if "transfer-encoding" in request.headers:
+        return True
+    if declared is None:
+        return False
+    return not (declared.isdigit() and int(declared) <= THREAD_BODY_BYTES)
+
+
+async def _unless_answered(reading: Coroutine[Any, Any, bytes], opened: OpenUnary) -> bytes:
+    """The body reading gives, unless the call opened for it ends first (its
+    server refused the caller, or its time limit passed): then the call's
+    error, the body left unread."""
+    body = asyncio.ensure_future(reading)
+    ended = asyncio.ensure_future(opened.ended())
+    try:
+        await asyncio.wait((body, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+        if not body.done():
+            body.cancel()
+    if body.done() and not body.cancelled():
+        return body.result()
+    await opened.answer()  # AioRpcError, as a call that ends unsent ends
+    raise GatewayError(grpc.StatusCode.INTERNAL, "the server answered a call it was never sent")
 
 
 def _client_left() -> GatewayError:

@@ -255,6 +255,12 @@ class LocalUpstream:
             if refusal is not None:
                 raise _rpc_error(*refusal)
 
+    def open_unary(
+        self, method: MethodDescriptor, metadata: Metadata, time_limit: float | None
+    ) -> None:
+        """None: admit has judged the caller before the body is read."""
+        return None
+
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""
         request = health_pb2.HealthCheckRequest(service=service)
