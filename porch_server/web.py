@@ -8,7 +8,7 @@ from typing import Any
 import gateway
 from porch_server.config import CHANNEL_OPTIONS
 from porch_server.interceptor import ACCESS_LOG
-from porch_server.service import MAX_BATCH, MAX_NAME, MAX_PIPELINE_TEXT
+from porch_server.service import MAX_BATCH, MAX_MESSAGE_BYTES, MAX_NAME, MAX_PIPELINE_TEXT
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -51,7 +51,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     that validate or generate requests from it. Each is a condition every
     accepted value meets; the comments and the error messages say the rest
     (the other characters that do not print, which no name may hold either;
-    a lease's upper bound; a message's 64 KiB, counted in bytes)."""
+    a lease's upper bound; that a message's 64 KiB are counted in bytes)."""
     name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_BREAKS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
     # Not blank, and on one line.
@@ -71,6 +71,8 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
             "pattern": r"^(?!-)(?![0.]*s$)[0-9]+(\.[0-9]{0,9})?s$"
         },
         "porch.v1.Task.claim_number": {"minimum": 0},
+        # In characters, which a message of MAX_MESSAGE_BYTES bytes never exceeds.
+        "porch.v1.UpdateTaskRequest.message": {"maxLength": MAX_MESSAGE_BYTES},
         # A task is never in the zero state, stored or asked for; an event's
         # old_status is, before its task existed, so the enum keeps it.
         "porch.v1.Task.status": {"$ref": "#/components/schemas/TaskStateEnum"},

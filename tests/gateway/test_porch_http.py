@@ -414,6 +414,14 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
     assert batch["minItems"] == 1 and empty.status_code == 400
 
     [task_id] = await register(porch_http, wrapper, {"n": 1})
+    # A message is bounded in bytes (64 KiB), so in characters too.
+    message = properties["porch.v1.UpdateTaskRequest"]["message"]
+    for text, status in (
+        ("m" * message["maxLength"], 200),
+        ("m" * (message["maxLength"] + 1), 400),
+    ):
+        response = await update(porch_http, wrapper, task_id, "PENDING", text)
+        assert response.status_code == status, response.text
     parameters = {
         (operation["operationId"], parameter["name"]): parameter["schema"]
         for operations in document["paths"].values()
