@@ -171,6 +171,11 @@ def add_commands(commands: Any) -> None:
     _add_client_flags(watch)
 
 
+def _seconds(value: float) -> str:
+    """A number of seconds as given: 0 and 3,600, not 0.0 and 3,600.0."""
+    return f"{value:,.0f}" if value.is_integer() else f"{value:,}"
+
+
 def _claim_number(text: str) -> int:
     """A claim's number, from 1, for argparse."""
     try:
@@ -452,7 +457,7 @@ def _dispatch(
             if not 0 < args.lease <= MAX_LEASE.total_seconds():
                 raise SystemExit(
                     f"porch: --lease must be more than 0 and at most {MAX_LEASE.days} days "
-                    f"({MAX_LEASE.total_seconds():,.0f} s), got {args.lease:,}"
+                    f"({MAX_LEASE.total_seconds():,.0f} s), got {_seconds(args.lease)}"
                 )
             claim.lease.FromNanoseconds(int(args.lease * 1e9))
         for task in stub.ClaimTasks(claim, metadata=metadata).tasks:

@@ -1143,8 +1143,10 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         ),
         (
             ["task", "claim", "--pipeline", "p", "--lease", "2592001", "--target", "h:1"],
-            "got 2,592,001.0\n",
+            "got 2,592,001\n",
         ),
+        (["task", "claim", "--pipeline", "p", "--lease", "0", "--target", "h:1"], "got 0\n"),
+        (["task", "claim", "--pipeline", "p", "--lease", "-0.5", "--target", "h:1"], "got -0.5\n"),
         (["serve", "--db-pool-size", "0"], "not a whole number from 1 to 1,000: '0'"),
         (["serve", "--db-pool-size", "2.5"], "not a whole number from 1 to 1,000: '2.5'"),
         (["gateway", "--target", "h:1", "--shutdown-grace-seconds", "inf"], "not a finite"),
