@@ -208,8 +208,9 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         if self._head_too_large:
             message = f"the request's head is larger than {self.head_bytes} bytes"
             self._refuse_head(GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, 431))
-        else:
-            super().send_400_response(msg)
+        else:  # uvicorn's is plain text, where every other error is JSON
+            message = "the request is not HTTP/1.1 that the server can read"
+            self._refuse_head(GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message, 400))
 
     def _count(self, size: int) -> None:
         self._head_read += size

@@ -40,6 +40,16 @@ async def test_a_head_that_never_ends_is_answered_408_and_closed(live: Live) -> 
     writer.close()
 
 
+async def test_a_request_that_is_not_http_is_answered_400_as_json(live: Live) -> None:
+    for garbage in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n"):
+        reader, writer = await _connect(live)
+        writer.write(garbage)
+        status, body = _answer(await asyncio.wait_for(reader.read(), 5))
+        assert (status, body["code"]) == (400, 3)
+        assert body["message"] == "the request is not HTTP/1.1 that the server can read"
+        writer.close()
+
+
 async def test_a_connection_that_asks_nothing_is_closed(live: Live) -> None:
     reader, writer = await _connect(live)
     assert await asyncio.wait_for(reader.read(), 5) == b""
