@@ -255,9 +255,7 @@ class LocalUpstream:
             if refusal is not None:
                 raise _rpc_error(*refusal)
 
-    def open_unary(
-        self, method: MethodDescriptor, metadata: Metadata, time_limit: float | None
-    ) -> None:
+    def probe(self, method: MethodDescriptor, metadata: Metadata) -> None:
         """None: admit has judged the caller before the body is read."""
         return None
 
@@ -275,12 +273,15 @@ class LocalUpstream:
     ) -> tuple[Any, Handler, LocalContext]:
         """Run a unary handler behind the interceptors: its own response, or AioRpcError."""
         handler, context = await self._start(path, metadata, time_limit)
-        if handler.unary_unary is None:
+        if handler.response_streaming or not (handler.unary_unary or handler.stream_unary):
             raise _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not a unary method")
         request = _request(handler, message)
         try:
             async with asyncio.timeout(time_limit):
-                result = handler.unary_unary(request, context)
+                if handler.unary_unary is not None:
+                    result = handler.unary_unary(request, context)
+                else:  # a handler that takes its request as a stream
+                    result = handler.stream_unary(_one(request), context)
                 response = await result if inspect.isawaitable(result) else result
         except Exception as error:
             raise _failure(context, error, path) from None
@@ -362,7 +363,7 @@ class LocalStreamCall:
             await self._end(error)
             return
         self._context = context
-        if handler.unary_stream is None:
+        if not handler.response_streaming:
             await self._end(
                 _rpc_error(grpc.StatusCode.UNIMPLEMENTED, f"{path} is not a streaming method")
             )
@@ -390,7 +391,10 @@ class LocalStreamCall:
             await self._queue.put(self._upstream._response(self._method, handler, response))
 
         context._writer = send
-        result = handler.unary_stream(request, context)
+        if handler.unary_stream is not None:
+            result = handler.unary_stream(request, context)
+        else:  # a handler that takes its request as a stream
+            result = handler.stream_stream(_one(request), context)
         if isinstance(result, AsyncIterator):
             async for response in result:
                 await send(response)
@@ -426,6 +430,11 @@ class LocalStreamCall:
         the reader is given, or CANCELLED."""
         await asyncio.wait([self._task])
         return self._status or grpc.StatusCode.CANCELLED
+
+
+async def _one(request: Any) -> AsyncIterator[Any]:
+    """A stream of one request, for a handler that takes its request as a stream."""
+    yield request
 
 
 def _request(handler: Handler, message: Message) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from typing import Any, TypeAlias
@@ -48,8 +48,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self._store = store
         self._executor = executor
         self._anonymous_reads = anonymous_reads
-        # The wrapped handler of each method, built on its first call.
-        self._handlers: dict[str, Handler] = {}
+        # The wrapped handlers of each method, built on its first call: the
+        # usual one, and one taking the request as a stream (see _known).
+        self._handlers: dict[str, tuple[Handler, Handler]] = {}
         # Set once a stopping server's grace period is over: grpc.aio then
         # cancels the calls left, and their clients are told UNAVAILABLE.
         self.grace_over = False
@@ -60,8 +61,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
         full_method = handler_call_details.method
-        wrapped = self._handlers.get(full_method)
-        if wrapped is None:
+        handlers = self._handlers.get(full_method)
+        if handlers is None:
             handler = await continuation(handler_call_details)
             if handler is None or not full_method.startswith(SERVICE_PREFIX):
                 return handler
@@ -70,59 +71,63 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # known: a body built to be costly to read costs an unknown caller nothing.
             read = _tolerant(handler.request_deserializer)
             if handler.unary_unary is not None:
-                wrapped = grpc.unary_unary_rpc_method_handler(
-                    self._serving(method, read, handler.unary_unary),  # type: ignore[arg-type]
-                    response_serializer=handler.response_serializer,
+                serve: Any = self._serving(method, read, handler.unary_unary)  # type: ignore[arg-type]
+                handlers = (
+                    grpc.unary_unary_rpc_method_handler(
+                        serve,
+                        response_serializer=handler.response_serializer,
+                    ),
+                    grpc.stream_unary_rpc_method_handler(
+                        serve,
+                        response_serializer=handler.response_serializer,
+                    ),
                 )
             elif handler.unary_stream is not None:
-                wrapped = grpc.unary_stream_rpc_method_handler(
-                    self._serving(method, read, handler.unary_stream),  # type: ignore[arg-type]
-                    response_serializer=_bytes_or(handler.response_serializer),
+                serve = self._serving(method, read, handler.unary_stream)  # type: ignore[arg-type]
+                serialize = _bytes_or(handler.response_serializer)
+                handlers = (
+                    grpc.unary_stream_rpc_method_handler(
+                        serve,
+                        response_serializer=serialize,
+                    ),
+                    grpc.stream_stream_rpc_method_handler(
+                        serve,
+                        response_serializer=serialize,
+                    ),
                 )
             else:
                 return handler
-            self._handlers[full_method] = wrapped
-        refusing = await self._refusing(
-            full_method.removeprefix(SERVICE_PREFIX),
-            handler_call_details.invocation_metadata,
-            wrapped.response_streaming,
-        )
-        return wrapped if refusing is None else refusing
+            self._handlers[full_method] = handlers
+        known = self._known(full_method, handler_call_details.invocation_metadata)
+        return handlers[0] if known else handlers[1]
 
-    async def _refusing(
-        self, method: str, metadata: Iterable[tuple[str, Any]] | None, streaming: bool
-    ) -> Handler | None:
-        """A handler that refuses the call without reading its request, when
-        its token alone settles that (missing, malformed, unknown or revoked,
-        or the database down while it is looked up), else None.
+    def _known(self, full_method: str, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        """Whether a call's caller is settled without a round trip: a token
+        this process found valid less than TOKEN_CACHE_SECONDS ago, or none,
+        for a read the server lets anyone make.
 
         grpc reads a unary call's request whole before its handler runs: up
-        to 4 MiB, held while the call lasts, and a caller may open many
-        calls at once. A handler that takes a stream of requests is started
-        once the call's metadata has arrived and never asks for the
-        message, so an unknown caller is answered at once and most of what
-        it sent is never held. A token that is known and valid gets the
-        usual handler, which checks it again (from the caches, without a
-        round trip) with the rest of the call.
+        to 4 MiB, held while the call lasts, and a caller may open many calls
+        at once. A call whose caller is not settled so gets the handler that
+        takes its request as a stream: started once the call's metadata has
+        arrived, it looks the token up and reads the message only if the
+        caller may make the call, so an unknown one is refused at once and
+        most of what it sent is never held.
         """
-        if method not in auth.RULES:
-            return None
-        start = time.perf_counter()
+        method = full_method.removeprefix(SERVICE_PREFIX)
+        rule = auth.RULES.get(method)
+        if rule is None:
+            return True
         authorization = _authorization(metadata)
-        token, refusal = await self._refusal(method, authorization, rights=False)
-        if refusal is None:
-            return None
-        code, message = refusal
-
-        async def refuse(requests: Any, context: Context) -> None:
-            try:
-                await context.abort(code, message)
-            finally:
-                _log_call(method, context, token, authorization, start, cancelled=False)
-
-        if streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse)
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        if not authorization:
+            return self._anonymous_reads and rule.access is auth.Access.READ
+        if not isinstance(authorization, str):  # bytes, or given twice
+            return False
+        try:
+            secret_hash = _secret_hash(authorization)
+        except PorchError:
+            return False
+        return self._store.cached_token(secret_hash) is not None
 
     async def admit(
         self, path: str, metadata: Iterable[tuple[str, Any]], rights: bool = True
@@ -138,17 +143,6 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if method not in auth.RULES:
             return None
         authorization = _authorization(metadata)
-        token, refusal = await self._refusal(method, authorization, rights)
-        if refusal is not None:
-            code = refusal[0]
-            access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
-        return refusal
-
-    async def _refusal(
-        self, method: str, authorization: Any, rights: bool
-    ) -> tuple[Token | None, tuple[grpc.StatusCode, str] | None]:
-        """The token a call came with, if one was found, and why the call is
-        refused whatever its request (see admit), or None."""
         token = None
         try:
             token = await self._identify(method, authorization)
@@ -157,11 +151,14 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if rights:
                     auth.check_role(method, token)
         except PorchError as error:  # the token's, or the database down while looking
-            return token, (code_of(error), message_of(error))
+            code, message = code_of(error), message_of(error)
         except Exception:  # as serve answers it: a fault, or a refusal porch has no word for
             errors.exception("%s failed", method)
-            return token, (grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
-        return token, None
+            code, message = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
+        else:
+            return None
+        access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
+        return code, message
 
     async def _identify(self, method: str, authorization: Any) -> Token | None:
         """The token the call came with (its authorization metadata), revoked
@@ -174,12 +171,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         if isinstance(authorization, bytes):
             raise Unauthenticated("malformed authorization: expected 'Bearer <token>'")
-        hashed = _HASHED.get()
-        if hashed is not None and hashed[0] == authorization:
-            secret_hash = hashed[1]
-        else:
-            secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
-            _HASHED.set((authorization, secret_hash))
+        secret_hash = _secret_hash(authorization)
         found = self._store.cached_token(secret_hash)
         if found is None:
             loop = asyncio.get_running_loop()
@@ -193,15 +185,17 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str,
         read: Callable[[bytes], Any],
         behavior: Callable[[Any, Context], Awaitable[Any]],
-    ) -> Callable[[bytes, Context], Awaitable[Any]]:
+    ) -> Callable[[bytes | AsyncIterator[bytes], Context], Awaitable[Any]]:
         """Wrap a method: a unary one's answer, or a streaming one that writes
         its messages with context.write and returns None. The wrapper is
-        given the request's bytes, and reads them with read."""
+        given the request's bytes, or a stream of its one request's bytes
+        that it reads only once the caller may make the call (see _known),
+        and reads them with read."""
 
-        async def serve(data: bytes, context: Context) -> Any:
+        async def serve(data: bytes | AsyncIterator[bytes], context: Context) -> Any:
             start = time.perf_counter()
             token = None
-            cancelled = False
+            cancelled = unsent = False
             authorization = _authorization(context.invocation_metadata())
             try:
                 # Identified first, so that the access line of a call refused
@@ -209,6 +203,12 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 token = await self._identify(method, authorization)
                 if token is not None:
                     auth.check_token(token)
+                if not isinstance(data, bytes):
+                    # A call ended before its request came is not logged, as
+                    # grpc runs no handler for such a unary call.
+                    unsent = True
+                    data = await _only_request(data)
+                    unsent = False
                 request = read(data)
                 _check_read(request)
                 if token is not None:
@@ -235,10 +235,29 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
-                cut = cancelled and self.grace_over
-                _log_call(method, context, token, authorization, start, cancelled, cut)
+                if not (unsent and cancelled):
+                    cut = cancelled and self.grace_over
+                    _log_call(method, context, token, authorization, start, cancelled, cut)
 
         return serve
+
+
+def _secret_hash(authorization: str) -> str:
+    """The hash of the secret an authorization carries, hashed once a task
+    (see _HASHED); Unauthenticated for one that is malformed."""
+    hashed = _HASHED.get()
+    if hashed is not None and hashed[0] == authorization:
+        return hashed[1]
+    secret_hash = auth.hash_secret(auth.bearer_secret(authorization))
+    _HASHED.set((authorization, secret_hash))
+    return secret_hash
+
+
+async def _only_request(requests: AsyncIterator[bytes]) -> bytes:
+    """The one request of a unary call taken as a stream (see _known)."""
+    async for data in requests:
+        return data
+    raise InvalidArgument("the call ended without its request")
 
 
 class _Unread:

@@ -96,7 +96,7 @@ class Client:
         call = getattr(self._stub, method)
 
         def invoke(request, **kwargs):  # type: ignore[no-untyped-def]
-            return call(request, metadata=self._metadata, timeout=30, **kwargs)
+            return call(request, metadata=self._metadata, **({"timeout": 30} | kwargs))
 
         invoke.with_call = lambda request: call.with_call(  # type: ignore[attr-defined]
             request, metadata=self._metadata, timeout=30

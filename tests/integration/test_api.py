@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from porch_server import store as store_module
 from porch_server.digest import task_input_id
 from porch_server.errors import InvalidArgument
 from porch_server.models import Role
@@ -552,6 +553,65 @@ def test_a_caller_its_token_refuses_is_answered_before_its_request_arrives(
     for _ in range(50):  # the line is written as the call ends, maybe after its answer
         lines = [record.getMessage() for record in caplog.records]
         if any(line.startswith("RegisterTasks UNAUTHENTICATED") for line in lines):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError(lines)
+
+
+def test_a_call_whose_token_is_not_cached_is_served_as_any_other(
+    porch: Porch, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A token not found valid this last second is looked up before the
+    # request is read (the handler that takes it as a stream): with no
+    # cache, every call goes that way, unary and streaming alike.
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, "porch.access")
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p1"))
+    wrapper = porch.stub(porch.token(Role.PIPELINE, "p1"))
+    assert wrapper.RegisterTask(register("p1", n=1)).created
+    [task] = wrapper.ClaimTasks(claim("p1")).tasks
+    done = wrapper.UpdateTask(update("p1", task.task_input_id, State.DONE, "ok"))
+    assert done.status == State.DONE
+    listed = admin.ListTasks(pb.ListTasksRequest(pipeline_name="p1")).tasks
+    assert [each.status for each in listed] == [State.DONE]
+    events = admin.WatchEvents(pb.WatchEventsRequest(after="0.0"), timeout=5)
+    first = next(event for event in events if event.kind != pb.Event.BOOKMARK)
+    events.cancel()
+    assert first.kind == pb.Event.CREATED
+    fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", num_tasks=0), "num_tasks")
+    for _ in range(50):  # the lines are written as the calls end, maybe after their answers
+        lines = [record.getMessage() for record in caplog.records]
+        if any(line.startswith("ClaimTasks INVALID_ARGUMENT") for line in lines):
+            break
+        time.sleep(0.02)
+    for method in ("CreatePipeline OK", "RegisterTask OK", "UpdateTask OK", "ListTasks OK"):
+        assert any(line.startswith(method) for line in lines), (method, lines)
+
+
+def test_a_call_that_ends_while_its_token_is_looked_up_is_logged(
+    porch: Porch, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    found = porch.server.store.find_token
+    slow = threading.Event()
+
+    def find_token(secret_hash: str) -> Any:
+        if slow.is_set():
+            time.sleep(1.0)
+        return found(secret_hash)
+
+    monkeypatch.setattr(porch.server.store, "find_token", find_token)
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, "porch.access")
+    slow.set()
+    request = pb.GetPipelineRequest(name="p1")
+    with pytest.raises(grpc.RpcError) as late:
+        porch.stub(porch.admin).GetPipeline(request, timeout=0.3)
+    assert late.value.code() == Code.DEADLINE_EXCEEDED
+    for _ in range(100):
+        lines = [record.getMessage() for record in caplog.records]
+        if any(line.startswith("GetPipeline DEADLINE_EXCEEDED") for line in lines):
             break
         time.sleep(0.02)
     else:
