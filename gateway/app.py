@@ -49,7 +49,7 @@ from gateway.transcode import build_request, encode_json, response_json
 from gateway.upstream import (
     HTTP_CODE_KEY,
     CallOptions,
-    OpenUnary,
+    Probe,
     UnaryReply,
     Upstream,
     UpstreamCalls,
@@ -97,7 +97,7 @@ class Gateway:
         """Answer one request bound to a gRPC method."""
         binding = match.binding
         options = self.options.methods.get(binding.method.full_name, MethodOptions())
-        opened: OpenUnary | None = None
+        probe: Probe | None = None
         try:
             metadata = call_metadata(request.headers.items(), self.options.forward_headers)
             large = _large_body(request)
@@ -106,15 +106,15 @@ class Gateway:
             # small one the server judges them with the request in hand, and its
             # refusal can say more (which pipeline the call was for, say).
             await self.upstream.admit(binding.method, metadata, rights=large)
-            timeout = call_timeout(request.headers, self.options.default_timeout)
-            if large and not binding.server_streaming:
-                # Over a channel, the call begins before a large body is read,
-                # so that a server that refuses the caller does so at once.
-                opened = self.upstream.open_unary(binding.method, metadata, timeout)
-            if opened is None:
+            if large:
+                # Over a channel, a call begun with the metadata alone, which a
+                # server that refuses the caller so ends at once.
+                probe = self.upstream.probe(binding.method, metadata)
+            if probe is None:
                 body = await self._read_body(request)
             else:
-                body = await _unless_answered(self._read_body(request), opened)
+                body = await _unless_refused(self._read_body(request), probe)
+                probe.close()
             overrides = []
             last_event_id = request.headers.get("last-event-id")
             if binding.server_streaming and options.last_event_id_field and last_event_id:
@@ -124,16 +124,15 @@ class Gateway:
                 timeout = call_timeout(request.headers, None)
                 call = self.upstream.stream_call(binding.method, message, metadata, timeout)
                 return self._stream_response(request, match, options, call)
-            return await self._unary(
-                request, match, message, CallOptions(metadata, timeout), opened
-            )
+            timeout = call_timeout(request.headers, self.options.default_timeout)
+            return await self._unary(request, match, message, CallOptions(metadata, timeout))
         except GatewayError as error:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
             return error_response(rpc_error_status(error), rpc_error_json(error))
         finally:
-            if opened is not None:
-                opened.close()
+            if probe is not None:
+                probe.close()
 
     async def _read_body(self, request: Request) -> bytes:
         transfer = [
@@ -197,23 +196,13 @@ class Gateway:
         return await loop.run_in_executor(self._reader, build)
 
     async def _unary(
-        self,
-        request: Request,
-        match: RouteMatch,
-        message: Message,
-        options: CallOptions,
-        opened: OpenUnary | None = None,
+        self, request: Request, match: RouteMatch, message: Message, options: CallOptions
     ) -> Response:
         binding = match.binding
         # If the client goes away, the call is cancelled too, as a gRPC
         # client's leaving would, so the server can undo what nobody will
         # hear of (a claim, say).
-        if opened is not None:
-            call = opened.send(message)
-        else:
-            call = self.upstream.unary_call(
-                binding.method, message, options.metadata, options.timeout
-            )
+        call = self.upstream.unary_call(binding.method, message, options.metadata, options.timeout)
         watch = request.scope.get("extensions", {}).get(CLOSED_EXTENSION)
         if isinstance(watch, ClosedWatch):
             response, initial, trailing = await _unless_closed(call, watch)
@@ -627,22 +616,20 @@ def _large_body(request: Request) -> bool:
     return not (declared.isdigit() and int(declared) <= THREAD_BODY_BYTES)
 
 
-async def _unless_answered(reading: Coroutine[Any, Any, bytes], opened: OpenUnary) -> bytes:
-    """The body reading gives, unless the call opened for it ends first (its
-    server refused the caller, or its time limit passed): then the call's
-    error, the body left unread."""
+async def _unless_refused(reading: Coroutine[Any, Any, bytes], probe: Probe) -> bytes:
+    """The body reading gives, unless the server refuses the caller first
+    (see Probe): then its refusal, the rest of the body left unread."""
     body = asyncio.ensure_future(reading)
-    ended = asyncio.ensure_future(opened.ended())
+    refused = asyncio.ensure_future(probe.refused())
     try:
-        await asyncio.wait((body, ended), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((body, refused), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        ended.cancel()
+        refused.cancel()
         if not body.done():
             body.cancel()
     if body.done() and not body.cancelled():
         return body.result()
-    await opened.answer()  # AioRpcError, as a call that ends unsent ends
-    raise GatewayError(grpc.StatusCode.INTERNAL, "the server answered a call it was never sent")
+    raise refused.result()
 
 
 def _client_left() -> GatewayError:

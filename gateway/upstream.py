@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -92,11 +92,10 @@ class UpstreamCalls(Protocol):
         rights never allow the call): the gateway asks before it reads the
         request's body."""
 
-    def open_unary(
-        self, method: MethodDescriptor, metadata: Metadata, time_limit: float | None
-    ) -> OpenUnary | None:
-        """A unary call begun before its request is read (see OpenUnary), or
-        None where admit judges the caller already."""
+    def probe(self, method: MethodDescriptor, metadata: Metadata) -> Probe | None:
+        """A call begun with this metadata and no request, whose server may
+        refuse the caller while the gateway reads a large body (see Probe),
+        or None where admit judges the caller already."""
 
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""
@@ -105,65 +104,42 @@ class UpstreamCalls(Protocol):
         """Release what the upstream holds."""
 
 
-class OpenUnary:
-    """A unary call begun before its request is known, sent as a client
-    stream of one message (the same bytes on the wire). A server that
-    judges a caller from the call's metadata alone (porch's refuses an
-    unknown token so) can answer while the gateway is still reading a large
-    body, which then need not be read at all. Its time limit runs from the
-    start.
+# The codes of a refusal of the caller, which a server may give from a
+# call's metadata alone.
+_CALLER_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class Probe:
+    """A call begun with a request's metadata, its request never sent.
+
+    A server that judges a caller from the call's metadata alone (porch's
+    refuses an unknown token so) ends it with that refusal, and the gateway,
+    reading a large body meanwhile, need not read the rest. Otherwise it
+    waits for a request that never comes, and is cancelled once the body
+    has been read; the request then goes in a call of its own, as any
+    other, its time limit running from then.
     """
 
-    def __init__(
-        self,
-        call: grpc.aio.StreamUnaryCall[Message, Message],
-        request: asyncio.Future[Message],
-        check_size: Callable[[Message], None],
-    ) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
         self._call = call
-        self._request = request
-        self._check_size = check_size
 
-    async def ended(self) -> None:
-        """Return once the call has ended (before send, only by the server's
-        refusal, or by its time limit)."""
-        ending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def end(_: object) -> None:
-            if not ending.done():
-                ending.set_result(None)
-
-        self._call.add_done_callback(end)
-        if self._call.done():
-            end(None)
-        await ending
-
-    async def answer(self) -> UnaryReply:
-        """The response of a call that ended before its request was sent,
-        or, as it always is then, AioRpcError."""
-        response = await self._call
-        return UnaryReply(
-            response,
-            tuple(await self._call.initial_metadata()),
-            tuple(await self._call.trailing_metadata()),
+    async def refused(self) -> grpc.aio.AioRpcError:
+        """The server's refusal of the caller, once it comes; it never comes
+        from a server that takes the caller, or does not judge it so."""
+        code = await self._call.code()
+        if code not in _CALLER_REFUSED:
+            await asyncio.get_running_loop().create_future()  # never: the call tells
+        return grpc.aio.AioRpcError(
+            code,
+            await self._call.initial_metadata(),
+            await self._call.trailing_metadata(),
+            await self._call.details(),
+            None,
         )
 
-    async def send(self, message: Message) -> UnaryReply:
-        """Send the request and return the response and metadata, or AioRpcError;
-        GatewayError (413) for a request larger than the server accepts."""
-        self._check_size(message)
-        self._request.set_result(message)
-        try:
-            return await self.answer()
-        except asyncio.CancelledError:
-            self._call.cancel()
-            raise
-
     def close(self) -> None:
-        """Cancel the call if its request was never sent."""
-        if not self._request.done():
-            self._request.cancel()
-            self._call.cancel()
+        """End the call, unanswered or not."""
+        self._call.cancel()
 
 
 class Upstream:
@@ -182,7 +158,7 @@ class Upstream:
         self._max_request_bytes = max_request_bytes
         self._channel: grpc.aio.Channel | None = None
         self._callables: dict[str, Any] = {}
-        self._open_callables: dict[str, grpc.aio.StreamUnaryMultiCallable[Message, Message]] = {}
+        self._probes: dict[str, grpc.aio.StreamStreamMultiCallable[bytes, bytes]] = {}
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -208,7 +184,7 @@ class Upstream:
         if self._channel is not None:
             channel, self._channel = self._channel, None
             self._callables.clear()
-            self._open_callables.clear()
+            self._probes.clear()
             await channel.close(None)
 
     def unary(self, method: MethodDescriptor) -> grpc.aio.UnaryUnaryMultiCallable[Message, Message]:
@@ -283,25 +259,13 @@ class Upstream:
     async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
         """Nothing: a server at the end of a channel judges the call itself."""
 
-    def open_unary(
-        self, method: MethodDescriptor, metadata: Metadata, time_limit: float | None
-    ) -> OpenUnary:
-        """Begin a unary call whose request is sent later (see OpenUnary)."""
-        if method.full_name not in self._open_callables:
-            self._open_callables[method.full_name] = self.channel.stream_unary(
-                method_path(method),
-                request_serializer=_serialize,
-                response_deserializer=message_class(method.output_type).FromString,
-            )
-        request: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-
-        async def requests() -> AsyncIterator[Message]:
-            yield await request
-
-        call = self._open_callables[method.full_name](
-            requests(), metadata=metadata, timeout=time_limit
-        )
-        return OpenUnary(call, request, self._check_size)
+    def probe(self, method: MethodDescriptor, metadata: Metadata) -> Probe:
+        """Begin a call of method with this metadata and no request (see Probe)."""
+        path = method_path(method)
+        if path not in self._probes:
+            self._probes[path] = self.channel.stream_stream(path, None, None)
+        # With no request iterator, the call sends nothing until written to.
+        return Probe(self._probes[path](None, metadata=metadata))
 
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""

@@ -71,7 +71,7 @@ class _Pages:
     async def admit(self, *args: Any, **options: Any) -> None:
         pass
 
-    def open_unary(self, *args: Any) -> None:
+    def probe(self, *args: Any) -> None:
         return None
 
     async def close(self) -> None:

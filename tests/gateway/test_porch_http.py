@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from porch_server import auth
+from porch_server import store as store_module
 from porch_server.models import Role
 from porch_server.service import UNANSWERED_CLAIM
 from tests.gateway.conftest import PorchHttp, bearer
@@ -729,6 +730,26 @@ async def test_a_large_body_from_a_caller_the_server_refuses_is_never_read(
             assert b"\r\nconnection: close\r\n" in head
         finally:
             writer.close()
+    # So is a stream's, whose body is read before its call begins.
+    reader, writer = await asyncio.open_connection("127.0.0.1", porch_http.server.port)
+    try:
+        writer.write(
+            b"GET /v1/events:watch HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + b"A" * 43
+            + b"\r\nContent-Length: 3000000\r\n\r\n{"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 401"), head
+    finally:
+        writer.close()
+    # Sent whole, a stranger's large body is refused all the same, whether
+    # the refusal or the body's end comes first.
+    whole = b'{"tasks": [{"task_input": {"pad": "' + b"x" * 200_000 + b'"}}]}'
+    for _ in range(10):
+        refused = await porch_http.client.post(
+            "/v1/pipelines/p1/tasks:batchRegister", content=whole, headers=bearer("A" * 43)
+        )
+        assert_error(refused, 401, 16, "unknown token")
     # A known caller's large body is read and its call made as any other,
     # declared or chunked.
     padded = json.dumps({"tasks": [{"task_input": {"n": 1, "pad": "x" * 100_000}}]}).encode()
@@ -749,13 +770,43 @@ async def test_a_large_body_from_a_caller_the_server_refuses_is_never_read(
     )
     assert again.status_code == 200, again.text
     assert again.json()["results"][0]["created"] is False
-    # A known caller's large body that is not JSON: 400, and the call begun
-    # for it ends unsent, leaving the server to other calls.
+    # A known caller's large body that is not JSON: 400.
     broken = await porch_http.client.post(
         "/v1/pipelines/p1/tasks:batchRegister", content=b"{" + b" " * 70_000, headers=wrapper
     )
     assert_error(broken, 400, 3, "JSON")
     assert (await porch_http.client.get("/v1/pipelines/p1", headers=wrapper)).status_code == 200
+
+
+async def test_a_token_revoked_once_its_call_was_admitted_is_refused_by_the_call(
+    porch_http: PorchHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process, a call the gateway admitted may find its token revoked
+    # since (or its check a second old): the handler that looks the token
+    # up before it reads the request refuses it, unary or streaming.
+    wrapper = await porch_http.pipeline()
+    [task_id] = await register(porch_http, wrapper, {"n": 1})
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)
+    if porch_http.upstream == "in-process":
+        interceptor = porch_http.porch.server.running.local._interceptors[0]
+
+        async def admitted(*args: Any, **kwargs: Any) -> None:
+            return None
+
+        monkeypatch.setattr(interceptor, "admit", admitted)
+    client = porch_http.client
+    assert (await client.get(f"/v1/pipelines/p1/tasks/{task_id}", headers=wrapper)).is_success
+    store = porch_http.porch.server.store
+    listed = store.list_tokens("p1", None, False, 100, "").items
+    [token] = [each for each in listed if each.description == "p1 wrapper"]
+    store.revoke_token(token.token_id)
+    body = {"tasks": [{"task_input": {"n": 2}}]}
+    for response in (
+        await client.post("/v1/pipelines/p1/tasks:batchRegister", json=body, headers=wrapper),
+        await client.get("/tasks?pipeline_name=p1", headers=wrapper),
+        await client.get("/v1/events:watch", headers=wrapper),
+    ):
+        assert_error(response, 401, 16, "revoked")
 
 
 async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: PorchHttp) -> None:
