@@ -325,7 +325,7 @@ def _refuse_outdated(engine: Engine, url: str, schema: str | None, found: str | 
     finally:
         engine.dispose()
     elsewhere = ""
-    if schema is None and engine.dialect.name == "postgresql":
+    if found is None and schema is None and engine.dialect.name == "postgresql":
         # Its own schema forgotten, an upgrade would make a second, empty porch.
         elsewhere = (
             "; if porch's tables are in a schema of their own, name it with --db-schema"
@@ -713,7 +713,7 @@ def _warn_if_target_in_clear(target: str, tls: gateway.ClientTLS | None) -> None
         ]
     except (socket.gaierror, UnicodeError):
         return  # cannot be reached now: _check_target says so
-    if all(ipaddress.ip_address(str(address).split("%")[0]).is_loopback for address in addresses):
+    if all(_this_machine(str(address)) for address in addresses):
         return
     log.warning(
         "passing calls to %s without TLS: callers' tokens and tasks cross the network in"
@@ -721,6 +721,16 @@ def _warn_if_target_in_clear(target: str, tls: gateway.ClientTLS | None) -> None
         " network is one you trust",
         target,
     )
+
+
+def _this_machine(address: str) -> bool:
+    """Whether a connection to address stays on this machine: a loopback
+    address (IPv4-mapped too), or the unspecified one (0.0.0.0, ::), which
+    a connection takes for this machine's."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _target_hosts(target: str) -> list[str]:
