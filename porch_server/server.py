@@ -35,6 +35,13 @@ log = logging.getLogger("porch.server")
 
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
 PRUNE_INTERVAL_SECONDS = 3600
+# How long the sweep's lease expiry may take before the server asks the
+# database for SELECT 1, and how long that may take before the server
+# reports NOT_SERVING while it waits: the database is not answering.
+HOUSEKEEPING_SECONDS = 10.0
+PING_SECONDS = 5.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period: how long the asyncpg connections have to come
 # back before they are closed in use.
 CLOSE_SECONDS = 2.0
@@ -233,12 +240,28 @@ async def _sweep(
     """Free tasks whose lease lapsed, prune events past their retention, and
     report the database's health."""
     loop = asyncio.get_running_loop()
-    status = health_pb2.HealthCheckResponse.SERVING
+    status = SERVING
     next_prune = loop.time()
     while True:
         await asyncio.sleep(config.lease_sweep_seconds)
         try:
-            expired = await loop.run_in_executor(executor, store.expire_leases)
+            expiring = loop.run_in_executor(executor, store.expire_leases)
+            try:
+                expired = await asyncio.wait_for(asyncio.shield(expiring), HOUSEKEEPING_SECONDS)
+            except TimeoutError:
+                # Waiting for a lock held elsewhere, which changes nothing (as
+                # below), or for a database that hangs (stopped, or cut off
+                # without a reset), which fails nothing: the calls on its
+                # connections wait as long. Only the second leaves SELECT 1
+                # unanswered too.
+                if not await _answers(store, executor):
+                    warn_now_and_then(
+                        log,
+                        f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
+                        f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
+                    )
+                    status = await _set_health(health_servicer, status, NOT_SERVING)
+                expired = await expiring
             if expired:
                 log.info("%d task lease(s) expired", expired)
             if config.event_retention_days is not None and loop.time() >= next_prune:
@@ -247,15 +270,30 @@ async def _sweep(
                 pruned = await loop.run_in_executor(executor, store.prune_events, cutoff)
                 if pruned:
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
-            new_status = health_pb2.HealthCheckResponse.SERVING
+            new_status = SERVING
         except PorchError as error:
             warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
             # But the database answers when a lock held elsewhere (an index
             # being built, say) is the cause: it holds every server alike,
             # and none of them is to be taken out of service for it.
             locked = isinstance(error, Locked)
-            new_status = status if locked else health_pb2.HealthCheckResponse.NOT_SERVING
-        if new_status != status:
-            status = new_status
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, status)
+            new_status = status if locked else NOT_SERVING
+        status = await _set_health(health_servicer, status, new_status)
+
+
+async def _answers(store: Store, executor: ThreadPoolExecutor) -> bool:
+    """Whether the database answers SELECT 1 within PING_SECONDS."""
+    pinging = asyncio.get_running_loop().run_in_executor(executor, store.ping)
+    try:
+        await asyncio.wait_for(asyncio.shield(pinging), PING_SECONDS)
+    except (TimeoutError, PorchError):
+        return False
+    return True
+
+
+async def _set_health(health_servicer: HealthServicer, status: int, new_status: int) -> int:
+    """Report new_status, if it is not status already; return it."""
+    if new_status != status:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, new_status)
+    return new_status

@@ -7,8 +7,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from grpc_health.v1 import health_pb2
 
+from porch_server import server
 from porch_server.config import Config
 from porch_server.errors import LOCK_TIMED_OUT, Locked, PorchError, Unavailable
 from porch_server.server import _sweep
@@ -62,3 +64,45 @@ async def test_a_lock_held_elsewhere_leaves_the_servers_health_as_it_was() -> No
     assert await health_after(locked, locked, None) == []
     down = Unavailable("the database is unavailable", "connection refused")
     assert await health_after(down, locked, None) == [NOT_SERVING, SERVING]
+
+
+@pytest.mark.parametrize(("answers", "expected"), [(False, [NOT_SERVING, SERVING]), (True, [])])
+async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
+    monkeypatch: pytest.MonkeyPatch, answers: bool, expected: list[Any]
+) -> None:
+    # It fails nothing: the sweep's statement waits, and so does SELECT 1.
+    # A lock held elsewhere holds the sweep too, but SELECT 1 is answered.
+    monkeypatch.setattr(server, "HOUSEKEEPING_SECONDS", 0.05)
+    monkeypatch.setattr(server, "PING_SECONDS", 0.05)
+    released = threading.Event()
+    swept = threading.Event()
+
+    class Store:
+        def __init__(self) -> None:
+            self.sweeps = 0
+
+        def expire_leases(self) -> int:
+            self.sweeps += 1
+            if self.sweeps == 1:
+                released.wait(10)
+            else:
+                swept.set()
+            return 0
+
+        def ping(self) -> None:
+            if not answers:
+                released.wait(10)
+
+    health = Health()
+    with ThreadPoolExecutor(2) as executor:
+        sweeping = asyncio.ensure_future(
+            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, health)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.5)
+        during = [status for name, status in health.set_to if name == ""]
+        released.set()
+        assert await asyncio.to_thread(swept.wait, 10)
+        await asyncio.sleep(0.05)
+        sweeping.cancel()
+    assert during == expected[:1]
+    assert [status for name, status in health.set_to if name == ""] == expected
