@@ -75,6 +75,11 @@ REVOCATION_CHECK_SECONDS = 5.0
 REVOCATIONS_KEPT = 10_000
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
+# Seconds between tries to release an unanswered claim's tasks while the
+# database is out of reach (too many connections, say): about 3 minutes in
+# all, after which they stay CLAIMED and the log says so. Each try is
+# guarded by the claim's number, so a task reported on meanwhile is left.
+RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # With no thread to wait on for a lock (one database thread), a write that
 # found its task locked is tried again, without waiting, after each pause.
 LOCKED_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4)
@@ -601,18 +606,29 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
 
     async def _release_all(self, name: str, tasks: list[Task], actor: Actor) -> None:
         failed: list[tuple[str, PorchError]] = []
-        for task in tasks:
-            try:
-                await self._change(
-                    name,
-                    task.task_input_id,
-                    State.PENDING,
-                    UNANSWERED_CLAIM,
-                    actor,
-                    task.claim_number,
-                )
-            except PorchError as error:  # claimed again meanwhile, the database went away
-                failed.append((task.task_input_id, error))
+        left = list(tasks)
+        for pause in (*RELEASE_RETRY_PAUSES, None):
+            unreached: list[Task] = []
+            for task in left:
+                try:
+                    await self._change(
+                        name,
+                        task.task_input_id,
+                        State.PENDING,
+                        UNANSWERED_CLAIM,
+                        actor,
+                        task.claim_number,
+                    )
+                except Unavailable as error:  # the database out of reach: again, later
+                    if pause is None:
+                        failed.append((task.task_input_id, error))
+                    unreached.append(task)
+                except PorchError as error:  # reported on or claimed again meanwhile
+                    failed.append((task.task_input_id, error))
+            if not unreached or pause is None:
+                break
+            left = unreached
+            await asyncio.sleep(pause)
         if failed:  # one line for the claim, however many tasks it held
             first, why = failed[0]
             log.warning(

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from porch_server import service as service_module
 from porch_server import store as store_module
 from porch_server.db.engine import connections_in_use, make_engine
 from porch_server.db.listen import Listener
@@ -1163,6 +1164,47 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
     assert store.get_task("p", task_id).claimed_by_token_id is None
     if how != "cancelled":
         assert context.aborted is not None and context.aborted[0].name == "DEADLINE_EXCEEDED"
+    executor.shutdown()
+
+
+async def test_a_release_the_database_refuses_for_now_is_tried_again(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of connections, say: the tasks of a claim nobody heard of would
+    # stay CLAIMED, with no lease to bring them back.
+    store, actor = async_store
+    [registered] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = registered.task.task_input_id
+    executor = ThreadPoolExecutor(2)
+    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.01, 0.01, 0.01))
+    change, refusals = service._change, [2]
+
+    async def refused_twice(*args: Any) -> Any:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise Unavailable("the database is unavailable", "too many clients already")
+        return await change(*args)
+
+    monkeypatch.setattr(service, "_change", refused_twice)
+    claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
+
+    async def claim_then_wait(*args: Any) -> Any:
+        claimed = await claim_all(*args)
+        made.set()
+        await answered.wait()
+        return claimed
+
+    monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
+    request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
+    call = asyncio.ensure_future(service.ClaimTasks(request, EndedCall(None)))  # type: ignore[arg-type]
+    await made.wait()
+    call.cancel()  # the client left while its claim was being made
+    answered.set()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
+    assert refusals == [0]
     executor.shutdown()
 
 
