@@ -77,8 +77,8 @@ REVOCATIONS_KEPT = 10_000
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in
-# all, after which they stay CLAIMED and the log says so. Each try is
-# guarded by the claim's number, so a task reported on meanwhile is left.
+# all, after which they stay CLAIMED and the log says so. Each try after
+# the first is made only while the task is CLAIMED still by that claim.
 RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # With no thread to wait on for a lock (one database thread), a write that
 # found its task locked is tried again, without waiting, after each pause.
@@ -607,10 +607,12 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _release_all(self, name: str, tasks: list[Task], actor: Actor) -> None:
         failed: list[tuple[str, PorchError]] = []
         left = list(tasks)
-        for pause in (*RELEASE_RETRY_PAUSES, None):
+        for attempt, pause in enumerate((*RELEASE_RETRY_PAUSES, None)):
             unreached: list[Task] = []
             for task in left:
                 try:
+                    if attempt and not await self._still_claimed(name, task):
+                        continue  # reported on meanwhile: a report without a claim's number
                     await self._change(
                         name,
                         task.task_input_id,
@@ -628,7 +630,17 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             if not unreached or pause is None:
                 break
             left = unreached
-            await asyncio.sleep(pause)
+            try:
+                await asyncio.sleep(pause)
+            except asyncio.CancelledError:  # the server stopping
+                log.warning(
+                    "releasing %d of the %d tasks of an unanswered claim was cut short by"
+                    " the server stopping; they stay CLAIMED, the first (%s)",
+                    len(left),
+                    len(tasks),
+                    left[0].task_input_id,
+                )
+                raise
         if failed:  # one line for the claim, however many tasks it held
             first, why = failed[0]
             log.warning(
@@ -639,6 +651,15 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 why,
             )
         self._hub.committed()
+
+    async def _still_claimed(self, name: str, task: Task) -> bool:
+        """Whether a task is CLAIMED still, by the claim that gave task. A
+        release tried again later checks first: the claim's number guards
+        only against a new claim, and a report made since without it (as
+        npg_porch's routes make them) may move the task on from CLAIMED, to
+        DONE, say, which a release would move back to PENDING."""
+        current = await self._run(self._store.get_task, name, task.task_input_id)
+        return current.status is State.CLAIMED and current.claim_number == task.claim_number
 
     async def UpdateTask(
         self, request: porch_pb2.UpdateTaskRequest, context: Context

@@ -1208,6 +1208,51 @@ async def test_a_release_the_database_refuses_for_now_is_tried_again(
     executor.shutdown()
 
 
+async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A report without the claim's number (npg_porch's PUT /tasks, say) moves
+    # the task on from CLAIMED: a release would undo it, and the task run twice.
+    store, actor = async_store
+    [registered] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = registered.task.task_input_id
+    executor = ThreadPoolExecutor(2)
+    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.3,))
+    change, refused = service._change, asyncio.Event()
+
+    async def refused_once(*args: Any) -> Any:
+        if not refused.is_set():
+            refused.set()
+            raise Unavailable("the database is unavailable", "too many clients already")
+        return await change(*args)
+
+    monkeypatch.setattr(service, "_change", refused_once)
+    claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
+
+    async def claim_then_wait(*args: Any) -> Any:
+        claimed = await claim_all(*args)
+        made.set()
+        await answered.wait()
+        return claimed
+
+    monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
+    request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
+    call = asyncio.ensure_future(service.ClaimTasks(request, EndedCall(None)))  # type: ignore[arg-type]
+    await made.wait()
+    call.cancel()
+    answered.set()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await refused.wait()
+    store.update_task("p", task_id, State.DONE, "done all the same", actor)
+    await asyncio.sleep(0.6)  # past the release's second try
+    assert store.get_task("p", task_id).status is State.DONE
+    events = store.list_task_events("p", task_id, 10, "").items
+    assert [event.message for event in events] == [None, None, "done all the same"]
+    executor.shutdown()
+
+
 class EndedConnection:
     """A connection to a session PostgreSQL ended, not yet seen closed:
     asyncpg refuses to send on it (or, with words of its own, fails)."""
