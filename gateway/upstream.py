@@ -122,6 +122,7 @@ class Probe:
 
     def __init__(self, call: grpc.aio.StreamStreamCall[bytes, bytes]) -> None:
         self._call = call
+        self._closing: asyncio.Task[None] | None = None
 
     async def refused(self) -> grpc.aio.AioRpcError:
         """The server's refusal of the caller, once it comes; it never comes
@@ -138,8 +139,30 @@ class Probe:
         )
 
     def close(self) -> None:
-        """End the call, unanswered or not."""
-        self._call.cancel()
+        """End the call: half-closed, sending nothing, so that a server judging
+        the caller meanwhile ends it as one whose client sent no request
+        (porch's logs no such call) rather than one its client cancelled;
+        cancelled PROBE_SECONDS later if the server has not ended it (one
+        that runs no handler until a request comes never does)."""
+        if self._closing is None and not self._call.done():
+            self._closing = asyncio.ensure_future(self._end())
+            _CLOSING.add(self._closing)
+            self._closing.add_done_callback(_CLOSING.discard)
+
+    async def _end(self) -> None:
+        try:
+            await self._call.done_writing()
+            await asyncio.wait_for(self._call.code(), PROBE_SECONDS)
+        except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+            pass
+        finally:
+            self._call.cancel()
+
+
+# Seconds a probe half-closed may wait for its server to end it.
+PROBE_SECONDS = 5.0
+# Probes being ended, held until they are.
+_CLOSING: set[asyncio.Task[None]] = set()
 
 
 class Upstream:

@@ -204,8 +204,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 if token is not None:
                     auth.check_token(token)
                 if not isinstance(data, bytes):
-                    # A call ended before its request came is not logged, as
-                    # grpc runs no handler for such a unary call.
+                    # A call that ends before its request comes is not logged,
+                    # as grpc runs no handler for such a unary call.
                     unsent = True
                     data = await _only_request(data)
                     unsent = False
@@ -235,7 +235,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
             finally:
-                if not (unsent and cancelled):
+                if not unsent:
                     cut = cancelled and self.grace_over
                     _log_call(method, context, token, authorization, start, cancelled, cut)
 
@@ -254,9 +254,14 @@ def _secret_hash(authorization: str) -> str:
 
 
 async def _only_request(requests: AsyncIterator[bytes]) -> bytes:
-    """The one request of a unary call taken as a stream (see _known)."""
+    """The one request of a unary call taken as a stream (see _known).
+    InvalidArgument for a call its client ended without one (a gateway's
+    probe of a caller ends so), or CancelledError: grpc.aio ends the stream
+    of a call cancelled (its deadline passed, its client gone, the server
+    stopping) a turn of the event loop before it cancels the handler."""
     async for data in requests:
         return data
+    await asyncio.sleep(0)
     raise InvalidArgument("the call ended without its request")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -776,6 +777,34 @@ async def test_a_large_body_from_a_caller_the_server_refuses_is_never_read(
     )
     assert_error(broken, 400, 3, "JSON")
     assert (await porch_http.client.get("/v1/pipelines/p1", headers=wrapper)).status_code == 200
+
+
+async def test_a_large_body_writes_one_access_line_for_its_call(
+    porch_http: PorchHttp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Over a channel the gateway probes the caller of a large body first: the
+    # probe, which sends no request, is not a call of the server's log.
+    wrapper = await porch_http.pipeline()
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)  # each call looks its token up
+    caplog.set_level(logging.INFO, "porch.access")
+    for n in range(3):
+        padded = {"tasks": [{"task_input": {"n": n, "pad": "x" * 100_000}}]}
+        made = await porch_http.client.post(
+            "/v1/pipelines/p1/tasks:batchRegister", json=padded, headers=wrapper
+        )
+        assert made.status_code == 201, made.text
+    await asyncio.sleep(0.5)  # for lines written as calls end
+
+    def registrations() -> list[str]:
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if "RegisterTasks" in record.getMessage()
+        ]
+
+    lines = registrations()
+    assert len(lines) == 3, lines
+    assert all("RegisterTasks OK" in line for line in lines), lines
 
 
 async def test_a_token_revoked_once_its_call_was_admitted_is_refused_by_the_call(
