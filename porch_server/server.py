@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -254,7 +255,7 @@ async def _sweep(
                 # without a reset), which fails nothing: the calls on its
                 # connections wait as long. Only the second leaves SELECT 1
                 # unanswered too.
-                if not await _answers(store, executor):
+                if not await _answers(store):
                     warn_now_and_then(
                         log,
                         f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
@@ -281,12 +282,16 @@ async def _sweep(
         status = await _set_health(health_servicer, status, new_status)
 
 
-async def _answers(store: Store, executor: ThreadPoolExecutor) -> bool:
-    """Whether the database answers SELECT 1 within PING_SECONDS."""
-    pinging = asyncio.get_running_loop().run_in_executor(executor, store.ping)
+async def _answers(store: Store) -> bool:
+    """Whether the database answers SELECT 1 within PING_SECONDS, on a
+    connection and a thread of its own: the pools' connections and the
+    database threads may all be waiting for a lock held elsewhere."""
+    pinging = asyncio.get_running_loop().run_in_executor(
+        None, store.ping_apart, math.ceil(PING_SECONDS)
+    )
     try:
         await asyncio.wait_for(asyncio.shield(pinging), PING_SECONDS)
-    except (TimeoutError, PorchError):
+    except Exception:  # not answered in time, or refused (too many clients, say)
         return False
     return True
 

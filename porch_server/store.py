@@ -454,6 +454,22 @@ class Store:
         with self._read() as connection:
             connection.exec_driver_sql("SELECT 1")
 
+    def ping_apart(self, connect_timeout: int) -> None:
+        """Raise unless the database answers SELECT 1 on a connection made
+        for it, outside the pools, whose connections may all be taken
+        (waiting for a lock held elsewhere, say). SQLite's are never taken."""
+        if not self._postgresql:
+            self.ping()
+            return
+        args, options = self._engine.dialect.create_connect_args(self._engine.url)
+        dbapi = self._engine.dialect.loaded_dbapi
+        connection = dbapi.connect(*args, **options, connect_timeout=connect_timeout)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        finally:
+            connection.close()
+
     # Pipelines
 
     def create_pipeline(self, pipeline: Pipeline) -> Pipeline:

@@ -83,6 +83,22 @@ def test_create_get_and_list_pipelines(store: Store) -> None:
     assert [p.name for p in store.list_pipelines(None, "2", 10, "").items] == ["p2"]
 
 
+def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str) -> None:
+    # The health check's SELECT 1, for when the pools' connections may all
+    # be waiting for a lock held elsewhere.
+    engine = make_engine(db_url, pool_size=1)
+    store = Store(engine)
+    try:
+        with contextlib.ExitStack() as held:
+            if engine.dialect.name == "postgresql":
+                for _ in range(2):  # the pool and its overflow
+                    held.enter_context(engine.connect())
+                assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+            store.ping_apart(5)
+    finally:
+        store.close()
+
+
 def test_pipeline_errors(store: Store) -> None:
     add_pipeline(store, "p1")
     with pytest.raises(AlreadyExists, match="pipeline 'p1' already exists"):
