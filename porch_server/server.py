@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -285,15 +286,30 @@ async def _sweep(
 async def _answers(store: Store) -> bool:
     """Whether the database answers SELECT 1 within PING_SECONDS, on a
     connection and a thread of its own: the pools' connections and the
-    database threads may all be waiting for a lock held elsewhere."""
-    pinging = asyncio.get_running_loop().run_in_executor(
-        None, store.ping_apart, math.ceil(PING_SECONDS)
-    )
+    database threads may all be waiting for a lock held elsewhere. The
+    thread is a daemon: a database that stops answering once connected
+    would hold it, and a stopping server must not wait for it."""
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[bool] = loop.create_future()
+
+    def tell(result: bool) -> None:
+        if not answered.done():
+            answered.set_result(result)
+
+    def ping() -> None:
+        try:
+            store.ping_apart(math.ceil(PING_SECONDS))
+            result = True
+        except Exception:  # refused, or no server there
+            result = False
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(tell, result)
+
+    threading.Thread(target=ping, name="porch-ping", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.shield(pinging), PING_SECONDS)
-    except Exception:  # not answered in time, or refused (too many clients, say)
+        return await asyncio.wait_for(answered, PING_SECONDS)
+    except TimeoutError:
         return False
-    return True
 
 
 async def _set_health(health_servicer: HealthServicer, status: int, new_status: int) -> int:

@@ -123,6 +123,9 @@ _MAX_TOKEN_ID = 2**31 - 1  # token.id is a 32-bit integer
 # another server, another process of `--workers` or the command line, within
 # this many seconds.
 TOKEN_CACHE_SECONDS = 1.0
+# PostgreSQL's words when it refuses a connection for having too many
+# (SQLSTATE 53300, which libpq does not pass on for a refused connection).
+_TOO_MANY_CLIENTS = ("too many clients already", "remaining connection slots are reserved")
 _TOKEN_CACHE_LIMIT = 10_000
 # Rows an import writes a statement.
 _IMPORT_BATCH = 5_000
@@ -457,13 +460,20 @@ class Store:
     def ping_apart(self, connect_timeout: int) -> None:
         """Raise unless the database answers SELECT 1 on a connection made
         for it, outside the pools, whose connections may all be taken
-        (waiting for a lock held elsewhere, say). SQLite's are never taken."""
+        (waiting for a lock held elsewhere, say). A new connection refused
+        for too many clients is an answer too: the pools' connections may
+        be what fills the server. SQLite's are never taken."""
         if not self._postgresql:
             self.ping()
             return
         args, options = self._engine.dialect.create_connect_args(self._engine.url)
         dbapi = self._engine.dialect.loaded_dbapi
-        connection = dbapi.connect(*args, **options, connect_timeout=connect_timeout)
+        try:
+            connection = dbapi.connect(*args, **options, connect_timeout=connect_timeout)
+        except dbapi.OperationalError as error:
+            if any(words in str(error) for words in _TOO_MANY_CLIENTS):
+                return
+            raise
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")

@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 from sqlalchemy import inspect, text
@@ -95,6 +97,24 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
                     held.enter_context(engine.connect())
                 assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]
             store.ping_apart(5)
+            if engine.dialect.name == "postgresql":
+                # Refused for too many clients, the pools' own perhaps: an answer.
+                dbapi = engine.dialect.loaded_dbapi
+                for words, answers in (
+                    ("FATAL:  sorry, too many clients already", True),
+                    ("FATAL:  remaining connection slots are reserved for superusers", True),
+                    ("could not connect to server: Connection refused", False),
+                ):
+
+                    def refuse(*args: Any, words: str = words, **kwargs: Any) -> None:
+                        raise dbapi.OperationalError(words)
+
+                    with mock.patch.object(dbapi, "connect", refuse):
+                        if answers:
+                            store.ping_apart(5)
+                        else:
+                            with pytest.raises(dbapi.OperationalError):
+                                store.ping_apart(5)
     finally:
         store.close()
 
