@@ -78,7 +78,9 @@ UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in
 # all, after which they stay CLAIMED and the log says so. Each try after
-# the first is made only while the task is CLAIMED still by that claim.
+# the first is made only if the task is CLAIMED still by that claim, read
+# just before: a report in the moment between the read and the release can
+# still be undone, as one in the moment before the first try always could.
 RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # With no thread to wait on for a lock (one database thread), a write that
 # found its task locked is tried again, without waiting, after each pause.
@@ -657,7 +659,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         release tried again later checks first: the claim's number guards
         only against a new claim, and a report made since without it (as
         npg_porch's routes make them) may move the task on from CLAIMED, to
-        DONE, say, which a release would move back to PENDING."""
+        DONE, say, which a release would move back to PENDING. The read and
+        the release are two statements (see RELEASE_RETRY_PAUSES)."""
         current = await self._run(self._store.get_task, name, task.task_input_id)
         return current.status is State.CLAIMED and current.claim_number == task.claim_number
 
