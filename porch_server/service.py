@@ -78,9 +78,10 @@ UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in
 # all, after which they stay CLAIMED and the log says so. Each try after
-# the first is made only if the task is CLAIMED still by that claim, read
-# just before: a report in the moment between the read and the release can
-# still be undone, as one in the moment before the first try always could.
+# the first moves a task only if it is CLAIMED still by that claim, seen in
+# the same transaction (Store.release_claim): a report made meanwhile
+# without the claim's number (npg_porch's routes make them so) may have
+# moved it on, to DONE, say, which a release would undo.
 RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # With no thread to wait on for a lock (one database thread), a write that
 # found its task locked is tried again, without waiting, after each pause.
@@ -613,8 +614,16 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             unreached: list[Task] = []
             for task in left:
                 try:
-                    if attempt and not await self._still_claimed(name, task):
-                        continue  # reported on meanwhile: a report without a claim's number
+                    if attempt:  # only if no report has moved it on meanwhile (see release_claim)
+                        await self._run(
+                            self._store.release_claim,
+                            name,
+                            task.task_input_id,
+                            task.claim_number,
+                            UNANSWERED_CLAIM,
+                            actor,
+                        )
+                        continue
                     await self._change(
                         name,
                         task.task_input_id,
@@ -653,16 +662,6 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                 why,
             )
         self._hub.committed()
-
-    async def _still_claimed(self, name: str, task: Task) -> bool:
-        """Whether a task is CLAIMED still, by the claim that gave task. A
-        release tried again later checks first: the claim's number guards
-        only against a new claim, and a report made since without it (as
-        npg_porch's routes make them) may move the task on from CLAIMED, to
-        DONE, say, which a release would move back to PENDING. The read and
-        the release are two statements (see RELEASE_RETRY_PAUSES)."""
-        current = await self._run(self._store.get_task, name, task.task_input_id)
-        return current.status is State.CLAIMED and current.claim_number == task.claim_number
 
     async def UpdateTask(
         self, request: porch_pb2.UpdateTaskRequest, context: Context

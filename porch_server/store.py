@@ -818,6 +818,34 @@ class Store:
                 connection, pipeline_name, task_input_id, status, params, nowait=True
             )
 
+    def release_claim(
+        self,
+        pipeline_name: str,
+        task_input_id: str,
+        claim_number: int,
+        message: str,
+        actor: Actor,
+    ) -> Task | None:
+        """Move a task back to PENDING if it is CLAIMED still by claim
+        claim_number, with the event; None, changing nothing, when it is not
+        (reported on, or claimed again, meanwhile). The look and the move are
+        one transaction, the task's row locked first on PostgreSQL: a report
+        without the claim's number, which may move the task on from CLAIMED,
+        is either seen or made after."""
+        params = _event_params(_now(), actor, message) | {
+            "in_task_input_id": task_input_id,
+            "in_claim_number": claim_number,
+        }
+        with self._write() as connection:
+            params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
+            looking = _task_named.with_for_update() if self._postgresql else _task_named
+            current = connection.execute(looking, params).first()
+            if current is None:
+                raise _task_not_found(pipeline_name, task_input_id)
+            if State(current.status) is not State.CLAIMED or current.claim_number != claim_number:
+                return None
+            return self._update_in(connection, pipeline_name, task_input_id, State.PENDING, params)
+
     def _apply_changes_blocking(self, changes: Sequence[_Change]) -> list[Task | PorchError]:
         """Apply status changes in one write transaction: one commit for all.
         Each change gets its task, or the error update_task would raise for it

@@ -1178,15 +1178,23 @@ async def test_a_release_the_database_refuses_for_now_is_tried_again(
     executor = ThreadPoolExecutor(2)
     service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
     monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.01, 0.01, 0.01))
-    change, refusals = service._change, [2]
+    change, release, refusals = service._change, store.release_claim, [2]
 
-    async def refused_twice(*args: Any) -> Any:
+    def refused() -> None:
         if refusals[0]:
             refusals[0] -= 1
             raise Unavailable("the database is unavailable", "too many clients already")
+
+    async def first_try(*args: Any) -> Any:
+        refused()
         return await change(*args)
 
-    monkeypatch.setattr(service, "_change", refused_twice)
+    def later_try(*args: Any) -> Any:
+        refused()
+        return release(*args)
+
+    monkeypatch.setattr(service, "_change", first_try)
+    monkeypatch.setattr(store, "release_claim", later_try)
     claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
 
     async def claim_then_wait(*args: Any) -> Any:

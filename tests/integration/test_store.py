@@ -140,6 +140,59 @@ def test_pipeline_created_by_another_store_is_found(store: Store, db_url: str) -
 # Tokens
 
 
+def test_a_claim_is_released_only_while_it_holds_its_task(store: Store) -> None:
+    add_pipeline(store)
+    actor = add_actor(store)
+    claimed = task_in(store, "p1", State.CLAIMED, actor)
+    key = claimed.task_input_id
+    # Reported on meanwhile, without the claim's number: left as it is.
+    store.update_task("p1", key, State.DONE, "done", actor)
+    assert store.release_claim("p1", key, claimed.claim_number, "released", actor) is None
+    assert store.get_task("p1", key).status is State.DONE
+    # Claimed again: the old claim holds it no longer.
+    store.update_task("p1", key, State.PENDING, "again", actor)
+    (again,) = store.claim_tasks("p1", 1, None, actor)
+    assert store.release_claim("p1", key, claimed.claim_number, "released", actor) is None
+    released = store.release_claim("p1", key, again.claim_number, "released", actor)
+    assert released is not None and released.status is State.PENDING
+    messages = [event.message for event in store.list_task_events("p1", key, 20, "").items]
+    assert messages[-1] == "released" and messages.count("released") == 1
+
+
+def test_a_release_waits_for_a_report_under_way_and_sees_it(store: Store, db_url: str) -> None:
+    # The look and the move are one transaction, the row locked first: a
+    # report committing meanwhile is seen, not undone.
+    add_pipeline(store)
+    actor = add_actor(store)
+    claimed = task_in(store, "p1", State.CLAIMED, actor)
+    key = claimed.task_input_id
+    if not db_url.startswith("postgresql"):  # writes take the whole database in turn
+        store.update_task("p1", key, State.DONE, None, actor)
+        assert store.release_claim("p1", key, claimed.claim_number, "released", actor) is None
+        assert store.get_task("p1", key).status is State.DONE
+        return
+    other = Store(make_engine(db_url))
+    executor = ThreadPoolExecutor(1)
+    try:
+        with other.engine.begin() as connection:
+            connection.execute(
+                text("SELECT id FROM task WHERE task_input_id = :key FOR UPDATE"), {"key": key}
+            )
+            releasing = executor.submit(
+                store.release_claim, "p1", key, claimed.claim_number, "released", actor
+            )
+            time.sleep(0.3)
+            assert not releasing.done()  # waiting for the row
+            connection.execute(
+                text("UPDATE task SET status = 'DONE' WHERE task_input_id = :key"), {"key": key}
+            )
+        assert releasing.result(timeout=10) is None
+        assert store.get_task("p1", key).status is State.DONE
+    finally:
+        executor.shutdown()
+        other.close()
+
+
 def test_token_lifecycle(store: Store) -> None:
     add_pipeline(store)
     assert not store.has_had_admin_token()
