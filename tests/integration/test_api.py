@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, NamedTuple
 from unittest import mock
@@ -40,6 +40,19 @@ def fails(code: grpc.StatusCode, call: Any, request: Any, match: str = "") -> st
     assert error.code() == code, error.details()
     assert match in error.details()
     return str(error.details())
+
+
+def access_lines(
+    caplog: pytest.LogCaptureFixture, wanted: Callable[[str], bool], tries: int = 50
+) -> list[str]:
+    """The lines logged, once one is wanted: a call's access line is written
+    as the call ends, maybe after its answer. AssertionError if none comes."""
+    for _ in range(tries):
+        lines = [record.getMessage() for record in caplog.records]
+        if any(wanted(line) for line in lines):
+            return lines
+        time.sleep(0.02)
+    raise AssertionError(lines)
 
 
 def pipeline_request(name: str, uri: str = "u", version: str = "1") -> pb.CreatePipelineRequest:
@@ -318,12 +331,7 @@ def test_authentication_failures(porch: Porch, caplog: pytest.LogCaptureFixture)
     twice = [("authorization", f"Bearer {porch.admin}"), ("authorization", "Bearer " + "A" * 43)]
     caplog.set_level(logging.INFO, "porch.access")
     fails(Code.UNAUTHENTICATED, lambda r: raw(r, metadata=twice), request, "more than once")
-    for _ in range(50):  # the line is written as the call ends, maybe after its answer
-        if any(" two tokens" in record.getMessage() for record in caplog.records):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError([record.getMessage() for record in caplog.records])
+    access_lines(caplog, lambda line: " two tokens" in line)
 
 
 def test_npg_porch_style_token_works(porch: Porch) -> None:
@@ -557,13 +565,7 @@ def test_a_caller_its_token_refuses_is_answered_before_its_request_arrives(
         assert empty.value.details() == "the call ended without its request"
     finally:
         pending.set()
-    for _ in range(50):  # the line is written as the call ends, maybe after its answer
-        lines = [record.getMessage() for record in caplog.records]
-        if any(line.startswith("RegisterTasks UNAUTHENTICATED") for line in lines):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(lines)
+    access_lines(caplog, lambda line: line.startswith("RegisterTasks UNAUTHENTICATED"))
     time.sleep(0.2)
     lines = [record.getMessage() for record in caplog.records]
     unsent = ("RegisterTasks DEADLINE_EXCEEDED", "RegisterTasks INVALID_ARGUMENT")
@@ -592,13 +594,7 @@ def test_a_call_whose_token_is_not_cached_is_served_as_any_other(
     events.cancel()
     assert first.kind == pb.Event.CREATED
     fails(Code.INVALID_ARGUMENT, wrapper.ClaimTasks, claim("p1", num_tasks=0), "num_tasks")
-    for _ in range(50):  # the lines are written as the calls end, maybe after their answers
-        lines = [record.getMessage() for record in caplog.records]
-        if any(line.startswith("ClaimTasks INVALID_ARGUMENT") for line in lines):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(lines)
+    lines = access_lines(caplog, lambda line: line.startswith("ClaimTasks INVALID_ARGUMENT"))
     for method in ("CreatePipeline OK", "RegisterTask OK", "UpdateTask OK", "ListTasks OK"):
         assert any(line.startswith(method) for line in lines), (method, lines)
 
@@ -622,13 +618,7 @@ def test_a_call_that_ends_while_its_token_is_looked_up_is_logged(
     with pytest.raises(grpc.RpcError) as late:
         porch.stub(porch.admin).GetPipeline(request, timeout=0.3)
     assert late.value.code() == Code.DEADLINE_EXCEEDED
-    for _ in range(100):
-        lines = [record.getMessage() for record in caplog.records]
-        if any(line.startswith("GetPipeline DEADLINE_EXCEEDED") for line in lines):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError(lines)
+    access_lines(caplog, lambda line: line.startswith("GetPipeline DEADLINE_EXCEEDED"), tries=100)
 
 
 def test_a_page_of_long_event_messages_fits_a_default_client(porch: Porch) -> None:
