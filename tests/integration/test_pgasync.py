@@ -1131,15 +1131,17 @@ async def released(store: Store, task_id: str) -> list[str | None]:
     return [event.message for event in store.list_task_events("p", task_id, 10, "").items]
 
 
-@pytest.mark.parametrize("how", ["cancelled", "past its deadline", "ended by gRPC"])
-async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
-    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, how: str
+async def claim_unheard(
+    service: PorchService,
+    store: Store,
+    task_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    context: EndedCall,
+    cancel: bool,
 ) -> None:
-    store, actor = async_store
-    [registered] = store.register_tasks("p", [{"n": 1}], actor)
-    task_id = registered.task.task_input_id
-    executor = ThreadPoolExecutor(2)
-    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    """ClaimTasks of pipeline p, whose caller never hears of the claim: its
+    call is cancelled (cancel: the client left) while the claim is made, or
+    ends by its context (its deadline passed) as the answer is ready."""
     claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
 
     async def claim_then_wait(*args: Any) -> Any:
@@ -1149,16 +1151,28 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
         return claimed
 
     monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
-    context = EndedCall(None if how == "cancelled" else -1.0, ended=how == "ended by gRPC")
     request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
     call = asyncio.ensure_future(service.ClaimTasks(request, context))  # type: ignore[arg-type]
     await made.wait()
     assert store.get_task("p", task_id).status is State.CLAIMED
-    if how == "cancelled":
+    if cancel:
         call.cancel()  # the client left while its claim was being made
     answered.set()
     with pytest.raises(asyncio.CancelledError):
         await call
+
+
+@pytest.mark.parametrize("how", ["cancelled", "past its deadline", "ended by gRPC"])
+async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    store, actor = async_store
+    [registered] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = registered.task.task_input_id
+    executor = ThreadPoolExecutor(2)
+    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    context = EndedCall(None if how == "cancelled" else -1.0, ended=how == "ended by gRPC")
+    await claim_unheard(service, store, task_id, monkeypatch, context, how == "cancelled")
 
     assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
     assert store.get_task("p", task_id).claimed_by_token_id is None
@@ -1195,22 +1209,7 @@ async def test_a_release_the_database_refuses_for_now_is_tried_again(
 
     monkeypatch.setattr(service, "_change", first_try)
     monkeypatch.setattr(store, "release_claim", later_try)
-    claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
-
-    async def claim_then_wait(*args: Any) -> Any:
-        claimed = await claim_all(*args)
-        made.set()
-        await answered.wait()
-        return claimed
-
-    monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
-    request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
-    call = asyncio.ensure_future(service.ClaimTasks(request, EndedCall(None)))  # type: ignore[arg-type]
-    await made.wait()
-    call.cancel()  # the client left while its claim was being made
-    answered.set()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await claim_unheard(service, store, task_id, monkeypatch, EndedCall(None), cancel=True)
     assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
     assert refusals == [0]
     executor.shutdown()
@@ -1236,22 +1235,7 @@ async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
         return await change(*args)
 
     monkeypatch.setattr(service, "_change", refused_once)
-    claim_all, made, answered = store.claim_tasks_async, asyncio.Event(), asyncio.Event()
-
-    async def claim_then_wait(*args: Any) -> Any:
-        claimed = await claim_all(*args)
-        made.set()
-        await answered.wait()
-        return claimed
-
-    monkeypatch.setattr(store, "claim_tasks_async", claim_then_wait)
-    request = porch_pb2.ClaimTasksRequest(pipeline=porch_pb2.Pipeline(name="p"))
-    call = asyncio.ensure_future(service.ClaimTasks(request, EndedCall(None)))  # type: ignore[arg-type]
-    await made.wait()
-    call.cancel()
-    answered.set()
-    with pytest.raises(asyncio.CancelledError):
-        await call
+    await claim_unheard(service, store, task_id, monkeypatch, EndedCall(None), cancel=True)
     await refused.wait()
     store.update_task("p", task_id, State.DONE, "done all the same", actor)
     await asyncio.sleep(0.6)  # past the release's second try
