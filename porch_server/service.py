@@ -44,7 +44,6 @@ from porch_server.errors import (
 )
 from porch_server.events import EventHub, follow
 from porch_server.models import Actor, Event, Pipeline, Registration, Role, Task
-from porch_server.states import State
 from porch_server.store import MAX_TASK_INPUT_BYTES, Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
@@ -77,11 +76,11 @@ REVOCATIONS_KEPT = 10_000
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in
-# all, after which they stay CLAIMED and the log says so. Each try after
-# the first moves a task only if it is CLAIMED still by that claim, seen in
-# the same transaction (Store.release_claim): a report made meanwhile
-# without the claim's number (npg_porch's routes make them so) may have
-# moved it on, to DONE, say, which a release would undo.
+# all, after which they stay CLAIMED and the log says so. Each try, the
+# first too, moves a task only if it is CLAIMED still by that claim, seen in
+# the same transaction (Store.release_claim): a report made since the claim
+# committed without the claim's number (npg_porch's routes make them so)
+# may have moved it on, to DONE, say, which a release would undo.
 RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # With no thread to wait on for a lock (one database thread), a write that
 # found its task locked is tried again, without waiting, after each pause.
@@ -324,9 +323,10 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         return await self._write(self._store.update_task, *args)
 
     async def _write(self, write: Callable[..., T], *args: Any, waiting: Hashable = None) -> T:
-        """write(*args, wait=False) (update_task or register_canonical) on
-        the executor; should a task it writes be locked by another
-        transaction, write(*args) waiting for the lock in _wait_for_lock."""
+        """write(*args, wait=False) (update_task, register_canonical or
+        release_claim) on the executor; should a task it writes be locked by
+        another transaction, write(*args) waiting for the lock in
+        _wait_for_lock."""
         try:
             return await self._run(functools.partial(write, wait=False), *args)
         except Locked:
@@ -610,27 +610,17 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
     async def _release_all(self, name: str, tasks: list[Task], actor: Actor) -> None:
         failed: list[tuple[str, PorchError]] = []
         left = list(tasks)
-        for attempt, pause in enumerate((*RELEASE_RETRY_PAUSES, None)):
+        for pause in (*RELEASE_RETRY_PAUSES, None):
             unreached: list[Task] = []
             for task in left:
                 try:
-                    if attempt:  # only if no report has moved it on meanwhile (see release_claim)
-                        await self._run(
-                            self._store.release_claim,
-                            name,
-                            task.task_input_id,
-                            task.claim_number,
-                            UNANSWERED_CLAIM,
-                            actor,
-                        )
-                        continue
-                    await self._change(
+                    await self._write(
+                        self._store.release_claim,
                         name,
                         task.task_input_id,
-                        State.PENDING,
+                        task.claim_number,
                         UNANSWERED_CLAIM,
                         actor,
-                        task.claim_number,
                     )
                 except Unavailable as error:  # the database out of reach: again, later
                     if pause is None:

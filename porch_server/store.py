@@ -812,8 +812,7 @@ class Store:
             with self._write() as connection:
                 return self._update_in(connection, pipeline_name, task_input_id, status, params)
         # The task's row locked elsewhere refuses the move at once (NOWAIT).
-        locked = f"task {task_input_id}, or the task table, is locked by another transaction"
-        with self._write_not_waiting(lambda: Locked(locked)) as connection:
+        with self._write_not_waiting(lambda: _task_locked(task_input_id)) as connection:
             return self._update_in(
                 connection, pipeline_name, task_input_id, status, params, nowait=True
             )
@@ -825,20 +824,30 @@ class Store:
         claim_number: int,
         message: str,
         actor: Actor,
+        wait: bool = True,
     ) -> Task | None:
         """Move a task back to PENDING if it is CLAIMED still by claim
         claim_number, with the event; None, changing nothing, when it is not
         (reported on, or claimed again, meanwhile). The look and the move are
         one transaction, the task's row locked first on PostgreSQL: a report
         without the claim's number, which may move the task on from CLAIMED,
-        is either seen or made after."""
+        is either seen or made after. With wait false (PostgreSQL), Locked
+        as update_task raises it."""
         params = _event_params(_now(), actor, message) | {
             "in_task_input_id": task_input_id,
             "in_claim_number": claim_number,
         }
-        with self._write() as connection:
+        not_waiting = self._postgresql and not wait
+        transaction = (
+            self._write_not_waiting(lambda: _task_locked(task_input_id))
+            if not_waiting
+            else self._write()
+        )
+        with transaction as connection:
             params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
-            looking = _task_named.with_for_update() if self._postgresql else _task_named
+            looking = (
+                _task_named.with_for_update(nowait=not_waiting) if self._postgresql else _task_named
+            )
             current = connection.execute(looking, params).first()
             if current is None:
                 raise _task_not_found(pipeline_name, task_input_id)
@@ -2243,6 +2252,10 @@ def _unread_after() -> Select[Any]:
         bindparam("after_xid", type_=BigInteger), bindparam("after_id", type_=BigInteger)
     )
     return select(exists().where(tuple_(event.c.xid, event.c.id) > after, event.c.xid >= _XMIN))
+
+
+def _task_locked(task_input_id: str) -> Locked:
+    return Locked(f"task {task_input_id}, or the task table, is locked by another transaction")
 
 
 def _input_locked(inputs: int) -> Locked:

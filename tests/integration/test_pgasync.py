@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -427,6 +428,30 @@ async def test_a_task_locked_elsewhere_holds_back_only_its_own_change(pg_url: st
         holder.dispose()
         await statements.close()
         store.close()
+
+
+async def test_a_release_of_a_task_locked_elsewhere_not_to_wait_is_locked(
+    async_store: tuple[Store, Actor], pg_url: str
+) -> None:
+    # So that the service waits for it in one of the places kept for such waits.
+    store, actor = async_store
+    store.register_tasks("p", [{"n": 1}], actor)
+    [claimed] = store.claim_tasks("p", 1, None, actor)
+    holder = create_engine(pg_url)
+    try:
+        with holder.connect() as connection, connection.begin():
+            connection.execute(
+                text("SELECT 1 FROM task WHERE task_input_id = :id FOR UPDATE"),
+                {"id": claimed.task_input_id},
+            )
+            with pytest.raises(Locked, match=f"task {claimed.task_input_id}.* is locked"):
+                store.release_claim(
+                    "p", claimed.task_input_id, claimed.claim_number, "back", actor, wait=False
+                )
+    finally:
+        holder.dispose()
+    released = store.release_claim("p", claimed.task_input_id, claimed.claim_number, "back", actor)
+    assert released is not None and released.status is State.PENDING
 
 
 def change_left_open(connection: sa.Connection, task_input_id: str) -> None:
@@ -1131,6 +1156,16 @@ async def released(store: Store, task_id: str) -> list[str | None]:
     return [event.message for event in store.list_task_events("p", task_id, 10, "").items]
 
 
+async def release_begun(service: PorchService) -> asyncio.Future[None]:
+    """The release of an unanswered claim the service has begun, once it has."""
+    for _ in range(200):
+        if service._releasing:
+            [releasing] = service._releasing
+            return releasing
+        await asyncio.sleep(0.01)
+    raise AssertionError("no release began")
+
+
 async def claim_unheard(
     service: PorchService,
     store: Store,
@@ -1192,23 +1227,15 @@ async def test_a_release_the_database_refuses_for_now_is_tried_again(
     executor = ThreadPoolExecutor(2)
     service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
     monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.01, 0.01, 0.01))
-    change, release, refusals = service._change, store.release_claim, [2]
+    release, refusals = store.release_claim, [2]
 
-    def refused() -> None:
+    def refused_twice(*args: Any, **kwargs: Any) -> Any:
         if refusals[0]:
             refusals[0] -= 1
             raise Unavailable("the database is unavailable", "too many clients already")
+        return release(*args, **kwargs)
 
-    async def first_try(*args: Any) -> Any:
-        refused()
-        return await change(*args)
-
-    def later_try(*args: Any) -> Any:
-        refused()
-        return release(*args)
-
-    monkeypatch.setattr(service, "_change", first_try)
-    monkeypatch.setattr(store, "release_claim", later_try)
+    monkeypatch.setattr(store, "release_claim", refused_twice)
     await claim_unheard(service, store, task_id, monkeypatch, EndedCall(None), cancel=True)
     assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
     assert refusals == [0]
@@ -1226,19 +1253,42 @@ async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
     executor = ThreadPoolExecutor(2)
     service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
     monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.3,))
-    change, refused = service._change, asyncio.Event()
+    release, refused = store.release_claim, threading.Event()
 
-    async def refused_once(*args: Any) -> Any:
+    def refused_once(*args: Any, **kwargs: Any) -> Any:
         if not refused.is_set():
             refused.set()
             raise Unavailable("the database is unavailable", "too many clients already")
-        return await change(*args)
+        return release(*args, **kwargs)
 
-    monkeypatch.setattr(service, "_change", refused_once)
+    monkeypatch.setattr(store, "release_claim", refused_once)
     await claim_unheard(service, store, task_id, monkeypatch, EndedCall(None), cancel=True)
-    await refused.wait()
+    releasing = await release_begun(service)
+    assert await asyncio.to_thread(refused.wait, 10)
     store.update_task("p", task_id, State.DONE, "done all the same", actor)
-    await asyncio.sleep(0.6)  # past the release's second try
+    await releasing  # past the release's second try
+    assert store.get_task("p", task_id).status is State.DONE
+    events = store.list_task_events("p", task_id, 10, "").items
+    assert [event.message for event in events] == [None, None, "done all the same"]
+    executor.shutdown()
+
+
+async def test_a_report_made_before_a_claims_first_release_is_kept(
+    async_store: tuple[Store, Actor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same report, made in the moment between the claim's commit and
+    # its release's first try.
+    store, actor = async_store
+    [registered] = store.register_tasks("p", [{"n": 1}], actor)
+    task_id = registered.task.task_input_id
+    executor, held = ThreadPoolExecutor(1), threading.Event()
+    executor.submit(held.wait, 10)  # the release waits for the one database thread
+    service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
+    await claim_unheard(service, store, task_id, monkeypatch, EndedCall(None), cancel=True)
+    releasing = await release_begun(service)
+    store.update_task("p", task_id, State.DONE, "done all the same", actor)
+    held.set()
+    await releasing
     assert store.get_task("p", task_id).status is State.DONE
     events = store.list_task_events("p", task_id, 10, "").items
     assert [event.message for event in events] == [None, None, "done all the same"]
