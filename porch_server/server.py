@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -298,7 +297,7 @@ async def _answers(store: Store) -> bool:
 
     def ping() -> None:
         try:
-            store.ping_apart(math.ceil(PING_SECONDS))
+            store.ping_apart()
             result = True
         except Exception:  # refused, or no server there
             result = False

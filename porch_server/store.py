@@ -457,7 +457,7 @@ class Store:
         with self._read() as connection:
             connection.exec_driver_sql("SELECT 1")
 
-    def ping_apart(self, connect_timeout: int) -> None:
+    def ping_apart(self) -> None:
         """Raise unless the database answers SELECT 1 on a connection made
         for it, outside the pools, whose connections may all be taken
         (waiting for a lock held elsewhere, say). A new connection refused
@@ -466,19 +466,22 @@ class Store:
         if not self._postgresql:
             self.ping()
             return
-        args, options = self._engine.dialect.create_connect_args(self._engine.url)
+        # A pool of its own, made as the engine's: its connection carries
+        # porch's application_name, options and connect_timeout, so that
+        # pg_stat_activity shows it as porch's.
+        pool = self._engine.pool.recreate()
         dbapi = self._engine.dialect.loaded_dbapi
         try:
-            connection = dbapi.connect(*args, **options, connect_timeout=connect_timeout)
+            connection = pool.connect()
         except dbapi.OperationalError as error:
             if any(words in str(error) for words in _TOO_MANY_CLIENTS):
                 return
             raise
         try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
+            connection.cursor().execute("SELECT 1")
         finally:
             connection.close()
+            pool.dispose()
 
     # Pipelines
 

@@ -96,7 +96,7 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
                 for _ in range(2):  # the pool and its overflow
                     held.enter_context(engine.connect())
                 assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]
-            store.ping_apart(5)
+            store.ping_apart()
             if engine.dialect.name == "postgresql":
                 # Refused for too many clients, the pools' own perhaps: an answer.
                 dbapi = engine.dialect.loaded_dbapi
@@ -111,12 +111,48 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
 
                     with mock.patch.object(dbapi, "connect", refuse):
                         if answers:
-                            store.ping_apart(5)
+                            store.ping_apart()
                         else:
                             with pytest.raises(dbapi.OperationalError):
-                                store.ping_apart(5)
+                                store.ping_apart()
     finally:
         store.close()
+
+
+@pytest.mark.postgres
+def test_a_ping_apart_connects_as_porch_with_the_pools_settings(
+    pg_schema_db: SchemaDatabase,
+) -> None:
+    # An operator reading pg_stat_activity sees the health check's
+    # connection as porch's, and its session is set up as the pools' are.
+    url = make_url(pg_schema_db.url).update_query_dict({"options": "-c statement_timeout=4321"})
+    engine = make_engine(url.render_as_string(hide_password=False), pg_schema_db.schema)
+    store = Store(engine)
+    dbapi = engine.dialect.loaded_dbapi
+    connect, seen = dbapi.connect, []
+
+    def connect_and_look(*args: Any, **kwargs: Any) -> Any:
+        connection = connect(*args, **kwargs)
+        seen.append(
+            operator.execute(
+                text("SELECT application_name FROM pg_stat_activity WHERE pid = :pid"),
+                {"pid": connection.get_backend_pid()},
+            ).scalar_one()
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('search_path'), current_setting('statement_timeout'),"
+                " current_setting('TimeZone')"
+            )
+            seen.extend(cursor.fetchone())
+        return connection
+
+    try:
+        with engine.connect() as operator, mock.patch.object(dbapi, "connect", connect_and_look):
+            store.ping_apart()
+    finally:
+        store.close()
+    assert seen == ["porch", f'"{pg_schema_db.schema}"', "4321ms", "UTC"]
 
 
 def test_pipeline_errors(store: Store) -> None:

@@ -89,7 +89,7 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
                 swept.set()
             return 0
 
-        def ping_apart(self, connect_timeout: int) -> None:
+        def ping_apart(self) -> None:
             if not answers:
                 released.wait(10)
 
