@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import asyncpg
 import grpc
@@ -32,13 +33,16 @@ from porch_server.service import PorchService
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
+T = TypeVar("T")
+
 log = logging.getLogger("porch.server")
 
 SERVICE_NAME = porch_pb2.DESCRIPTOR.services_by_name["PorchService"].full_name
 PRUNE_INTERVAL_SECONDS = 3600
-# How long the sweep's lease expiry may take before the server asks the
-# database for SELECT 1, and how long that may take before the server
-# reports NOT_SERVING while it waits: the database is not answering.
+# How long the sweep's lease expiry, or its hourly event pruning, may take
+# before the server asks the database for SELECT 1, and how long that may
+# take before the server reports NOT_SERVING while it waits: the database is
+# not answering.
 HOUSEKEEPING_SECONDS = 10.0
 PING_SECONDS = 5.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -235,40 +239,40 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
     )
 
 
+class _Health:
+    """The health the server reports, as the health service was last told."""
+
+    def __init__(self, servicer: HealthServicer) -> None:
+        self._servicer = servicer
+        self.status = SERVING
+
+    async def set(self, status: int) -> None:
+        """Report status, if it is not reported already."""
+        if status != self.status:
+            for name in ("", SERVICE_NAME):
+                await self._servicer.set(name, status)
+            self.status = status
+
+
 async def _sweep(
     config: Config, store: Store, executor: ThreadPoolExecutor, health_servicer: HealthServicer
 ) -> None:
     """Free tasks whose lease lapsed, prune events past their retention, and
     report the database's health."""
     loop = asyncio.get_running_loop()
-    status = SERVING
+    health = _Health(health_servicer)
     next_prune = loop.time()
     while True:
         await asyncio.sleep(config.lease_sweep_seconds)
         try:
-            expiring = loop.run_in_executor(executor, store.expire_leases)
-            try:
-                expired = await asyncio.wait_for(asyncio.shield(expiring), HOUSEKEEPING_SECONDS)
-            except TimeoutError:
-                # Waiting for a lock held elsewhere, which changes nothing (as
-                # below), or for a database that hangs (stopped, or cut off
-                # without a reset), which fails nothing: the calls on its
-                # connections wait as long. Only the second leaves SELECT 1
-                # unanswered too.
-                if not await _answers(store):
-                    warn_now_and_then(
-                        log,
-                        f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
-                        f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
-                    )
-                    status = await _set_health(health_servicer, status, NOT_SERVING)
-                expired = await expiring
+            expired = await _watched(store.expire_leases, store, executor, health)
             if expired:
                 log.info("%d task lease(s) expired", expired)
             if config.event_retention_days is not None and loop.time() >= next_prune:
                 next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
                 cutoff = datetime.now(UTC) - timedelta(days=config.event_retention_days)
-                pruned = await loop.run_in_executor(executor, store.prune_events, cutoff)
+                prune = functools.partial(store.prune_events, cutoff)
+                pruned = await _watched(prune, store, executor, health)
                 if pruned:
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
             new_status = SERVING
@@ -278,8 +282,33 @@ async def _sweep(
             # being built, say) is the cause: it holds every server alike,
             # and none of them is to be taken out of service for it.
             locked = isinstance(error, Locked)
-            new_status = status if locked else NOT_SERVING
-        status = await _set_health(health_servicer, status, new_status)
+            new_status = health.status if locked else NOT_SERVING
+        await health.set(new_status)
+
+
+async def _watched(
+    job: Callable[[], T], store: Store, executor: ThreadPoolExecutor, health: _Health
+) -> T:
+    """job(), a housekeeping statement, on the executor; should it take
+    HOUSEKEEPING_SECONDS and SELECT 1 then go unanswered, NOT_SERVING while
+    it goes on."""
+    running = asyncio.get_running_loop().run_in_executor(executor, job)
+    try:
+        return await asyncio.wait_for(asyncio.shield(running), HOUSEKEEPING_SECONDS)
+    except TimeoutError:
+        # Waiting for a lock held elsewhere, which changes nothing (as in
+        # _sweep), or for a database that hangs (stopped, or cut off
+        # without a reset), which fails nothing: the calls on its
+        # connections wait as long. Only the second leaves SELECT 1
+        # unanswered too.
+        if not await _answers(store):
+            warn_now_and_then(
+                log,
+                f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
+                f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
+            )
+            await health.set(NOT_SERVING)
+        return await running
 
 
 async def _answers(store: Store) -> bool:
@@ -309,11 +338,3 @@ async def _answers(store: Store) -> bool:
         return await asyncio.wait_for(answered, PING_SECONDS)
     except TimeoutError:
         return False
-
-
-async def _set_health(health_servicer: HealthServicer, status: int, new_status: int) -> int:
-    """Report new_status, if it is not status already; return it."""
-    if new_status != status:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, new_status)
-    return new_status

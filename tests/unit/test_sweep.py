@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -66,12 +67,14 @@ async def test_a_lock_held_elsewhere_leaves_the_servers_health_as_it_was() -> No
     assert await health_after(down, locked, None) == [NOT_SERVING, SERVING]
 
 
+@pytest.mark.parametrize("held", ["expire_leases", "prune_events"])
 @pytest.mark.parametrize(("answers", "expected"), [(False, [NOT_SERVING, SERVING]), (True, [])])
 async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
-    monkeypatch: pytest.MonkeyPatch, answers: bool, expected: list[Any]
+    monkeypatch: pytest.MonkeyPatch, answers: bool, expected: list[Any], held: str
 ) -> None:
-    # It fails nothing: the sweep's statement waits, and so does SELECT 1.
-    # A lock held elsewhere holds the sweep too, but SELECT 1 is answered.
+    # It fails nothing: the sweep's statement (the lease expiry, or the
+    # hourly pruning of events) waits, and so does SELECT 1. A lock held
+    # elsewhere holds the sweep too, but SELECT 1 is answered.
     monkeypatch.setattr(server, "HOUSEKEEPING_SECONDS", 0.05)
     monkeypatch.setattr(server, "PING_SECONDS", 0.05)
     released = threading.Event()
@@ -84,22 +87,29 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
         def expire_leases(self) -> int:
             self.sweeps += 1
             if self.sweeps == 1:
-                released.wait(10)
+                self.hang("expire_leases")
             else:
                 swept.set()
             return 0
+
+        def prune_events(self, before: datetime) -> int:
+            self.hang("prune_events")
+            return 0
+
+        def hang(self, job: str) -> None:
+            if job == held:
+                released.wait(10)
 
         def ping_apart(self) -> None:
             if not answers:
                 released.wait(10)
 
     health = Health()
+    config = Config(lease_sweep_seconds=0.01, event_retention_days=1)
     # One database thread, which the sweep holds: every one may be waiting
     # for the lock, and SELECT 1 must not wait behind them.
     with ThreadPoolExecutor(1) as executor:
-        sweeping = asyncio.ensure_future(
-            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, health)  # type: ignore[arg-type]
-        )
+        sweeping = asyncio.ensure_future(_sweep(config, Store(), executor, health))  # type: ignore[arg-type]
         await asyncio.sleep(0.5)
         during = [status for name, status in health.set_to if name == ""]
         released.set()
