@@ -86,9 +86,12 @@ RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # found its task locked is tried again, without waiting, after each pause.
 LOCKED_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4)
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
-# What may not be in a token description: control characters and anything
-# else that breaks a line.
+# What no free text that porch lists may hold: control characters and
+# anything else that breaks a line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# The bidirectional embedding, override and isolate controls: the text after
+# one reads in another order than it is stored ("Trojan Source").
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def page_size(requested: int, default: int, maximum: int) -> int:
@@ -122,12 +125,12 @@ def checked_new_pipeline(given: porch_pb2.Pipeline) -> Pipeline:
         if len(value) > longest:
             raise InvalidArgument(f"pipeline.{field} is longer than {longest} characters")
         check_text(f"pipeline.{field}", value)
-        control = _CONTROL.search(value)
-        if control is not None:  # a line break in a listing, an escape on a terminal
-            raise InvalidArgument(
-                f"pipeline.{field} must not contain control characters or line breaks:"
-                f" U+{ord(control.group()):04X} at character {control.start() + 1}"
-            )
+        _check_characters(
+            f"pipeline.{field}",
+            value,
+            _hidden,
+            "control characters, line breaks or format characters",
+        )
     return Pipeline(name=name, uri=given.uri, version=given.version)
 
 
@@ -159,12 +162,44 @@ def _unusable_character(name: str) -> str:
         if character == "/":
             return f"must not contain '/' at character {position}"
         if not character.isprintable():
-            what = unicodedata.name(character, "") or _UNNAMED[unicodedata.category(character)]
             return (
-                f"must not contain U+{ord(character):04X} ({what}) at character {position}:"
+                f"must not contain {_named(character)} at character {position}:"
                 " a name may hold only printing characters and the plain space"
             )
     raise ValueError(f"{name!r} holds no character a name may not")
+
+
+def _named(character: str) -> str:
+    """The character's code point and its Unicode name, or what it is."""
+    what = unicodedata.name(character, "") or _UNNAMED[unicodedata.category(character)]
+    return f"U+{ord(character):04X} ({what})"
+
+
+def _check_characters(field: str, value: str, refused: Callable[[str], bool], what: str) -> None:
+    """Refuse value if it holds a refused character, naming the first and where it is."""
+    for position, character in enumerate(value, start=1):
+        if refused(character):
+            raise InvalidArgument(
+                f"{field} must not contain {what}: {_named(character)} at character {position}"
+            )
+
+
+def _hidden(character: str) -> bool:
+    """Whether a pipeline's uri or version may not hold character: a line
+    break, or a control or format character, which a listing would show as
+    something else or not at all (a uri that reads as another's)."""
+    return _CONTROL.match(character) is not None or unicodedata.category(character) == "Cf"
+
+
+def _reordering(character: str) -> bool:
+    """Whether a token description may not hold character: a line break, a
+    control character, or a bidirectional control. Other format characters
+    are kept: a description is free text in any language, and the zero width
+    joiner (in emoji sequences and Indic scripts), the zero width non-joiner
+    (Persian) and the marks U+200E and U+200F (which set the direction of
+    the punctuation beside them, and override nothing) are part of writing
+    it."""
+    return _CONTROL.match(character) is not None or character in BIDI_CONTROLS
 
 
 def _count_down(counter: Counter[Any], key: Any) -> None:
@@ -841,8 +876,12 @@ def check_description(value: str) -> str:
         raise InvalidArgument("description is required")
     if len(value) > MAX_NAME:
         raise InvalidArgument(f"description is longer than {MAX_NAME} characters")
-    if _CONTROL.search(value):
-        raise InvalidArgument("description must not contain line breaks or control characters")
+    _check_characters(
+        "description",
+        value,
+        _reordering,
+        "control characters, line breaks or bidirectional controls",
+    )
     return value
 
 

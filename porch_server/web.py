@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable
 from importlib import metadata, resources
 from typing import Any
 
 import gateway
 from porch_server.config import CHANNEL_OPTIONS
 from porch_server.interceptor import ACCESS_LOG
-from porch_server.service import MAX_BATCH, MAX_MESSAGE_BYTES, MAX_NAME, MAX_PIPELINE_TEXT
+from porch_server.service import (
+    BIDI_CONTROLS,
+    MAX_BATCH,
+    MAX_MESSAGE_BYTES,
+    MAX_NAME,
+    MAX_PIPELINE_TEXT,
+)
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -46,6 +54,25 @@ _BREAKS = _CONTROLS + r"\u2028\u2029"
 _SPACES = r" \u00A0\u1680\u2000-\u200A\u202F\u205F\u3000"
 
 
+def _character_class(codes: Iterable[int]) -> str:
+    """Code points, in order, as a character class's body: \\uXXXX and ranges."""
+    runs: list[tuple[int, int]] = []
+    for code in codes:
+        if runs and runs[-1][1] == code - 1:
+            runs[-1] = (runs[-1][0], code)
+        else:
+            runs.append((code, code))
+    return "".join(
+        f"\\u{low:04X}" + (f"-\\u{high:04X}" if high > low else "") for low, high in runs
+    )
+
+
+def _one_line_text(refused: str) -> str:
+    """The pattern of text that is not blank, on one line, without refused."""
+    bad = _BREAKS + refused
+    return f"^[^{bad}]*[^{_SPACES}{bad}][^{bad}]*$"
+
+
 def _field_schemas() -> dict[str, dict[str, Any]]:
     """The limits the service checks, stated in the document for clients
     that validate or generate requests from it. Each is a condition every
@@ -54,15 +81,20 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     a lease's upper bound; that a message's 64 KiB are counted in bytes)."""
     name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_BREAKS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
-    # Not blank, and on one line.
-    text = f"^[^{_BREAKS}]*[^{_SPACES}{_BREAKS}][^{_BREAKS}]*$"
+    # The format characters (Unicode category Cf) of the Basic Multilingual
+    # Plane: without ECMA-262's u flag a pattern cannot name those beyond it
+    # (tag characters, a few of historic scripts), which are refused too.
+    formats = _character_class(
+        code for code in range(0x10000) if unicodedata.category(chr(code)) == "Cf"
+    )
+    bidi = _character_class(sorted(map(ord, BIDI_CONTROLS)))
     limits: dict[str, dict[str, Any]] = {
         "porch.v1.Pipeline.name": name,
         "porch.v1.GetPipelineRequest.name": name,
         "porch.v1.CreateTokenRequest.description": {
             "minLength": 1,
             "maxLength": MAX_NAME,
-            "pattern": text,
+            "pattern": _one_line_text(bidi),
         },
         "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
         "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
@@ -92,7 +124,11 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
                     "not": {"enum": [".", ".."]},
                 },
                 **{
-                    field: {"minLength": 1, "maxLength": longest, "pattern": text}
+                    field: {
+                        "minLength": 1,
+                        "maxLength": longest,
+                        "pattern": _one_line_text(formats),
+                    }
                     for field, longest in MAX_PIPELINE_TEXT.items()
                 },
             },

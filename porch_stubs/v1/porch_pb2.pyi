@@ -40,10 +40,13 @@ class Pipeline(_message.Message):
     """The unique name of the pipeline, 1 to 255 characters."""
     uri: _builtins.str
     """Where the pipeline's code lives, for example a repository URL.
-    Required when the pipeline is created.
+    Required when the pipeline is created, then on one line and without
+    control or format characters (such as the bidirectional controls).
     """
     version: _builtins.str
-    """The pipeline's version. Required when the pipeline is created."""
+    """The pipeline's version. Required when the pipeline is created, then on
+    one line and without control or format characters, as `uri`.
+    """
     def __init__(
         self,
         *,
@@ -483,8 +486,9 @@ class CreateTokenRequest(_message.Message):
     roles.
     """
     description: _builtins.str
-    """What the token is for, shown in listings and in events (1 to 255
-    characters).
+    """What the token is for, shown in listings and in events: 1 to 255
+    characters on one line, without control characters or the
+    bidirectional controls (U+202A to U+202E, U+2066 to U+2069).
     """
     role: Global___Token.Role.ValueType
     """The token's role; defaults to PIPELINE when `pipeline_name` is set."""

@@ -323,6 +323,35 @@ async def test_a_body_the_document_requires_the_server_requires(porch_http: Porc
         assert "required" in answer.json()["message"], (method, path, answer.text)
 
 
+async def test_text_that_would_read_otherwise_is_refused_naming_the_character(
+    porch_http: PorchHttp,
+) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    document = (await client.get("/openapi.json")).json()
+    made = document["paths"]["/v1/pipelines"]["post"]["requestBody"]["content"]
+    for path in ("/v1/pipelines", "/pipelines"):  # porch's route and npg_porch's
+        for field in ("uri", "version"):
+            pattern = made["application/json"]["schema"]["properties"][field]["pattern"]
+            assert not re.fullmatch(pattern, "1\u202e2") and re.fullmatch(pattern, "1\u00a02")
+            body = {"name": "p2", "uri": "u", "version": "1"} | {field: "1\u202e2"}
+            response = await client.post(path, json=body, headers=admin)
+            named = "U+202E (RIGHT-TO-LEFT OVERRIDE) at character 2"
+            assert_error(response, 400, 3, f"pipeline.{field} must not contain", named)
+    token = document["components"]["schemas"]["porch.v1.CreateTokenRequest"]["properties"]
+    pattern = token["description"]["pattern"]
+    assert not re.fullmatch(pattern, "cron \u2066job") and re.fullmatch(pattern, "\u200d\u200c")
+    await porch_http.pipeline("p1")
+    body = {"pipeline_name": "p1", "description": "cron \u2066job"}
+    response = await client.post("/v1/tokens", json=body, headers=admin)
+    named = "U+2066 (LEFT-TO-RIGHT ISOLATE) at character 6"
+    assert_error(response, 400, 3, "description must not contain", named)
+    response = await client.post("/pipelines/p1/token/cron%20%E2%80%AEjob", headers=admin)
+    named = "U+202E (RIGHT-TO-LEFT OVERRIDE) at character 6"
+    assert_error(response, 400, 3, "description must not contain", named)
+    names = [p["name"] for p in (await client.get("/pipelines", headers=admin)).json()]
+    assert names == ["p1"]
+
+
 async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchHttp) -> None:
     client, admin, wrapper = porch_http.client, porch_http.admin, await porch_http.pipeline()
     document = (await client.get("/openapi.json")).json()
@@ -380,6 +409,9 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
             "a\x9fb",
             "\ufeff",
             "\u3000",
+            "a\u202eb",
+            "\u200bx",
+            "x\u00a0z",
         ):
             fits = len(value) >= bounds[field]["minLength"] and re.fullmatch(
                 bounds[field]["pattern"], value
@@ -388,7 +420,7 @@ async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchH
             body |= {"version": "1", field: value}
             response = await client.post("/v1/pipelines", json=body, headers=admin)
             assert response.status_code == (201 if fits else 400), (field, value, response.text)
-    for text in ("d e", " d ", "", " ", "d\te", "d\ne", "d\u2029e"):
+    for text in ("d e", " d ", "", " ", "d\te", "d\ne", "d\u2029e", "d\u2067e", "d\u200de"):
         fits = len(text) >= description["minLength"] and re.fullmatch(description["pattern"], text)
         body = {"pipeline_name": "p1", "description": text}
         response = await client.post("/v1/tokens", json=body, headers=admin)

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from porch_server import store as store_module
 from porch_server.digest import task_input_id
 from porch_server.errors import InvalidArgument
-from porch_server.models import Role
+from porch_server.models import Pipeline, Role
 from porch_server.service import LOCKED_RETRY_PAUSES, _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
 from porch_stubs.v1 import porch_pb2_grpc
@@ -136,9 +136,9 @@ def test_pipeline_errors(porch: Porch) -> None:
             ("x\x85", "0085", 2),
         ):
             controlled = pipeline_request("p2", **{field: text})
-            named = f"pipeline.{field} must not contain control characters or line breaks:"
+            named = f"pipeline.{field} must not contain control characters, line breaks"
             message = fails(Code.INVALID_ARGUMENT, admin.CreatePipeline, controlled, named)
-            assert message.endswith(f"U+{code_point} at character {at}"), message
+            assert message.endswith(f"U+{code_point} (a control character) at character {at}")
     assert admin.CreatePipeline(pipeline_request("p 2")).name == "p 2"
     fails(Code.NOT_FOUND, admin.GetPipeline, pb.GetPipelineRequest(name="nope"), "'nope' not found")
     fails(Code.INVALID_ARGUMENT, admin.ListPipelines, pb.ListPipelinesRequest(page_size=-1))
@@ -149,6 +149,47 @@ def test_pipeline_errors(porch: Porch) -> None:
         "page_token",
     )
     assert admin.GetPipeline(pb.GetPipelineRequest(name="p1")).uri == "u"
+
+
+def test_text_that_would_read_otherwise_than_stored_is_refused(porch: Porch) -> None:
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p1"))
+    # An override turns the text after it around; the others show nothing at all.
+    for field in ("uri", "version"):
+        for text, named in (
+            ("a\u202eb", "U+202E (RIGHT-TO-LEFT OVERRIDE) at character 2"),
+            ("v1\u2066", "U+2066 (LEFT-TO-RIGHT ISOLATE) at character 3"),
+            ("\u200bx", "U+200B (ZERO WIDTH SPACE) at character 1"),
+            ("x\ufeff", "U+FEFF (ZERO WIDTH NO-BREAK SPACE) at character 2"),
+            ("x\U000e0041", "U+E0041 (TAG LATIN CAPITAL LETTER A) at character 2"),
+        ):
+            request = pipeline_request("p2", **{field: text})
+            message = fails(
+                Code.INVALID_ARGUMENT, admin.CreatePipeline, request, f"pipeline.{field} must not"
+            )
+            assert message.endswith(named), message
+    for text, named in (
+        ("txt\u202eexe.sh", "U+202E (RIGHT-TO-LEFT OVERRIDE) at character 4"),
+        ("\u2069", "U+2069 (POP DIRECTIONAL ISOLATE) at character 1"),
+    ):
+        request = pb.CreateTokenRequest(pipeline_name="p1", description=text)
+        message = fails(Code.INVALID_ARGUMENT, admin.CreateToken, request, "description must not")
+        assert message.endswith(named), message
+    # The joiners are part of writing emoji and Persian: a description keeps them.
+    for text in (
+        "\U0001f469\u200d\U0001f4bb wrapper",
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+    ):
+        request = pb.CreateTokenRequest(pipeline_name="p1", description=text)
+        assert admin.CreateToken(request).description == text
+    assert [p.name for p in admin.ListPipelines(pb.ListPipelinesRequest()).pipelines] == ["p1"]
+    # What was stored before (imported, say) stays readable as it was.
+    porch.server.store.create_pipeline(Pipeline(name="old", uri="u\u202e", version="1\u200b"))
+    old = admin.GetPipeline(pb.GetPipelineRequest(name="old"))
+    assert (old.uri, old.version) == ("u\u202e", "1\u200b")
+    porch.token(Role.READER, None, "old \u202e reader")
+    tokens = admin.ListTokens(pb.ListTokensRequest(role=pb.Token.READER)).tokens
+    assert [t.description for t in tokens] == ["old \u202e reader"]
 
 
 def test_a_nul_character_is_refused_by_name_and_nothing_changes(porch: Porch) -> None:
