@@ -119,6 +119,9 @@ class _Builder:
                 )
                 continue
             operations[method] = self._operation(binding, names[binding.template.shape])
+        unknown = set(self.document.route_parameters) - {_route(binding) for binding in bindings}
+        if unknown:
+            raise ValueError(f"route_parameters of {', '.join(sorted(unknown))}: no such route")
         for alias in self.document.aliases:
             self.schemas[alias.name] = self._alias(alias.full_name, alias.omit_zero_enum_value)
         document: dict[str, Any] = {
@@ -159,6 +162,7 @@ class _Builder:
             operation["summary"] = summary_of(comment)
             operation["description"] = comment
         parameters = self._path_parameters(binding, path_names) + self._query_parameters(binding)
+        parameters = self._route_constrained(binding, parameters)
         options = self.methods.get(binding.method.full_name, MethodOptions())
         if binding.server_streaming and options.last_event_id_field:
             parameters.append(self._last_event_id(options.last_event_id_field))
@@ -229,42 +233,62 @@ class _Builder:
                 parameter.update(style="form", explode=True)
             yield parameter
 
+    def _route_constrained(
+        self, binding: Binding, parameters: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """parameters with the keywords DocumentOptions.route_parameters gives them."""
+        extra = self.document.route_parameters.get(_route(binding), {})
+        unknown = set(extra) - {parameter["name"] for parameter in parameters}
+        if unknown:
+            raise ValueError(
+                f"route_parameters of {_route(binding)}: no parameter {', '.join(sorted(unknown))}"
+            )
+        return [
+            {**each, "schema": {**each["schema"], **extra[each["name"]]}}
+            if each["name"] in extra
+            else each
+            for each in parameters
+        ]
+
     def _last_event_id(self, field_path: str) -> dict[str, Any]:
         description = f"Resume a stream after this event id: sets `{field_path}`."
         return _parameter("Last-Event-ID", "header", {"type": "string"}, description, False)
 
     def _request_body(self, binding: Binding) -> dict[str, Any]:
         request = binding.method.input_type
+        paths = [variable.field_path for variable in binding.template.variables]
         if binding.body == "*":
             schema = self._message_ref(request)
             # (A well-known type, google.protobuf.Empty say, has no schema of its own here.)
             fields = self.schemas.get(request.full_name, {})
-            paths = [variable.field_path for variable in binding.template.variables]
-            # A field the path sets is not in the body; a message the path
-            # sets a field of (pipeline, of pipeline.name) need not be.
             bound = {path[0] for path in paths if len(path) == 1}
-            filled = {path[0] for path in paths if len(path) > 1}
+            filled = {path[0]: _path_fields(paths, path[0]) for path in paths if len(path) > 1}
             if bound or filled:
-                schema = fields = self._without(request, bound, optional=filled)
+                schema = fields = self._without(request, bound, filled)
             # A body that must hold a field cannot be left out.
             required = bool(fields.get("required"))
         else:
             field = request.fields_by_name[binding.body]
             schema = self._constrained(field, self._field_schema(field))
+            schema = _left_to_path(schema, _path_fields(paths, binding.body))
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
     def _without(
-        self, message: Descriptor, fields: set[str], optional: AbstractSet[str] = frozenset()
+        self, message: Descriptor, bound: AbstractSet[str], filled: Mapping[str, AbstractSet[str]]
     ) -> dict[str, Any]:
+        """message's schema as a body: without the fields the path sets
+        (bound), and not requiring of a message the path sets fields of
+        (filled, of each its fields set) what the path gives."""
         known = self.schemas.get(message.full_name)
         if known is None:  # a well-known type: its JSON form is its own
             return self._message_ref(message)
-        schema = dict(known)
-        schema["properties"] = {k: v for k, v in schema["properties"].items() if k not in fields}
-        required = [name for name in schema.get("required", []) if name not in fields | optional]
-        schema.pop("required", None)
-        return {**schema, "required": required} if required else schema
+        properties = {k: v for k, v in known["properties"].items() if k not in bound}
+        for name, given in filled.items():
+            properties[name] = _left_to_path(properties[name], given)
+        # Such a message need be in the body only for what else it requires.
+        optional = {name for name in filled if "required" not in properties[name]}
+        return _unrequired({**known, "properties": properties}, bound | optional)
 
     def _responses(self, binding: Binding, options: MethodOptions) -> dict[str, Any]:
         output = binding.method.output_type
@@ -374,6 +398,31 @@ class _Builder:
         schema: dict[str, Any] = {"type": "string", "enum": [*names]}
         description = "\n\n".join(filter(None, lines))
         return {**schema, "description": description} if description else schema
+
+
+def _route(binding: Binding) -> str:
+    """A binding's route as its rule writes it: `POST /v1/things/{name}`."""
+    return f"{binding.http_method} {binding.template.text}"
+
+
+def _path_fields(paths: Sequence[Sequence[str]], field: str) -> set[str]:
+    """The fields of message field `field` that path variables set, whole or in part."""
+    return {path[1] for path in paths if len(path) > 1 and path[0] == field}
+
+
+def _unrequired(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
+    """schema with names out of its own required list: a body need not hold them."""
+    required = [name for name in schema.get("required", []) if name not in names]
+    rest = {key: value for key, value in schema.items() if key != "required"}
+    return {**rest, "required": required} if required else rest
+
+
+def _left_to_path(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
+    """schema saying nothing of its own about names, which the path gives:
+    a body may leave them out, or give them as their defaults."""
+    properties = {k: v for k, v in schema.get("properties", {}).items() if k not in names}
+    rest = {key: value for key, value in schema.items() if key != "properties"}
+    return _unrequired({**rest, "properties": properties} if properties else rest, names)
 
 
 def _path_names(bindings: Sequence[Binding]) -> dict[str, list[str]]:

@@ -72,6 +72,13 @@ class DocumentOptions:
     field_schemas: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # JSON Schema keywords added to one route's parameter, keyed by the route
+    # as its rule writes it and then by the parameter's name, e.g.
+    # {"POST /v1/things/{name}": {"kind": {"enum": ["SMALL"]}}}: where what
+    # the path names rules out values the field takes elsewhere.
+    route_parameters: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -209,6 +210,47 @@ async def test_field_schemas_add_the_servers_limits_wherever_the_field_appears()
     assert parameters["tags"]["schema"]["maxItems"] == 3
     untouched = build_openapi([ECHO_SERVICE], DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,)))
     assert "maxLength" not in schemas(untouched)["echo.v1.EchoMessage"]["properties"]["text"]
+
+
+async def test_a_body_need_not_hold_what_its_path_gives() -> None:
+    # What the server needs of a message field, stated where a request holds it.
+    limits = {"echo.v1.EchoMessage.inner": {"required": ["label", "count"]}}
+    document = build_openapi(
+        [ECHO_SERVICE],
+        DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,), field_schemas=limits),
+    )
+    validate(document)
+    whole = schemas(document)["echo.v1.EchoMessage"]["properties"]["inner"]
+    assert whole["required"] == ["label", "count"]
+    details = document["paths"]["/v1/echo/{text}/details"]["put"]["requestBody"]
+    body = details["content"]["application/json"]["schema"]
+    assert body["$ref"] == "#/components/schemas/echo.v1.Inner"
+    assert body["required"] == ["count"]  # the path gives inner.label
+
+
+async def test_route_parameters_constrain_one_route_only() -> None:
+    routes = {"GET /v1/echo/{text}": {"color": {"enum": ["RED"]}, "text": {"maxLength": 3}}}
+    document = build_openapi(
+        [ECHO_SERVICE],
+        DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,), route_parameters=routes),
+    )
+    validate(document)
+
+    def parameters(path: str) -> dict[str, Any]:
+        return {p["name"]: p["schema"] for p in document["paths"][path]["get"]["parameters"]}
+
+    constrained = parameters("/v1/echo/{text}")
+    assert constrained["color"]["enum"] == ["RED"] and constrained["text"]["maxLength"] == 3
+    assert constrained["color"]["type"] == "string"
+    other = parameters("/v1/echo/{text}/details")
+    assert other["color"]["enum"] == ["RED", "GREEN", "BLUE"] and "maxLength" not in other["text"]
+    for wrong, named in (
+        ({"GET /v1/nowhere": {"color": {}}}, "GET /v1/nowhere: no such route"),
+        ({"GET /v1/echo/{text}": {"hue": {}}}, "GET /v1/echo/{text}: no parameter hue"),
+    ):
+        options = DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,), route_parameters=wrong)
+        with pytest.raises(ValueError, match=re.escape(named)):
+            build_openapi([ECHO_SERVICE], options)
 
 
 async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
