@@ -42,6 +42,16 @@ def _document() -> gateway.DocumentOptions:
             gateway.SchemaAlias("TaskStateEnum", "porch.v1.Task.State", omit_zero_enum_value=True),
         ),
         field_schemas=_field_schemas(),
+        # npg_porch's route names the pipeline the token is bound to: the
+        # other roles are bound to none.
+        route_parameters={
+            "POST /pipelines/{pipeline_name}/token/{description}": {
+                "role": {
+                    "enum": ["PIPELINE"],
+                    "description": "The route makes PIPELINE tokens only, the default.",
+                }
+            }
+        },
     )
 
 
@@ -81,6 +91,8 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     a lease's upper bound; that a message's 64 KiB are counted in bytes)."""
     name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_BREAKS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
+    # A token's id is a whole number from 1 to 2^31 - 1.
+    token_id = {"pattern": "^[1-9][0-9]{0,9}$"}
     # The format characters (Unicode category Cf) of the Basic Multilingual
     # Plane: without ECMA-262's u flag a pattern cannot name those beyond it
     # (tag characters, a few of historic scripts), which are refused too.
@@ -96,8 +108,22 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
             "maxLength": MAX_NAME,
             "pattern": _one_line_text(bidi),
         },
-        "porch.v1.RegisterTasksRequest.tasks": {"minItems": 1, "maxItems": MAX_BATCH},
+        # A Task's schema serves answers too: what a request's task needs is
+        # stated where the request holds it.
+        "porch.v1.RegisterTaskRequest.task": {"required": ["pipeline", "task_input"]},
+        "porch.v1.RegisterTasksRequest.tasks": {
+            "minItems": 1,
+            "maxItems": MAX_BATCH,
+            "items": {"$ref": "#/components/schemas/porch.v1.Task", "required": ["task_input"]},
+        },
+        "porch.v1.UpdateTaskRequest.task": {"required": ["pipeline", "status"]},
+        # Not empty: the claim's pipeline, unless its path names it.
+        "porch.v1.ClaimTasksRequest.pipeline": {"properties": {"name": {"minLength": 1}}},
         "porch.v1.ClaimTasksRequest.num_tasks": {"minimum": 1},
+        "porch.v1.Token.token_id": token_id,
+        "porch.v1.CreateTokenResponse.token_id": token_id,
+        # One a request names may have leading zeros.
+        "porch.v1.RevokeTokenRequest.token_id": {"pattern": "^0*[1-9][0-9]*$"},
         # Positive: neither negative nor zero (at most 30 days, as its comment says).
         "porch.v1.ClaimTasksRequest.lease": {
             "pattern": r"^(?!-)(?![0.]*s$)[0-9]+(\.[0-9]{0,9})?s$"

@@ -352,6 +352,74 @@ async def test_text_that_would_read_otherwise_is_refused_naming_the_character(
     assert names == ["p1"]
 
 
+async def test_what_a_request_needs_the_document_requires(porch_http: PorchHttp) -> None:
+    client, wrapper = porch_http.client, await porch_http.pipeline()
+    paths = (await porch_http.client.get("/openapi.json")).json()["paths"]
+
+    def body(path: str, method: str) -> dict[str, Any]:
+        schema: dict[str, Any] = paths[path][method]["requestBody"]["content"]["application/json"]
+        return schema["schema"]
+
+    async def refused(method: str, url: str, sent: dict[str, Any], *words: str) -> None:
+        response = await client.request(method, url, json=sent, headers=wrapper)
+        assert_error(response, 400, 3, *words)
+
+    # Registering: an input, and a pipeline unless the path names it.
+    assert body("/tasks", "post")["required"] == ["pipeline", "task_input"]
+    await refused("POST", "/tasks", {"pipeline": {"name": "p1"}}, "task.task_input is required")
+    await refused("POST", "/tasks", {"task_input": {}}, "task.pipeline.name is required")
+    assert body("/v1/pipelines/{pipeline_name}/tasks", "post")["required"] == ["task_input"]
+    await refused("POST", "/v1/pipelines/p1/tasks", {}, "task.task_input is required")
+    batch = body("/v1/pipelines/{pipeline_name}/tasks:batchRegister", "post")
+    assert batch["properties"]["tasks"]["items"]["required"] == ["task_input"]
+    sent = {"tasks": [{"task_input": {"n": 2}}, {}]}
+    url = "/v1/pipelines/p1/tasks:batchRegister"
+    await refused("POST", url, sent, "tasks[1].task_input is required")
+    # Updating: a status, and a pipeline unless the path names it.
+    [task_id] = await register(porch_http, wrapper, {"n": 1})
+    assert body("/tasks", "put")["required"] == ["pipeline", "status"]
+    await refused("PUT", "/tasks", {"pipeline": {"name": "p1"}, "task_input": {"n": 1}}, "status")
+    await refused("PUT", "/tasks", {"task_input": {"n": 1}, "status": "CANCELLED"}, "pipeline")
+    patch = body("/v1/pipelines/{pipeline_name}/tasks/{task_input_id}", "patch")
+    assert (patch["required"], patch["properties"]["task"]["required"]) == (["task"], ["status"])
+    url = f"/v1/pipelines/p1/tasks/{task_id}"
+    await refused("PATCH", url, {"task": {}}, "task.status is required")
+    await refused("PATCH", url, {"message": "m"}, "task.status is required")
+    task = (await client.get(url, headers=wrapper)).json()
+    assert task["status"] == "PENDING"  # nothing refused changed it
+    # Claiming: a pipeline's name, not empty.
+    assert body("/tasks/claim", "post")["properties"]["name"]["minLength"] == 1
+    await refused("POST", "/tasks/claim", {"name": ""}, "pipeline.name is required")
+
+
+async def test_npg_porch_token_route_offers_what_it_makes(porch_http: PorchHttp) -> None:
+    client, admin = porch_http.client, porch_http.admin
+    await porch_http.pipeline("p1")
+    document = (await client.get("/openapi.json")).json()
+    route = document["paths"]["/pipelines/{pipeline_name}/token/{description}"]["post"]
+    [role] = [p for p in route["parameters"] if p["name"] == "role"]
+    assert role["schema"]["enum"] == ["PIPELINE"]
+    for other in ("ADMIN", "READER"):  # the route names a pipeline, which these have none of
+        response = await client.post(f"/pipelines/p1/token/d?role={other}", headers=admin)
+        assert_error(response, 400, 3, "not bound to a pipeline")
+    made = await client.post("/pipelines/p1/token/d?role=PIPELINE", headers=admin)
+    assert made.status_code == 201, made.text
+    schemas = document["components"]["schemas"]
+    token_id = schemas["porch.v1.CreateTokenResponse"]["properties"]["token_id"]
+    assert token_id["pattern"] == "^[1-9][0-9]{0,9}$"
+    assert re.fullmatch(token_id["pattern"], made.json()["token_id"])
+    listed = schemas["porch.v1.Token"]["properties"]["token_id"]["pattern"]
+    tokens = (await client.get("/v1/tokens", headers=admin)).json()["tokens"]
+    assert tokens and all(re.fullmatch(listed, each["token_id"]) for each in tokens)
+    revoke = document["paths"]["/v1/tokens/{token_id}:revoke"]["post"]["parameters"][0]
+    for given in ("0", "x1", "-1"):
+        assert not re.fullmatch(revoke["schema"]["pattern"], given)
+        response = await client.post(f"/v1/tokens/{given}:revoke", json={}, headers=admin)
+        assert_error(response, 400, 3, "token_id must be a token's id")
+    revoked = await client.post(f"/v1/tokens/0{made.json()['token_id']}:revoke", headers=admin)
+    assert revoked.status_code == 200, revoked.text
+
+
 async def test_the_limits_the_document_states_are_the_servers(porch_http: PorchHttp) -> None:
     client, admin, wrapper = porch_http.client, porch_http.admin, await porch_http.pipeline()
     document = (await client.get("/openapi.json")).json()
