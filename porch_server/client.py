@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,14 @@ GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
+
+# Seconds each call of a command other than porch watch may take, unless
+# --timeout or $PORCH_TIMEOUT says otherwise: room for a batch of
+# REGISTER_BATCH tasks, or a large claim, on a busy database.
+DEFAULT_TIMEOUT_SECONDS = 60.0
+# The longest --timeout: gRPC takes a deadline some centuries away as one
+# already passed.
+MAX_TIMEOUT_SECONDS = 86_400.0
 
 # Seconds porch watch waits before reconnecting: after a stream that
 # delivered, then after each attempt that did not.
@@ -95,6 +104,27 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
 
 
+def _add_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=os.environ.get("PORCH_TIMEOUT", f"{DEFAULT_TIMEOUT_SECONDS:g}"),
+        metavar="SECONDS",
+        help="how long each call to the server may take, at most a day"
+        f" (default: $PORCH_TIMEOUT or {DEFAULT_TIMEOUT_SECONDS:g})",
+    )
+
+
+def _timeout(text: str) -> float:
+    """A call's deadline in seconds, above 0 and at most MAX_TIMEOUT_SECONDS, for argparse."""
+    value = finite_number(text)
+    if not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"not a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:,.0f}: {text!r}"
+        )
+    return value
+
+
 def add_commands(commands: Any) -> None:
     """Add the client commands to the `porch` parser's subcommands."""
     pipeline = commands.add_parser("pipeline", help="create, get and list pipelines")
@@ -110,6 +140,7 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--version", help="only pipelines of this version")
     for sub in (create, get, listing):
         _add_client_flags(sub)
+        _add_timeout_flag(sub)
 
     task = commands.add_parser("task", help="register, claim, update and inspect tasks")
     task_commands = task.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -162,6 +193,7 @@ def add_commands(commands: Any) -> None:
     events.add_argument("--id", required=True, help="the task_input_id")
     for sub in (register, claim, update, show, tasks, events):
         _add_client_flags(sub)
+        _add_timeout_flag(sub)
 
     watch = commands.add_parser("watch", help="print events as they happen")
     watch.add_argument("--pipeline", help="only events of this pipeline")
@@ -169,6 +201,8 @@ def add_commands(commands: Any) -> None:
     watch.add_argument("--json", action="store_true", help="print each event as JSON")
     watch.add_argument("--bookmarks", action="store_true", help="also print keep-alive bookmarks")
     _add_client_flags(watch)
+    # A stream meant to run until interrupted: a deadline would cut it.
+    watch.set_defaults(timeout=None)
 
 
 def _seconds(value: float) -> str:
@@ -221,17 +255,54 @@ def _stub(args: argparse.Namespace) -> tuple[porch_pb2_grpc.PorchServiceStub, gr
     return porch_pb2_grpc.PorchServiceStub(channel), channel
 
 
-def _metadata(args: argparse.Namespace) -> list[tuple[str, str]]:
+class _TimedOut(grpc.RpcError):
+    """A call that had no answer within the command's deadline (--timeout)."""
+
+    def __init__(self, method: str, seconds: float) -> None:
+        super().__init__(method, seconds)
+        self.method = method
+        self.seconds = seconds
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return (
+            f"the server took longer than {_seconds(self.seconds)} s to answer {self.method}"
+            " (--timeout SECONDS, or $PORCH_TIMEOUT, sets how long each call may take)"
+        )
+
+
+@dataclass(frozen=True)
+class _Calls:
+    """A command's calls to the server, each with its token and deadline
+    (none for porch watch)."""
+
+    stub: porch_pb2_grpc.PorchServiceStub
+    metadata: tuple[tuple[str, str], ...]
+    timeout: float | None
+
+    def unary(self, method: str, request: Message) -> Any:
+        """The answer of the unary call method; _TimedOut once its deadline has passed."""
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or self.timeout is None:
+                raise
+            raise _TimedOut(method, self.timeout) from None
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     """The call's authorization; a token read from a file may end in a line break."""
     token = (args.token or "").strip()
     if not token:
-        return []
+        return ()
     if not _TOKEN_TEXT.fullmatch(token):
         raise SystemExit(
             "porch: the token (--token or $PORCH_TOKEN) holds white space, control or "
             "non-ASCII characters, which no porch token has"
         )
-    return [("authorization", f"Bearer {token}")]
+    return (("authorization", f"Bearer {token}"),)
 
 
 def _print(message: Message) -> None:
@@ -285,9 +356,7 @@ def _batches(tasks: list[porch_pb2.Task]) -> Iterator[list[porch_pb2.Task]]:
         yield batch
 
 
-def _register(
-    stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any
-) -> None:
+def _register(calls: _Calls, args: argparse.Namespace) -> None:
     """Register the inputs, each checked as the server checks it before the
     first is sent, in batches; print the answers once every batch is in, so
     that a reader who leaves early (`| head`) cannot cut the registering short."""
@@ -305,7 +374,7 @@ def _register(
     for batch in _batches(tasks):
         registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
         try:
-            answers += stub.RegisterTasks(registering, metadata=metadata).results
+            answers += calls.unary("RegisterTasks", registering).results
         except grpc.RpcError as error:
             if not answers:
                 raise
@@ -319,10 +388,10 @@ def _register(
         _print(answer)
 
 
-def _pages(call: Any, request: Any, field: str, metadata: Any) -> Iterator[Message]:
+def _pages(calls: _Calls, method: str, request: Any, field: str) -> Iterator[Message]:
     """Yield every item of a paged listing."""
     while True:
-        response = call(request, metadata=metadata)
+        response = calls.unary(method, request)
         yield from getattr(response, field)
         if not response.next_page_token:
             return
@@ -338,7 +407,7 @@ def run(args: argparse.Namespace) -> None:
     """Run one client command; a failed call exits with its status and message."""
     stub, channel = _stub(args)
     try:
-        _dispatch(stub, args, _metadata(args))
+        _dispatch(_Calls(stub, _metadata(args), args.timeout), args)
     except grpc.RpcError as error:
         raise SystemExit(_failure(error) + _tls_hint(args, error)) from None
     finally:
@@ -391,7 +460,7 @@ def _event_line(event: porch_pb2.Event) -> str:
     )
 
 
-def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any) -> None:
+def _watch(calls: _Calls, args: argparse.Namespace) -> None:
     """Print events until interrupted. When the server goes away, reconnect
     after the last cursor, waiting longer each time it cannot be reached (up
     to WATCH_RETRY_SECONDS[-1]); when it cannot be reached at the start, fail
@@ -404,7 +473,7 @@ def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, meta
         reason = "the server ended it"
         delivered = False
         try:
-            for event in stub.WatchEvents(request, metadata=metadata):
+            for event in calls.stub.WatchEvents(request, metadata=calls.metadata):
                 connected = delivered = True
                 last = event.cursor
                 if event.kind == porch_pb2.Event.BOOKMARK and not args.bookmarks:
@@ -427,28 +496,24 @@ def _watch(stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, meta
         time.sleep(wait)
 
 
-def _dispatch(
-    stub: porch_pb2_grpc.PorchServiceStub, args: argparse.Namespace, metadata: Any
-) -> None:
+def _dispatch(calls: _Calls, args: argparse.Namespace) -> None:
     if args.command == "watch":
-        _watch(stub, args, metadata)
+        _watch(calls, args)
         return
     if args.command == "pipeline":
         if args.action == "create":
             pipeline = porch_pb2.Pipeline(name=args.name, uri=args.uri, version=args.version)
             request = porch_pb2.CreatePipelineRequest(pipeline=pipeline)
-            _print(stub.CreatePipeline(request, metadata=metadata))
+            _print(calls.unary("CreatePipeline", request))
         elif args.action == "get":
-            _print(
-                stub.GetPipeline(porch_pb2.GetPipelineRequest(name=args.name), metadata=metadata)
-            )
+            _print(calls.unary("GetPipeline", porch_pb2.GetPipelineRequest(name=args.name)))
         else:
             listing = porch_pb2.ListPipelinesRequest(uri=args.uri or "", version=args.version or "")
-            for item in _pages(stub.ListPipelines, listing, "pipelines", metadata):
+            for item in _pages(calls, "ListPipelines", listing, "pipelines"):
                 _print(item)
         return
     if args.action == "register":
-        _register(stub, args, metadata)
+        _register(calls, args)
     elif args.action == "claim":
         claim = porch_pb2.ClaimTasksRequest(
             pipeline=porch_pb2.Pipeline(name=args.pipeline), num_tasks=args.num_tasks
@@ -460,7 +525,7 @@ def _dispatch(
                     f"({MAX_LEASE.total_seconds():,.0f} s), got {_seconds(args.lease)}"
                 )
             claim.lease.FromNanoseconds(int(args.lease * 1e9))
-        for task in stub.ClaimTasks(claim, metadata=metadata).tasks:
+        for task in calls.unary("ClaimTasks", claim).tasks:
             _print(task)
     elif args.action == "update":
         task = _task(args.pipeline, task_input_id=args.id or "", status=args.status)
@@ -469,17 +534,17 @@ def _dispatch(
             task.task_input.SetInParent()
             task.task_input.update(_json_object(args.input, "--input"))
         update = porch_pb2.UpdateTaskRequest(task=task, message=args.message)
-        _print(stub.UpdateTask(update, metadata=metadata))
+        _print(calls.unary("UpdateTask", update))
     elif args.action == "get":
         get = porch_pb2.GetTaskRequest(pipeline_name=args.pipeline, task_input_id=args.id)
-        _print(stub.GetTask(get, metadata=metadata))
+        _print(calls.unary("GetTask", get))
     elif args.action == "list":
         task_listing = porch_pb2.ListTasksRequest(
             pipeline_name=args.pipeline or "", status=args.status
         )
-        for item in _pages(stub.ListTasks, task_listing, "tasks", metadata):
+        for item in _pages(calls, "ListTasks", task_listing, "tasks"):
             _print(item)
     else:
         events = porch_pb2.ListTaskEventsRequest(pipeline_name=args.pipeline, task_input_id=args.id)
-        for item in _pages(stub.ListTaskEvents, events, "events", metadata):
+        for item in _pages(calls, "ListTaskEvents", events, "events"):
             _print(item)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import importlib.metadata
 import itertools
 import json
@@ -1676,3 +1677,102 @@ async def test_the_gateway_says_as_it_starts_that_its_server_does_not_serve(
             assert said == warned, caplog.text
     finally:
         await server.stop(None)
+
+
+class _Unanswering(grpc.GenericRpcHandler):
+    """A server's handlers that answer no unary call until released, and
+    refuse every stream at once; each notes the time its call had left."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.time_left: dict[str, float | None] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method.rsplit("/", 1)[-1]
+        if method == "WatchEvents":
+            return grpc.unary_stream_rpc_method_handler(functools.partial(self._refuse, method))
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._hold, method))
+
+    def _hold(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.time_left[method] = context.time_remaining()
+        self.released.wait(60)
+        return b""
+
+    def _refuse(
+        self, method: str, request: bytes, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        self.time_left[method] = context.time_remaining()
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "refused")
+        yield b""
+
+
+@pytest.fixture
+def unanswering() -> Iterator[tuple[_Unanswering, str]]:
+    """A gRPC server that does not answer, and its target."""
+    handlers = _Unanswering()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), handlers=(handlers,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield handlers, f"127.0.0.1:{port}"
+    finally:
+        handlers.released.set()
+        server.stop(None)
+
+
+def test_a_call_without_an_answer_in_time_is_named_and_ends_the_command(
+    unanswering: tuple[_Unanswering, str],
+) -> None:
+    handlers, target = unanswering
+    env = {**os.environ, "PORCH_TIMEOUT": "30"}
+    for flags, method in (
+        (["task", "claim", "--pipeline", "p", "--timeout", "0.5"], "ClaimTasks"),
+        (["pipeline", "list", "--timeout", "0.5"], "ListPipelines"),
+    ):
+        started = time.monotonic()
+        done = subprocess.run(
+            [*PORCH, *flags, "--target", target],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == (
+            f"porch: DEADLINE_EXCEEDED: the server took longer than 0.5 s to answer {method}"
+            " (--timeout SECONDS, or $PORCH_TIMEOUT, sets how long each call may take)\n"
+        )
+        assert time.monotonic() - started < 20
+        time_left = handlers.time_left[method]
+        assert time_left is not None and time_left <= 0.5
+
+
+def test_every_call_but_a_watch_has_a_deadline(unanswering: tuple[_Unanswering, str]) -> None:
+    handlers, target = unanswering
+    env = {**os.environ, "PORCH_TIMEOUT": "0.5"}
+    claimed = subprocess.run(
+        [*PORCH, "task", "claim", "--pipeline", "p", "--target", target],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert "longer than 0.5 s to answer ClaimTasks" in claimed.stderr, claimed.stderr
+    watched = subprocess.run(
+        [*PORCH, "watch", "--target", target], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert watched.stderr == "porch: PERMISSION_DENIED: refused\n"
+    time_left = handlers.time_left["WatchEvents"]
+    assert time_left is None or time_left > 1e9  # gRPC's "infinite future"
+    args = cli._parser().parse_args(["task", "register", "--pipeline", "p", "{}"])
+    assert args.timeout == 60
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])
+def test_a_timeout_that_cannot_be_used_is_refused_by_name(value: str) -> None:
+    done = subprocess.run(
+        [*PORCH, "pipeline", "list", "--timeout", value], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "argument --timeout: not a" in done.stderr and repr(value) in done.stderr
+    assert "Traceback" not in done.stderr
