@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.errors import GatewayError, invalid_argument, quoted
 from gateway.options import DEFAULT_MAX_REQUEST_BYTES, ClientTLS
 from gateway.transcode import message_class
+
+logger = logging.getLogger(__name__)
+
+# What a caller is told when the server cannot be reached, in place of
+# gRPC's words, which can name its address and a TLS fault.
+UNREACHABLE = "the server behind this gateway cannot be reached; try again later"
 
 Metadata = list[tuple[str, str | bytes]]
 
@@ -165,6 +172,65 @@ PROBE_SECONDS = 5.0
 _CLOSING: set[asyncio.Task[None]] = set()
 
 
+class _Reach:
+    """Whether the server at target answers: gRPC's words for a failure to
+    reach it go to the log once each time they change, not to the caller."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._failing: str | None = None
+
+    def answered(self) -> None:
+        """Note an answer from the server."""
+        if self._failing is not None:
+            self._failing = None
+            logger.warning("the gRPC server at %s answers again", self.target)
+
+    def told(self, error: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+        """error as the caller is told it. gRPC sends no metadata with a
+        failure of its own; a server may (porch's does with every error)."""
+        if error.initial_metadata() or error.trailing_metadata():
+            self.answered()
+            return error
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return error
+        details = error.details() or ""
+        if details != self._failing:
+            self._failing = details
+            logger.warning("cannot reach the gRPC server at %s: %s", self.target, details)
+        empty = grpc.aio.Metadata()
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, UNREACHABLE, None)
+
+
+class _Stream:
+    """A server-streaming call whose failures are told as _Reach tells them."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall[Message, Message], reach: _Reach) -> None:
+        self._call = call
+        self._reach = reach
+
+    async def read(self) -> Any:
+        """The next message; anything else (EOF) at the end; AioRpcError on failure."""
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as error:
+            raise self._reach.told(error) from None
+        self._reach.answered()
+        return message
+
+    async def initial_metadata(self) -> Any:
+        """The call's initial metadata."""
+        return await self._call.initial_metadata()
+
+    def cancel(self) -> bool:
+        """Cancel the call."""
+        return self._call.cancel()
+
+    async def code(self) -> grpc.StatusCode:
+        """The call's status code, once it has ended."""
+        return await self._call.code()
+
+
 class Upstream:
     """Creates the channel on first use (inside the serving event loop) and closes it."""
 
@@ -182,6 +248,7 @@ class Upstream:
         self._channel: grpc.aio.Channel | None = None
         self._callables: dict[str, Any] = {}
         self._probes: dict[str, grpc.aio.StreamStreamMultiCallable[bytes, bytes]] = {}
+        self._reach = _Reach(target)
 
     @property
     def channel(self) -> grpc.aio.Channel:
@@ -248,7 +315,11 @@ class Upstream:
         """Call a unary method: its response and metadata, or AioRpcError."""
         self._check_size(message)
         call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
-        response = await call
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            raise self._reach.told(error) from None
+        self._reach.answered()
         return UnaryReply(
             response, tuple(await call.initial_metadata()), tuple(await call.trailing_metadata())
         )
@@ -274,10 +345,11 @@ class Upstream:
         message: Message,
         metadata: Metadata,
         time_limit: float | None,
-    ) -> grpc.aio.UnaryStreamCall[Message, Message]:
+    ) -> StreamCall:
         """Start a server-streaming call."""
         self._check_size(message)
-        return self.stream(method)(message, metadata=metadata, timeout=time_limit)
+        call = self.stream(method)(message, metadata=metadata, timeout=time_limit)
+        return _Stream(call, self._reach)
 
     async def admit(self, method: MethodDescriptor, metadata: Metadata, rights: bool) -> None:
         """Nothing: a server at the end of a channel judges the call itself."""

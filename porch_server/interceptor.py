@@ -19,7 +19,7 @@ from porch_server import auth
 from porch_server.errors import InvalidArgument, PorchError, Unauthenticated
 from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import Token
-from porch_server.status import code_of, message_of
+from porch_server.status import ANSWERED, code_of, message_of
 from porch_server.store import Store
 
 ACCESS_LOG = "porch.access"
@@ -216,7 +216,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 auth.CALLER.set(token)
                 return await behavior(request, context)
             except PorchError as error:
-                await context.abort(code_of(error), message_of(error))
+                await context.abort(code_of(error), message_of(error), ANSWERED)
             except asyncio.CancelledError:
                 cancelled = True
                 raise
@@ -233,7 +233,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 # A fault of porch's, or a refusal the database gave no
                 # reason porch knows: the details go to the log, not the caller.
                 errors.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR, ANSWERED)
             finally:
                 if not unsent:
                     cut = cancelled and self.grace_over

@@ -162,7 +162,11 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
         if request.code == code_pb2.OK:
             return empty_pb2.Empty()
         code = next(each for each in grpc.StatusCode if each.value[0] == request.code)
-        trailing: tuple[tuple[str, bytes], ...] = ()
+        # Metadata with the error, as porch's server sends: without any, an
+        # UNAVAILABLE reads as gRPC's own, a server not reached.
+        trailing: tuple[tuple[str, str | bytes], ...] = (("echo-failed", "1"),)
+        if request.message == "without metadata":
+            trailing = ()
         if request.message == "with details":
             status = status_pb2.Status(code=request.code, message=request.message)
             status.details.add().Pack(error_details_pb2.ErrorInfo(reason="TEST", domain="echo.v1"))

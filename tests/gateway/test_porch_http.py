@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from porch_server import auth
 from porch_server import store as store_module
+from porch_server.errors import Unavailable
 from porch_server.models import Role
 from porch_server.service import UNANSWERED_CLAIM
 from tests.gateway.conftest import PorchHttp, bearer
@@ -302,6 +303,19 @@ async def test_a_claim_whose_client_left_goes_back_to_pending(
     assert events[-1]["message"] == UNANSWERED_CLAIM
     [again] = (await client.post("/tasks/claim", json=PIPELINE, headers=wrapper)).json()
     assert (again["task_input_id"], again["claim_number"]) == (task_id, 2)
+
+
+async def test_the_servers_own_unavailable_keeps_its_words(
+    porch_http: PorchHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(name: str) -> None:
+        raise Unavailable("the database is unavailable", "no route to host db.example.org")
+
+    monkeypatch.setattr(porch_http.porch.server.store, "get_pipeline", unreachable)
+    response = await porch_http.client.get("/v1/pipelines/p1", headers=porch_http.admin)
+    assert_error(response, 503, 14)
+    said = "the database is unavailable; try again (the server's log says why)"
+    assert response.json()["message"] == said
 
 
 async def test_a_body_the_document_requires_the_server_requires(porch_http: PorchHttp) -> None:

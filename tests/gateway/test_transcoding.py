@@ -5,25 +5,34 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import logging
 import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
 import gateway
 from gateway import app as gateway_app
+from gateway.upstream import UNREACHABLE
 from tests.gateway.conftest import (
     FAILING_TOTAL,
     LOOPING_TOTAL,
     MAX_BODY,
+    UPSTREAMS,
+    Backend,
+    EchoServicer,
+    EchoState,
     Live,
+    echo_app,
     echo_options,
     unused_target,
 )
+from tests.gateway.testproto import echo_pb2_grpc
 
 pytestmark = pytest.mark.asyncio
 
@@ -686,15 +695,55 @@ async def test_grpc_timeout_header_sets_the_deadline(client: httpx.AsyncClient) 
     assert bad.status_code == 400
 
 
-async def test_unavailable_backend_is_503() -> None:
-    app = gateway.create_app(echo_options(unused_target()))
+async def test_unavailable_backend_is_503_in_the_gateways_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    target = unused_target()
+    app = gateway.create_app(echo_options(target))
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+        ) as http:
+            answers = [await http.get("/v1/echo/x"), await http.get("/v1/count/2")]
+            answers.append(await http.get("/v1/echo/x"))
+            server = grpc.aio.server()
+            echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(EchoState()), server)
+            server.add_insecure_port(target)
+            await server.start()
+            try:
+                for _ in range(100):  # until gRPC, backing off, tries again
+                    if (await http.get("/v1/echo/x")).status_code == 200:
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                await server.stop(None)
+        await app.state.gateway.upstream.close()
+    for response in answers:
+        assert response.status_code == 503
+        assert response.json() == {"code": 14, "message": UNREACHABLE, "details": []}
+        assert target not in response.text
+    # gRPC's words are the operator's: once, however many calls fail alike.
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith(f"cannot reach the gRPC server at {target}: ")
+    assert target.split(":")[1] in said[0].split(": ", 1)[1]  # the address gRPC names
+    assert said[1:] == [f"the gRPC server at {target} answers again"]
+
+
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+async def test_a_servers_unavailable_keeps_its_words_if_it_sends_metadata(
+    backend: Backend, upstream: str
+) -> None:
+    app = echo_app(backend, upstream)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as http:
-        response = await http.get("/v1/echo/x")
+        own = await http.get("/v1/fail/UNAVAILABLE", params={"message": "the disk is full"})
+        bare = await http.get("/v1/fail/UNAVAILABLE", params={"message": "without metadata"})
     await app.state.gateway.upstream.close()
-    assert response.status_code == 503
-    assert response.json()["code"] == 14
+    assert (own.status_code, own.json()["message"]) == (503, "the disk is full")
+    # With none, it cannot be told from gRPC's own but in the handler's process.
+    told = UNREACHABLE if upstream == "channel" else "without metadata"
+    assert (bare.status_code, bare.json()["message"]) == (503, told)
 
 
 async def test_over_a_real_socket(live: Live) -> None:
