@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -326,7 +327,7 @@ async def _answers(store: Store) -> bool:
 
     def ping() -> None:
         try:
-            store.ping_apart()
+            store.ping_apart(math.ceil(PING_SECONDS))
             result = True
         except Exception:  # refused, or no server there
             result = False

@@ -64,7 +64,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from porch_server import digest
 from porch_server.coalesce import Coalescer
 from porch_server.cursors import Key, Snapshot, cursor_key, make_cursor
-from porch_server.db.engine import writer
+from porch_server.db.engine import connect_apart, writer
 from porch_server.db.listen import CHANNEL
 from porch_server.db.pgasync import (
     AsyncStatements,
@@ -457,31 +457,28 @@ class Store:
         with self._read() as connection:
             connection.exec_driver_sql("SELECT 1")
 
-    def ping_apart(self) -> None:
+    def ping_apart(self, connect_timeout: int) -> None:
         """Raise unless the database answers SELECT 1 on a connection made
         for it, outside the pools, whose connections may all be taken
-        (waiting for a lock held elsewhere, say). A new connection refused
+        (waiting for a lock held elsewhere, say), started as theirs are, so
+        that pg_stat_activity shows it as porch's. A new connection refused
         for too many clients is an answer too: the pools' connections may
         be what fills the server. SQLite's are never taken."""
         if not self._postgresql:
             self.ping()
             return
-        # A pool of its own, made as the engine's: its connection carries
-        # porch's application_name, options and connect_timeout, so that
-        # pg_stat_activity shows it as porch's.
-        pool = self._engine.pool.recreate()
         dbapi = self._engine.dialect.loaded_dbapi
         try:
-            connection = pool.connect()
+            connection = connect_apart(self._engine, connect_timeout)
         except dbapi.OperationalError as error:
             if any(words in str(error) for words in _TOO_MANY_CLIENTS):
                 return
             raise
         try:
-            connection.cursor().execute("SELECT 1")
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
         finally:
             connection.close()
-            pool.dispose()
 
     # Pipelines
 

@@ -43,6 +43,9 @@ _QUERY_PASSWORD = re.compile(r"([?&][^=&]*password=)[^&]*", re.IGNORECASE)
 # this process: those whose statements a stopping server cancels.
 _IN_USE: weakref.WeakSet[Any] = weakref.WeakSet()
 _IN_USE_LOCK = threading.Lock()
+# The libpq settings each PostgreSQL engine's pool starts its connections
+# with (see connect_apart).
+_SETTINGS: weakref.WeakKeyDictionary[Engine, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def make_engine(url: str, schema: str | None = None, *, pool_size: int = 10) -> Engine:
@@ -204,12 +207,28 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
         )
     except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
         raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None
+    _SETTINGS[engine] = connect_args
     # Carried to the pools recreated from this one's.
     event.listen(engine, "checkout", _taken)
     event.listen(engine, "checkin", _given_back)
     # A connection lost in use is invalidated first, and checked in as None.
     event.listen(engine, "invalidate", _invalidated)
     return engine
+
+
+def connect_apart(engine: Engine, timeout: int) -> Any:
+    """A psycopg2 connection to a PostgreSQL engine's database, started as its
+    pool's are (application_name, options, search_path), but outside the pool
+    and not among those in use, which a stopping server waits for and
+    cancels; waiting at most timeout seconds for the server, or the URL's
+    connect_timeout if that is shorter."""
+    args, options = engine.dialect.create_connect_args(engine.url)
+    settings = _SETTINGS.get(engine, {})  # none for an engine made elsewhere
+    given = settings.get("connect_timeout", 0)  # 0: none
+    waiting = min(given, timeout) if given else timeout
+    return engine.dialect.loaded_dbapi.connect(
+        *args, **options, **{**settings, "connect_timeout": waiting}
+    )
 
 
 def _taken(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:

@@ -23,7 +23,7 @@ from porch_server import digest, messages
 from porch_server import store as store_module
 from porch_server.cursors import cursor_key
 from porch_server.db import migrate
-from porch_server.db.engine import make_engine
+from porch_server.db.engine import connections_in_use, make_engine
 from porch_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -96,7 +96,7 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
                 for _ in range(2):  # the pool and its overflow
                     held.enter_context(engine.connect())
                 assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]
-            store.ping_apart()
+            store.ping_apart(5)
             if engine.dialect.name == "postgresql":
                 # Refused for too many clients, the pools' own perhaps: an answer.
                 dbapi = engine.dialect.loaded_dbapi
@@ -111,10 +111,10 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
 
                     with mock.patch.object(dbapi, "connect", refuse):
                         if answers:
-                            store.ping_apart()
+                            store.ping_apart(5)
                         else:
                             with pytest.raises(dbapi.OperationalError):
-                                store.ping_apart()
+                                store.ping_apart(5)
     finally:
         store.close()
 
@@ -129,7 +129,20 @@ def test_a_ping_apart_connects_as_porch_with_the_pools_settings(
     engine = make_engine(url.render_as_string(hide_password=False), pg_schema_db.schema)
     store = Store(engine)
     dbapi = engine.dialect.loaded_dbapi
-    connect, seen = dbapi.connect, []
+    connect, seen, in_use = dbapi.connect, [], []
+
+    class Counted:
+        """A connection that notes, as each cursor is made, how many are in use."""
+
+        def __init__(self, connection: Any) -> None:
+            self._connection = connection
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._connection, name)
+
+        def cursor(self, *args: Any, **kwargs: Any) -> Any:
+            in_use.append(connections_in_use())
+            return self._connection.cursor(*args, **kwargs)
 
     def connect_and_look(*args: Any, **kwargs: Any) -> Any:
         connection = connect(*args, **kwargs)
@@ -145,14 +158,17 @@ def test_a_ping_apart_connects_as_porch_with_the_pools_settings(
                 " current_setting('TimeZone')"
             )
             seen.extend(cursor.fetchone())
-        return connection
+        return Counted(connection)
 
     try:
         with engine.connect() as operator, mock.patch.object(dbapi, "connect", connect_and_look):
-            store.ping_apart()
+            store.ping_apart(5)
     finally:
         store.close()
     assert seen == ["porch", f'"{pg_schema_db.schema}"', "4321ms", "UTC"]
+    # Not among the connections in use as it asks, which a stopping server
+    # waits for and cancels: the operator's own is the one.
+    assert in_use[-1] == 1
 
 
 def test_pipeline_errors(store: Store) -> None:

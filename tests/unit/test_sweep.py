@@ -100,7 +100,7 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
             if job == held:
                 released.wait(10)
 
-        def ping_apart(self) -> None:
+        def ping_apart(self, connect_timeout: int) -> None:
             if not answers:
                 released.wait(10)
 
