@@ -241,18 +241,26 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
 
 
 class _Health:
-    """The health the server reports, as the health service was last told."""
+    """The health the server reports, and what its housekeeping last found."""
 
     def __init__(self, servicer: HealthServicer) -> None:
         self._servicer = servicer
-        self.status = SERVING
+        self.reported = SERVING
+        # What the last housekeeping to end found: what is reported again
+        # once a database that left SELECT 1 unanswered answers it.
+        self.found = SERVING
 
-    async def set(self, status: int) -> None:
+    async def report(self, status: int) -> None:
         """Report status, if it is not reported already."""
-        if status != self.status:
+        if status != self.reported:
             for name in ("", SERVICE_NAME):
                 await self._servicer.set(name, status)
-            self.status = status
+            self.reported = status
+
+    async def settle(self, status: int) -> None:
+        """Report status, what a housekeeping that ended found."""
+        self.found = status
+        await self.report(status)
 
 
 async def _sweep(
@@ -283,33 +291,37 @@ async def _sweep(
             # being built, say) is the cause: it holds every server alike,
             # and none of them is to be taken out of service for it.
             locked = isinstance(error, Locked)
-            new_status = health.status if locked else NOT_SERVING
-        await health.set(new_status)
+            new_status = health.found if locked else NOT_SERVING
+        await health.settle(new_status)
 
 
 async def _watched(
     job: Callable[[], T], store: Store, executor: ThreadPoolExecutor, health: _Health
 ) -> T:
-    """job(), a housekeeping statement, on the executor; should it take
-    HOUSEKEEPING_SECONDS and SELECT 1 then go unanswered, NOT_SERVING while
-    it goes on."""
+    """job(), a housekeeping statement, on the executor. Every
+    HOUSEKEEPING_SECONDS it goes on, SELECT 1 is asked for: NOT_SERVING while
+    that goes unanswered, and what was found before once it is answered."""
     running = asyncio.get_running_loop().run_in_executor(executor, job)
-    try:
-        return await asyncio.wait_for(asyncio.shield(running), HOUSEKEEPING_SECONDS)
-    except TimeoutError:
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), HOUSEKEEPING_SECONDS)
+        except TimeoutError:
+            pass
         # Waiting for a lock held elsewhere, which changes nothing (as in
         # _sweep), or for a database that hangs (stopped, or cut off
         # without a reset), which fails nothing: the calls on its
         # connections wait as long. Only the second leaves SELECT 1
-        # unanswered too.
-        if not await _answers(store):
-            warn_now_and_then(
-                log,
-                f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
-                f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
-            )
-            await health.set(NOT_SERVING)
-        return await running
+        # unanswered too, and a database may begin to hang, or stop, at
+        # any time in a long statement.
+        if await _answers(store):
+            await health.report(health.found)
+            continue
+        warn_now_and_then(
+            log,
+            f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
+            f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
+        )
+        await health.report(NOT_SERVING)
 
 
 async def _answers(store: Store) -> bool:

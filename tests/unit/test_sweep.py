@@ -75,6 +75,19 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
     # It fails nothing: the sweep's statement (the lease expiry, or the
     # hourly pruning of events) waits, and so does SELECT 1. A lock held
     # elsewhere holds the sweep too, but SELECT 1 is answered.
+    pings_answered = 1_000 if answers else 0
+    during, after = await statuses_while_held(monkeypatch, held, pings_answered, None)
+    assert during == expected[:1]
+    assert after == expected
+
+
+async def statuses_while_held(
+    monkeypatch: pytest.MonkeyPatch, held: str, pings_answered: int, held_then: PorchError | None
+) -> tuple[list[Any], list[Any]]:
+    """The statuses the sweep sets while its first run of held (expire_leases
+    or prune_events) waits, and in all once it ends and the next lease
+    expiry too (each expiry raising held_then, if given), with SELECT 1
+    answered only pings_answered times."""
     monkeypatch.setattr(server, "HOUSEKEEPING_SECONDS", 0.05)
     monkeypatch.setattr(server, "PING_SECONDS", 0.05)
     released = threading.Event()
@@ -82,26 +95,26 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
 
     class Store:
         def __init__(self) -> None:
-            self.sweeps = 0
+            self.sweeps = self.pings = 0
 
         def expire_leases(self) -> int:
             self.sweeps += 1
-            if self.sweeps == 1:
-                self.hang("expire_leases")
-            else:
+            if self.sweeps > 1:
                 swept.set()
+            elif held == "expire_leases":
+                released.wait(10)
+            if held_then is not None:
+                raise held_then
             return 0
 
         def prune_events(self, before: datetime) -> int:
-            self.hang("prune_events")
+            if held == "prune_events":
+                released.wait(10)
             return 0
 
-        def hang(self, job: str) -> None:
-            if job == held:
-                released.wait(10)
-
         def ping_apart(self, connect_timeout: int) -> None:
-            if not answers:
+            self.pings += 1
+            if self.pings > pings_answered:
                 released.wait(10)
 
     health = Health()
@@ -116,5 +129,26 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
         assert await asyncio.to_thread(swept.wait, 10)
         await asyncio.sleep(0.05)
         sweeping.cancel()
-    assert during == expected[:1]
-    assert [status for name, status in health.set_to if name == ""] == expected
+    return during, [status for name, status in health.set_to if name == ""]
+
+
+async def test_a_database_that_hangs_in_a_long_statement_is_seen_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SELECT 1 is answered at first (a long statement, a lock), then not:
+    # the database has begun to hang, and is asked again while it is held.
+    during, after = await statuses_while_held(monkeypatch, "expire_leases", 1, None)
+    assert during == [NOT_SERVING]
+    assert after == [NOT_SERVING, SERVING]
+
+
+async def test_a_lock_that_ends_a_hang_leaves_the_health_as_it_was_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The statement held while SELECT 1 went unanswered ends at last for a
+    # lock held elsewhere, as does the next: the database answers, and a
+    # lock is no cause to be out of service.
+    locked = Locked(LOCK_TIMED_OUT, "canceling statement due to lock timeout")
+    during, after = await statuses_while_held(monkeypatch, "expire_leases", 0, locked)
+    assert during == [NOT_SERVING]
+    assert after == [NOT_SERVING, SERVING]
