@@ -661,7 +661,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
                     if pause is None:
                         failed.append((task.task_input_id, error))
                     unreached.append(task)
-                except PorchError as error:  # reported on or claimed again meanwhile
+                except PorchError as error:  # its task gone (one moved on is left as it is)
                     failed.append((task.task_input_id, error))
             if not unreached or pause is None:
                 break

@@ -1253,12 +1253,13 @@ async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
     executor = ThreadPoolExecutor(2)
     service = PorchService(store, executor, Hub(), 15.0)  # type: ignore[arg-type]
     monkeypatch.setattr(service_module, "RELEASE_RETRY_PAUSES", (0.3,))
-    release, refused = store.release_claim, threading.Event()
+    release, refused, reported = store.release_claim, threading.Event(), threading.Event()
 
     def refused_once(*args: Any, **kwargs: Any) -> Any:
         if not refused.is_set():
             refused.set()
             raise Unavailable("the database is unavailable", "too many clients already")
+        reported.wait(10)  # the second try comes after the report, however slow the machine
         return release(*args, **kwargs)
 
     monkeypatch.setattr(store, "release_claim", refused_once)
@@ -1266,6 +1267,7 @@ async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
     releasing = await release_begun(service)
     assert await asyncio.to_thread(refused.wait, 10)
     store.update_task("p", task_id, State.DONE, "done all the same", actor)
+    reported.set()
     await releasing  # past the release's second try
     assert store.get_task("p", task_id).status is State.DONE
     events = store.list_task_events("p", task_id, 10, "").items
