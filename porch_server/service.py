@@ -86,8 +86,8 @@ RELEASE_RETRY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 60.0)
 # found its task locked is tried again, without waiting, after each pause.
 LOCKED_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4)
 _TASK_ID_CHARS = frozenset("0123456789abcdef")
-# What no free text that porch lists may hold: control characters and
-# anything else that breaks a line.
+# What a pipeline's uri and version and a token's description may not hold:
+# control characters and anything else that breaks a line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # The bidirectional embedding, override and isolate controls: the text after
 # one reads in another order than it is stored ("Trojan Source").

@@ -91,7 +91,7 @@ def _field_schemas() -> dict[str, dict[str, Any]]:
     a lease's upper bound; that a message's 64 KiB are counted in bytes)."""
     name = {"maxLength": MAX_NAME, "pattern": f"^[^/{_BREAKS}]*$"}
     task_input_id = {"pattern": "^[0-9a-f]{64}$"}
-    # A token's id is a whole number from 1 to 2^31 - 1.
+    # A token's id is a whole number from 1 (2^31 - 1 at most, not stated).
     token_id = {"pattern": "^[1-9][0-9]{0,9}$"}
     # The format characters (Unicode category Cf) of the Basic Multilingual
     # Plane: without ECMA-262's u flag a pattern cannot name those beyond it

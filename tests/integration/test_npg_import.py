@@ -388,6 +388,16 @@ def test_a_dry_run_counts_and_writes_nothing(
             "npg_porch's pipeline 1: pipeline.name must not contain '/' at character 2",
         ),
         (
+            "UPDATE pipeline SET repository_uri = 'https://example.org/\u200bnpg'",
+            "npg_porch's pipeline 1: pipeline.uri must not contain control characters, line"
+            " breaks or format characters: U+200B (ZERO WIDTH SPACE) at character 21",
+        ),
+        (
+            "UPDATE token SET description = 'wrapper \u202eboj'",
+            "npg_porch's token 1: description must not contain control characters, line breaks"
+            " or bidirectional controls: U+202E (RIGHT-TO-LEFT OVERRIDE) at character 9",
+        ),
+        (
             "UPDATE token SET token = 'not a token'",
             "npg_porch's token 1 has a secret that is not one porch accepts",
         ),
