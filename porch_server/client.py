@@ -108,7 +108,6 @@ def _add_timeout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout",
         type=_timeout,
-        default=os.environ.get("PORCH_TIMEOUT", f"{DEFAULT_TIMEOUT_SECONDS:g}"),
         metavar="SECONDS",
         help="how long each call to the server may take, at most a day"
         f" (default: $PORCH_TIMEOUT or {DEFAULT_TIMEOUT_SECONDS:g})",
@@ -123,6 +122,22 @@ def _timeout(text: str) -> float:
             f"not a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:,.0f}: {text!r}"
         )
     return value
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    """Seconds each call may take: --timeout, else $PORCH_TIMEOUT (unless
+    empty), else DEFAULT_TIMEOUT_SECONDS; None, no deadline, for porch watch."""
+    if args.command == "watch":
+        return None
+    if args.timeout is not None:
+        return float(args.timeout)
+    given = os.environ.get("PORCH_TIMEOUT", "").strip()
+    if not given:
+        return DEFAULT_TIMEOUT_SECONDS
+    try:
+        return _timeout(given)
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"porch: $PORCH_TIMEOUT is {error}") from None
 
 
 def add_commands(commands: Any) -> None:
@@ -283,11 +298,16 @@ class _Calls:
     timeout: float | None
 
     def unary(self, method: str, request: Message) -> Any:
-        """The answer of the unary call method; _TimedOut once its deadline has passed."""
+        """The answer of the unary call method; _TimedOut once its deadline
+        has passed (a DEADLINE_EXCEEDED the server sends sooner, its own
+        statement's, say, keeps the server's words)."""
+        started = time.monotonic()
         try:
             return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or self.timeout is None:
+                raise
+            if time.monotonic() - started < self.timeout:
                 raise
             raise _TimedOut(method, self.timeout) from None
 
@@ -376,16 +396,28 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
         try:
             answers += calls.unary("RegisterTasks", registering).results
         except grpc.RpcError as error:
-            if not answers:
+            timed_out = isinstance(error, _TimedOut)
+            if not answers and not timed_out:
                 raise
             for answer in answers:
                 _print(answer)
-            raise SystemExit(
-                f"{_failure(error)} (the {len(answers):,} tasks before it were registered, "
-                "as printed: registering them again changes nothing)"
-            ) from None
+            registered = _partly_registered(len(answers), len(batch), len(tasks), timed_out)
+            raise SystemExit(f"{_failure(error)} ({registered})") from None
     for answer in answers:
         _print(answer)
+
+
+def _partly_registered(before: int, batch: int, inputs: int, timed_out: bool) -> str:
+    """What a register command whose batch failed did: the batches before it
+    were registered; one that ran out of time may have been, on a server
+    that took longer than its caller waited; those after it were not sent."""
+    done = [f"the {before:,} tasks before it were registered, as printed"] if before else []
+    if timed_out:
+        done.append(f"the {batch:,} it sent may have been")
+    after = inputs - before - batch
+    if after:
+        done.append(f"the {after:,} after it were not sent")
+    return "; ".join(done) + ": registering them all again changes nothing for those registered"
 
 
 def _pages(calls: _Calls, method: str, request: Any, field: str) -> Iterator[Message]:
@@ -407,7 +439,7 @@ def run(args: argparse.Namespace) -> None:
     """Run one client command; a failed call exits with its status and message."""
     stub, channel = _stub(args)
     try:
-        _dispatch(_Calls(stub, _metadata(args), args.timeout), args)
+        _dispatch(_Calls(stub, _metadata(args), _deadline(args)), args)
     except grpc.RpcError as error:
         raise SystemExit(_failure(error) + _tls_hint(args, error)) from None
     finally:

@@ -35,7 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 import gateway
-from porch_server import cli
+from porch_server import cli, client
 from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
@@ -1764,8 +1764,92 @@ def test_every_call_but_a_watch_has_a_deadline(unanswering: tuple[_Unanswering, 
     assert watched.stderr == "porch: PERMISSION_DENIED: refused\n"
     time_left = handlers.time_left["WatchEvents"]
     assert time_left is None or time_left > 1e9  # gRPC's "infinite future"
-    args = cli._parser().parse_args(["task", "register", "--pipeline", "p", "{}"])
-    assert args.timeout == 60
+
+
+def test_the_timeout_comes_from_the_flag_then_the_environment_then_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def deadline(*flags: str) -> float | None:
+        args = cli._parser().parse_args(["task", "register", "--pipeline", "p", *flags, "{}"])
+        return client._deadline(args)
+
+    monkeypatch.delenv("PORCH_TIMEOUT", raising=False)
+    assert deadline() == 60
+    monkeypatch.setenv("PORCH_TIMEOUT", "")
+    assert deadline() == 60
+    monkeypatch.setenv("PORCH_TIMEOUT", "7.5")
+    assert deadline() == 7.5
+    assert deadline("--timeout", "3") == 3
+    assert client._deadline(cli._parser().parse_args(["watch"])) is None
+    monkeypatch.setenv("PORCH_TIMEOUT", "soon")
+    with pytest.raises(SystemExit, match=r"^porch: \$PORCH_TIMEOUT is not a number: 'soon'$"):
+        deadline()
+
+
+class _Registering(grpc.GenericRpcHandler):
+    """A server that registers the first batch of tasks it is sent and holds
+    the next until released; its other methods refuse with DEADLINE_EXCEEDED
+    at once, as a server whose own statement ran out of time would."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.batches = 0
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        if details.method.endswith("/RegisterTasks"):
+            return grpc.unary_unary_rpc_method_handler(
+                self._register,
+                request_deserializer=pb.RegisterTasksRequest.FromString,
+                response_serializer=pb.RegisterTasksResponse.SerializeToString,
+            )
+        return grpc.unary_unary_rpc_method_handler(self._too_slow)
+
+    def _register(
+        self, request: pb.RegisterTasksRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterTasksResponse:
+        self.batches += 1
+        if self.batches > 1:
+            self.released.wait(60)
+        made = [pb.RegisterTaskResponse(task=task, created=True) for task in request.tasks]
+        return pb.RegisterTasksResponse(results=made)
+
+    def _too_slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the database took too long")
+
+
+def test_a_register_that_runs_out_of_time_says_what_may_be_registered() -> None:
+    handlers = _Registering()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), handlers=(handlers,))
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        inputs = "".join(f'{{"n": {n}}}\n' for n in range(2_500))  # batches of 1,000
+        flags = ["--target", target, "--timeout", "1"]
+        done = subprocess.run(
+            [*PORCH, "task", "register", "--pipeline", "p", "-", *flags],
+            input=inputs,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert done.stderr == (
+            "porch: DEADLINE_EXCEEDED: the server took longer than 1 s to answer RegisterTasks"
+            " (--timeout SECONDS, or $PORCH_TIMEOUT, sets how long each call may take)"
+            " (the 1,000 tasks before it were registered, as printed; the 1,000 it sent"
+            " may have been; the 500 after it were not sent: registering them all again"
+            " changes nothing for those registered)\n"
+        )
+        assert done.stdout.count('"created": true') == 1_000
+        # A DEADLINE_EXCEEDED the server sends before the caller's time is up
+        # is the server's to word.
+        refused = subprocess.run(
+            [*PORCH, "pipeline", "get", "p", *flags], capture_output=True, text=True, timeout=60
+        )
+        assert refused.stderr == "porch: DEADLINE_EXCEEDED: the database took too long\n"
+    finally:
+        handlers.released.set()
+        server.stop(None)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])
