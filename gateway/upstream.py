@@ -22,9 +22,14 @@ from gateway.transcode import message_class
 
 logger = logging.getLogger(__name__)
 
-# What a caller is told when the server cannot be reached, in place of
-# gRPC's words, which can name its address and a TLS fault.
-UNREACHABLE = "the server behind this gateway cannot be reached; try again later"
+# What a caller is told, in place of gRPC's words, which can name the
+# server's address and a TLS fault, of an UNAVAILABLE that came with no
+# metadata: the server could not be reached, or gRPC ended the call as the
+# server stopped (its grace over), which neither can tell apart.
+UNREACHABLE = (
+    "the server behind this gateway could not be reached, or ended the call as it stopped;"
+    " try again later"
+)
 
 Metadata = list[tuple[str, str | bytes]]
 

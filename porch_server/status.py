@@ -16,11 +16,12 @@ log = logging.getLogger("porch.server")
 # Longer messages are cut at this many bytes of UTF-8.
 MAX_STATUS_MESSAGE_BYTES = 2048
 
-# Trailing metadata of the errors porch's server answers calls with (every
-# UNAVAILABLE of its own among them). gRPC sends none with a failure of its
-# own (a server it could not reach), so a separate gateway tells the
-# server's UNAVAILABLE, whose words it passes on, from gRPC's, which can
-# name addresses and TLS faults.
+# Trailing metadata of the errors porch's handlers answer calls with (every
+# UNAVAILABLE of theirs among them, but not the calls gRPC ends itself as the
+# server stops). gRPC sends none with a failure of its own (a server it
+# could not reach), so a separate gateway tells the server's UNAVAILABLE,
+# whose words it passes on, from gRPC's, which can name addresses and TLS
+# faults.
 ANSWERED = (("x-porch-error", "1"),)
 
 CODES: dict[type[errors.PorchError], grpc.StatusCode] = {
