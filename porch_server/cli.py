@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_from_one_to(MAX_POOL_SIZE),
         default=10,
         metavar="N",
-        help="database connections per pool; a server process holds at most 3 x N + 1 (default 10)",
+        help="database connections per pool; a server process holds at most 3 x N + 2 (default 10)",
     )
     _add_grace_flag(serve)
     serve.add_argument(
