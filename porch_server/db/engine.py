@@ -227,7 +227,7 @@ def connect_apart(engine: Engine, timeout: int) -> Any:
     given = settings.get("connect_timeout", 0)  # 0: none
     waiting = min(given, timeout) if given else timeout
     return engine.dialect.loaded_dbapi.connect(
-        *args, **options, **{**settings, "connect_timeout": waiting}
+        *args, **{**options, **settings, "connect_timeout": waiting}
     )
 
 
