@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 NDJSON = "application/x-ndjson"
 EVENT_STREAM = "text/event-stream"
 STATUS_SCHEMA = status_pb2.Status.DESCRIPTOR.full_name
-_SCHEMAS = "#/components/schemas/"
 
 _INT32 = {
     FieldDescriptor.TYPE_INT32: ("int32", -(2**31), 2**31 - 1),
@@ -257,73 +256,39 @@ class _Builder:
 
     def _request_body(self, binding: Binding) -> dict[str, Any]:
         request = binding.method.input_type
-        given = [variable.field_path for variable in binding.template.variables]
+        paths = [variable.field_path for variable in binding.template.variables]
         if binding.body == "*":
-            schema = self._left_to_path(self._message_ref(request), given)
+            schema = self._message_ref(request)
+            # (A well-known type, google.protobuf.Empty say, has no schema of its own here.)
+            fields = self.schemas.get(request.full_name, {})
+            bound = {path[0] for path in paths if len(path) == 1}
+            filled = {path[0]: _path_fields(paths, path[0]) for path in paths if len(path) > 1}
+            if bound or filled:
+                schema = fields = self._without(request, bound, filled)
             # A body that must hold a field cannot be left out.
-            required = self._requires(schema)
+            required = bool(fields.get("required"))
         else:
             field = request.fields_by_name[binding.body]
             schema = self._constrained(field, self._field_schema(field))
-            schema = self._left_to_path(schema, _within(given, binding.body))
+            schema = _left_to_path(schema, _path_fields(paths, binding.body))
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
-    def _left_to_path(
-        self, schema: dict[str, Any], given: Sequence[Sequence[str]]
+    def _without(
+        self, message: Descriptor, bound: AbstractSet[str], filled: Mapping[str, AbstractSet[str]]
     ) -> dict[str, Any]:
-        """schema saying nothing, at any depth, of the fields the path gives
-        (given, as field paths from it): a body may leave them out, or give
-        them as their defaults or the path's values."""
-        if not given:
-            return schema
-        if "$ref" not in schema:
-            [alone] = self._parts_left_to_path([schema], given)
-            return alone
-        # A shared schema cannot leave out a field for one route: it is
-        # written out, and the keywords beside its $ref still apply with it.
-        beside = {key: value for key, value in schema.items() if key != "$ref"}
-        shared, beside = self._parts_left_to_path([self._referred(schema), beside], given)
-        return {**beside, "allOf": [shared]} if beside else shared
-
-    def _parts_left_to_path(
-        self, parts: Sequence[dict[str, Any]], given: Sequence[Sequence[str]]
-    ) -> list[dict[str, Any]]:
-        """parts, schemas a value must all meet, left to the path together.
-        A message the path sets fields of need be in the body only for what
-        else a part requires of it."""
-        whole = {path[0] for path in given if len(path) == 1}
-        partly = {path[0] for path in given if len(path) > 1}
-        parts = [self._properties_left_to_path(part, given, whole) for part in parts]
-        needed = {
-            name
-            for part in parts
-            for name, schema in part.get("properties", {}).items()
-            if name in partly and self._requires(schema)
-        }
-        return [_unrequired(part, whole | (partly - needed)) for part in parts]
-
-    def _properties_left_to_path(
-        self, schema: dict[str, Any], given: Sequence[Sequence[str]], whole: AbstractSet[str]
-    ) -> dict[str, Any]:
-        properties = {
-            name: self._left_to_path(each, _within(given, name))
-            for name, each in schema.get("properties", {}).items()
-            if name not in whole
-        }
-        rest = {key: value for key, value in schema.items() if key != "properties"}
-        return {**rest, "properties": properties} if properties else rest
-
-    def _requires(self, schema: dict[str, Any]) -> bool:
-        """Whether a value of schema must hold some field."""
-        parts = [self._referred(schema)] if "$ref" in schema else []
-        parts += schema.get("allOf", [])
-        return bool(schema.get("required")) or any(map(self._requires, parts))
-
-    def _referred(self, schema: dict[str, Any]) -> dict[str, Any]:
-        """The schema of this document that schema's $ref names."""
-        referred: dict[str, Any] = self.schemas[schema["$ref"].removeprefix(_SCHEMAS)]
-        return referred
+        """message's schema as a body: without the fields the path sets
+        (bound), and not requiring of a message the path sets fields of
+        (filled, of each its fields set) what the path gives."""
+        known = self.schemas.get(message.full_name)
+        if known is None:  # a well-known type: its JSON form is its own
+            return self._message_ref(message)
+        properties = {k: v for k, v in known["properties"].items() if k not in bound}
+        for name, given in filled.items():
+            properties[name] = _left_to_path(properties[name], given)
+        # Such a message need be in the body only for what else it requires.
+        optional = {name for name in filled if "required" not in properties[name]}
+        return _unrequired({**known, "properties": properties}, bound | optional)
 
     def _responses(self, binding: Binding, options: MethodOptions) -> dict[str, Any]:
         output = binding.method.output_type
@@ -393,7 +358,7 @@ class _Builder:
         if message.full_name not in self.schemas:
             self.schemas[message.full_name] = {}  # placeholder: recursive types end here
             self.schemas[message.full_name] = self._message_schema(message)
-        return {"$ref": _SCHEMAS + message.full_name}
+        return {"$ref": f"#/components/schemas/{message.full_name}"}
 
     def _message_schema(self, message: Descriptor) -> dict[str, Any]:
         properties, required = {}, []
@@ -420,7 +385,7 @@ class _Builder:
             self.enums[enum.full_name] = enum
             names = [value.name for value in enum.values]
             self.schemas[enum.full_name] = self._enum_schema(enum, names)
-        return {"$ref": _SCHEMAS + enum.full_name}
+        return {"$ref": f"#/components/schemas/{enum.full_name}"}
 
     def _enum_schema(self, enum: EnumDescriptor, names: Sequence[str]) -> dict[str, Any]:
         """A string schema offering names, the enum's and their comments its description."""
@@ -440,9 +405,9 @@ def _route(binding: Binding) -> str:
     return f"{binding.http_method} {binding.template.text}"
 
 
-def _within(given: Sequence[Sequence[str]], field: str) -> list[Sequence[str]]:
-    """The field paths of given that lie within field, from it."""
-    return [path[1:] for path in given if len(path) > 1 and path[0] == field]
+def _path_fields(paths: Sequence[Sequence[str]], field: str) -> set[str]:
+    """The fields of message field `field` that path variables set, whole or in part."""
+    return {path[1] for path in paths if len(path) > 1 and path[0] == field}
 
 
 def _unrequired(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
@@ -450,6 +415,14 @@ def _unrequired(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, An
     required = [name for name in schema.get("required", []) if name not in names]
     rest = {key: value for key, value in schema.items() if key != "required"}
     return {**rest, "required": required} if required else rest
+
+
+def _left_to_path(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
+    """schema saying nothing of its own about names, which the path gives:
+    a body may leave them out, or give them as their defaults."""
+    properties = {k: v for k, v in schema.get("properties", {}).items() if k not in names}
+    rest = {key: value for key, value in schema.items() if key != "properties"}
+    return _unrequired({**rest, "properties": properties} if properties else rest, names)
 
 
 def _path_names(bindings: Sequence[Binding]) -> dict[str, list[str]]:

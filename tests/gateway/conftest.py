@@ -16,7 +16,6 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
@@ -25,7 +24,6 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
-from jsonschema import Draft202012Validator
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -359,14 +357,6 @@ async def porch_http(db_url: str, request: pytest.FixtureRequest) -> AsyncIterat
 
 # What a schemathesis run checks: no 5xx, and nothing that contradicts the
 # document (status, content type, headers, body schema).
-def body_errors(document: dict[str, Any], method: str, path: str, body: object) -> list[str]:
-    """Why a document's operation refuses body as its JSON request body."""
-    content = document["paths"][path][method]["requestBody"]["content"]
-    # Its schema's $refs name the document's own components.
-    schema = {**content["application/json"]["schema"], "components": document["components"]}
-    return [error.message for error in Draft202012Validator(schema).iter_errors(body)]
-
-
 SCHEMATHESIS_CHECKS = [
     not_a_server_error,
     status_code_conformance,

@@ -12,7 +12,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, wrappers
 from openapi_spec_validator import validate
 
 from gateway import DocumentOptions, build_openapi
-from tests.gateway.conftest import DESCRIPTOR_SET, ECHO_SERVICE, body_errors
+from tests.gateway.conftest import DESCRIPTOR_SET, ECHO_SERVICE
 
 pytestmark = pytest.mark.asyncio
 
@@ -224,33 +224,8 @@ async def test_a_body_need_not_hold_what_its_path_gives() -> None:
     assert whole["required"] == ["label", "count"]
     details = document["paths"]["/v1/echo/{text}/details"]["put"]["requestBody"]
     body = details["content"]["application/json"]["schema"]
-    [inner] = body["allOf"]  # Inner's own schema, written out without label
-    assert (
-        "label" not in inner["properties"]
-        and inner["description"] == "A nested message, to bind nested fields."
-    )
+    assert body["$ref"] == "#/components/schemas/echo.v1.Inner"
     assert body["required"] == ["count"]  # the path gives inner.label
-
-
-async def test_a_body_is_not_held_to_a_shared_schema_for_what_its_path_gives() -> None:
-    limits = {
-        "echo.v1.Inner.label": {"minLength": 1},
-        "echo.v1.EchoMessage.inner": {"required": ["count"]},
-    }
-    document = build_openapi(
-        [ECHO_SERVICE],
-        DocumentOptions(descriptor_sets=(DESCRIPTOR_SET,), field_schemas=limits),
-    )
-    validate(document)
-    # The shared schema keeps its limit: other routes' bodies use it.
-    assert schemas(document)["echo.v1.Inner"]["properties"]["label"]["minLength"] == 1
-    route = ("put", "/v1/echo/{text}/details")
-    for left in ({"count": "2"}, {"label": "", "count": "2"}):
-        assert body_errors(document, *route, left) == [], left
-    # What the path does not give is still checked, and still required.
-    assert body_errors(document, *route, {"label": "x"}) == ["'count' is a required property"]
-    wrong = body_errors(document, *route, {"count": 2, "child": {"label": ""}})
-    assert wrong == ["2 is not of type 'string'", "'' should be non-empty"]
 
 
 async def test_route_parameters_constrain_one_route_only() -> None:

@@ -26,7 +26,7 @@ from porch_server import store as store_module
 from porch_server.errors import Unavailable
 from porch_server.models import Role
 from porch_server.service import UNANSWERED_CLAIM
-from tests.gateway.conftest import PorchHttp, bearer, body_errors
+from tests.gateway.conftest import PorchHttp, bearer
 
 pytestmark = pytest.mark.asyncio
 
@@ -404,36 +404,6 @@ async def test_what_a_request_needs_the_document_requires(porch_http: PorchHttp)
     # Claiming: a pipeline's name, not empty.
     assert body("/tasks/claim", "post")["properties"]["name"]["minLength"] == 1
     await refused("POST", "/tasks/claim", {"name": ""}, "pipeline.name is required")
-
-
-async def test_a_body_leaves_to_its_path_the_pipeline_the_path_names(
-    porch_http: PorchHttp,
-) -> None:
-    client, wrapper = porch_http.client, await porch_http.pipeline()
-    document = (await client.get("/openapi.json")).json()
-    tasks = "/v1/pipelines/{pipeline_name}/tasks"
-
-    async def accepted(method: str, path: str, body: object, status: int, **names: str) -> Any:
-        assert body_errors(document, method, path, body) == [], body
-        url = path.format(pipeline_name="p1", **names)
-        response = await client.request(method, url, json=body, headers=wrapper)
-        assert response.status_code == status, response.text
-        return response.json()
-
-    made = await accepted("post", tasks, {"pipeline": {}, "task_input": {"a": 1}}, 201)
-    task_input_id = made["task"]["task_input_id"]
-    await accepted("post", tasks + ":claim", {"pipeline": {"uri": "x"}}, 200)
-    update = {"task": {"pipeline": {}, "status": "CANCELLED"}}
-    await accepted("patch", tasks + "/{task_input_id}", update, 200, task_input_id=task_input_id)
-    # What the path does not give is still required; a name the body gives
-    # is still checked where it is the one used.
-    missing = {"pipeline": {}}
-    assert body_errors(document, "post", tasks, missing) == ["'task_input' is a required property"]
-    response = await client.post("/v1/pipelines/p1/tasks", json=missing, headers=wrapper)
-    assert_error(response, 400, 3, "task.task_input is required")
-    assert body_errors(document, "post", "/tasks/claim", {"name": ""}) == ["'' should be non-empty"]
-    response = await client.post("/tasks/claim", json={"name": ""}, headers=wrapper)
-    assert_error(response, 400, 3, "pipeline.name is required")
 
 
 async def test_npg_porch_token_route_offers_what_it_makes(porch_http: PorchHttp) -> None:
