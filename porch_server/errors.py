@@ -88,6 +88,8 @@ class Locked(Unavailable):
 
 # PostgreSQL's lock_not_available: a NOWAIT lock refused, or a lock_timeout.
 LOCK_NOT_AVAILABLE = "55P03"
+# PostgreSQL's query_canceled: a statement_timeout, or a cancel.
+QUERY_CANCELED = "57014"
 # The words for a statement PostgreSQL's own lock_timeout ended (a role's, say).
 LOCK_TIMED_OUT = "another transaction held a lock longer than PostgreSQL's lock_timeout allows"
 

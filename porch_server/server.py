@@ -25,7 +25,7 @@ import gateway
 from porch_server.config import GRPC_MESSAGE_BYTES, Config, host_port
 from porch_server.db.engine import backend_pids, connections_in_use
 from porch_server.db.listen import Listener
-from porch_server.db.pgasync import AsyncStatements
+from porch_server.db.pgasync import AsyncStatements, TimedOut
 from porch_server.errors import Locked, PorchError, first_line, warn_now_and_then
 from porch_server.events import EventHub
 from porch_server.interceptor import PorchInterceptor
@@ -289,9 +289,13 @@ async def _sweep(
             warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
             # But the database answers when a lock held elsewhere (an index
             # being built, say) is the cause: it holds every server alike,
-            # and none of them is to be taken out of service for it.
-            locked = isinstance(error, Locked)
-            new_status = health.found if locked else NOT_SERVING
+            # and none of them is to be taken out of service for it. A
+            # statement_timeout cannot tell such a lock from a database too
+            # slow to serve: SELECT 1 can.
+            answers = isinstance(error, Locked) or (
+                isinstance(error, TimedOut) and await _answers(store)
+            )
+            new_status = health.found if answers else NOT_SERVING
         await health.settle(new_status)
 
 

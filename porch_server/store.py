@@ -79,6 +79,7 @@ from porch_server.db.tables import pipeline as pipeline_table
 from porch_server.errors import (
     LOCK_NOT_AVAILABLE,
     LOCK_TIMED_OUT,
+    QUERY_CANCELED,
     READ_ONLY_DATABASE,
     READ_ONLY_SQLSTATE,
     AlreadyExists,
@@ -1916,8 +1917,11 @@ def _translate_errors() -> Iterator[None]:
     try:
         yield
     except (exc.OperationalError, exc.InterfaceError) as error:
-        if getattr(error.orig, "pgcode", None) == LOCK_NOT_AVAILABLE:  # lock_timeout
+        code = getattr(error.orig, "pgcode", None)
+        if code == LOCK_NOT_AVAILABLE:  # lock_timeout
             raise Locked(LOCK_TIMED_OUT, first_line(error.orig)) from error
+        if code == QUERY_CANCELED:  # statement_timeout, or a cancel: the database answered
+            raise TimedOut("the database is unavailable", first_line(error.orig)) from error
         raise Unavailable("the database is unavailable", first_line(error.orig)) from error
     except exc.TimeoutError as error:
         raise Unavailable("no database connection is free", first_line(error)) from error

@@ -24,6 +24,7 @@ from porch_server import store as store_module
 from porch_server.cursors import cursor_key
 from porch_server.db import migrate
 from porch_server.db.engine import connections_in_use, make_engine
+from porch_server.db.pgasync import TimedOut
 from porch_server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -115,6 +116,22 @@ def test_a_ping_apart_is_answered_with_every_pooled_connection_taken(db_url: str
                         else:
                             with pytest.raises(dbapi.OperationalError):
                                 store.ping_apart(5)
+    finally:
+        store.close()
+
+
+@pytest.mark.postgres
+def test_a_statement_timeout_is_told_apart(pg_url: str) -> None:
+    # From a database out of reach: the sweep asks SELECT 1 before it
+    # takes the server out of service for it.
+    url = make_url(pg_url).update_query_dict({"options": "-c statement_timeout=200"})
+    store = Store(make_engine(url.render_as_string(hide_password=False)))
+    try:
+        with make_engine(pg_url).connect() as locker:
+            locker.execute(text("LOCK TABLE task IN ACCESS EXCLUSIVE MODE"))
+            with pytest.raises(TimedOut, match="the database is unavailable"):
+                store.expire_leases()
+            locker.rollback()
     finally:
         store.close()
 

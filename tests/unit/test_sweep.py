@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2
 
 from porch_server import server
 from porch_server.config import Config
+from porch_server.db.pgasync import TimedOut
 from porch_server.errors import LOCK_TIMED_OUT, Locked, PorchError, Unavailable
 from porch_server.server import _sweep
 
@@ -152,3 +153,15 @@ async def test_a_lock_that_ends_a_hang_leaves_the_health_as_it_was_before(
     during, after = await statuses_while_held(monkeypatch, "expire_leases", 0, locked)
     assert during == [NOT_SERVING]
     assert after == [NOT_SERVING, SERVING]
+
+
+@pytest.mark.parametrize(("answers", "expected"), [(True, []), (False, [NOT_SERVING])])
+async def test_a_statement_timeout_counts_against_the_health_only_if_select_1_goes_unanswered(
+    monkeypatch: pytest.MonkeyPatch, answers: bool, expected: list[Any]
+) -> None:
+    # PostgreSQL's statement_timeout ends a statement held by a lock
+    # elsewhere as it ends one on a database too slow to serve.
+    timed_out = TimedOut("the database is unavailable", "canceling statement due to timeout")
+    pings_answered = 1_000 if answers else 0
+    during, after = await statuses_while_held(monkeypatch, "nothing", pings_answered, timed_out)
+    assert during == after == expected
