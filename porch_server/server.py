@@ -290,8 +290,10 @@ async def _sweep(
             # But the database answers when a lock held elsewhere (an index
             # being built, say) is the cause: it holds every server alike,
             # and none of them is to be taken out of service for it. A
-            # statement_timeout cannot tell such a lock from a database too
-            # slow to serve: SELECT 1 can.
+            # statement_timeout may be such a lock's, or a database's that
+            # hangs: only the second leaves SELECT 1 unanswered. (One too
+            # slow to serve answers it, and stays in service, as it would
+            # without the timeout.)
             answers = isinstance(error, Locked) or (
                 isinstance(error, TimedOut) and await _answers(store)
             )

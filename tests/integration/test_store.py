@@ -126,13 +126,15 @@ def test_a_statement_timeout_is_told_apart(pg_url: str) -> None:
     # takes the server out of service for it.
     url = make_url(pg_url).update_query_dict({"options": "-c statement_timeout=200"})
     store = Store(make_engine(url.render_as_string(hide_password=False)))
+    locking = make_engine(pg_url)
     try:
-        with make_engine(pg_url).connect() as locker:
+        with locking.connect() as locker:
             locker.execute(text("LOCK TABLE task IN ACCESS EXCLUSIVE MODE"))
             with pytest.raises(TimedOut, match="the database is unavailable"):
                 store.expire_leases()
             locker.rollback()
     finally:
+        locking.dispose()
         store.close()
 
 
