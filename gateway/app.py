@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote
 
 import grpc
@@ -57,6 +57,8 @@ from gateway.upstream import (
     call_timeout,
     response_headers,
 )
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -591,14 +593,7 @@ async def _unless_disconnected(
 ) -> UnaryReply:
     """Await call; cancel it if the client disconnects first. For servers
     without a ClosedWatch: a second task waits for the disconnect."""
-    calling = asyncio.ensure_future(call)
-    leaving = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((calling, leaving), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        leaving.cancel()
-        if not calling.done():
-            calling.cancel()
+    calling, _ = await _first_of(call, _disconnected(request))
     if not calling.done():
         raise _client_left()
     return calling.result()
@@ -619,17 +614,26 @@ def _large_body(request: Request) -> bool:
 async def _unless_refused(reading: Coroutine[Any, Any, bytes], probe: Probe) -> bytes:
     """The body reading gives, unless the server refuses the caller first
     (see Probe): then its refusal, the rest of the body left unread."""
-    body = asyncio.ensure_future(reading)
-    refused = asyncio.ensure_future(probe.refused())
-    try:
-        await asyncio.wait((body, refused), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        refused.cancel()
-        if not body.done():
-            body.cancel()
+    body, refused = await _first_of(reading, probe.refused())
     if body.done() and not body.cancelled():
         return body.result()
     raise refused.result()
+
+
+async def _first_of(
+    work: Coroutine[Any, Any, T], rival: Coroutine[Any, Any, Any]
+) -> tuple[asyncio.Future[T], asyncio.Future[Any]]:
+    """Run work and rival until either ends, then cancel the other: work
+    unfinished is cancelled (not done yet when this returns), rival always."""
+    working = asyncio.ensure_future(work)
+    racing = asyncio.ensure_future(rival)
+    try:
+        await asyncio.wait((working, racing), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        racing.cancel()
+        if not working.done():
+            working.cancel()
+    return working, racing
 
 
 def _client_left() -> GatewayError:
