@@ -71,32 +71,21 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # known: a body built to be costly to read costs an unknown caller nothing.
             read = _tolerant(handler.request_deserializer)
             if handler.unary_unary is not None:
-                serve: Any = self._serving(method, read, handler.unary_unary)  # type: ignore[arg-type]
-                handlers = (
-                    grpc.unary_unary_rpc_method_handler(
-                        serve,
-                        response_serializer=handler.response_serializer,
-                    ),
-                    grpc.stream_unary_rpc_method_handler(
-                        serve,
-                        response_serializer=handler.response_serializer,
-                    ),
-                )
+                behavior: Any = handler.unary_unary
+                serialize = handler.response_serializer
+                usual: Any = grpc.unary_unary_rpc_method_handler
+                streamed: Any = grpc.stream_unary_rpc_method_handler
             elif handler.unary_stream is not None:
-                serve = self._serving(method, read, handler.unary_stream)  # type: ignore[arg-type]
-                serialize = _bytes_or(handler.response_serializer)
-                handlers = (
-                    grpc.unary_stream_rpc_method_handler(
-                        serve,
-                        response_serializer=serialize,
-                    ),
-                    grpc.stream_stream_rpc_method_handler(
-                        serve,
-                        response_serializer=serialize,
-                    ),
-                )
+                behavior, serialize = handler.unary_stream, _bytes_or(handler.response_serializer)
+                usual = grpc.unary_stream_rpc_method_handler
+                streamed = grpc.stream_stream_rpc_method_handler
             else:
                 return handler
+            serve = self._serving(method, read, behavior)
+            handlers = (
+                usual(serve, response_serializer=serialize),
+                streamed(serve, response_serializer=serialize),
+            )
             self._handlers[full_method] = handlers
         known = self._known(full_method, handler_call_details.invocation_metadata)
         return handlers[0] if known else handlers[1]
