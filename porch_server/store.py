@@ -809,13 +809,10 @@ class Store:
                 row = connection.execute(_update_with_event(status), params).first()
             if row is not None:
                 return self._to_task(row)
-        if wait or not self._postgresql:
-            with self._write() as connection:
-                return self._update_in(connection, pipeline_name, task_input_id, status, params)
-        # The task's row locked elsewhere refuses the move at once (NOWAIT).
-        with self._write_not_waiting(lambda: _task_locked(task_input_id)) as connection:
+        nowait = self._postgresql and not wait
+        with self._task_write(task_input_id, wait) as connection:
             return self._update_in(
-                connection, pipeline_name, task_input_id, status, params, nowait=True
+                connection, pipeline_name, task_input_id, status, params, nowait=nowait
             )
 
     def release_claim(
@@ -838,16 +835,10 @@ class Store:
             "in_task_input_id": task_input_id,
             "in_claim_number": claim_number,
         }
-        not_waiting = self._postgresql and not wait
-        transaction = (
-            self._write_not_waiting(lambda: _task_locked(task_input_id))
-            if not_waiting
-            else self._write()
-        )
-        with transaction as connection:
+        with self._task_write(task_input_id, wait) as connection:
             params["in_pipeline_id"] = self._find_pipeline_id(connection, pipeline_name)
             looking = (
-                _task_named.with_for_update(nowait=not_waiting) if self._postgresql else _task_named
+                _task_named.with_for_update(nowait=not wait) if self._postgresql else _task_named
             )
             current = connection.execute(looking, params).first()
             if current is None:
@@ -1378,6 +1369,16 @@ class Store:
         # 100 ms and let a waiting writer miss many chances to run.
         with self._write_lock, _translate_errors(), self._writer.begin() as connection:
             yield connection
+
+    def _task_write(
+        self, task_input_id: str, wait: bool
+    ) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction for a change to one task; with wait false
+        (PostgreSQL), one in which the task's row locked elsewhere refuses
+        the change at once (a NOWAIT lock), Locked, rather than wait."""
+        if wait or not self._postgresql:
+            return self._write()
+        return self._write_not_waiting(lambda: _task_locked(task_input_id))
 
     @contextmanager
     def _write_not_waiting(self, refusal: Callable[[], Locked]) -> Iterator[Connection]:
