@@ -127,7 +127,7 @@ def _timeout(text: str) -> float:
 def _deadline(args: argparse.Namespace) -> float | None:
     """Seconds each call may take: --timeout, else $PORCH_TIMEOUT (unless
     empty), else DEFAULT_TIMEOUT_SECONDS; None, no deadline, for porch watch."""
-    if args.command == "watch":
+    if args.command == "watch":  # a stream meant to run until interrupted
         return None
     if args.timeout is not None:
         return float(args.timeout)
@@ -216,8 +216,6 @@ def add_commands(commands: Any) -> None:
     watch.add_argument("--json", action="store_true", help="print each event as JSON")
     watch.add_argument("--bookmarks", action="store_true", help="also print keep-alive bookmarks")
     _add_client_flags(watch)
-    # A stream meant to run until interrupted: a deadline would cut it.
-    watch.set_defaults(timeout=None)
 
 
 def _seconds(value: float) -> str:
