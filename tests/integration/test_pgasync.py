@@ -1166,6 +1166,14 @@ async def release_begun(service: PorchService) -> asyncio.Future[None]:
     raise AssertionError("no release began")
 
 
+def assert_report_kept(store: Store, task_id: str) -> None:
+    """The task is DONE by the report made during its claim's release, whose
+    event is its last: the release undid nothing."""
+    assert store.get_task("p", task_id).status is State.DONE
+    events = store.list_task_events("p", task_id, 10, "").items
+    assert [event.message for event in events] == [None, None, "done all the same"]
+
+
 async def claim_unheard(
     service: PorchService,
     store: Store,
@@ -1269,9 +1277,7 @@ async def test_a_release_tried_again_leaves_a_task_reported_on_meanwhile(
     store.update_task("p", task_id, State.DONE, "done all the same", actor)
     reported.set()
     await releasing  # past the release's second try
-    assert store.get_task("p", task_id).status is State.DONE
-    events = store.list_task_events("p", task_id, 10, "").items
-    assert [event.message for event in events] == [None, None, "done all the same"]
+    assert_report_kept(store, task_id)
     executor.shutdown()
 
 
@@ -1291,9 +1297,7 @@ async def test_a_report_made_before_a_claims_first_release_is_kept(
     store.update_task("p", task_id, State.DONE, "done all the same", actor)
     held.set()
     await releasing
-    assert store.get_task("p", task_id).status is State.DONE
-    events = store.list_task_events("p", task_id, 10, "").items
-    assert [event.message for event in events] == [None, None, "done all the same"]
+    assert_report_kept(store, task_id)
     executor.shutdown()
 
 
