@@ -49,6 +49,8 @@ REGISTER_BATCH_BYTES = 1024 * 1024
 
 # gRPC's own forms of target, taken as they are: dns:///host:port, unix:path, …
 GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "xds:")
+# The most a --token-file may hold: a token, some white space around it.
+TOKEN_FILE_LIMIT = 4096
 # What a token may hold: printable ASCII, no white space.
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
@@ -87,10 +89,17 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("PORCH_TARGET", "127.0.0.1:50051"),
         help="porch server address (default: $PORCH_TARGET or 127.0.0.1:50051)",
     )
-    parser.add_argument(
+    tokens = parser.add_mutually_exclusive_group()
+    tokens.add_argument(
         "--token",
-        default=os.environ.get("PORCH_TOKEN"),
-        help="bearer token (default: $PORCH_TOKEN)",
+        help="bearer token (default: $PORCH_TOKEN); other users of the machine can read"
+        " a command's flags, so prefer $PORCH_TOKEN or --token-file",
+    )
+    tokens.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="read the bearer token from this file (default: $PORCH_TOKEN_FILE)",
     )
     parser.add_argument(
         "--tls",
@@ -311,16 +320,55 @@ class _Calls:
 
 
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """The call's authorization; a token read from a file may end in a line break."""
-    token = (args.token or "").strip()
+    """The call's authorization: the token of --token or --token-file, else
+    of $PORCH_TOKEN or $PORCH_TOKEN_FILE (one of the two); none if none is
+    given. A token read from a file may end in a line break."""
+    token, source = _given_token(args)
+    token = token.strip()
     if not token:
+        if source.startswith(("--token-file", "$PORCH_TOKEN_FILE")):
+            raise SystemExit(f"porch: {source} is empty; it should hold the token alone")
         return ()
     if not _TOKEN_TEXT.fullmatch(token):
         raise SystemExit(
-            "porch: the token (--token or $PORCH_TOKEN) holds white space, control or "
+            f"porch: the token ({source}) holds white space, control or "
             "non-ASCII characters, which no porch token has"
         )
     return (("authorization", f"Bearer {token}"),)
+
+
+def _given_token(args: argparse.Namespace) -> tuple[str, str]:
+    """The token as given, and where it came from, for messages."""
+    if args.token is not None:
+        return args.token, "--token"
+    if args.token_file is not None:
+        return _read_token(args.token_file, f"--token-file {args.token_file}")
+    given = os.environ.get("PORCH_TOKEN", "")
+    named = os.environ.get("PORCH_TOKEN_FILE", "")
+    if given and named:
+        raise SystemExit(
+            "porch: both $PORCH_TOKEN and $PORCH_TOKEN_FILE are set; unset one"
+            " (or give --token or --token-file, which come first)"
+        )
+    if named:
+        return _read_token(Path(named), f"$PORCH_TOKEN_FILE ({named})")
+    return given, "$PORCH_TOKEN"
+
+
+def _read_token(path: Path, source: str) -> tuple[str, str]:
+    """A token file's text; one larger than any token, or not text, is refused
+    by name, and a device such as /dev/zero is read no further."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(TOKEN_FILE_LIMIT + 1)
+    except OSError as error:
+        raise SystemExit(f"porch: cannot read {source}: {error.strerror}") from None
+    if len(data) > TOKEN_FILE_LIMIT:
+        raise SystemExit(
+            f"porch: {source} is larger than {TOKEN_FILE_LIMIT:,} bytes; it should hold the"
+            " token alone"
+        )
+    return data.decode("latin-1"), source
 
 
 def _print(message: Message) -> None:

@@ -1023,6 +1023,92 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         stop_server(process)
 
 
+def test_a_token_file_keeps_the_token_off_the_command_line(sqlite_url: str, tmp_path: Path) -> None:
+    # A flag's value is there for anyone on the machine to read in ps; a
+    # file's contents are not.
+    store = Store(make_engine(sqlite_url))
+    store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
+    secret = new_secret()
+    store.create_token(Role.PIPELINE, "p", "loader", hash_secret(secret))
+    store.close()
+    held = tmp_path / "token"
+    held.write_text(secret + "\n")
+    wrong = tmp_path / "wrong"
+    wrong.write_text(new_secret())
+    process, target = start_server(sqlite_url)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PORCH_TOKEN")}
+
+        def get(*flags: str, **more: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*PORCH, "pipeline", "get", "p", "--target", target, *flags],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**env, **more},
+            )
+
+        for done in (get("--token-file", str(held)), get(PORCH_TOKEN_FILE=str(held))):
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["name"] == "p"
+        refused = get("--token-file", str(wrong))
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("porch: UNAUTHENTICATED: "), refused.stderr
+        # The flag comes before the environment, whichever form either takes.
+        assert get("--token-file", str(held), PORCH_TOKEN="x").returncode == 0
+        assert get("--token", secret, PORCH_TOKEN_FILE=str(wrong)).returncode == 0
+    finally:
+        stop_server(process)
+
+
+def test_a_token_file_that_cannot_be_used_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def metadata(*flags: str) -> tuple[tuple[str, str], ...]:
+        args = cli._parser().parse_args(["pipeline", "get", "p", *flags])
+        return client._metadata(args)
+
+    for name in ("PORCH_TOKEN", "PORCH_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert metadata() == ()
+    missing = tmp_path / "missing"
+    with pytest.raises(
+        SystemExit,
+        match=rf"^porch: cannot read --token-file {missing}: No such file or directory$",
+    ):
+        metadata("--token-file", str(missing))
+    with pytest.raises(SystemExit, match=r"^porch: cannot read --token-file .*: Is a directory$"):
+        metadata("--token-file", str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(
+        SystemExit, match=rf"^porch: --token-file {empty} is empty; it should hold the token alone$"
+    ):
+        metadata("--token-file", str(empty))
+    # A device that never ends is read no further than a token file could be.
+    with pytest.raises(SystemExit, match=r"^porch: --token-file /dev/zero is larger than 4,096"):
+        metadata("--token-file", "/dev/zero")
+    two = tmp_path / "two"
+    two.write_text("first\nsecond\n")
+    with pytest.raises(
+        SystemExit, match=rf"^porch: the token \(--token-file {two}\) holds white space"
+    ):
+        metadata("--token-file", str(two))
+    monkeypatch.setenv("PORCH_TOKEN_FILE", str(two))
+    with pytest.raises(
+        SystemExit, match=rf"^porch: the token \(\$PORCH_TOKEN_FILE \({two}\)\) holds white"
+    ):
+        metadata()
+    monkeypatch.setenv("PORCH_TOKEN", "abc")
+    with pytest.raises(
+        SystemExit, match=r"^porch: both \$PORCH_TOKEN and \$PORCH_TOKEN_FILE are set; unset one"
+    ):
+        metadata()
+    assert metadata("--token", "def") == (("authorization", "Bearer def"),)
+    monkeypatch.setenv("PORCH_TOKEN_FILE", "")
+    assert metadata() == (("authorization", "Bearer abc"),)
+
+
 def test_output_to_a_reader_that_left_ends_quietly() -> None:
     # As in `porch task list | head -1`: the reader is gone before porch writes.
     process = subprocess.Popen(
@@ -1202,7 +1288,11 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
         ),
         (
             ["task", "register", "--pipeline", "p", "--token", "two words", "{}"],
-            "the token (--token or $PORCH_TOKEN) holds white space",
+            "the token (--token) holds white space",
+        ),
+        (
+            ["pipeline", "list", "--token", "t", "--token-file", "t"],
+            "argument --token-file: not allowed with argument --token",
         ),
     ],
 )
