@@ -61,6 +61,28 @@ class PostgresServer:
         self._admin.dispose()
 
 
+# What porch's commands read from the environment. A developer's own (their
+# server, token or database) must not reach the commands the tests run.
+PORCH_VARIABLES = (
+    "PORCH_TARGET",
+    "PORCH_TOKEN",
+    "PORCH_TOKEN_FILE",
+    "PORCH_TIMEOUT",
+    "PORCH_DB_URL",
+    "PORCH_DB_SCHEMA",
+    "DB_URL",
+    "DB_SCHEMA",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_porch_settings() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name in PORCH_VARIABLES:
+            patch.delenv(name, raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """The test PostgreSQL server; skips (or fails under CI) when unreachable."""
