@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -53,6 +54,11 @@ GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:", "
 TOKEN_FILE_LIMIT = 4096
 # What a token may hold: printable ASCII, no white space.
 _TOKEN_TEXT = re.compile(r"[\x21-\x7e]+")
+# The white space taken from around a token: a file's line break, say.
+_SPACE = " \t\r\n"
+# A --token-file, or $PORCH_TOKEN_FILE, that may be a token given in the
+# wrong place (porch's are 43 such characters): not shown in messages.
+_LIKE_A_TOKEN = re.compile(r"[A-Za-z0-9_-]{20,}")
 _HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
 
 
@@ -97,7 +103,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     )
     tokens.add_argument(
         "--token-file",
-        type=Path,
+        type=_token_file,
         metavar="PATH",
         help="read the bearer token from this file (default: $PORCH_TOKEN_FILE)",
     )
@@ -321,29 +327,28 @@ class _Calls:
 
 def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     """The call's authorization: the token of --token or --token-file, else
-    of $PORCH_TOKEN or $PORCH_TOKEN_FILE (one of the two); none if none is
-    given. A token read from a file may end in a line break."""
-    token, source = _given_token(args)
-    token = token.strip()
-    if not token:
-        if source.startswith(("--token-file", "$PORCH_TOKEN_FILE")):
-            raise SystemExit(f"porch: {source} is empty; it should hold the token alone")
+    of $PORCH_TOKEN or $PORCH_TOKEN_FILE (not both); none if none is given."""
+    given = _given_token(args)
+    if given is None:
         return ()
+    token, where = given
     if not _TOKEN_TEXT.fullmatch(token):
         raise SystemExit(
-            f"porch: the token ({source}) holds white space, control or "
+            f"porch: the token {where} holds white space, control or "
             "non-ASCII characters, which no porch token has"
         )
     return (("authorization", f"Bearer {token}"),)
 
 
-def _given_token(args: argparse.Namespace) -> tuple[str, str]:
-    """The token as given, and where it came from, for messages."""
+def _given_token(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The token given, without the white space around it, and where it was
+    given, for messages; None for none, or one left blank."""
     if args.token is not None:
-        return args.token, "--token"
+        token = args.token.strip(_SPACE)
+        return (token, "given by --token") if token else None
     if args.token_file is not None:
-        return _read_token(args.token_file, f"--token-file {args.token_file}")
-    given = os.environ.get("PORCH_TOKEN", "")
+        return _read_token(args.token_file, "--token-file", "--token")
+    given = os.environ.get("PORCH_TOKEN", "").strip(_SPACE)
     named = os.environ.get("PORCH_TOKEN_FILE", "")
     if given and named:
         raise SystemExit(
@@ -351,24 +356,45 @@ def _given_token(args: argparse.Namespace) -> tuple[str, str]:
             " (or give --token or --token-file, which come first)"
         )
     if named:
-        return _read_token(Path(named), f"$PORCH_TOKEN_FILE ({named})")
-    return given, "$PORCH_TOKEN"
+        return _read_token(Path(named), "$PORCH_TOKEN_FILE", "$PORCH_TOKEN")
+    return (given, "in $PORCH_TOKEN") if given else None
 
 
-def _read_token(path: Path, source: str) -> tuple[str, str]:
-    """A token file's text; one larger than any token, or not text, is refused
-    by name, and a device such as /dev/zero is read no further."""
+def _read_token(path: Path, option: str, instead: str) -> tuple[str, str]:
+    """The token in the file option names, and where it was given. A file
+    missing, empty or larger than any token is refused by name, a device
+    such as /dev/zero read no further; a missing file's path that looks
+    like a token itself, meant for instead, is not shown."""
+    shown = shlex.quote(str(path))
+    file = f"{option} {shown}" if option.startswith("-") else f"the file {option} names ({shown})"
     try:
-        with path.open("rb") as file:
-            data = file.read(TOKEN_FILE_LIMIT + 1)
+        with path.open("rb") as opened:
+            data = opened.read(TOKEN_FILE_LIMIT + 1)
+    except FileNotFoundError as error:
+        if _LIKE_A_TOKEN.fullmatch(str(path)):
+            raise SystemExit(
+                f"porch: cannot read {option}: {error.strerror}; its value, not shown, looks"
+                f" like a token itself, which goes in {instead}"
+            ) from None
+        raise SystemExit(f"porch: cannot read {file}: {error.strerror}") from None
     except OSError as error:
-        raise SystemExit(f"porch: cannot read {source}: {error.strerror}") from None
+        raise SystemExit(f"porch: cannot read {file}: {error.strerror or error}") from None
     if len(data) > TOKEN_FILE_LIMIT:
         raise SystemExit(
-            f"porch: {source} is larger than {TOKEN_FILE_LIMIT:,} bytes; it should hold the"
+            f"porch: {file} is larger than {TOKEN_FILE_LIMIT:,} bytes; it should hold the"
             " token alone"
         )
-    return data.decode("latin-1"), source
+    token = data.strip(_SPACE.encode()).decode("latin-1")
+    if not token:
+        raise SystemExit(f"porch: {file} is empty; it should hold the token alone")
+    return token, f"in {file}"
+
+
+def _token_file(text: str) -> Path:
+    """A --token-file's path, for argparse."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: give the path of a file holding a token")
+    return Path(text)
 
 
 def _print(message: Message) -> None:
