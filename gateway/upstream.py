@@ -23,13 +23,17 @@ from gateway.transcode import message_class
 logger = logging.getLogger(__name__)
 
 # What a caller is told, in place of gRPC's words, which can name the
-# server's address and a TLS fault, of an UNAVAILABLE that came with no
-# metadata: the server could not be reached, or gRPC ended the call as the
-# server stopped (its grace over), which neither can tell apart.
+# server's address and a TLS fault, of an UNAVAILABLE or CANCELLED that came
+# with no metadata: the server could not be reached, or gRPC ended the call
+# as the server stopped (one that came as it began to, or that its grace cut
+# short), which neither can tell apart from the other. Not the caller's 499.
 UNREACHABLE = (
     "the server behind this gateway could not be reached, or ended the call as it stopped;"
     " try again later"
 )
+
+# The codes gRPC ends a call with itself, without a word from the server.
+_ENDED_BY_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 Metadata = list[tuple[str, str | bytes]]
 
@@ -183,7 +187,7 @@ class _Reach:
 
     def __init__(self, target: str) -> None:
         self.target = target
-        self._failing: str | None = None
+        self._failing: tuple[grpc.StatusCode, str] | None = None
 
     def answered(self) -> None:
         """Note an answer from the server."""
@@ -197,12 +201,19 @@ class _Reach:
         if error.initial_metadata() or error.trailing_metadata():
             self.answered()
             return error
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
+        if error.code() not in _ENDED_BY_GRPC:
             return error
         details = error.details() or ""
-        if details != self._failing:
-            self._failing = details
-            logger.warning("cannot reach the gRPC server at %s: %s", self.target, details)
+        if (error.code(), details) != self._failing:
+            self._failing = (error.code(), details)
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                logger.warning("cannot reach the gRPC server at %s: %s", self.target, details)
+            else:
+                logger.warning(
+                    "the gRPC server at %s ended a call unanswered, most likely as it stopped: %s",
+                    self.target,
+                    details,
+                )
         empty = grpc.aio.Metadata()
         return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, UNREACHABLE, None)
 

@@ -468,23 +468,23 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
         try:
             answers += calls.unary("RegisterTasks", registering).results
         except grpc.RpcError as error:
-            timed_out = isinstance(error, _TimedOut)
-            if not answers and not timed_out:
+            maybe_made = isinstance(error, _TimedOut) or _unanswered(error)
+            if not answers and not maybe_made:
                 raise
             for answer in answers:
                 _print(answer)
-            registered = _partly_registered(len(answers), len(batch), len(tasks), timed_out)
+            registered = _partly_registered(len(answers), len(batch), len(tasks), maybe_made)
             raise SystemExit(f"{_failure(error)} ({registered})") from None
     for answer in answers:
         _print(answer)
 
 
-def _partly_registered(before: int, batch: int, inputs: int, timed_out: bool) -> str:
+def _partly_registered(before: int, batch: int, inputs: int, maybe_made: bool) -> str:
     """What a register command whose batch failed did: the batches before it
-    were registered; one that ran out of time may have been, on a server
-    that took longer than its caller waited; those after it were not sent."""
+    were registered; one that ran out of time, or that the server ended
+    unanswered, may have been; those after it were not sent."""
     done = [f"the {before:,} tasks before it were registered, as printed"] if before else []
-    if timed_out:
+    if maybe_made:
         done.append(f"the {batch:,} it sent may have been")
     after = inputs - before - batch
     if after:
@@ -542,8 +542,23 @@ def tls_hint(error: grpc.RpcError, flag: str, tls: bool, certificate: bool) -> s
 
 def _failure(error: grpc.RpcError) -> str:
     """A failed call's line: its status and the server's message."""
+    if _unanswered(error):
+        return (
+            "porch: CANCELLED: the server ended the call without answering it, most likely"
+            " as it stopped; try again"
+        )
     code = error.code()
     return f"porch: {code.name if code else 'error'}: {error.details()}"
+
+
+def _unanswered(error: grpc.RpcError) -> bool:
+    """Whether gRPC ended the call at the server with no word from porch
+    (which sends metadata with every error of its own): CANCELLED as the
+    server stopped, for a call that came as it began to, or that its grace
+    cut short. Such a call may have been made, or not begun."""
+    if error.code() != grpc.StatusCode.CANCELLED or not isinstance(error, grpc.Call):
+        return False
+    return not (error.initial_metadata() or error.trailing_metadata())
 
 
 def _event_line(event: porch_pb2.Event) -> str:
@@ -587,9 +602,10 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
                 else:
                     print(_event_line(event), flush=True)
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or not connected:
+            gone = error.code() == grpc.StatusCode.UNAVAILABLE or _unanswered(error)
+            if not (gone and connected):
                 raise
-            reason = f"UNAVAILABLE: {error.details()}"
+            reason = _failure(error).removeprefix("porch: ")
         failures = 0 if delivered else failures + 1
         wait = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
         what = "stream ended" if delivered else "cannot reach the server"

@@ -730,20 +730,46 @@ async def test_unavailable_backend_is_503_in_the_gateways_words(
 
 
 @pytest.mark.parametrize("upstream", UPSTREAMS)
-async def test_a_servers_unavailable_keeps_its_words_if_it_sends_metadata(
-    backend: Backend, upstream: str
+@pytest.mark.parametrize(
+    ("code", "status", "logged"),
+    [
+        ("UNAVAILABLE", 503, "cannot reach the gRPC server at {target}: without metadata"),
+        # As gRPC ends a call that reaches a server as it stops: the caller,
+        # who left nothing, is told to try again, not the 499 of one who left.
+        (
+            "CANCELLED",
+            499,
+            "the gRPC server at {target} ended a call unanswered, most likely as it stopped:"
+            " without metadata",
+        ),
+    ],
+)
+async def test_a_servers_failure_keeps_its_words_if_it_sends_metadata(
+    backend: Backend,
+    upstream: str,
+    code: str,
+    status: int,
+    logged: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     app = echo_app(backend, upstream)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway"
     ) as http:
-        own = await http.get("/v1/fail/UNAVAILABLE", params={"message": "the disk is full"})
-        bare = await http.get("/v1/fail/UNAVAILABLE", params={"message": "without metadata"})
+        own = await http.get(f"/v1/fail/{code}", params={"message": "the disk is full"})
+        bare = await http.get(f"/v1/fail/{code}", params={"message": "without metadata"})
     await app.state.gateway.upstream.close()
-    assert (own.status_code, own.json()["message"]) == (503, "the disk is full")
+    assert (own.status_code, own.json()["message"]) == (status, "the disk is full")
     # With none, it cannot be told from gRPC's own but in the handler's process.
-    told = UNREACHABLE if upstream == "channel" else "without metadata"
-    assert (bare.status_code, bare.json()["message"]) == (503, told)
+    if upstream == "channel":
+        assert (bare.status_code, bare.json()) == (
+            503,
+            {"code": 14, "message": UNREACHABLE, "details": []},
+        )
+        said = [r.getMessage() for r in caplog.records if r.name == "gateway.upstream"]
+        assert said == [logged.format(target=backend.target)]
+    else:
+        assert (bare.status_code, bare.json()["message"]) == (status, "without metadata")
 
 
 async def test_over_a_real_socket(live: Live) -> None:

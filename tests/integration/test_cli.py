@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1940,14 +1940,20 @@ def test_the_timeout_comes_from_the_flag_then_the_environment_then_the_default(
         deadline()
 
 
-class _Registering(grpc.GenericRpcHandler):
-    """A server that registers the first batch of tasks it is sent and holds
-    the next until released; its other methods refuse with DEADLINE_EXCEEDED
-    at once, as a server whose own statement ran out of time would."""
+class _StandIn(grpc.GenericRpcHandler):
+    """A server that registers the first batch of tasks it is sent; for each
+    later batch it calls later(context) first, and for any other unary call
+    other(context). A watch gets its bookmark, then other(context)."""
 
-    def __init__(self) -> None:
-        self.released = threading.Event()
+    def __init__(
+        self,
+        later: Callable[[grpc.ServicerContext], None],
+        other: Callable[[grpc.ServicerContext], None],
+    ) -> None:
+        self.later = later
+        self.other = other
         self.batches = 0
+        self.watches = 0
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if details.method.endswith("/RegisterTasks"):
@@ -1956,54 +1962,131 @@ class _Registering(grpc.GenericRpcHandler):
                 request_deserializer=pb.RegisterTasksRequest.FromString,
                 response_serializer=pb.RegisterTasksResponse.SerializeToString,
             )
-        return grpc.unary_unary_rpc_method_handler(self._too_slow)
+        if details.method.endswith("/WatchEvents"):
+            return grpc.unary_stream_rpc_method_handler(
+                self._watch, response_serializer=pb.Event.SerializeToString
+            )
+        return grpc.unary_unary_rpc_method_handler(self._other)
 
     def _register(
         self, request: pb.RegisterTasksRequest, context: grpc.ServicerContext
     ) -> pb.RegisterTasksResponse:
         self.batches += 1
         if self.batches > 1:
-            self.released.wait(60)
+            self.later(context)
         made = [pb.RegisterTaskResponse(task=task, created=True) for task in request.tasks]
         return pb.RegisterTasksResponse(results=made)
 
-    def _too_slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the database took too long")
+    def _watch(self, request: bytes, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        self.watches += 1
+        yield pb.Event(kind=pb.Event.BOOKMARK, cursor=f"0.{self.watches}")
+        self.other(context)
+
+    def _other(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.other(context)
+        return b""
 
 
-def test_a_register_that_runs_out_of_time_says_what_may_be_registered() -> None:
-    handlers = _Registering()
+@contextlib.contextmanager
+def _stand_in(handlers: _StandIn) -> Iterator[str]:
+    """A stand-in server's target, while it runs."""
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(4), handlers=(handlers,))
     target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
     try:
-        inputs = "".join(f'{{"n": {n}}}\n' for n in range(2_500))  # batches of 1,000
-        flags = ["--target", target, "--timeout", "1"]
-        done = subprocess.run(
-            [*PORCH, "task", "register", "--pipeline", "p", "-", *flags],
-            input=inputs,
+        yield target
+    finally:
+        server.stop(None)
+
+
+def _register_2500_then_fail(flags: list[str], failure: str) -> None:
+    """Register 2,500 tasks, in batches of 1,000, on a stand-in server that
+    fails the second batch as failure says: the first is printed, and the
+    command says what may have been registered."""
+    inputs = "".join(f'{{"n": {n}}}\n' for n in range(2_500))
+    done = subprocess.run(
+        [*PORCH, "task", "register", "--pipeline", "p", "-", *flags],
+        input=inputs,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"{failure} (the 1,000 tasks before it were registered, as printed; the 1,000 it sent"
+        " may have been; the 500 after it were not sent: registering them all again changes"
+        " nothing for those registered)\n"
+    )
+    assert done.stdout.count('"created": true') == 1_000
+
+
+def test_a_register_that_runs_out_of_time_says_what_may_be_registered() -> None:
+    # Later batches are held until released, past the caller's deadline;
+    # other calls are refused at once, as by a server whose own statement
+    # ran out of time.
+    released = threading.Event()
+
+    def too_slow(context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the database took too long")
+
+    with _stand_in(_StandIn(lambda context: released.wait(60), too_slow)) as target:
+        try:
+            flags = ["--target", target, "--timeout", "1"]
+            _register_2500_then_fail(
+                flags,
+                "porch: DEADLINE_EXCEEDED: the server took longer than 1 s to answer RegisterTasks"
+                " (--timeout SECONDS, or $PORCH_TIMEOUT, sets how long each call may take)",
+            )
+            # A DEADLINE_EXCEEDED the server sends before the caller's time is up
+            # is the server's to word.
+            refused = subprocess.run(
+                [*PORCH, "pipeline", "get", "p", *flags], capture_output=True, text=True, timeout=60
+            )
+            assert refused.stderr == "porch: DEADLINE_EXCEEDED: the database took too long\n"
+        finally:
+            released.set()
+
+
+def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
+    # As gRPC ends a call that reaches a server as it stops: CANCELLED, with
+    # no metadata (porch's own errors carry some).
+    def stopped(context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+
+    with _stand_in(_StandIn(stopped, stopped)) as target:
+        got = subprocess.run(
+            [*PORCH, "pipeline", "get", "p", "--target", target],
             capture_output=True,
             text=True,
             timeout=60,
         )
-        assert done.returncode == 1
-        assert done.stderr == (
-            "porch: DEADLINE_EXCEEDED: the server took longer than 1 s to answer RegisterTasks"
-            " (--timeout SECONDS, or $PORCH_TIMEOUT, sets how long each call may take)"
-            " (the 1,000 tasks before it were registered, as printed; the 1,000 it sent"
-            " may have been; the 500 after it were not sent: registering them all again"
-            " changes nothing for those registered)\n"
+        assert (got.returncode, got.stderr) == (
+            1,
+            "porch: CANCELLED: the server ended the call without answering it, most likely as"
+            " it stopped; try again\n",
         )
-        assert done.stdout.count('"created": true') == 1_000
-        # A DEADLINE_EXCEEDED the server sends before the caller's time is up
-        # is the server's to word.
-        refused = subprocess.run(
-            [*PORCH, "pipeline", "get", "p", *flags], capture_output=True, text=True, timeout=60
+        _register_2500_then_fail(
+            ["--target", target],
+            "porch: CANCELLED: the server ended the call without answering it, most likely as"
+            " it stopped; try again",
         )
-        assert refused.stderr == "porch: DEADLINE_EXCEEDED: the database took too long\n"
-    finally:
-        handlers.released.set()
-        server.stop(None)
+        # A watch that was connected reconnects, as after an UNAVAILABLE.
+        watch = subprocess.Popen(
+            [*PORCH, "watch", "--bookmarks", "--target", target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watch.stderr is not None
+            line = watch.stderr.readline()
+        finally:
+            watch.kill()
+            watch.communicate(timeout=60)
+        assert line == (
+            "porch: stream ended (CANCELLED: the server ended the call without answering it,"
+            " most likely as it stopped; try again); reconnecting in 1 s after cursor '0.1'\n"
+        )
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])
