@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 # What a caller is told, in place of gRPC's words, which can name the
 # server's address and a TLS fault, of an UNAVAILABLE or CANCELLED that came
 # with no metadata: the server could not be reached, or gRPC ended the call
-# as the server stopped (one that came as it began to, or that its grace cut
-# short), which neither can tell apart from the other. Not the caller's 499.
+# as the server stopped (CANCELLED for one that came as it began to,
+# UNAVAILABLE for one its grace cut short), which neither can tell apart
+# from the other. Not the caller's 499.
 UNREACHABLE = (
     "the server behind this gateway could not be reached, or ended the call as it stopped;"
     " try again later"
 )
 
-# The codes gRPC ends a call with itself, without a word from the server.
+# The codes of those calls, which gRPC ends without a word from the server.
 _ENDED_BY_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 Metadata = list[tuple[str, str | bytes]]

@@ -468,7 +468,15 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
         try:
             answers += calls.unary("RegisterTasks", registering).results
         except grpc.RpcError as error:
-            maybe_made = isinstance(error, _TimedOut) or _unanswered(error)
+            # Ended by the server's stop, it may have been made. After a
+            # batch that was, a bare UNAVAILABLE too (its grace over, say);
+            # the first one's is more likely an address or TLS fault,
+            # which the usual message names.
+            maybe_made = (
+                isinstance(error, _TimedOut)
+                or _unanswered(error)
+                or bool(answers and _unanswered(error, grpc.StatusCode.UNAVAILABLE))
+            )
             if not answers and not maybe_made:
                 raise
             for answer in answers:
@@ -481,8 +489,8 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
 
 def _partly_registered(before: int, batch: int, inputs: int, maybe_made: bool) -> str:
     """What a register command whose batch failed did: the batches before it
-    were registered; one that ran out of time, or that the server ended
-    unanswered, may have been; those after it were not sent."""
+    were registered; one that ran out of time, or that the server's stop
+    ended, may have been; those after it were not sent."""
     done = [f"the {before:,} tasks before it were registered, as printed"] if before else []
     if maybe_made:
         done.append(f"the {batch:,} it sent may have been")
@@ -551,12 +559,15 @@ def _failure(error: grpc.RpcError) -> str:
     return f"porch: {code.name if code else 'error'}: {error.details()}"
 
 
-def _unanswered(error: grpc.RpcError) -> bool:
-    """Whether gRPC ended the call at the server with no word from porch
-    (which sends metadata with every error of its own): CANCELLED as the
-    server stopped, for a call that came as it began to, or that its grace
-    cut short. Such a call may have been made, or not begun."""
-    if error.code() != grpc.StatusCode.CANCELLED or not isinstance(error, grpc.Call):
+def _unanswered(error: grpc.RpcError, *codes: grpc.StatusCode) -> bool:
+    """Whether gRPC ended the call with no word from porch's server (which
+    sends metadata with every error of its own) and with one of codes
+    (CANCELLED unless given): CANCELLED for a call that reached the server
+    as it began to stop, UNAVAILABLE for one its grace cut short or that
+    could not reach it."""
+    if error.code() not in (codes or (grpc.StatusCode.CANCELLED,)):
+        return False
+    if not isinstance(error, grpc.Call):
         return False
     return not (error.initial_metadata() or error.trailing_metadata())
 
@@ -602,10 +613,14 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
                 else:
                     print(_event_line(event), flush=True)
         except grpc.RpcError as error:
-            gone = error.code() == grpc.StatusCode.UNAVAILABLE or _unanswered(error)
-            if not (gone and connected):
+            if _unanswered(error):
+                reason = "CANCELLED: the server ended the stream, most likely as it stopped"
+            elif error.code() == grpc.StatusCode.UNAVAILABLE:
+                reason = f"UNAVAILABLE: {error.details()}"
+            else:
                 raise
-            reason = _failure(error).removeprefix("porch: ")
+            if not connected:
+                raise
         failures = 0 if delivered else failures + 1
         wait = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
         what = "stream ended" if delivered else "cannot reach the server"

@@ -2084,9 +2084,27 @@ def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
             watch.kill()
             watch.communicate(timeout=60)
         assert line == (
-            "porch: stream ended (CANCELLED: the server ended the call without answering it,"
-            " most likely as it stopped; try again); reconnecting in 1 s after cursor '0.1'\n"
+            "porch: stream ended (CANCELLED: the server ended the stream, most likely as it"
+            " stopped); reconnecting in 1 s after cursor '0.1'\n"
         )
+
+    # A batch its grace cut short, after one made: UNAVAILABLE, and no metadata.
+    def cut(context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "Cancelling all calls")
+
+    def own(context: grpc.ServicerContext) -> None:  # a server's own, with its metadata
+        context.set_trailing_metadata((("x-own", "1"),))
+        context.abort(grpc.StatusCode.CANCELLED, "the handler gave up")
+
+    with _stand_in(_StandIn(cut, own)) as target:
+        _register_2500_then_fail(["--target", target], "porch: UNAVAILABLE: Cancelling all calls")
+        got = subprocess.run(
+            [*PORCH, "pipeline", "get", "p", "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (got.returncode, got.stderr) == (1, "porch: CANCELLED: the handler gave up\n")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])
