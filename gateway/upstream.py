@@ -68,7 +68,9 @@ async def _until_cancelled(part: Awaitable[T], call: grpc.aio.Call) -> T:
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        if not future.done():
+        if future.done():  # as it was cancelled: its error, if any, unheard
+            _ended(future)
+        else:
             cancel_call(call)
             _ENDING.add(future)
             future.add_done_callback(_ended)
