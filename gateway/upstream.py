@@ -7,9 +7,9 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -37,50 +37,6 @@ UNREACHABLE = (
 _ENDED_BY_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 Metadata = list[tuple[str, str | bytes]]
-
-# What grpc.aio's own cancel() tells the server, and its caller's await.
-_CANCELLED_HERE = "Locally cancelled by application!"
-# Parts of calls left to end on their own after their caller stopped
-# waiting (see _until_cancelled): held until they do.
-_ENDING: set[asyncio.Future[Any]] = set()
-T = TypeVar("T")
-
-
-def cancel_call(call: grpc.aio.Call) -> None:
-    """Cancel call in gRPC's core alone: the batch in flight ends as cancelled,
-    and grpc.aio's own task reads that end and frees it. call.cancel() also
-    cancels that task, which leaks the batch's native memory
-    (grpc/grpc#43360): about 1 KiB a call, a gateway growing without bound
-    while its callers give up mid-call. A grpc.aio with no such core call is
-    cancelled its own way."""
-    core = getattr(call, "_cython_call", None)
-    if core is None:
-        call.cancel()
-    elif not core.done():
-        core.cancel(_CANCELLED_HERE)
-
-
-async def _until_cancelled(part: Awaitable[T], call: grpc.aio.Call) -> T:
-    """await part of call (the call itself, or a read); should the task
-    awaiting it be cancelled, the call is cancelled by cancel_call and part
-    left to end on its own, as its end frees what the call holds."""
-    future = asyncio.ensure_future(part)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        if future.done():  # as it was cancelled: its error, if any, unheard
-            _ended(future)
-        else:
-            cancel_call(call)
-            _ENDING.add(future)
-            future.add_done_callback(_ended)
-        raise
-
-
-def _ended(future: asyncio.Future[Any]) -> None:
-    _ENDING.discard(future)
-    if not future.cancelled():
-        future.exception()  # retrieved, not logged: its caller has gone
 
 
 @dataclass(frozen=True)
@@ -217,7 +173,7 @@ class Probe:
         except (TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
             pass
         finally:
-            cancel_call(self._call)
+            self._call.cancel()
 
 
 # Seconds a probe half-closed may wait for its server to end it.
@@ -273,7 +229,7 @@ class _Stream:
     async def read(self) -> Any:
         """The next message; anything else (EOF) at the end; AioRpcError on failure."""
         try:
-            message = await _until_cancelled(self._call.read(), self._call)
+            message = await self._call.read()
         except grpc.aio.AioRpcError as error:
             raise self._reach.told(error) from None
         self._reach.answered()
@@ -285,10 +241,7 @@ class _Stream:
 
     def cancel(self) -> bool:
         """Cancel the call."""
-        if self._call.done():
-            return False
-        cancel_call(self._call)
-        return True
+        return self._call.cancel()
 
     async def code(self) -> grpc.StatusCode:
         """The call's status code, once it has ended."""
@@ -380,7 +333,7 @@ class Upstream:
         self._check_size(message)
         call = self.unary(method)(message, metadata=metadata, timeout=time_limit)
         try:
-            response = await _until_cancelled(call, call)
+            response = await call
         except grpc.aio.AioRpcError as error:
             raise self._reach.told(error) from None
         self._reach.answered()
@@ -429,9 +382,10 @@ class Upstream:
     async def health(self, service: str, deadline: float) -> str:
         """The serving status the health service reports, or the failed call's code name."""
         stub = health_pb2_grpc.HealthStub(self.channel)
-        call = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=deadline)
         try:
-            response = await _until_cancelled(call, call)
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=deadline
+            )
         except grpc.aio.AioRpcError as error:
             return str(error.code().name)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

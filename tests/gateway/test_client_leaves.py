@@ -12,11 +12,9 @@ import uvicorn
 
 import gateway
 from gateway import app as gateway_app
-from gateway import upstream as upstream_module
 from gateway.errors import GatewayError
 from gateway.server import CLOSED_EXTENSION, ClosedWatch
-from tests.gateway.conftest import ECHO_SERVICE, Backend, Live, echo_app
-from tests.gateway.testproto import echo_pb2
+from tests.gateway.conftest import Backend, Live, echo_app
 
 SLEEP = json.dumps({"text": "sleep", "wait": "5s"}).encode()
 
@@ -163,69 +161,3 @@ async def test_a_cancel_from_elsewhere_is_not_taken_for_the_client_leaving() -> 
     waiting.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiting
-
-
-async def test_a_unary_call_left_is_cancelled_in_grpcs_core_its_own_task_left_to_end(
-    backend: Backend,
-) -> None:
-    # grpc.aio's call.cancel(), as cancelling the task awaiting a call, also
-    # cancels the task that reads the call's end, which leaks the native
-    # memory of the batch in flight: about 1 KiB a call, a gateway growing
-    # without bound while its callers give up. The call is cancelled in
-    # gRPC's core instead, and that task reads its end.
-    upstream = gateway.Upstream(backend.target)
-    started: list[Any] = []
-    unary = upstream.unary
-
-    def spied(method: Any) -> Any:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            started.append(unary(method)(*args, **kwargs))
-            return started[-1]
-
-        return call
-
-    upstream.unary = spied  # type: ignore[method-assign]
-    method = ECHO_SERVICE.methods_by_name["Echo"]
-    request = echo_pb2.EchoMessage(text="sleep")
-    request.wait.FromSeconds(5)
-    waiting = asyncio.create_task(upstream.unary_call(method, request, [], None))
-    await asyncio.wait_for(backend.state.sleep_started.wait(), 5)
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    await asyncio.wait_for(backend.state.sleep_cancelled.wait(), 2)
-    [call] = started
-    ending: asyncio.Task[Any] = call._call_response  # grpc.aio's task reading the call's end
-    await asyncio.wait_for(asyncio.wait([ending]), 2)
-    assert ending.cancelling() == 0  # ended, not cancelled
-    await upstream.close()
-
-
-async def test_a_stream_left_mid_read_is_cancelled_in_grpcs_core_its_read_left_to_end(
-    backend: Backend,
-) -> None:
-    upstream = gateway.Upstream(backend.target)
-    stream = upstream.stream_call(
-        ECHO_SERVICE.methods_by_name["Watch"], echo_pb2.WatchRequest(), [], None
-    )
-    reads: list[asyncio.Future[Any]] = []
-    ensure_future = asyncio.ensure_future
-
-    def spied(part: Any) -> Any:
-        reads.append(ensure_future(part))
-        return reads[-1]
-
-    await stream.read()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(upstream_module.asyncio, "ensure_future", spied)
-        # A read awaited while the server sends nothing until its next tick.
-        reading = asyncio.create_task(stream.read())
-        await asyncio.sleep(0)
-        reading.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
-    await asyncio.wait_for(backend.state.watch_cancelled.wait(), 2)
-    [read] = reads
-    await asyncio.wait_for(asyncio.wait([read]), 2)
-    assert read.cancelling() == 0  # ended as the call did (grpc.aio then raises CancelledError)
-    await upstream.close()
