@@ -99,6 +99,32 @@ async def test_register_claim_update_run_on_asyncpg(
     assert await store.claim_tasks_async("p", 5, None, actor) == []
 
 
+async def test_the_busiest_statements_are_built_and_compiled_once(pg_url: str) -> None:
+    # Statements are compiled once per object: one built anew for each
+    # batch was compiled again each time (0.7 ms) and kept for ever.
+    store, statements, actor = await open_store(pg_url)
+    try:
+
+        async def lifecycles(first: int) -> None:
+            for n in range(first, first + 5):
+                text = canonical_json({"n": n})
+                await register_one(store, "p", text, actor)
+                [claimed] = await store.claim_tasks_async("p", 1, timedelta(minutes=5), actor) or []
+                for state in (State.RUNNING, State.DONE):
+                    moved = await store.update_task_async(
+                        "p", claimed.task_input_id, state, None, actor
+                    )
+                    assert moved is not None
+
+        await lifecycles(0)
+        compiled = len(statements._compiled)
+        await lifecycles(5)
+        assert len(statements._compiled) == compiled
+    finally:
+        await statements.close()
+        store.close()
+
+
 async def test_what_asyncpg_cannot_answer_is_left_to_the_thread_path(
     async_store: tuple[Store, Actor],
 ) -> None:

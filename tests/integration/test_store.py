@@ -1075,20 +1075,59 @@ def test_upgrade_counts_a_claim_already_made_as_the_first(bare_db_url: str) -> N
 def test_the_migrations_make_the_tables_as_tables_py_defines_them(bare_db_url: str) -> None:
     migrate.upgrade(bare_db_url)
     engine = make_engine(bare_db_url)
+    postgresql = engine.dialect.name == "postgresql"
     try:
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             differences = compare_metadata(context, tables.metadata)
+            # Alembic compares no partial index's terms: those of the tables
+            # made from tables.py beside them, as the database words them.
+            if postgresql:
+                connection.exec_driver_sql("CREATE SCHEMA made")
+            else:
+                path = tmp_path_of(bare_db_url).with_name("made.db")
+                connection.exec_driver_sql(f"ATTACH DATABASE '{path}' AS made")
+            made = connection.execution_options(schema_translate_map={None: "made"})
+            tables.metadata.create_all(made)
+            migrated, from_tables = (index_terms(connection, schema) for schema in (None, "made"))
+            connection.commit()
     finally:
         engine.dispose()
     # The event indexes each backend reads cursors by, which tables.py
     # leaves to the migration; nothing else differs.
-    if engine.dialect.name == "postgresql":
+    if postgresql:
         by_backend = ["ix_event_pipeline_id_xid_id", "ix_event_xid_id"]
     else:
         by_backend = ["ix_event_pipeline_id_id"]
     found = sorted((difference[0], difference[1].name) for difference in differences)
     assert found == [("remove_index", name) for name in by_backend]
+    assert {name: migrated[name] for name in from_tables} == from_tables
+    assert from_tables["ix_task_status_id"] is not None
+
+
+def tmp_path_of(sqlite_url: str) -> Path:
+    database = make_url(sqlite_url).database
+    assert database is not None
+    return Path(database)
+
+
+def index_terms(connection: Any, schema: str | None) -> dict[str, str | None]:
+    """Each index of a schema (None: the default) by name: the WHERE of a
+    partial index as the database words it, None for the others."""
+    if connection.dialect.name == "postgresql":
+        rows = connection.exec_driver_sql(
+            "SELECT c.relname, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %(schema)s AND NOT i.indisprimary",
+            {"schema": schema or "public"},
+        )
+        return {name: where for name, where in rows if not name.startswith("uq_")}
+    master = "sqlite_master" if schema is None else f"{schema}.sqlite_master"
+    rows = connection.exec_driver_sql(
+        f"SELECT name, sql FROM {master} WHERE type = 'index' AND sql IS NOT NULL"
+    )
+    return {name: sql.partition(" WHERE ")[2] or None for name, sql in rows}
 
 
 @pytest.mark.parametrize("bare_db_url", ["sqlite"], indirect=True)
@@ -1133,47 +1172,49 @@ def test_a_migration_that_leaves_a_row_pointing_at_none_is_refused(sqlite_url: s
         engine.dispose()
 
 
-_LISTINGS = [
-    (pipeline, state)
-    for pipeline in (None, "p1")
-    for state in State
-    if state is not State.DONE  # most tasks: a page of them is read by id at once
-]
+_LISTED_APART = [State.CLAIMED, State.RUNNING, State.FAILED, State.CANCELLED]
 
 
-@pytest.mark.parametrize(("pipeline", "state"), _LISTINGS)
+@pytest.mark.parametrize("pipeline", [None, "p1"])
+@pytest.mark.parametrize("state", _LISTED_APART)
 def test_a_listing_by_status_reads_its_index_not_every_task(
     store: Store, pipeline: str | None, state: State
 ) -> None:
     # Without the status index, a listing of FAILED tasks read every task
-    # of its pipeline: about 50 ms a page with a million tasks DONE.
+    # of its pipeline: 141 ms a page with two million tasks.
     for name in ("p1", "p2"):
         add_pipeline(store, name)
         actor = add_actor(store, name)
         # One task in each status, in order: all but the last claimed.
-        later = [State.RUNNING, State.DONE, State.FAILED, State.CANCELLED]
-        store.register_tasks(name, [{"n": n} for n in range(len(later) + 2)], actor)
-        claimed = store.claim_tasks(name, len(later) + 1, None, actor)
-        for task, state in zip(claimed[1:], later, strict=True):
-            if state is not State.RUNNING:
+        store.register_tasks(name, [{"n": n} for n in range(len(_LISTED_APART) + 2)], actor)
+        claimed = store.claim_tasks(name, len(_LISTED_APART) + 1, None, actor)
+        for task, moved_to in zip(claimed[1:], [State.DONE, *_LISTED_APART[1:]], strict=True):
+            if moved_to is not State.RUNNING:
                 store.update_task(name, task.task_input_id, State.RUNNING, None, actor)
-            store.update_task(name, task.task_input_id, state, None, actor)
-    index = "ix_task_pending" if state is State.PENDING else "ix_task_status_pipeline_id_id"
+            store.update_task(name, task.task_input_id, moved_to, None, actor)
+    sqlite = store.engine.dialect.name == "sqlite"
     with store.engine.connect() as connection:
         pipeline_id = None if pipeline is None else store._find_pipeline_id(connection, pipeline)
-        query = store_module._tasks_listed(pipeline_id, state, 0, 10)
+        query = store_module._tasks_listed(pipeline_id, state, 0, 10, sqlite)
         dialect = store.engine.dialect
         compiled = query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-        if store.engine.dialect.name == "sqlite":
+        if sqlite:
             plan = connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}").all()
             lines = [row[3] for row in plan]
         else:
-            # Few tasks: a scan would cost less. Show that the index serves.
+            # Few tasks: reading them all would cost less. Show that the
+            # index serves the listing, its term proved from the status.
             connection.exec_driver_sql("SET enable_seqscan = off")
             connection.exec_driver_sql("SET enable_bitmapscan = off")
             lines = [row[0] for row in connection.exec_driver_sql(f"EXPLAIN {compiled}")]
         listed = [row.task_input_id for row in connection.execute(query)]
-    assert any(index in line for line in lines), lines
+    # Tasks in the status, in id order, without a sort; on PostgreSQL by
+    # the pipeline's own index instead, should its planner judge it cheaper.
+    by_pipeline = not sqlite and pipeline is not None
+    assert any("ix_task_status_id" in line for line in lines) or (
+        by_pipeline and any("ix_task_pipeline_id_id" in line for line in lines)
+    ), lines
+    assert not any("TEMP B-TREE" in line or "Sort" in line for line in lines), lines
     page = store.list_tasks(pipeline, state, 10, "")
     assert [task.task_input_id for task in page.items] == listed
     assert [task.status for task in page.items] == [state] * (1 if pipeline else 2)

@@ -1,9 +1,9 @@
 """Index tasks by status, for listings by a status other than PENDING or DONE.
 
 Such a listing read every task of its pipeline (or of every pipeline) to
-find a few: about 50 ms a page with a million tasks DONE, growing with
-them. The index is partial, as ix_task_pending is, so it holds only the
-few tasks claimed, running, failed or cancelled.
+find a few: 138 ms with two million tasks, growing as tasks finish. The
+index is partial, as ix_task_pending is, so it holds only the tasks
+claimed, running, failed or cancelled, in id order by status.
 
 Revision ID: 0004
 Revises: 0003
@@ -28,13 +28,13 @@ _LISTED_APART = "status NOT IN ('PENDING', 'DONE')"
 
 def upgrade() -> None:
     op.create_index(
-        "ix_task_status_pipeline_id_id",
+        "ix_task_status_id",
         "task",
-        ["status", "pipeline_id", "id"],
+        ["status", "id"],
         postgresql_where=sa.text(_LISTED_APART),
         sqlite_where=sa.text(_LISTED_APART),
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_task_status_pipeline_id_id", "task")
+    op.drop_index("ix_task_status_id", "task")
