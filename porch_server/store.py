@@ -2277,9 +2277,9 @@ def _tasks_listed(
 ) -> Select[Any]:
     """SELECT a page of tasks, and one more, oldest first: of a pipeline, in a
     status, after an id, each when given. On SQLite a status other than
-    PENDING and DONE gets the status index's term as written, as its planner
-    needs to use a partial index (PostgreSQL's proves it from the status, and
-    would count the term as a second filter, misjudging how many rows match)."""
+    PENDING and DONE gets the status indexes' term, as its planner needs to
+    use a partial index (PostgreSQL's proves it from the status, and would
+    count the term as a second filter, misjudging how many rows match)."""
     query = select(task).order_by(task.c.id).limit(page_size + 1)
     if pipeline_id is not None:
         query = query.where(task.c.pipeline_id == pipeline_id)

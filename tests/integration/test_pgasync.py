@@ -106,19 +106,25 @@ async def test_the_busiest_statements_are_built_and_compiled_once(pg_url: str) -
     try:
 
         async def lifecycles(first: int) -> None:
-            for n in range(first, first + 5):
-                text = canonical_json({"n": n})
-                await register_one(store, "p", text, actor)
-                [claimed] = await store.claim_tasks_async("p", 1, timedelta(minutes=5), actor) or []
-                for state in (State.RUNNING, State.DONE):
-                    moved = await store.update_task_async(
-                        "p", claimed.task_input_id, state, None, actor
-                    )
-                    assert moved is not None
+            # Eight at once, so that batches of several callers are made.
+            texts = [canonical_json({"n": n}) for n in range(first, first + 8)]
+            for _ in range(2):  # new, then registered already
+                await asyncio.gather(*(register_one(store, "p", text, actor) for text in texts))
+            lease = timedelta(minutes=5)
+            claims = [store.claim_tasks_async("p", 1, lease, actor) for _ in texts]
+            claimed = [task for tasks in await asyncio.gather(*claims) for task in tasks or []]
+            assert len(claimed) == len(texts)
+            for state in (State.RUNNING, State.DONE):
+                moves = [
+                    store.update_task_async("p", task.task_input_id, state, None, actor)
+                    for task in claimed
+                ]
+                assert None not in await asyncio.gather(*moves)
 
         await lifecycles(0)
+        await lifecycles(8)
         compiled = len(statements._compiled)
-        await lifecycles(5)
+        await lifecycles(16)
         assert len(statements._compiled) == compiled
     finally:
         await statements.close()
