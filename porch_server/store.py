@@ -2276,16 +2276,21 @@ def _tasks_listed(
     pipeline_id: int | None, status: State | None, after: int | None, page_size: int, sqlite: bool
 ) -> Select[Any]:
     """SELECT a page of tasks, and one more, oldest first: of a pipeline, in a
-    status, after an id, each when given. On SQLite a status other than
-    PENDING and DONE gets the status indexes' term, as its planner needs to
-    use a partial index (PostgreSQL's proves it from the status, and would
-    count the term as a second filter, misjudging how many rows match)."""
+    status, after an id, each when given.
+
+    A status other than PENDING and DONE of every pipeline gets the status
+    index's term on SQLite, as its planner needs to use a partial index.
+    Not when a pipeline is named: with no statistics, it would then take
+    that index even where the pipeline's is better (a small pipeline, its
+    status common in others'). PostgreSQL's planner proves the term from
+    the status, and would count it as a second filter, misjudging how many
+    rows match."""
     query = select(task).order_by(task.c.id).limit(page_size + 1)
     if pipeline_id is not None:
         query = query.where(task.c.pipeline_id == pipeline_id)
     if status is not None:
         query = query.where(task.c.status == status.value)
-        if sqlite and status not in (State.PENDING, State.DONE):
+        if sqlite and pipeline_id is None and status not in (State.PENDING, State.DONE):
             query = query.where(sql_text(LISTED_APART))
     if after is not None:
         query = query.where(task.c.id > after)

@@ -1105,7 +1105,6 @@ def test_the_migrations_make_the_tables_as_tables_py_defines_them(bare_db_url: s
     assert found == [("remove_index", name) for name in by_backend]
     assert {name: migrated[name] for name in from_tables} == from_tables
     assert from_tables["ix_task_status_id"] is not None
-    assert from_tables["ix_task_pipeline_id_status_id"] is not None
 
 
 def tmp_path_of(sqlite_url: str) -> Path:
@@ -1224,10 +1223,14 @@ def test_a_listing_by_status_reads_its_index_not_every_task(
             connection.exec_driver_sql("SET enable_bitmapscan = off")
             lines = [row[0] for row in connection.exec_driver_sql(f"EXPLAIN {compiled}")]
         listed = [row.task_input_id for row in connection.execute(query)]
-    # Tasks in the status, of the pipeline when named, in id order, without
-    # a sort.
-    index = "ix_task_status_id" if pipeline is None else "ix_task_pipeline_id_status_id"
-    assert any(index in line for line in lines), lines
+    # Tasks in the status, in id order, without a sort. A pipeline's on
+    # SQLite by the pipeline's index, as before (see _tasks_listed); on
+    # PostgreSQL by either, as its planner judges.
+    if pipeline is None:
+        indexes = ["ix_task_status_id"]
+    else:
+        indexes = ["ix_task_pipeline_id_id"] + ([] if sqlite else ["ix_task_status_id"])
+    assert any(index in line for index in indexes for line in lines), lines
     assert not any("TEMP B-TREE" in line or "Sort" in line for line in lines), lines
     page = store.list_tasks(pipeline, state, 10, "")
     assert [task.task_input_id for task in page.items] == listed

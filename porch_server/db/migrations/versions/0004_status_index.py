@@ -2,9 +2,8 @@
 
 Such a listing read every task of its pipeline (or of every pipeline) to
 find a few: 138 ms with two million tasks, growing as tasks finish. The
-indexes are partial, as ix_task_pending is, so they hold only the tasks
-claimed, running, failed or cancelled: by status in id order, for
-listings of every pipeline, and by pipeline and status, for one's.
+index is partial, as ix_task_pending is, so it holds only the tasks
+claimed, running, failed or cancelled, by status in id order.
 
 Revision ID: 0004
 Revises: 0003
@@ -27,23 +26,15 @@ depends_on: str | Sequence[str] | None = None
 _LISTED_APART = "status NOT IN ('PENDING', 'DONE')"
 
 
-_INDEXES = {
-    "ix_task_status_id": ["status", "id"],
-    "ix_task_pipeline_id_status_id": ["pipeline_id", "status", "id"],
-}
-
-
 def upgrade() -> None:
-    for name, columns in _INDEXES.items():
-        op.create_index(
-            name,
-            "task",
-            columns,
-            postgresql_where=sa.text(_LISTED_APART),
-            sqlite_where=sa.text(_LISTED_APART),
-        )
+    op.create_index(
+        "ix_task_status_id",
+        "task",
+        ["status", "id"],
+        postgresql_where=sa.text(_LISTED_APART),
+        sqlite_where=sa.text(_LISTED_APART),
+    )
 
 
 def downgrade() -> None:
-    for name in _INDEXES:
-        op.drop_index(name, "task")
+    op.drop_index("ix_task_status_id", "task")
