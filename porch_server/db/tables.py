@@ -147,7 +147,7 @@ task = Table(
     Index("ix_task_pipeline_id_id", "pipeline_id", "id"),
     # A listing by a status other than PENDING or DONE reads only the tasks
     # in that status, in id order, not every task: it does not slow as tasks
-    # finish. (A second index, by pipeline too, cost the lifecycle 4 %.)
+    # finish. (A second index, by pipeline too, cost the lifecycle 5 %.)
     Index(
         "ix_task_status_id",
         "status",
