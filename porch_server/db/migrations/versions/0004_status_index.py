@@ -1,9 +1,10 @@
 """Index tasks by status, for listings by a status other than PENDING or DONE.
 
 Such a listing read every task of its pipeline (or of every pipeline) to
-find a few: 138 ms with two million tasks, growing as tasks finish. The
-index is partial, as ix_task_pending is, so it holds only the tasks
-claimed, running, failed or cancelled, by status in id order.
+find a few: 130 ms with two million tasks on PostgreSQL, growing as tasks
+finish. The index is partial, as ix_task_pending is, so it holds only the
+tasks claimed, running, failed or cancelled, by status in id order. (On
+SQLite only listings of every pipeline use it: see store._tasks_listed.)
 
 Revision ID: 0004
 Revises: 0003
