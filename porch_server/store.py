@@ -77,6 +77,7 @@ from porch_server.db.pgasync import (
 )
 from porch_server.db.tables import (
     LISTED_APART,
+    OUTSIDE_STATUS_INDEX,
     UtcDateTime,
     event,
     event_horizon,
@@ -2290,7 +2291,7 @@ def _tasks_listed(
         query = query.where(task.c.pipeline_id == pipeline_id)
     if status is not None:
         query = query.where(task.c.status == status.value)
-        if sqlite and pipeline_id is None and status not in (State.PENDING, State.DONE):
+        if sqlite and pipeline_id is None and status not in OUTSIDE_STATUS_INDEX:
             query = query.where(sql_text(LISTED_APART))
     if after is not None:
         query = query.where(task.c.id > after)

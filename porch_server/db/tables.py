@@ -105,7 +105,8 @@ token = Table(
 # ix_task_pending holds those) and DONE (most tasks, which a listing finds by
 # id at once). SQLite's planner uses a partial index only for a query that
 # names its terms, as parsed, and in this order.
-LISTED_APART = "status NOT IN ('PENDING', 'DONE')"
+OUTSIDE_STATUS_INDEX = (State.PENDING, State.DONE)
+LISTED_APART = f"status NOT IN ({', '.join(repr(s.value) for s in OUTSIDE_STATUS_INDEX)})"
 
 task = Table(
     "task",

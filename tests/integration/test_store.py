@@ -1087,7 +1087,9 @@ def test_the_migrations_make_the_tables_as_tables_py_defines_them(bare_db_url: s
             if postgresql:
                 connection.exec_driver_sql("CREATE SCHEMA made")
             else:
-                path = tmp_path_of(bare_db_url).with_name("made.db")
+                database = make_url(bare_db_url).database
+                assert database is not None
+                path = Path(database).with_name("made.db")
                 connection.exec_driver_sql(f"ATTACH DATABASE '{path}' AS made")
             made = connection.execution_options(schema_translate_map={None: "made"})
             tables.metadata.create_all(made)
@@ -1105,12 +1107,6 @@ def test_the_migrations_make_the_tables_as_tables_py_defines_them(bare_db_url: s
     assert found == [("remove_index", name) for name in by_backend]
     assert {name: migrated[name] for name in from_tables} == from_tables
     assert from_tables["ix_task_status_id"] is not None
-
-
-def tmp_path_of(sqlite_url: str) -> Path:
-    database = make_url(sqlite_url).database
-    assert database is not None
-    return Path(database)
 
 
 def index_terms(connection: Any, schema: str | None) -> dict[str, str | None]:
