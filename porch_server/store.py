@@ -2285,11 +2285,21 @@ def _tasks_listed(
     that index even where the pipeline's is better (a small pipeline, its
     status common in others'). PostgreSQL's planner proves the term from
     the status, and would count it as a second filter, misjudging how many
-    rows match."""
+    rows match.
+
+    A pipeline's PENDING tasks are read on SQLite by the claims' index, named
+    as the claim names it: left to choose between that and the pipeline's
+    index, its planner took whichever was made last, and migration 0003
+    makes them again in no set order (16 ms a page at 120,000 tasks, not 0.6).
+    """
     query = select(task).order_by(task.c.id).limit(page_size + 1)
     if pipeline_id is not None:
         query = query.where(task.c.pipeline_id == pipeline_id)
-    if status is not None:
+    if status is State.PENDING and pipeline_id is not None and sqlite:
+        # As in the index's term: SQLite does not match a bound value to it.
+        query = query.where(task.c.status == _PENDING)
+        query = query.with_hint(task, "INDEXED BY ix_task_pending", "sqlite")
+    elif status is not None:
         query = query.where(task.c.status == status.value)
         if sqlite and pipeline_id is None and status not in OUTSIDE_STATUS_INDEX:
             query = query.where(sql_text(LISTED_APART))
