@@ -67,6 +67,9 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
         "additionalProperties": True,
     },
 }
+# Where a reference to a message's schema points.
+_SCHEMAS = "#/components/schemas/"
+
 # Depth at which query parameters stop descending into nested messages.
 _MAX_QUERY_DEPTH = 5
 
@@ -270,7 +273,8 @@ class _Builder:
         else:
             field = request.fields_by_name[binding.body]
             schema = self._constrained(field, self._field_schema(field))
-            schema = _left_to_path(schema, _path_fields(paths, binding.body))
+            given = _path_fields(paths, binding.body)
+            schema = _left_to_path(self._opened(schema, given), given)
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
@@ -285,10 +289,21 @@ class _Builder:
             return self._message_ref(message)
         properties = {k: v for k, v in known["properties"].items() if k not in bound}
         for name, given in filled.items():
-            properties[name] = _left_to_path(properties[name], given)
+            properties[name] = _left_to_path(self._opened(properties[name], given), given)
         # Such a message need be in the body only for what else it requires.
         optional = {name for name in filled if "required" not in properties[name]}
         return _unrequired({**known, "properties": properties}, bound | optional)
+
+    def _opened(self, schema: dict[str, Any], given: AbstractSet[str]) -> dict[str, Any]:
+        """schema, a message's reference, as that message's schema itself where
+        the message requires any of given: a reference would require them
+        of the body however the schema beside it is cut."""
+        target = self.schemas.get(schema.get("$ref", "").removeprefix(_SCHEMAS))
+        if not target or given.isdisjoint(target.get("required", ())):
+            return schema
+        beside = {key: value for key, value in schema.items() if key != "$ref"}
+        required = list(dict.fromkeys([*target["required"], *beside.get("required", ())]))
+        return {**target, **beside, "required": required}
 
     def _responses(self, binding: Binding, options: MethodOptions) -> dict[str, Any]:
         output = binding.method.output_type
@@ -310,7 +325,7 @@ class _Builder:
         chosen = "Success, as the server chose." if responses else description
         for status in options.other_success_statuses:
             responses[str(status)] = {"description": chosen, "content": content}
-        error_schema = {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}
+        error_schema = {"$ref": f"{_SCHEMAS}{STATUS_SCHEMA}"}
         responses["default"] = {
             "description": "An error.",
             "content": {"application/json": {"schema": error_schema}},
@@ -358,7 +373,7 @@ class _Builder:
         if message.full_name not in self.schemas:
             self.schemas[message.full_name] = {}  # placeholder: recursive types end here
             self.schemas[message.full_name] = self._message_schema(message)
-        return {"$ref": f"#/components/schemas/{message.full_name}"}
+        return {"$ref": f"{_SCHEMAS}{message.full_name}"}
 
     def _message_schema(self, message: Descriptor) -> dict[str, Any]:
         properties, required = {}, []
@@ -385,7 +400,7 @@ class _Builder:
             self.enums[enum.full_name] = enum
             names = [value.name for value in enum.values]
             self.schemas[enum.full_name] = self._enum_schema(enum, names)
-        return {"$ref": f"#/components/schemas/{enum.full_name}"}
+        return {"$ref": f"{_SCHEMAS}{enum.full_name}"}
 
     def _enum_schema(self, enum: EnumDescriptor, names: Sequence[str]) -> dict[str, Any]:
         """A string schema offering names, the enum's and their comments its description."""
@@ -464,7 +479,7 @@ def _parameter(
 
 
 def _stream_content(schema: dict[str, Any]) -> dict[str, Any]:
-    status = {"$ref": f"#/components/schemas/{STATUS_SCHEMA}"}
+    status = {"$ref": f"{_SCHEMAS}{STATUS_SCHEMA}"}
     line = {
         "type": "object",
         "description": (

@@ -6,6 +6,7 @@ from importlib import resources
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
 import gateway
@@ -84,6 +85,15 @@ def test_comments_and_field_behaviour(document: dict[str, Any]) -> None:
     assert "Sets `pipeline.name`." in name["description"]
     body = claimed["requestBody"]["content"]["application/json"]["schema"]
     assert "required" not in body and "pipeline" in body["properties"]
+    # The path gives pipeline.name: a body's pipeline need not, and the
+    # body of npg_porch's claim, whose path does not, must.
+    bodies = Draft202012Validator({**body, "components": document["components"]})
+    assert bodies.is_valid({"num_tasks": 2, "pipeline": {"uri": "u"}})
+    assert not bodies.is_valid({"pipeline": {"uri": 7}})
+    npg = document["paths"]["/tasks/claim"]["post"]["requestBody"]["content"]["application/json"]
+    npg_bodies = Draft202012Validator({**npg["schema"], "components": document["components"]})
+    assert not npg_bodies.is_valid({"uri": "u"})
+    assert npg_bodies.is_valid({"name": "p", "uri": "u"})
     assert task["properties"]["create_time"]["readOnly"] is True
     assert task["properties"]["create_time"]["format"] == "date-time"
     assert "SHA-256" in task["properties"]["task_input_id"]["description"]
