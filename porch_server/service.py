@@ -44,6 +44,7 @@ from porch_server.errors import (
 )
 from porch_server.events import EventHub, follow
 from porch_server.models import Actor, Event, Pipeline, Registration, Role, Task
+from porch_server.status import ANSWERED
 from porch_server.store import MAX_TASK_INPUT_BYTES, Store
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
@@ -74,6 +75,7 @@ REVOCATION_CHECK_SECONDS = 5.0
 REVOCATIONS_KEPT = 10_000
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
+LATE_CLAIM = "the call's deadline passed as its claim was made: its tasks are PENDING again"
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in
 # all, after which they stay CLAIMED and the log says so. Each try, the
@@ -619,7 +621,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             # ... or with the answer ready but the caller's deadline passed.
             self._release(name, actor, claiming)
             try:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, LATE_CLAIM, ANSWERED)
             except grpc.aio.AbortError:
                 raise
             except Exception:  # gRPC had ended the call already: nobody is left to tell

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import create_engine, text
@@ -33,8 +34,9 @@ from porch_server.db.pgasync import (
 from porch_server.digest import canonical_json, digest_of
 from porch_server.errors import LOCK_TIMED_OUT, FailedPrecondition, Locked, Unavailable
 from porch_server.models import Actor, EventKind, Pipeline, Registration, Role
-from porch_server.service import LOCKED_RETRY_PAUSES, UNANSWERED_CLAIM, PorchService
+from porch_server.service import LATE_CLAIM, LOCKED_RETRY_PAUSES, UNANSWERED_CLAIM, PorchService
 from porch_server.states import State
+from porch_server.status import ANSWERED
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2
 from tests.conftest import PostgresServer, SchemaDatabase
@@ -1167,13 +1169,13 @@ class EndedCall:
     def __init__(self, remaining: float | None, ended: bool = False) -> None:
         self.remaining = remaining
         self.ended = ended
-        self.aborted: tuple[Any, str] | None = None
+        self.aborted: tuple[Any, str, Any] | None = None
 
     def time_remaining(self) -> float | None:
         return self.remaining
 
-    async def abort(self, code: Any, details: str) -> None:
-        self.aborted = (code, details)
+    async def abort(self, code: Any, details: str, metadata: Any = ()) -> None:
+        self.aborted = (code, details, metadata)
         if self.ended:
             raise RuntimeError('Failed "execute_batch"')  # as grpc's ExecuteBatchError
         raise asyncio.CancelledError  # as grpc.aio's abort ends the handler
@@ -1252,7 +1254,7 @@ async def test_a_claim_whose_call_ended_first_puts_its_tasks_back(
     assert await released(store, task_id) == [None, None, UNANSWERED_CLAIM]
     assert store.get_task("p", task_id).claimed_by_token_id is None
     if how != "cancelled":
-        assert context.aborted is not None and context.aborted[0].name == "DEADLINE_EXCEEDED"
+        assert context.aborted == (grpc.StatusCode.DEADLINE_EXCEEDED, LATE_CLAIM, ANSWERED)
     executor.shutdown()
 
 
