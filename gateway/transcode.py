@@ -158,7 +158,9 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     except json_format.ParseError as error:
         # The first line names the field; the rest lists every field there is.
         first = str(error).splitlines()[0]
-        if "surrogates not allowed" in first:  # json reads "\ud800" as one
+        # json reads "\ud800" as one: a Struct's string refuses it so, a
+        # string field as an "Unpaired surrogate".
+        if "surrogates not allowed" in first or "Unpaired surrogate" in first:
             field = ".".join(re.findall(r"Failed to parse (\S+) field", first)) or "the body"
             raise invalid_argument(
                 f"{field}: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF"

@@ -353,6 +353,11 @@ async def test_an_empty_task_input_is_still_there(porch_http: PorchHttp) -> None
             "task.task_input: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF escape"
             " without its pair), which is not text",
         ),
+        (
+            '{"pipeline": {"name": "ptest\\udc00"}, "task_input": {"n": 1}}',
+            "task.pipeline.name: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF"
+            " escape without its pair), which is not text",
+        ),
     ],
 )
 async def test_a_body_of_the_wrong_shape_is_named(
