@@ -2690,17 +2690,23 @@ def _refused(current: Row[Any], status: State, params: dict[str, Any]) -> bool:
     old = State(current.status)
     if is_noop(old, status):
         return True
-    if (
-        old is State.PENDING
-        and params["in_claim_number"] is not None
-        and status not in UPDATE_TRANSITIONS[old]
-    ):
-        # The claim named is still the latest, but no longer holds the task.
-        raise FailedPrecondition(
-            f"a task cannot go from PENDING to {status}: claim {current.claim_number} no longer"
-            " holds it (its lease lapsed, or it was released, and the task went back to"
-            " PENDING); claim it again"
-        )
+    if old is State.PENDING and status not in UPDATE_TRANSITIONS[old] | {State.CLAIMED}:
+        refused = f"a task cannot go from PENDING to {status}"
+        if params["in_claim_number"] is not None:
+            # The claim named is still the latest, but no longer holds the task.
+            raise FailedPrecondition(
+                f"{refused}: claim {current.claim_number} no longer holds it (its lease"
+                " lapsed, or it was released, and the task went back to PENDING); claim it"
+                " again"
+            )
+        if current.claim_number:
+            # A wrapper that names no claim (npg_porch's PUT /tasks) learns why.
+            raise FailedPrecondition(
+                f"{refused}: it waits to be claimed again (claim {current.claim_number}, its"
+                " latest, no longer holds it: its lease lapsed, it was released, or it was"
+                " put back to PENDING); claim it first"
+            )
+        raise FailedPrecondition(f"{refused}: it has never been claimed; claim it first")
     check_transition(old, status)
     return False
 

@@ -595,6 +595,17 @@ def test_a_claimer_whose_lease_lapsed_is_told_so(store: Store) -> None:
     # Its late report, naming its claim, is told why it is refused ...
     with pytest.raises(FailedPrecondition, match=r"claim 1 no longer holds it \(its lease lapsed"):
         store.update_task("p1", claimed.task_input_id, State.RUNNING, None, actor, 1)
+    # ... as is one naming no claim (npg_porch's PUT /tasks), and one of a
+    # task never claimed.
+    waits = r"PENDING to DONE: it waits to be claimed again \(claim 1, its latest, no longer"
+    with pytest.raises(FailedPrecondition, match=waits):
+        store.update_task("p1", claimed.task_input_id, State.DONE, None, actor)
+    [new] = store.register_tasks("p1", [{"i": 1}], actor)
+    never = r"^a task cannot go from PENDING to RUNNING: it has never been claimed; claim it first$"
+    with pytest.raises(FailedPrecondition, match=never):
+        store.update_task("p1", new.task.task_input_id, State.RUNNING, None, actor)
+    with pytest.raises(FailedPrecondition, match=r"CLAIMED \(only ClaimTasks claims a task\)$"):
+        store.update_task("p1", new.task.task_input_id, State.CLAIMED, None, actor)
     # ... and a move the table allows from PENDING is not refused for it.
     cancelled = store.update_task("p1", claimed.task_input_id, State.CANCELLED, None, actor, 1)
     assert cancelled.status is State.CANCELLED
