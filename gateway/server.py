@@ -7,6 +7,7 @@ import contextlib
 import math
 import socket
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -96,6 +97,34 @@ class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop reading a head past HEAD_BYTES."""
 
 
+def _ended_by_closing(cycle: RequestResponseCycle) -> Callable[[Message], Awaitable[None]]:
+    """cycle's send for an HTTP/1.0 request: an answer of no stated length (a
+    stream, a long list) is sent as it is, and ends as the connection closes,
+    as HTTP/1.0 ends it. uvicorn would send it chunked, which an HTTP/1.0
+    client cannot read (RFC 9112, 6.1); it closes such a connection after
+    each answer."""
+    send = cycle.send
+    unframed = False
+
+    async def send_unframed(message: Message) -> None:
+        nonlocal unframed
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            unframed = (
+                not names & {b"content-length", b"transfer-encoding"}
+                and cycle.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+            )
+            if unframed:  # as uvicorn reads these: a length known, and none left over
+                cycle.chunked_encoding = False
+                cycle.expected_content_length = sys.maxsize
+        elif unframed and not message.get("more_body", False):
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    return send_unframed
+
+
 class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
     """uvicorn's httptools protocol, with a deadline and a size bound on each
     request's head (uvicorn has neither: its keep-alive timer stops at the
@@ -155,6 +184,8 @@ class _GuardedHttpTools(HttpToolsProtocol):  # type: ignore[misc]
         super().on_headers_complete()
         if self.cycle is not before:  # a request to answer, not an upgrade
             self.cycle.send = self._closing_unless_read(self.cycle)
+            if self.scope["http_version"] == "1.0":
+                self.cycle.send = _ended_by_closing(self.cycle)
 
     def on_response_complete(self) -> None:
         # The oldest request is answered: its watch has nothing left to tell.

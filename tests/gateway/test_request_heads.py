@@ -120,6 +120,34 @@ async def test_an_answer_after_the_whole_body_keeps_the_connection(live: Live) -
     writer.close()
 
 
+@pytest.mark.parametrize("path", ["/v1/count/3", "/v1/count/0", "/v1/fail/ABORTED"])
+async def test_an_http_1_0_client_gets_an_answer_it_can_read(live: Live, path: str) -> None:
+    # A stream has no length to state: uvicorn sent it chunked, which
+    # HTTP/1.0 does not have (curl --http1.0 read it; ApacheBench would not).
+    reader, writer = await _connect(live)
+    writer.write(b"GET %s HTTP/1.0\r\n\r\n" % path.encode())
+    raw = await asyncio.wait_for(reader.read(), 5)  # to the connection's end
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    length = re.search(rb"content-length: (\d+)", head)
+    if path == "/v1/fail/ABORTED":  # an answer of known length keeps it
+        assert length is not None and int(length[1]) == len(body)
+        assert json.loads(body)["code"] == 10
+    else:
+        assert length is None and head.endswith(b"\r\nconnection: close")
+        ticks = [int(json.loads(line)["result"]["seq"]) for line in body.splitlines()]
+        assert ticks == list(range(1, int(path[-1]) + 1))
+    writer.close()
+
+
+async def test_an_http_1_1_client_still_gets_a_stream_chunked(live: Live) -> None:
+    reader, writer = await _connect(live)
+    writer.write(b"GET /v1/count/2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert b"\r\ntransfer-encoding: chunked\r\n" in head
+    writer.close()
+
+
 async def _closed_while_the_body_trickles_in(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
