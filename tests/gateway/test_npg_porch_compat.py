@@ -255,6 +255,14 @@ async def test_list_tasks_filters(porch_http: PorchHttp) -> None:
     assert [task["task_input"] for task in pending.json()] == [{"n": 1}, {"n": 2}]
     bad = await client.get("/tasks", params={"status": "SOMETIMES"}, headers=admin)
     assert bad.status_code == 400
+    # A misspelt filter would list every task, as npg_porch did: refused.
+    for query, named in (
+        ("staus=FAILED", "unknown query parameter 'staus': no such field"),
+        ("_=123", "unknown query parameter '_': no such field"),
+        ("status=DONE&status=FAILED", "query parameter 'status' is given more than once"),
+    ):
+        refused = await client.get(f"/tasks?{query}", headers=admin)
+        assert (refused.status_code, refused.json()["message"]) == (400, named)
     # A pipeline nobody made is a filter matching nothing, as in npg_porch.
     unknown = await client.get("/tasks", params={"pipeline_name": "nope"}, headers=admin)
     assert (unknown.status_code, unknown.json()) == (200, [])
