@@ -115,7 +115,7 @@ def check_role(method: str, token: Token) -> None:
     if access is Access.ADMIN and token.role is not Role.ADMIN:
         given = f"{_a(token.role)} token"
         if token.pipeline_name is not None:
-            given += f" of pipeline '{shortened(token.pipeline_name)}'"
+            given += f" of pipeline {shortened(token.pipeline_name)!r}"
         raise PermissionDenied(f"{method} needs an admin token; this is {given}")
     if access is Access.WRITE and token.role is not Role.PIPELINE:
         raise PermissionDenied(f"{method} needs a pipeline's token; this is {_a(token.role)} token")
@@ -130,13 +130,13 @@ def authorize(method: str, token: Token, request: Any) -> None:
     assert rule.pipeline_of is not None
     pipeline = rule.pipeline_of(request)
     if token.role is not Role.PIPELINE:
-        named = f"pipeline '{shortened(pipeline)}'" if pipeline else "the task's pipeline"
+        named = f"pipeline {shortened(pipeline)!r}" if pipeline else "the task's pipeline"
         raise PermissionDenied(f"{method} needs a token of {named}; this is {_a(token.role)} token")
     # A request naming no pipeline is invalid, and the service says so.
     if pipeline and pipeline != token.pipeline_name:
         raise PermissionDenied(
-            f"this token is for pipeline '{shortened(token.pipeline_name or '')}',"
-            f" not '{shortened(pipeline)}'"
+            f"this token is for pipeline {shortened(token.pipeline_name or '')!r},"
+            f" not {shortened(pipeline)!r}"
         )
 
 

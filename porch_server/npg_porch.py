@@ -282,7 +282,7 @@ class NpgPorchSource:
                 f"npg_porch's task {row.task_id} is of pipeline {row.pipeline_id},"
                 " which is not there"
             )
-        where = f"npg_porch's task {row.task_id} (pipeline '{shortened(name)}')"
+        where = f"npg_porch's task {row.task_id} (pipeline {shortened(name)!r})"
         canonical = _canonical_input(where, row.definition)
         if row.state is None:
             raise InvalidArgument(f"{where} has no status")

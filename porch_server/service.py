@@ -541,8 +541,8 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
         for index, task in enumerate(request.tasks):
             if task.pipeline.name not in ("", name):
                 raise InvalidArgument(
-                    f"tasks[{index}] is of pipeline '{shortened(task.pipeline.name)}',"
-                    f" not '{shortened(name)}'"
+                    f"tasks[{index}] is of pipeline {shortened(task.pipeline.name)!r},"
+                    f" not {shortened(name)!r}"
                 )
             texts.append(checked_task_input(f"tasks[{index}]", task))
         pipeline = self._store.known_pipeline(name)
@@ -711,7 +711,7 @@ class PorchService(porch_pb2_grpc.PorchServiceServicer):
             if given.task_input_id and given.task_input_id != task_id:
                 raise InvalidArgument(
                     f"task_input_id {task_id} and task.task_input_id "
-                    f"{shortened(given.task_input_id)} name different tasks"
+                    f"{shortened(given.task_input_id)!r} name different tasks"
                 )
         else:
             raise InvalidArgument("name the task with task.task_input or task.task_input_id")

@@ -505,7 +505,7 @@ class Store:
         with self._write() as connection:
             row = connection.execute(statement).first()
         if row is None:
-            raise AlreadyExists(f"pipeline '{shortened(pipeline.name)}' already exists")
+            raise AlreadyExists(f"pipeline {shortened(pipeline.name)!r} already exists")
         return self._remember_pipeline(row)
 
     def known_pipeline(self, name: str) -> Pipeline | None:
@@ -1537,7 +1537,7 @@ class Store:
                 select(pipeline_table).where(pipeline_table.c.name == name)
             ).first()
             if row is None:
-                raise NotFound(f"pipeline '{shortened(name)}' not found")
+                raise NotFound(f"pipeline {shortened(name)!r} not found")
             self._remember_pipeline(row)
             pipeline_id = row.id
         return pipeline_id
@@ -1667,7 +1667,7 @@ class _Importing:
         ).one()
         if (row.uri, row.version) != (given.uri, given.version):
             raise FailedPrecondition(
-                f"pipeline '{shortened(given.name)}' is in porch already, with uri"
+                f"pipeline {shortened(given.name)!r} is in porch already, with uri"
                 f" {shortened(row.uri)!r} and version {shortened(row.version)!r},"
                 f" not {shortened(given.uri)!r} and {shortened(given.version)!r}"
             )
@@ -1742,9 +1742,9 @@ class _Importing:
             if twin is not None:
                 raise FailedPrecondition(
                     f"the source's tasks {twin} and {item.key} of pipeline"
-                    f" '{shortened(self._pipeline_names[item.pipeline_key])}' are one task for"
+                    f" {shortened(self._pipeline_names[item.pipeline_key])!r} are one task for"
                     " porch, which computes an id from the input as it reads it:"
-                    f" {shortened(item.task_input)}"
+                    f" {shortened(item.task_input)!r}"
                 )
             if task_id is None:
                 self._tasks_found.add(item.key)
@@ -2060,7 +2060,7 @@ def _event_params(now: datetime, actor: Actor | None, message: str | None) -> di
 
 
 def _task_not_found(pipeline_name: str, task_input_id: str) -> NotFound:
-    return NotFound(f"task {task_input_id} of pipeline '{shortened(pipeline_name)}' not found")
+    return NotFound(f"task {task_input_id} of pipeline {shortened(pipeline_name)!r} not found")
 
 
 def _fitting(rows: Sequence[Row[Any]], page_size: int, size: Callable[[Row[Any]], int]) -> int:

@@ -255,7 +255,7 @@ def test_a_refusal_quotes_a_long_value_shortened(porch: Porch) -> None:
         Code.INVALID_ARGUMENT,
         wrapper.UpdateTask,
         pb.UpdateTaskRequest(task_input_id="a" * 64, task=update),
-        f"task.task_input_id {shown} name different tasks",
+        f"task.task_input_id '{shown}' name different tasks",
     )
     batch = pb.RegisterTasksRequest(pipeline_name="p1", tasks=[task])
     fails(Code.INVALID_ARGUMENT, wrapper.RegisterTasks, batch, f"is of pipeline '{shown}', not")

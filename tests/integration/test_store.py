@@ -317,6 +317,9 @@ def test_revocation_reaches_cached_tokens(
 def test_token_errors(store: Store) -> None:
     with pytest.raises(NotFound, match="pipeline 'nope' not found"):
         store.create_token(Role.PIPELINE, "nope", "x", HASH)
+    # A filter is not checked as a name is: what it holds is quoted escaped.
+    with pytest.raises(NotFound, match=r"^pipeline 'no\\x1b\[31mpe\\u202e' not found$"):
+        store.list_tokens("no\x1b[31mpe\u202e", None, False, 10, "")
     store.create_token(Role.READER, None, "reader", HASH)
     with pytest.raises(AlreadyExists):
         store.create_token(Role.READER, None, "again", HASH)

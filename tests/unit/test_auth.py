@@ -132,6 +132,20 @@ def test_wrong_pipeline_names_both_pipelines() -> None:
         auth.authorize("ClaimTasks", token(Role.PIPELINE, "p2"), claim("p1"))
 
 
+@pytest.mark.parametrize("role", [Role.PIPELINE, Role.ADMIN])
+def test_a_refusal_quotes_a_name_the_caller_sent_with_its_unprintables_escaped(
+    role: Role,
+) -> None:
+    # Checked before the name is: raw, it could retitle or recolour the
+    # terminal that prints the error, or reorder its text.
+    name = "x\x1b]0;pwned\x07\x1b[31mRED\u202e\n"
+    with pytest.raises(PermissionDenied) as refused:
+        auth.authorize("ClaimTasks", token(role, "p2"), claim(name))
+    message = refused.value.args[0]
+    assert "'x\\x1b]0;pwned\\x07\\x1b[31mRED\\u202e\\n'" in message
+    assert message.isprintable()
+
+
 @pytest.mark.parametrize(
     ("method", "role", "message"),
     [
