@@ -286,15 +286,25 @@ def _open_store(
     args: argparse.Namespace, create: bool = False, environ: Mapping[str, str] = os.environ
 ) -> Store:
     """Open the store named by the flags (or environ), refusing a schema that
-    is not up to date. A SQLite file is brought up to date by any command, but
-    made only when create is set (porch serve): a command run from another
-    directory would otherwise make a database of its own beside the server's."""
+    is not up to date. A SQLite file of porch's is brought up to date by any
+    command, but made only when create is set (porch serve): a command run
+    from another directory would otherwise make a database of its own beside
+    the server's, and one given another program's file, or an empty one,
+    would put porch's tables in it."""
     url, schema = db_settings(args.db_url, args.db_schema, environ)
+    engine = make_engine(url, schema)
     if url.startswith("sqlite"):
         if not create:
             _check_sqlite_file(url)
+            found = migrate.current_revision(engine)
+            engine.dispose()  # its connection, as the migrations change the file
+            if found is None:
+                raise SystemExit(
+                    f"porch: {url} is not a porch database (it has none of porch's tables):"
+                    " give the --db-url that porch serve uses, or make one with `porch db"
+                    " upgrade`. Nothing was changed."
+                )
         migrate.upgrade(url, schema)
-    engine = make_engine(url, schema)
     found = migrate.current_revision(engine)
     if found != migrate.head_revision():
         _refuse_outdated(engine, url, schema, found)

@@ -429,6 +429,39 @@ def test_token_and_events_commands_make_no_database_of_their_own(tmp_path: Path)
     assert not (tmp_path / "porch.db").exists()
 
 
+@pytest.mark.parametrize("made_by", ["another program", "touch"])
+def test_commands_put_no_tables_in_a_sqlite_file_that_is_not_porchs(
+    tmp_path: Path, made_by: str
+) -> None:
+    # A --db-url mistyped to another program's file, or an empty one.
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        if made_by == "another program":
+            other.execute("CREATE TABLE foo (n INTEGER)")
+            other.commit()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+    for command in (
+        ["token", "create", "--admin", "--description", "ops"],
+        ["token", "list"],
+        ["events", "prune", "--older-than-days", "30"],
+    ):
+        done = subprocess.run(
+            [*PORCH, *command, "--db-url", url], capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert done.stderr == (
+            f"porch: {url} is not a porch database (it has none of porch's tables): give the"
+            " --db-url that porch serve uses, or make one with `porch db upgrade`. Nothing"
+            " was changed.\n"
+        )
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+    # Asked for, porch's tables go beside the other program's.
+    porch("db", "upgrade", "--db-url", url)
+    porch("token", "list", "--db-url", url)
+
+
 def test_serve_refuses_an_out_of_date_postgresql_schema(postgres_server: Any) -> None:
     url = postgres_server.create_database()
     try:
