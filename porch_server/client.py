@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -483,6 +484,12 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
                 _print(answer)
             registered = _partly_registered(len(answers), len(batch), len(tasks), maybe_made)
             raise SystemExit(f"{_failure(error)} ({registered})") from None
+        except KeyboardInterrupt:  # Ctrl-C: what was registered is told as above
+            for answer in answers:
+                _print(answer)
+            registered = _partly_registered(len(answers), len(batch), len(tasks), True)
+            print(f"porch: interrupted ({registered})", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGINT) from None
     for answer in answers:
         _print(answer)
 

@@ -2053,6 +2053,43 @@ def _register_2500_then_fail(flags: list[str], failure: str) -> None:
     assert done.stdout.count('"created": true') == 1_000
 
 
+def test_a_register_interrupted_says_what_may_be_registered() -> None:
+    # Ctrl-C as the second batch waits for its answer: the first batch's
+    # answers were lost, and nothing said what had been registered.
+    released = threading.Event()
+    handlers = _StandIn(lambda context: released.wait(60), lambda context: None)
+    with _stand_in(handlers) as target:
+        inputs = "".join(f'{{"n": {n}}}\n' for n in range(2_500))
+        command = [*PORCH, "task", "register", "--pipeline", "p", "-", "--target", target]
+        with subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
+            assert process.stdin is not None
+            process.stdin.write(inputs)
+            process.stdin.close()
+            for _ in range(600):
+                if handlers.batches == 2:
+                    break
+                time.sleep(0.05)
+            assert handlers.batches == 2
+            process.send_signal(signal.SIGINT)
+            assert process.stdout is not None and process.stderr is not None
+            stdout, stderr = process.stdout.read(), process.stderr.read()
+            process.wait(60)
+        released.set()
+    assert process.returncode == 130
+    assert stderr == (
+        "porch: interrupted (the 1,000 tasks before it were registered, as printed; the 1,000 it"
+        " sent may have been; the 500 after it were not sent: registering them all again"
+        " changes nothing for those registered)\n"
+    )
+    assert stdout.count('"created": true') == 1_000
+
+
 def test_a_register_that_runs_out_of_time_says_what_may_be_registered() -> None:
     # Later batches are held until released, past the caller's deadline;
     # other calls are refused at once, as by a server whose own statement
