@@ -1030,7 +1030,15 @@ def _token(args: argparse.Namespace) -> None:
             made = store.create_token(
                 role, args.pipeline, args.description, auth.hash_secret(secret)
             )
-            print(secret, flush=True)
+            try:
+                print(secret, flush=True)
+            except OSError as error:  # a full disk, a reader gone (`| true`)
+                _drop_stdout()
+                store.revoke_token(made.token_id)
+                raise SystemExit(
+                    f"porch: could not write the new token's secret ({error.strerror}):"
+                    f" token {made.token_id}, which nobody could have had, was revoked"
+                ) from None
             owner = f" of pipeline {made.pipeline_name}" if made.pipeline_name else ""
             described = access.escape(made.description)
             print(
@@ -1195,5 +1203,11 @@ def _for_a_pipeline(command: Callable[[], None]) -> None:
         command()
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_stdout()
         raise SystemExit(128 + signal.SIGPIPE) from None
+
+
+def _drop_stdout() -> None:
+    """Send what stdout still holds, and anything later, to /dev/null: after
+    a write that failed, the flush at exit would fail again and complain."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -67,6 +67,26 @@ def porch(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
     return done.stdout
 
 
+def test_a_token_whose_secret_could_not_be_written_is_revoked(sqlite_url: str) -> None:
+    # Nobody could use it, and nobody was told its id to revoke it.
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*PORCH, "token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1
+    assert done.stderr == (
+        "porch: could not write the new token's secret (No space left on device): token 1,"
+        " which nobody could have had, was revoked\n"
+    )
+    [listed] = porch("token", "list", "--all", "--db-url", sqlite_url).splitlines()
+    token_id, role, _, created, revoked, description = listed.split("\t")
+    assert (token_id, role, description) == ("1", "ADMIN", "ops") and revoked >= created
+
+
 def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
     created = subprocess.run(
         [*PORCH, "token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url],
