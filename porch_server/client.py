@@ -93,7 +93,7 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
         type=grpc_target,
-        default=os.environ.get("PORCH_TARGET", "127.0.0.1:50051"),
+        default=os.environ.get("PORCH_TARGET", "").strip() or "127.0.0.1:50051",
         help="porch server address (default: $PORCH_TARGET or 127.0.0.1:50051)",
     )
     tokens = parser.add_mutually_exclusive_group()
@@ -188,7 +188,12 @@ def add_commands(commands: Any) -> None:
     claim = task_commands.add_parser("claim", help="claim pending tasks")
     claim.add_argument("--pipeline", required=True, help="the pipeline to claim tasks of")
     claim.add_argument(
-        "-n", "--num-tasks", type=int, default=1, help="claim up to this many (default 1)"
+        "-n",
+        "--num-tasks",
+        type=_num_tasks,
+        default=1,
+        metavar="N",
+        help="claim up to this many (default 1; one call claims at most 10,000)",
     )
     claim.add_argument(
         "--lease",
@@ -239,15 +244,33 @@ def _seconds(value: float) -> str:
     return f"{value:,.0f}" if value.is_integer() else f"{value:,}"
 
 
+# The largest number a request's int32 field holds.
+_INT32_MAX = 2**31 - 1
+
+
 def _claim_number(text: str) -> int:
     """A claim's number, from 1, for argparse."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a claim's number (a whole number from 1): {text!r}")
+    if not 1 <= value <= _INT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"not a claim's number (a whole number from 1 to {_INT32_MAX:,}): {text!r}"
+        )
     return value
+
+
+def _num_tasks(text: str) -> int:
+    """How many tasks to claim, from 1, for argparse; a number past what a
+    request holds asks for as many as a call claims, as a smaller large one does."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1: {text!r}")
+    return min(value, _INT32_MAX)
 
 
 def client_tls(

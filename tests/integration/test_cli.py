@@ -1993,6 +1993,33 @@ def test_the_timeout_comes_from_the_flag_then_the_environment_then_the_default(
         deadline()
 
 
+def test_numbers_a_request_cannot_hold_are_named_with_their_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # protobuf refused them as "Value out of range", naming no flag.
+    parse = cli._parser().parse_args
+    claim = ["task", "claim", "--pipeline", "p"]
+    # More than a call claims claims as many as it does, as 20,000 would.
+    assert parse([*claim, "-n", "2147483648"]).num_tasks == 2**31 - 1
+    assert parse([*claim, "-n", "20000"]).num_tasks == 20_000
+    update = ["task", "update", "--pipeline", "p", "--id", "x", "--status", "DONE"]
+    for args, named in (
+        ([*claim, "-n", "0"], "argument -n/--num-tasks: not a whole number from 1: '0'"),
+        (
+            [*update, "--claim-number", "2147483648"],
+            "argument --claim-number: not a claim's number (a whole number from 1 to"
+            " 2,147,483,647): '2147483648'",
+        ),
+    ):
+        with pytest.raises(SystemExit) as refused:
+            parse(args)
+        assert refused.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(named)
+    # An empty variable is one not set, as $PORCH_TOKEN and $PORCH_TIMEOUT are.
+    monkeypatch.setenv("PORCH_TARGET", "")
+    assert cli._parser().parse_args(["task", "list"]).target == "127.0.0.1:50051"
+
+
 class _StandIn(grpc.GenericRpcHandler):
     """A server that registers the first batch of tasks it is sent; for each
     later batch it calls later(context) first, and for any other unary call
