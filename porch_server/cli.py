@@ -54,6 +54,7 @@ from porch_server.errors import (
     PorchError,
     Unavailable,
     first_line,
+    shortened,
 )
 from porch_server.models import ImportCounts, Role, Token
 from porch_server.service import check_description, check_role_binding
@@ -1171,6 +1172,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         said = first_line(error.orig or error)
         print(f"porch: the database{_sqlite_named(args)} refused: {said}", file=sys.stderr)
         raise SystemExit(1) from None
+    except UnicodeEncodeError as error:  # from a flag, or JSON's "\ud800"
+        given = error.object if isinstance(error.object, str) else ""
+        character = given[error.start : error.start + 1]
+        print(
+            f"porch: {shortened(given)!r} holds {character!r}, which {client.NOT_TEXT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except ValueError as error:  # a database URL or schema name porch cannot use
         print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(2) from None

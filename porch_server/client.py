@@ -244,6 +244,10 @@ def _seconds(value: float) -> str:
     return f"{value:,.0f}" if value.is_integer() else f"{value:,}"
 
 
+# Said of a character that cannot be sent: Python reads a byte that is not
+# UTF-8 (in a flag, on stdin) as a lone surrogate, as JSON's "\ud800" is.
+NOT_TEXT = "is not text: a \\uD800 to \\uDFFF escape without its pair, or a byte that is not UTF-8"
+
 # The largest number a request's int32 field holds.
 _INT32_MAX = 2**31 - 1
 
@@ -483,6 +487,8 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
             task.task_input.SetInParent()  # {} is an input too: given, though empty
             task.task_input.update(task_input)
             checked_task_input("task", task)
+        except UnicodeEncodeError as error:
+            raise SystemExit(f"porch: {where}: {error.object[error.start]!r} {NOT_TEXT}") from None
         except (InvalidArgument, ValueError) as error:
             raise SystemExit(f"porch: {where}: {error}") from None
         tasks.append(task)

@@ -1993,6 +1993,32 @@ def test_the_timeout_comes_from_the_flag_then_the_environment_then_the_default(
         deadline()
 
 
+def test_what_is_not_text_is_named_as_such_before_anything_is_sent() -> None:
+    # Python's own words were "'utf-8' codec can't encode character".
+    not_text = (
+        "is not text: a \\uD800 to \\uDFFF escape without its pair, or a byte that is not UTF-8"
+    )
+    nowhere = ["--target", "127.0.0.1:1"]
+    for command, stdin, said in (
+        (
+            ["register", "--pipeline", "p", '{"a": "\\ud800"}'],
+            None,
+            f"input 1: '\\ud800' {not_text}",
+        ),
+        (
+            ["register", "--pipeline", "p", "-"],
+            b'{"a": "x\xff"}\n',
+            f"line 1 of stdin: '\\udcff' {not_text}",
+        ),
+        (["claim", "--pipeline", b"a\xff"], None, f"'a\\udcff' holds '\\udcff', which {not_text}"),
+    ):
+        done = subprocess.run(
+            [*PORCH, "task", *command, *nowhere], input=stdin, capture_output=True, timeout=60
+        )
+        assert done.returncode in (1, 2)
+        assert done.stderr.decode() == f"porch: {said}\n"
+
+
 def test_numbers_a_request_cannot_hold_are_named_with_their_flag(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
