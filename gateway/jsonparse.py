@@ -368,8 +368,12 @@ def read_json(text: bytes | str, what: str) -> Any:
     a number a double holds only as 0, and an integer of more digits than
     Python converts are refused rather than read as something else.
     UnreadableJson for any of these or for text that is not JSON, its
-    message naming the text as what ("the request body", say)."""
+    message naming the text as what ("the request body", say). Bytes are
+    UTF-8, as JSON sent between systems is (RFC 8259, 8.1): json.loads would
+    read UTF-16 and UTF-32 too. A byte order mark before them is ignored."""
     try:
+        if isinstance(text, bytes):
+            text = text.decode().removeprefix("\ufeff")
         return json.loads(text, object_pairs_hook=unique_keys, parse_float=nonzero_float)
     except NamedTwice as error:
         raise UnreadableJson(f"{what} {error}") from None

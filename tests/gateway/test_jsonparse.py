@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.jsonparse import check_shapes, merge_json_object
+from gateway.jsonparse import UnreadableJson, check_shapes, merge_json_object, read_json
 from porch_stubs.v1 import porch_pb2
 from tests.gateway.testproto import echo_pb2
 
@@ -178,3 +178,16 @@ def test_an_npg_porch_update_is_read_without_json_format() -> None:
     assert_same(body, porch_pb2.UpdateTaskRequest)
     assert fast.task.lease_expire_time.nanos == 1
     assert fast.task.task_input["flags"][2] == 2.5
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_json_sent_in_another_encoding_than_utf_8_is_refused(encoding: str) -> None:
+    # json.loads reads them, where JSON between systems is UTF-8 (RFC 8259).
+    # Without a byte order mark, UTF-16's NULs are UTF-8 but not JSON.
+    with pytest.raises(UnreadableJson, match=r"^the request body is not (UTF-8|JSON): "):
+        read_json('{"a": 1}'.encode(encoding), "the request body")
+
+
+def test_json_in_utf_8_is_read_with_or_without_a_byte_order_mark() -> None:
+    for body in (b'{"a": "\xc3\xa9"}', b'\xef\xbb\xbf{"a": "\xc3\xa9"}'):
+        assert read_json(body, "the request body") == {"a": "é"}
