@@ -143,6 +143,11 @@ def _check_field_masks(message: Message) -> None:
                 _check_field_masks(item)
 
 
+# protobuf's words for a string field's lone surrogate, ending with the
+# field's path from the request message: "… at RegisterTasksRequest.tasks[1].pipeline.name."
+_UNPAIRED = re.compile(r"Unpaired surrogate at \w+\.([\w.\[\]]+?)\.*$")
+
+
 def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     try:
         data = read_json(body, "the request body")
@@ -158,10 +163,12 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
     except json_format.ParseError as error:
         # The first line names the field; the rest lists every field there is.
         first = str(error).splitlines()[0]
-        # json reads "\ud800" as one: a Struct's string refuses it so, a
-        # string field as an "Unpaired surrogate".
-        if "surrogates not allowed" in first or "Unpaired surrogate" in first:
-            field = ".".join(re.findall(r"Failed to parse (\S+) field", first)) or "the body"
+        # json reads "\ud800" as one: a string field refuses it as an
+        # "Unpaired surrogate at" its path, a Struct's string so.
+        unpaired = _UNPAIRED.search(first)
+        if unpaired or "surrogates not allowed" in first:
+            named = re.findall(r"Failed to parse (\S+) field", first)
+            field = unpaired[1] if unpaired else ".".join(named) or "the body"
             raise invalid_argument(
                 f"{field}: a string holds an unpaired surrogate (a \\uD800 to \\uDFFF"
                 " escape without its pair), which is not text"

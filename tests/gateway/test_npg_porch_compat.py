@@ -380,6 +380,24 @@ async def test_a_body_of_the_wrong_shape_is_named(
     assert (await client.get("/tasks", headers=wrapper)).json() == []
 
 
+async def test_an_unpaired_surrogate_is_named_by_its_path(porch_http: PorchHttp) -> None:
+    wrapper = await setup_pipeline(porch_http)
+    tasks = '[{"task_input": {"n": 1}}, {"pipeline": {"name": "p\\ud800"}, "task_input": {}}]'
+    for body, field in (
+        ('{"tasks": ' + tasks + "}", "tasks[1].pipeline.name"),
+        # Its words, sent as an enum's value, are not taken for protobuf's.
+        ('{"tasks": [{"status": "Unpaired surrogate at X.y"}]}', None),
+    ):
+        response = await porch_http.client.post(
+            "/v1/pipelines/ptest/tasks:batchRegister", content=body, headers=wrapper
+        )
+        assert response.status_code == 400
+        message = response.json()["message"]
+        assert ("unpaired surrogate" in message) is (field is not None), message
+        if field is not None:
+            assert message.startswith(f"{field}: a string holds an unpaired surrogate"), message
+
+
 async def test_a_num_tasks_of_thousands_of_digits_is_out_of_range(porch_http: PorchHttp) -> None:
     wrapper = await setup_pipeline(porch_http)
     claim = await porch_http.client.post(
