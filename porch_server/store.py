@@ -2706,7 +2706,7 @@ def _refused(current: Row[Any], status: State, params: dict[str, Any]) -> bool:
                 " latest, no longer holds it: its lease lapsed, it was released, or it was"
                 " put back to PENDING); claim it first"
             )
-        raise FailedPrecondition(f"{refused}: it has never been claimed; claim it first")
+        raise FailedPrecondition(f"{refused}: it is not claimed; claim it first")
     check_transition(old, status)
     return False
 

@@ -604,7 +604,7 @@ def test_a_claimer_whose_lease_lapsed_is_told_so(store: Store) -> None:
     with pytest.raises(FailedPrecondition, match=waits):
         store.update_task("p1", claimed.task_input_id, State.DONE, None, actor)
     [new] = store.register_tasks("p1", [{"i": 1}], actor)
-    never = r"^a task cannot go from PENDING to RUNNING: it has never been claimed; claim it first$"
+    never = r"^a task cannot go from PENDING to RUNNING: it is not claimed; claim it first$"
     with pytest.raises(FailedPrecondition, match=never):
         store.update_task("p1", new.task.task_input_id, State.RUNNING, None, actor)
     with pytest.raises(FailedPrecondition, match=r"CLAIMED \(only ClaimTasks claims a task\)$"):
@@ -1283,7 +1283,7 @@ def test_on_sqlite_a_pipelines_pending_tasks_are_listed_by_the_claims_index(
 ) -> None:
     # Left to choose, SQLite took whichever index was made last, and
     # migration 0003 makes them again in no set order: on some databases a
-    # page read every finished task of the pipeline (15 ms at 120,000).
+    # page read every finished task of the pipeline (16 ms at 120,000).
     path = make_url(sqlite_url).database
     assert path is not None
     with contextlib.closing(sqlite3.connect(path)) as raw:
