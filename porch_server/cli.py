@@ -301,9 +301,9 @@ def _open_store(
             engine.dispose()  # its connection, as the migrations change the file
             if found is None:
                 raise SystemExit(
-                    f"porch: {url} is not a porch database (it has none of porch's tables):"
-                    " give the --db-url that porch serve uses, or make one with `porch db"
-                    " upgrade`. Nothing was changed."
+                    f"porch: {url} is not a porch database (it records no migration of"
+                    " porch's): give the --db-url that porch serve uses, or make one with"
+                    " `porch db upgrade`. Nothing was changed."
                 )
         migrate.upgrade(url, schema)
     found = migrate.current_revision(engine)
@@ -1027,6 +1027,10 @@ def _token(args: argparse.Namespace) -> None:
             role = Role.ADMIN if args.admin else Role.READER if args.reader else Role.PIPELINE
             check_description(args.description)
             check_role_binding(role, args.pipeline)
+            if sys.stdout is None:  # closed (>&-): print would drop the secret unsaid
+                raise SystemExit(
+                    "porch: stdout is closed: no token was made, as its secret would be lost"
+                )
             secret = auth.new_secret()
             made = store.create_token(
                 role, args.pipeline, args.description, auth.hash_secret(secret)
@@ -1172,13 +1176,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         said = first_line(error.orig or error)
         print(f"porch: the database{_sqlite_named(args)} refused: {said}", file=sys.stderr)
         raise SystemExit(1) from None
-    except UnicodeEncodeError as error:  # from a flag, or JSON's "\ud800"
+    except UnicodeEncodeError as error:
         given = error.object if isinstance(error.object, str) else ""
         character = given[error.start : error.start + 1]
-        print(
-            f"porch: {shortened(given)!r} holds {character!r}, which {client.NOT_TEXT}",
-            file=sys.stderr,
-        )
+        if client.not_text(error):  # from a flag, or JSON's "\ud800"
+            print(
+                f"porch: {shortened(given)!r} holds {character!r}, which {client.NOT_TEXT}",
+                file=sys.stderr,
+            )
+        else:  # printing to a terminal or file of another encoding, say
+            print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as error:  # a database URL or schema name porch cannot use
         print(f"porch: {error}", file=sys.stderr)

@@ -248,6 +248,13 @@ def _seconds(value: float) -> str:
 # UTF-8 (in a flag, on stdin) as a lone surrogate, as JSON's "\ud800" is.
 NOT_TEXT = "is not text: a \\uD800 to \\uDFFF escape without its pair, or a byte that is not UTF-8"
 
+
+def not_text(error: UnicodeEncodeError) -> bool:
+    """Whether error is of a character NOT_TEXT describes, refused as UTF-8."""
+    character = error.object[error.start : error.start + 1]
+    return error.encoding == "utf-8" and "\ud800" <= character <= "\udfff"
+
+
 # The largest number a request's int32 field holds.
 _INT32_MAX = 2**31 - 1
 
@@ -488,39 +495,53 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
             task.task_input.update(task_input)
             checked_task_input("task", task)
         except UnicodeEncodeError as error:
+            if not not_text(error):
+                raise
             raise SystemExit(f"porch: {where}: {error.object[error.start]!r} {NOT_TEXT}") from None
         except (InvalidArgument, ValueError) as error:
             raise SystemExit(f"porch: {where}: {error}") from None
         tasks.append(task)
     answers: list[Message] = []
-    for batch in _batches(tasks):
-        registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
-        try:
-            answers += calls.unary("RegisterTasks", registering).results
-        except grpc.RpcError as error:
-            # Ended by the server's stop, it may have been made. After a
-            # batch that was, a bare UNAVAILABLE too (its grace over, say);
-            # the first one's is more likely an address or TLS fault,
-            # which the usual message names.
-            maybe_made = (
-                isinstance(error, _TimedOut)
-                or _unanswered(error)
-                or bool(answers and _unanswered(error, grpc.StatusCode.UNAVAILABLE))
-            )
-            if not answers and not maybe_made:
-                raise
-            for answer in answers:
-                _print(answer)
-            registered = _partly_registered(len(answers), len(batch), len(tasks), maybe_made)
-            raise SystemExit(f"{_failure(error)} ({registered})") from None
-        except KeyboardInterrupt:  # Ctrl-C: what was registered is told as above
-            for answer in answers:
-                _print(answer)
-            registered = _partly_registered(len(answers), len(batch), len(tasks), True)
-            print(f"porch: interrupted ({registered})", file=sys.stderr)
-            raise SystemExit(128 + signal.SIGINT) from None
-    for answer in answers:
-        _print(answer)
+    sent, answered = 0, 0  # the tasks of the batch last sent; the answers before it
+    try:
+        for batch in _batches(tasks):
+            registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
+            sent, answered = len(batch), len(answers)
+            try:
+                answers += calls.unary("RegisterTasks", registering).results
+            except grpc.RpcError as error:
+                # Ended by the server's stop, it may have been made. After a
+                # batch that was, a bare UNAVAILABLE too (its grace over, say);
+                # the first one's is more likely an address or TLS fault,
+                # which the usual message names.
+                maybe_made = (
+                    isinstance(error, _TimedOut)
+                    or _unanswered(error)
+                    or bool(answers and _unanswered(error, grpc.StatusCode.UNAVAILABLE))
+                )
+                if not answers and not maybe_made:
+                    raise
+                for answer in answers:
+                    _print(answer)
+                registered = _partly_registered(len(answers), sent, len(tasks), maybe_made)
+                raise SystemExit(f"{_failure(error)} ({registered})") from None
+    except KeyboardInterrupt:  # Ctrl-C: what was registered is told as above
+        for answer in answers:
+            _print(answer)
+        in_flight = sent if len(answers) == answered else 0
+        registered = _partly_registered(len(answers), in_flight, len(tasks), bool(in_flight))
+        print(f"porch: interrupted ({registered})", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    try:
+        for answer in answers:
+            _print(answer)
+    except KeyboardInterrupt:
+        print(
+            f"porch: interrupted as the answers were printed; all {len(tasks):,} tasks were"
+            " registered",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def _partly_registered(before: int, batch: int, inputs: int, maybe_made: bool) -> str:
@@ -528,7 +549,7 @@ def _partly_registered(before: int, batch: int, inputs: int, maybe_made: bool) -
     were registered; one that ran out of time, or that the server's stop
     ended, may have been; those after it were not sent."""
     done = [f"the {before:,} tasks before it were registered, as printed"] if before else []
-    if maybe_made:
+    if maybe_made and batch:
         done.append(f"the {batch:,} it sent may have been")
     after = inputs - before - batch
     if after:

@@ -85,6 +85,16 @@ def test_a_token_whose_secret_could_not_be_written_is_revoked(sqlite_url: str) -
     [listed] = porch("token", "list", "--all", "--db-url", sqlite_url).splitlines()
     token_id, role, _, created, revoked, description = listed.split("\t")
     assert (token_id, role, description) == ("1", "ADMIN", "ops") and revoked >= created
+    # With stdout closed (>&-), none is made: Python would drop the secret unsaid.
+    create = [*PORCH, "token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url]
+    closed = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *create], capture_output=True, text=True, timeout=60
+    )
+    assert (closed.returncode, closed.stderr) == (
+        1,
+        "porch: stdout is closed: no token was made, as its secret would be lost\n",
+    )
+    assert len(porch("token", "list", "--all", "--db-url", sqlite_url).splitlines()) == 1
 
 
 def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
@@ -471,8 +481,8 @@ def test_commands_put_no_tables_in_a_sqlite_file_that_is_not_porchs(
         )
         assert (done.returncode, done.stdout) == (1, ""), done.stderr
         assert done.stderr == (
-            f"porch: {url} is not a porch database (it has none of porch's tables): give the"
-            " --db-url that porch serve uses, or make one with `porch db upgrade`. Nothing"
+            f"porch: {url} is not a porch database (it records no migration of porch's): give"
+            " the --db-url that porch serve uses, or make one with `porch db upgrade`. Nothing"
             " was changed.\n"
         )
     assert path.read_bytes() == before
@@ -2017,6 +2027,22 @@ def test_what_is_not_text_is_named_as_such_before_anything_is_sent() -> None:
         )
         assert done.returncode in (1, 2)
         assert done.stderr.decode() == f"porch: {said}\n"
+
+
+def test_an_answer_a_terminal_cannot_show_is_not_called_an_input_that_is_not_text() -> None:
+    # The task is registered; only its printing failed.
+    handlers = _StandIn(lambda context: None, lambda context: None)
+    with _stand_in(handlers) as target:
+        done = subprocess.run(
+            [*PORCH, "task", "register", "--pipeline", "p", '{"a": "é"}', "--target", target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        )
+    assert handlers.batches == 1
+    assert done.returncode == 2
+    assert done.stderr.startswith("porch: 'ascii' codec can't encode character '\\xe9'")
 
 
 def test_numbers_a_request_cannot_hold_are_named_with_their_flag(
