@@ -265,7 +265,7 @@ class _Builder:
             # (A well-known type, google.protobuf.Empty say, has no schema of its own here.)
             fields = self.schemas.get(request.full_name, {})
             bound = {path[0] for path in paths if len(path) == 1}
-            filled = {path[0]: _path_fields(paths, path[0]) for path in paths if len(path) > 1}
+            filled = {path[0]: _paths_within(paths, path[0]) for path in paths if len(path) > 1}
             if bound or filled:
                 schema = fields = self._without(request, bound, filled)
             # A body that must hold a field cannot be left out.
@@ -273,37 +273,70 @@ class _Builder:
         else:
             field = request.fields_by_name[binding.body]
             schema = self._constrained(field, self._field_schema(field))
-            given = _path_fields(paths, binding.body)
-            schema = _left_to_path(self._opened(schema, given), given)
+            schema = self._cut(schema, _paths_within(paths, binding.body))
             required = _behaviour(field, field_behavior_pb2.REQUIRED)
         return {"required": required, "content": {"application/json": {"schema": schema}}}
 
     def _without(
-        self, message: Descriptor, bound: AbstractSet[str], filled: Mapping[str, AbstractSet[str]]
+        self, message: Descriptor, bound: AbstractSet[str], filled: Mapping[str, _Paths]
     ) -> dict[str, Any]:
         """message's schema as a body: without the fields the path sets
         (bound), and not requiring of a message the path sets fields of
-        (filled, of each its fields set) what the path gives."""
+        (filled, of each the paths within it it sets) what the path gives."""
         known = self.schemas.get(message.full_name)
         if known is None:  # a well-known type: its JSON form is its own
             return self._message_ref(message)
         properties = {k: v for k, v in known["properties"].items() if k not in bound}
         for name, given in filled.items():
-            properties[name] = _left_to_path(self._opened(properties[name], given), given)
+            properties[name] = self._cut(properties[name], given)
         # Such a message need be in the body only for what else it requires.
         optional = {name for name in filled if "required" not in properties[name]}
         return _unrequired({**known, "properties": properties}, bound | optional)
 
-    def _opened(self, schema: dict[str, Any], given: AbstractSet[str]) -> dict[str, Any]:
-        """schema, a message's reference, as that message's schema itself where
-        the message requires any of given: a reference would require them
-        of the body however the schema beside it is cut."""
-        target = self.schemas.get(schema.get("$ref", "").removeprefix(_SCHEMAS))
-        if not target or given.isdisjoint(target.get("required", ())):
-            return schema
-        beside = {key: value for key, value in schema.items() if key != "$ref"}
-        required = list(dict.fromkeys([*target["required"], *beside.get("required", ())]))
-        return {**target, **beside, "required": required}
+    def _cut(self, schema: dict[str, Any], given: _Paths) -> dict[str, Any]:
+        """schema saying nothing of its own about the fields the path gives
+        (given: their paths within it), which a body may leave out, or give
+        as their defaults; a message a path goes into is kept, not required
+        for what the path gives. A message's reference is replaced by its
+        schema only where that message requires something given, at any
+        depth: a reference would require it however the schema beside it
+        is cut."""
+        target = self._target(schema)
+        if target is not None and self._requires(target, given):
+            beside = {key: value for key, value in schema.items() if key != "$ref"}
+            required = [*target.get("required", ()), *beside.get("required", ())]
+            schema = {**target, **beside, "required": list(dict.fromkeys(required))}
+        whole = {path[0] for path in given if len(path) == 1}
+        within: dict[str, set[tuple[str, ...]]] = {}
+        for path in given:
+            if len(path) > 1:
+                within.setdefault(path[0], set()).add(path[1:])
+        properties = {k: v for k, v in schema.get("properties", {}).items() if k not in whole}
+        for name, paths in within.items():
+            if name in properties:
+                properties[name] = self._cut(properties[name], paths)
+        optional = {name for name in within if "required" not in properties.get(name, {})}
+        rest = {key: value for key, value in schema.items() if key != "properties"}
+        return _unrequired(
+            {**rest, "properties": properties} if properties else rest, whole | optional
+        )
+
+    def _requires(self, schema: dict[str, Any], given: _Paths) -> bool:
+        """Whether schema, or a message's schema it refers to, requires a
+        field given, or a message that requires one, at any depth."""
+        target = self._target(schema) or {}
+        required = {*target.get("required", ()), *schema.get("required", ())}
+        properties = {**target.get("properties", {}), **schema.get("properties", {})}
+        return any(
+            path[0] in required
+            if len(path) == 1
+            else path[0] in properties and self._requires(properties[path[0]], {path[1:]})
+            for path in given
+        )
+
+    def _target(self, schema: dict[str, Any]) -> dict[str, Any] | None:
+        """The message's schema that schema refers to, if any."""
+        return self.schemas.get(schema.get("$ref", "").removeprefix(_SCHEMAS)) or None
 
     def _responses(self, binding: Binding, options: MethodOptions) -> dict[str, Any]:
         output = binding.method.output_type
@@ -420,9 +453,13 @@ def _route(binding: Binding) -> str:
     return f"{binding.http_method} {binding.template.text}"
 
 
-def _path_fields(paths: Sequence[Sequence[str]], field: str) -> set[str]:
-    """The fields of message field `field` that path variables set, whole or in part."""
-    return {path[1] for path in paths if len(path) > 1 and path[0] == field}
+# Field paths within a message, each a tuple of field names.
+_Paths = AbstractSet[tuple[str, ...]]
+
+
+def _paths_within(paths: Sequence[Sequence[str]], field: str) -> set[tuple[str, ...]]:
+    """The paths within message field `field` that path variables set."""
+    return {tuple(path[1:]) for path in paths if len(path) > 1 and path[0] == field}
 
 
 def _unrequired(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
@@ -430,14 +467,6 @@ def _unrequired(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, An
     required = [name for name in schema.get("required", []) if name not in names]
     rest = {key: value for key, value in schema.items() if key != "required"}
     return {**rest, "required": required} if required else rest
-
-
-def _left_to_path(schema: dict[str, Any], names: AbstractSet[str]) -> dict[str, Any]:
-    """schema saying nothing of its own about names, which the path gives:
-    a body may leave them out, or give them as their defaults."""
-    properties = {k: v for k, v in schema.get("properties", {}).items() if k not in names}
-    rest = {key: value for key, value in schema.items() if key != "properties"}
-    return _unrequired({**rest, "properties": properties} if properties else rest, names)
 
 
 def _path_names(bindings: Sequence[Binding]) -> dict[str, list[str]]:

@@ -90,6 +90,19 @@ def test_comments_and_field_behaviour(document: dict[str, Any]) -> None:
     bodies = Draft202012Validator({**body, "components": document["components"]})
     assert bodies.is_valid({"num_tasks": 2, "pipeline": {"uri": "u"}})
     assert not bodies.is_valid({"pipeline": {"uri": 7}})
+    # So too where the path gives task.pipeline.name, a level deeper.
+    for path, method, body_json in (
+        ("/v1/pipelines/{pipeline_name}/tasks", "post", {"pipeline": {"uri": "u"}}),
+        (
+            "/v1/pipelines/{pipeline_name}/tasks/{task_input_id}",
+            "patch",
+            {"task": {"pipeline": {"uri": "u"}, "status": "DONE"}},
+        ),
+    ):
+        content = document["paths"][path][method]["requestBody"]["content"]["application/json"]
+        deeper = Draft202012Validator({**content["schema"], "components": document["components"]})
+        assert deeper.is_valid(body_json), path
+        assert not deeper.is_valid({"task": {"pipeline": {"uri": 7}}, "pipeline": {"uri": 7}})
     npg = document["paths"]["/tasks/claim"]["post"]["requestBody"]["content"]["application/json"]
     npg_bodies = Draft202012Validator({**npg["schema"], "components": document["components"]})
     assert not npg_bodies.is_valid({"uri": "u"})
