@@ -1027,10 +1027,6 @@ def _token(args: argparse.Namespace) -> None:
             role = Role.ADMIN if args.admin else Role.READER if args.reader else Role.PIPELINE
             check_description(args.description)
             check_role_binding(role, args.pipeline)
-            if sys.stdout is None:  # closed (>&-): print would drop the secret unsaid
-                raise SystemExit(
-                    "porch: stdout is closed: no token was made, as its secret would be lost"
-                )
             secret = auth.new_secret()
             made = store.create_token(
                 role, args.pipeline, args.description, auth.hash_secret(secret)
@@ -1143,6 +1139,9 @@ def _positive(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the porch command line."""
     args = _parser().parse_args(argv)
+    if sys.stdout is None and args.command not in ("serve", "gateway"):
+        # Closed (>&-): Python drops what is printed, a token's secret or a claim unsaid.
+        raise SystemExit("porch: stdout is closed: nothing was done, as its output would be lost")
     try:
         if args.command == "serve":
             _serve(args)

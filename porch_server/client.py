@@ -503,6 +503,7 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
         tasks.append(task)
     answers: list[Message] = []
     sent, answered = 0, 0  # the tasks of the batch last sent; the answers before it
+    ending: tuple[str, int] | None = None  # said after the answers, and the exit status
     try:
         for batch in _batches(tasks):
             registering = porch_pb2.RegisterTasksRequest(pipeline_name=args.pipeline, tasks=batch)
@@ -521,33 +522,30 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
                 )
                 if not answers and not maybe_made:
                     raise
-                for answer in answers:
-                    _print(answer)
                 registered = _partly_registered(len(answers), sent, len(tasks), maybe_made)
-                raise SystemExit(f"{_failure(error)} ({registered})") from None
+                ending = (f"{_failure(error)} ({registered})", 1)
+                break
     except KeyboardInterrupt:  # Ctrl-C: what was registered is told as above
-        for answer in answers:
-            _print(answer)
         in_flight = sent if len(answers) == answered else 0
         registered = _partly_registered(len(answers), in_flight, len(tasks), bool(in_flight))
-        print(f"porch: interrupted ({registered})", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGINT) from None
+        ending = (f"porch: interrupted ({registered})", 128 + signal.SIGINT)
     try:
         for answer in answers:
             _print(answer)
     except KeyboardInterrupt:
-        print(
-            f"porch: interrupted as the answers were printed; all {len(tasks):,} tasks were"
-            " registered",
-            file=sys.stderr,
-        )
-        raise SystemExit(128 + signal.SIGINT) from None
+        said = ending[0] if ending else f"porch: all {len(tasks):,} tasks were registered"
+        ending = (f"{said} (interrupted as the answers were printed)", 128 + signal.SIGINT)
+    if ending is not None:
+        print(ending[0], file=sys.stderr)
+        raise SystemExit(ending[1])
 
 
 def _partly_registered(before: int, batch: int, inputs: int, maybe_made: bool) -> str:
     """What a register command whose batch failed did: the batches before it
     were registered; one that ran out of time, or that the server's stop
     ended, may have been; those after it were not sent."""
+    if not before and not (maybe_made and batch):
+        return "none was sent"
     done = [f"the {before:,} tasks before it were registered, as printed"] if before else []
     if maybe_made and batch:
         done.append(f"the {batch:,} it sent may have been")

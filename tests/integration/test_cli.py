@@ -86,13 +86,14 @@ def test_a_token_whose_secret_could_not_be_written_is_revoked(sqlite_url: str) -
     token_id, role, _, created, revoked, description = listed.split("\t")
     assert (token_id, role, description) == ("1", "ADMIN", "ops") and revoked >= created
     # With stdout closed (>&-), none is made: Python would drop the secret unsaid.
+    # (Nor is a task claimed, nor anything done but serving.)
     create = [*PORCH, "token", "create", "--admin", "--description", "ops", "--db-url", sqlite_url]
     closed = subprocess.run(
         ["sh", "-c", 'exec "$@" >&-', "sh", *create], capture_output=True, text=True, timeout=60
     )
     assert (closed.returncode, closed.stderr) == (
         1,
-        "porch: stdout is closed: no token was made, as its secret would be lost\n",
+        "porch: stdout is closed: nothing was done, as its output would be lost\n",
     )
     assert len(porch("token", "list", "--all", "--db-url", sqlite_url).splitlines()) == 1
 
@@ -1410,7 +1411,7 @@ def test_a_missing_ca_file_is_a_one_line_error() -> None:
                 "--claim-number",
                 "0",
             ],
-            "not a claim's number (a whole number from 1): '0'",
+            "not a claim's number (a whole number from 1 to 2,147,483,647): '0'",
         ),
         (
             ["task", "register", "--pipeline", "p", "--token", "two words", "{}"],
