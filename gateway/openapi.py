@@ -305,7 +305,12 @@ class _Builder:
         if target is not None and self._requires(target, given):
             beside = {key: value for key, value in schema.items() if key != "$ref"}
             required = [*target.get("required", ()), *beside.get("required", ())]
-            schema = {**target, **beside, "required": list(dict.fromkeys(required))}
+            # What is said beside of a property adds to what the message says.
+            properties = dict(target.get("properties", {}))
+            for name, said in beside.get("properties", {}).items():
+                properties[name] = {**properties.get(name, {}), **said}
+            schema = {**target, **beside, "properties": properties}
+            schema["required"] = list(dict.fromkeys(required))
         whole = {path[0] for path in given if len(path) == 1}
         within: dict[str, set[tuple[str, ...]]] = {}
         for path in given:
@@ -327,10 +332,14 @@ class _Builder:
         target = self._target(schema) or {}
         required = {*target.get("required", ()), *schema.get("required", ())}
         properties = {**target.get("properties", {}), **schema.get("properties", {})}
+        # A field a path goes into is given, in part: not needed in a body.
         return any(
             path[0] in required
-            if len(path) == 1
-            else path[0] in properties and self._requires(properties[path[0]], {path[1:]})
+            or (
+                len(path) > 1
+                and path[0] in properties
+                and self._requires(properties[path[0]], {path[1:]})
+            )
             for path in given
         )
 

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool, empty_pb2, wrappers_pb2
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from gateway import DocumentOptions, build_openapi
+from gateway import DocumentOptions, build_openapi, openapi
 from tests.gateway.conftest import DESCRIPTOR_SET, ECHO_SERVICE
 
 pytestmark = pytest.mark.asyncio
@@ -286,3 +287,30 @@ async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
     document = build_openapi([pool.FindServiceByName("ping.v1.PingService")])
     assert document["paths"]["/v1/ping"]["post"]["requestBody"]["required"] is False
     assert document["paths"]["/v1/say/{value}"]["post"]["requestBody"]["required"] is False
+
+
+async def test_a_path_through_a_required_message_field_frees_a_body_of_it() -> None:
+    # Outer { Mid mid [REQUIRED] }, Mid { Leaf leaf [REQUIRED]; string other },
+    # Leaf { string x }: a path {mid.leaf.x} gives mid.leaf, so a body need
+    # hold neither mid nor, within it, leaf.
+    builder = openapi._Builder(DocumentOptions(), {})
+    builder.schemas = {
+        "Mid": {
+            "type": "object",
+            "properties": {
+                "leaf": {"$ref": "#/components/schemas/Leaf"},
+                "other": {"type": "string"},
+            },
+            "required": ["leaf"],
+        },
+        "Leaf": {"type": "object", "properties": {"x": {"type": "string"}}},
+    }
+    mid = builder._cut({"$ref": "#/components/schemas/Mid"}, {("leaf", "x")})
+    bodies = Draft202012Validator({**mid, "components": {"schemas": builder.schemas}})
+    assert bodies.is_valid({"other": "o"})
+    assert not bodies.is_valid({"leaf": {"x": 7}})
+    # What a field's schema says beside a reference adds to the message's.
+    beside = {"$ref": "#/components/schemas/Mid", "properties": {"other": {"maxLength": 1}}}
+    cut = builder._cut(beside, {("leaf",)})
+    assert cut["properties"] == {"other": {"type": "string", "maxLength": 1}}
+    assert "required" not in cut

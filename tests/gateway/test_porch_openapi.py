@@ -36,6 +36,15 @@ def test_document_is_valid(document: dict[str, Any]) -> None:
     validate(document)
 
 
+def test_the_served_claims_body_checks_the_pipelines_fields_the_path_does_not_give() -> None:
+    served = web.openapi_document()
+    claim = served["paths"]["/v1/pipelines/{pipeline_name}/tasks:claim"]["post"]
+    schema = claim["requestBody"]["content"]["application/json"]["schema"]
+    bodies = Draft202012Validator({**schema, "components": served["components"]})
+    assert bodies.is_valid({"pipeline": {"uri": "u"}})
+    assert not bodies.is_valid({"pipeline": {"uri": 7}})
+
+
 def test_task_state_enum_for_npg_porch_client(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
     assert schemas["TaskStateEnum"]["type"] == "string"
