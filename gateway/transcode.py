@@ -145,7 +145,7 @@ def _check_field_masks(message: Message) -> None:
 
 # protobuf's words for a string field's lone surrogate, ending with the
 # field's path from the request message: "… at RegisterTasksRequest.tasks[1].pipeline.name."
-_UNPAIRED = re.compile(r"Unpaired surrogate at \w+\.([\w.\[\]]+?)\.*$")
+_UNPAIRED = re.compile(r"Unpaired surrogate at \w+\.((?:[\w.]|\[[^\]]*\])+?)\.*$")
 
 
 def _merge_body(binding: Binding, request: Message, body: bytes) -> None:

@@ -76,7 +76,7 @@ REVOCATIONS_KEPT = 10_000
 # The message of the event that puts back a task whose claim was never answered.
 UNANSWERED_CLAIM = "released: the call that claimed it ended before its answer"
 LATE_CLAIM = (
-    "the call's deadline passed as its claim was made: what it claimed is put back to PENDING"
+    "the call's deadline passed as its claim was made: what it claimed is being put back to PENDING"
 )
 # Seconds between tries to release an unanswered claim's tasks while the
 # database is out of reach (too many connections, say): about 3 minutes in

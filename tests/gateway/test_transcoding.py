@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import json
 import logging
 import statistics
 import threading
@@ -794,3 +795,17 @@ async def test_responses_are_not_held_back_by_nagles_algorithm(live: Live) -> No
         elapsed.append(time.perf_counter() - start)
         assert response.status_code == 200
     assert statistics.median(elapsed) < 0.02
+
+
+async def test_an_unpaired_surrogate_in_a_map_value_is_named_by_its_key(
+    client: httpx.AsyncClient,
+) -> None:
+    for key in ("plain", "content-type", "x] Unpaired surrogate at X.evil"):
+        body = '{"text": "t", "labels": {' + json.dumps(key) + ': "\\ud800"}}'
+        response = await client.post("/v1/echo", content=body.encode())
+        assert response.status_code == 400
+        message = response.json()["message"]
+        if "]" in key:  # the caller's words are not taken for protobuf's
+            assert not message.startswith("evil"), message
+        else:
+            assert message.startswith(f"labels[{key}]: a string holds an unpaired"), message
