@@ -370,7 +370,7 @@ def read_json(text: bytes | str, what: str) -> Any:
     UnreadableJson for any of these or for text that is not JSON, its
     message naming the text as what ("the request body", say). Bytes are
     UTF-8, as JSON sent between systems is (RFC 8259, 8.1): json.loads would
-    read UTF-16 and UTF-32 too. A byte order mark before them is ignored."""
+    read UTF-16 and UTF-32 too. A UTF-8 byte order mark before them is ignored."""
     try:
         if isinstance(text, bytes):
             text = text.decode().removeprefix("\ufeff")

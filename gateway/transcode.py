@@ -164,7 +164,8 @@ def _merge_body(binding: Binding, request: Message, body: bytes) -> None:
         # The first line names the field; the rest lists every field there is.
         first = str(error).splitlines()[0]
         # json reads "\ud800" as one: a string field refuses it as an
-        # "Unpaired surrogate at" its path, a Struct's string so.
+        # "Unpaired surrogate at" its path, a Struct's string as "surrogates
+        # not allowed" under the fields that lead to it.
         unpaired = _UNPAIRED.search(first)
         if unpaired or "surrogates not allowed" in first:
             named = re.findall(r"Failed to parse (\S+) field", first)
