@@ -303,14 +303,7 @@ class _Builder:
         is cut."""
         target = self._target(schema)
         if target is not None and self._requires(target, given):
-            beside = {key: value for key, value in schema.items() if key != "$ref"}
-            required = [*target.get("required", ()), *beside.get("required", ())]
-            # What is said beside of a property adds to what the message says.
-            properties = dict(target.get("properties", {}))
-            for name, said in beside.get("properties", {}).items():
-                properties[name] = {**properties.get(name, {}), **said}
-            schema = {**target, **beside, "properties": properties}
-            schema["required"] = list(dict.fromkeys(required))
+            schema = self._opened(schema)
         whole = {path[0] for path in given if len(path) == 1}
         within: dict[str, set[tuple[str, ...]]] = {}
         for path in given:
@@ -329,9 +322,9 @@ class _Builder:
     def _requires(self, schema: dict[str, Any], given: _Paths) -> bool:
         """Whether schema, or a message's schema it refers to, requires a
         field given, or a message that requires one, at any depth."""
-        target = self._target(schema) or {}
-        required = {*target.get("required", ()), *schema.get("required", ())}
-        properties = {**target.get("properties", {}), **schema.get("properties", {})}
+        opened = self._opened(schema)
+        required = set(opened.get("required", ()))
+        properties = opened.get("properties", {})
         # A field a path goes into is given, in part: not needed in a body.
         return any(
             path[0] in required
@@ -342,6 +335,21 @@ class _Builder:
             )
             for path in given
         )
+
+    def _opened(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """schema, or where it refers to a message, that message's schema
+        with what schema says beside the reference added: of a property, to
+        what the message says of it; required, to what the message requires."""
+        target = self._target(schema)
+        if target is None:
+            return schema
+        beside = {key: value for key, value in schema.items() if key != "$ref"}
+        properties = dict(target.get("properties", {}))
+        for name, said in beside.get("properties", {}).items():
+            properties[name] = {**properties.get(name, {}), **said}
+        required = [*target.get("required", ()), *beside.get("required", ())]
+        opened = {**target, **beside, "properties": properties}
+        return _unrequired({**opened, "required": list(dict.fromkeys(required))}, set())
 
     def _target(self, schema: dict[str, Any]) -> dict[str, Any] | None:
         """The message's schema that schema refers to, if any."""
