@@ -10,9 +10,12 @@ import argparse
 import json
 import os
 import re
+import select
 import shlex
 import signal
+import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -405,6 +408,7 @@ def _read_token(path: Path, option: str, instead: str) -> tuple[str, str]:
     try:
         with path.open("rb") as opened:
             data = opened.read(TOKEN_FILE_LIMIT + 1)
+            mode = os.fstat(opened.fileno()).st_mode
     except FileNotFoundError as error:
         if _LIKE_A_TOKEN.fullmatch(str(path)):
             raise SystemExit(
@@ -422,6 +426,13 @@ def _read_token(path: Path, option: str, instead: str) -> tuple[str, str]:
     token = data.strip(_SPACE.encode()).decode("latin-1")
     if not token:
         raise SystemExit(f"porch: {file} is empty; it should hold the token alone")
+    if stat.S_ISREG(mode) and mode & 0o044:
+        # As ssh does of a key; a warning, not a refusal: the call goes on.
+        print(
+            f"porch: warning: {file} may be read by other users of this machine"
+            f" (mode {stat.S_IMODE(mode):04o}); `chmod 600 {shown}` keeps the token its owner's",
+            file=sys.stderr,
+        )
     return token, f"in {file}"
 
 
@@ -653,12 +664,17 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
     last = args.after
     connected = False
     failures = 0
+    gone = _reader_gone()
     while True:
         request = porch_pb2.WatchEventsRequest(pipeline_name=args.pipeline or "", after=last)
         reason = "the server ended it"
         delivered = False
         try:
-            for event in calls.stub.WatchEvents(request, metadata=calls.metadata):
+            stream: Any = calls.stub.WatchEvents(request, metadata=calls.metadata)
+            gone.stream = stream  # then checked: the reader may have left just now
+            if gone.is_set():
+                stream.cancel()
+            for event in stream:
                 connected = delivered = True
                 last = event.cursor
                 if event.kind == porch_pb2.Event.BOOKMARK and not args.bookmarks:
@@ -668,6 +684,8 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
                 else:
                     print(_event_line(event), flush=True)
         except grpc.RpcError as error:
+            if gone.is_set():
+                raise BrokenPipeError from None
             if _unanswered(error):
                 reason = "CANCELLED: the server ended the stream, most likely as it stopped"
             elif error.code() == grpc.StatusCode.UNAVAILABLE:
@@ -676,6 +694,8 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
                 raise
             if not connected:
                 raise
+        if gone.is_set():
+            raise BrokenPipeError
         failures = 0 if delivered else failures + 1
         wait = WATCH_RETRY_SECONDS[min(failures, len(WATCH_RETRY_SECONDS) - 1)]
         what = "stream ended" if delivered else "cannot reach the server"
@@ -683,7 +703,42 @@ def _watch(calls: _Calls, args: argparse.Namespace) -> None:
             f"porch: {what} ({reason}); reconnecting in {wait:g} s after cursor {last!r}",
             file=sys.stderr,
         )
-        time.sleep(wait)
+        if gone.wait(wait):
+            raise BrokenPipeError
+
+
+class _Gone(threading.Event):
+    """Set when whoever reads stdout has left; the stream to cancel then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: Any = None
+
+
+def _reader_gone() -> _Gone:
+    """An event set as soon as the reader of a pipe or socket on stdout
+    leaves, with the stream in hand cancelled: `porch watch | head -1` ends
+    when head does, not at the next event, whose write would have failed.
+    Output to a terminal or a file is not watched."""
+    gone = _Gone()
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError):
+        return gone
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return gone
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # errors and hang-ups only
+        while not poller.poll():
+            pass
+        gone.set()
+        if gone.stream is not None:
+            gone.stream.cancel()
+
+    threading.Thread(target=wait, name="porch-stdout", daemon=True).start()
+    return gone
 
 
 def _dispatch(calls: _Calls, args: argparse.Namespace) -> None:

@@ -144,6 +144,18 @@ def test_token_commands_work_on_the_database(sqlite_url: str) -> None:
     assert failed.returncode == 1 and "pipeline 'nope' not found" in failed.stderr
 
 
+def _pipeline_p_and_its_token(sqlite_url: str) -> str:
+    """The secret of a new token of a new pipeline p's wrapper, "loader"."""
+    store = Store(make_engine(sqlite_url))
+    try:
+        store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
+        secret = new_secret()
+        store.create_token(Role.PIPELINE, "p", "loader", hash_secret(secret))
+    finally:
+        store.close()
+    return secret
+
+
 def test_token_list_shows_one_pipelines_tokens(sqlite_url: str) -> None:
     store = Store(make_engine(sqlite_url))
     try:
@@ -954,6 +966,32 @@ def test_watch_fails_at_once_when_the_server_cannot_be_reached() -> None:
     assert time.monotonic() - started < 30
 
 
+def test_a_watch_ends_as_soon_as_its_reader_leaves(sqlite_url: str) -> None:
+    # `porch watch | head -1` on a quiet stream ends with head, not at the
+    # next event (which may be hours away).
+    secret = _pipeline_p_and_its_token(sqlite_url)
+    process, target = start_server(sqlite_url)
+    try:
+        porch("task", "register", "--pipeline", "p", "--target", target, "--token", secret, "{}")
+        watch = subprocess.Popen(
+            [*PORCH, "watch", "--after", "0.0", "--target", target, "--token", secret],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert watch.stdout is not None and watch.stderr is not None
+        try:
+            assert " p " in watch.stdout.readline()  # the one event: the stream is open
+            watch.stdout.close()
+            assert watch.wait(timeout=20) == 141
+        finally:
+            watch.kill()
+            _, errors = watch.communicate(timeout=60)
+        assert errors == ""
+    finally:
+        stop_server(process)
+
+
 def test_version_and_every_option_has_help() -> None:
     assert porch("--version").strip() == f"porch {importlib.metadata.version('porch')}"
     for command in (
@@ -987,11 +1025,7 @@ def test_openapi_command_prints_the_document() -> None:
 
 
 def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: str) -> None:
-    store = Store(make_engine(sqlite_url))
-    store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
-    secret = new_secret()
-    store.create_token(Role.PIPELINE, "p", "loader", hash_secret(secret))
-    store.close()
+    secret = _pipeline_p_and_its_token(sqlite_url)
     process, target = start_server(sqlite_url)
     try:
 
@@ -1091,15 +1125,13 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
 def test_a_token_file_keeps_the_token_off_the_command_line(sqlite_url: str, tmp_path: Path) -> None:
     # A flag's value is there for anyone on the machine to read in ps; a
     # file's contents are not.
-    store = Store(make_engine(sqlite_url))
-    store.create_pipeline(Pipeline(name="p", uri="u", version="1"))
-    secret = new_secret()
-    store.create_token(Role.PIPELINE, "p", "loader", hash_secret(secret))
-    store.close()
+    secret = _pipeline_p_and_its_token(sqlite_url)
     held = tmp_path / "token"
     held.write_text(secret + "\n")
     wrong = tmp_path / "wrong"
     wrong.write_text(new_secret())
+    for path in (held, wrong):  # as the README makes them: others would be warned of
+        path.chmod(0o600)
     process, target = start_server(sqlite_url)
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PORCH_TOKEN")}
@@ -1234,6 +1266,36 @@ def test_a_token_file_that_cannot_be_used_is_named(
     assert metadata() == (("authorization", "Bearer abc"),)
     monkeypatch.setenv("PORCH_TOKEN", "a\tb")
     refused(f"porch: the token in $PORCH_TOKEN{characters}")
+
+
+def test_a_token_file_others_may_read_is_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As ssh warns of a key: the call goes on, and the warning says how to mend it.
+    held = tmp_path / "a token"
+    held.write_bytes(b"tok\n")
+    args = cli._parser().parse_args(["pipeline", "get", "p", "--token-file", str(held)])
+    for mode, warned in ((0o600, False), (0o400, False), (0o640, True), (0o604, True)):
+        held.chmod(mode)
+        assert client._metadata(args) == (("authorization", "Bearer tok"),)
+        err = capsys.readouterr().err
+        if warned:
+            assert err == (
+                f"porch: warning: --token-file '{held}' may be read by other users of this"
+                f" machine (mode 0{mode:o}); `chmod 600 '{held}'` keeps the token its owner's\n"
+            )
+        else:
+            assert err == ""
+    # Not a file that has a mode of its own: a pipe, as in --token-file <(pass show porch).
+    read, write = os.pipe()
+    os.write(write, b"piped\n")
+    os.close(write)
+    piped = cli._parser().parse_args(["pipeline", "get", "p", "--token-file", f"/dev/fd/{read}"])
+    try:
+        assert client._metadata(piped) == (("authorization", "Bearer piped"),)
+    finally:
+        os.close(read)
+    assert capsys.readouterr().err == ""
 
 
 def test_output_to_a_reader_that_left_ends_quietly() -> None:
