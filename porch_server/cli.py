@@ -8,6 +8,7 @@ import contextlib
 import errno
 import gc
 import importlib.metadata
+import io
 import ipaddress
 import json
 import logging
@@ -1142,6 +1143,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if sys.stdout is None and args.command not in ("serve", "gateway"):
         # Closed (>&-): Python drops what is printed, a token's secret or a claim unsaid.
         raise SystemExit("porch: stdout is closed: nothing was done, as its output would be lost")
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Text a stdout of another encoding cannot hold (a pipeline's name in
+        # porch watch's lines, a token's description) is shown in Python's
+        # escapes (\xe9), not refused after the work was done; JSON is
+        # written in JSON's own escapes instead (client.print_json).
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         if args.command == "serve":
             _serve(args)
@@ -1154,9 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "gateway":
             _gateway(args)
         elif args.command == "openapi":
-            _for_a_pipeline(
-                lambda: print(json.dumps(web.openapi_document(), indent=2, ensure_ascii=False))
-            )
+            _for_a_pipeline(lambda: client.print_json(web.openapi_document(), indent=2))
         elif args.command == "events":
             _prune(args)
         else:
@@ -1183,7 +1188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"porch: {shortened(given)!r} holds {character!r}, which {client.NOT_TEXT}",
                 file=sys.stderr,
             )
-        else:  # printing to a terminal or file of another encoding, say
+        else:  # none known since stdout escapes what it cannot hold (main): Python's words
             print(f"porch: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as error:  # a database URL or schema name porch cannot use

@@ -445,8 +445,21 @@ def _token_file(text: str) -> Path:
 
 def _print(message: Message) -> None:
     # Every field, as the gateway prints it: `"created": false` is there to read.
-    fields = message_to_dict(message, always_print_fields_with_no_presence=True)
-    print(access.escape_json(json.dumps(fields, ensure_ascii=False)), flush=True)
+    print_json(message_to_dict(message, always_print_fields_with_no_presence=True))
+
+
+def print_json(value: Any, indent: int | None = None) -> None:
+    """value as JSON, its characters as they are, or as JSON's \\u escapes
+    where stdout's encoding cannot hold them (PYTHONIOENCODING=ascii, a
+    Latin-1 locale): the same JSON either way, and a claim's answer is not
+    lost for want of a character after the claim was made."""
+    text = json.dumps(value, ensure_ascii=False, indent=indent)
+    if not text.isascii():
+        try:
+            text.encode(sys.stdout.encoding or "utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(value, indent=indent)
+    print(text if indent else access.escape_json(text), flush=True)
 
 
 def _json_object(text: str, where: str = "") -> dict[str, Any]:

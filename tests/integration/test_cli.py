@@ -2092,20 +2092,39 @@ def test_what_is_not_text_is_named_as_such_before_anything_is_sent() -> None:
         assert done.stderr.decode() == f"porch: {said}\n"
 
 
-def test_an_answer_a_terminal_cannot_show_is_not_called_an_input_that_is_not_text() -> None:
-    # The task is registered; only its printing failed.
-    handlers = _StandIn(lambda context: None, lambda context: None)
-    with _stand_in(handlers) as target:
-        done = subprocess.run(
-            [*PORCH, "task", "register", "--pipeline", "p", '{"a": "é"}', "--target", target],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "PYTHONIOENCODING": "ascii"},
-        )
-    assert handlers.batches == 1
-    assert done.returncode == 2
-    assert done.stderr.startswith("porch: 'ascii' codec can't encode character '\\xe9'")
+def test_an_answer_a_terminal_cannot_show_is_printed_in_escapes(sqlite_url: str) -> None:
+    # The task is registered, or claimed, before its answer is printed: an
+    # answer refused for want of a character would leave the claim made and
+    # nobody told. JSON comes in JSON's escapes, other text in Python's.
+    secret = _pipeline_p_and_its_token(sqlite_url)
+    ascii_env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    process, target = start_server(sqlite_url)
+    try:
+        for command in (
+            ["register", "--pipeline", "p", '{"a": "é"}'],
+            ["claim", "--pipeline", "p"],
+        ):
+            done = subprocess.run(
+                [*PORCH, "task", *command, "--target", target, "--token", secret],
+                capture_output=True,
+                timeout=60,
+                env=ascii_env,
+            )
+            assert (done.returncode, done.stderr) == (0, b""), done.stderr
+            assert b'"a": "\\u00e9"' in done.stdout
+            answer = json.loads(done.stdout)
+            assert answer.get("task", answer)["task_input"] == {"a": "é"}  # registered, claimed
+    finally:
+        stop_server(process)
+    porch("token", "create", "--pipeline", "p", "--description", "café", "--db-url", sqlite_url)
+    listed = subprocess.run(
+        [*PORCH, "token", "list", "--db-url", sqlite_url],
+        capture_output=True,
+        timeout=60,
+        env=ascii_env,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[-1].endswith(b"\tcaf\\xe9")
 
 
 def test_numbers_a_request_cannot_hold_are_named_with_their_flag(
