@@ -23,6 +23,7 @@ import datetime
 import decimal
 import functools
 import json
+import math
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -334,7 +335,12 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class LostNumber(ValueError):
-    """A number too small for a double: it would read as 0."""
+    """A number too small for a double (it would read as 0) or too large
+    (it would read as infinity, which JSON cannot carry back)."""
+
+
+class _NotJsonConstant(ValueError):
+    """NaN, Infinity or -Infinity written bare, as json.loads reads them."""
 
 
 _NONZERO_DIGIT = re.compile(r"[1-9]")
@@ -343,16 +349,29 @@ _NONZERO_DIGIT = re.compile(r"[1-9]")
 def nonzero_float(text: str) -> float:
     """json.loads's parse_float: the double of a JSON number with a fraction
     or exponent; LostNumber for one not 0 that a double holds only as 0
-    (1e-400, say), which would be stored as another number."""
+    (1e-400, say), which would be stored as another number, and for one
+    past the largest double (1e400), which would be stored as infinity."""
     value = float(text)
     at = max(text.find("e"), text.find("E"))  # the exponent's, or -1
+    if math.isinf(value):
+        raise LostNumber(
+            f"the number {_float_text(text, at)} is too large for a double,"
+            " which would hold it as infinity"
+        )
     if value == 0.0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
-        if at > 20 and len(text) - at <= 20:  # shortened, the exponent that says why kept
-            text = f"{text[:20]}…{text[at:]}"
-        else:
-            text = _number_text(text)
-        raise LostNumber(f"the number {text} is too small for a double, which would hold it as 0")
+        raise LostNumber(
+            f"the number {_float_text(text, at)} is too small for a double,"
+            " which would hold it as 0"
+        )
     return value
+
+
+def _float_text(text: str, at: int) -> str:
+    """A number's text for an error, its exponent (at at) kept where it is
+    shortened: the exponent says why it was refused."""
+    if at > 20 and len(text) - at <= 20:
+        return f"{text[:20]}…{text[at:]}"
+    return _number_text(text)
 
 
 class UnreadableJson(ValueError):
@@ -374,7 +393,17 @@ def read_json(text: bytes | str, what: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode().removeprefix("\ufeff")
-        return json.loads(text, object_pairs_hook=unique_keys, parse_float=nonzero_float)
+        return json.loads(
+            text,
+            object_pairs_hook=unique_keys,
+            parse_float=nonzero_float,
+            parse_constant=_refuse_constant,
+        )
+    except _NotJsonConstant as error:
+        raise NotJson(
+            f"{what} is not JSON: {error} is not a JSON number (a double field takes"
+            f' "{error}" as a string)'
+        ) from None
     except NamedTwice as error:
         raise UnreadableJson(f"{what} {error}") from None
     except LostNumber as error:
@@ -390,6 +419,10 @@ def read_json(text: bytes | str, what: str) -> Any:
             f"{what} holds a number too long to read: the integer {too_long_integer(text)}"
             " is past any number a field or a JSON value holds; send it as a string"
         ) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJsonConstant(name)
 
 
 def too_long_integer(body: bytes | str) -> str:

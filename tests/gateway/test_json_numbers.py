@@ -184,6 +184,44 @@ async def test_a_number_a_double_holds_only_as_0_is_refused(
     )
 
 
+@pytest.mark.parametrize(
+    ("number", "named"),
+    [
+        ("1e400", "1e400"),
+        ("-2.5E+330", "-2.5E+330"),
+        ("1.8e308", "1.8e308"),
+        ("1." + "0" * 60 + "E400", "1.000000000000000000…E400"),
+    ],
+)
+@pytest.mark.parametrize("field", ["data", "double_value"])
+async def test_a_number_past_the_largest_double_is_refused_before_the_call(
+    client: httpx.AsyncClient, number: str, named: str, field: str
+) -> None:
+    # Read as infinity, a Struct's took the call through, then its answer
+    # had no JSON form: a 500 for a call that was made.
+    value = f'{{"n": {number}}}' if field == "data" else number
+    body = f'{{"text": "n", "{field}": {value}}}'
+    assert await refusal(client, body) == (
+        f"the number {named} is too large for a double, which would hold it as infinity;"
+        " send it as a string"
+    )
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+async def test_nan_and_infinity_written_bare_are_not_json(
+    client: httpx.AsyncClient, constant: str
+) -> None:
+    body = f'{{"text": "n", "data": {{"n": {constant}}}}}'
+    assert await refusal(client, body) == (
+        f"the request body is not JSON: {constant} is not a JSON number (a double field takes"
+        f' "{constant}" as a string)'
+    )
+    # As protobuf's JSON has them, in a string, a double field takes them.
+    response = await client.post("/v1/echo", json={"text": "n", "double_value": constant})
+    assert response.status_code == 200, response.text
+    assert response.json()["double_value"] == constant
+
+
 @pytest.mark.parametrize("sign", ["", "-"])
 async def test_an_integer_of_more_digits_than_python_reads_is_named_by_its_size(
     client: httpx.AsyncClient, sign: str
