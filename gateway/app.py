@@ -306,7 +306,8 @@ window.ui = SwaggerUIBundle({{
   dom_id: "#swagger-ui",
   deepLinking: true,
   presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
-  layout: "StandaloneLayout"
+  layout: "StandaloneLayout",
+  validatorUrl: null
 }});
 </script>
 </body>

@@ -441,6 +441,12 @@ def _metadata_value(key: str, value: str) -> str | bytes:
     return value
 
 
+# The longest deadline a call is given: grpcio takes one some centuries
+# away (Grpc-Timeout allows 99999999H, 11,000 years) as already passed; ten
+# years is no deadline in practice.
+LONGEST_TIMEOUT = 10 * 365 * 86_400.0
+
+
 def call_timeout(headers: Mapping[str, str], default: float | None) -> float | None:
     """The deadline from a `Grpc-Timeout` header (e.g. `10S`, `500m`), else the default."""
     text = headers.get("grpc-timeout")
@@ -451,7 +457,7 @@ def call_timeout(headers: Mapping[str, str], default: float | None) -> float | N
         raise invalid_argument(
             f"Grpc-Timeout {quoted(text)} is not a number and one of the units H M S m u n"
         )
-    return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)]
+    return min(int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)], LONGEST_TIMEOUT)
 
 
 # The metadata key through which a server chooses the HTTP status (say 201);

@@ -19,6 +19,9 @@ async def test_docs_page_and_its_assets_are_served_locally(live: Live) -> None:
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert 'url: "/openapi.json"' in page.text
+    # Swagger UI's default would have each reader's browser send the
+    # document's address to an online validator.
+    assert "validatorUrl: null" in page.text
     assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert {asset.rsplit("/", 1)[1] for asset in assets} >= {
         "swagger-ui-bundle.js",
