@@ -210,7 +210,11 @@ def _enum_converter(enum: EnumDescriptor) -> Convert:
         return lambda value: None
     if custom_enum_names():
         return _unsupported
-    names = {number: value.name for number, value in enum.values_by_number.items()}
+    # The first value declared with each number, as json_format (and Go and
+    # C++) name an alias's number: values_by_number may hold the last.
+    names: dict[int, str] = {}
+    for each in enum.values:
+        names.setdefault(each.number, each.name)
     closed = enum.is_closed
 
     def convert(value: int) -> Any:

@@ -7,7 +7,14 @@ import math
 from typing import Any
 
 import pytest
-from google.protobuf import any_pb2, json_format, struct_pb2
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    json_format,
+    message_factory,
+    struct_pb2,
+)
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import given, settings
@@ -186,3 +193,25 @@ def test_any_goes_to_json_format() -> None:
     printed = protojson.to_json_object(status, True)
     assert printed["details"][0]["@type"] == "type.googleapis.com/google.rpc.ErrorInfo"
     assert_same(status, True)
+
+
+def test_an_aliased_enum_value_is_named_by_the_first_name_declared() -> None:
+    # As json_format, Go and C++ name it; upb's values_by_number holds the last.
+    file = descriptor_pb2.FileDescriptorProto(name="alias.proto", package="alias", syntax="proto3")
+    kind = file.enum_type.add(name="Kind")
+    kind.options.allow_alias = True
+    for name, number in (("KIND_UNSPECIFIED", 0), ("ALPHA", 1), ("ALIAS_ALPHA", 1), ("BETA", 2)):
+        kind.value.add(name=name, number=number)
+    held = file.message_type.add(name="Held")
+    held.field.add(
+        name="kind",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
+        type_name=".alias.Kind",
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    message = message_factory.GetMessageClass(pool.FindMessageTypeByName("alias.Held"))(kind=1)
+    assert protojson.to_json_object(message) == {"kind": "ALPHA"}
+    assert_same(message, False)
