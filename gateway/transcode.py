@@ -196,6 +196,8 @@ def _set_path_variable(request: Message, name: str, text: str) -> None:
     # Reading does not set a message field: an unset one reads as defaults.
     parent = _parent(request, path, what)
     field = _field(parent, path[-1])
+    if field is not None:
+        _check_oneof(parent, field, what)
     if field is not None and not field.is_repeated:
         if field.message_type is None:
             given = getattr(parent, path[-1])
@@ -244,6 +246,7 @@ def _set_in(parent: Message, field: FieldDescriptor | None, text: str, what: str
         raise invalid_argument(f"unknown {what}: no such field")
     if is_map_field(field):
         raise invalid_argument(f"{what} names a map field, which only the body can set")
+    _check_oneof(parent, field, what)
     repeated = bool(field.is_repeated)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         target = getattr(parent, field.name).add() if repeated else getattr(parent, field.name)
@@ -263,8 +266,24 @@ def _parent(message: Message, path: list[str], what: str) -> Message:
             raise invalid_argument(
                 f"unknown {what}: {quoted(name)} is not a singular message field"
             )
+        _check_oneof(message, field, what)
         message = getattr(message, name)
     return message
+
+
+def _check_oneof(parent: Message, field: FieldDescriptor, what: str) -> None:
+    """GatewayError (400) when another field of field's oneof is set already:
+    setting field would drop it, and which was meant depends on the order
+    the parameters came in. (The body refuses two of a oneof itself.)"""
+    oneof = field.containing_oneof
+    if oneof is None:
+        return
+    chosen = parent.WhichOneof(oneof.name)
+    if chosen is not None and chosen != field.name:
+        raise invalid_argument(
+            f"{what} sets {field.name!r}, but {chosen!r} of the same oneof ({oneof.name!r})"
+            " is set already; a request sets one of them"
+        )
 
 
 def _parse_scalar_message(target: Message, text: str, what: str) -> None:

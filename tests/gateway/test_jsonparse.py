@@ -75,6 +75,9 @@ def fitting(field: str) -> st.SearchStrategy[Any]:
         "labels": st.dictionaries(texts, texts, max_size=2),
         "mask": st.sampled_from(["a,b.c", "fooBar", "a_b"]),
         "metadata": any_json,
+        "choice_text": texts,
+        "choice_number": integers,
+        "choice_inner": st.fixed_dictionaries({}, optional={"label": texts, "count": integers}),
     }[field]
 
 

@@ -815,3 +815,39 @@ async def test_an_unpaired_surrogate_in_a_map_value_is_named_by_its_key(
             assert not message.startswith("evil"), message
         else:
             assert message.startswith(f"labels[{key}]: a string holds an unpaired"), message
+
+
+async def test_two_fields_of_a_oneof_are_refused_from_the_query_and_the_path(
+    client: httpx.AsyncClient,
+) -> None:
+    # Setting one clears the other: which was meant depended on their order.
+    said = "a request sets one of them"
+    for url, params in (
+        ("/v1/echo/x", [("choice_text", "a"), ("choice_number", "2")]),
+        ("/v1/echo/x", [("choice_number", "2"), ("choice_text", "a")]),
+        ("/v1/echo/x", [("choice_inner.count", "3"), ("choice_text", "a")]),
+        ("/v1/echo/x", [("choice_text", "a"), ("choice_inner.count", "3")]),
+        ("/v1/choices/a", [("choice_number", "1")]),
+    ):
+        response = await client.get(url, params=params)
+        assert response.status_code == 400, (url, params, response.text)
+        message = response.json()["message"]
+        assert "of the same oneof ('choice') is set already" in message and said in message
+    # One of them, however given, and a message's fields together, pass.
+    for url, params, echoed in (
+        ("/v1/echo/x", [("choice_number", "2")], {"choice_number": 2}),
+        (
+            "/v1/echo/x",
+            [("choice_inner.count", "3"), ("choice_inner.label", "l")],
+            {"choice_inner": {"label": "l", "count": "3", "color": "COLOR_UNSPECIFIED"}},
+        ),
+        ("/v1/choices/a", [], {"choice_text": "a"}),
+        ("/v1/choices/a", [("choice_text", "a")], {"choice_text": "a"}),
+    ):
+        response = await client.get(url, params=params)
+        assert response.status_code == 200, (url, params, response.text)
+        answer = response.json()
+        assert {key: answer[key] for key in echoed if key in answer} == echoed
+    # The body refuses two itself.
+    both = await client.post("/v1/echo", json={"text": "x", "choice_text": "a", "choice_number": 1})
+    assert both.status_code == 400

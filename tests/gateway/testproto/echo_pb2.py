@@ -33,7 +33,7 @@ from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb
 from google.rpc import code_pb2 as google_dot_rpc_dot_code__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x63ho/v1/echo.proto\x12\x07\x65\x63ho.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a\x15google/rpc/code.proto\"c\n\x05Inner\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x1d\n\x05\x63olor\x18\x03 \x01(\x0e\x32\x0e.echo.v1.Color\x12\x1d\n\x05\x63hild\x18\x04 \x01(\x0b\x32\x0e.echo.v1.Inner\"\x86\x06\n\x0b\x45\x63hoMessage\x12\x12\n\x04text\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bint32_value\x18\x02 \x01(\x05\x12\x13\n\x0bint64_value\x18\x03 \x01(\x03\x12\x14\n\x0cuint32_value\x18\x04 \x01(\r\x12\x14\n\x0cuint64_value\x18\x05 \x01(\x04\x12\x14\n\x0c\x64ouble_value\x18\x06 \x01(\x01\x12\x13\n\x0b\x66loat_value\x18\x07 \x01(\x02\x12\x12\n\nbool_value\x18\x08 \x01(\x08\x12\x13\n\x0b\x62ytes_value\x18\t \x01(\x0c\x12\x1d\n\x05\x63olor\x18\n \x01(\x0e\x32\x0e.echo.v1.Color\x12\x0c\n\x04tags\x18\x0b \x03(\t\x12\x1e\n\x06\x63olors\x18\x0c \x03(\x0e\x32\x0e.echo.v1.Color\x12\x0f\n\x07numbers\x18\r \x03(\x05\x12\x1d\n\x05inner\x18\x0e \x01(\x0b\x32\x0e.echo.v1.Inner\x12\x12\n\x05maybe\x18\x0f \x01(\x05H\x00\x88\x01\x01\x12(\n\x04when\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04wait\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x64\x61ta\x18\x12 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x07wrapped\x18\x13 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x30\n\x06labels\x18\x14 \x03(\x0b\x32 .echo.v1.EchoMessage.LabelsEntry\x12(\n\x04mask\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12:\n\x08metadata\x18\x16 \x03(\x0b\x32\".echo.v1.EchoMessage.MetadataEntryB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_maybe\"h\n\x05Thing\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06serial\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"9\n\x12\x43reateThingRequest\x12#\n\x05thing\x18\x01 \x01(\x0b\x32\x0e.echo.v1.ThingB\x04\xe2\x41\x01\x02\"\x15\n\x04Item\x12\r\n\x05index\x18\x01 \x01(\x05\"H\n\x10ListItemsRequest\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x11ListItemsResponse\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.echo.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x0c\x43ountRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\nfail_after\x18\x02 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x1d\n\x0cWatchRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\")\n\x04Tick\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x06\x63ursor\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\">\n\x0b\x46\x61ilRequest\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0f\n\x07message\x18\x02 \x01(\t*<\n\x05\x43olor\x12\x15\n\x11\x43OLOR_UNSPECIFIED\x10\x00\x12\x07\n\x03RED\x10\x01\x12\t\n\x05GREEN\x10\x02\x12\x08\n\x04\x42LUE\x10\x03\x32\x88\x06\n\x0b\x45\x63hoService\x12\xc7\x02\n\x04\x45\x63ho\x12\x14.echo.v1.EchoMessage\x1a\x14.echo.v1.EchoMessage\"\x92\x02\x82\xd3\xe4\x93\x02\x8b\x02\"\x08/v1/echo:\x01*Z\x11\x12\x0f/v1/echo/{text}Z\x1a\"\x15/v1/echo/{text}:shout:\x01*Z\'\x1a\x1e/v1/echo/{inner.label}/details:\x05innerZ \x12\x17/v1/echo/{text}/detailsb\x05innerZ\"\"\x14/v1/echo/{text}/tags:\x04tagsb\x04tagsZ\x14\x12\x12/v1/{text=texts/*}Z\x1a\x12\x18/v1/files/{text=**}:readZ,\x12*/v1/deep/{inner.child.label}/{inner.count}\x12U\n\x0b\x43reateThing\x12\x1b.echo.v1.CreateThingRequest\x1a\x0e.echo.v1.Thing\"\x19\x82\xd3\xe4\x93\x02\x13\"\n/v1/things:\x05thing\x12\x66\n\tListItems\x12\x19.echo.v1.ListItemsRequest\x1a\x1a.echo.v1.ListItemsResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\t/v1/itemsZ\x0f\x12\x06/itemsb\x05items\x12W\n\x05\x43ount\x12\x15.echo.v1.CountRequest\x1a\r.echo.v1.Tick\"&\x82\xd3\xe4\x93\x02 \x12\t/v1/countZ\x13\x12\x11/v1/count/{count}0\x01\x12H\n\x05Watch\x12\x15.echo.v1.WatchRequest\x1a\r.echo.v1.Tick\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/ticks:watch0\x01\x12M\n\x04\x46\x61il\x12\x14.echo.v1.FailRequest\x1a\x16.google.protobuf.Empty\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/fail/{code}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x65\x63ho/v1/echo.proto\x12\x07\x65\x63ho.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/protobuf/wrappers.proto\x1a\x15google/rpc/code.proto\"c\n\x05Inner\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x1d\n\x05\x63olor\x18\x03 \x01(\x0e\x32\x0e.echo.v1.Color\x12\x1d\n\x05\x63hild\x18\x04 \x01(\x0b\x32\x0e.echo.v1.Inner\"\xe8\x06\n\x0b\x45\x63hoMessage\x12\x12\n\x04text\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0bint32_value\x18\x02 \x01(\x05\x12\x13\n\x0bint64_value\x18\x03 \x01(\x03\x12\x14\n\x0cuint32_value\x18\x04 \x01(\r\x12\x14\n\x0cuint64_value\x18\x05 \x01(\x04\x12\x14\n\x0c\x64ouble_value\x18\x06 \x01(\x01\x12\x13\n\x0b\x66loat_value\x18\x07 \x01(\x02\x12\x12\n\nbool_value\x18\x08 \x01(\x08\x12\x13\n\x0b\x62ytes_value\x18\t \x01(\x0c\x12\x1d\n\x05\x63olor\x18\n \x01(\x0e\x32\x0e.echo.v1.Color\x12\x0c\n\x04tags\x18\x0b \x03(\t\x12\x1e\n\x06\x63olors\x18\x0c \x03(\x0e\x32\x0e.echo.v1.Color\x12\x0f\n\x07numbers\x18\r \x03(\x05\x12\x1d\n\x05inner\x18\x0e \x01(\x0b\x32\x0e.echo.v1.Inner\x12\x12\n\x05maybe\x18\x0f \x01(\x05H\x01\x88\x01\x01\x12(\n\x04when\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04wait\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x04\x64\x61ta\x18\x12 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x07wrapped\x18\x13 \x01(\x0b\x32\x1b.google.protobuf.Int32Value\x12\x30\n\x06labels\x18\x14 \x03(\x0b\x32 .echo.v1.EchoMessage.LabelsEntry\x12(\n\x04mask\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12:\n\x08metadata\x18\x16 \x03(\x0b\x32\".echo.v1.EchoMessage.MetadataEntryB\x04\xe2\x41\x01\x03\x12\x15\n\x0b\x63hoice_text\x18\x17 \x01(\tH\x00\x12\x17\n\rchoice_number\x18\x18 \x01(\x05H\x00\x12&\n\x0c\x63hoice_inner\x18\x19 \x01(\x0b\x32\x0e.echo.v1.InnerH\x00\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06\x63hoiceB\x08\n\x06_maybe\"h\n\x05Thing\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x14\n\x06serial\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"9\n\x12\x43reateThingRequest\x12#\n\x05thing\x18\x01 \x01(\x0b\x32\x0e.echo.v1.ThingB\x04\xe2\x41\x01\x02\"\x15\n\x04Item\x12\r\n\x05index\x18\x01 \x01(\x05\"H\n\x10ListItemsRequest\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"J\n\x11ListItemsResponse\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.echo.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x0c\x43ountRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\x12\x12\n\nfail_after\x18\x02 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x1d\n\x0cWatchRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\t\")\n\x04Tick\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x14\n\x06\x63ursor\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\">\n\x0b\x46\x61ilRequest\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0f\n\x07message\x18\x02 \x01(\t*<\n\x05\x43olor\x12\x15\n\x11\x43OLOR_UNSPECIFIED\x10\x00\x12\x07\n\x03RED\x10\x01\x12\t\n\x05GREEN\x10\x02\x12\x08\n\x04\x42LUE\x10\x03\x32\xa5\x06\n\x0b\x45\x63hoService\x12\xe4\x02\n\x04\x45\x63ho\x12\x14.echo.v1.EchoMessage\x1a\x14.echo.v1.EchoMessage\"\xaf\x02\x82\xd3\xe4\x93\x02\xa8\x02\"\x08/v1/echo:\x01*Z\x11\x12\x0f/v1/echo/{text}Z\x1a\"\x15/v1/echo/{text}:shout:\x01*Z\'\x1a\x1e/v1/echo/{inner.label}/details:\x05innerZ \x12\x17/v1/echo/{text}/detailsb\x05innerZ\"\"\x14/v1/echo/{text}/tags:\x04tagsb\x04tagsZ\x14\x12\x12/v1/{text=texts/*}Z\x1a\x12\x18/v1/files/{text=**}:readZ,\x12*/v1/deep/{inner.child.label}/{inner.count}Z\x1b\x12\x19/v1/choices/{choice_text}\x12U\n\x0b\x43reateThing\x12\x1b.echo.v1.CreateThingRequest\x1a\x0e.echo.v1.Thing\"\x19\x82\xd3\xe4\x93\x02\x13\"\n/v1/things:\x05thing\x12\x66\n\tListItems\x12\x19.echo.v1.ListItemsRequest\x1a\x1a.echo.v1.ListItemsResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\t/v1/itemsZ\x0f\x12\x06/itemsb\x05items\x12W\n\x05\x43ount\x12\x15.echo.v1.CountRequest\x1a\r.echo.v1.Tick\"&\x82\xd3\xe4\x93\x02 \x12\t/v1/countZ\x13\x12\x11/v1/count/{count}0\x01\x12H\n\x05Watch\x12\x15.echo.v1.WatchRequest\x1a\r.echo.v1.Tick\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/ticks:watch0\x01\x12M\n\x04\x46\x61il\x12\x14.echo.v1.FailRequest\x1a\x16.google.protobuf.Empty\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/fail/{code}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,7 +59,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TICK'].fields_by_name['cursor']._loaded_options = None
   _globals['_TICK'].fields_by_name['cursor']._serialized_options = b'\342A\001\003'
   _globals['_ECHOSERVICE'].methods_by_name['Echo']._loaded_options = None
-  _globals['_ECHOSERVICE'].methods_by_name['Echo']._serialized_options = b'\202\323\344\223\002\213\002\"\010/v1/echo:\001*Z\021\022\017/v1/echo/{text}Z\032\"\025/v1/echo/{text}:shout:\001*Z\'\032\036/v1/echo/{inner.label}/details:\005innerZ \022\027/v1/echo/{text}/detailsb\005innerZ\"\"\024/v1/echo/{text}/tags:\004tagsb\004tagsZ\024\022\022/v1/{text=texts/*}Z\032\022\030/v1/files/{text=**}:readZ,\022*/v1/deep/{inner.child.label}/{inner.count}'
+  _globals['_ECHOSERVICE'].methods_by_name['Echo']._serialized_options = b'\202\323\344\223\002\250\002\"\010/v1/echo:\001*Z\021\022\017/v1/echo/{text}Z\032\"\025/v1/echo/{text}:shout:\001*Z\'\032\036/v1/echo/{inner.label}/details:\005innerZ \022\027/v1/echo/{text}/detailsb\005innerZ\"\"\024/v1/echo/{text}/tags:\004tagsb\004tagsZ\024\022\022/v1/{text=texts/*}Z\032\022\030/v1/files/{text=**}:readZ,\022*/v1/deep/{inner.child.label}/{inner.count}Z\033\022\031/v1/choices/{choice_text}'
   _globals['_ECHOSERVICE'].methods_by_name['CreateThing']._loaded_options = None
   _globals['_ECHOSERVICE'].methods_by_name['CreateThing']._serialized_options = b'\202\323\344\223\002\023\"\n/v1/things:\005thing'
   _globals['_ECHOSERVICE'].methods_by_name['ListItems']._loaded_options = None
@@ -70,34 +70,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ECHOSERVICE'].methods_by_name['Watch']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/ticks:watch'
   _globals['_ECHOSERVICE'].methods_by_name['Fail']._loaded_options = None
   _globals['_ECHOSERVICE'].methods_by_name['Fail']._serialized_options = b'\202\323\344\223\002\021\022\017/v1/fail/{code}'
-  _globals['_COLOR']._serialized_start=1727
-  _globals['_COLOR']._serialized_end=1787
+  _globals['_COLOR']._serialized_start=1825
+  _globals['_COLOR']._serialized_end=1885
   _globals['_INNER']._serialized_start=307
   _globals['_INNER']._serialized_end=406
   _globals['_ECHOMESSAGE']._serialized_start=409
-  _globals['_ECHOMESSAGE']._serialized_end=1183
-  _globals['_ECHOMESSAGE_LABELSENTRY']._serialized_start=1079
-  _globals['_ECHOMESSAGE_LABELSENTRY']._serialized_end=1124
-  _globals['_ECHOMESSAGE_METADATAENTRY']._serialized_start=1126
-  _globals['_ECHOMESSAGE_METADATAENTRY']._serialized_end=1173
-  _globals['_THING']._serialized_start=1185
-  _globals['_THING']._serialized_end=1289
-  _globals['_CREATETHINGREQUEST']._serialized_start=1291
-  _globals['_CREATETHINGREQUEST']._serialized_end=1348
-  _globals['_ITEM']._serialized_start=1350
-  _globals['_ITEM']._serialized_end=1371
-  _globals['_LISTITEMSREQUEST']._serialized_start=1373
-  _globals['_LISTITEMSREQUEST']._serialized_end=1445
-  _globals['_LISTITEMSRESPONSE']._serialized_start=1447
-  _globals['_LISTITEMSRESPONSE']._serialized_end=1521
-  _globals['_COUNTREQUEST']._serialized_start=1523
-  _globals['_COUNTREQUEST']._serialized_end=1587
-  _globals['_WATCHREQUEST']._serialized_start=1589
-  _globals['_WATCHREQUEST']._serialized_end=1618
-  _globals['_TICK']._serialized_start=1620
-  _globals['_TICK']._serialized_end=1661
-  _globals['_FAILREQUEST']._serialized_start=1663
-  _globals['_FAILREQUEST']._serialized_end=1725
-  _globals['_ECHOSERVICE']._serialized_start=1790
-  _globals['_ECHOSERVICE']._serialized_end=2566
+  _globals['_ECHOMESSAGE']._serialized_end=1281
+  _globals['_ECHOMESSAGE_LABELSENTRY']._serialized_start=1167
+  _globals['_ECHOMESSAGE_LABELSENTRY']._serialized_end=1212
+  _globals['_ECHOMESSAGE_METADATAENTRY']._serialized_start=1214
+  _globals['_ECHOMESSAGE_METADATAENTRY']._serialized_end=1261
+  _globals['_THING']._serialized_start=1283
+  _globals['_THING']._serialized_end=1387
+  _globals['_CREATETHINGREQUEST']._serialized_start=1389
+  _globals['_CREATETHINGREQUEST']._serialized_end=1446
+  _globals['_ITEM']._serialized_start=1448
+  _globals['_ITEM']._serialized_end=1469
+  _globals['_LISTITEMSREQUEST']._serialized_start=1471
+  _globals['_LISTITEMSREQUEST']._serialized_end=1543
+  _globals['_LISTITEMSRESPONSE']._serialized_start=1545
+  _globals['_LISTITEMSRESPONSE']._serialized_end=1619
+  _globals['_COUNTREQUEST']._serialized_start=1621
+  _globals['_COUNTREQUEST']._serialized_end=1685
+  _globals['_WATCHREQUEST']._serialized_start=1687
+  _globals['_WATCHREQUEST']._serialized_end=1716
+  _globals['_TICK']._serialized_start=1718
+  _globals['_TICK']._serialized_end=1759
+  _globals['_FAILREQUEST']._serialized_start=1761
+  _globals['_FAILREQUEST']._serialized_end=1823
+  _globals['_ECHOSERVICE']._serialized_start=1888
+  _globals['_ECHOSERVICE']._serialized_end=2693
 # @@protoc_insertion_point(module_scope)

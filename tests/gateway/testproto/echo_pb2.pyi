@@ -157,6 +157,9 @@ class EchoMessage(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    CHOICE_TEXT_FIELD_NUMBER: _builtins.int
+    CHOICE_NUMBER_FIELD_NUMBER: _builtins.int
+    CHOICE_INNER_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The text to echo."""
     int32_value: _builtins.int
@@ -179,6 +182,10 @@ class EchoMessage(_message.Message):
     """A colour."""
     maybe: _builtins.int
     """An integer with presence."""
+    choice_text: _builtins.str
+    """The choice as text."""
+    choice_number: _builtins.int
+    """The choice as a number."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tags."""
@@ -223,6 +230,10 @@ class EchoMessage(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The call's metadata as the server received it."""
 
+    @_builtins.property
+    def choice_inner(self) -> Global___Inner:
+        """The choice as a message."""
+
     def __init__(
         self,
         *,
@@ -248,14 +259,22 @@ class EchoMessage(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         mask: _field_mask_pb2.FieldMask | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        choice_text: _builtins.str = ...,
+        choice_number: _builtins.int = ...,
+        choice_inner: Global___Inner | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "data", b"data", "inner", b"inner", "mask", b"mask", "maybe", b"maybe", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "choice", b"choice", "choice_inner", b"choice_inner", "choice_number", b"choice_number", "choice_text", b"choice_text", "data", b"data", "inner", b"inner", "mask", b"mask", "maybe", b"maybe", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "bool_value", b"bool_value", "bytes_value", b"bytes_value", "color", b"color", "colors", b"colors", "data", b"data", "double_value", b"double_value", "float_value", b"float_value", "inner", b"inner", "int32_value", b"int32_value", "int64_value", b"int64_value", "labels", b"labels", "mask", b"mask", "maybe", b"maybe", "metadata", b"metadata", "numbers", b"numbers", "tags", b"tags", "text", b"text", "uint32_value", b"uint32_value", "uint64_value", b"uint64_value", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maybe", b"_maybe", "bool_value", b"bool_value", "bytes_value", b"bytes_value", "choice", b"choice", "choice_inner", b"choice_inner", "choice_number", b"choice_number", "choice_text", b"choice_text", "color", b"color", "colors", b"colors", "data", b"data", "double_value", b"double_value", "float_value", b"float_value", "inner", b"inner", "int32_value", b"int32_value", "int64_value", b"int64_value", "labels", b"labels", "mask", b"mask", "maybe", b"maybe", "metadata", b"metadata", "numbers", b"numbers", "tags", b"tags", "text", b"text", "uint32_value", b"uint32_value", "uint64_value", b"uint64_value", "wait", b"wait", "when", b"when", "wrapped", b"wrapped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__maybe: _TypeAlias = _typing.Literal["maybe"]  # noqa: Y015
     _WhichOneofArgType__maybe: _TypeAlias = _typing.Literal["_maybe", b"_maybe"]  # noqa: Y015
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["choice_text", "choice_number", "choice_inner"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__maybe) -> _WhichOneofReturnType__maybe | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
 
 Global___EchoMessage: _TypeAlias = EchoMessage  # noqa: Y015
 
