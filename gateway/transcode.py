@@ -261,7 +261,7 @@ def _set_in(parent: Message, field: FieldDescriptor | None, text: str, what: str
 
 def _parent(message: Message, path: list[str], what: str) -> Message:
     for name in path[:-1]:
-        field = message.DESCRIPTOR.fields_by_name.get(name)
+        field = _field(message, name)
         if field is None or field.message_type is None or field.is_repeated:
             raise invalid_argument(
                 f"unknown {what}: {quoted(name)} is not a singular message field"
