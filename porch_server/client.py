@@ -203,7 +203,7 @@ def add_commands(commands: Any) -> None:
         type=finite_number,
         metavar="SECONDS",
         help="ask for a lease of SECONDS (at most 30 days): the tasks go back to PENDING "
-        "unless reported on within it",
+        "unless RUNNING is reported within it, and again within each lease after",
     )
     update = task_commands.add_parser("update", help="report a task's new status")
     update.add_argument("--pipeline", required=True, help="the task's pipeline")

@@ -127,7 +127,9 @@ class Task(_message.Message):
     status: Global___Task.State.ValueType
     """The task's status. New tasks are always PENDING."""
     claimed_by_token_id: _builtins.str
-    """The id of the token that last claimed the task."""
+    """The id of the token whose claim holds or held the task; empty while the
+    task is PENDING, as claim_time is.
+    """
     claim_number: _builtins.int
     """Which claim of the task this is: 1 for its first, one more for each
     claim after; 0 if it was never claimed. In UpdateTask, when set, the
@@ -162,7 +164,10 @@ class Task(_message.Message):
 
     @_builtins.property
     def claim_time(self) -> _timestamp_pb2.Timestamp:
-        """When the task was last claimed; unset if it never was."""
+        """When the claim that holds or held the task was made; unset while the
+        task is PENDING (never claimed, or back from a release, a lapsed lease
+        or a re-run: its events keep who claimed it when).
+        """
 
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
