@@ -542,6 +542,7 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
                 maybe_made = (
                     isinstance(error, _TimedOut)
                     or _unanswered(error)
+                    or _cut_short(error)
                     or bool(answers and _unanswered(error, grpc.StatusCode.UNAVAILABLE))
                 )
                 if not answers and not maybe_made:
@@ -600,7 +601,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         _dispatch(_Calls(stub, _metadata(args), _deadline(args)), args)
     except grpc.RpcError as error:
-        raise SystemExit(_failure(error) + _tls_hint(args, error)) from None
+        maybe = "; what it asked may have been done" if _cut_short(error) else ""
+        raise SystemExit(_failure(error) + maybe + _tls_hint(args, error)) from None
     finally:
         channel.close()
 
@@ -634,8 +636,23 @@ def _failure(error: grpc.RpcError) -> str:
             "porch: CANCELLED: the server ended the call without answering it, most likely"
             " as it stopped; try again"
         )
+    if _cut_short(error):
+        return (
+            "porch: UNAVAILABLE: the server stopped before the call was done (its shutdown"
+            " grace ended)"
+        )
     code = error.code()
     return f"porch: {code.name if code else 'error'}: {error.details()}"
+
+
+# gRPC's words for the calls a server cancels as its shutdown grace ends.
+_GRACE_ENDED = "Cancelling all calls"
+
+
+def _cut_short(error: grpc.RpcError) -> bool:
+    """Whether the call reached a server whose shutdown grace ended before
+    the call did: it may have been done."""
+    return _unanswered(error, grpc.StatusCode.UNAVAILABLE) and error.details() == _GRACE_ENDED
 
 
 def _unanswered(error: grpc.RpcError, *codes: grpc.StatusCode) -> bool:

@@ -2166,6 +2166,7 @@ class _StandIn(grpc.GenericRpcHandler):
     ) -> None:
         self.later = later
         self.other = other
+        self.first_too = False  # later(context) for the first batch too
         self.batches = 0
         self.watches = 0
 
@@ -2186,7 +2187,7 @@ class _StandIn(grpc.GenericRpcHandler):
         self, request: pb.RegisterTasksRequest, context: grpc.ServicerContext
     ) -> pb.RegisterTasksResponse:
         self.batches += 1
-        if self.batches > 1:
+        if self.batches > 1 or self.first_too:
             self.later(context)
         made = [pb.RegisterTaskResponse(task=task, created=True) for task in request.tasks]
         return pb.RegisterTasksResponse(results=made)
@@ -2347,8 +2348,11 @@ def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
         context.set_trailing_metadata((("x-own", "1"),))
         context.abort(grpc.StatusCode.CANCELLED, "the handler gave up")
 
+    grace_ended = (
+        "porch: UNAVAILABLE: the server stopped before the call was done (its shutdown grace ended)"
+    )
     with _stand_in(_StandIn(cut, own)) as target:
-        _register_2500_then_fail(["--target", target], "porch: UNAVAILABLE: Cancelling all calls")
+        _register_2500_then_fail(["--target", target], grace_ended)
         got = subprocess.run(
             [*PORCH, "pipeline", "get", "p", "--target", target],
             capture_output=True,
@@ -2356,6 +2360,25 @@ def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
             timeout=60,
         )
         assert (got.returncode, got.stderr) == (1, "porch: CANCELLED: the handler gave up\n")
+    # The first batch cut short may have been made too, and any other call.
+    handlers = _StandIn(cut, cut)
+    handlers.first_too = True
+    with _stand_in(handlers) as target:
+        for command, said in (
+            (
+                ["task", "register", "--pipeline", "p", '{"n": 1}'],
+                f"{grace_ended} (the 1 it sent may have been: registering them all again"
+                " changes nothing for those registered)",
+            ),
+            (
+                ["task", "claim", "--pipeline", "p"],
+                f"{grace_ended}; what it asked may have been done",
+            ),
+        ):
+            got = subprocess.run(
+                [*PORCH, *command, "--target", target], capture_output=True, text=True, timeout=60
+            )
+            assert (got.returncode, got.stderr) == (1, f"{said}\n")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])
