@@ -184,7 +184,8 @@ def _client(scope: Scope) -> str:
     if not client:
         return "-"
     host, port = client
-    return f"{_host(str(host))}:{port}"
+    # Port 0 is none: a proxy's X-Forwarded-For gives the client's host alone.
+    return f"{_host(str(host))}:{port}" if port else _host(str(host))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -231,6 +231,22 @@ async def test_a_client_address_that_is_no_address_is_escaped(
     assert len(line.split(" ")) == 5
 
 
+@pytest.mark.parametrize(
+    ("client", "shown"),
+    [(("10.1.2.3", 0), "10.1.2.3"), (("::1", 0), "[::1]"), (("::1", 80), "[::1]:80")],
+)
+async def test_a_client_a_proxy_named_is_shown_without_a_port(
+    caplog: pytest.LogCaptureFixture, client: tuple[str, int], shown: str
+) -> None:
+    # X-Forwarded-For gives a host alone, which uvicorn sets with port 0.
+    caplog.set_level(logging.INFO, LOGGER)
+    transport = httpx.ASGITransport(app=app(), client=client)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        await http.get("/nowhere")
+    [line] = lines(caplog)
+    assert line.endswith(f" {shown}")
+
+
 async def test_a_note_that_comes_after_the_line_is_refused_so_it_is_not_lost(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
