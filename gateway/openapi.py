@@ -30,6 +30,8 @@ from gateway.options import DocumentOptions, MethodOptions
 from gateway.rules import Binding, Variable, is_map_field, load_bindings, resolve_field
 
 logger = logging.getLogger(__name__)
+# The methods OpenAPI's path items have operations for.
+_OPERATIONS = frozenset(("get", "put", "post", "delete", "options", "head", "patch", "trace"))
 
 NDJSON = "application/x-ndjson"
 EVENT_STREAM = "text/event-stream"
@@ -110,8 +112,16 @@ class _Builder:
         names = _path_names(bindings)
         for binding in bindings:
             path = binding.template.with_names(names[binding.template.shape])
-            operations = paths.setdefault(path, {})
             method = binding.http_method.lower()
+            if method not in _OPERATIONS:  # a custom rule's, LIST say
+                logger.warning(
+                    "%s %s of %s is not documented: OpenAPI has no operation for that method",
+                    binding.http_method,
+                    binding.template.text,
+                    binding.method.full_name,
+                )
+                continue
+            operations = paths.setdefault(path, {})
             if method in operations:
                 logger.warning(
                     "%s %s of %s is not documented: OpenAPI cannot tell it from %s",

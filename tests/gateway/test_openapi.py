@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -254,13 +255,19 @@ async def test_route_parameters_constrain_one_route_only() -> None:
             build_openapi([ECHO_SERVICE], options)
 
 
-async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
-    # A request with no schema of its own in the document, as the body.
+def _pool_with_annotations() -> descriptor_pool.DescriptorPool:
+    """A pool of its own with google.api's annotations and a few well-known types."""
     pool = descriptor_pool.DescriptorPool()
     for module in (descriptor_pb2, http_pb2, annotations_pb2, empty_pb2, wrappers_pb2):
         known = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(known)
         pool.Add(known)
+    return pool
+
+
+async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
+    # A request with no schema of its own in the document, as the body.
+    pool = _pool_with_annotations()
     file = descriptor_pb2.FileDescriptorProto(
         name="ping/v1/ping.proto",
         package="ping.v1",
@@ -287,6 +294,36 @@ async def test_a_whole_body_of_a_well_known_type_is_described() -> None:
     document = build_openapi([pool.FindServiceByName("ping.v1.PingService")])
     assert document["paths"]["/v1/ping"]["post"]["requestBody"]["required"] is False
     assert document["paths"]["/v1/say/{value}"]["post"]["requestBody"]["required"] is False
+
+
+async def test_a_custom_method_openapi_has_no_operation_for_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Under its own key, "list", it made the whole document invalid.
+    pool = _pool_with_annotations()
+    file = descriptor_pb2.FileDescriptorProto(
+        name="odd/v1/odd.proto",
+        package="odd.v1",
+        syntax="proto3",
+        dependency=["google/api/annotations.proto", "google/protobuf/empty.proto"],
+    )
+    service = file.service.add(name="OddService")
+    for name, kind in (("Listing", "LIST"), ("Patching", "PATCH")):
+        method = service.method.add(
+            name=name, input_type=".google.protobuf.Empty", output_type=".google.protobuf.Empty"
+        )
+        rule = method.options.Extensions[annotations_pb2.http]
+        rule.custom.kind, rule.custom.path = kind, f"/v1/{name.lower()}"
+    pool.Add(file)
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        document = build_openapi([pool.FindServiceByName("odd.v1.OddService")])
+    assert list(document["paths"]) == ["/v1/patching"]  # a custom rule of a known method is kept
+    assert list(document["paths"]["/v1/patching"]) == ["patch"]
+    validate(document)
+    assert caplog.messages == [
+        "LIST /v1/listing of odd.v1.OddService.Listing is not documented: OpenAPI has no"
+        " operation for that method"
+    ]
 
 
 async def test_a_path_through_a_required_message_field_frees_a_body_of_it() -> None:
