@@ -55,6 +55,7 @@ from gateway.upstream import (
     UpstreamCalls,
     call_metadata,
     call_timeout,
+    error_metadata_headers,
     response_headers,
 )
 
@@ -131,7 +132,8 @@ class Gateway:
         except GatewayError as error:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
-            return error_response(rpc_error_status(error), rpc_error_json(error))
+            headers = error_metadata_headers(error, skip=(HTTP_CODE_KEY,))
+            return error_response(rpc_error_status(error), rpc_error_json(error), headers)
         finally:
             if probe is not None:
                 probe.close()

@@ -22,7 +22,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import GatewayError, challenge_headers, rpc_error_json, rpc_error_status
 from gateway.openapi import EVENT_STREAM, NDJSON
 from gateway.transcode import encode_json
-from gateway.upstream import HTTP_CODE_KEY, StreamCall, response_headers
+from gateway.upstream import HTTP_CODE_KEY, StreamCall, error_metadata_headers, response_headers
 
 Call = StreamCall
 
@@ -123,7 +123,8 @@ class StreamResponse:
         try:
             message = await self._next()
         except grpc.aio.AioRpcError as error:
-            await self._send_error(send, rpc_error_status(error), rpc_error_json(error))
+            headers = error_metadata_headers(error, skip=(HTTP_CODE_KEY,))
+            await self._send_error(send, rpc_error_status(error), rpc_error_json(error), headers)
             self.finished = True
             return
         initial = await self.call.initial_metadata()
@@ -163,8 +164,15 @@ class StreamResponse:
     async def _send_chunk(self, send: Send, body: bytes) -> None:
         await send({"type": "http.response.body", "body": body, "more_body": True})
 
-    async def _send_error(self, send: Send, status: int, body: dict[str, Any]) -> None:
+    async def _send_error(
+        self,
+        send: Send,
+        status: int,
+        body: dict[str, Any],
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         headers = [(b"content-type", b"application/json")]
-        headers += [(k.encode(), v.encode()) for k, v in challenge_headers(status).items()]
+        given = {**challenge_headers(status), **(metadata or {})}
+        headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in given.items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": encode_json(body), "more_body": False})

@@ -9,7 +9,7 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -471,14 +471,26 @@ def response_headers(
     prefix: str = "Grpc-Metadata-",
 ) -> dict[str, str]:
     """Metadata of a call as `<prefix><key>` response headers: `Grpc-Metadata-`
-    for initial metadata, `Grpc-Trailer-` for trailing metadata."""
+    for initial metadata, `Grpc-Trailer-` for trailing metadata. A key given
+    more than once is one header of its values in order, comma-separated,
+    as HTTP combines a field's lines (RFC 9110, 5.3)."""
     skipped = set(skip)
-    headers = {}
+    headers: dict[str, str] = {}
     for key, value in metadata:
         if key in skipped or key.startswith("grpc-"):
             continue
-        if isinstance(value, bytes):
-            headers[f"{prefix}{key}"] = base64.b64encode(value).decode()
-        else:
-            headers[f"{prefix}{key}"] = value
+        text = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+        name = f"{prefix}{key}"
+        headers[name] = f"{headers[name]}, {text}" if name in headers else text
     return headers
+
+
+def error_metadata_headers(error: grpc.aio.AioRpcError, skip: Iterable[str]) -> dict[str, str]:
+    """A failed call's metadata as response headers, as a call that succeeded
+    would have them."""
+    initial = cast(Iterable[tuple[str, str | bytes]], error.initial_metadata() or ())
+    trailing = cast(Iterable[tuple[str, str | bytes]], error.trailing_metadata() or ())
+    return {
+        **response_headers(initial, skip),
+        **response_headers(trailing, skip, prefix="Grpc-Trailer-"),
+    }

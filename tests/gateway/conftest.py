@@ -70,7 +70,10 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
     async def Echo(
         self, request: echo_pb2.EchoMessage, context: grpc.aio.ServicerContext
     ) -> echo_pb2.EchoMessage:  # type: ignore[override]
-        await context.send_initial_metadata((("x-echo", "yes"),))
+        initial = [("x-echo", "yes")]
+        if request.text == "twice":  # a key given twice
+            initial.append(("x-echo", "again"))
+        await context.send_initial_metadata(initial)
         if request.text == "sleep":
             self.state.sleep_started.set()
             try:
@@ -135,7 +138,11 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
         self, request: echo_pb2.CountRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[echo_pb2.Tick]:  # type: ignore[override]
         if not 0 <= request.count <= 100:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "count must be 0 to 100")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "count must be 0 to 100",
+                trailing_metadata=(("echo-failed", "1"),),
+            )
         if request.after and not request.after.isdigit():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after must be a cursor")
         start = int(request.after or 0)
@@ -167,6 +174,8 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
         trailing: tuple[tuple[str, str | bytes], ...] = (("echo-failed", "1"),)
         if request.message == "without metadata":
             trailing = ()
+        if request.message == "twice":
+            trailing = (("echo-failed", "1"), ("echo-failed", "2"))
         if request.message == "with details":
             status = status_pb2.Status(code=request.code, message=request.message)
             status.details.add().Pack(error_details_pb2.ErrorInfo(reason="TEST", domain="echo.v1"))

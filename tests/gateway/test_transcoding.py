@@ -391,6 +391,18 @@ async def test_metadata_becomes_response_headers(client: httpx.AsyncClient) -> N
     assert created.headers["grpc-trailer-x-created"] == "yes"
     assert "grpc-metadata-x-http-code" not in created.headers
     assert "grpc-trailer-x-http-code" not in created.headers
+    # A key given twice: both values, in order, as HTTP combines a field's lines.
+    twice = await client.get("/v1/echo/twice")
+    assert twice.headers.get_list("grpc-metadata-x-echo") == ["yes, again"]
+    # An error's metadata too, as a success's.
+    failed = await client.get("/v1/fail/NOT_FOUND")
+    assert (failed.status_code, failed.headers["grpc-trailer-echo-failed"]) == (404, "1")
+    failed = await client.get("/v1/fail/NOT_FOUND", params={"message": "twice"})
+    assert failed.headers["grpc-trailer-echo-failed"] == "1, 2"
+    bare = await client.get("/v1/fail/NOT_FOUND", params={"message": "without metadata"})
+    assert not [name for name in bare.headers if name.startswith("grpc-")]
+    refused = await client.get("/v1/count/101")  # a stream's, before its first message
+    assert (refused.status_code, refused.headers["grpc-trailer-echo-failed"]) == (400, "1")
 
 
 async def test_object_answer_keeps_the_page_token(client: httpx.AsyncClient) -> None:
