@@ -199,6 +199,10 @@ class _Builder:
             if variable.pattern != "*":
                 schema = {**schema, "pattern": _pattern_regex(variable)}
                 notes.append(f"Matches `{variable.pattern}`.")
+            if "/" in variable.pattern or "**" in variable.pattern:
+                # OpenAPI's clients percent-encode a path parameter's slashes,
+                # which the path's matching takes as part of a segment.
+                notes.append("Its slashes go in the path as they are: `%2F` is not read as `/`.")
             parameters.append(
                 _parameter(name, "path", schema, "\n\n".join(filter(None, notes)), True)
             )

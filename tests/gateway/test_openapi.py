@@ -134,6 +134,12 @@ async def test_paths_shared_by_bindings_use_one_set_of_names(document: dict[str,
     assert "/v1/{text}" in document["paths"]
     pattern = document["paths"]["/v1/{text}"]["get"]["parameters"][0]
     assert pattern["schema"]["pattern"] == "^texts/[^/]+$"
+    # A client would send texts%2Fx, which matches no route.
+    slashes = "Its slashes go in the path as they are: `%2F` is not read as `/`."
+    assert slashes in pattern["description"]
+    files = document["paths"]["/v1/files/{text}:read"]["get"]["parameters"][0]
+    assert slashes in files["description"]
+    assert slashes not in put_path["description"]
 
 
 async def test_request_bodies(document: dict[str, Any]) -> None:
