@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -36,6 +37,11 @@ from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+# A float field's text in a query or path: a JSON number, or one of the
+# words protobuf's JSON has for what JSON's numbers cannot say.
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_FLOAT_WORDS = frozenset(("nan", "inf", "infinity"))
+_NONZERO_DIGIT = re.compile("[1-9]")
 _TRUE, _FALSE = ("true", "1", "t"), ("false", "0", "f")
 # Well-known messages whose JSON form is a single string or scalar, so a
 # query parameter or path variable can carry them.
@@ -327,17 +333,7 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
     if kind == FieldDescriptor.TYPE_ENUM:
         return _parse_enum(field, text, what)
     if kind in _FLOATS:
-        try:
-            value = float(text)
-        except ValueError:
-            raise invalid_argument(f"invalid {what}: {quoted(text)} is not a number") from None
-        if (
-            kind == FieldDescriptor.TYPE_FLOAT
-            and math.isfinite(value)
-            and abs(value) > 3.4028234663852886e38
-        ):
-            raise invalid_argument(f"invalid {what}: {quoted(text)} is out of range for a float")
-        return value
+        return _parse_float(text, what, single=kind == FieldDescriptor.TYPE_FLOAT)
     low, high = INTEGER_RANGES[field.cpp_type]
     number = integral(text)
     if number is None or not low <= number <= high:
@@ -345,6 +341,27 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
             f"invalid {what}: {quoted(text)} is not an integer from {low} to {high}"
         )
     return number
+
+
+def _parse_float(text: str, what: str, single: bool) -> float:
+    """A double's (or, single, a float's) value from a number's text, or
+    NaN, Infinity and -Infinity in any case, as protobuf's JSON and Go write
+    them; not Python's other forms (`1_000`, full-width digits, spaces
+    around it), nor a number the field would hold as infinity or as 0."""
+    if text.lower().lstrip("+-") in _FLOAT_WORDS and text[:2].count("-") + text[:2].count("+") <= 1:
+        return float(text)
+    if not _FLOAT_TEXT.fullmatch(text):
+        raise invalid_argument(f"invalid {what}: {quoted(text)} is not a number")
+    value = float(text)
+    held = struct.unpack("f", struct.pack("f", value))[0] if single else value
+    kind = "float" if single else "double"
+    if math.isinf(held):
+        raise invalid_argument(f"invalid {what}: {quoted(text)} is out of range for a {kind}")
+    if held == 0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
+        raise invalid_argument(
+            f"invalid {what}: {quoted(text)} is too small for a {kind}, which would hold it as 0"
+        )
+    return value
 
 
 def _parse_bytes(text: str, what: str) -> bytes:

@@ -169,6 +169,51 @@ async def test_query_parameters_are_typed_by_field(client: httpx.AsyncClient) ->
 
 
 @pytest.mark.parametrize(
+    ("param", "value", "said"),
+    [
+        # Numbers the field would hold as another: infinity, or 0.
+        ("double_value", "1e400", "'1e400' is out of range for a double"),
+        ("float_value", "3.5e38", "'3.5e38' is out of range for a float"),
+        ("double_value", "1e-400", "'1e-400' is too small for a double, which would hold it as 0"),
+        ("float_value", "1e-50", "'1e-50' is too small for a float, which would hold it as 0"),
+        # Python's forms that are no number's text elsewhere.
+        ("double_value", "1_000", "'1_000' is not a number"),
+        ("double_value", " 5 ", "' 5 ' is not a number"),
+        ("double_value", "\uff11\uff12", "'\uff11\uff12' is not a number"),
+        ("double_value", "--inf", "'--inf' is not a number"),
+    ],
+)
+async def test_a_float_query_parameter_is_a_number_the_field_holds(
+    client: httpx.AsyncClient, param: str, value: str, said: str
+) -> None:
+    response = await client.get("/v1/echo/x", params={param: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == f"invalid query parameter {param!r}: {said}"
+
+
+@pytest.mark.parametrize(
+    ("param", "value", "echoed"),
+    [
+        ("double_value", "NaN", "NaN"),
+        ("double_value", "-Infinity", "-Infinity"),
+        ("double_value", "inf", "Infinity"),
+        ("double_value", ".5", 0.5),
+        ("double_value", "+2e3", 2000),
+        ("double_value", "5e-324", 5e-324),
+        ("double_value", "-0", 0),
+        # The largest float as the gateway writes it reads back.
+        ("float_value", "3.4028235e+38", 3.4028235e38),
+    ],
+)
+async def test_a_float_query_parameter_in_the_forms_it_may_take(
+    client: httpx.AsyncClient, param: str, value: str, echoed: object
+) -> None:
+    response = await client.get("/v1/echo/x", params={param: value})
+    assert response.status_code == 200, response.text
+    assert response.json()[param] == echoed
+
+
+@pytest.mark.parametrize(
     ("param", "value", "named"),
     [
         ("int32_value", "1.5", "int32_value"),
