@@ -117,6 +117,7 @@ def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
         return  # well-known types have JSON forms of their own; json_format judges them
     if type(data) is not dict:
         raise json_format.ParseError(f"{_where(path)}: expected an object, got {_kind(data)}")
+    named: dict[str, str] = {}  # each field's key, to refuse one given twice
     for key, value in data.items():
         field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
         if field is None:
@@ -124,6 +125,12 @@ def _check_shapes(data: Any, descriptor: Any, path: str, depth: int) -> None:
             raise json_format.ParseError(
                 f"{_where(path)} has no field named {_quoted(key)}; its fields are {names}"
             )
+        if field.name in named:  # by its name and its JSON name: which value was meant?
+            raise json_format.ParseError(
+                f"{_where(path)} gives the field {field.name} twice, as"
+                f" {_quoted(named[field.name])} and as {_quoted(key)}"
+            )
+        named[field.name] = key
         if value is None:
             continue
         where = f"{path}.{key}" if path else key

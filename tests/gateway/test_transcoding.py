@@ -315,6 +315,22 @@ async def test_a_key_given_twice_in_a_body_is_refused(client: httpx.AsyncClient)
     response = await client.post("/v1/echo", content=body)
     assert response.status_code == 400
     assert response.json()["message"] == "the request body names 'label' twice in one object"
+    # A field by its name and by its JSON name: json_format kept the last.
+    for body, said in (
+        (
+            b'{"text": "x", "int32_value": 1, "int32Value": 2}',
+            'the body gives the field int32_value twice, as "int32_value" and as "int32Value"',
+        ),
+        (
+            b'{"text": "x", "choiceInner": {"count": 1}, "choice_inner": null}',
+            'the body gives the field choice_inner twice, as "choiceInner" and as "choice_inner"',
+        ),
+    ):
+        response = await client.post("/v1/echo", content=body)
+        assert response.status_code == 400, body
+        assert response.json()["message"] == said
+    response = await client.post("/v1/echo", content=b'{"text": "x", "int32Value": 2}')
+    assert response.json()["int32_value"] == 2
 
 
 async def test_a_singular_query_parameter_given_twice_is_refused(
