@@ -314,7 +314,14 @@ def _parse_scalar_message(target: Message, text: str, what: str) -> None:
     try:
         json_format.ParseDict(value, target)
     except (json_format.ParseError, ValueError, TypeError):
-        raise invalid_argument(f"invalid {what}: {quoted(text)} is not a {full_name}") from None
+        form = ""
+        if full_name == "google.protobuf.FieldMask":
+            form = (
+                " (its JSON form: paths in lowerCamelCase, comma-separated, as fooBar,inner.label)"
+            )
+        raise invalid_argument(
+            f"invalid {what}: {quoted(text)} is not a {full_name}{form}"
+        ) from None
 
 
 def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:

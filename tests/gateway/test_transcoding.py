@@ -191,6 +191,18 @@ async def test_a_float_query_parameter_is_a_number_the_field_holds(
     assert response.json()["message"] == f"invalid query parameter {param!r}: {said}"
 
 
+async def test_a_field_mask_in_the_query_that_is_not_one_says_its_form(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/v1/echo/x", params={"mask": "inner.label,int32_value"})
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "invalid query parameter 'mask': 'inner.label,int32_value' is not a"
+        " google.protobuf.FieldMask (its JSON form: paths in lowerCamelCase, comma-separated,"
+        " as fooBar,inner.label)"
+    )
+
+
 @pytest.mark.parametrize(
     ("param", "value", "echoed"),
     [
