@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import re
+import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
@@ -168,6 +169,20 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             raise json_format.ParseError(
                 f"{where}: expected an integer from {low} to {high}, got {_given(value)}"
             )
+    elif kind in (FieldDescriptor.CPPTYPE_DOUBLE, FieldDescriptor.CPPTYPE_FLOAT):
+        # As a query gives it: json_format reads "1e400" as infinity, "1_000"
+        # as 1000, and 1e-50 into a float as 0.
+        single = kind == FieldDescriptor.CPPTYPE_FLOAT
+        if type(value) not in (str, int, float):  # json_format reads true as 1
+            raise json_format.ParseError(f"{where}: expected a number, got {_given(value)}")
+        if type(value) is str:
+            problem = float_text_problem(value, single)
+        elif type(value) in (int, float) and single:
+            problem = float_value_problem(float(value), repr(value), single)
+        else:
+            problem = None
+        if problem is not None:
+            raise json_format.ParseError(f"{where}: {_given(value)} {problem}")
     elif kind == FieldDescriptor.CPPTYPE_ENUM and not custom_enum_names():
         # A value's name, or its number as a JSON number (not in a string, not true).
         enum = cast(EnumDescriptor, field.enum_type)
@@ -181,6 +196,39 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             raise json_format.ParseError(
                 f"{where}: expected one of {offered_names(enum)}, got {_given(value)}"
             )
+
+
+# A float field's text: a number's, in JSON's form with a leading + or
+# point allowed, or one of the words for what JSON's numbers cannot say.
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_FLOAT_WORDS = re.compile(r"[+-]?(?:nan|inf|infinity)", re.ASCII | re.IGNORECASE)
+
+
+def float_text_problem(text: str, single: bool) -> str | None:
+    """Why text, a double field's (or, single, a float's) value in a query,
+    a path or a JSON string, is none the field holds; None when it is one.
+    A number's text is taken, and NaN, Infinity and -Infinity in any case,
+    as protobuf's JSON and Go write them; not Python's other forms
+    (`1_000`, full-width digits, spaces around it), nor a number the field
+    would hold as infinity or as 0."""
+    if _FLOAT_WORDS.fullmatch(text):
+        return None
+    if not _FLOAT_TEXT.fullmatch(text):
+        return "is not a number"
+    return float_value_problem(float(text), text, single)
+
+
+def float_value_problem(value: float, text: str, single: bool) -> str | None:
+    """Why value, read from text, is none a double field (or, single, a
+    float field) holds as it is: it would be infinity, or 0."""
+    held = struct.unpack("f", struct.pack("f", value))[0] if single else value
+    kind = "float" if single else "double"
+    if math.isinf(held):
+        return f"is out of range for a {kind}"
+    at = max(text.find("e"), text.find("E"))
+    if held == 0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
+        return f"is too small for a {kind}, which would hold it as 0"
+    return None
 
 
 def inexact_integer(data: Any, path: str) -> str | None:

@@ -11,9 +11,7 @@ import base64
 import binascii
 import functools
 import json
-import math
 import re
-import struct
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -27,6 +25,7 @@ from gateway.jsonparse import (
     INTEGER_RANGES,
     UnreadableJson,
     check_shapes,
+    float_text_problem,
     integral,
     merge_json_object,
     offered_names,
@@ -37,11 +36,6 @@ from gateway.protojson import reaches, to_json_object
 from gateway.rules import Binding, RouteMatch, is_map_field, resolve_field
 
 _FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
-# A float field's text in a query or path: a JSON number, or one of the
-# words protobuf's JSON has for what JSON's numbers cannot say.
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
-_FLOAT_WORDS = frozenset(("nan", "inf", "infinity"))
-_NONZERO_DIGIT = re.compile("[1-9]")
 _TRUE, _FALSE = ("true", "1", "t"), ("false", "0", "f")
 # Well-known messages whose JSON form is a single string or scalar, so a
 # query parameter or path variable can carry them.
@@ -351,24 +345,12 @@ def parse_scalar(field: FieldDescriptor, text: str, what: str) -> Any:
 
 
 def _parse_float(text: str, what: str, single: bool) -> float:
-    """A double's (or, single, a float's) value from a number's text, or
-    NaN, Infinity and -Infinity in any case, as protobuf's JSON and Go write
-    them; not Python's other forms (`1_000`, full-width digits, spaces
-    around it), nor a number the field would hold as infinity or as 0."""
-    if text.lower().lstrip("+-") in _FLOAT_WORDS and text[:2].count("-") + text[:2].count("+") <= 1:
-        return float(text)
-    if not _FLOAT_TEXT.fullmatch(text):
-        raise invalid_argument(f"invalid {what}: {quoted(text)} is not a number")
-    value = float(text)
-    held = struct.unpack("f", struct.pack("f", value))[0] if single else value
-    kind = "float" if single else "double"
-    if math.isinf(held):
-        raise invalid_argument(f"invalid {what}: {quoted(text)} is out of range for a {kind}")
-    if held == 0 and _NONZERO_DIGIT.search(text.partition("e")[0].partition("E")[0]):
-        raise invalid_argument(
-            f"invalid {what}: {quoted(text)} is too small for a {kind}, which would hold it as 0"
-        )
-    return value
+    """A double's (or, single, a float's) value from its text; GatewayError
+    (400) saying why the text is none the field holds (float_text_problem)."""
+    problem = float_text_problem(text, single)
+    if problem is not None:
+        raise invalid_argument(f"invalid {what}: {quoted(text)} {problem}")
+    return float(text)
 
 
 def _parse_bytes(text: str, what: str) -> bytes:

@@ -7,6 +7,7 @@ import base64
 import gzip
 import json
 import logging
+import re
 import statistics
 import threading
 import time
@@ -189,6 +190,23 @@ async def test_a_float_query_parameter_is_a_number_the_field_holds(
     response = await client.get("/v1/echo/x", params={param: value})
     assert response.status_code == 400, response.text
     assert response.json()["message"] == f"invalid query parameter {param!r}: {said}"
+    # The same text in a body's string, as protobuf's JSON allows a number.
+    quoted_value = json.dumps(value, ensure_ascii=False)
+    why = said.split("'", 2)[2]  # after the value the query's message quotes
+    response = await client.post("/v1/echo", json={"text": "x", param: value})
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == f"{param}: {quoted_value}{why}"
+
+
+async def test_a_float_in_a_body_is_a_number_the_field_holds(client: httpx.AsyncClient) -> None:
+    # json_format read 1e-50 into a float as 0, and true as 1.
+    for body, said in (
+        ('{"text": "x", "float_value": 1e-50}', "float_value: 1e-50 is too small for a float"),
+        ('{"text": "x", "double_value": true}', "double_value: expected a number, got true"),
+    ):
+        response = await client.post("/v1/echo", content=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["message"].startswith(said), response.text
 
 
 async def test_a_field_mask_in_the_query_that_is_not_one_says_its_form(
@@ -281,9 +299,10 @@ async def test_an_error_quotes_at_most_64_characters_of_a_value_sent(
         assert response.status_code == 400 and len(message) < 300, message
         assert long[:100] not in message and ("9" * 40 + "…") in message, message
     # A value protobuf's words give whole and out of quotes, with spaces: the message is cut.
-    spaced = await client.post("/v1/echo", json={"double_value": ("9" * 64 + " ") * 100})
+    spaced = await client.post("/v1/echo", json={"mask": ("A_" + "9" * 62 + " ") * 100})
     message = spaced.json()["message"]
-    assert len(message) < 1100 and message.endswith("… (cut: the message was 6,587 characters)")
+    assert len(message) < 1100, message
+    assert re.search(r"… \(cut: the message was 6,[0-9]{3} characters\)$", message), message
     # A number of seconds a Duration cannot hold, in a query parameter, as in a body.
     message = refused[5].json()["message"]
     assert message.startswith("invalid query parameter 'wait': a duration is at most"), message
