@@ -453,13 +453,20 @@ def print_json(value: Any, indent: int | None = None) -> None:
     where stdout's encoding cannot hold them (PYTHONIOENCODING=ascii, a
     Latin-1 locale): the same JSON either way, and a claim's answer is not
     lost for want of a character after the claim was made."""
+    text = _json_text(value, indent)
+    print(text if indent else access.escape_json(text), flush=True)
+
+
+def _json_text(value: Any, indent: int | None = None) -> str:
+    """value as JSON, in \\u escapes where stdout's encoding cannot hold
+    its characters as they are (print_json)."""
     text = json.dumps(value, ensure_ascii=False, indent=indent)
     if not text.isascii():
         try:
             text.encode(sys.stdout.encoding or "utf-8")
         except UnicodeEncodeError:
             text = json.dumps(value, indent=indent)
-    print(text if indent else access.escape_json(text), flush=True)
+    return text
 
 
 def _json_object(text: str, where: str = "") -> dict[str, Any]:
@@ -679,7 +686,7 @@ def _event_line(event: porch_pb2.Event) -> str:
     who = access.escape(event.token_description) if event.token_description else "porch"
     message = ""
     if event.message:
-        message = f" {access.escape_json(json.dumps(event.message, ensure_ascii=False))}"
+        message = f" {access.escape_json(_json_text(event.message))}"
     return (
         f"{event.time.ToJsonString()} {access.escape(event.pipeline_name)} {event.task_input_id} "
         f"{kind} {change} by {who}{message} cursor={event.cursor}"
