@@ -2114,7 +2114,8 @@ def test_an_answer_a_terminal_cannot_show_is_printed_in_escapes(sqlite_url: str)
             assert b'"a": "\\u00e9"' in done.stdout
             answer = json.loads(done.stdout)
             assert answer.get("task", answer)["task_input"] == {"a": "é"}  # registered, claimed
-        update = ["--input", '{"a": "é"}', "--status", "RUNNING", "--message", 'naïve "q" – done']
+        said = 'naïve "q" \u2013 done'
+        update = ["--input", '{"a": "é"}', "--status", "RUNNING", "--message", said]
         porch("task", "update", "--pipeline", "p", *update, "--target", target, "--token", secret)
         watch = subprocess.Popen(
             [*PORCH, "watch", "--after", "0.0", "--target", target, "--token", secret],
@@ -2131,7 +2132,7 @@ def test_an_answer_a_terminal_cannot_show_is_printed_in_escapes(sqlite_url: str)
         # A watch line's message is JSON: in JSON's escapes, not Python's.
         message = lines[2].split(b" by loader ", 1)[1].rsplit(b" cursor=", 1)[0]
         assert message == b'"na\\u00efve \\"q\\" \\u2013 done"', lines
-        assert json.loads(message) == 'naïve "q" – done'
+        assert json.loads(message) == said
     finally:
         stop_server(process)
     porch("token", "create", "--pipeline", "p", "--description", "café", "--db-url", sqlite_url)
