@@ -394,8 +394,9 @@ class LostNumber(ValueError):
     (it would read as infinity, which JSON cannot carry back)."""
 
 
-class _NotJsonConstant(ValueError):
-    """NaN, Infinity or -Infinity written bare, as json.loads reads them."""
+class _Constant(str):
+    """NaN, Infinity or -Infinity written bare, which json.loads reads and
+    JSON has not: read as this, then refused by where it is."""
 
 
 _NONZERO_DIGIT = re.compile(r"[1-9]")
@@ -448,17 +449,12 @@ def read_json(text: bytes | str, what: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode().removeprefix("\ufeff")
-        return json.loads(
+        value = json.loads(
             text,
             object_pairs_hook=unique_keys,
             parse_float=nonzero_float,
-            parse_constant=_refuse_constant,
+            parse_constant=_Constant,
         )
-    except _NotJsonConstant as error:
-        raise NotJson(
-            f"{what} is not JSON: {error} is not a JSON number (a double field takes"
-            f' "{error}" as a string)'
-        ) from None
     except NamedTwice as error:
         raise UnreadableJson(f"{what} {error}") from None
     except LostNumber as error:
@@ -474,10 +470,15 @@ def read_json(text: bytes | str, what: str) -> Any:
             f"{what} holds a number too long to read: the integer {too_long_integer(text)}"
             " is past any number a field or a JSON value holds; send it as a string"
         ) from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NotJsonConstant(name)
+    if "NaN" in text or "Infinity" in text:  # else none can be there
+        for where, leaf in json_leaves(value, ""):
+            if type(leaf) is _Constant:
+                at = f" (at {where})" if where else ""
+                raise NotJson(
+                    f"{what} is not JSON: {leaf}{at} is not a JSON number; JSON has no NaN"
+                    " or infinity"
+                )
+    return value
 
 
 def too_long_integer(body: bytes | str) -> str:

@@ -213,8 +213,8 @@ async def test_nan_and_infinity_written_bare_are_not_json(
 ) -> None:
     body = f'{{"text": "n", "data": {{"n": {constant}}}}}'
     assert await refusal(client, body) == (
-        f"the request body is not JSON: {constant} is not a JSON number (a double field takes"
-        f' "{constant}" as a string)'
+        f"the request body is not JSON: {constant} (at data.n) is not a JSON number; JSON has"
+        " no NaN or infinity"
     )
     # As protobuf's JSON has them, in a string, a double field takes them.
     response = await client.post("/v1/echo", json={"text": "n", "double_value": constant})

@@ -1050,8 +1050,9 @@ def test_task_register_reads_stdin_in_batches_and_checks_it_first(sqlite_url: st
         late = "".join(f'{{"n": {n}}}\n' for n in range(1500)) + '{"n": NaN}\n'
         refused = register(late)
         assert refused.returncode == 1 and refused.stdout == ""
-        assert refused.stderr.startswith(
-            "porch: line 1501 of stdin: task.task_input.n holds a number that is not finite (NaN)"
+        assert refused.stderr == (
+            "porch: line 1501 of stdin: the task input is not JSON: NaN (at n) is not a JSON"
+            " number; JSON has no NaN or infinity, got '{\"n\": NaN}\\n'\n"
         ), refused.stderr
         inexact = register('{"n": 1}\n{"ids": [1, 9007199254740993]}\n')
         assert inexact.returncode == 1 and inexact.stdout == ""
