@@ -88,6 +88,8 @@ class Gateway:
         document = build_openapi(options.services, options.document, options.methods)
         self.openapi = encode_json(document)
         self.closing = asyncio.Event()
+        # Metadata that does not become a response header.
+        self.hidden = (HTTP_CODE_KEY, *options.hidden_metadata)
         # One thread for large bodies: Python's parsing holds the GIL, so a
         # second thread would read no faster and take more of the loop's turns.
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="gateway-body")
@@ -132,7 +134,7 @@ class Gateway:
         except GatewayError as error:
             return error_response(error.http_status, error.body())
         except grpc.aio.AioRpcError as error:
-            headers = error_metadata_headers(error, skip=(HTTP_CODE_KEY,))
+            headers = error_metadata_headers(error, skip=self.hidden)
             return error_response(rpc_error_status(error), rpc_error_json(error), headers)
         finally:
             if probe is not None:
@@ -213,9 +215,9 @@ class Gateway:
         else:
             response, initial, trailing = await _unless_disconnected(call, request)
         payload = response_json(binding, response)
-        headers = response_headers(initial, skip=(HTTP_CODE_KEY,))
+        headers = response_headers(initial, skip=self.hidden)
         if trailing:
-            headers |= response_headers(trailing, (HTTP_CODE_KEY,), prefix="Grpc-Trailer-")
+            headers |= response_headers(trailing, self.hidden, prefix="Grpc-Trailer-")
         # An answer is the caller's own (a new token's secret, say): for no cache.
         headers["cache-control"] = "no-store"
         status = success_status((*initial, *trailing))
@@ -249,6 +251,7 @@ class Gateway:
             event_id,
             success_status,
             self.closing,
+            self.hidden,
         )
 
     async def health(self, request: Request) -> Response:

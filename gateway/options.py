@@ -108,6 +108,9 @@ class GatewayOptions:
     max_pages: int = 10_000
     # HTTP headers forwarded as metadata under their lower-cased names.
     forward_headers: tuple[str, ...] = ("authorization",)
+    # Metadata keys kept from the response's headers: the server's own
+    # signals to its clients (x-http-code, which sets the status, always is).
+    hidden_metadata: tuple[str, ...] = ()
     openapi_paths: tuple[str, ...] = ("/openapi.json",)
     docs_path: str | None = "/docs"
     index_path: str | None = "/"

@@ -74,6 +74,7 @@ class StreamResponse:
         event_id: Callable[[Message], str | None],
         success_status: Callable[[grpc.aio.Metadata], int],
         closing: asyncio.Event,
+        hidden: tuple[str, ...] = (HTTP_CODE_KEY,),
     ) -> None:
         self.call = call
         self.format = stream_format
@@ -81,6 +82,7 @@ class StreamResponse:
         self.event_id = event_id
         self.success_status = success_status
         self.closing = closing
+        self.hidden = hidden
         self.started = False
         # Set when no more may be sent: the client left, or a whole error response went out.
         self.finished = False
@@ -123,7 +125,7 @@ class StreamResponse:
         try:
             message = await self._next()
         except grpc.aio.AioRpcError as error:
-            headers = error_metadata_headers(error, skip=(HTTP_CODE_KEY,))
+            headers = error_metadata_headers(error, skip=self.hidden)
             await self._send_error(send, rpc_error_status(error), rpc_error_json(error), headers)
             self.finished = True
             return
@@ -132,7 +134,7 @@ class StreamResponse:
             "content-type": self.format.media_type,
             "cache-control": "no-cache",
             "x-accel-buffering": "no",
-            **response_headers(initial, skip=(HTTP_CODE_KEY,)),
+            **response_headers(initial, skip=self.hidden),
         }
         await send(
             {

@@ -465,6 +465,11 @@ def call_timeout(headers: Mapping[str, str], default: float | None) -> float | N
 HTTP_CODE_KEY = "x-http-code"
 
 
+# What gRPC allows in a metadata key, and in a value that is text.
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+_METADATA_TEXT = re.compile(r"[\x20-\x7e]*")
+
+
 def response_headers(
     metadata: Iterable[tuple[str, str | bytes]],
     skip: Iterable[str],
@@ -480,6 +485,11 @@ def response_headers(
         if key in skipped or key.startswith("grpc-"):
             continue
         text = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+        if not (_METADATA_KEY.fullmatch(key) and _METADATA_TEXT.fullmatch(text)):
+            # No gRPC server could send it (an in-process handler's, say), and
+            # as a header it could end the answer early or break its framing.
+            logger.warning("metadata %r is not sent as a header: not a gRPC key and value", key)
+            continue
         name = f"{prefix}{key}"
         headers[name] = f"{headers[name]}, {text}" if name in headers else text
     return headers

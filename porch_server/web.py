@@ -17,6 +17,7 @@ from porch_server.service import (
     MAX_NAME,
     MAX_PIPELINE_TEXT,
 )
+from porch_server.status import ANSWERED
 from porch_stubs.v1 import porch_pb2
 
 SERVICE = porch_pb2.DESCRIPTOR.services_by_name["PorchService"]
@@ -199,6 +200,8 @@ def gateway_options(
         # Calls through the gateway get one line, HTTP and gRPC side together.
         access_log=ACCESS_LOG,
         channel_options=CHANNEL_OPTIONS,
+        # The mark of porch's own errors, for its gRPC clients (status.ANSWERED).
+        hidden_metadata=tuple(key for key, _ in ANSWERED),
         **extra,
     )
 

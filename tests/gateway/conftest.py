@@ -176,6 +176,9 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
             trailing = ()
         if request.message == "twice":
             trailing = (("echo-failed", "1"), ("echo-failed", "2"))
+        if request.message == "no header":  # which only an in-process handler can send
+            trailing = (("x-bad", "a\r\nSet-Cookie: x=1"), ("X-Upper", "1"), ("x-dash", "\u2013"))
+            trailing += (("echo-failed", "1"),)
         if request.message == "with details":
             status = status_pb2.Status(code=request.code, message=request.message)
             status.details.add().Pack(error_details_pb2.ErrorInfo(reason="TEST", domain="echo.v1"))

@@ -921,6 +921,43 @@ async def test_an_unpaired_surrogate_in_a_map_value_is_named_by_its_key(
             assert message.startswith(f"labels[{key}]: a string holds an unpaired"), message
 
 
+@pytest.mark.parametrize("kind", UPSTREAMS)
+async def test_metadata_the_server_keeps_for_its_clients_is_no_header(
+    backend: Backend, kind: str
+) -> None:
+    app = echo_app(backend, kind, hidden_metadata=("echo-failed",))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        failed = await http.get("/v1/fail/NOT_FOUND")
+        assert failed.status_code == 404
+        assert "grpc-trailer-echo-failed" not in failed.headers
+        echoed = await http.get("/v1/echo/x")
+        assert echoed.headers["grpc-metadata-x-echo"] == "yes"
+    await app.state.gateway.upstream.close()
+
+
+async def test_metadata_no_grpc_server_could_send_is_no_header(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An in-process handler's: a line break would have ended the headers,
+    # a character past Latin-1 failed the answer with a 500.
+    app = echo_app(backend, "in-process")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        with caplog.at_level(logging.WARNING, logger="gateway"):
+            failed = await http.get("/v1/fail/NOT_FOUND", params={"message": "no header"})
+    await app.state.gateway.upstream.close()
+    assert failed.status_code == 404, failed.text
+    assert failed.json()["message"] == "no header"
+    assert [name for name in failed.headers if name.startswith("grpc-")] == [
+        "grpc-trailer-echo-failed"
+    ]
+    assert "set-cookie" not in failed.headers
+    assert sum("is not sent as a header" in message for message in caplog.messages) == 3
+
+
 async def test_two_fields_of_a_oneof_are_refused_from_the_query_and_the_path(
     client: httpx.AsyncClient,
 ) -> None:
