@@ -408,7 +408,8 @@ def _read_token(path: Path, option: str, instead: str) -> tuple[str, str]:
     try:
         with path.open("rb") as opened:
             data = opened.read(TOKEN_FILE_LIMIT + 1)
-            mode = os.fstat(opened.fileno()).st_mode
+            status = os.fstat(opened.fileno())
+            mode, owner = status.st_mode, status.st_uid
     except FileNotFoundError as error:
         if _LIKE_A_TOKEN.fullmatch(str(path)):
             raise SystemExit(
@@ -426,14 +427,27 @@ def _read_token(path: Path, option: str, instead: str) -> tuple[str, str]:
     token = data.strip(_SPACE.encode()).decode("latin-1")
     if not token:
         raise SystemExit(f"porch: {file} is empty; it should hold the token alone")
-    if stat.S_ISREG(mode) and mode & 0o044:
+    if stat.S_ISREG(mode) and mode & 0o044 and _may_chmod(path, owner):
         # As ssh does of a key; a warning, not a refusal: the call goes on.
+        # Not of a file its reader could not mend (a secret mounted read-only).
+        named = shlex.quote(f"./{path}") if str(path).startswith("-") else shown
         print(
             f"porch: warning: {file} may be read by other users of this machine"
-            f" (mode {stat.S_IMODE(mode):04o}); `chmod 600 {shown}` keeps the token its owner's",
+            f" (mode {stat.S_IMODE(mode):04o}); `chmod 600 {named}` keeps the token its owner's",
             file=sys.stderr,
         )
     return token, f"in {file}"
+
+
+def _may_chmod(path: Path, owner: int) -> bool:
+    """Whether whoever runs porch owns path and may change its mode: a POSIX
+    machine's file, not one on a read-only mount (a container's secret)."""
+    if not hasattr(os, "geteuid") or owner != os.geteuid():
+        return False
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def _token_file(text: str) -> Path:
@@ -608,7 +622,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         _dispatch(_Calls(stub, _metadata(args), _deadline(args)), args)
     except grpc.RpcError as error:
-        maybe = "; what it asked may have been done" if _cut_short(error) else ""
+        writes = getattr(args, "action", "") in ("create", "claim", "update")
+        maybe = "; what it asked may have been done" if writes and _cut_short(error) else ""
         raise SystemExit(_failure(error) + maybe + _tls_hint(args, error)) from None
     finally:
         channel.close()
@@ -753,16 +768,18 @@ class _Gone(threading.Event):
 
 
 def _reader_gone() -> _Gone:
-    """An event set as soon as the reader of a pipe or socket on stdout
-    leaves, with the stream in hand cancelled: `porch watch | head -1` ends
-    when head does, not at the next event, whose write would have failed.
-    Output to a terminal or a file is not watched."""
+    """An event set as soon as the reader of a pipe (or a Unix socket) on
+    stdout leaves, with the stream in hand cancelled: `porch watch | head -1`
+    ends when head does, not at the next event, whose write would have
+    failed. Output to a terminal or a file is not watched, nor a TCP peer's
+    leaving, which poll tells from a half-close only by a write; nor anything
+    where poll() is not (Windows)."""
     gone = _Gone()
     try:
         mode = os.fstat(sys.stdout.fileno()).st_mode
     except (OSError, ValueError):
         return gone
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or not hasattr(select, "poll"):
         return gone
 
     def wait() -> None:

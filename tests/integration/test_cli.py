@@ -1270,7 +1270,7 @@ def test_a_token_file_that_cannot_be_used_is_named(
 
 
 def test_a_token_file_others_may_read_is_warned_of(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As ssh warns of a key: the call goes on, and the warning says how to mend it.
     held = tmp_path / "a token"
@@ -1296,6 +1296,19 @@ def test_a_token_file_others_may_read_is_warned_of(
         assert client._metadata(piped) == (("authorization", "Bearer piped"),)
     finally:
         os.close(read)
+    assert capsys.readouterr().err == ""
+    # A path chmod would take for an option is named so that it is not.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-t").write_bytes(b"tok\n")
+    (tmp_path / "-t").chmod(0o644)
+    dashed = cli._parser().parse_args(["pipeline", "get", "p", "--token-file=-t"])
+    client._metadata(dashed)
+    assert "`chmod 600 ./-t` keeps" in capsys.readouterr().err
+    # One whose reader could not mend it is not warned of: another user's
+    # file (a secret mounted for the service, say).
+    held.chmod(0o644)
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(held).st_uid + 1)
+    assert client._metadata(args) == (("authorization", "Bearer tok"),)
     assert capsys.readouterr().err == ""
 
 
@@ -2394,6 +2407,7 @@ def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
                 ["task", "claim", "--pipeline", "p"],
                 f"{grace_ended}; what it asked may have been done",
             ),
+            (["pipeline", "get", "p"], grace_ended),  # a read: nothing done
         ):
             got = subprocess.run(
                 [*PORCH, *command, "--target", target], capture_output=True, text=True, timeout=60
