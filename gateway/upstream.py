@@ -32,6 +32,13 @@ UNREACHABLE = (
     "the server behind this gateway could not be reached, or ended the call as it stopped;"
     " try again later"
 )
+# What a call is told that reached the server and was cut short as the
+# server's shutdown grace ended (gRPC's words for it, GRACE_ENDED).
+CUT_SHORT = (
+    "the server behind this gateway stopped before the call was done (its shutdown grace"
+    " ended): what it asked may have been done; try again later"
+)
+GRACE_ENDED = "Cancelling all calls"
 
 # The codes of those calls, which gRPC ends without a word from the server.
 _ENDED_BY_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -216,7 +223,8 @@ class _Reach:
                     details,
                 )
         empty = grpc.aio.Metadata()
-        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, UNREACHABLE, None)
+        said = CUT_SHORT if details == GRACE_ENDED else UNREACHABLE
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, empty, empty, said, None)
 
 
 class _Stream:

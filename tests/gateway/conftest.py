@@ -172,8 +172,8 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
         # Metadata with the error, as porch's server sends: without any, an
         # UNAVAILABLE reads as gRPC's own, a server not reached.
         trailing: tuple[tuple[str, str | bytes], ...] = (("echo-failed", "1"),)
-        if request.message == "without metadata":
-            trailing = ()
+        if request.message in ("without metadata", "Cancelling all calls"):
+            trailing = ()  # as gRPC ends a call, the latter as a server's grace ends
         if request.message == "twice":
             trailing = (("echo-failed", "1"), ("echo-failed", "2"))
         if request.message == "no header":  # which only an in-process handler can send

@@ -20,7 +20,7 @@ import pytest
 
 import gateway
 from gateway import app as gateway_app
-from gateway.upstream import UNREACHABLE
+from gateway.upstream import CUT_SHORT, UNREACHABLE
 from tests.gateway.conftest import (
     FAILING_TOTAL,
     LOOPING_TOTAL,
@@ -881,6 +881,18 @@ async def test_a_servers_failure_keeps_its_words_if_it_sends_metadata(
         assert said == [logged.format(target=backend.target)]
     else:
         assert (bare.status_code, bare.json()["message"]) == (status, "without metadata")
+
+
+async def test_a_call_the_servers_shutdown_grace_cut_short_may_have_been_done(
+    backend: Backend,
+) -> None:
+    app = echo_app(backend, "channel")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway"
+    ) as http:
+        cut = await http.get("/v1/fail/UNAVAILABLE", params={"message": "Cancelling all calls"})
+    await app.state.gateway.upstream.close()
+    assert (cut.status_code, cut.json()) == (503, {"code": 14, "message": CUT_SHORT, "details": []})
 
 
 async def test_over_a_real_socket(live: Live) -> None:
