@@ -86,6 +86,8 @@ class StreamResponse:
         self.started = False
         # Set when no more may be sent: the client left, or a whole error response went out.
         self.finished = False
+        # Set when the stream's own end (or error) was relayed.
+        self.relayed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Relay the stream until it ends, the client leaves or the gateway closes."""
@@ -109,6 +111,10 @@ class StreamResponse:
             error = GatewayError(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
             await self._send_error(send, error.http_status, error.body())
             return
+        if not self.relayed:  # cut off as the gateway closes: said, as a server's stop is
+            said = "the gateway is shutting down: resume after the last message's cursor"
+            error = GatewayError(grpc.StatusCode.UNAVAILABLE, said)
+            await self._send_chunk(send, self.format.error(error.body()))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
@@ -157,6 +163,7 @@ class StreamResponse:
             await self._send_chunk(send, self.format.error(rpc_error_json(error)))
         except GatewayError as error:
             await self._send_chunk(send, self.format.error(error.body()))
+        self.relayed = True
 
     async def _next(self) -> Message | None:
         message = await self.call.read()

@@ -100,7 +100,10 @@ async def test_client_disconnect_cancels_the_call(live: Live, backend: Backend) 
     await asyncio.wait_for(backend.state.watch_cancelled.wait(), timeout=5)
 
 
-async def test_shutdown_ends_open_streams_cleanly(live: Live, backend: Backend) -> None:
+async def test_shutdown_ends_open_streams_saying_so(live: Live, backend: Backend) -> None:
+    # As a server's stop ends them: with UNAVAILABLE, so that a client tells
+    # it from a stream that ended, and resumes elsewhere (a plain end was
+    # all the separate gateway sent).
     async with httpx.AsyncClient(base_url=live.base_url) as other:
         async with other.stream("GET", "/v1/ticks:watch", headers=SSE) as response:
             lines = response.aiter_lines()
@@ -108,5 +111,21 @@ async def test_shutdown_ends_open_streams_cleanly(live: Live, backend: Backend) 
             stop = asyncio.create_task(live.server.stop())
             rest = [line async for line in lines]
         await asyncio.wait_for(stop, timeout=5)
-    assert not any("event: error" in line for line in rest)
+    events = [line for line in rest if line]
+    assert events[-2] == "event: error", rest
+    said = json.loads(events[-1].removeprefix("data: "))
+    assert said["code"] == 14 and said["message"].startswith("the gateway is shutting down: ")
     await asyncio.wait_for(backend.state.watch_cancelled.wait(), timeout=5)
+
+
+async def test_shutdown_ends_an_ndjson_stream_with_its_error_line(live: Live) -> None:
+    async with httpx.AsyncClient(base_url=live.base_url) as other:
+        async with other.stream("GET", "/v1/ticks:watch") as response:
+            lines = response.aiter_lines()
+            assert json.loads(await anext(lines))["result"]["seq"] == "1"
+            stop = asyncio.create_task(live.server.stop())
+            rest = [line async for line in lines]
+        await asyncio.wait_for(stop, timeout=5)
+    last = json.loads(rest[-1])
+    assert last["error"]["code"] == 14, rest[-3:]
+    assert all("result" in json.loads(line) for line in rest[:-1])
