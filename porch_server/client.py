@@ -639,7 +639,12 @@ def tls_hint(error: grpc.RpcError, flag: str, tls: bool, certificate: bool) -> s
     one, or one that requires client certificates closes one without. flag
     names the options (--tls: --tls, --tls-cert, --tls-key); tls and
     certificate say whether TLS and a client certificate were given."""
-    if error.code() != grpc.StatusCode.UNAVAILABLE or "Socket closed" not in str(error.details()):
+    if error.code() != grpc.StatusCode.UNAVAILABLE:
+        return ""
+    details = str(error.details())
+    if tls and "WRONG_VERSION_NUMBER" in details:
+        return f" (the server does not speak TLS: if it serves plain connections, leave out {flag})"
+    if "Socket closed" not in details:
         return ""
     if not tls:
         return f" (a server that expects TLS closes plain connections so: if it does, give {flag})"
@@ -648,7 +653,10 @@ def tls_hint(error: grpc.RpcError, flag: str, tls: bool, certificate: bool) -> s
             " (a server that requires client certificates closes connections without one so:"
             f" if it does, give {flag}-cert and {flag}-key)"
         )
-    return ""
+    return (
+        " (a server closes a connection so whose client certificate it refuses: one its"
+        f" client CA did not sign, or expired; check {flag}-cert)"
+    )
 
 
 def _failure(error: grpc.RpcError) -> str:

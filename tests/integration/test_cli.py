@@ -623,6 +623,18 @@ def test_tls_on_the_grpc_port(sqlite_url: str, tmp_path: Path) -> None:
         done = subprocess.run(listing, capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 1 and "give --tls)" in done.stderr, done.stderr
         ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+        # TLS to a server that serves plain connections: OpenSSL's words alone.
+        plain = start_porch(sqlite_url)
+        try:
+            tls_to_plain = [*PORCH, "pipeline", "list", "--target", plain.target, "--tls"]
+            done = subprocess.run(tls_to_plain, capture_output=True, text=True, timeout=60, env=env)
+        finally:
+            plain.server.stop()
+        assert done.returncode == 1, done.stderr
+        assert (
+            "(the server does not speak TLS: if it serves plain connections, leave out --tls)"
+            in (done.stderr)
+        ), done.stderr
         verified = [*listing, "--tls-ca", str(tmp_path / "ca.pem")]
         done = subprocess.run(verified, capture_output=True, text=True, timeout=60, env=env)
         assert done.returncode == 0, done.stderr
@@ -662,6 +674,17 @@ def test_the_cli_and_the_gateway_present_client_certificates(
             [*PORCH, "pipeline", "get", "mtls", *common, *pem[:2]], capture_output=True, text=True
         )
         assert "--tls-cert and --tls-key go together" in half.stderr
+        # One its client CA did not sign: said "Socket closed" alone.
+        stranger = trustme.CA().issue_cert("stranger@example.org")
+        stranger.cert_chain_pems[0].write_to_path(tmp_path / "stranger.pem")
+        stranger.private_key_pem.write_to_path(tmp_path / "stranger-key.pem")
+        foreign = ["--tls-cert", str(tmp_path / "stranger.pem")]
+        foreign += ["--tls-key", str(tmp_path / "stranger-key.pem")]
+        refused = subprocess.run(
+            [*PORCH, "pipeline", "get", "mtls", *common, *foreign], capture_output=True, text=True
+        )
+        assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+        assert "one its client CA did not sign, or expired; check --tls-cert)" in refused.stderr
 
         upstream = ["--target", target, "--target-tls-ca", ca_file]
         # Without a certificate, the gateway says so as it starts.
