@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from gateway import access
 from porch_server import auth
-from porch_server.errors import InvalidArgument, PorchError, Unauthenticated
+from porch_server.errors import InvalidArgument, PorchError, Unauthenticated, Unavailable
 from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import Token
 from porch_server.status import ANSWERED, code_of, message_of
@@ -37,6 +37,12 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 # (authorization, its secret's hash): a call through the in-process gateway
 # is identified twice, by admit() and then by serve(), and hashes once.
 _HASHED: ContextVar[tuple[str, str] | None] = ContextVar("porch_hashed_secret", default=None)
+# What a call is told while the database does not answer.
+DATABASE_SILENT = (
+    "the database does not answer (the server's own SELECT 1 went unanswered): the call was"
+    " not made; try again later"
+)
+
 # What _authorization finds when a call names more than one token.
 _GIVEN_TWICE = object()
 
@@ -54,6 +60,10 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # Set once a stopping server's grace period is over: grpc.aio then
         # cancels the calls left, and their clients are told UNAVAILABLE.
         self.grace_over = False
+        # Set while the database leaves SELECT 1 unanswered (the server's
+        # housekeeping finds it): calls are refused at once, UNAVAILABLE,
+        # rather than wait on it as long as the network lets them.
+        self.database_silent = False
 
     async def intercept_service(
         self,
@@ -134,6 +144,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         authorization = _authorization(metadata)
         token = None
         try:
+            if self.database_silent:
+                raise Unavailable(DATABASE_SILENT)
             token = await self._identify(method, authorization)
             if token is not None:
                 auth.check_token(token)
@@ -187,6 +199,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             cancelled = unsent = False
             authorization = _authorization(context.invocation_metadata())
             try:
+                if self.database_silent:
+                    raise Unavailable(DATABASE_SILENT)
                 # Identified first, so that the access line of a call refused
                 # (a revoked token, one without the right) names its token.
                 token = await self._identify(method, authorization)

@@ -131,7 +131,7 @@ async def start(config: Config, store: Store) -> Running:
     hub.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer))
+    sweeper = asyncio.create_task(_sweep(config, store, executor, health_servicer, interceptor))
     # The address the index page names: where clients reach this server's gRPC.
     local = gateway.LocalUpstream(registry.handlers, [interceptor], host_port(config.host, port))
     return Running(
@@ -243,12 +243,22 @@ def _make_hub(config: Config, store: Store, executor: ThreadPoolExecutor) -> Eve
 class _Health:
     """The health the server reports, and what its housekeeping last found."""
 
-    def __init__(self, servicer: HealthServicer) -> None:
+    def __init__(self, servicer: HealthServicer, interceptor: PorchInterceptor) -> None:
         self._servicer = servicer
+        self._interceptor = interceptor
         self.reported = SERVING
         # What the last housekeeping to end found: what is reported again
         # once a database that left SELECT 1 unanswered answers it.
         self.found = SERVING
+
+    def silent(self, silent: bool) -> None:
+        """Note whether the database leaves SELECT 1 unanswered: while it
+        does, calls are refused at once (UNAVAILABLE), not left to wait on
+        it as long as the network lets them."""
+        if silent != self._interceptor.database_silent:
+            self._interceptor.database_silent = silent
+            if not silent:
+                log.warning("the database answers again")
 
     async def report(self, status: int) -> None:
         """Report status, if it is not reported already."""
@@ -257,19 +267,25 @@ class _Health:
                 await self._servicer.set(name, status)
             self.reported = status
 
-    async def settle(self, status: int) -> None:
-        """Report status, what a housekeeping that ended found."""
+    async def settle(self, status: int, silent: bool = False) -> None:
+        """Report status, what a housekeeping that ended found, and whether
+        the database leaves SELECT 1 unanswered (see silent)."""
         self.found = status
+        self.silent(silent)
         await self.report(status)
 
 
 async def _sweep(
-    config: Config, store: Store, executor: ThreadPoolExecutor, health_servicer: HealthServicer
+    config: Config,
+    store: Store,
+    executor: ThreadPoolExecutor,
+    health_servicer: HealthServicer,
+    interceptor: PorchInterceptor,
 ) -> None:
     """Free tasks whose lease lapsed, prune events past their retention, and
     report the database's health."""
     loop = asyncio.get_running_loop()
-    health = _Health(health_servicer)
+    health = _Health(health_servicer, interceptor)
     next_prune = loop.time()
     while True:
         await asyncio.sleep(config.lease_sweep_seconds)
@@ -284,7 +300,7 @@ async def _sweep(
                 pruned = await _watched(prune, store, executor, health)
                 if pruned:
                     log.info("pruned %d event(s) older than %s", pruned, f"{cutoff:%Y-%m-%d %H:%M}")
-            new_status = SERVING
+            new_status, silent = SERVING, False
         except PorchError as error:
             warn_now_and_then(log, f"database housekeeping failed: {first_line(error)}")
             # But the database answers when a lock held elsewhere (an index
@@ -294,11 +310,12 @@ async def _sweep(
             # hangs: only the second leaves SELECT 1 unanswered. (One too
             # slow to serve answers it, and stays in service, as it would
             # without the timeout.)
-            answers = isinstance(error, Locked) or (
-                isinstance(error, TimedOut) and await _answers(store)
-            )
+            timed_out = isinstance(error, TimedOut)
+            # A timeout whose SELECT 1 goes unanswered too: a database that hangs.
+            silent = timed_out and not await _answers(store)
+            answers = isinstance(error, Locked) or (timed_out and not silent)
             new_status = health.found if answers else NOT_SERVING
-        await health.settle(new_status)
+        await health.settle(new_status, silent)
 
 
 async def _watched(
@@ -320,13 +337,16 @@ async def _watched(
         # unanswered too, and a database may begin to hang, or stop, at
         # any time in a long statement.
         if await _answers(store):
+            health.silent(False)
             await health.report(health.found)
             continue
         warn_now_and_then(
             log,
             f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
-            f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer",
+            f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer;"
+            " calls are refused until it does",
         )
+        health.silent(True)
         await health.report(NOT_SERVING)
 
 

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from porch_server import store as store_module
 from porch_server.digest import task_input_id
 from porch_server.errors import InvalidArgument
+from porch_server.interceptor import DATABASE_SILENT
 from porch_server.models import Pipeline, Role
 from porch_server.service import LOCKED_RETRY_PAUSES, _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
@@ -1242,3 +1243,29 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def test_calls_are_refused_at_once_while_the_database_does_not_answer(porch: Porch) -> None:
+    # As the housekeeping finds it (SELECT 1 unanswered): a call would
+    # otherwise wait on the database as long as the network lets it.
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(
+        pb.CreatePipelineRequest(pipeline=pb.Pipeline(name="p", uri="u", version="1"))
+    )
+    interceptor = porch.server.running.interceptor
+    interceptor.database_silent = True
+    try:
+        with pytest.raises(grpc.RpcError) as raised:
+            admin.GetPipeline(pb.GetPipelineRequest(name="p"), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert raised.value.details() == DATABASE_SILENT  # type: ignore[attr-defined]
+        # And before the in-process gateway reads a body.
+        refused = porch.server.call(
+            interceptor.admit(
+                "/porch.v1.PorchService/GetPipeline", [("authorization", f"Bearer {porch.admin}")]
+            )
+        )
+        assert refused == (grpc.StatusCode.UNAVAILABLE, DATABASE_SILENT)
+    finally:
+        interceptor.database_silent = False
+    assert admin.GetPipeline(pb.GetPipelineRequest(name="p")).name == "p"

@@ -21,6 +21,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class Interceptor:
+    """The interceptor's database_silent, each value it is set to remembered."""
+
+    def __init__(self) -> None:
+        self.silences: list[bool] = []
+
+    @property
+    def database_silent(self) -> bool:
+        return self.silences[-1] if self.silences else False
+
+    @database_silent.setter
+    def database_silent(self, silent: bool) -> None:
+        self.silences.append(silent)
+
+
 class Health:
     """The health service's set(), remembered."""
 
@@ -48,7 +63,7 @@ async def health_after(*failures: PorchError | None) -> list[Any]:
     health = Health()
     with ThreadPoolExecutor(1) as executor:
         sweeping = asyncio.ensure_future(
-            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, health)  # type: ignore[arg-type]
+            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, health, Interceptor())  # type: ignore[arg-type]
         )
         assert await asyncio.to_thread(swept.wait, 10)
         await asyncio.sleep(0.05)  # its health set, from the last sweep
@@ -119,17 +134,24 @@ async def statuses_while_held(
                 released.wait(10)
 
     health = Health()
+    interceptor = Interceptor()
     config = Config(lease_sweep_seconds=0.01, event_retention_days=1)
     # One database thread, which the sweep holds: every one may be waiting
     # for the lock, and SELECT 1 must not wait behind them.
     with ThreadPoolExecutor(1) as executor:
-        sweeping = asyncio.ensure_future(_sweep(config, Store(), executor, health))  # type: ignore[arg-type]
+        sweeping = asyncio.ensure_future(
+            _sweep(config, Store(), executor, health, interceptor)  # type: ignore[arg-type]
+        )
         await asyncio.sleep(0.5)
         during = [status for name, status in health.set_to if name == ""]
+        # Calls are refused at once while, and only while, SELECT 1 goes unanswered.
+        silent = pings_answered < 1_000
+        assert interceptor.database_silent == silent, interceptor.silences
         released.set()
         assert await asyncio.to_thread(swept.wait, 10)
         await asyncio.sleep(0.05)
         sweeping.cancel()
+    assert not interceptor.database_silent, interceptor.silences
     return during, [status for name, status in health.set_to if name == ""]
 
 
