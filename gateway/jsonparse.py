@@ -446,6 +446,12 @@ def read_json(text: bytes | str, what: str) -> Any:
     message naming the text as what ("the request body", say). Bytes are
     UTF-8, as JSON sent between systems is (RFC 8259, 8.1): json.loads would
     read UTF-16 and UTF-32 too. A UTF-8 byte order mark before them is ignored."""
+    constants: list[str] = []
+
+    def constant(name: str) -> _Constant:
+        constants.append(name)
+        return _Constant(name)
+
     try:
         if isinstance(text, bytes):
             text = text.decode().removeprefix("\ufeff")
@@ -453,7 +459,7 @@ def read_json(text: bytes | str, what: str) -> Any:
             text,
             object_pairs_hook=unique_keys,
             parse_float=nonzero_float,
-            parse_constant=_Constant,
+            parse_constant=constant,
         )
     except NamedTwice as error:
         raise UnreadableJson(f"{what} {error}") from None
@@ -470,7 +476,7 @@ def read_json(text: bytes | str, what: str) -> Any:
             f"{what} holds a number too long to read: the integer {too_long_integer(text)}"
             " is past any number a field or a JSON value holds; send it as a string"
         ) from None
-    if "NaN" in text or "Infinity" in text:  # else none can be there
+    if constants:  # found by where it is
         for where, leaf in json_leaves(value, ""):
             if type(leaf) is _Constant:
                 at = f" (at {where})" if where else ""

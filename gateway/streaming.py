@@ -160,8 +160,10 @@ class StreamResponse:
                 )
                 message = await self._next()
         except grpc.aio.AioRpcError as error:
+            self.relayed = True  # before the send, which the gateway's closing may cut
             await self._send_chunk(send, self.format.error(rpc_error_json(error)))
         except GatewayError as error:
+            self.relayed = True
             await self._send_chunk(send, self.format.error(error.body()))
         self.relayed = True
 

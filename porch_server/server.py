@@ -46,6 +46,11 @@ PRUNE_INTERVAL_SECONDS = 3600
 # not answering.
 HOUSEKEEPING_SECONDS = 10.0
 PING_SECONDS = 5.0
+# How often SELECT 1 is asked for while the database leaves it unanswered
+# (calls are refused meanwhile), so that they are served soon after it answers.
+SILENT_PING_SECONDS = 1.0
+# What a ping of the database found (_ping).
+ANSWERED, REFUSED, SILENT = "answered", "refused", "silent"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # After the grace period: how long the asyncpg connections have to come
@@ -251,6 +256,11 @@ class _Health:
         # once a database that left SELECT 1 unanswered answers it.
         self.found = SERVING
 
+    @property
+    def is_silent(self) -> bool:
+        """Whether calls are refused for the database's silence."""
+        return bool(self._interceptor.database_silent)
+
     def silent(self, silent: bool) -> None:
         """Note whether the database leaves SELECT 1 unanswered: while it
         does, calls are refused at once (UNAVAILABLE), not left to wait on
@@ -310,12 +320,15 @@ async def _sweep(
             # hangs: only the second leaves SELECT 1 unanswered. (One too
             # slow to serve answers it, and stays in service, as it would
             # without the timeout.)
-            timed_out = isinstance(error, TimedOut)
+            pinged = await _ping(store) if isinstance(error, TimedOut) else None
             # A timeout whose SELECT 1 goes unanswered too: a database that hangs.
-            silent = timed_out and not await _answers(store)
-            answers = isinstance(error, Locked) or (timed_out and not silent)
+            silent = pinged == SILENT
+            answers = isinstance(error, Locked) or pinged == ANSWERED
             new_status = health.found if answers else NOT_SERVING
         await health.settle(new_status, silent)
+        while health.is_silent:  # asked again soon: calls are refused meanwhile
+            await asyncio.sleep(SILENT_PING_SECONDS)
+            health.silent(await _ping(store) == SILENT)
 
 
 async def _watched(
@@ -326,8 +339,10 @@ async def _watched(
     that goes unanswered, and what was found before once it is answered."""
     running = asyncio.get_running_loop().run_in_executor(executor, job)
     while True:
+        # Asked again sooner while calls are refused for want of an answer.
+        wait = SILENT_PING_SECONDS if health.is_silent else HOUSEKEEPING_SECONDS
         try:
-            return await asyncio.wait_for(asyncio.shield(running), HOUSEKEEPING_SECONDS)
+            return await asyncio.wait_for(asyncio.shield(running), wait)
         except TimeoutError:
             pass
         # Waiting for a lock held elsewhere, which changes nothing (as in
@@ -336,39 +351,42 @@ async def _watched(
         # connections wait as long. Only the second leaves SELECT 1
         # unanswered too, and a database may begin to hang, or stop, at
         # any time in a long statement.
-        if await _answers(store):
-            health.silent(False)
+        pinged = await _ping(store)
+        health.silent(pinged == SILENT)
+        if pinged == ANSWERED:
             await health.report(health.found)
             continue
-        warn_now_and_then(
-            log,
-            f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
-            f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer;"
-            " calls are refused until it does",
-        )
-        health.silent(True)
+        if pinged == SILENT:
+            warn_now_and_then(
+                log,
+                f"database housekeeping has not finished in {HOUSEKEEPING_SECONDS:g} s"
+                f" and SELECT 1 not in {PING_SECONDS:g} s: the database does not answer;"
+                " calls are refused until it does",
+            )
         await health.report(NOT_SERVING)
 
 
-async def _answers(store: Store) -> bool:
-    """Whether the database answers SELECT 1 within PING_SECONDS, on a
-    connection and a thread of its own: the pools' connections and the
-    database threads may all be waiting for a lock held elsewhere. The
-    thread is a daemon: a database that stops answering once connected
-    would hold it, and a stopping server must not wait for it."""
+async def _ping(store: Store) -> str:
+    """ANSWERED when the database answers SELECT 1 within PING_SECONDS, on a
+    connection and a thread of its own (the pools' connections and the
+    database threads may all be waiting for a lock held elsewhere);
+    REFUSED when it answers with a refusal (too many connections for the
+    role, say, or no server there); SILENT when no answer comes. The thread
+    is a daemon: a database that stops answering once connected would hold
+    it, and a stopping server must not wait for it."""
     loop = asyncio.get_running_loop()
-    answered: asyncio.Future[bool] = loop.create_future()
+    answered: asyncio.Future[str] = loop.create_future()
 
-    def tell(result: bool) -> None:
+    def tell(result: str) -> None:
         if not answered.done():
             answered.set_result(result)
 
     def ping() -> None:
         try:
             store.ping_apart(math.ceil(PING_SECONDS))
-            result = True
-        except Exception:  # refused, or no server there
-            result = False
+            result = ANSWERED
+        except Exception as error:  # refused, or its connection timed out
+            result = SILENT if "timeout expired" in str(error) else REFUSED
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
             loop.call_soon_threadsafe(tell, result)
 
@@ -376,4 +394,4 @@ async def _answers(store: Store) -> bool:
     try:
         return await asyncio.wait_for(answered, PING_SECONDS)
     except TimeoutError:
-        return False
+        return SILENT

@@ -98,7 +98,11 @@ async def test_a_database_that_hangs_takes_the_server_out_of_service_until_back(
 
 
 async def statuses_while_held(
-    monkeypatch: pytest.MonkeyPatch, held: str, pings_answered: int, held_then: PorchError | None
+    monkeypatch: pytest.MonkeyPatch,
+    held: str,
+    pings_answered: int,
+    held_then: PorchError | None,
+    refused: bool = False,
 ) -> tuple[list[Any], list[Any]]:
     """The statuses the sweep sets while its first run of held (expire_leases
     or prune_events) waits, and in all once it ends and the next lease
@@ -106,6 +110,7 @@ async def statuses_while_held(
     answered only pings_answered times."""
     monkeypatch.setattr(server, "HOUSEKEEPING_SECONDS", 0.05)
     monkeypatch.setattr(server, "PING_SECONDS", 0.05)
+    monkeypatch.setattr(server, "SILENT_PING_SECONDS", 0.02)
     released = threading.Event()
     swept = threading.Event()
 
@@ -131,6 +136,8 @@ async def statuses_while_held(
         def ping_apart(self, connect_timeout: int) -> None:
             self.pings += 1
             if self.pings > pings_answered:
+                if refused:  # an answer: a refusal
+                    raise RuntimeError('too many connections for role "porch"')
                 released.wait(10)
 
     health = Health()
@@ -145,7 +152,7 @@ async def statuses_while_held(
         await asyncio.sleep(0.5)
         during = [status for name, status in health.set_to if name == ""]
         # Calls are refused at once while, and only while, SELECT 1 goes unanswered.
-        silent = pings_answered < 1_000
+        silent = pings_answered < 1_000 and not refused
         assert interceptor.database_silent == silent, interceptor.silences
         released.set()
         assert await asyncio.to_thread(swept.wait, 10)
@@ -187,3 +194,15 @@ async def test_a_statement_timeout_counts_against_the_health_only_if_select_1_go
     pings_answered = 1_000 if answers else 0
     during, after = await statuses_while_held(monkeypatch, "nothing", pings_answered, timed_out)
     assert during == after == expected
+
+
+@pytest.mark.parametrize("held", ["expire_leases", "nothing"])
+async def test_a_refused_select_1_is_an_answer_that_refuses_no_call(
+    monkeypatch: pytest.MonkeyPatch, held: str
+) -> None:
+    # The role's connections used up by the pools waiting for a lock held
+    # elsewhere, say: out of service, but the calls that need no lock go on.
+    timed_out = TimedOut("the database is unavailable", "canceling statement due to timeout")
+    held_then = timed_out if held == "nothing" else None
+    during, _ = await statuses_while_held(monkeypatch, held, 0, held_then, refused=True)
+    assert during == [NOT_SERVING]
