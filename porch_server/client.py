@@ -34,6 +34,7 @@ from gateway import (
     message_to_dict,
     read_json,
 )
+from gateway.upstream import GRACE_ENDED  # gRPC's words as a server's shutdown grace ends
 from porch_server.config import (
     CHANNEL_OPTIONS,
     check_pem,
@@ -675,14 +676,10 @@ def _failure(error: grpc.RpcError) -> str:
     return f"porch: {code.name if code else 'error'}: {error.details()}"
 
 
-# gRPC's words for the calls a server cancels as its shutdown grace ends.
-_GRACE_ENDED = "Cancelling all calls"
-
-
 def _cut_short(error: grpc.RpcError) -> bool:
     """Whether the call reached a server whose shutdown grace ended before
     the call did: it may have been done."""
-    return _unanswered(error, grpc.StatusCode.UNAVAILABLE) and error.details() == _GRACE_ENDED
+    return _unanswered(error, grpc.StatusCode.UNAVAILABLE) and error.details() == GRACE_ENDED
 
 
 def _unanswered(error: grpc.RpcError, *codes: grpc.StatusCode) -> bool:
