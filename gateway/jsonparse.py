@@ -177,7 +177,7 @@ def _check_scalar(value: Any, field: FieldDescriptor, where: str) -> None:
             raise json_format.ParseError(f"{where}: expected a number, got {_given(value)}")
         if type(value) is str:
             problem = float_text_problem(value, single)
-        elif type(value) in (int, float) and single:
+        elif single:  # a double's range was checked as the number was read
             problem = float_value_problem(float(value), repr(value), single)
         else:
             problem = None
@@ -223,11 +223,23 @@ def float_value_problem(value: float, text: str, single: bool) -> str | None:
     float field) holds as it is: it would be infinity, or 0."""
     held = struct.unpack("f", struct.pack("f", value))[0] if single else value
     kind = "float" if single else "double"
-    if math.isinf(held):
+    lost = _held_as(held, text)
+    if lost == "infinity":
         return f"is out of range for a {kind}"
-    at = max(text.find("e"), text.find("E"))
-    if held == 0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
+    if lost == "0":
         return f"is too small for a {kind}, which would hold it as 0"
+    return None
+
+
+def _held_as(held: float, text: str) -> str | None:
+    """What a number written as text is held as where it is no longer
+    itself: "infinity" past the largest, "0" for one not 0 below the
+    smallest; else None."""
+    if math.isinf(held):
+        return "infinity"
+    at = max(text.find("e"), text.find("E"))  # the exponent's, or -1
+    if held == 0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
+        return "0"
     return None
 
 
@@ -408,23 +420,20 @@ def nonzero_float(text: str) -> float:
     (1e-400, say), which would be stored as another number, and for one
     past the largest double (1e400), which would be stored as infinity."""
     value = float(text)
-    at = max(text.find("e"), text.find("E"))  # the exponent's, or -1
-    if math.isinf(value):
+    lost = _held_as(value, text)
+    if lost is not None:
+        size = "large" if lost == "infinity" else "small"
         raise LostNumber(
-            f"the number {_float_text(text, at)} is too large for a double,"
-            " which would hold it as infinity"
-        )
-    if value == 0.0 and _NONZERO_DIGIT.search(text if at < 0 else text[:at]):
-        raise LostNumber(
-            f"the number {_float_text(text, at)} is too small for a double,"
-            " which would hold it as 0"
+            f"the number {_float_text(text)} is too {size} for a double,"
+            f" which would hold it as {lost}"
         )
     return value
 
 
-def _float_text(text: str, at: int) -> str:
-    """A number's text for an error, its exponent (at at) kept where it is
+def _float_text(text: str) -> str:
+    """A number's text for an error, its exponent kept where it is
     shortened: the exponent says why it was refused."""
+    at = max(text.find("e"), text.find("E"))
     if at > 20 and len(text) - at <= 20:
         return f"{text[:20]}…{text[at:]}"
     return _number_text(text)

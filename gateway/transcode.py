@@ -195,9 +195,7 @@ def _set_path_variable(request: Message, name: str, text: str) -> None:
     path = name.split(".")
     # Reading does not set a message field: an unset one reads as defaults.
     parent = _parent(request, path, what)
-    field = _field(parent, path[-1])
-    if field is not None:
-        _check_oneof(parent, field, what)
+    field = _field(parent, path[-1])  # its oneof checked as _set_in sets it
     if field is not None and not field.is_repeated:
         if field.message_type is None:
             given = getattr(parent, path[-1])
