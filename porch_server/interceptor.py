@@ -4,9 +4,10 @@ error mapping and the access log (one line per call, never a secret)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from typing import Any, TypeAlias
@@ -16,7 +17,13 @@ from google.protobuf.message import DecodeError
 
 from gateway import access
 from porch_server import auth
-from porch_server.errors import InvalidArgument, PorchError, Unauthenticated, Unavailable
+from porch_server.errors import (
+    InvalidArgument,
+    PorchError,
+    Unauthenticated,
+    Unavailable,
+    shortened,
+)
 from porch_server.messages import MAX_INPUT_DEPTH
 from porch_server.models import Token
 from porch_server.status import ANSWERED, code_of, message_of
@@ -50,10 +57,18 @@ _GIVEN_TWICE = object()
 class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates, authorizes and logs every PorchService call."""
 
-    def __init__(self, store: Store, executor: Executor, anonymous_reads: bool) -> None:
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor,
+        anonymous_reads: bool,
+        services: Sequence[str] = (),
+    ) -> None:
         self._store = store
         self._executor = executor
         self._anonymous_reads = anonymous_reads
+        # The services the server serves, named to a call of a method it does not.
+        self._services = tuple(services)
         # The wrapped handlers of each method, built on its first call: the
         # usual one, and one taking the request as a stream (see _known).
         self._handlers: dict[str, tuple[Handler, Handler]] = {}
@@ -74,7 +89,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handlers = self._handlers.get(full_method)
         if handlers is None:
             handler = await continuation(handler_call_details)
-            if handler is None or not full_method.startswith(SERVICE_PREFIX):
+            if handler is None:
+                return self._unknown(full_method)
+            if not full_method.startswith(SERVICE_PREFIX):
                 return handler
             method = full_method.removeprefix(SERVICE_PREFIX)
             # The request reaches serve as bytes, read only once its caller is
@@ -99,6 +116,28 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._handlers[full_method] = handlers
         known = self._known(full_method, handler_call_details.invocation_metadata)
         return handlers[0] if known else handlers[1]
+
+    def _unknown(self, full_method: str) -> Handler:
+        """The handler of a method the server does not serve: UNIMPLEMENTED,
+        as grpc answers it, but naming the method and the services there
+        are, and with an access line (grpc writes none). Built for each such
+        call, not kept: a client can name any number of methods. Its
+        request, of whatever kind, is never read."""
+        services = ", ".join(self._services)
+        message = f"unknown method {shortened(full_method)!r}" + (
+            f": this server serves {services} (reflection lists their methods)" if services else ""
+        )
+
+        async def refuse(requests: Any, context: Context) -> None:
+            start = time.perf_counter()
+            try:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+            finally:
+                authorization = _authorization(context.invocation_metadata())
+                named = _field(full_method)
+                _log_call(named, context, None, authorization, start, cancelled=False)
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
     def _known(self, full_method: str, metadata: Iterable[tuple[str, Any]] | None) -> bool:
         """Whether a call's caller is settled without a round trip: a token
@@ -346,10 +385,11 @@ def _log_call(
     cancelled: bool,
     cut: bool = False,
 ) -> None:
-    """Write the call's access line: method, status code, time and caller
-    (token, the one found; authorization, the metadata value it was sent
-    as, or None). A call through the gateway in this process adds them to
-    the HTTP request's line instead, which the gateway writes to the same logger.
+    """Write the call's access line: method, status code, time, the
+    client's address and caller (token, the one found; authorization, the
+    metadata value it was sent as, or None). A call through the gateway in
+    this process adds them to the HTTP request's line instead, which the
+    gateway writes to the same logger.
 
     A call whose task was cancelled is UNAVAILABLE when the server cut it
     (cut: its grace period over, as it stops), else DEADLINE_EXCEEDED when
@@ -378,7 +418,28 @@ def _log_call(
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000
-    log.info("%s %s %.1fms %s", method, name, elapsed_ms, who)
+    log.info("%s %s %.1fms %s %s", method, name, elapsed_ms, _peer(context.peer()), who)
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer(peer: str | None) -> str:
+    """Where a call came from, as its access line gives it: gRPC's
+    `ipv4:10.1.2.3:50422` as `10.1.2.3:50422`, `ipv6:[::1]:50422` as
+    `[::1]:50422` (the HTTP access line's forms), any other kind of address
+    (`unix:/run/porch.sock`) whole; escaped, as a line's every field is.
+    Cached: a few clients make most calls."""
+    if not peer:
+        return "-"
+    kind, colon, address = peer.partition(":")
+    if colon and kind in ("ipv4", "ipv6"):
+        peer = address
+    return _field(peer)
+
+
+def _field(text: str) -> str:
+    """text a client chose, as one field of an access line: escaped, its
+    spaces too, so that it can forge neither a field nor a line."""
+    return access.escape(text).replace(" ", "\\x20")
 
 
 def _caller(token: Token | None, authorization: Any, code: Any) -> str:

@@ -96,7 +96,8 @@ async def start(config: Config, store: Store) -> Running:
     statements = await _async_statements(config, store)
     store.use_async(statements, executor)
     hub = _make_hub(config, store, executor)
-    interceptor = PorchInterceptor(store, executor, config.anonymous_reads)
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    interceptor = PorchInterceptor(store, executor, config.anonymous_reads, services)
     # Worker processes share the port; one server alone must not share it
     # with another that happens to use the same one.
     reuse_port = ("grpc.so_reuseport", 1 if config.workers > 1 else 0)
@@ -116,9 +117,7 @@ async def start(config: Config, store: Store) -> Running:
     for target in (server, registry.as_server):
         porch_pb2_grpc.add_PorchServiceServicer_to_server(service, target)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, target)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(services, server)
     address = host_port(config.host, config.grpc_port)
     credentials = _credentials(config)
     try:

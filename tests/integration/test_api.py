@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +56,10 @@ def access_lines(
             return lines
         time.sleep(0.02)
     raise AssertionError(lines)
+
+
+def _matches(pattern: re.Pattern[str], line: str) -> bool:
+    return pattern.fullmatch(line) is not None
 
 
 def pipeline_request(name: str, uri: str = "u", version: str = "1") -> pb.CreatePipelineRequest:
@@ -642,6 +648,47 @@ def test_a_call_whose_token_is_not_cached_is_served_as_any_other(
     lines = access_lines(caplog, lambda line: line.startswith("ClaimTasks INVALID_ARGUMENT"))
     for method in ("CreatePipeline OK", "RegisterTask OK", "UpdateTask OK", "ListTasks OK"):
         assert any(line.startswith(method) for line in lines), (method, lines)
+
+
+def test_a_calls_access_line_names_its_clients_address(
+    porch: Porch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    porch.stub(porch.admin).CreatePipeline(pipeline_request("p1"))
+    line = r"CreatePipeline OK [\d.]+ms 127\.0\.0\.1:\d+ token \d+ \(test admin\)"
+    lines = access_lines(caplog, lambda logged: logged.startswith("CreatePipeline OK"))
+    assert [each for each in lines if re.fullmatch(line, each)], lines
+
+
+def test_a_call_of_a_method_the_server_does_not_serve_says_which_it_serves(
+    porch: Porch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "porch.access")
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    admin = [("authorization", f"Bearer {porch.admin}")]
+    for method, metadata, caller in [
+        ("/porch.v1.PorchService/DeleteTask", [], "anonymous"),
+        ("/other.Service/Line\nbreak", admin, "token not checked"),
+    ]:
+        call = channel.unary_unary(method)
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"", metadata=metadata, timeout=5)
+        assert refused.value.code() == Code.UNIMPLEMENTED, refused.value
+        assert refused.value.details() == (
+            f"unknown method {method!r}: this server serves porch.v1.PorchService,"
+            " grpc.health.v1.Health, grpc.reflection.v1alpha.ServerReflection"
+            " (reflection lists their methods)"
+        )
+        logged = method.replace("\n", "\\x0a")
+        line = re.compile(rf"{re.escape(logged)} UNIMPLEMENTED [\d.]+ms 127\.0\.0\.1:\d+ {caller}")
+        lines = access_lines(caplog, functools.partial(_matches, line))
+        assert not [each for each in lines if "\n" in each], lines
+    # A stream of requests the server never reads, ended all the same.
+    stream = channel.stream_stream("/porch.v1.PorchService/Nothing")
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stream(iter([b"x"] * 1000), timeout=5))
+    assert refused.value.code() == Code.UNIMPLEMENTED, refused.value
 
 
 def test_a_call_that_ends_while_its_token_is_looked_up_is_logged(
