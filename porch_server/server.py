@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -53,6 +53,7 @@ SILENT_PING_SECONDS = 1.0
 ANSWERED, REFUSED, SILENT = "answered", "refused", "silent"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 # After the grace period: how long the asyncpg connections have to come
 # back before they are closed in use.
 CLOSE_SECONDS = 2.0
@@ -61,6 +62,54 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
+
+
+class StoppingHealth(HealthServicer):  # type: ignore[misc]  # grpc_health has no types
+    """grpc's health service, but for its Watch streams, which end as the
+    server stops: NOT_SERVING, then UNAVAILABLE. grpc's stay open, and one
+    (a client balancing by health, say) would hold the stop for its whole
+    grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Each status as set, kept here for Watch (SERVICE_UNKNOWN if never
+        # set); the server as a whole SERVING from the start, as grpc's.
+        self._statuses: dict[str, int] = {"": SERVING}
+        self._stopping = False
+        # Set, and replaced, at each change: a Watch waits on the one it
+        # took before it read the status, so it misses none.
+        self._changed = asyncio.Event()
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        if not self._stopping:
+            self._statuses[service] = status
+            self._change()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._stopping = True
+        for service in self._statuses:
+            self._statuses[service] = NOT_SERVING
+        self._change()
+
+    def _change(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        sent = None
+        while True:
+            changed = self._changed
+            status = self._statuses.get(request.service, SERVICE_UNKNOWN)
+            if status != sent:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                sent = status
+            if self._stopping:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping")
+            await changed.wait()
 
 
 @dataclass
@@ -112,7 +161,7 @@ async def start(config: Config, store: Store) -> Running:
         # Half the threads at most for writes that wait for a lock.
         lock_waits=config.db_pool_size // 2,
     )
-    health_servicer = HealthServicer()
+    health_servicer = StoppingHealth()
     registry = gateway.HandlerRegistry()
     for target in (server, registry.as_server):
         porch_pb2_grpc.add_PorchServiceServicer_to_server(service, target)

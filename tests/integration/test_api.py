@@ -1238,6 +1238,38 @@ def test_health_and_reflection(porch: Porch) -> None:
     assert "porch.v1.PorchService" in names and "grpc.health.v1.Health" in names
 
 
+def test_health_watch_streams_end_as_the_server_stops_not_at_its_grace(db_url: str) -> None:
+    porch = start_porch(db_url)
+    channel = grpc.insecure_channel(porch.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    statuses = health_pb2.HealthCheckResponse
+    watches = {
+        service: health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60)
+        for service in ("", "porch.v1.PorchService", "other.Service")
+    }
+    stopped = False
+    try:
+        assert next(watches[""]).status == statuses.SERVING
+        assert next(watches["porch.v1.PorchService"]).status == statuses.SERVING
+        assert next(watches["other.Service"]).status == statuses.SERVICE_UNKNOWN
+        started = time.monotonic()
+        stopped = True
+        porch.server.stop(grace=20)
+        assert time.monotonic() - started < 10
+        for service, watch in watches.items():
+            told = []
+            with pytest.raises(grpc.RpcError) as ended:
+                told.extend(answer.status for answer in watch)
+            assert ended.value.code() == Code.UNAVAILABLE, (service, ended.value)
+            assert ended.value.details() == "the server is stopping"
+            known = service != "other.Service"
+            assert told == ([statuses.NOT_SERVING] if known else []), service
+    finally:
+        channel.close()
+        if not stopped:
+            porch.stop()
+
+
 def test_a_request_that_cannot_be_read_is_an_invalid_argument(
     porch: Porch, caplog: pytest.LogCaptureFixture
 ) -> None:
