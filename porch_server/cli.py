@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 import sqlalchemy.exc
@@ -81,6 +81,12 @@ MAX_STREAMS = 1_000_000
 STUCK_STATEMENT_SECONDS = 2.0
 # How long `porch gateway` waits, as it starts, for its server to answer.
 TARGET_CHECK_SECONDS = 5.0
+
+
+class StopWorkers(Protocol):
+    """Stops the worker processes beside this one (see _extra_workers)."""
+
+    def __call__(self, now: bool = False) -> None: ...
 
 
 def _add_grace_flag(parser: argparse.ArgumentParser) -> None:
@@ -473,12 +479,13 @@ def _serve(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def _extra_workers(
     target: Callable[..., None], args: tuple[Any, ...], count: int
-) -> Iterator[Callable[[], None]]:
+) -> Iterator[StopWorkers]:
     """Run count more processes of target(*args) beside this one while the block
     runs; then stop them (SIGTERM) and wait for them. The block is given a
     function that stops them (SIGTERM) at once, without waiting: call it as
     this process begins to stop, so that every process stops taking calls
-    at the same moment and they share one grace period.
+    at the same moment and they share one grace period; with now=True it
+    ends them (SIGKILL), their grace period cut short.
 
     A process that ends on its own with an exit code other than 0 (killed, or
     crashed) is replaced, so the port keeps as many servers as asked for; one
@@ -486,7 +493,7 @@ def _extra_workers(
     its start waits longer before each new try, up to a minute.
     """
     if count < 1:
-        yield lambda: None
+        yield lambda now=False: None
         return
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -531,11 +538,14 @@ def _extra_workers(
                     workers[index].start()
                 started[index] = time.monotonic()
 
-    def stop() -> None:
+    def stop(now: bool = False) -> None:
         with replacing:
             stopping.set()  # so no worker stopped now is replaced
             for worker in workers:
-                worker.terminate()
+                if now:
+                    worker.kill()
+                else:
+                    worker.terminate()
 
     watcher = threading.Thread(target=replace_the_failed, name="porch-workers", daemon=True)
     watcher.start()
@@ -548,7 +558,7 @@ def _extra_workers(
             worker.join()
 
 
-def _run_worker(config: Config, on_stop: Callable[[], None] | None = None) -> None:
+def _run_worker(config: Config, on_stop: StopWorkers | None = None) -> None:
     """Serve until SIGTERM or SIGINT in this process; then call on_stop first."""
     worker = multiprocessing.parent_process() is not None
     if worker:
@@ -556,6 +566,8 @@ def _run_worker(config: Config, on_stop: Callable[[], None] | None = None) -> No
     run_loop(_serve_async(config, on_stop), config.event_loop)
     if worker:
         leave_stuck_statements()
+    else:  # its workers, or statements left, may still be ending
+        _stop_now_on_signals(on_stop)
 
 
 def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
@@ -599,9 +611,9 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve_async(config: Config, on_stop: Callable[[], None] | None = None) -> None:
+async def _serve_async(config: Config, on_stop: StopWorkers | None = None) -> None:
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
-    stopping = _stop_on_signals()
+    stopping = _stop_on_signals(on_stop)
     running = await server.start(config, store)
     print(f"porch: gRPC listening on {host_port(config.host, running.port)}", flush=True)
     http_server = None
@@ -633,20 +645,66 @@ async def _serve_async(config: Config, on_stop: Callable[[], None] | None = None
         store.close()
 
 
-def _stop_on_signals() -> asyncio.Event:
-    """Return an event that SIGTERM or SIGINT sets, or in a worker process the
-    end of the process that started it (killed, say), so that no worker goes
-    on serving the port alone."""
+def _stop_on_signals(on_stop: StopWorkers | None = None) -> asyncio.Event:
+    """Return an event that SIGTERM, SIGINT or SIGHUP sets, or in a worker
+    process the end of the process that started it (killed, say), so that
+    no worker goes on serving the port alone.
+
+    Another such signal once the event is set (a second Ctrl-C, say) ends the
+    process at once, and its workers (on_stop(now=True)), without the rest
+    of the grace period. A worker takes none as its second: a terminal's
+    Ctrl-C reaches each worker beside the SIGTERM its parent sends it, and
+    its parent, signalled again, ends it."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        # A SIGHUP ignored (nohup, a supervisor) stays ignored.
-        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN:
-            loop.add_signal_handler(signum, stopping.set)
+    worker = multiprocessing.parent_process() is not None
+
+    def signalled() -> None:
+        if not stopping.is_set():
+            stopping.set()
+        elif not worker:
+            _stop_now(on_stop)
+
+    for signum in _stop_signals():
+        loop.add_signal_handler(signum, signalled)
     parent = multiprocessing.parent_process()
     if parent is not None and parent.sentinel is not None:
         loop.add_reader(parent.sentinel, stopping.set)
     return stopping
+
+
+def _stop_now_on_signals(on_stop: StopWorkers | None) -> None:
+    """Once the event loop is gone, end the process at once on a signal (see
+    _stop_on_signals): it may still wait for its workers, or for statements
+    left running on its threads."""
+    for signum in _stop_signals():
+        signal.signal(signum, lambda *_: _stop_now(on_stop))
+
+
+def _stop_signals() -> list[signal.Signals]:
+    """The signals that stop a server: SIGTERM, SIGINT and SIGHUP (its
+    terminal closed), but a SIGHUP ignored (nohup, a supervisor) stays ignored."""
+    return [
+        signum
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN
+    ]
+
+
+def _stop_now(on_stop: StopWorkers | None) -> None:
+    """End this process, and its workers, at once: the calls in flight are
+    cut off with the connections (their clients told UNAVAILABLE; what they
+    asked may have been done), as though the grace period were over."""
+    log.warning(
+        "signalled again while stopping: stopping now, without the rest of the grace"
+        " period; calls in flight are cut off"
+    )
+    if on_stop is not None:
+        on_stop(now=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _raise_file_limit() -> None:
@@ -853,7 +911,7 @@ def _run_gateway(
     reuse_port: bool,
     log_config: Path | None,
     grace: float,
-    on_stop: Callable[[], None] | None = None,
+    on_stop: StopWorkers | None = None,
 ) -> None:
     """Serve the gateway until SIGTERM or SIGINT in this process; then call on_stop first."""
     if multiprocessing.parent_process() is not None:
@@ -861,7 +919,7 @@ def _run_gateway(
     options = web.gateway_options(target, client_tls)
 
     async def run() -> None:
-        stopping = _stop_on_signals()
+        stopping = _stop_on_signals(on_stop)
         web = _http_server(options, host, port, tls, reuse_port, grace)
         await web.start()
         scheme = "https" if tls else "http"
@@ -879,6 +937,8 @@ def _run_gateway(
             await web.stop()
 
     run_loop(run(), "auto")
+    if multiprocessing.parent_process() is None:  # its workers may still be ending
+        _stop_now_on_signals(on_stop)
 
 
 async def _check_target(options: gateway.GatewayOptions) -> None:

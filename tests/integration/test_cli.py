@@ -769,6 +769,14 @@ def _workers_of(pid: int) -> set[int]:
     return workers
 
 
+def _running(pid: int) -> bool:
+    """Whether a process runs: it exists, and is not a zombie left unreaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _serve_logging_to(
     log: Path, db_url: str, *flags: str
 ) -> tuple[subprocess.Popen[str], int, str]:
@@ -970,6 +978,75 @@ def test_workers_end_with_the_process_that_started_them(pg_url: str, tmp_path: P
     if alive:
         os.kill(worker, signal.SIGKILL)
     assert not alive, "the worker outlived its parent"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_signal_ends_the_grace_period_at_once(
+    sqlite_url: str, tmp_path: Path, workers: int
+) -> None:
+    # As a second Ctrl-C does: to the whole process group, workers and all
+    # (each worker also gets its parent's SIGTERM between the two).
+    secret = _pipeline_p_and_its_token(sqlite_url)
+    port = _free_port()
+    flags = ["--no-http", "--grpc-port", str(port), "--workers", str(workers)]
+    logged = tmp_path / "stderr"
+    with logged.open("w") as stderr:
+        process = subprocess.Popen(
+            [*PORCH, "serve", "--db-url", sqlite_url, *flags, "--shutdown-grace-seconds", "120"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    pending = threading.Event()
+
+    def never_sent() -> Iterator[bytes]:
+        pending.wait(60)
+        return
+        yield
+
+    channels = []
+    try:
+        assert process.stdout is not None
+        assert "gRPC listening" in "".join(process.stdout.readline() for _ in range(2))
+        deadline = time.monotonic() + 30
+        while len(_workers_of(process.pid)) < workers - 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker_pids = _workers_of(process.pid)
+        calls = []
+        # Calls left waiting for their requests, on connections of their own:
+        # some reach each process (SO_REUSEPORT shares them out).
+        for _ in range(4 * workers):
+            channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+            channels.append(channel)
+            grpc.channel_ready_future(channel).result(timeout=30)
+            register = channel.stream_unary("/porch.v1.PorchService/RegisterTasks")
+            metadata = [("authorization", f"Bearer {secret}")]
+            calls.append(register.future(never_sent(), metadata=metadata, timeout=60))
+        time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert process.poll() is None, "a call in flight has a grace period of 120 s"
+        second = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=20) == 1
+        assert time.monotonic() - second < 15
+        for call in calls:
+            assert call.exception(timeout=20).code() == grpc.StatusCode.UNAVAILABLE
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in worker_pids):
+            assert time.monotonic() < deadline, "a worker outlived the second signal"
+            time.sleep(0.1)
+    finally:
+        pending.set()
+        for channel in channels:
+            channel.close()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+    assert "signalled again while stopping: stopping now" in logged.read_text()
 
 
 def test_watch_fails_at_once_when_the_server_cannot_be_reached() -> None:
