@@ -752,8 +752,12 @@ def _check_ports_free(host: str, ports: Sequence[int], shared: bool) -> None:
 def _warn_if_in_clear(host: str, tls: TLS | None) -> None:
     """Warn that a server other machines can reach without TLS (on an address
     not a loopback one) lets anyone on the way read its callers' tokens: it
-    may stand behind a proxy that ends TLS, so it is not refused."""
+    may stand behind a proxy that ends TLS, so it is not refused. With TLS,
+    warn of a certificate clients will refuse, or soon will (TLS.warnings):
+    its clients may not check it, so it is not refused either."""
     if tls is not None:
+        for warning in tls.warnings():
+            log.warning("%s", warning)
         return
     addresses = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     if all(ipaddress.ip_address(address[4][0]).is_loopback for address in addresses):

@@ -6,9 +6,11 @@ import argparse
 import math
 import os
 import ssl
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 DEFAULT_DB_URL = "sqlite:///porch.db"
@@ -67,6 +69,46 @@ class TLS:
             ("--tls-client-ca", self.client_ca_file) if self.client_ca_file else None,
         )
         return cert, key, client_ca
+
+    def warnings(self, now: float | None = None) -> list[str]:
+        """What is wrong with the times the certificate and the client CA are
+        valid for (see certificate_warning), for the log at start."""
+        files = [("--tls-cert", self.cert_file), ("--tls-client-ca", self.client_ca_file)]
+        found = (certificate_warning(flag, path, now) for flag, path in files if path)
+        return [warning for warning in found if warning]
+
+
+# Days before a certificate's end within which a server starting with it says so.
+EXPIRY_WARNING_DAYS = 14
+
+
+def certificate_warning(flag: str, path: Path, now: float | None = None) -> str | None:
+    """Why a PEM file's first certificate would be refused now, or soon: it
+    has expired, is not valid yet, or ends within EXPIRY_WARNING_DAYS; None
+    if none of these, or if the file cannot be read as one (check_pem says
+    so). Clients refuse such a certificate at every handshake, and only
+    they would say why."""
+    try:
+        # The standard library's one reader of a certificate's fields.
+        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
+        return None
+    now = time.time() if now is None else now
+    named = f"{flag} {path}: its certificate"
+    if now >= not_after:
+        return f"{named} expired on {_day(not_after)}: clients will refuse it"
+    if now < not_before:
+        return f"{named} is not valid until {_day(not_before)}: clients will refuse it until then"
+    if not_after - now < EXPIRY_WARNING_DAYS * 86_400:
+        days = math.ceil((not_after - now) / 86_400)
+        return f"{named} expires on {_day(not_after)}, in {days} day{'s' if days > 1 else ''}"
+    return None
+
+
+def _day(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def check_pem(

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1960,6 +1961,53 @@ def test_serving_beyond_loopback_without_tls_is_warned_of(
         assert caplog.messages == []
         cli._warn_if_in_clear("0.0.0.0", None)
     assert [warning in message for message in caplog.messages] == [True]
+
+
+def test_a_certificate_clients_refuse_or_soon_will_is_warned_of_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ca = trustme.CA()
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def issued(name: str, begins: timedelta, ends: timedelta) -> Path:
+        cert = ca.issue_cert("porch.example.org", not_before=now + begins, not_after=now + ends)
+        path = tmp_path / f"{name}.pem"
+        cert.cert_chain_pems[0].write_to_path(path)
+        return path
+
+    def day(moment: timedelta) -> str:
+        return (now + moment).strftime("%Y-%m-%d %H:%M UTC")
+
+    year = timedelta(days=365)
+    expired = issued("expired", -year, timedelta(days=-1))
+    early = issued("early", timedelta(days=2), year)
+    ending = issued("ending", -year, timedelta(days=3, hours=-1))
+    fine = issued("fine", -year, year)
+    authority = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(authority)
+    key = tmp_path / "key.pem"
+    assert cli.TLS(fine, key, authority).warnings() == []
+    assert cli.TLS(issued("at-the-edge", -year, timedelta(days=15)), key).warnings() == []
+    assert cli.TLS(expired, key).warnings() == [
+        f"--tls-cert {expired}: its certificate expired on {day(timedelta(days=-1))}:"
+        " clients will refuse it"
+    ]
+    assert cli.TLS(early, key).warnings() == [
+        f"--tls-cert {early}: its certificate is not valid until {day(timedelta(days=2))}:"
+        " clients will refuse it until then"
+    ]
+    assert cli.TLS(ending, key, expired).warnings() == [
+        f"--tls-cert {ending}: its certificate expires on"
+        f" {day(timedelta(days=3, hours=-1))}, in 3 days",
+        f"--tls-client-ca {expired}: its certificate expired on {day(timedelta(days=-1))}:"
+        " clients will refuse it",
+    ]
+    # A file that holds no certificate is named by the check of the files.
+    (tmp_path / "junk.pem").write_text("junk")
+    assert cli.TLS(tmp_path / "junk.pem", key, tmp_path / "none.pem").warnings() == []
+    with caplog.at_level(logging.WARNING, logger="porch"):
+        cli._warn_if_in_clear("0.0.0.0", cli.TLS(expired, key))
+    assert [" expired on " in message for message in caplog.messages] == [True]
 
 
 def test_a_gateway_passing_tokens_beyond_loopback_without_tls_is_warned_of(
