@@ -42,6 +42,7 @@ from porch_server.config import (
     option_file,
 )
 from porch_server.errors import InvalidArgument
+from porch_server.interceptor import DATABASE_STOPPED
 from porch_server.service import MAX_LEASE, checked_task_input
 from porch_stubs.v1 import porch_pb2, porch_pb2_grpc
 
@@ -565,6 +566,7 @@ def _register(calls: _Calls, args: argparse.Namespace) -> None:
                     isinstance(error, _TimedOut)
                     or _unanswered(error)
                     or _cut_short(error)
+                    or _database_stopped(error)
                     or bool(answers and _unanswered(error, grpc.StatusCode.UNAVAILABLE))
                 )
                 if not answers and not maybe_made:
@@ -680,6 +682,12 @@ def _cut_short(error: grpc.RpcError) -> bool:
     """Whether the call reached a server whose shutdown grace ended before
     the call did: it may have been done."""
     return _unanswered(error, grpc.StatusCode.UNAVAILABLE) and error.details() == GRACE_ENDED
+
+
+def _database_stopped(error: grpc.RpcError) -> bool:
+    """Whether the server ended the call as its database stopped answering
+    while the call waited on it: it may have been done (its words say so)."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and error.details() == DATABASE_STOPPED
 
 
 def _unanswered(error: grpc.RpcError, *codes: grpc.StatusCode) -> bool:

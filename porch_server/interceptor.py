@@ -50,6 +50,12 @@ DATABASE_SILENT = (
     " not made; try again later"
 )
 
+# What a call is told that was waiting as the database stopped answering.
+DATABASE_STOPPED = (
+    "the database stopped answering while the call waited on it (the server's own SELECT 1"
+    " went unanswered): what it asked may have been done; try again later"
+)
+
 # What _authorization finds when a call names more than one token.
 _GIVEN_TWICE = object()
 
@@ -79,6 +85,30 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         # housekeeping finds it): calls are refused at once, UNAVAILABLE,
         # rather than wait on it as long as the network lets them.
         self.database_silent = False
+        # The tasks of the unary calls being served, and of them those that
+        # cut_waiting cancelled.
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._cut: set[asyncio.Task[Any]] = set()
+
+    def cut_waiting(self) -> int:
+        """End the unary calls being served, UNAVAILABLE (DATABASE_STOPPED),
+        as the database stops answering (see database_silent): each would
+        wait on it as long as the network lets it. Streams are left to the
+        event hub. Returns how many."""
+        for task in self._waiting:
+            if task not in self._cut:
+                self._cut.add(task)
+                task.cancel()
+        return len(self._waiting)
+
+    def _cut_short(self, task: asyncio.Task[Any] | None) -> bool:
+        """Whether task's cancelling was cut_waiting's: if so, it is taken
+        back (the call goes on to answer) and forgotten."""
+        if task is None or task not in self._cut:
+            return False
+        self._cut.discard(task)
+        task.uncancel()
+        return True
 
     async def intercept_service(
         self,
@@ -108,7 +138,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 streamed = grpc.stream_stream_rpc_method_handler
             else:
                 return handler
-            serve = self._serving(method, read, behavior)
+            unary = handler.unary_unary is not None
+            serve = self._serving(method, read, behavior, unary)
             handlers = (
                 usual(serve, response_serializer=serialize),
                 streamed(serve, response_serializer=serialize),
@@ -182,6 +213,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return None
         authorization = _authorization(metadata)
         token = None
+        task = asyncio.current_task()
+        if task is not None:
+            self._waiting.add(task)
         try:
             if self.database_silent:
                 raise Unavailable(DATABASE_SILENT)
@@ -192,11 +226,19 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     auth.check_role(method, token)
         except PorchError as error:  # the token's, or the database down while looking
             code, message = code_of(error), message_of(error)
+        except asyncio.CancelledError:
+            if not self._cut_short(task):
+                raise
+            code, message = grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED
         except Exception:  # as serve answers it: a fault, or a refusal porch has no word for
             errors.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, INTERNAL_ERROR
         else:
             return None
+        finally:
+            if task is not None:
+                self._waiting.discard(task)
+                self._cut.discard(task)
         access.note(f"{method} {code.name} {_caller(token, authorization, code)}")
         return code, message
 
@@ -225,6 +267,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str,
         read: Callable[[bytes], Any],
         behavior: Callable[[Any, Context], Awaitable[Any]],
+        unary: bool,
     ) -> Callable[[bytes | AsyncIterator[bytes], Context], Awaitable[Any]]:
         """Wrap a method: a unary one's answer, or a streaming one that writes
         its messages with context.write and returns None. The wrapper is
@@ -237,6 +280,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = None
             cancelled = unsent = False
             authorization = _authorization(context.invocation_metadata())
+            task = asyncio.current_task() if unary else None
+            if task is not None:
+                self._waiting.add(task)
             try:
                 if self.database_silent:
                     raise Unavailable(DATABASE_SILENT)
@@ -260,6 +306,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             except PorchError as error:
                 await context.abort(code_of(error), message_of(error), ANSWERED)
             except asyncio.CancelledError:
+                if self._cut_short(task):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED, ANSWERED)
                 cancelled = True
                 raise
             except grpc.aio.AbortError:
@@ -277,6 +325,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 errors.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR, ANSWERED)
             finally:
+                if task is not None:
+                    self._waiting.discard(task)
+                    self._cut.discard(task)
                 if not unsent:
                     cut = cancelled and self.grace_over
                     _log_call(method, context, token, authorization, start, cancelled, cut)

@@ -312,11 +312,15 @@ class _Health:
     def silent(self, silent: bool) -> None:
         """Note whether the database leaves SELECT 1 unanswered: while it
         does, calls are refused at once (UNAVAILABLE), not left to wait on
-        it as long as the network lets them."""
+        it as long as the network lets them, and as it begins to, the calls
+        waiting on it are ended (UNAVAILABLE; what they asked may have been
+        done)."""
         if silent != self._interceptor.database_silent:
             self._interceptor.database_silent = silent
             if not silent:
                 log.warning("the database answers again")
+            elif cut := self._interceptor.cut_waiting():
+                log.warning("%d call(s) waiting on the database ended, UNAVAILABLE", cut)
 
     async def report(self, status: int) -> None:
         """Report status, if it is not reported already."""

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,7 @@ from sqlalchemy.engine import make_url
 from porch_server import auth
 from porch_server import store as store_module
 from porch_server.errors import Unavailable
+from porch_server.interceptor import DATABASE_STOPPED
 from porch_server.models import Role
 from porch_server.service import UNANSWERED_CLAIM
 from tests.gateway.conftest import PorchHttp, bearer
@@ -952,6 +954,42 @@ async def test_a_token_revoked_once_its_call_was_admitted_is_refused_by_the_call
         await client.get("/v1/events:watch", headers=wrapper),
     ):
         assert_error(response, 401, 16, "revoked")
+
+
+async def test_a_request_waiting_as_the_database_stops_answering_is_ended_then(
+    porch_http: PorchHttp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process, before the gateway reads the body, the call waits for its
+    # token; over a channel, the server's call does. Either is ended, 503.
+    wrapper = await porch_http.pipeline()
+    server = porch_http.porch.server
+    found = server.store.find_token
+    waiting, held = threading.Event(), threading.Event()
+
+    def find_token(secret_hash: str) -> Any:
+        waiting.set()
+        held.wait(20)
+        return found(secret_hash)
+
+    monkeypatch.setattr(server.store, "find_token", find_token)
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)
+
+    async def cut() -> int:
+        return server.running.interceptor.cut_waiting()
+
+    try:
+        body = {"tasks": [{"task_input": {"n": 1}}]}
+        post = porch_http.client.post(
+            "/v1/pipelines/p1/tasks:batchRegister", json=body, headers=wrapper
+        )
+        answer = asyncio.ensure_future(post)
+        assert await asyncio.to_thread(waiting.wait, 10)
+        assert await asyncio.to_thread(server.call, cut()) == 1
+        assert_error(await answer, 503, 14, DATABASE_STOPPED)
+    finally:
+        held.set()
+    listed = await porch_http.client.get("/tasks?pipeline_name=p1", headers=wrapper)
+    assert listed.status_code == 200, listed.text
 
 
 async def test_405_with_allow_413_and_the_pages_beside_the_api(porch_http: PorchHttp) -> None:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from porch_server import store as store_module
 from porch_server.digest import task_input_id
 from porch_server.errors import InvalidArgument
-from porch_server.interceptor import DATABASE_SILENT
+from porch_server.interceptor import DATABASE_SILENT, DATABASE_STOPPED
 from porch_server.models import Pipeline, Role
 from porch_server.service import LOCKED_RETRY_PAUSES, _registration_answer_bytes
 from porch_stubs.v1 import porch_pb2 as pb
@@ -1325,6 +1325,47 @@ def _varint(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
+
+
+def test_calls_waiting_as_the_database_stops_answering_are_ended_then(
+    porch: Porch, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As the housekeeping finds SELECT 1 unanswered, a call waiting on the
+    # database (here, for its token) is ended, not left to wait as long as
+    # the network lets it; what it asked may have been done.
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p"))
+    found = porch.server.store.find_token
+    waiting, held = threading.Event(), threading.Event()
+
+    def find_token(secret_hash: str) -> Any:
+        waiting.set()
+        held.wait(20)
+        return found(secret_hash)
+
+    monkeypatch.setattr(porch.server.store, "find_token", find_token)
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, "porch.access")
+    interceptor = porch.server.running.interceptor
+
+    async def cut() -> int:
+        return interceptor.cut_waiting()
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(admin.GetPipeline, pb.GetPipelineRequest(name="p"), timeout=30)
+            assert waiting.wait(10)
+            assert porch.server.call(cut()) == 1
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=10)
+        assert ended.value.code() == Code.UNAVAILABLE, ended.value  # type: ignore[attr-defined]
+        assert ended.value.details() == DATABASE_STOPPED  # type: ignore[attr-defined]
+        access_lines(caplog, lambda line: line.startswith("GetPipeline UNAVAILABLE"))
+    finally:
+        held.set()
+    # Nothing else was touched: the next call is served.
+    assert porch.server.call(cut()) == 0
+    assert admin.GetPipeline(pb.GetPipelineRequest(name="p")).name == "p"
 
 
 def test_calls_are_refused_at_once_while_the_database_does_not_answer(porch: Porch) -> None:

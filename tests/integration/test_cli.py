@@ -42,6 +42,7 @@ from porch_server.auth import hash_secret, new_secret
 from porch_server.cli import FILE_LIMIT
 from porch_server.db import migrate
 from porch_server.db.engine import make_engine
+from porch_server.interceptor import DATABASE_STOPPED
 from porch_server.models import SYSTEM, Pipeline, Role
 from porch_server.store import Store
 from porch_stubs.v1 import porch_pb2 as pb
@@ -2561,6 +2562,17 @@ def test_a_call_the_server_ended_unanswered_is_told_as_such() -> None:
                 [*PORCH, *command, "--target", target], capture_output=True, text=True, timeout=60
             )
             assert (got.returncode, got.stderr) == (1, f"{said}\n")
+
+
+def test_a_batch_the_servers_database_left_waiting_may_have_been_registered() -> None:
+    # The server ended it as its database stopped answering: its own words,
+    # and its own metadata, and what the batch asked may have been done.
+    def stopped(context: grpc.ServicerContext) -> None:
+        context.set_trailing_metadata((("x-porch-error", "1"),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED)
+
+    with _stand_in(_StandIn(stopped, stopped)) as target:
+        _register_2500_then_fail(["--target", target], f"porch: UNAVAILABLE: {DATABASE_STOPPED}")
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "86401", "soon"])

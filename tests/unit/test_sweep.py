@@ -22,10 +22,16 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Interceptor:
-    """The interceptor's database_silent, each value it is set to remembered."""
+    """The interceptor's database_silent, each value it is set to remembered,
+    and how often the calls waiting were cut short."""
 
     def __init__(self) -> None:
         self.silences: list[bool] = []
+        self.cuts = 0
+
+    def cut_waiting(self) -> int:
+        self.cuts += 1
+        return 0
 
     @property
     def database_silent(self) -> bool:
@@ -154,6 +160,8 @@ async def statuses_while_held(
         # Calls are refused at once while, and only while, SELECT 1 goes unanswered.
         silent = pings_answered < 1_000 and not refused
         assert interceptor.database_silent == silent, interceptor.silences
+        # And the calls waiting on it ended, once, as it began.
+        assert interceptor.cuts == (1 if silent else 0)
         released.set()
         assert await asyncio.to_thread(swept.wait, 10)
         await asyncio.sleep(0.05)
