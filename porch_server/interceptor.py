@@ -4,9 +4,11 @@ error mapping and the access log (one line per call, never a secret)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from contextvars import ContextVar
@@ -94,19 +96,26 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """End the unary calls being served, UNAVAILABLE (DATABASE_STOPPED),
         as the database stops answering (see database_silent): each would
         wait on it as long as the network lets it. Streams are left to the
-        event hub. Returns how many."""
+        event hub, and a call waiting for its client's request is left to
+        wait. Returns how many were ended."""
+        cut = 0
         for task in self._waiting:
             if task not in self._cut:
                 self._cut.add(task)
                 task.cancel()
-        return len(self._waiting)
+                cut += 1
+        return cut
 
     def _cut_short(self, task: asyncio.Task[Any] | None) -> bool:
-        """Whether task's cancelling was cut_waiting's: if so, it is taken
-        back (the call goes on to answer) and forgotten."""
+        """Whether task's cancelling was cut_waiting's alone: if so, it is
+        taken back (the call goes on to answer). One that grpc cancelled as
+        well (its deadline passed, its client left, the grace ended) ends as
+        that: the call is over, and its line says why."""
         if task is None or task not in self._cut:
             return False
         self._cut.discard(task)
+        if task.cancelling() > 1:
+            return False
         task.uncancel()
         return True
 
@@ -161,12 +170,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         async def refuse(requests: Any, context: Context) -> None:
             start = time.perf_counter()
+            peer = context.peer()
             try:
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
             finally:
                 authorization = _authorization(context.invocation_metadata())
                 named = _field(full_method)
-                _log_call(named, context, None, authorization, start, cancelled=False)
+                _log_call(named, context, None, authorization, start, False, peer=peer)
 
         return grpc.stream_stream_rpc_method_handler(refuse)
 
@@ -280,6 +290,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             token = None
             cancelled = unsent = False
             authorization = _authorization(context.invocation_metadata())
+            # Read now: grpc forgets it once a call is cancelled.
+            peer = context.peer()
             task = asyncio.current_task() if unary else None
             if task is not None:
                 self._waiting.add(task)
@@ -293,9 +305,13 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     auth.check_token(token)
                 if not isinstance(data, bytes):
                     # A call that ends before its request comes is not logged,
-                    # as grpc runs no handler for such a unary call.
+                    # as grpc runs no handler for such a unary call. It waits
+                    # on its client, not the database: cut_waiting leaves it.
                     unsent = True
+                    self._waiting.discard(task)
                     data = await _only_request(data)
+                    if task is not None:
+                        self._waiting.add(task)
                     unsent = False
                 request = read(data)
                 _check_read(request)
@@ -307,7 +323,9 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 await context.abort(code_of(error), message_of(error), ANSWERED)
             except asyncio.CancelledError:
                 if self._cut_short(task):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED, ANSWERED)
+                    unsent = False  # cut as its token was looked up, say
+                    with contextlib.suppress(grpc.aio.UsageError):  # cut in its own abort
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED, ANSWERED)
                 cancelled = True
                 raise
             except grpc.aio.AbortError:
@@ -330,7 +348,7 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     self._cut.discard(task)
                 if not unsent:
                     cut = cancelled and self.grace_over
-                    _log_call(method, context, token, authorization, start, cancelled, cut)
+                    _log_call(method, context, token, authorization, start, cancelled, cut, peer)
 
         return serve
 
@@ -435,10 +453,12 @@ def _log_call(
     start: float,
     cancelled: bool,
     cut: bool = False,
+    peer: str | None = None,
 ) -> None:
     """Write the call's access line: method, status code, time, the
-    client's address and caller (token, the one found; authorization, the
-    metadata value it was sent as, or None). A call through the gateway in
+    client's address (peer, as context.peer() gave it while the call
+    lasted) and caller (token, the one found; authorization, the metadata
+    value it was sent as, or None). A call through the gateway in
     this process adds them to the HTTP request's line instead, which the
     gateway writes to the same logger.
 
@@ -469,7 +489,7 @@ def _log_call(
     if access.note(f"{method} {name} {who}"):
         return
     elapsed_ms = (time.perf_counter() - start) * 1000
-    log.info("%s %s %.1fms %s %s", method, name, elapsed_ms, _peer(context.peer()), who)
+    log.info("%s %s %.1fms %s %s", method, name, elapsed_ms, _peer(peer), who)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -483,7 +503,7 @@ def _peer(peer: str | None) -> str:
         return "-"
     kind, colon, address = peer.partition(":")
     if colon and kind in ("ipv4", "ipv6"):
-        peer = address
+        peer = urllib.parse.unquote(address)  # grpc sends ipv6:%5B::1%5D:50422
     return _field(peer)
 
 

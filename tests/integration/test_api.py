@@ -1369,6 +1369,37 @@ def test_calls_waiting_as_the_database_stops_answering_are_ended_then(
     assert admin.GetPipeline(pb.GetPipelineRequest(name="p")).name == "p"
 
 
+def test_a_call_waiting_for_its_own_request_is_not_cut_for_the_database(
+    porch: Porch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its token looked up, it waits on its client, not the database.
+    admin = porch.stub(porch.admin)
+    admin.CreatePipeline(pipeline_request("p"))
+    monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)  # the request read after
+    interceptor = porch.server.running.interceptor
+    sending = threading.Event()
+
+    def request() -> Iterator[bytes]:
+        sending.wait(20)
+        yield pb.GetPipelineRequest(name="p").SerializeToString()
+
+    async def cut() -> int:
+        return interceptor.cut_waiting()
+
+    channel = grpc.insecure_channel(porch.target)
+    porch.channels.append(channel)
+    get = channel.stream_unary(
+        "/porch.v1.PorchService/GetPipeline", response_deserializer=pb.Pipeline.FromString
+    )
+    call = get.future(request(), metadata=[("authorization", f"Bearer {porch.admin}")], timeout=30)
+    try:
+        time.sleep(0.5)  # its token looked up by now
+        assert porch.server.call(cut()) == 0
+    finally:
+        sending.set()
+    assert call.result(timeout=10).name == "p"
+
+
 def test_calls_are_refused_at_once_while_the_database_does_not_answer(porch: Porch) -> None:
     # As the housekeeping finds it (SELECT 1 unanswered): a call would
     # otherwise wait on the database as long as the network lets it.

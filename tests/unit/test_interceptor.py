@@ -3,6 +3,8 @@ reads an HTTP request's body."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +13,7 @@ import grpc
 import pytest
 
 from porch_server.errors import Unavailable
-from porch_server.interceptor import INTERNAL_ERROR, PorchInterceptor
+from porch_server.interceptor import DATABASE_STOPPED, INTERNAL_ERROR, PorchInterceptor, _peer
 from porch_server.models import Role, Token
 
 pytestmark = pytest.mark.asyncio
@@ -127,3 +129,71 @@ async def test_rights_left_to_the_call_admit_a_known_token_of_any_role() -> None
         unknown = PorchInterceptor(_Store(), executor, anonymous_reads=False)  # type: ignore[arg-type]
         refusal = await unknown.admit(SERVICE + "RegisterTasks", [], rights=False)
         assert refusal is not None and refusal[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+class _Held(_Store):
+    """A store whose token lookup waits until released."""
+
+    def __init__(self) -> None:
+        self.looking = threading.Event()
+        self.released = threading.Event()
+
+    def find_token(self, secret_hash: str) -> Any:
+        self.looking.set()
+        self.released.wait(10)
+        return None
+
+
+async def _admitting(interceptor: PorchInterceptor, store: _Held) -> asyncio.Task[Any]:
+    """An admission under way, waiting for its token's lookup."""
+    admitting = asyncio.ensure_future(
+        interceptor.admit(LIST_TASKS, [("authorization", "Bearer " + "x" * 43)])
+    )
+    assert await asyncio.to_thread(store.looking.wait, 10)
+    return admitting
+
+
+async def test_a_call_waiting_on_the_database_as_it_stops_answering_is_ended() -> None:
+    store = _Held()
+    with ThreadPoolExecutor(1) as executor:
+        interceptor = PorchInterceptor(store, executor, anonymous_reads=False)  # type: ignore[arg-type]
+        try:
+            admitting = await _admitting(interceptor, store)
+            assert interceptor.cut_waiting() == 1
+            assert interceptor.cut_waiting() == 0  # ended once
+            assert await admitting == (grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED)
+        finally:
+            store.released.set()
+
+
+async def test_a_call_cut_as_its_own_end_comes_ends_as_that() -> None:
+    # Its deadline passed, or its client left, in the same turn of the loop:
+    # the call is over, and not answered as cut.
+    store = _Held()
+    with ThreadPoolExecutor(1) as executor:
+        interceptor = PorchInterceptor(store, executor, anonymous_reads=False)  # type: ignore[arg-type]
+        try:
+            admitting = await _admitting(interceptor, store)
+            assert interceptor.cut_waiting() == 1
+            admitting.cancel()  # as grpc, or the HTTP server, cancels a call that ended
+            with pytest.raises(asyncio.CancelledError):
+                await admitting
+        finally:
+            store.released.set()
+
+
+@pytest.mark.parametrize(
+    ("peer", "shown"),
+    [
+        ("ipv4:10.1.2.3:50422", "10.1.2.3:50422"),
+        ("ipv6:%5B::1%5D:50422", "[::1]:50422"),
+        ("ipv6:[fe80::1%25eth0]:5", "[fe80::1%eth0]:5"),
+        ("unix:/run/porch sock", "unix:/run/porch\\x20sock"),
+        ("", "-"),
+        (None, "-"),
+    ],
+)
+async def test_a_peer_is_shown_as_the_http_access_line_shows_a_client(
+    peer: str | None, shown: str
+) -> None:
+    assert _peer(peer) == shown
