@@ -4,7 +4,9 @@ reads an HTTP request's body."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -144,42 +146,37 @@ class _Held(_Store):
         return None
 
 
-async def _admitting(interceptor: PorchInterceptor, store: _Held) -> asyncio.Task[Any]:
-    """An admission under way, waiting for its token's lookup."""
-    admitting = asyncio.ensure_future(
-        interceptor.admit(LIST_TASKS, [("authorization", "Bearer " + "x" * 43)])
-    )
-    assert await asyncio.to_thread(store.looking.wait, 10)
-    return admitting
-
-
-async def test_a_call_waiting_on_the_database_as_it_stops_answering_is_ended() -> None:
+@contextlib.asynccontextmanager
+async def _admitting() -> AsyncIterator[tuple[PorchInterceptor, asyncio.Task[Any]]]:
+    """An interceptor, and an admission under way that waits for its token's lookup."""
     store = _Held()
     with ThreadPoolExecutor(1) as executor:
         interceptor = PorchInterceptor(store, executor, anonymous_reads=False)  # type: ignore[arg-type]
+        admitting = asyncio.ensure_future(
+            interceptor.admit(LIST_TASKS, [("authorization", "Bearer " + "x" * 43)])
+        )
         try:
-            admitting = await _admitting(interceptor, store)
-            assert interceptor.cut_waiting() == 1
-            assert interceptor.cut_waiting() == 0  # ended once
-            assert await admitting == (grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED)
+            assert await asyncio.to_thread(store.looking.wait, 10)
+            yield interceptor, admitting
         finally:
             store.released.set()
+
+
+async def test_a_call_waiting_on_the_database_as_it_stops_answering_is_ended() -> None:
+    async with _admitting() as (interceptor, admitting):
+        assert interceptor.cut_waiting() == 1
+        assert interceptor.cut_waiting() == 0  # ended once
+        assert await admitting == (grpc.StatusCode.UNAVAILABLE, DATABASE_STOPPED)
 
 
 async def test_a_call_cut_as_its_own_end_comes_ends_as_that() -> None:
     # Its deadline passed, or its client left, in the same turn of the loop:
     # the call is over, and not answered as cut.
-    store = _Held()
-    with ThreadPoolExecutor(1) as executor:
-        interceptor = PorchInterceptor(store, executor, anonymous_reads=False)  # type: ignore[arg-type]
-        try:
-            admitting = await _admitting(interceptor, store)
-            assert interceptor.cut_waiting() == 1
-            admitting.cancel()  # as grpc, or the HTTP server, cancels a call that ended
-            with pytest.raises(asyncio.CancelledError):
-                await admitting
-        finally:
-            store.released.set()
+    async with _admitting() as (interceptor, admitting):
+        assert interceptor.cut_waiting() == 1
+        admitting.cancel()  # as grpc, or the HTTP server, cancels a call that ended
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
 
 
 @pytest.mark.parametrize(
