@@ -373,6 +373,10 @@ async def _sweep(
             # slow to serve answers it, and stays in service, as it would
             # without the timeout.)
             pinged = await _ping(store) if isinstance(error, TimedOut) else None
+            if pinged is None and health.is_silent and not isinstance(error, Locked):
+                # A failure (to connect, say) while SELECT 1 went unanswered:
+                # asked again, so as not to take the database to answer.
+                pinged = SILENT if await _ping(store) == SILENT else None
             # A timeout whose SELECT 1 goes unanswered too: a database that hangs.
             silent = pinged == SILENT
             answers = isinstance(error, Locked) or pinged == ANSWERED

@@ -214,3 +214,44 @@ async def test_a_refused_select_1_is_an_answer_that_refuses_no_call(
     held_then = timed_out if held == "nothing" else None
     during, _ = await statuses_while_held(monkeypatch, held, 0, held_then, refused=True)
     assert during == [NOT_SERVING]
+
+
+async def test_a_connection_that_times_out_while_the_database_is_silent_keeps_it_silent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The sweep's statement, held on a database that hangs, fails at last
+    # for want of a connection (connect_timeout): SELECT 1 still goes
+    # unanswered, so calls are still refused, until it is answered.
+    monkeypatch.setattr(server, "HOUSEKEEPING_SECONDS", 0.05)
+    monkeypatch.setattr(server, "PING_SECONDS", 0.05)
+    monkeypatch.setattr(server, "SILENT_PING_SECONDS", 0.02)
+    failing, thawed = threading.Event(), threading.Event()
+
+    class Store:
+        def expire_leases(self) -> int:
+            if not thawed.is_set():
+                failing.wait(10)
+                raise Unavailable("the database is unavailable", "timeout expired")
+            return 0
+
+        def ping_apart(self, connect_timeout: int) -> None:
+            thawed.wait(10)
+
+    interceptor = Interceptor()
+    with ThreadPoolExecutor(4) as executor:
+        sweeping = asyncio.ensure_future(
+            _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, Health(), interceptor)  # type: ignore[arg-type]
+        )
+        try:
+            await asyncio.sleep(0.3)
+            assert interceptor.silences == [True]
+            failing.set()
+            await asyncio.sleep(0.3)
+            assert interceptor.silences == [True], "taken to answer while it still hangs"
+            thawed.set()
+            await asyncio.sleep(0.3)
+            assert interceptor.silences == [True, False]
+        finally:
+            failing.set()
+            thawed.set()
+            sweeping.cancel()
