@@ -208,12 +208,45 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
     except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
         raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None
     _SETTINGS[engine] = connect_args
+    event.listen(engine, "connect", _check_client)
     # Carried to the pools recreated from this one's.
     event.listen(engine, "checkout", _taken)
     event.listen(engine, "checkin", _given_back)
     # A connection lost in use is invalidated first, and checked in as None.
     event.listen(engine, "invalidate", _invalidated)
     return engine
+
+
+# How often, in ms, PostgreSQL looks whether the client of a statement
+# still running is there (PostgreSQL 14 and later; see _check_client).
+CLIENT_CHECK_MS = 1000
+# The statement that asks it to: the setting, a server's own, cannot be
+# given at connection time to a server that does not know it.
+CHECK_CLIENT = f"SET client_connection_check_interval = {CLIENT_CHECK_MS}"
+
+
+def checks_client(server_version: int) -> bool:
+    """Whether a PostgreSQL server of this version (server_version_num)
+    can look for a client gone while its statement runs."""
+    return server_version >= 140000
+
+
+def _check_client(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """Have PostgreSQL end a statement of this connection once porch's
+    process is gone (killed, or stopped at once by a second signal), rather
+    than let it wait for a lock and run when the lock is released, holding
+    the connection slot and its place in the lock's queue meanwhile.
+    Where the server's platform cannot look (the setting refused), the
+    connection stays as it was."""
+    if not checks_client(dbapi_connection.server_version):
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(CHECK_CLIENT)
+    except dbapi_connection.Error:
+        dbapi_connection.rollback()
+    else:
+        dbapi_connection.commit()
 
 
 def connect_apart(engine: Engine, timeout: int) -> Any:

@@ -18,6 +18,7 @@ and one PostgreSQL refused otherwise ``Refused``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from porch_server.db.engine import postgresql_session
+from porch_server.db.engine import CHECK_CLIENT, checks_client, postgresql_session
 from porch_server.errors import LOCK_TIMED_OUT, READ_ONLY_DATABASE, Unavailable, first_line
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
@@ -163,6 +164,16 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     """
 
 
+async def _check_client(connection: asyncpg.Connection) -> None:
+    """As the store's connections do (engine._check_client): PostgreSQL ends
+    a statement whose client is gone, where it can look."""
+    version = connection.get_server_version()
+    if not checks_client(version.major * 10000 + version.minor):
+        return
+    with contextlib.suppress(asyncpg.PostgresError):
+        await connection.execute(CHECK_CLIENT)
+
+
 def _lost(connection: asyncpg.Connection) -> bool:
     """True when a connection taken from the pool can serve no more."""
     try:
@@ -242,6 +253,7 @@ class AsyncStatements:
             server_settings=settings,
             timeout=session.connect_timeout,
             reset=_keep_session,
+            init=_check_client,
         )
         try:
             await pool

@@ -1718,6 +1718,30 @@ def test_a_stopping_server_takes_no_grpc_call_while_http_calls_finish(pg_url: st
 
 
 @pytest.mark.postgres
+def test_a_server_stopped_at_once_leaves_no_statement_waiting_in_postgresql(pg_url: str) -> None:
+    # Its connections gone with it, PostgreSQL ends their statements within
+    # about a second (client_connection_check_interval), rather than keep
+    # them waiting for the lock, and run them once it is released.
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'porch'"
+        " AND datname = current_database()"
+    )
+    with _listings_waiting_on_a_lock(pg_url, grace=60) as (process, _, call, answer):
+        process.terminate()
+        time.sleep(0.5)
+        assert process.poll() is None, "in its grace period, the lock still held"
+        process.terminate()
+        assert process.wait(timeout=20) == 1
+        stopped = time.monotonic()
+        _poll(pg_url, waiting, 0, seconds=10)
+        assert time.monotonic() - stopped < 8, "its statements waited on for the lock"
+        with pytest.raises(grpc.RpcError):
+            call.result(timeout=10)
+        with pytest.raises(httpx.HTTPError):
+            answer.result(timeout=10)
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("method", ["UpdateTask", "RegisterTask", "RegisterTasks"])
 def test_a_write_cut_at_the_end_of_the_grace_period_is_not_made_later(
     pg_url: str, method: str
