@@ -539,13 +539,18 @@ def _extra_workers(
                 started[index] = time.monotonic()
 
     def stop(now: bool = False) -> None:
+        if now:
+            # From a signal handler, maybe while this thread is in stop()
+            # below: no lock is taken. A worker started meanwhile ends with
+            # this process (it watches it).
+            for worker in list(workers):
+                with contextlib.suppress(ValueError, AttributeError):  # closed, or not started
+                    worker.kill()
+            return
         with replacing:
             stopping.set()  # so no worker stopped now is replaced
             for worker in workers:
-                if now:
-                    worker.kill()
-                else:
-                    worker.terminate()
+                worker.terminate()
 
     watcher = threading.Thread(target=replace_the_failed, name="porch-workers", daemon=True)
     watcher.start()
@@ -564,10 +569,9 @@ def _run_worker(config: Config, on_stop: StopWorkers | None = None) -> None:
     if worker:
         _setup_logging(config.log_config)
     run_loop(_serve_async(config, on_stop), config.event_loop)
+    _after_the_loop(on_stop)
     if worker:
         leave_stuck_statements()
-    else:  # its workers, or statements left, may still be ending
-        _stop_now_on_signals(on_stop)
 
 
 def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
@@ -673,12 +677,18 @@ def _stop_on_signals(on_stop: StopWorkers | None = None) -> asyncio.Event:
     return stopping
 
 
-def _stop_now_on_signals(on_stop: StopWorkers | None) -> None:
-    """Once the event loop is gone, end the process at once on a signal (see
-    _stop_on_signals): it may still wait for its workers, or for statements
-    left running on its threads."""
+def _after_the_loop(on_stop: StopWorkers | None) -> None:
+    """Once the event loop is gone, which handled the signals (see
+    _stop_on_signals): the first process ends at once on a signal, as it
+    may still wait for its workers or for statements left running on its
+    threads; a worker, which its parent ends, takes none (Python's own
+    handlers would end it with a traceback)."""
+    worker = multiprocessing.parent_process() is not None
     for signum in _stop_signals():
-        signal.signal(signum, lambda *_: _stop_now(on_stop))
+        if worker:
+            signal.signal(signum, signal.SIG_IGN)
+        else:
+            signal.signal(signum, lambda *_: _stop_now(on_stop))
 
 
 def _stop_signals() -> list[signal.Signals]:
@@ -691,13 +701,21 @@ def _stop_signals() -> list[signal.Signals]:
     ]
 
 
+# Set once _stop_now has begun.
+_STOPPING_NOW = False
+
+
 def _stop_now(on_stop: StopWorkers | None) -> None:
     """End this process, and its workers, at once: the calls in flight are
     cut off with the connections (their clients told UNAVAILABLE; what they
     asked may have been done), as though the grace period were over."""
+    global _STOPPING_NOW
+    if _STOPPING_NOW:  # a third signal, in the second's handler: nothing more to wait for
+        os._exit(1)
+    _STOPPING_NOW = True
     log.warning(
         "signalled again while stopping: stopping now, without the rest of the grace"
-        " period; calls in flight are cut off"
+        " period; calls still in flight are cut off with their connections"
     )
     if on_stop is not None:
         on_stop(now=True)
@@ -941,8 +959,7 @@ def _run_gateway(
             await web.stop()
 
     run_loop(run(), "auto")
-    if multiprocessing.parent_process() is None:  # its workers may still be ending
-        _stop_now_on_signals(on_stop)
+    _after_the_loop(on_stop)
 
 
 async def _check_target(options: gateway.GatewayOptions) -> None:
