@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 import sqlalchemy.exc
@@ -81,6 +81,9 @@ MAX_STREAMS = 1_000_000
 STUCK_STATEMENT_SECONDS = 2.0
 # How long `porch gateway` waits, as it starts, for its server to answer.
 TARGET_CHECK_SECONDS = 5.0
+
+
+T = TypeVar("T")
 
 
 class StopWorkers(Protocol):
@@ -411,8 +414,9 @@ def _config(args: argparse.Namespace) -> Config:
     )
 
 
-def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
-    """Run main to completion on a new event loop of the kind asked for.
+def run_loop(main: Coroutine[Any, Any, T], event_loop: str) -> T:
+    """Run main to completion on a new event loop of the kind asked for, and
+    return what it returns.
 
     uvloop runs the same asyncio code (grpc.aio, uvicorn) with less CPU per
     call; "auto" takes it where it is installed (not on Windows).
@@ -427,7 +431,7 @@ def run_loop(main: Coroutine[Any, Any, None], event_loop: str) -> None:
         else:
             factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
+        return runner.run(main)
 
 
 def _setup_logging(log_config: Path | None) -> None:
@@ -568,10 +572,12 @@ def _run_worker(config: Config, on_stop: StopWorkers | None = None) -> None:
     worker = multiprocessing.parent_process() is not None
     if worker:
         _setup_logging(config.log_config)
-    run_loop(_serve_async(config, on_stop), config.event_loop)
+    failed = run_loop(_serve_async(config, on_stop), config.event_loop)
     _after_the_loop(on_stop)
     if worker:
         leave_stuck_statements()
+    if failed:  # a supervisor, or the first process, starts another
+        raise SystemExit(1)
 
 
 def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
@@ -615,7 +621,9 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def _serve_async(config: Config, on_stop: StopWorkers | None = None) -> None:
+async def _serve_async(config: Config, on_stop: StopWorkers | None = None) -> bool:
+    """Serve until signalled (see _stop_on_signals), then stop; True if the
+    gRPC server stopped of its own accord instead."""
     store = Store(make_engine(config.db_url, config.db_schema, pool_size=config.db_pool_size))
     stopping = _stop_on_signals(on_stop)
     running = await server.start(config, store)
@@ -639,14 +647,40 @@ async def _serve_async(config: Config, on_stop: StopWorkers | None = None) -> No
             address = f"{scheme}://{host_port(config.host, http_server.port)}/"
             print(f"porch: HTTP gateway on {address}", flush=True)
         _freeze_startup_objects()
-        await stopping.wait()
-        log.info("shutting down: finishing calls in flight")
+        failed = await _until_stopped(stopping, running.server)
+        if not failed:
+            log.info("shutting down: finishing calls in flight")
         if on_stop is not None:
             on_stop()
     finally:
         # Both stop taking calls at once and share one grace period.
         await server.stop(running, config.grace_seconds, http_server.stop if http_server else None)
         store.close()
+    return failed
+
+
+async def _until_stopped(stopping: asyncio.Event, grpc_server: grpc.aio.Server) -> bool:
+    """Wait for a signal to stop; True if the gRPC server stopped first, of
+    its own accord. grpc.aio stops a server whose serving loop fails (on a
+    request whose method name is not UTF-8, in grpc 1.85): its port then
+    refuses every connection while the process, and its HTTP port, would
+    go on as though all were well."""
+    signalled = asyncio.ensure_future(stopping.wait())
+    # Never cancelled: grpc's wait awaits the server's own future of its
+    # shutdown, and cancelling it would end the stop's grace period at once.
+    ended = asyncio.ensure_future(grpc_server.wait_for_termination())
+    ended.add_done_callback(lambda done: done.cancelled() or done.exception())
+    try:
+        await asyncio.wait((signalled, ended), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if stopping.is_set():
+        return False
+    log.error(
+        "the gRPC server stopped serving of its own accord (grpc's serving loop failed, as"
+        " logged above): stopping this process, with exit code 1, to be started again"
+    )
+    return True
 
 
 def _stop_on_signals(on_stop: StopWorkers | None = None) -> asyncio.Event:

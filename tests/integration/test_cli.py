@@ -1051,6 +1051,68 @@ def test_a_second_signal_ends_the_grace_period_at_once(
     assert "signalled again while stopping: stopping now" in logged.read_text()
 
 
+def _h2_request(port: int, path: bytes) -> None:
+    """Send one HTTP/2 gRPC request for path, whatever its bytes (a gRPC
+    client sends only text), and read what comes back for a second."""
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return (
+            len(payload).to_bytes(3, "big")
+            + bytes([kind, flags])
+            + stream.to_bytes(4, "big")
+            + payload
+        )
+
+    def header(name: bytes, value: bytes) -> bytes:  # a literal, not indexed; short
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    fields = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", path),
+        (b":authority", b"porch"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    block = b"".join(header(name, value) for name, value in fields)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b""))
+        sock.sendall(frame(1, 4, 1, block) + frame(0, 1, 1, b"\x00" * 5))
+        sock.settimeout(1)
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass
+
+
+def test_a_grpc_server_that_stops_of_its_own_accord_ends_its_process(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # grpc.aio's serving loop fails on a method name that is not UTF-8 and
+    # stops the server: the process would go on with its port refusing
+    # every connection. It ends, exit code 1, for its supervisor to restart.
+    logged = tmp_path / "stderr"
+    with logged.open("w") as stderr:
+        process = subprocess.Popen(
+            [*PORCH, "serve", "--db-url", sqlite_url, "--no-http", "--grpc-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+    try:
+        assert process.stdout is not None
+        lines = "".join(process.stdout.readline() for _ in range(2))
+        port = int(re.search(r"gRPC listening on \S+:(\d+)", lines).group(1))  # type: ignore[union-attr]
+        _h2_request(port, b"/\xff\xfe/x")
+        assert process.wait(timeout=30) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+    assert "the gRPC server stopped serving of its own accord" in logged.read_text()
+
+
 def test_watch_fails_at_once_when_the_server_cannot_be_reached() -> None:
     # Like every other command; once it has been connected, it reconnects.
     with socket.socket() as unused:
