@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import ssl
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -71,40 +73,82 @@ class TLS:
         return cert, key, client_ca
 
     def warnings(self, now: float | None = None) -> list[str]:
-        """What is wrong with the times the certificate and the client CA are
-        valid for (see certificate_warning), for the log at start."""
-        files = [("--tls-cert", self.cert_file), ("--tls-client-ca", self.client_ca_file)]
-        found = (certificate_warning(flag, path, now) for flag, path in files if path)
-        return [warning for warning in found if warning]
+        """What is wrong with the times the certificates (the server's and
+        its chain's) and the client CAs are valid for (see
+        certificate_warnings), for the log at start."""
+        found = certificate_warnings("--tls-cert", self.cert_file, now)
+        if self.client_ca_file is not None:
+            found += certificate_warnings("--tls-client-ca", self.client_ca_file, now, ca=True)
+        return found
 
 
 # Days before a certificate's end within which a server starting with it says so.
 EXPIRY_WARNING_DAYS = 14
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
 
-def certificate_warning(flag: str, path: Path, now: float | None = None) -> str | None:
-    """Why a PEM file's first certificate would be refused now, or soon: it
-    has expired, is not valid yet, or ends within EXPIRY_WARNING_DAYS; None
-    if none of these, or if the file cannot be read as one (check_pem says
-    so). Clients refuse such a certificate at every handshake, and only
-    they would say why."""
+
+def certificate_warnings(
+    flag: str, path: Path, now: float | None = None, ca: bool = False
+) -> list[str]:
+    """Why each certificate of a PEM file would be refused now, or soon: it
+    has expired, is not valid yet, or ends within EXPIRY_WARNING_DAYS. None
+    for a file that cannot be read as one (check_pem says so).
+
+    A server's certificate, or one of its chain, is refused by its clients
+    at every handshake, and only they would say why; a client CA's (ca),
+    by the server, for each client certificate it signed."""
     try:
-        # The standard library's one reader of a certificate's fields.
-        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
-        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
-        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-    except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
-        return None
+        certificates = _PEM_CERTIFICATE.findall(path.read_bytes())
+    except OSError:
+        return []
     now = time.time() if now is None else now
-    named = f"{flag} {path}: its certificate"
-    if now >= not_after:
-        return f"{named} expired on {_day(not_after)}: clients will refuse it"
-    if now < not_before:
-        return f"{named} is not valid until {_day(not_before)}: clients will refuse it until then"
-    if not_after - now < EXPIRY_WARNING_DAYS * 86_400:
-        days = math.ceil((not_after - now) / 86_400)
-        return f"{named} expires on {_day(not_after)}, in {days} day{'s' if days > 1 else ''}"
-    return None
+    refused = "client certificates it signed are refused" if ca else "clients will refuse it"
+    found = []
+    for number, pem in enumerate(certificates, 1):
+        decoded = _decoded(pem)
+        if decoded is None:
+            continue
+        not_before, not_after, subject = decoded
+        which = "its certificate" if len(certificates) == 1 else f"its certificate {number}"
+        named = f"{flag} {path}: {which}{f' ({subject})' if subject else ''}"
+        if now >= not_after:
+            found.append(f"{named} expired on {_day(not_after)}: {refused}")
+        elif now < not_before:
+            found.append(f"{named} is not valid until {_day(not_before)}: {refused} until then")
+        elif not_after - now < EXPIRY_WARNING_DAYS * 86_400:
+            found.append(f"{named} expires on {_day(not_after)}, in {_time_left(not_after - now)}")
+    return found
+
+
+def _decoded(pem: bytes) -> tuple[float, float, str] | None:
+    """A PEM certificate's start and end (seconds since the epoch) and its
+    subject's common name (or ""), or None if it cannot be read."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "certificate.pem"
+        path.write_bytes(pem + b"\n")
+        try:
+            # The standard library's one reader of a certificate's fields.
+            decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
+            not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+        except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
+            return None
+    names = [
+        value for rdn in decoded.get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
+    return not_before, not_after, f"CN={names[0]}" if names else ""
+
+
+def _time_left(seconds: float) -> str:
+    """Time to a certificate's end: hours within a day, else days."""
+    if seconds < 86_400:
+        hours = max(1, math.ceil(seconds / 3_600))
+        return f"{hours} hour{'s' if hours > 1 else ''}"
+    days = int(seconds / 86_400 + 0.5)
+    return f"{days} day{'s' if days > 1 else ''}"
 
 
 def _day(seconds: float) -> str:

@@ -2087,7 +2087,30 @@ def test_a_certificate_clients_refuse_or_soon_will_is_warned_of_at_start(
         f"--tls-cert {ending}: its certificate expires on"
         f" {day(timedelta(days=3, hours=-1))}, in 3 days",
         f"--tls-client-ca {expired}: its certificate expired on {day(timedelta(days=-1))}:"
+        " client certificates it signed are refused",
+    ]
+    hour = issued("hour", -year, timedelta(minutes=50))
+    assert cli.TLS(hour, key).warnings() == [
+        f"--tls-cert {hour}: its certificate expires on {day(timedelta(minutes=50))}, in 1 hour"
+    ]
+    named = tmp_path / "named.pem"
+    ca.issue_cert(
+        "porch.example.org", common_name="porch", not_after=now + timedelta(days=-1)
+    ).cert_chain_pems[0].write_to_path(named)
+    assert cli.TLS(named, key).warnings() == [
+        f"--tls-cert {named}: its certificate (CN=porch) expired on {day(timedelta(days=-1))}:"
+        " clients will refuse it"
+    ]
+    # Every certificate of a chain, and of a bundle of CAs, is looked at.
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(fine.read_bytes() + expired.read_bytes())
+    authorities = tmp_path / "authorities.pem"
+    authorities.write_bytes(ca.cert_pem.bytes() + early.read_bytes())
+    assert cli.TLS(chain, key, authorities).warnings() == [
+        f"--tls-cert {chain}: its certificate 2 expired on {day(timedelta(days=-1))}:"
         " clients will refuse it",
+        f"--tls-client-ca {authorities}: its certificate 2 is not valid until"
+        f" {day(timedelta(days=2))}: client certificates it signed are refused until then",
     ]
     # A file that holds no certificate is named by the check of the files.
     (tmp_path / "junk.pem").write_text("junk")
