@@ -313,6 +313,8 @@ class PorchInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     if task is not None:
                         self._waiting.add(task)
                     unsent = False
+                    if self.database_silent:  # fallen silent while the request came
+                        raise Unavailable(DATABASE_SILENT)
                 request = read(data)
                 _check_read(request)
                 if token is not None:

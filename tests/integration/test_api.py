@@ -1369,21 +1369,33 @@ def test_calls_waiting_as_the_database_stops_answering_are_ended_then(
     assert admin.GetPipeline(pb.GetPipelineRequest(name="p")).name == "p"
 
 
-def test_a_call_waiting_for_its_own_request_is_not_cut_for_the_database(
+def test_a_call_waiting_for_its_own_request_is_not_cut_but_refused_once_it_comes(
     porch: Porch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Its token looked up, it waits on its client, not the database.
+    # Its token looked up, it waits on its client, not the database: it is
+    # not cut as the database falls silent, but its request, once it comes,
+    # is refused as a new call's would be.
     admin = porch.stub(porch.admin)
     admin.CreatePipeline(pipeline_request("p"))
     monkeypatch.setattr(store_module, "TOKEN_CACHE_SECONDS", 0.0)  # the request read after
+    found = porch.server.store.find_token
+    looked_up, sending = threading.Event(), threading.Event()
+
+    def find_token(secret_hash: str) -> Any:
+        try:
+            return found(secret_hash)
+        finally:
+            looked_up.set()
+
+    monkeypatch.setattr(porch.server.store, "find_token", find_token)
     interceptor = porch.server.running.interceptor
-    sending = threading.Event()
 
     def request() -> Iterator[bytes]:
         sending.wait(20)
         yield pb.GetPipelineRequest(name="p").SerializeToString()
 
-    async def cut() -> int:
+    async def fall_silent() -> int:
+        interceptor.database_silent = True
         return interceptor.cut_waiting()
 
     channel = grpc.insecure_channel(porch.target)
@@ -1393,11 +1405,18 @@ def test_a_call_waiting_for_its_own_request_is_not_cut_for_the_database(
     )
     call = get.future(request(), metadata=[("authorization", f"Bearer {porch.admin}")], timeout=30)
     try:
-        time.sleep(0.5)  # its token looked up by now
-        assert porch.server.call(cut()) == 0
+        assert looked_up.wait(10)
+        time.sleep(0.2)  # from the lookup's thread back to the call, waiting for its request
+        assert porch.server.call(fall_silent()) == 0
+        sending.set()
+        with pytest.raises(grpc.RpcError) as refused:
+            call.result(timeout=10)
+        assert refused.value.code() == Code.UNAVAILABLE, refused.value  # type: ignore[attr-defined]
+        assert refused.value.details() == DATABASE_SILENT  # type: ignore[attr-defined]
     finally:
         sending.set()
-    assert call.result(timeout=10).name == "p"
+        interceptor.database_silent = False
+    assert admin.GetPipeline(pb.GetPipelineRequest(name="p")).name == "p"
 
 
 def test_calls_are_refused_at_once_while_the_database_does_not_answer(porch: Porch) -> None:
