@@ -476,13 +476,15 @@ def _serve(args: argparse.Namespace) -> None:
     finally:
         store.close()
     with _extra_workers(_run_worker, (config,), config.workers - 1) as stop_workers:
-        _run_worker(config, stop_workers)
-    leave_stuck_statements()
+        failed = _run_worker(config, stop_workers)
+    leave_stuck_statements(exit_code=1 if failed else 0)
+    if failed:  # its supervisor starts it again
+        raise SystemExit(1)
 
 
 @contextlib.contextmanager
 def _extra_workers(
-    target: Callable[..., None], args: tuple[Any, ...], count: int
+    target: Callable[..., object], args: tuple[Any, ...], count: int
 ) -> Iterator[StopWorkers]:
     """Run count more processes of target(*args) beside this one while the block
     runs; then stop them (SIGTERM) and wait for them. The block is given a
@@ -567,22 +569,26 @@ def _extra_workers(
             worker.join()
 
 
-def _run_worker(config: Config, on_stop: StopWorkers | None = None) -> None:
-    """Serve until SIGTERM or SIGINT in this process; then call on_stop first."""
+def _run_worker(config: Config, on_stop: StopWorkers | None = None) -> bool:
+    """Serve until SIGTERM or SIGINT in this process; then call on_stop
+    first. True if the gRPC server stopped of its own accord instead (see
+    _until_stopped): a worker then ends with exit code 1, for the first
+    process to start another."""
     worker = multiprocessing.parent_process() is not None
     if worker:
         _setup_logging(config.log_config)
     failed = run_loop(_serve_async(config, on_stop), config.event_loop)
     _after_the_loop(on_stop)
     if worker:
-        leave_stuck_statements()
-    if failed:  # a supervisor, or the first process, starts another
-        raise SystemExit(1)
+        leave_stuck_statements(exit_code=1 if failed else 0)
+        if failed:
+            raise SystemExit(1)
+    return failed
 
 
-def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
-    """End the process now if, its calls ended, statements still run on its
-    threads after wait seconds.
+def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS, exit_code: int = 0) -> None:
+    """End the process now, with exit_code, if, its calls ended, statements
+    still run on its threads after wait seconds.
 
     Python waits for such threads at exit: a statement waiting for a lock
     held elsewhere would hold a stopping server open as long as the lock is
@@ -606,7 +612,7 @@ def leave_stuck_statements(wait: float = STUCK_STATEMENT_SECONDS) -> None:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 def _freeze_startup_objects() -> None:

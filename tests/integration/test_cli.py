@@ -1084,27 +1084,53 @@ def _h2_request(port: int, path: bytes) -> None:
                 pass
 
 
+@pytest.mark.parametrize("stuck", [False, True])
 def test_a_grpc_server_that_stops_of_its_own_accord_ends_its_process(
-    sqlite_url: str, tmp_path: Path
+    sqlite_url: str, tmp_path: Path, stuck: bool
 ) -> None:
     # grpc.aio's serving loop fails on a method name that is not UTF-8 and
     # stops the server: the process would go on with its port refusing
-    # every connection. It ends, exit code 1, for its supervisor to restart.
+    # every connection. It ends, exit code 1, for its supervisor to restart;
+    # a write still waiting for the database's lock then is abandoned with
+    # it, as at any stop, not made later.
     logged = tmp_path / "stderr"
+    serve = ["serve", "--db-url", sqlite_url, *ZERO_PORTS]
     with logged.open("w") as stderr:
         process = subprocess.Popen(
-            [*PORCH, "serve", "--db-url", sqlite_url, "--no-http", "--grpc-port", "0"],
+            [*PORCH, *serve, "--shutdown-grace-seconds", "1"],
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
         )
+    locker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    threads = concurrent.futures.ThreadPoolExecutor(1)
     try:
         assert process.stdout is not None
-        lines = "".join(process.stdout.readline() for _ in range(2))
+        lines = "".join(process.stdout.readline() for _ in range(3))
         port = int(re.search(r"gRPC listening on \S+:(\d+)", lines).group(1))  # type: ignore[union-attr]
+        http = lines.split("HTTP gateway on ")[1].split()[0].rstrip("/")
+        admin = lines.split("(shown only now): ")[1].split()[0]
+        if stuck:
+            locker.execute("BEGIN IMMEDIATE")
+            threads.submit(
+                httpx.post,
+                f"{http}/v1/pipelines",
+                json={"name": "stuck", "uri": "https://example.org/p", "version": "1"},
+                headers={"Authorization": f"Bearer {admin}"},
+                timeout=60,
+            )
+            time.sleep(1)  # its statement waits for the lock
+        started = time.monotonic()
         _h2_request(port, b"/\xff\xfe/x")
         assert process.wait(timeout=30) == 1
+        assert time.monotonic() - started < 15, "it waited for the lock"
+        if stuck:
+            locker.execute("ROLLBACK")  # the lock released: a write left would go on now
+        made = locker.execute("SELECT count(*) FROM pipeline WHERE name = 'stuck'").fetchone()
+        assert made == (0,)
     finally:
+        threads.shutdown(wait=False)
+        locker.close()
         if process.poll() is None:
             process.kill()
             process.wait()
