@@ -85,8 +85,9 @@ class TLS:
 # Days before a certificate's end within which a server starting with it says so.
 EXPIRY_WARNING_DAYS = 14
 
+# A PEM certificate, whatever ends its lines (and spaces after its BEGIN line).
 _PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+    rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", re.DOTALL
 )
 
 
@@ -126,16 +127,18 @@ def certificate_warnings(
 def _decoded(pem: bytes) -> tuple[float, float, str] | None:
     """A PEM certificate's start and end (seconds since the epoch) and its
     subject's common name (or ""), or None if it cannot be read."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(directory) / "certificate.pem"
-        path.write_bytes(pem + b"\n")
-        try:
-            # The standard library's one reader of a certificate's fields.
+    try:
+        # The standard library's one reader of a certificate's fields reads
+        # a file; where no temporary directory can be written (a read-only
+        # container), nothing is warned of.
+        with tempfile.TemporaryDirectory() as directory:
+            path = Path(directory) / "certificate.pem"
+            path.write_bytes(pem + b"\n")
             decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
-            not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
-            not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
-        except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
-            return None
+        not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+        not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
+        return None
     names = [
         value for rdn in decoded.get("subject", ()) for key, value in rdn if key == "commonName"
     ]
@@ -143,11 +146,12 @@ def _decoded(pem: bytes) -> tuple[float, float, str] | None:
 
 
 def _time_left(seconds: float) -> str:
-    """Time to a certificate's end: hours within a day, else days."""
+    """Time to a certificate's end, in whole hours within a day, else in
+    whole days, neither rounded up (13.6 days are 13 days)."""
     if seconds < 86_400:
-        hours = max(1, math.ceil(seconds / 3_600))
+        hours = max(1, int(seconds // 3_600))
         return f"{hours} hour{'s' if hours > 1 else ''}"
-    days = int(seconds / 86_400 + 0.5)
+    days = int(seconds // 86_400)
     return f"{days} day{'s' if days > 1 else ''}"
 
 

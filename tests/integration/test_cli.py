@@ -2094,7 +2094,7 @@ def test_a_certificate_clients_refuse_or_soon_will_is_warned_of_at_start(
     year = timedelta(days=365)
     expired = issued("expired", -year, timedelta(days=-1))
     early = issued("early", timedelta(days=2), year)
-    ending = issued("ending", -year, timedelta(days=3, hours=-1))
+    ending = issued("ending", -year, timedelta(days=3, hours=1))
     fine = issued("fine", -year, year)
     authority = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(authority)
@@ -2111,7 +2111,7 @@ def test_a_certificate_clients_refuse_or_soon_will_is_warned_of_at_start(
     ]
     assert cli.TLS(ending, key, expired).warnings() == [
         f"--tls-cert {ending}: its certificate expires on"
-        f" {day(timedelta(days=3, hours=-1))}, in 3 days",
+        f" {day(timedelta(days=3, hours=1))}, in 3 days",
         f"--tls-client-ca {expired}: its certificate expired on {day(timedelta(days=-1))}:"
         " client certificates it signed are refused",
     ]
