@@ -208,7 +208,8 @@ def _make_postgresql_engine(url: str, schema: str | None, pool_size: int) -> Eng
     except exc.ArgumentError as error:  # ?port=x; the message names the argument, not the URL
         raise ValueError(f"not a database URL: {shown_url(url)} ({error})") from None
     _SETTINGS[engine] = connect_args
-    event.listen(engine, "connect", _check_client)
+    if checks_client_unless_set(session.options):
+        event.listen(engine, "connect", _check_client)
     # Carried to the pools recreated from this one's.
     event.listen(engine, "checkout", _taken)
     event.listen(engine, "checkin", _given_back)
@@ -223,6 +224,12 @@ CLIENT_CHECK_MS = 1000
 # The statement that asks it to: the setting, a server's own, cannot be
 # given at connection time to a server that does not know it.
 CHECK_CLIENT = f"SET client_connection_check_interval = {CLIENT_CHECK_MS}"
+
+
+def checks_client_unless_set(options: str) -> bool:
+    """Whether porch sets client_connection_check_interval: not where the
+    URL's options set it (to 0, say)."""
+    return "client_connection_check_interval" not in options
 
 
 def checks_client(server_version: int) -> bool:

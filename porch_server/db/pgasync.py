@@ -31,7 +31,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from porch_server.db.engine import CHECK_CLIENT, checks_client, postgresql_session
+from porch_server.db.engine import (
+    CHECK_CLIENT,
+    checks_client,
+    checks_client_unless_set,
+    postgresql_session,
+)
 from porch_server.errors import LOCK_TIMED_OUT, READ_ONLY_DATABASE, Unavailable, first_line
 
 _DIALECT = asyncpg_dialect.dialect()  # type: ignore[no-untyped-call]
@@ -253,7 +258,7 @@ class AsyncStatements:
             server_settings=settings,
             timeout=session.connect_timeout,
             reset=_keep_session,
-            init=_check_client,
+            init=_check_client if checks_client_unless_set(session.options) else None,
         )
         try:
             await pool

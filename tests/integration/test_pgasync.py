@@ -1511,3 +1511,35 @@ def test_a_psycopg2_connection_is_counted_in_use_until_given_back_or_lost(pg_url
             lost.execute(text("SELECT 1"))
     assert connections_in_use() == before
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "interval"), [(None, "1s"), ("-c client_connection_check_interval=0", "0")]
+)
+async def test_postgresql_looks_for_a_client_gone_unless_the_url_says_otherwise(
+    pg_url: str, options: str | None, interval: str
+) -> None:
+    # Every connection of both pools: a statement of a process killed, or
+    # stopped at once, is ended within a second, not left waiting for a lock.
+    url = make_url(pg_url)
+    if options is not None:
+        url = url.update_query_dict({"options": options})
+    rendered = url.render_as_string(hide_password=False)
+    engine = make_engine(rendered)
+    statements = AsyncStatements(rendered, None, pool_size=1)
+    await statements.open()
+    try:
+        raw: Any = engine.raw_connection()
+        try:
+            # Nothing left open by setting it: the connection comes idle.
+            assert raw.driver_connection.get_transaction_status() == 0  # TRANSACTION_STATUS_IDLE
+            with raw.cursor() as cursor:
+                cursor.execute("SHOW client_connection_check_interval")
+                assert cursor.fetchone() == (interval,)
+        finally:
+            raw.close()
+        pool: Any = statements._pool
+        assert await pool.fetchval("SHOW client_connection_check_interval") == interval
+    finally:
+        await statements.close()
+        engine.dispose()
