@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -243,15 +244,21 @@ async def test_a_connection_that_times_out_while_the_database_is_silent_keeps_it
             _sweep(Config(lease_sweep_seconds=0.01), Store(), executor, Health(), interceptor)  # type: ignore[arg-type]
         )
         try:
-            await asyncio.sleep(0.3)
-            assert interceptor.silences == [True]
+            await _until(lambda: interceptor.silences == [True])
             failing.set()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # a sweep or two
             assert interceptor.silences == [True], "taken to answer while it still hangs"
             thawed.set()
-            await asyncio.sleep(0.3)
-            assert interceptor.silences == [True, False]
+            await _until(lambda: interceptor.silences == [True, False])
         finally:
             failing.set()
             thawed.set()
             sweeping.cancel()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until condition holds; AssertionError after seconds."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.01)
