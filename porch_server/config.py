@@ -95,8 +95,8 @@ def certificate_warnings(
     flag: str, path: Path, now: float | None = None, ca: bool = False
 ) -> list[str]:
     """Why each certificate of a PEM file would be refused now, or soon: it
-    has expired, is not valid yet, or ends within EXPIRY_WARNING_DAYS. None
-    for a file that cannot be read as one (check_pem says so).
+    has expired, is not valid yet, or ends within EXPIRY_WARNING_DAYS;
+    nothing for a file that cannot be read as one (check_pem says so).
 
     A server's certificate, or one of its chain, is refused by its clients
     at every handshake, and only they would say why; a client CA's (ca),
