@@ -228,8 +228,26 @@ CHECK_CLIENT = f"SET client_connection_check_interval = {CLIENT_CHECK_MS}"
 
 def checks_client_unless_set(options: str) -> bool:
     """Whether porch sets client_connection_check_interval: not where the
-    URL's options set it (to 0, say)."""
-    return "client_connection_check_interval" not in options
+    URL's options set it (to 0, say), in any of the forms PostgreSQL reads
+    (`-c name=value`, `-cname=value`, `--name=value`; a name in any case,
+    its underscores as dashes)."""
+    return "client_connection_check_interval" not in _option_names(options)
+
+
+def _option_names(options: str) -> set[str]:
+    """The names of the settings a libpq options string gives, as
+    PostgreSQL reads them."""
+    names = set()
+    words = iter(options.split())
+    for word in words:
+        if word == "-c":
+            setting = next(words, "")
+        elif word.startswith(("-c", "--")):
+            setting = word[2:]
+        else:
+            continue
+        names.add(setting.partition("=")[0].replace("-", "_").lower())
+    return names
 
 
 def checks_client(server_version: int) -> bool:

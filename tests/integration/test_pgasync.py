@@ -1514,7 +1514,16 @@ def test_a_psycopg2_connection_is_counted_in_use_until_given_back_or_lost(pg_url
 
 
 @pytest.mark.parametrize(
-    ("options", "interval"), [(None, "1s"), ("-c client_connection_check_interval=0", "0")]
+    ("options", "interval"),
+    [
+        (None, "1s"),
+        ("-c client_connection_check_interval=0", "0"),
+        # In every form PostgreSQL reads.
+        ("-c CLIENT_CONNECTION_CHECK_INTERVAL=2s", "2s"),
+        ("--client-connection-check-interval=0", "0"),
+        # The words elsewhere are not the setting.
+        ("-c application_name=client_connection_check_interval", "1s"),
+    ],
 )
 async def test_postgresql_looks_for_a_client_gone_unless_the_url_says_otherwise(
     pg_url: str, options: str | None, interval: str
