@@ -1406,7 +1406,12 @@ def test_a_call_waiting_for_its_own_request_is_not_cut_but_refused_once_it_comes
     call = get.future(request(), metadata=[("authorization", f"Bearer {porch.admin}")], timeout=30)
     try:
         assert looked_up.wait(10)
-        time.sleep(0.2)  # from the lookup's thread back to the call, waiting for its request
+        # Back from the lookup's thread, the call waits for its request,
+        # and is no longer among those waiting on the database.
+        for _ in range(500):
+            if not interceptor._waiting:
+                break
+            time.sleep(0.01)
         assert porch.server.call(fall_silent()) == 0
         sending.set()
         with pytest.raises(grpc.RpcError) as refused:
