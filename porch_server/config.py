@@ -103,13 +103,19 @@ def certificate_warnings(
     by the server, for each client certificate it signed."""
     try:
         certificates = _PEM_CERTIFICATE.findall(path.read_bytes())
+        # The standard library's one reader of a certificate's fields reads
+        # a file: one scratch file, written again for each. Where no
+        # temporary directory can be written (a read-only container),
+        # nothing is warned of.
+        with tempfile.TemporaryDirectory() as directory:
+            scratch = Path(directory) / "certificate.pem"
+            read = [_decoded(pem, scratch) for pem in certificates]
     except OSError:
         return []
     now = time.time() if now is None else now
     refused = "client certificates it signed are refused" if ca else "clients will refuse it"
     found = []
-    for number, pem in enumerate(certificates, 1):
-        decoded = _decoded(pem)
+    for number, decoded in enumerate(read, 1):
         if decoded is None:
             continue
         not_before, not_after, subject = decoded
@@ -124,17 +130,13 @@ def certificate_warnings(
     return found
 
 
-def _decoded(pem: bytes) -> tuple[float, float, str] | None:
+def _decoded(pem: bytes, scratch: Path) -> tuple[float, float, str] | None:
     """A PEM certificate's start and end (seconds since the epoch) and its
-    subject's common name (or ""), or None if it cannot be read."""
+    subject's common name (or ""), read through the file scratch; None if
+    it cannot be read."""
     try:
-        # The standard library's one reader of a certificate's fields reads
-        # a file; where no temporary directory can be written (a read-only
-        # container), nothing is warned of.
-        with tempfile.TemporaryDirectory() as directory:
-            path = Path(directory) / "certificate.pem"
-            path.write_bytes(pem + b"\n")
-            decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
+        scratch.write_bytes(pem + b"\n")
+        decoded = ssl._ssl._test_decode_cert(str(scratch))  # type: ignore[attr-defined]
         not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
         not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
     except (AttributeError, KeyError, ValueError, OSError):  # ssl.SSLError is an OSError
